@@ -1,0 +1,173 @@
+"""The implementations the forward benchmark times, behind one interface.
+
+Each `prepare_*` function takes a `Case` (one workload x layout x causal, inputs already on the
+GPU), does all set-up outside the timed region (layout copies, block masks, compilation happens
+on the first call), and returns a `Prepared` whose `run` is exactly what gets timed. Any failure
+to set up or run raises; the benchmark records it as "n/a" with the reason.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from benchmarks.workloads import HeadLayout, Workload
+
+IMPL_NAMES = ("ours", "varlen_attn", "flex")
+
+# FlexAttention compiles once per (causal, layout); the default limit of 8 could be reached by a
+# full run and would silently fall back to the eager path, which materializes all scores.
+FLEX_RECOMPILE_LIMIT = 64
+
+
+@dataclass(frozen=True)
+class Case:
+    """One benchmark row. q: (total, nheads_q, d); k, v: (total, nheads_kv, d); bf16, CUDA."""
+
+    workload: Workload
+    layout: HeadLayout
+    causal: bool
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    cu_seqlens: torch.Tensor  # (num_sequences + 1,) int32, CUDA
+
+    @property
+    def scale(self) -> float:
+        return self.layout.head_dim**-0.5
+
+
+def _already_packed(out: torch.Tensor) -> torch.Tensor:
+    return out
+
+
+@dataclass
+class Prepared:
+    """What to time (`run`) and how to bring its output to the packed (total, nheads_q, d)."""
+
+    run: Callable[[], torch.Tensor]
+    to_packed: Callable[[torch.Tensor], torch.Tensor] = _already_packed
+    note: str = ""
+
+
+def prepare_ours(case: Case) -> Prepared:
+    """flash_varlen.flash_attn_varlen_func on the packed layout."""
+    import flash_varlen
+
+    max_seqlen = case.workload.max_seqlen
+
+    def run() -> torch.Tensor:
+        return flash_varlen.flash_attn_varlen_func(
+            case.q, case.k, case.v, case.cu_seqlens, case.cu_seqlens, max_seqlen, max_seqlen,
+            softmax_scale=case.scale, causal=case.causal,
+        )
+
+    return Prepared(run)
+
+
+def prepare_varlen_attn(case: Case) -> Prepared:
+    """PyTorch's torch.nn.attention.varlen.varlen_attn (the FlashAttention-2 kernels in ATen).
+
+    Its Python wrapper passes nheads_kv < nheads_q straight to the kernel, which accepts it (the
+    FlashAttention-2 API requires only that nheads_kv divides nheads_q). Should that ever fail,
+    k and v are repeated to nheads_q outside the timed region and the row says so.
+    """
+    from torch.nn.attention.varlen import varlen_attn
+
+    max_seqlen = case.workload.max_seqlen
+    # varlen_attn decides causality by comparing the tuple with (-1, 0): it must be a tuple.
+    window_size = (-1, 0) if case.causal else (-1, -1)
+
+    def call(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return varlen_attn(
+            case.q, k, v, case.cu_seqlens, case.cu_seqlens, max_seqlen, max_seqlen,
+            scale=case.scale, window_size=window_size,
+        )
+
+    if case.layout.nheads_kv == case.layout.nheads_q:
+        return Prepared(lambda: call(case.k, case.v))
+    try:
+        call(case.k, case.v)
+        return Prepared(lambda: call(case.k, case.v))
+    except RuntimeError as error:
+        group = case.layout.nheads_q // case.layout.nheads_kv
+        k_full = case.k.repeat_interleave(group, dim=1)
+        v_full = case.v.repeat_interleave(group, dim=1)
+        note = f"no native GQA ({error}); k/v repeated to {case.layout.nheads_q} heads"
+        return Prepared(lambda: call(k_full, v_full), note=note)
+
+
+def _document_mask_mod(doc_id: torch.Tensor, causal: bool) -> Callable:
+    """mask_mod for FlexAttention: same document (and key <= query when causal).
+
+    doc_id: (total,) int32, the sequence index of every packed token. The two closures keep fixed
+    code objects, so compiled code is reused across workloads (only the tensor changes).
+    """
+    if causal:
+
+        def causal_document_mask(b, h, q_idx, kv_idx):
+            return (doc_id[q_idx] == doc_id[kv_idx]) & (kv_idx <= q_idx)
+
+        return causal_document_mask
+
+    def document_mask(b, h, q_idx, kv_idx):
+        return doc_id[q_idx] == doc_id[kv_idx]
+
+    return document_mask
+
+
+class FlexRunner:
+    """FlexAttention with a document BlockMask, compiled once and reused across rows.
+
+    Block masks are built once per (workload, causal) and shared by both head layouts
+    (B = H = None broadcasts them over batch and heads). Set-up is lazy, so that a missing or
+    broken FlexAttention fails inside `prepare` and is reported for the row like any other error.
+    """
+
+    def __init__(self) -> None:
+        self._attention: Callable | None = None
+        self._create_block_mask: Callable | None = None
+        self._block_masks: dict[tuple[str, bool], object] = {}
+
+    def _compile(self) -> None:
+        from torch.nn.attention import flex_attention as flex
+
+        torch._dynamo.config.recompile_limit = FLEX_RECOMPILE_LIMIT
+        # dynamic=False: a second shape (GQA after MHA) must not turn the kernel generic.
+        self._attention = torch.compile(flex.flex_attention, dynamic=False)
+        # The eager create_block_mask materializes a (total x total) mask; compiled, it does not.
+        self._create_block_mask = torch.compile(flex.create_block_mask, dynamic=False)
+
+    def _block_mask(self, workload: Workload, causal: bool, device: torch.device) -> object:
+        key = (workload.name, causal)
+        if key not in self._block_masks:
+            lengths = torch.tensor(workload.lengths, device=device)
+            doc_id = torch.repeat_interleave(
+                torch.arange(workload.num_sequences, dtype=torch.int32, device=device), lengths
+            )
+            total = workload.total_tokens
+            mask_mod = _document_mask_mod(doc_id, causal)
+            self._block_masks[key] = self._create_block_mask(
+                mask_mod, None, None, total, total, device=device
+            )
+        return self._block_masks[key]
+
+    def prepare(self, case: Case) -> Prepared:
+        """q/k/v copied to FlexAttention's (1, heads, total, d) layout outside the timed region."""
+        if self._attention is None:
+            self._compile()
+        block_mask = self._block_mask(case.workload, case.causal, case.q.device)
+        q, k, v = (t.transpose(0, 1).unsqueeze(0).contiguous() for t in (case.q, case.k, case.v))
+        enable_gqa = case.layout.nheads_kv != case.layout.nheads_q
+
+        attention = self._attention
+
+        def run() -> torch.Tensor:
+            return attention(
+                q, k, v, block_mask=block_mask, scale=case.scale, enable_gqa=enable_gqa
+            )
+
+        # (1, nheads_q, total, d) -> (total, nheads_q, d), a view.
+        return Prepared(run, to_packed=lambda out: out[0].transpose(0, 1))

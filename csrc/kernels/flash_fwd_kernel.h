@@ -1,0 +1,251 @@
+// The sm80-family forward kernel (mma.sync + cp.async; runs on Ampere, Ada and Hopper).
+// One thread block computes one row block (kBlockM query rows) of one head of one sequence,
+// walking the visible key blocks from the last one down, as in FlashAttention-2 (Dao, 2023):
+// S = Q K^T in registers, online softmax, O += P V with P kept in registers.
+#pragma once
+
+#include <cute/tensor.hpp>
+
+#include "flash_params.h"
+#include "fragment_layouts.h"
+#include "mask_policy.h"
+#include "online_softmax.h"
+#include "seqlen_info.h"
+#include "warp_gemm.h"
+
+namespace flash_varlen {
+
+using namespace cute;
+
+// Copies a (rows, head_dim) tile from global to shared memory with 16-byte cp.async. Rows at or
+// past row_limit and columns at or past the real head dim are not read and are zero-filled, so
+// the MMAs can run on the whole tile and stray values never reach a valid output.
+// src, dst: (CPY, CPY_ROWS, CPY_COLS) partitions; coords: the same partition of an identity tensor.
+template <typename TiledCopy, typename Src, typename Dst, typename Coords, typename ColValid>
+__device__ void copy_tile_zero_fill(const TiledCopy& tiled_copy, const Src& src, Dst&& dst,
+                                    const Coords& coords, const ColValid& col_valid, int row_limit) {
+    CUTE_UNROLL
+    for (int m = 0; m < size<1>(src); ++m) {
+        const bool row_valid = get<0>(coords(0, m, 0)) < row_limit;
+        CUTE_UNROLL
+        for (int k = 0; k < size<2>(src); ++k) {
+            copy(tiled_copy.with(row_valid && col_valid(k)), src(_, m, k), dst(_, m, k));
+        }
+    }
+}
+
+// The (kRows, kHeadDim) tile number `block` of a (seqlen, kHeadDim) matrix with the given row
+// stride. The tile's start is computed in 64 bits; offsets inside it fit 32 bits.
+template <int kRows, int kHeadDim, typename Element>
+__device__ auto row_tile(Element* base, int block, int64_t row_stride) {
+    Element* start = base + int64_t(block) * kRows * row_stride;
+    return make_tensor(make_gmem_ptr(start), Shape<Int<kRows>, Int<kHeadDim>>{},
+                       make_stride(int(row_stride), _1{}));
+}
+
+template <typename Traits, bool kIsCausal>
+struct FlashFwdRowBlock {
+    using Element = typename Traits::Element;
+    static constexpr int kBlockM = Traits::kBlockM;
+    static constexpr int kBlockN = Traits::kBlockN;
+    static constexpr int kHeadDim = Traits::kHeadDim;
+    using Mask = MaskPolicy<kIsCausal>;
+
+    __device__ static void run(const FlashFwdParams& params, char* smem, int m_block, int batch,
+                               int head) {
+        const int tidx = threadIdx.x;
+        const SeqlenInfo seq(params, batch);
+        if (m_block * kBlockM >= seq.seqlen_q) return;  // this row block lies past the sequence end
+
+        const Mask mask(seq.seqlen_q, seq.seqlen_k);
+        const int key_block_end = mask.template key_block_end<kBlockM, kBlockN>(m_block);
+        const int head_k = head / (params.nheads / params.nheads_k);
+
+        // Dense per-sequence, per-head views: (seqlen, kHeadDim) with the real row stride.
+        const Element* q_base = static_cast<const Element*>(params.q_ptr) +
+                                seq.q_offset(params.q_batch_stride, params.q_row_stride, batch) +
+                                head * params.q_head_stride;
+        const Element* k_base = static_cast<const Element*>(params.k_ptr) +
+                                seq.k_offset(params.k_batch_stride, params.k_row_stride, batch) +
+                                head_k * params.k_head_stride;
+        const Element* v_base = static_cast<const Element*>(params.v_ptr) +
+                                seq.k_offset(params.v_batch_stride, params.v_row_stride, batch) +
+                                head_k * params.v_head_stride;
+        // In-tile offsets use 32-bit strides (the host checks row strides fit) so that a copy's
+        // addresses cost one 64-bit base per tile instead of one 64-bit register per row.
+        Tensor gQ = row_tile<kBlockM, kHeadDim>(q_base, m_block, params.q_row_stride);  // (BM, D)
+        auto key_tile = [&](const Element* base, int64_t row_stride, int n_block) {
+            return row_tile<kBlockN, kHeadDim>(base, n_block, row_stride);  // (BN, D)
+        };
+
+        Tensor sQ = make_tensor(make_smem_ptr(reinterpret_cast<Element*>(smem)), typename Traits::SmemLayoutQ{});
+        Tensor sK = make_tensor(sQ.data() + size(sQ), typename Traits::SmemLayoutKV{});
+        Tensor sV = make_tensor(sK.data() + size(sK), typename Traits::SmemLayoutKV{});
+        Tensor sVt = make_tensor(sV.data(), typename Traits::SmemLayoutVt{});
+        Tensor sVtNoSwizzle = make_tensor(sV.data(), typename Traits::SmemLayoutVtNoSwizzle{});
+
+        typename Traits::TiledMma tiled_mma;
+        auto thr_mma = tiled_mma.get_thread_slice(tidx);
+        Tensor acc_o = partition_fragment_C(tiled_mma, Shape<Int<kBlockM>, Int<kHeadDim>>{});  // (MMA, MMA_M, MMA_D)
+        clear(acc_o);
+        constexpr int kRowsPerThread = decltype(size<0>(accumulator_as_rows_cols(acc_o.layout())))::value;
+        OnlineSoftmax<kRowsPerThread> softmax;
+
+        // Columns past the real head dim (d smaller than the bucket) are zero-filled on load and
+        // never stored.
+        Tensor identity_tile = make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{});
+        typename Traits::GmemTiledCopyQKV gmem_tiled_copy;
+        auto gmem_thr_copy = gmem_tiled_copy.get_thread_slice(tidx);
+        Tensor tQcQ = gmem_thr_copy.partition_S(identity_tile);  // (CPY, CPY_M, CPY_D)
+        Tensor identity_kv = make_identity_tensor(Shape<Int<kBlockN>, Int<kHeadDim>>{});
+        Tensor tKVcKV = gmem_thr_copy.partition_S(identity_kv);  // (CPY, CPY_N, CPY_D)
+        auto col_valid = [&](int k) { return get<1>(tQcQ(0, 0, k)) < params.head_dim; };
+
+        if (key_block_end > 0) {
+            Tensor tQgQ = gmem_thr_copy.partition_S(gQ);  // (CPY, CPY_M, CPY_D)
+            Tensor tQsQ = gmem_thr_copy.partition_D(sQ);
+            const int rows_left_q = seq.seqlen_q - m_block * kBlockM;
+            auto rows_left_k = [&](int n_block) { return seq.seqlen_k - n_block * kBlockN; };
+            Tensor tKsK = gmem_thr_copy.partition_D(sK);  // (CPY, CPY_N, CPY_D)
+            Tensor tVsV = gmem_thr_copy.partition_D(sV);
+            auto load_k = [&](int n_block) {
+                copy_tile_zero_fill(gmem_tiled_copy,
+                                    gmem_thr_copy.partition_S(key_tile(k_base, params.k_row_stride, n_block)),
+                                    tKsK, tKVcKV, col_valid, rows_left_k(n_block));
+            };
+            auto load_v = [&](int n_block) {
+                copy_tile_zero_fill(gmem_tiled_copy,
+                                    gmem_thr_copy.partition_S(key_tile(v_base, params.v_row_stride, n_block)),
+                                    tVsV, tKVcKV, col_valid, rows_left_k(n_block));
+            };
+
+            Tensor tSrQ = thr_mma.partition_fragment_A(sQ);            // (MMA, MMA_M, MMA_D)
+            Tensor tSrK = thr_mma.partition_fragment_B(sK);            // (MMA, MMA_N, MMA_D)
+            Tensor tOrVt = thr_mma.partition_fragment_B(sVtNoSwizzle);  // (MMA, MMA_D, MMA_N)
+
+            auto smem_tiled_copy_q = make_tiled_copy_A(typename Traits::SmemCopyAtom{}, tiled_mma);
+            auto smem_thr_copy_q = smem_tiled_copy_q.get_thread_slice(tidx);
+            Tensor tSsQ = smem_thr_copy_q.partition_S(sQ);
+            auto smem_tiled_copy_k = make_tiled_copy_B(typename Traits::SmemCopyAtom{}, tiled_mma);
+            auto smem_thr_copy_k = smem_tiled_copy_k.get_thread_slice(tidx);
+            Tensor tSsK = smem_thr_copy_k.partition_S(sK);
+            auto smem_tiled_copy_v = make_tiled_copy_B(typename Traits::SmemCopyAtomTransposed{}, tiled_mma);
+            auto smem_thr_copy_v = smem_tiled_copy_v.get_thread_slice(tidx);
+            Tensor tOsVt = smem_thr_copy_v.partition_S(sVt);
+
+            // Prologue: Q and the highest key block in flight together.
+            int n_block = key_block_end - 1;
+            copy_tile_zero_fill(gmem_tiled_copy, tQgQ, tQsQ, tQcQ, col_valid, rows_left_q);
+            load_k(n_block);
+            cp_async_fence();
+
+            // One key block. While S = Q K^T runs, V of this block streams in; while P V runs, K
+            // of the next block does: each wait below covers exactly the copy the next GEMM needs.
+            auto process_key_block = [&](int n_block, auto apply_mask) {
+                Tensor acc_s = partition_fragment_C(tiled_mma, Shape<Int<kBlockM>, Int<kBlockN>>{});  // (MMA, MMA_M, MMA_N)
+                clear(acc_s);
+                cp_async_wait<0>();
+                __syncthreads();  // K(n_block) landed, and every warp is done reading V(n_block + 1)
+                load_v(n_block);
+                cp_async_fence();
+
+                gemm_smem_smem(tiled_mma, acc_s, tSrQ, tSrK, tSsQ, tSsK, smem_tiled_copy_q,
+                               smem_tiled_copy_k, smem_thr_copy_q, smem_thr_copy_k);
+                if constexpr (decltype(apply_mask)::value) {
+                    mask.template apply<Traits::kNWarps>(acc_s, m_block * kBlockM, n_block * kBlockN);
+                }
+
+                cp_async_wait<0>();
+                __syncthreads();  // V(n_block) landed, and every warp is done reading K(n_block)
+                if (n_block > 0) {
+                    load_k(n_block - 1);
+                    cp_async_fence();
+                }
+
+                softmax.update(acc_s, acc_o, params.softmax_scale_log2);
+                Tensor rP = convert_fragment<Element>(acc_s);
+                Tensor tOrP = make_tensor(rP.data(), accumulator_as_a_operand(rP.layout()));  // ((4, 2), MMA_M, MMA_N / 2)
+                gemm_reg_smem(tiled_mma, acc_o, tOrP, tOrVt, tOsVt, smem_tiled_copy_v,
+                              smem_thr_copy_v);
+            };
+
+            // The highest blocks may hold masked pairs (sequence tail, causal diagonal); the rest
+            // are fully visible to every valid row and skip the masking work.
+            constexpr int kMaskedBlocks = Mask::template masked_block_count<kBlockM, kBlockN>();
+            const int first_unmasked = key_block_end - kMaskedBlocks;
+            for (; n_block >= 0 && n_block >= first_unmasked; --n_block) {
+                process_key_block(n_block, cute::true_type{});
+            }
+            for (; n_block >= 0; --n_block) {
+                process_key_block(n_block, cute::false_type{});
+            }
+        }
+
+        // Epilogue: normalise, stage O through shared memory for 16-byte row-contiguous stores.
+        Tensor lse = softmax.finalize(acc_o, params.softmax_scale);
+        Tensor rO = convert_fragment<Element>(acc_o);
+        Tensor sO = make_tensor(sQ.data(), typename Traits::SmemLayoutO{});
+        auto smem_tiled_copy_o = make_tiled_copy_C(typename Traits::SmemCopyAtomO{}, tiled_mma);
+        auto smem_thr_copy_o = smem_tiled_copy_o.get_thread_slice(tidx);
+        Tensor taccOrO = smem_thr_copy_o.retile_S(rO);   // (CPY, CPY_M, CPY_D)
+        Tensor taccOsO = smem_thr_copy_o.partition_D(sO);
+        // Every warp passed the last barrier of the main loop after its final read of sQ, so sQ
+        // can be overwritten without another barrier here.
+        copy(smem_tiled_copy_o, taccOrO, taccOsO);
+
+        const int rows_left_q = seq.seqlen_q - m_block * kBlockM;
+        write_lse(params, seq, lse, thr_mma, batch, head, m_block, rows_left_q);
+
+        __syncthreads();  // sO complete before threads read rows written by other warps
+        Element* o_base = static_cast<Element*>(params.o_ptr) +
+                          seq.q_offset(params.o_batch_stride, params.o_row_stride, batch) +
+                          head * params.o_head_stride;
+        Tensor gO = row_tile<kBlockM, kHeadDim>(o_base, m_block, params.o_row_stride);  // (BM, D)
+        typename Traits::GmemTiledCopyO gmem_tiled_copy_o;
+        auto gmem_thr_copy_o = gmem_tiled_copy_o.get_thread_slice(tidx);
+        Tensor tOsO = gmem_thr_copy_o.partition_S(sO);  // (CPY, CPY_M, CPY_D)
+        Tensor tOgO = gmem_thr_copy_o.partition_D(gO);
+        Tensor tOcO = gmem_thr_copy_o.partition_D(identity_tile);
+        Tensor tOrO = make_tensor<Element>(shape(tOgO));
+        copy(gmem_tiled_copy_o, tOsO, tOrO);
+        CUTE_UNROLL
+        for (int m = 0; m < size<1>(tOrO); ++m) {
+            if (get<0>(tOcO(0, m, 0)) >= rows_left_q) continue;
+            CUTE_UNROLL
+            for (int k = 0; k < size<2>(tOrO); ++k) {
+                if (get<1>(tOcO(0, m, k)) < params.head_dim) {
+                    copy(gmem_tiled_copy_o, tOrO(_, m, k), tOgO(_, m, k));
+                }
+            }
+        }
+    }
+
+    // The four threads of a quad hold the same rows; the one holding column 0 writes their LSE.
+    template <typename Lse, typename ThrMma>
+    __device__ static void write_lse(const FlashFwdParams& params, const SeqlenInfo& seq,
+                                     const Lse& lse, const ThrMma& thr_mma, int batch, int head,
+                                     int m_block, int rows_left_q) {
+        Tensor coords = thr_mma.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{}));
+        Tensor coords_rc = make_tensor(coords.data(), accumulator_as_rows_cols(coords.layout()));
+        if (get<1>(coords_rc(0, 0)) != 0) return;
+        float* lse_base = params.softmax_lse_ptr + head * params.lse_head_stride +
+                          seq.lse_offset(params.lse_batch_stride, batch) + m_block * kBlockM;
+        CUTE_UNROLL
+        for (int r = 0; r < size(lse); ++r) {
+            const int row = get<0>(coords_rc(r, 0));
+            if (row < rows_left_q) lse_base[row] = lse(r);
+        }
+    }
+};
+
+template <typename Traits, bool kIsCausal>
+__global__ void __launch_bounds__(Traits::kNThreads)
+    flash_fwd_kernel(const __grid_constant__ FlashFwdParams params) {
+    extern __shared__ __align__(128) char smem[];
+    // With causal masking later row blocks see more keys: launch them first (longest job first),
+    // so the short ones fill the tail of the wave instead of leaving SMs idle at the end.
+    const int m_block = kIsCausal ? int(gridDim.x) - 1 - int(blockIdx.x) : int(blockIdx.x);
+    FlashFwdRowBlock<Traits, kIsCausal>::run(params, smem, m_block, blockIdx.y, blockIdx.z);
+}
+
+}  // namespace flash_varlen

@@ -1,0 +1,33 @@
+// Host-side launch of the forward kernel for one (traits, causal) instantiation.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cute/tensor.hpp>
+
+#include "flash_fwd_kernel.h"
+#include "flash_params.h"
+#include "fwd_kernel_traits.h"
+
+namespace flash_varlen {
+
+// Grid: (row blocks of the longest sequence, batch, heads). Row blocks of one (sequence, head)
+// are adjacent in launch order, so the thread blocks that share a K/V tile run together and
+// read it from L2. Row blocks past a shorter sequence's end exit at once.
+template <typename Element, int kHeadDim, bool kIsCausal>
+cudaError_t launch_flash_fwd(const FlashFwdParams& params, cudaStream_t stream) {
+    using Traits = typename FwdTileConfig<Element, kHeadDim>::Traits;
+    auto kernel = &flash_fwd_kernel<Traits, kIsCausal>;
+    constexpr int kSmemBytes = Traits::kSmemBytes;
+    constexpr int kDefaultSmemLimit = 48 * 1024;  // above this a kernel must opt in
+    if constexpr (kSmemBytes > kDefaultSmemLimit) {
+        const cudaError_t err =
+            cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
+        if (err != cudaSuccess) return err;
+    }
+    const dim3 grid(cute::ceil_div(params.seqlen_q, Traits::kBlockM), params.batch, params.nheads);
+    kernel<<<grid, Traits::kNThreads, kSmemBytes, stream>>>(params);
+    return cudaGetLastError();
+}
+
+}  // namespace flash_varlen

@@ -1,0 +1,32 @@
+"""flash_varlen: exact fast attention for packed variable-length sequences.
+
+Call-compatible with flash-attn 2.x (same function names, arguments and returns), backed by
+hand-written CUDA kernels in the extension ``flash_varlen._C``. The package imports without the
+extension (CPU-only machines); the attention functions then raise RuntimeError saying why.
+"""
+
+from flash_varlen import reference
+from flash_varlen.interface import (
+    flash_attn_func,
+    flash_attn_kvpacked_func,
+    flash_attn_qkvpacked_func,
+    flash_attn_varlen_func,
+    flash_attn_varlen_kvpacked_func,
+    flash_attn_varlen_qkvpacked_func,
+)
+from flash_varlen.padding import pad_input, unpad_input
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "__version__",
+    "flash_attn_func",
+    "flash_attn_kvpacked_func",
+    "flash_attn_qkvpacked_func",
+    "flash_attn_varlen_func",
+    "flash_attn_varlen_kvpacked_func",
+    "flash_attn_varlen_qkvpacked_func",
+    "pad_input",
+    "reference",
+    "unpad_input",
+]

@@ -1,0 +1,450 @@
+"""Every validation rule, exercised through the public functions with CPU tensors.
+
+Device checks run last, so each broken input below raises its own error before the device
+check would; the exception type and the argument named in the message are both asserted.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+import flash_varlen
+from flash_varlen import interface, validation
+
+NHEADS, NHEADS_K, HEAD_DIM = 4, 2, 64
+SEQLENS_Q, SEQLENS_K = (5, 7), (4, 6)
+
+Change = Callable[[dict], None]
+CU_ONE = torch.zeros(1, dtype=torch.int32)
+
+
+def varlen_args(device: str = "cpu", dtype: torch.dtype = torch.float16) -> dict:
+    """Valid arguments of flash_attn_varlen_func (valid except for the device when on CPU)."""
+    total_q, total_k = sum(SEQLENS_Q), sum(SEQLENS_K)
+    return {
+        "q": torch.zeros(total_q, NHEADS, HEAD_DIM, dtype=dtype, device=device),
+        "k": torch.zeros(total_k, NHEADS_K, HEAD_DIM, dtype=dtype, device=device),
+        "v": torch.zeros(total_k, NHEADS_K, HEAD_DIM, dtype=dtype, device=device),
+        "cu_seqlens_q": torch.tensor([0, 5, 12], dtype=torch.int32, device=device),
+        "cu_seqlens_k": torch.tensor([0, 4, 10], dtype=torch.int32, device=device),
+        "max_seqlen_q": max(SEQLENS_Q),
+        "max_seqlen_k": max(SEQLENS_K),
+    }
+
+
+def fixed_args(device: str = "cpu") -> dict:
+    """Valid arguments of flash_attn_func (valid except for the device when on CPU)."""
+    return {
+        "q": torch.zeros(2, 5, NHEADS, HEAD_DIM, dtype=torch.float16, device=device),
+        "k": torch.zeros(2, 7, NHEADS_K, HEAD_DIM, dtype=torch.float16, device=device),
+        "v": torch.zeros(2, 7, NHEADS_K, HEAD_DIM, dtype=torch.float16, device=device),
+    }
+
+
+def raises(kind: type[Exception], *fragments: str):
+    """pytest.raises whose message must contain every fragment (literally)."""
+    return pytest.raises(kind, match="(?s)" + "".join(f"(?=.*{re.escape(f)})" for f in fragments))
+
+
+def misaligned_stride(shape: tuple[int, ...], pad: int) -> torch.Tensor:
+    """A (.., head, d) view whose dim -2 stride is d + pad elements."""
+    *lead, d = shape
+    return torch.zeros(*lead, d + pad, dtype=torch.float16)[..., :d]
+
+
+def offset_by(shape: tuple[int, ...], offset: int) -> torch.Tensor:
+    numel = torch.Size(shape).numel()
+    return torch.zeros(numel + offset, dtype=torch.float16)[offset:].view(shape)
+
+
+def head_count(name: str, other: str | None, count: int) -> Change:
+    """Gives tensor ``name`` (and ``other``) ``count`` heads (dim -2)."""
+
+    def change(args: dict) -> None:
+        for key in filter(None, (name, other)):
+            shape = list(args[key].shape)
+            shape[-2] = count
+            args[key] = torch.zeros(shape, dtype=args[key].dtype)
+
+    return change
+
+
+def batch_of(size: int) -> Change:
+    """Gives the fixed-length q, k, v a batch of ``size``."""
+    return lambda args: args.update({n: args[n][:size] for n in ("q", "k", "v")})
+
+
+def case(name: str, change: Change, kind: type[Exception], *fragments: str):
+    """One broken input: how to break valid arguments, the exception and its message parts."""
+    return pytest.param(change, kind, fragments, id=name)
+
+
+def setting(**values) -> Change:
+    """Replaces arguments by fixed values."""
+    return lambda args: args.update(values)
+
+
+def replacing(name: str, transform: Callable[[torch.Tensor], object]) -> Change:
+    """Replaces one tensor argument by a transform of it."""
+    return lambda args: args.update({name: transform(args[name])})
+
+
+def head_dim(size: int) -> Change:
+    """Gives q, k and v the head dim ``size`` (new contiguous tensors)."""
+
+    def change(args: dict) -> None:
+        for name in ("q", "k", "v"):
+            shape = (*args[name].shape[:-1], size)
+            args[name] = torch.zeros(shape, dtype=args[name].dtype)
+
+    return change
+
+
+def unchanged(args: dict) -> None:
+    """Valid arguments: on CPU only the device check fails."""
+
+
+VARLEN_CASES = [
+    case("q not a tensor", setting(q=[[1.0]]), TypeError, "q must be a torch.Tensor"),
+    case("q fp32", replacing("q", torch.Tensor.float), TypeError, "q must have dtype", "float16"),
+    case("k bf16", replacing("k", torch.Tensor.bfloat16), TypeError, "k must have the same dtype"),
+    case("v float32", replacing("v", torch.Tensor.float), TypeError, "v must have the same dtype"),
+    case("q rank 4", replacing("q", lambda t: t[None]), ValueError, "q must have 3 dims"),
+    case("k rank 2", replacing("k", lambda t: t[:, 0]), ValueError, "k must have 3 dims"),
+    case("v rank 4", replacing("v", lambda t: t[None]), ValueError, "v must have 3 dims"),
+    case("head dim 60", head_dim(60), ValueError, "q.shape[-1]", "multiple of 8"),
+    case("head dim 264", head_dim(264), ValueError, "q.shape[-1]", "and 256, got 264"),
+    case("head dim 0", head_dim(0), ValueError, "q.shape[-1]", "between 8 and 256"),
+    case(
+        "k head dim differs",
+        replacing("k", lambda t: t[..., :32].contiguous()),
+        ValueError,
+        "k.shape[-1]",
+        "must equal q.shape[-1]",
+    ),
+    case(
+        "v head dim differs",
+        replacing("v", lambda t: t[..., :32].contiguous()),
+        ValueError,
+        "v.shape[-1]",
+        "must equal q.shape[-1]",
+    ),
+    case(
+        "nheads not a multiple of nheads_k",
+        setting(q=torch.zeros(12, 3, HEAD_DIM, dtype=torch.float16)),
+        ValueError,
+        "nheads (q.shape[-2] = 3)",
+        "multiple of nheads_k",
+    ),
+    case("zero kv heads", head_count("k", "v", 0), ValueError, "k.shape[-2] (nheads_k)"),
+    case("v heads differ", replacing("v", lambda t: t[:, :1]), ValueError, "v.shape[-2]"),
+    case("k, v totals differ", replacing("v", lambda t: t[:9]), ValueError, "v.shape[0] (total_k)"),
+    case(
+        "q last dim not contiguous",
+        setting(q=torch.zeros(12, HEAD_DIM, NHEADS, dtype=torch.float16).transpose(1, 2)),
+        ValueError,
+        "q must be contiguous in its last dim",
+    ),
+    case(
+        "k last dim not contiguous",
+        setting(k=torch.zeros(10, HEAD_DIM, NHEADS_K, dtype=torch.float16).mT),
+        ValueError,
+        "k must be contiguous in its last dim",
+    ),
+    case(
+        "q stride not a multiple of 8",
+        setting(q=misaligned_stride((12, NHEADS, HEAD_DIM), pad=4)),
+        ValueError,
+        "q.stride(1) must be a multiple of 8",
+    ),
+    case(
+        "v stride not a multiple of 8",
+        setting(v=misaligned_stride((10, NHEADS_K, HEAD_DIM), pad=4)),
+        ValueError,
+        "v.stride(1) must be a multiple of 8",
+    ),
+    case(
+        "k storage offset not a multiple of 8",
+        setting(k=offset_by((10, NHEADS_K, HEAD_DIM), 4)),
+        ValueError,
+        "k.storage_offset() must be a multiple of 8",
+    ),
+    case(
+        "cu_seqlens_q int64",
+        replacing("cu_seqlens_q", torch.Tensor.long),
+        TypeError,
+        "cu_seqlens_q must have dtype torch.int32",
+    ),
+    case(
+        "cu_seqlens_k not a tensor",
+        setting(cu_seqlens_k=[0, 4, 10]),
+        TypeError,
+        "cu_seqlens_k must be a torch.Tensor",
+    ),
+    case(
+        "cu_seqlens_k 2-D",
+        replacing("cu_seqlens_k", lambda t: t[None]),
+        ValueError,
+        "cu_seqlens_k must be 1-D",
+    ),
+    case(
+        "cu_seqlens_q too short",
+        setting(cu_seqlens_q=CU_ONE, cu_seqlens_k=CU_ONE),
+        ValueError,
+        "cu_seqlens_q must have batch + 1 >= 2 entries",
+    ),
+    case(
+        "cu_seqlens lengths differ",
+        setting(cu_seqlens_k=torch.tensor([0, 4, 8, 10], dtype=torch.int32)),
+        ValueError,
+        "cu_seqlens_k must have the same length",
+    ),
+    case(
+        "cu_seqlens_q not contiguous",
+        setting(cu_seqlens_q=torch.tensor([0, 9, 5, 9, 12], dtype=torch.int32)[::2]),
+        ValueError,
+        "cu_seqlens_q must be contiguous",
+    ),
+    case("max_seqlen_q 0", setting(max_seqlen_q=0), ValueError, "max_seqlen_q must be positive"),
+    case("max_seqlen_k -3", setting(max_seqlen_k=-3), ValueError, "max_seqlen_k must be positive"),
+    case("max_seqlen_q bool", setting(max_seqlen_q=True), TypeError, "max_seqlen_q must be a"),
+    case("max_seqlen_k float", setting(max_seqlen_k=6.0), TypeError, "max_seqlen_k must be a"),
+    case(
+        "max_seqlen_q tensor",
+        setting(max_seqlen_q=torch.tensor(7)),
+        TypeError,
+        "max_seqlen_q must be a Python int",
+    ),
+    case("scale nan", setting(softmax_scale=math.nan), ValueError, "softmax_scale must be finite"),
+    case("scale inf", setting(softmax_scale=math.inf), ValueError, "softmax_scale must be finite"),
+    case("scale 0", setting(softmax_scale=0.0), ValueError, "softmax_scale must be finite and pos"),
+    case("scale < 0", setting(softmax_scale=-0.1), ValueError, "softmax_scale must be finite and pos"),
+    case("scale str", setting(softmax_scale="0.1"), TypeError, "softmax_scale must be a float"),
+    case("causal str", setting(causal="yes"), TypeError, "causal must be a bool"),
+    case("window of 3", setting(window_size=(-1, -1, 0)), ValueError, "window_size must be a pair"),
+    case("window floats", setting(window_size=(-1.0, -1)), TypeError, "window_size must be a pair"),
+    case("q on CPU", unchanged, ValueError, "q must be a CUDA tensor"),
+]
+
+
+@pytest.mark.parametrize(("change", "kind", "fragments"), VARLEN_CASES)
+def test_varlen_validation(change, kind, fragments) -> None:
+    args = varlen_args()
+    change(args)
+    with raises(kind, *fragments):
+        flash_varlen.flash_attn_varlen_func(**args)
+
+
+FIXED_CASES = [
+    case("q float64", replacing("q", torch.Tensor.double), TypeError, "q must have dtype"),
+    case("v bf16", replacing("v", torch.Tensor.bfloat16), TypeError, "v must have the same dtype"),
+    case("q rank 3", replacing("q", lambda t: t[0]), ValueError, "q must have 4 dims"),
+    case("k rank 5", replacing("k", lambda t: t[None]), ValueError, "k must have 4 dims"),
+    case("head dim 12", head_dim(12), ValueError, "q.shape[-1]", "multiple of 8"),
+    case("batch 0 is valid", batch_of(0), ValueError, "q must be a CUDA tensor"),
+    case("k batch differs", replacing("k", lambda t: t[:1]), ValueError, "k.shape[0] (batch)"),
+    case("v batch differs", replacing("v", lambda t: t[:1]), ValueError, "v.shape[0] (batch)"),
+    case("v seqlen short", replacing("v", lambda t: t[:, :6]), ValueError, "v.shape[1] (seqlen_k)"),
+    case("nheads 3 vs 2", head_count("q", None, 3), ValueError, "nheads (q.shape[-2] = 3)"),
+    case(
+        "q misaligned",
+        setting(q=misaligned_stride((2, 5, NHEADS, HEAD_DIM), pad=6)),
+        ValueError,
+        "q.stride(2) must be a multiple of 8",
+    ),
+    case("q on CPU", unchanged, ValueError, "q must be a CUDA tensor"),
+]
+
+
+@pytest.mark.parametrize(("change", "kind", "fragments"), FIXED_CASES)
+def test_fixed_validation(change, kind, fragments) -> None:
+    args = fixed_args()
+    change(args)
+    with raises(kind, *fragments):
+        flash_varlen.flash_attn_func(**args)
+
+
+def test_packed_shapes_are_checked_and_views_are_named() -> None:
+    qkv = torch.zeros(12, 3, NHEADS, HEAD_DIM, dtype=torch.float16)
+    cu = torch.tensor([0, 5, 12], dtype=torch.int32)
+    with raises(ValueError, "qkv must have shape (total, 3, nheads, headdim)"):
+        flash_varlen.flash_attn_varlen_qkvpacked_func(qkv[:, :2], cu, 7)
+    with raises(ValueError, "qkv must have shape (batch, seqlen, 3, nheads, headdim)"):
+        flash_varlen.flash_attn_qkvpacked_func(qkv)
+    with raises(ValueError, "kv must have shape (total_k, 2, nheads_k, headdim)"):
+        flash_varlen.flash_attn_varlen_kvpacked_func(qkv[:, 0], qkv, cu, cu, 7, 7)
+    with raises(ValueError, "kv must have shape (batch, seqlen_k, 2, nheads_k, headdim)"):
+        flash_varlen.flash_attn_kvpacked_func(qkv[None, :, 0], qkv[None])
+    with raises(TypeError, "qkv must be a torch.Tensor"):
+        flash_varlen.flash_attn_qkvpacked_func("qkv")
+    with raises(ValueError, "qkv[:, 0].shape[-1]"):
+        flash_varlen.flash_attn_varlen_qkvpacked_func(qkv[..., :20], cu, 7)
+    with raises(TypeError, "cu_seqlens must have dtype torch.int32"):
+        flash_varlen.flash_attn_varlen_qkvpacked_func(qkv, cu.long(), 7)
+    with raises(ValueError, "max_seqlen must be positive"):
+        flash_varlen.flash_attn_varlen_qkvpacked_func(qkv, cu, 0)
+    with raises(ValueError, "qkv[:, 0] must be a CUDA tensor"):
+        flash_varlen.flash_attn_varlen_qkvpacked_func(qkv, cu, 7)
+    with raises(ValueError, "qkv[:, :, 0] must be a CUDA tensor"):
+        flash_varlen.flash_attn_qkvpacked_func(qkv[None])
+    kv = torch.zeros(10, 2, 3, HEAD_DIM, dtype=torch.float16)
+    with raises(ValueError, "nheads (q.shape[-2] = 4)", "(kv[:, 0].shape[-2] = 3)"):
+        flash_varlen.flash_attn_varlen_kvpacked_func(qkv[:, 0], kv, cu, cu, 7, 7)
+
+
+def test_packed_views_with_aligned_head_dims_pass_layout_checks() -> None:
+    """qkv[:, i] has offset i * nheads * d and strides multiple of 8: only the device fails."""
+    qkv = torch.zeros(12, 3, NHEADS, 72, dtype=torch.bfloat16)
+    cu = torch.tensor([0, 5, 12], dtype=torch.int32)
+    with raises(ValueError, "must be a CUDA tensor"):
+        flash_varlen.flash_attn_varlen_qkvpacked_func(qkv, cu, 7)
+
+
+# --------------------------------------------------------------------------------------------
+# Devices (fake CUDA tensors: no GPU needed)
+
+
+def fake_cuda_supported() -> bool:
+    try:
+        with FakeTensorMode():
+            torch.empty(1, device="cuda")
+    except (RuntimeError, AssertionError):
+        return False
+    return True
+
+
+needs_fake_cuda = pytest.mark.skipif(
+    not fake_cuda_supported(), reason="this torch cannot create fake CUDA tensors"
+)
+
+
+@needs_fake_cuda
+@pytest.mark.parametrize("name", ["k", "v", "cu_seqlens_q", "cu_seqlens_k"])
+def test_tensor_on_another_device_than_q(name: str) -> None:
+    with FakeTensorMode():
+        args = varlen_args(device="cuda")
+        args[name] = args[name].cpu()
+        with raises(ValueError, f"{name} must be on the same device as q"):
+            flash_varlen.flash_attn_varlen_func(**args)
+
+
+@needs_fake_cuda
+def test_fixed_length_v_on_another_device() -> None:
+    with FakeTensorMode():
+        args = fixed_args(device="cuda")
+        args["v"] = args["v"].cpu()
+        with raises(ValueError, "v must be on the same device as q"):
+            flash_varlen.flash_attn_func(**args)
+
+
+# --------------------------------------------------------------------------------------------
+# Options
+
+
+@pytest.mark.parametrize(
+    ("causal", "window_size", "expected"),
+    [
+        (False, (-1, -1), False),
+        (True, (-1, -1), True),
+        (True, (-1, 0), True),
+        (False, (-1, 0), True),  # flash-attn: right = 0 with left = -1 is causal
+        (False, [-1, -1], False),
+        (False, (-5, -2), False),  # any negative bound is unbounded, as in flash-attn
+        (True, (-1, 7), True),  # causal forces right = 0
+    ],
+)
+def test_causal_normalization(causal, window_size, expected) -> None:
+    effective = validation.check_options(
+        dropout_p=0.0,
+        softmax_scale=None,
+        causal=causal,
+        window_size=window_size,
+        softcap=0.0,
+        alibi_slopes=None,
+    )
+    assert effective is expected
+
+
+@pytest.mark.parametrize(
+    ("causal", "window_size"), [(False, (4, -1)), (False, (-1, 3)), (True, (8, 0))]
+)
+def test_sliding_window_not_implemented(causal, window_size) -> None:
+    args = varlen_args()
+    with raises(NotImplementedError, "window_size", "sliding window"):
+        flash_varlen.flash_attn_varlen_func(**args, causal=causal, window_size=window_size)
+
+
+def test_resolve_softmax_scale() -> None:
+    assert validation.resolve_softmax_scale(None, 64) == 0.125
+    assert validation.resolve_softmax_scale(2, 64) == 2.0
+
+
+# --------------------------------------------------------------------------------------------
+# Debug mode: value checks of cu_seqlens (device-agnostic, so CPU tensors exercise them)
+
+
+def check_values(cu_q: list[int], cu_k: list[int], max_q: int = 7, max_k: int = 6) -> None:
+    args = varlen_args()
+    validation.check_varlen_values(
+        args["q"],
+        args["k"],
+        torch.tensor(cu_q, dtype=torch.int32),
+        torch.tensor(cu_k, dtype=torch.int32),
+        max_q,
+        max_k,
+    )
+
+
+def test_debug_values_accept_valid_cu_seqlens() -> None:
+    check_values([0, 5, 12], [0, 4, 10])
+    check_values([0, 0, 12], [0, 10, 10], max_q=12, max_k=10)  # empty sequences
+    check_values([0, 5, 12], [0, 4, 10], max_q=100, max_k=100)  # overestimates are safe
+
+
+@pytest.mark.parametrize(
+    ("cu_q", "cu_k", "max_q", "max_k", "fragments"),
+    [
+        ([1, 5, 12], [0, 4, 10], 7, 6, ("cu_seqlens_q[0] must be 0",)),
+        ([0, 5, 12], [2, 4, 10], 7, 6, ("cu_seqlens_k[0] must be 0",)),
+        ([0, 8, 7, 12], [0, 4, 6, 10], 8, 6, ("cu_seqlens_q must be non-decreasing", "[2] = 7")),
+        ([0, 5, 11], [0, 4, 10], 7, 6, ("cu_seqlens_q[-1] must equal q.shape[0] = 12",)),
+        ([0, 5, 12], [0, 4, 9], 7, 6, ("cu_seqlens_k[-1] must equal k.shape[0] = 10",)),
+        ([0, 5, 12], [0, 4, 10], 6, 6, ("max_seqlen_q = 6 is smaller", "sequence 1 has length 7")),
+        ([0, 5, 12], [0, 4, 10], 7, 5, ("max_seqlen_k = 5 is smaller", "sequence 1 has length 6")),
+    ],
+)
+def test_debug_values_reject(cu_q, cu_k, max_q, max_k, fragments) -> None:
+    with raises(ValueError, *fragments):
+        check_values(cu_q, cu_k, max_q, max_k)
+
+
+@pytest.mark.parametrize(
+    ("value", "enabled"), [(None, False), ("0", False), ("", False), ("1", True), ("true", True)]
+)
+def test_debug_env_var_is_read_at_call_time(monkeypatch, value, enabled) -> None:
+    if value is None:
+        monkeypatch.delenv(validation.DEBUG_ENV_VAR, raising=False)
+    else:
+        monkeypatch.setenv(validation.DEBUG_ENV_VAR, value)
+    assert validation.debug_enabled() is enabled
+
+
+@needs_fake_cuda
+@pytest.mark.parametrize("debug", [False, True])
+def test_public_function_runs_value_checks_only_in_debug_mode(monkeypatch, debug) -> None:
+    """Without debug mode nothing reads cu_seqlens (fake tensors would fail on a read)."""
+    calls = []
+    monkeypatch.setattr(validation, "check_varlen_values", lambda *a, **kw: calls.append(a))
+    if debug:
+        monkeypatch.setenv(validation.DEBUG_ENV_VAR, "1")
+    else:
+        monkeypatch.delenv(validation.DEBUG_ENV_VAR, raising=False)
+    with FakeTensorMode():
+        interface.flash_attn_varlen_func(**varlen_args(device="cuda"))
+    assert len(calls) == int(debug)
