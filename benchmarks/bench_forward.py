@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import math
+import os
 import shlex
 import subprocess
 import sys
@@ -97,13 +98,16 @@ def _git(*args: str) -> str | None:
 def run_metadata(argv: list[str]) -> dict[str, Any]:
     import triton
 
-    status = _git("status", "--porcelain", "--untracked-files=no")
+    # The GPU machine gets a copy of the working tree whose git metadata may not resolve HEAD;
+    # scripts/gpu_check.sh passes the commit measured from the checkout it was sent from.
+    commit_override = os.environ.get("FLASH_VARLEN_COMMIT")
+    status = None if commit_override else _git("status", "--porcelain", "--untracked-files=no")
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "gpu": torch.cuda.get_device_name(),
         "torch": torch.__version__,
         "triton": triton.__version__,
-        "git_commit": _git("rev-parse", "--short", "HEAD") or "unknown",
+        "git_commit": commit_override or _git("rev-parse", "--short", "HEAD") or "unknown",
         "git_dirty": None if status is None else bool(status),
         "command": shlex.join(["python", "benchmarks/bench_forward.py", *argv]),
         "timing": {"do_bench_warmup_ms": WARMUP_MS, "do_bench_rep_ms": REP_MS,

@@ -49,10 +49,12 @@ void check_qkv_tensor(const at::Tensor& t, const char* name, at::ScalarType dtyp
     TORCH_CHECK(t.stride(-1) == 1, name, " must have a contiguous last dimension (stride 1), got ",
                 t.stride(-1));
     for (int d = 0; d < rank - 1; ++d) {
+        // A stride of a dim of size 0 or 1 never multiplies a nonzero index.
+        if (t.size(d) <= 1) continue;
         TORCH_CHECK(t.stride(d) % kVectorElems == 0, name, ".stride(", d, ") must be a multiple of ",
                     kVectorElems, " elements (16-byte loads), got ", t.stride(d));
     }
-    TORCH_CHECK(t.stride(rank - 3) < kMaxRowStride, name, "'s row stride must be below ",
+    TORCH_CHECK(t.size(rank - 3) <= 1 || t.stride(rank - 3) < kMaxRowStride, name, "'s row stride must be below ",
                 kMaxRowStride, ", got ", t.stride(rank - 3));
     TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, name,
                 "'s data pointer must be 16-byte aligned");

@@ -6,6 +6,9 @@
 #   bash scripts/gpu_check.sh "$OUT"                 # everything
 #   bash scripts/gpu_check.sh "$OUT" build,test      # no benchmark
 #
+# FLASH_VARLEN_COMMIT=<sha> names the commit in the benchmark record when the copy of the tree
+# on the GPU machine cannot resolve it with git.
+#
 # The GPU machine has no network: the CUTLASS headers travel as the nvidia-cutlass wheel in
 # .whl/ (see README, "Developing"), installed here into a scratch folder, headers only.
 set -uo pipefail

@@ -1,0 +1,281 @@
+"""Shared helpers for the GPU accuracy tests: seeded batch builders, the tolerance rule, poisoning.
+
+The tolerance rule (design.md, "Testing rules"): the kernel's max error against a float32
+reference may be at most `factor` times the error of the same PyTorch math run in the input
+dtype, plus a tiny floor (half an ulp of the output dtype at the reference's largest
+magnitude). The bound scales with the data instead of hiding behind a loose constant.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+FORWARD_FACTOR = 2.0
+"""Forward outputs may be this many times less accurate than the input-dtype PyTorch math."""
+
+POISON_BYTE = 0xFF
+"""The all-ones bit pattern is a NaN in float16, bfloat16 and float32 alike."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Batches
+# ----------------------------------------------------------------------------------------------
+
+
+def cu_seqlens_from_lengths(lengths: Sequence[int], device: torch.device | str) -> torch.Tensor:
+    """Prefix sums of `lengths`: an int32 tensor of shape (batch + 1,) starting at 0."""
+    prefix = [0]
+    for length in lengths:
+        prefix.append(prefix[-1] + int(length))
+    return torch.tensor(prefix, dtype=torch.int32, device=device)
+
+
+def random_lengths(count: int, low: int, high: int, seed: int) -> list[int]:
+    """`count` sequence lengths drawn uniformly from [low, high] with a seeded CPU generator."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(low, high + 1, (count,), generator=generator).tolist()
+
+
+def seeded_randn(
+    shape: Sequence[int],
+    dtype: torch.dtype,
+    device: torch.device | str,
+    generator: torch.Generator,
+    scale: float = 1.0,
+) -> torch.Tensor:
+    """`scale * N(0, 1)` samples drawn in float32 from `generator`, then cast to `dtype`."""
+    values = torch.randn(tuple(shape), generator=generator, device=device, dtype=torch.float32)
+    return (values * scale).to(dtype)
+
+
+def device_generator(device: torch.device | str, seed: int) -> torch.Generator:
+    """A generator on `device` seeded with `seed`, so that a failing case reproduces exactly."""
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+@dataclass(frozen=True)
+class VarlenBatch:
+    """A packed batch of variable-length sequences.
+
+    q: (total_q, nheads, d); k, v: (total_k, nheads_k, d); cu_seqlens_q/k: (batch + 1,) int32.
+    """
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    cu_seqlens_q: torch.Tensor
+    cu_seqlens_k: torch.Tensor
+    max_seqlen_q: int
+    max_seqlen_k: int
+    seqlens_q: tuple[int, ...]
+    seqlens_k: tuple[int, ...]
+
+
+def make_varlen_batch(
+    seqlens_q: Sequence[int],
+    seqlens_k: Sequence[int],
+    nheads: int,
+    nheads_k: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    scale: float = 1.0,
+    seed: int = 0,
+) -> VarlenBatch:
+    """Random packed q, k, v for the given per-sequence lengths (entries scaled by `scale`).
+
+    max_seqlen_q/k are the longest lengths but at least 1: the API takes them as positive upper
+    bounds (an overestimate is allowed), even for a batch whose sequences are all empty.
+    """
+    if len(seqlens_q) != len(seqlens_k):
+        raise ValueError("seqlens_q and seqlens_k must describe the same number of sequences")
+    generator = device_generator(device, seed)
+    total_q, total_k = sum(seqlens_q), sum(seqlens_k)
+    q = seeded_randn((total_q, nheads, head_dim), dtype, device, generator, scale)
+    k = seeded_randn((total_k, nheads_k, head_dim), dtype, device, generator, scale)
+    v = seeded_randn((total_k, nheads_k, head_dim), dtype, device, generator, scale)
+    return VarlenBatch(
+        q=q,
+        k=k,
+        v=v,
+        cu_seqlens_q=cu_seqlens_from_lengths(seqlens_q, device),
+        cu_seqlens_k=cu_seqlens_from_lengths(seqlens_k, device),
+        max_seqlen_q=max(1, *seqlens_q),
+        max_seqlen_k=max(1, *seqlens_k),
+        seqlens_q=tuple(int(s) for s in seqlens_q),
+        seqlens_k=tuple(int(s) for s in seqlens_k),
+    )
+
+
+def make_fixed_batch(
+    batch: int,
+    seqlen_q: int,
+    seqlen_k: int,
+    nheads: int,
+    nheads_k: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    scale: float = 1.0,
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random q: (batch, seqlen_q, nheads, d) and k, v: (batch, seqlen_k, nheads_k, d)."""
+    generator = device_generator(device, seed)
+    q = seeded_randn((batch, seqlen_q, nheads, head_dim), dtype, device, generator, scale)
+    k = seeded_randn((batch, seqlen_k, nheads_k, head_dim), dtype, device, generator, scale)
+    v = seeded_randn((batch, seqlen_k, nheads_k, head_dim), dtype, device, generator, scale)
+    return q, k, v
+
+
+# ----------------------------------------------------------------------------------------------
+# Tolerance rule
+# ----------------------------------------------------------------------------------------------
+
+
+def _max_abs_error(
+    actual: torch.Tensor, expected: torch.Tensor, mask: Optional[torch.Tensor] = None
+) -> tuple[float, tuple[int, ...]]:
+    """Largest |actual - expected| (over `mask` if given) and the index where it occurs."""
+    error = (actual.float() - expected.float()).abs()
+    if mask is not None:
+        error = torch.where(mask, error, torch.zeros_like(error))
+    if error.numel() == 0:
+        return 0.0, ()
+    flat_index = int(error.argmax())
+    index = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat_index), error.shape))
+    return float(error.reshape(-1)[flat_index]), index
+
+
+def rounding_floor(actual: torch.Tensor, ref_fp32: torch.Tensor) -> float:
+    """The error bound of rounding the reference's largest magnitude once to `actual`'s dtype.
+
+    That is half an ulp: unit roundoff (eps / 2) times max |ref_fp32|. It covers the cases where
+    the input-dtype math happens to be exact (every row sees one key, say) while the kernel still
+    rounds its output once, and is too small to matter anywhere else.
+    """
+    if ref_fp32.numel() == 0:
+        return 0.0
+    unit_roundoff = torch.finfo(actual.dtype).eps / 2
+    return unit_roundoff * float(ref_fp32.abs().max())
+
+
+def assert_no_nan(actual: torch.Tensor, name: str) -> None:
+    """Fail, naming the first NaN position, if `actual` holds a NaN."""
+    nan = torch.isnan(actual)
+    if bool(nan.any()):
+        first = tuple(int(i) for i in nan.nonzero()[0])
+        raise AssertionError(
+            f"{name}: {int(nan.sum())} NaN of {actual.numel()} elements, first at {first}"
+        )
+
+
+def assert_within_tolerance(
+    actual: torch.Tensor,
+    ref_fp32: torch.Tensor,
+    ref_lowp: torch.Tensor,
+    factor: float,
+    name: str,
+    floor: Optional[float] = None,
+    mask: Optional[torch.Tensor] = None,
+) -> None:
+    """max|actual - ref_fp32| <= factor * max|ref_lowp - ref_fp32| + floor (over `mask` if given).
+
+    actual, ref_fp32, ref_lowp: tensors of one shape; ref_lowp is the same math in the input
+    dtype. floor defaults to `rounding_floor(actual, ref_fp32)`. Also fails on any NaN in `actual`.
+    """
+    if actual.shape != ref_fp32.shape or ref_lowp.shape != ref_fp32.shape:
+        raise AssertionError(
+            f"{name}: shapes differ: actual {tuple(actual.shape)}, "
+            f"ref_fp32 {tuple(ref_fp32.shape)}, ref_lowp {tuple(ref_lowp.shape)}"
+        )
+    assert_no_nan(actual, name)
+    if floor is None:
+        checked = ref_fp32 if mask is None else ref_fp32[mask]
+        floor = rounding_floor(actual, checked)
+    error, where = _max_abs_error(actual, ref_fp32, mask)
+    lowp_error, lowp_where = _max_abs_error(ref_lowp, ref_fp32, mask)
+    bound = factor * lowp_error + floor
+    if not error <= bound:
+        raise AssertionError(
+            f"{name}: max |actual - ref_fp32| = {error:.4e} at {where} "
+            f"(actual {float(actual[where]):.6g}, ref_fp32 {float(ref_fp32[where]):.6g}) "
+            f"exceeds {factor} x max |ref_lowp - ref_fp32| = {factor} x {lowp_error:.4e} "
+            f"(at {lowp_where}) + floor {floor:.2e} = {bound:.4e}"
+        )
+
+
+def assert_lse_within_tolerance(
+    actual: torch.Tensor,
+    ref_fp32: torch.Tensor,
+    ref_lowp: torch.Tensor,
+    factor: float,
+    name: str,
+    floor: Optional[float] = None,
+) -> None:
+    """The tolerance rule for a log-sum-exp tensor, whose rows without keys are -inf.
+
+    -inf must appear in `actual` exactly where it appears in `ref_fp32`; NaN and +inf never.
+    The finite entries follow `assert_within_tolerance`.
+    """
+    assert_no_nan(actual, name)
+    if bool(torch.isposinf(actual).any()):
+        first = tuple(int(i) for i in torch.isposinf(actual).nonzero()[0])
+        raise AssertionError(f"{name}: +inf at {first}")
+    actual_empty = torch.isneginf(actual)
+    ref_empty = torch.isneginf(ref_fp32)
+    mismatch = actual_empty != ref_empty
+    if bool(mismatch.any()):
+        first = tuple(int(i) for i in mismatch.nonzero()[0])
+        raise AssertionError(
+            f"{name}: -inf pattern differs from the reference in {int(mismatch.sum())} places, "
+            f"first at {first} (actual {float(actual[first])}, ref {float(ref_fp32[first])})"
+        )
+    assert_within_tolerance(actual, ref_fp32, ref_lowp, factor, name, floor, mask=~ref_empty)
+
+
+# ----------------------------------------------------------------------------------------------
+# Poisoning
+# ----------------------------------------------------------------------------------------------
+
+
+def poison_freed_blocks(nbytes: Sequence[int], device: torch.device | str) -> None:
+    """Leave freed blocks of the given sizes, filled with NaN bytes, in the caching allocator.
+
+    The API allocates its outputs itself, so they cannot be pre-filled. Instead this allocates
+    blocks of the outputs' sizes, fills them with NaN and frees them: the caching allocator
+    hands the same blocks to the next allocations of those sizes on this stream, so an element
+    that the kernel forgets to write reads back as NaN instead of a lucky leftover value.
+    """
+    blocks = [
+        torch.full((int(n),), POISON_BYTE, dtype=torch.uint8, device=device) for n in nbytes
+    ]
+    del blocks
+
+
+def output_nbytes(q: torch.Tensor, lse_numel: int) -> list[int]:
+    """Sizes in bytes of an attention call's outputs: out (like q) and float32 softmax_lse."""
+    lse_bytes = lse_numel * torch.finfo(torch.float32).bits // 8
+    return [q.numel() * q.element_size(), lse_bytes]
+
+
+def assert_all_written(out: torch.Tensor, lse: torch.Tensor, name: str) -> None:
+    """Every element of out is finite and every lse entry is finite or -inf.
+
+    Together with `poison_freed_blocks` this catches rows that the kernel never wrote.
+    """
+    if not bool(torch.isfinite(out).all()):
+        bad = ~torch.isfinite(out)
+        first = tuple(int(i) for i in bad.nonzero()[0])
+        raise AssertionError(
+            f"{name}: out has {int(bad.sum())} non-finite elements of {out.numel()}, "
+            f"first at {first}"
+        )
+    bad_lse = torch.isnan(lse) | torch.isposinf(lse)
+    if bool(bad_lse.any()):
+        first = tuple(int(i) for i in bad_lse.nonzero()[0])
+        raise AssertionError(
+            f"{name}: softmax_lse has {int(bad_lse.sum())} NaN/+inf entries, first at {first}"
+        )
