@@ -45,7 +45,13 @@ from benchmarks.impls import (  # noqa: E402
     prepare_ours,
     prepare_varlen_attn,
 )
-from benchmarks.workloads import HEAD_LAYOUTS, WORKLOAD_NAMES, Workload, make_workload  # noqa: E402
+from benchmarks.workloads import (  # noqa: E402
+    HEAD_LAYOUTS,
+    TARGET_LAYOUTS,
+    WORKLOAD_NAMES,
+    Workload,
+    make_workload,
+)
 
 EXIT_NO_GPU = 2
 INPUT_SEED = 1234
@@ -76,9 +82,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--out", type=Path, required=True,
                         help="JSON file to write; the Markdown table goes next to it (.md)")
-    for flag, choices in (("--workloads", WORKLOAD_NAMES), ("--layouts", tuple(HEAD_LAYOUTS))):
-        parser.add_argument(flag, type=_name_list(choices), default=list(choices),
-                            help=f"comma-separated subset of {','.join(choices)} (default: all)")
+    parser.add_argument("--workloads", type=_name_list(WORKLOAD_NAMES),
+                        default=list(WORKLOAD_NAMES),
+                        help=f"comma-separated subset of {','.join(WORKLOAD_NAMES)} (default: all)")
+    parser.add_argument("--layouts", type=_name_list(tuple(HEAD_LAYOUTS)),
+                        default=list(TARGET_LAYOUTS),
+                        help=f"comma-separated subset of {','.join(HEAD_LAYOUTS)} "
+                        f"(default: {','.join(TARGET_LAYOUTS)}, the layouts of targets.md)")
     parser.add_argument("--causal", choices=tuple(CAUSAL_CHOICES), default="both",
                         help="causal masking: both (default), on or off")
     parser.add_argument("--impl", type=_name_list(IMPL_NAMES), default=list(IMPL_NAMES),

@@ -105,9 +105,10 @@ def format_markdown(meta: dict[str, Any], header: list[str], body: list[list[str
         f"- torch {meta['torch']}, triton {meta['triton']}",
         f"- commit: {meta['git_commit']}{dirty}",
         f"- command: `{meta['command']}`",
-        "- bf16, 32,768 packed tokens, d = 128; mha = 16/16 heads, gqa = 32/8 heads; TFLOP/s of "
-        "useful work (targets.md), median of triton.testing.do_bench after a warm-up; every "
-        "output checked against a float64 reference before timing.",
+        "- bf16, 32,768 packed tokens; mha = 16/16 heads d = 128, gqa = 32/8 heads d = 128, "
+        "mha_dN = 16/16 heads d = N; TFLOP/s of useful work (targets.md), median of "
+        "triton.testing.do_bench after a warm-up; every output checked against a float64 "
+        "reference before timing.",
         "",
         "| " + " | ".join(header) + " |",
         "| " + " | ".join("---" for _ in header) + " |",

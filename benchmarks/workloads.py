@@ -50,7 +50,13 @@ class HeadLayout:
 HEAD_LAYOUTS = {
     "mha": HeadLayout("mha", nheads_q=16, nheads_kv=16, head_dim=128),
     "gqa": HeadLayout("gqa", nheads_q=32, nheads_kv=8, head_dim=128),
+    # Not in targets.md: the other head-dim buckets, 16 heads each, run only when asked for.
+    "mha_d64": HeadLayout("mha_d64", nheads_q=16, nheads_kv=16, head_dim=64),
+    "mha_d96": HeadLayout("mha_d96", nheads_q=16, nheads_kv=16, head_dim=96),
+    "mha_d192": HeadLayout("mha_d192", nheads_q=16, nheads_kv=16, head_dim=192),
+    "mha_d256": HeadLayout("mha_d256", nheads_q=16, nheads_kv=16, head_dim=256),
 }
+TARGET_LAYOUTS = ("mha", "gqa")  # the head layouts of targets.md: the default rows
 
 
 def unmasked_pairs(lengths: tuple[int, ...], causal: bool) -> int:

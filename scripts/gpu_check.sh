@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: build the extension with all cores, run the tests, run the
-# benchmark, and leave logs and JSON in the folder given as $1. Stages can be picked with $2
-# (comma list of build,test,bench; default all) so that a call fits the device's time limit.
+# benchmark, and leave logs and JSON in the folder given as $1. Stages are picked with $2, a comma
+# list of build, test, bench, bench_head_dims, memcheck, narrowed (default build,test,bench), so
+# that a call fits the device's time limit.
 #
-#   bash scripts/gpu_check.sh "$OUT"                 # everything
+#   bash scripts/gpu_check.sh "$OUT"                 # build, tests, targets.md benchmark
 #   bash scripts/gpu_check.sh "$OUT" build,test      # no benchmark
 #
 # FLASH_VARLEN_COMMIT=<sha> names the commit in the benchmark record when the copy of the tree
@@ -13,7 +14,7 @@
 # .whl/ (see README, "Developing"), installed here into a scratch folder, headers only.
 set -uo pipefail
 
-out_dir=${1:?usage: gpu_check.sh OUT_DIR [build,test,bench]}
+out_dir=${1:?usage: gpu_check.sh OUT_DIR [stages]}
 stages=${2:-build,test,bench}
 mkdir -p "$out_dir"
 export PYTHONUNBUFFERED=1
@@ -48,7 +49,46 @@ if has_stage bench; then
     python3 benchmarks/bench_forward.py --out "$out_dir/bench.json" > "$out_dir/bench.log" 2>&1
     rc=$?
     echo "bench rc=$rc" | tee -a "$out_dir/summary.txt"
-    tail -30 "$out_dir/bench.log"
+    tail -16 "$out_dir/bench.log"
+    [ $rc -ne 0 ] && status=$rc
+fi
+
+if has_stage bench_head_dims; then
+    # The other head-dim buckets (not in targets.md) against PyTorch's varlen_attn.
+    python3 benchmarks/bench_forward.py --out "$out_dir/bench_head_dims.json" \
+        --workloads docs,equal2k --layouts mha_d64,mha_d96,mha_d192,mha_d256 \
+        --impl ours,varlen_attn > "$out_dir/bench_head_dims.log" 2>&1
+    rc=$?
+    echo "bench_head_dims rc=$rc" | tee -a "$out_dir/summary.txt"
+    tail -20 "$out_dir/bench_head_dims.log"
+    [ $rc -ne 0 ] && status=$rc
+fi
+
+if has_stage memcheck; then
+    # Tiles that hang past the ends of exactly-sized tensors, under the memory checker.
+    compute-sanitizer --tool memcheck --error-exitcode 1 python3 scripts/memcheck_forward.py \
+        > "$out_dir/memcheck.log" 2>&1
+    rc=$?
+    echo "memcheck rc=$rc: $(grep -E 'ERROR SUMMARY|memcheck cases' "$out_dir/memcheck.log" | tr '\n' ' ')" \
+        | tee -a "$out_dir/summary.txt"
+    [ $rc -ne 0 ] && status=$rc
+fi
+
+if has_stage narrowed; then
+    # A development build narrowed to one kernel pair must refuse every other (dtype, bucket)
+    # with NotImplementedError (the full build skips that test). Built in a scratch copy so the
+    # full in-place build stays.
+    scratch=/tmp/flash_varlen_narrowed
+    rm -rf "$scratch" && mkdir -p "$scratch"
+    cp -r setup.py pyproject.toml csrc flash_varlen tests "$scratch"/
+    rm -f "$scratch"/flash_varlen/_C*.so
+    (cd "$scratch" && FLASH_VARLEN_DTYPES=bf16 FLASH_VARLEN_HEAD_DIMS=128 FLASH_VARLEN_ARCHS=90 \
+        python3 setup.py build_ext --inplace > "$out_dir/narrowed_build.log" 2>&1 &&
+        python3 -m pytest tests/test_forward_gpu.py -q -rs -p no:cacheprovider \
+            -k "missing_kernels or d128-causal-q113k203-mha" \
+            > "$out_dir/narrowed_tests.log" 2>&1)
+    rc=$?
+    echo "narrowed rc=$rc: $(tail -1 "$out_dir/narrowed_tests.log")" | tee -a "$out_dir/summary.txt"
     [ $rc -ne 0 ] && status=$rc
 fi
 exit $status
