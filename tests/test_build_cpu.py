@@ -101,3 +101,16 @@ def test_extension_rejects_wrong_dtype_before_device():
     cu = torch.tensor([0, 8], dtype=torch.int32)
     with pytest.raises(RuntimeError, match="q must be float16 or bfloat16"):
         ext.varlen_fwd(q, q, q, cu, cu, 8, 8, 0.125, False)
+
+
+def test_extension_messages_format_numbers():
+    """Shape errors carry numbers. Formatting them must not crash (error_message.h says why this
+    once segfaulted on the GPU build machine) and must read naturally."""
+    ext = built_extension()
+    q2d = torch.randn(8, 64).to(torch.bfloat16)
+    cu = torch.tensor([0, 8], dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="q must have 3 dimensions, got 2"):
+        ext.varlen_fwd(q2d, q2d, q2d, cu, cu, 8, 8, 0.125, False)
+    strided = torch.randn(8, 2, 128).to(torch.bfloat16)[..., ::2]
+    with pytest.raises(RuntimeError, match=r"contiguous last dimension \(stride 1\), got 2"):
+        ext.varlen_fwd(strided, strided, strided, cu, cu, 8, 8, 0.125, False)
