@@ -23,7 +23,8 @@ using namespace cute;
 // src, dst: (CPY, CPY_ROWS, CPY_COLS) partitions; coords: the same partition of an identity tensor.
 template <typename TiledCopy, typename Src, typename Dst, typename Coords, typename ColValid>
 __device__ void copy_tile_zero_fill(const TiledCopy& tiled_copy, const Src& src, Dst&& dst,
-                                    const Coords& coords, const ColValid& col_valid, int row_limit) {
+                                    const Coords& coords, const ColValid& col_valid,
+                                    int row_limit) {
     CUTE_UNROLL
     for (int m = 0; m < size<1>(src); ++m) {
         const bool row_valid = get<0>(coords(0, m, 0)) < row_limit;
@@ -78,7 +79,8 @@ struct FlashFwdRowBlock {
             return row_tile<kBlockN, kHeadDim>(base, n_block, row_stride);  // (BN, D)
         };
 
-        Tensor sQ = make_tensor(make_smem_ptr(reinterpret_cast<Element*>(smem)), typename Traits::SmemLayoutQ{});
+        Tensor sQ = make_tensor(make_smem_ptr(reinterpret_cast<Element*>(smem)),
+                                typename Traits::SmemLayoutQ{});
         Tensor sK = make_tensor(sQ.data() + size(sQ), typename Traits::SmemLayoutKV{});
         Tensor sV = make_tensor(sK.data() + size(sK), typename Traits::SmemLayoutKV{});
         Tensor sVt = make_tensor(sV.data(), typename Traits::SmemLayoutVt{});
@@ -86,9 +88,11 @@ struct FlashFwdRowBlock {
 
         typename Traits::TiledMma tiled_mma;
         auto thr_mma = tiled_mma.get_thread_slice(tidx);
-        Tensor acc_o = partition_fragment_C(tiled_mma, Shape<Int<kBlockM>, Int<kHeadDim>>{});  // (MMA, MMA_M, MMA_D)
+        Tensor acc_o = partition_fragment_C(
+            tiled_mma, Shape<Int<kBlockM>, Int<kHeadDim>>{});  // (MMA, MMA_M, MMA_D)
         clear(acc_o);
-        constexpr int kRowsPerThread = decltype(size<0>(accumulator_as_rows_cols(acc_o.layout())))::value;
+        constexpr int kRowsPerThread =
+            decltype(size<0>(accumulator_as_rows_cols(acc_o.layout())))::value;
         OnlineSoftmax<kRowsPerThread> softmax;
 
         // Columns past the real head dim (d smaller than the bucket) are zero-filled on load and
@@ -109,18 +113,20 @@ struct FlashFwdRowBlock {
             Tensor tKsK = gmem_thr_copy.partition_D(sK);  // (CPY, CPY_N, CPY_D)
             Tensor tVsV = gmem_thr_copy.partition_D(sV);
             auto load_k = [&](int n_block) {
-                copy_tile_zero_fill(gmem_tiled_copy,
-                                    gmem_thr_copy.partition_S(key_tile(k_base, params.k_row_stride, n_block)),
-                                    tKsK, tKVcKV, col_valid, rows_left_k(n_block));
+                copy_tile_zero_fill(
+                    gmem_tiled_copy,
+                    gmem_thr_copy.partition_S(key_tile(k_base, params.k_row_stride, n_block)), tKsK,
+                    tKVcKV, col_valid, rows_left_k(n_block));
             };
             auto load_v = [&](int n_block) {
-                copy_tile_zero_fill(gmem_tiled_copy,
-                                    gmem_thr_copy.partition_S(key_tile(v_base, params.v_row_stride, n_block)),
-                                    tVsV, tKVcKV, col_valid, rows_left_k(n_block));
+                copy_tile_zero_fill(
+                    gmem_tiled_copy,
+                    gmem_thr_copy.partition_S(key_tile(v_base, params.v_row_stride, n_block)), tVsV,
+                    tKVcKV, col_valid, rows_left_k(n_block));
             };
 
-            Tensor tSrQ = thr_mma.partition_fragment_A(sQ);            // (MMA, MMA_M, MMA_D)
-            Tensor tSrK = thr_mma.partition_fragment_B(sK);            // (MMA, MMA_N, MMA_D)
+            Tensor tSrQ = thr_mma.partition_fragment_A(sQ);             // (MMA, MMA_M, MMA_D)
+            Tensor tSrK = thr_mma.partition_fragment_B(sK);             // (MMA, MMA_N, MMA_D)
             Tensor tOrVt = thr_mma.partition_fragment_B(sVtNoSwizzle);  // (MMA, MMA_D, MMA_N)
 
             auto smem_tiled_copy_q = make_tiled_copy_A(typename Traits::SmemCopyAtom{}, tiled_mma);
@@ -129,7 +135,8 @@ struct FlashFwdRowBlock {
             auto smem_tiled_copy_k = make_tiled_copy_B(typename Traits::SmemCopyAtom{}, tiled_mma);
             auto smem_thr_copy_k = smem_tiled_copy_k.get_thread_slice(tidx);
             Tensor tSsK = smem_thr_copy_k.partition_S(sK);
-            auto smem_tiled_copy_v = make_tiled_copy_B(typename Traits::SmemCopyAtomTransposed{}, tiled_mma);
+            auto smem_tiled_copy_v =
+                make_tiled_copy_B(typename Traits::SmemCopyAtomTransposed{}, tiled_mma);
             auto smem_thr_copy_v = smem_tiled_copy_v.get_thread_slice(tidx);
             Tensor tOsVt = smem_thr_copy_v.partition_S(sVt);
 
@@ -142,17 +149,20 @@ struct FlashFwdRowBlock {
             // One key block. While S = Q K^T runs, V of this block streams in; while P V runs, K
             // of the next block does: each wait below covers exactly the copy the next GEMM needs.
             auto process_key_block = [&](int n_block, auto apply_mask) {
-                Tensor acc_s = partition_fragment_C(tiled_mma, Shape<Int<kBlockM>, Int<kBlockN>>{});  // (MMA, MMA_M, MMA_N)
+                Tensor acc_s = partition_fragment_C(
+                    tiled_mma, Shape<Int<kBlockM>, Int<kBlockN>>{});  // (MMA, MMA_M, MMA_N)
                 clear(acc_s);
                 cp_async_wait<0>();
-                __syncthreads();  // K(n_block) landed, and every warp is done reading V(n_block + 1)
+                __syncthreads();  // K(n_block) landed, and every warp is done reading V(n_block +
+                                  // 1)
                 load_v(n_block);
                 cp_async_fence();
 
                 gemm_smem_smem(tiled_mma, acc_s, tSrQ, tSrK, tSsQ, tSsK, smem_tiled_copy_q,
                                smem_tiled_copy_k, smem_thr_copy_q, smem_thr_copy_k);
                 if constexpr (decltype(apply_mask)::value) {
-                    mask.template apply<Traits::kNWarps>(acc_s, m_block * kBlockM, n_block * kBlockN);
+                    mask.template apply<Traits::kNWarps>(acc_s, m_block * kBlockM,
+                                                         n_block * kBlockN);
                 }
 
                 cp_async_wait<0>();
@@ -164,7 +174,9 @@ struct FlashFwdRowBlock {
 
                 softmax.update(acc_s, acc_o, params.softmax_scale_log2);
                 Tensor rP = convert_fragment<Element>(acc_s);
-                Tensor tOrP = make_tensor(rP.data(), accumulator_as_a_operand(rP.layout()));  // ((4, 2), MMA_M, MMA_N / 2)
+                Tensor tOrP = make_tensor(
+                    rP.data(),
+                    accumulator_as_a_operand(rP.layout()));  // ((4, 2), MMA_M, MMA_N / 2)
                 gemm_reg_smem(tiled_mma, acc_o, tOrP, tOrVt, tOsVt, smem_tiled_copy_v,
                               smem_thr_copy_v);
             };
@@ -187,7 +199,7 @@ struct FlashFwdRowBlock {
         Tensor sO = make_tensor(sQ.data(), typename Traits::SmemLayoutO{});
         auto smem_tiled_copy_o = make_tiled_copy_C(typename Traits::SmemCopyAtomO{}, tiled_mma);
         auto smem_thr_copy_o = smem_tiled_copy_o.get_thread_slice(tidx);
-        Tensor taccOrO = smem_thr_copy_o.retile_S(rO);   // (CPY, CPY_M, CPY_D)
+        Tensor taccOrO = smem_thr_copy_o.retile_S(rO);  // (CPY, CPY_M, CPY_D)
         Tensor taccOsO = smem_thr_copy_o.partition_D(sO);
         // Every warp passed the last barrier of the main loop after its final read of sQ, so sQ
         // can be overwritten without another barrier here.
@@ -225,7 +237,8 @@ struct FlashFwdRowBlock {
     __device__ static void write_lse(const FlashFwdParams& params, const SeqlenInfo& seq,
                                      const Lse& lse, const ThrMma& thr_mma, int batch, int head,
                                      int m_block, int rows_left_q) {
-        Tensor coords = thr_mma.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{}));
+        Tensor coords =
+            thr_mma.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{}));
         Tensor coords_rc = make_tensor(coords.data(), accumulator_as_rows_cols(coords.layout()));
         if (get<1>(coords_rc(0, 0)) != 0) return;
         float* lse_base = params.softmax_lse_ptr + head * params.lse_head_stride +

@@ -32,8 +32,8 @@ struct FlashFwdParams {
 
     int batch;
     int nheads;
-    int nheads_k;      // nheads % nheads_k == 0; query head h reads kv head h / (nheads / nheads_k)
-    int head_dim;      // the real head dim; the kernel's tile width is the bucket >= head_dim
+    int nheads_k;  // nheads % nheads_k == 0; query head h reads kv head h / (nheads / nheads_k)
+    int head_dim;  // the real head dim; the kernel's tile width is the bucket >= head_dim
     // Fixed length: the uniform lengths. Varlen: upper bounds of the lengths (they size the grid).
     int seqlen_q;
     int seqlen_k;

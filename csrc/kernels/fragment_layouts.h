@@ -2,8 +2,9 @@
 // rows and columns and the probabilities can feed the second GEMM without leaving registers.
 #pragma once
 
-#include <cute/tensor.hpp>
 #include <cutlass/numeric_conversion.h>
+
+#include <cute/tensor.hpp>
 
 namespace flash_varlen {
 
@@ -40,8 +41,8 @@ __device__ auto convert_fragment(const Tensor<Engine, Layout>& src) {
     constexpr int kSize = decltype(size(src))::value;
     Tensor dst = make_tensor<To>(src.layout());
     cutlass::NumericArrayConverter<To, From, kSize> convert;
-    *reinterpret_cast<cutlass::Array<To, kSize>*>(raw_pointer_cast(dst.data())) =
-        convert(*reinterpret_cast<const cutlass::Array<From, kSize>*>(raw_pointer_cast(src.data())));
+    *reinterpret_cast<cutlass::Array<To, kSize>*>(raw_pointer_cast(dst.data())) = convert(
+        *reinterpret_cast<const cutlass::Array<From, kSize>*>(raw_pointer_cast(src.data())));
     return dst;
 }
 

@@ -2,10 +2,11 @@
 // copy atoms, derived from (element type, head-dim bucket, block sizes, warps).
 #pragma once
 
-#include <cute/tensor.hpp>
-#include <cute/atom/mma_atom.hpp>
-#include <cute/atom/copy_atom.hpp>
 #include <cutlass/numeric_types.h>
+
+#include <cute/atom/copy_atom.hpp>
+#include <cute/atom/mma_atom.hpp>
+#include <cute/tensor.hpp>
 
 namespace flash_varlen {
 
@@ -27,8 +28,8 @@ struct FwdKernelTraits {
                                        MMA_Atom<SM80_16x8x16_F32BF16BF16F32_TN>>;
     // Warps are stacked along M only: every row of S lives inside one warp, so the softmax needs
     // only quad shuffles, never shared memory.
-    using TiledMma = TiledMMA<MmaAtom, Layout<Shape<Int<kNWarps>, _1, _1>>,
-                              Tile<Int<16 * kNWarps>, _16, _16>>;
+    using TiledMma =
+        TiledMMA<MmaAtom, Layout<Shape<Int<kNWarps>, _1, _1>>, Tile<Int<16 * kNWarps>, _16, _16>>;
 
     // Shared-memory rows are stored in chunks of 64 elements (128 bytes) when the head dim allows,
     // XOR-swizzled in 16-byte units so that both the 16-byte cp.async writes of a row and the
@@ -38,8 +39,10 @@ struct FwdKernelTraits {
     using SmemLayoutAtom = decltype(composition(
         Swizzle<kSwizzleBits, 3, 3>{},
         Layout<Shape<_8, Int<kSmemRowChunk>>, Stride<Int<kSmemRowChunk>, _1>>{}));
-    using SmemLayoutQ = decltype(tile_to_shape(SmemLayoutAtom{}, Shape<Int<kBlockM>, Int<kHeadDim>>{}));
-    using SmemLayoutKV = decltype(tile_to_shape(SmemLayoutAtom{}, Shape<Int<kBlockN>, Int<kHeadDim>>{}));
+    using SmemLayoutQ =
+        decltype(tile_to_shape(SmemLayoutAtom{}, Shape<Int<kBlockM>, Int<kHeadDim>>{}));
+    using SmemLayoutKV =
+        decltype(tile_to_shape(SmemLayoutAtom{}, Shape<Int<kBlockN>, Int<kHeadDim>>{}));
     // V read as V^T (head_dim, kBlockN) for O += P V, without moving it: ldmatrix.trans does it.
     using SmemLayoutVt = decltype(composition(
         SmemLayoutKV{}, make_layout(Shape<Int<kHeadDim>, Int<kBlockN>>{}, GenRowMajor{})));
@@ -57,14 +60,16 @@ struct FwdKernelTraits {
     static constexpr int kGmemElemsPerAccess = 16 / sizeof(Element);
     static constexpr int kGmemThreadsPerRow = kSmemRowChunk / kGmemElemsPerAccess;
     static_assert(kNThreads % kGmemThreadsPerRow == 0, "threads must tile the rows");
-    using GmemThreadLayout = Layout<Shape<Int<kNThreads / kGmemThreadsPerRow>, Int<kGmemThreadsPerRow>>,
-                                    Stride<Int<kGmemThreadsPerRow>, _1>>;
+    using GmemThreadLayout =
+        Layout<Shape<Int<kNThreads / kGmemThreadsPerRow>, Int<kGmemThreadsPerRow>>,
+               Stride<Int<kGmemThreadsPerRow>, _1>>;
     using GmemValueLayout = Layout<Shape<_1, Int<kGmemElemsPerAccess>>>;
     using GmemTiledCopyQKV = decltype(make_tiled_copy(
-        Copy_Atom<SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<cute::uint128_t>, Element>{},
-        GmemThreadLayout{}, GmemValueLayout{}));
-    using GmemTiledCopyO = decltype(make_tiled_copy(
-        Copy_Atom<UniversalCopy<cute::uint128_t>, Element>{}, GmemThreadLayout{}, GmemValueLayout{}));
+        Copy_Atom<SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<cute::uint128_t>, Element>{}, GmemThreadLayout{},
+        GmemValueLayout{}));
+    using GmemTiledCopyO =
+        decltype(make_tiled_copy(Copy_Atom<UniversalCopy<cute::uint128_t>, Element>{},
+                                 GmemThreadLayout{}, GmemValueLayout{}));
 
     static constexpr int kSmemBytes = (kBlockM + 2 * kBlockN) * kHeadDim * int(sizeof(Element));
 };
@@ -76,14 +81,24 @@ template <typename Element, int kHeadDim>
 struct FwdTileConfig;
 
 template <typename Element>
-struct FwdTileConfig<Element, 64> { using Traits = FwdKernelTraits<Element, 64, 128, 128, 4>; };
+struct FwdTileConfig<Element, 64> {
+    using Traits = FwdKernelTraits<Element, 64, 128, 128, 4>;
+};
 template <typename Element>
-struct FwdTileConfig<Element, 96> { using Traits = FwdKernelTraits<Element, 96, 128, 64, 4>; };
+struct FwdTileConfig<Element, 96> {
+    using Traits = FwdKernelTraits<Element, 96, 128, 64, 4>;
+};
 template <typename Element>
-struct FwdTileConfig<Element, 128> { using Traits = FwdKernelTraits<Element, 128, 128, 64, 4>; };
+struct FwdTileConfig<Element, 128> {
+    using Traits = FwdKernelTraits<Element, 128, 128, 64, 4>;
+};
 template <typename Element>
-struct FwdTileConfig<Element, 192> { using Traits = FwdKernelTraits<Element, 192, 128, 64, 8>; };
+struct FwdTileConfig<Element, 192> {
+    using Traits = FwdKernelTraits<Element, 192, 128, 64, 8>;
+};
 template <typename Element>
-struct FwdTileConfig<Element, 256> { using Traits = FwdKernelTraits<Element, 256, 128, 64, 8>; };
+struct FwdTileConfig<Element, 256> {
+    using Traits = FwdKernelTraits<Element, 256, 128, 64, 8>;
+};
 
 }  // namespace flash_varlen

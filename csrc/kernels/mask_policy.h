@@ -15,7 +15,8 @@ struct MaskPolicy {
     int seqlen_q;
     int seqlen_k;
 
-    __device__ MaskPolicy(int seqlen_q_, int seqlen_k_) : seqlen_q(seqlen_q_), seqlen_k(seqlen_k_) {}
+    __device__ MaskPolicy(int seqlen_q_, int seqlen_k_)
+        : seqlen_q(seqlen_q_), seqlen_k(seqlen_k_) {}
 
     // One past the last key block that any row of row block m_block can see. Zero or less means
     // the whole row block sees no key.
@@ -25,7 +26,8 @@ struct MaskPolicy {
         if constexpr (!kIsCausal) {
             return all_blocks;
         } else {
-            // The last row of the block sees keys up to (m_block + 1) * kBlockM - 1 + seqlen_k - seqlen_q.
+            // The last row of the block sees keys up to (m_block + 1) * kBlockM - 1 + seqlen_k -
+            // seqlen_q.
             const int last_visible_key_plus_one = (m_block + 1) * kBlockM + seqlen_k - seqlen_q;
             if (last_visible_key_plus_one <= 0) return 0;
             return min(all_blocks, cute::ceil_div(last_visible_key_plus_one, kBlockN));
@@ -35,7 +37,8 @@ struct MaskPolicy {
     // How many key blocks, counted down from key_block_end - 1, may hold a masked pair for some
     // valid row. The highest block may run past seqlen_k. With causal masking the diagonal of a
     // kBlockM-row block spans kBlockM - 1 key columns, which touch at most
-    // ceil(kBlockM / kBlockN) + 1 key blocks, the highest of them the one key_block_end points past.
+    // ceil(kBlockM / kBlockN) + 1 key blocks, the highest of them the one key_block_end points
+    // past.
     template <int kBlockM, int kBlockN>
     __device__ static constexpr int masked_block_count() {
         return kIsCausal ? cute::ceil_div(kBlockM, kBlockN) + 1 : 1;
@@ -47,12 +50,13 @@ struct MaskPolicy {
     // across the main loop: a hoisted coordinate tensor costs two registers per score.
     template <int kNWarps, typename ScoreTensor>
     __device__ void apply(ScoreTensor& acc_s, int row0, int col0) const {
-        constexpr int kMmaRows = 16;           // rows of one MMA tile (a warp's share of a row slab)
-        constexpr int kMmaCols = 8;            // columns of one MMA tile
-        constexpr int kRowHalf = 8;            // a thread holds rows r and r + 8 of its tile
-        constexpr int kThreadsPerRow = 4;      // a quad of lanes shares a row, 2 columns each
+        constexpr int kMmaRows = 16;       // rows of one MMA tile (a warp's share of a row slab)
+        constexpr int kMmaCols = 8;        // columns of one MMA tile
+        constexpr int kRowHalf = 8;        // a thread holds rows r and r + 8 of its tile
+        constexpr int kThreadsPerRow = 4;  // a quad of lanes shares a row, 2 columns each
         constexpr int kColsPerThread = 2;
-        Tensor scores = make_tensor(acc_s.data(), accumulator_as_rows_cols(acc_s.layout()));  // ((2, MMA_M), (2, MMA_N))
+        Tensor scores = make_tensor(
+            acc_s.data(), accumulator_as_rows_cols(acc_s.layout()));  // ((2, MMA_M), (2, MMA_N))
         const int lane = threadIdx.x % 32;
         const int warp = threadIdx.x / 32;
         const int thread_row = row0 + warp * kMmaRows + lane / kThreadsPerRow;

@@ -10,7 +10,7 @@ namespace flash_varlen {
 
 struct SeqlenInfo {
     bool is_varlen;
-    int q_start;   // first token of the sequence in the packed q (0 in the fixed-length layout)
+    int q_start;  // first token of the sequence in the packed q (0 in the fixed-length layout)
     int k_start;
     int seqlen_q;
     int seqlen_k;
