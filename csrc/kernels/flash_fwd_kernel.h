@@ -255,10 +255,9 @@ template <typename Traits, bool kIsCausal>
 __global__ void __launch_bounds__(Traits::kNThreads)
     flash_fwd_kernel(const __grid_constant__ FlashFwdParams params) {
     extern __shared__ __align__(128) char smem[];
-    // With causal masking later row blocks see more keys: launch them first (longest job first),
-    // so the short ones fill the tail of the wave instead of leaving SMs idle at the end.
-    const int m_block = kIsCausal ? int(gridDim.x) - 1 - int(blockIdx.x) : int(blockIdx.x);
-    FlashFwdRowBlock<Traits, kIsCausal>::run(params, smem, m_block, blockIdx.y, blockIdx.z);
+    // Row blocks run in natural order. Launching the longest causal row blocks first was tried
+    // and measured (benchmarks/NOTES.md): no gain on docs or equal2k, 1.5-2% slower on short.
+    FlashFwdRowBlock<Traits, kIsCausal>::run(params, smem, blockIdx.x, blockIdx.y, blockIdx.z);
 }
 
 }  // namespace flash_varlen
