@@ -75,9 +75,6 @@ struct FlashFwdRowBlock {
         // In-tile offsets use 32-bit strides (the host checks row strides fit) so that a copy's
         // addresses cost one 64-bit base per tile instead of one 64-bit register per row.
         Tensor gQ = row_tile<kBlockM, kHeadDim>(q_base, m_block, params.q_row_stride);  // (BM, D)
-        auto key_tile = [&](const Element* base, int64_t row_stride, int n_block) {
-            return row_tile<kBlockN, kHeadDim>(base, n_block, row_stride);  // (BN, D)
-        };
 
         Tensor sQ = make_tensor(make_smem_ptr(reinterpret_cast<Element*>(smem)),
                                 typename Traits::SmemLayoutQ{});
@@ -109,20 +106,20 @@ struct FlashFwdRowBlock {
             Tensor tQgQ = gmem_thr_copy.partition_S(gQ);  // (CPY, CPY_M, CPY_D)
             Tensor tQsQ = gmem_thr_copy.partition_D(sQ);
             const int rows_left_q = seq.seqlen_q - m_block * kBlockM;
-            auto rows_left_k = [&](int n_block) { return seq.seqlen_k - n_block * kBlockN; };
             Tensor tKsK = gmem_thr_copy.partition_D(sK);  // (CPY, CPY_N, CPY_D)
             Tensor tVsV = gmem_thr_copy.partition_D(sV);
+            // Key block n_block of K or V (base, row_stride) into its shared-memory tile.
+            auto load_key_block = [&](const Element* base, int64_t row_stride, auto& smem_tile,
+                                      int n_block) {
+                Tensor g_tile = row_tile<kBlockN, kHeadDim>(base, n_block, row_stride);  // (BN, D)
+                copy_tile_zero_fill(gmem_tiled_copy, gmem_thr_copy.partition_S(g_tile), smem_tile,
+                                    tKVcKV, col_valid, seq.seqlen_k - n_block * kBlockN);
+            };
             auto load_k = [&](int n_block) {
-                copy_tile_zero_fill(
-                    gmem_tiled_copy,
-                    gmem_thr_copy.partition_S(key_tile(k_base, params.k_row_stride, n_block)), tKsK,
-                    tKVcKV, col_valid, rows_left_k(n_block));
+                load_key_block(k_base, params.k_row_stride, tKsK, n_block);
             };
             auto load_v = [&](int n_block) {
-                copy_tile_zero_fill(
-                    gmem_tiled_copy,
-                    gmem_thr_copy.partition_S(key_tile(v_base, params.v_row_stride, n_block)), tVsV,
-                    tKVcKV, col_valid, rows_left_k(n_block));
+                load_key_block(v_base, params.v_row_stride, tVsV, n_block);
             };
 
             Tensor tSrQ = thr_mma.partition_fragment_A(sQ);             // (MMA, MMA_M, MMA_D)
@@ -152,9 +149,9 @@ struct FlashFwdRowBlock {
                 Tensor acc_s = partition_fragment_C(
                     tiled_mma, Shape<Int<kBlockM>, Int<kBlockN>>{});  // (MMA, MMA_M, MMA_N)
                 clear(acc_s);
+                // K(n_block) landed, and every warp is done reading V(n_block + 1).
                 cp_async_wait<0>();
-                __syncthreads();  // K(n_block) landed, and every warp is done reading V(n_block +
-                                  // 1)
+                __syncthreads();
                 load_v(n_block);
                 cp_async_fence();
 
@@ -205,6 +202,9 @@ struct FlashFwdRowBlock {
         // can be overwritten without another barrier here.
         copy(smem_tiled_copy_o, taccOrO, taccOsO);
 
+        // Recomputed rather than kept from the prologue: holding it across the main loop costs a
+        // register there (cuobjdump, bf16 d = 128 causal sm_90: 89 local-memory instructions
+        // instead of 58).
         const int rows_left_q = seq.seqlen_q - m_block * kBlockM;
         write_lse(params, seq, lse, thr_mma, batch, head, m_block, rows_left_q);
 
