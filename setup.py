@@ -67,8 +67,8 @@ def kernel_sources() -> list[str]:
     dtypes = env_list("FLASH_VARLEN_DTYPES", ALL_DTYPES)
     head_dims = env_list("FLASH_VARLEN_HEAD_DIMS", ALL_HEAD_DIMS)
     selected = []
-    for path in sorted((CSRC / "instantiations").glob("flash_fwd_*.cu")):
-        # flash_fwd_sm80_<dtype>_hdim<N>[_causal].cu
+    for path in sorted((CSRC / "instantiations").glob("flash_*.cu")):
+        # flash_<fwd|bwd>_sm80_<dtype>_hdim<N>[_causal].cu
         parts = path.stem.split("_")
         dtype, head_dim = parts[3], parts[4].removeprefix("hdim")
         if dtype in dtypes and head_dim in head_dims:
@@ -105,7 +105,8 @@ def extensions() -> tuple[list, dict]:
     include = cutlass_include_dir()
     ext = CUDAExtension(
         name="flash_varlen._C",
-        sources=["csrc/flash_api.cpp", "csrc/kernels/kernel_registry.cpp", *kernel_sources()],
+        sources=[*sorted(str(p.relative_to(ROOT)) for p in CSRC.glob("*.cpp")),
+                 "csrc/kernels/kernel_registry.cpp", *kernel_sources()],
         include_dirs=[str(CSRC), str(include)],
         extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": nvcc_flags()},
     )

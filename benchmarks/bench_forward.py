@@ -62,7 +62,7 @@ REASON_MAX_CHARS = 300
 CAUSAL_CHOICES = {"both": (False, True), "on": (True,), "off": (False,)}
 
 
-def _name_list(choices: tuple[str, ...]) -> Callable[[str], list[str]]:
+def name_list(choices: tuple[str, ...]) -> Callable[[str], list[str]]:
     """argparse type: a comma-separated subset of `choices`, kept in the order of `choices`."""
 
     def parse(text: str) -> list[str]:
@@ -75,24 +75,31 @@ def _name_list(choices: tuple[str, ...]) -> Callable[[str], list[str]]:
     return parse
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description="Forward attention TFLOP/s of flash_varlen and its peers on the fixed "
-        "workloads of targets.md (needs a CUDA GPU)."
-    )
+def build_parser(description: str, impl_names: tuple[str, ...]) -> argparse.ArgumentParser:
+    """The command line shared by the forward and backward benchmarks."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--out", type=Path, required=True,
                         help="JSON file to write; the Markdown table goes next to it (.md)")
-    parser.add_argument("--workloads", type=_name_list(WORKLOAD_NAMES),
+    parser.add_argument("--workloads", type=name_list(WORKLOAD_NAMES),
                         default=list(WORKLOAD_NAMES),
                         help=f"comma-separated subset of {','.join(WORKLOAD_NAMES)} (default: all)")
-    parser.add_argument("--layouts", type=_name_list(tuple(HEAD_LAYOUTS)),
+    parser.add_argument("--layouts", type=name_list(tuple(HEAD_LAYOUTS)),
                         default=list(TARGET_LAYOUTS),
                         help=f"comma-separated subset of {','.join(HEAD_LAYOUTS)} "
                         f"(default: {','.join(TARGET_LAYOUTS)}, the layouts of targets.md)")
     parser.add_argument("--causal", choices=tuple(CAUSAL_CHOICES), default="both",
                         help="causal masking: both (default), on or off")
-    parser.add_argument("--impl", type=_name_list(IMPL_NAMES), default=list(IMPL_NAMES),
-                        help=f"comma-separated subset of {','.join(IMPL_NAMES)} (default: all)")
+    parser.add_argument("--impl", type=name_list(impl_names), default=list(impl_names),
+                        help=f"comma-separated subset of {','.join(impl_names)} (default: all)")
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = build_parser(
+        "Forward attention TFLOP/s of flash_varlen and its peers on the fixed workloads of "
+        "targets.md (needs a CUDA GPU).",
+        IMPL_NAMES,
+    )
     return parser.parse_args(argv)
 
 
@@ -105,7 +112,8 @@ def _git(*args: str) -> str | None:
     return done.stdout.strip()
 
 
-def run_metadata(argv: list[str]) -> dict[str, Any]:
+def run_metadata(argv: list[str], script: str = "benchmarks/bench_forward.py") -> dict[str, Any]:
+    """Where and how the numbers were taken: date, GPU, versions, commit, command, timing."""
     import triton
 
     # The GPU machine gets a copy of the working tree whose git metadata may not resolve HEAD;
@@ -119,18 +127,19 @@ def run_metadata(argv: list[str]) -> dict[str, Any]:
         "triton": triton.__version__,
         "git_commit": commit_override or _git("rev-parse", "--short", "HEAD") or "unknown",
         "git_dirty": None if status is None else bool(status),
-        "command": shlex.join(["python", "benchmarks/bench_forward.py", *argv]),
+        "command": shlex.join(["python", script, *argv]),
         "timing": {"do_bench_warmup_ms": WARMUP_MS, "do_bench_rep_ms": REP_MS,
                    "return_mode": "median"},
     }
 
 
-def _json_float(value: float) -> float | str:
+def json_float(value: float) -> float | str:
     """JSON has no NaN or inf: those are stored as strings."""
     return value if math.isfinite(value) else str(value)
 
 
-def _reason(error: BaseException) -> str:
+def failure_reason(error: BaseException) -> str:
+    """The exception as one line of at most REASON_MAX_CHARS characters, for the table notes."""
     text = f"{type(error).__name__}: {error}".replace("\n", " ")
     return text if len(text) <= REASON_MAX_CHARS else text[: REASON_MAX_CHARS - 3] + "..."
 
@@ -149,6 +158,12 @@ def make_case(workload: Workload, layout_name: str, causal: bool,
     return Case(workload, layout, causal, q, k, v, cu_seqlens)
 
 
+def synchronize(device: torch.device) -> None:
+    """Waits for the device's queued work (CUDA is asynchronous; CPU tensors need nothing)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def measure(prepare: Callable[[Case], Prepared], case: Case, reference: Reference,
             flops: int) -> tuple[dict[str, Any], torch.Tensor | None]:
     """Checks one implementation on `case` and, only if its output is right, times it.
@@ -162,13 +177,13 @@ def measure(prepare: Callable[[Case], Prepared], case: Case, reference: Referenc
     try:
         prepared = prepare(case)
         prepared.run()  # warm-up: compilation, lazy initialization
-        torch.cuda.synchronize()
+        synchronize(case.q.device)
         poison_allocator(case.q)  # the output has q's shape and dtype
         out = prepared.to_packed(prepared.run())
-        torch.cuda.synchronize()
+        synchronize(case.q.device)
         passed, err = reference.passes(out)
         record: dict[str, Any] = {
-            "check": {"max_abs_err": _json_float(err), "tolerance": reference.tolerance,
+            "check": {"max_abs_err": json_float(err), "tolerance": reference.tolerance,
                       "passed": passed},
         }
         if prepared.note:
@@ -178,20 +193,27 @@ def measure(prepare: Callable[[Case], Prepared], case: Case, reference: Referenc
         ms = do_bench(prepared.run, warmup=WARMUP_MS, rep=REP_MS, return_mode="median")
     except Exception as error:  # noqa: BLE001 - reported per implementation, see docstring
         torch.cuda.empty_cache()
-        return {"status": "n/a", "reason": _reason(error)}, None
+        return {"status": "n/a", "reason": failure_reason(error)}, None
     return {"status": "ok", "time_ms": ms, "tflops": flops / (ms * 1e-3) / 1e12, **record}, out
 
 
-def bench_row(case: Case, impls: list[str], flex: FlexRunner) -> dict[str, Any]:
-    """All implementations on one row; peers' outputs are also compared with ours."""
+def forward_preparers(flex: FlexRunner) -> dict[str, Callable[[Case], Prepared]]:
+    """How to set up each implementation of IMPL_NAMES."""
+    return {"ours": prepare_ours, "varlen_attn": prepare_varlen_attn, "flex": flex.prepare}
+
+
+def bench_row(case: Case, impls: list[str], preparers: dict[str, Callable[[Case], Prepared]],
+              reference: Reference | None = None) -> dict[str, Any]:
+    """All implementations on one row; peers' outputs are also compared with ours.
+
+    `reference` is built here unless given (the backward benchmark builds it with its gradients).
+    """
     workload, layout = case.workload, case.layout
     flops = workload.forward_flops(layout, case.causal)
-    reference = build_reference(case.q, case.k, case.v, workload.lengths, case.causal, case.scale)
-    preparers: dict[str, Callable[[Case], Prepared]] = {
-        "ours": prepare_ours,
-        "varlen_attn": prepare_varlen_attn,
-        "flex": flex.prepare,
-    }
+    if reference is None:
+        reference = build_reference(
+            case.q, case.k, case.v, workload.lengths, case.causal, case.scale
+        )
     results: dict[str, dict[str, Any]] = {}
     ours_out = None
     for impl in impls:
@@ -199,7 +221,7 @@ def bench_row(case: Case, impls: list[str], flex: FlexRunner) -> dict[str, Any]:
         if impl == "ours":
             ours_out = out
         elif out is not None and ours_out is not None:
-            result["check"]["max_abs_diff_vs_ours"] = _json_float(max_abs_diff(out, ours_out))
+            result["check"]["max_abs_diff_vs_ours"] = json_float(max_abs_diff(out, ours_out))
         results[impl] = result
     return {
         "workload": workload.name,
@@ -220,15 +242,7 @@ def bench_row(case: Case, impls: list[str], flex: FlexRunner) -> dict[str, Any]:
 
 def _ratios(results: dict[str, dict[str, Any]]) -> dict[str, float | None]:
     """ours TFLOP/s divided by each peer's; None where either was not timed."""
-    ratios: dict[str, float | None] = {}
-    if "ours" not in results:
-        return ratios
-    ours = results["ours"]
-    for peer in report.RATIO_PEERS:
-        if peer in results:
-            both_ok = ours["status"] == "ok" and results[peer]["status"] == "ok"
-            ratios[f"ours/{peer}"] = ours["tflops"] / results[peer]["tflops"] if both_ok else None
-    return ratios
+    return report.speed_ratios(results, report.FORWARD_RATIO_PAIRS)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -239,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
               "this benchmark runs only on the GPU machine.", file=sys.stderr)
         return EXIT_NO_GPU
     meta = run_metadata(argv)
-    flex = FlexRunner()
+    preparers = forward_preparers(FlexRunner())
     rows = []
     for workload_name in args.workloads:
         workload = make_workload(workload_name)
@@ -247,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         for layout_name in args.layouts:
             for causal in CAUSAL_CHOICES[args.causal]:
                 case = make_case(workload, layout_name, causal, cu_seqlens)
-                row = bench_row(case, args.impl, flex)
+                row = bench_row(case, args.impl, preparers)
                 del case  # free this row's inputs before the next row allocates its own
                 rows.append(row)
                 print(report.progress_line(row, args.impl), file=sys.stderr, flush=True)

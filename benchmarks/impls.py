@@ -1,9 +1,11 @@
-"""The implementations the forward benchmark times, behind one interface.
+"""The implementations the benchmarks time, behind one interface.
 
 Each `prepare_*` function takes a `Case` (one workload x layout x causal, inputs already on the
 GPU), does all set-up outside the timed region (layout copies, block masks, compilation happens
-on the first call), and returns a `Prepared` whose `run` is exactly what gets timed. Any failure
-to set up or run raises; the benchmark records it as "n/a" with the reason.
+on the first call), and returns a `Prepared` whose `run` is exactly what the forward benchmark
+times. The backward benchmark passes a case whose q, k, v require grad and differentiates `run`'s
+output with respect to `Prepared.inputs`. Any failure to set up or run raises; the benchmarks
+record it as "n/a" with the reason.
 """
 
 from __future__ import annotations
@@ -16,6 +18,9 @@ import torch
 from benchmarks.workloads import HeadLayout, Workload
 
 IMPL_NAMES = ("ours", "varlen_attn", "flex")
+# The backward benchmark also times ours with deterministic=True (bitwise reproducible dq).
+DETERMINISTIC_IMPL = "ours_det"
+BACKWARD_IMPL_NAMES = ("ours", DETERMINISTIC_IMPL, "varlen_attn", "flex")
 
 # FlexAttention compiles once per (causal, layout); the default limit of 8 could be reached by a
 # full run and would silently fall back to the eager path, which materializes all scores.
@@ -45,15 +50,24 @@ def _already_packed(out: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class Prepared:
-    """What to time (`run`) and how to bring its output to the packed (total, nheads_q, d)."""
+    """What to time (`run`), what it reads, and how its layout maps to the packed one.
+
+    `inputs` are q, k, v as `run` reads them, in the implementation's own layout; the backward
+    benchmark differentiates with respect to them, so layout copies stay outside the timed
+    backward. `to_packed` maps a tensor of the implementation's layout (output, or the gradient of
+    an input) to the packed (total, nheads, d) one; `from_packed` is its inverse (both views).
+    """
 
     run: Callable[[], torch.Tensor]
+    inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     to_packed: Callable[[torch.Tensor], torch.Tensor] = _already_packed
+    from_packed: Callable[[torch.Tensor], torch.Tensor] = _already_packed
     note: str = ""
 
 
-def prepare_ours(case: Case) -> Prepared:
-    """flash_varlen.flash_attn_varlen_func on the packed layout."""
+def prepare_ours(case: Case, deterministic: bool = False) -> Prepared:
+    """flash_varlen.flash_attn_varlen_func on the packed layout. `deterministic` selects the
+    backward that makes dq bitwise reproducible (the forward does not depend on it)."""
     import flash_varlen
 
     max_seqlen = case.workload.max_seqlen
@@ -61,10 +75,15 @@ def prepare_ours(case: Case) -> Prepared:
     def run() -> torch.Tensor:
         return flash_varlen.flash_attn_varlen_func(
             case.q, case.k, case.v, case.cu_seqlens, case.cu_seqlens, max_seqlen, max_seqlen,
-            softmax_scale=case.scale, causal=case.causal,
+            softmax_scale=case.scale, causal=case.causal, deterministic=deterministic,
         )
 
-    return Prepared(run)
+    return Prepared(run, inputs=(case.q, case.k, case.v))
+
+
+def prepare_ours_deterministic(case: Case) -> Prepared:
+    """prepare_ours with deterministic=True."""
+    return prepare_ours(case, deterministic=True)
 
 
 def prepare_varlen_attn(case: Case) -> Prepared:
@@ -72,7 +91,8 @@ def prepare_varlen_attn(case: Case) -> Prepared:
 
     Its Python wrapper passes nheads_kv < nheads_q straight to the kernel, which accepts it (the
     FlashAttention-2 API requires only that nheads_kv divides nheads_q). Should that ever fail,
-    k and v are repeated to nheads_q outside the timed region and the row says so.
+    k and v are repeated to nheads_q outside the timed region and the row says so; the timed
+    backward then includes the sum of the repeated heads' gradients (the cost of the fallback).
     """
     from torch.nn.attention.varlen import varlen_attn
 
@@ -86,17 +106,18 @@ def prepare_varlen_attn(case: Case) -> Prepared:
             scale=case.scale, window_size=window_size,
         )
 
+    inputs = (case.q, case.k, case.v)
     if case.layout.nheads_kv == case.layout.nheads_q:
-        return Prepared(lambda: call(case.k, case.v))
+        return Prepared(lambda: call(case.k, case.v), inputs)
     try:
         call(case.k, case.v)
-        return Prepared(lambda: call(case.k, case.v))
+        return Prepared(lambda: call(case.k, case.v), inputs)
     except RuntimeError as error:
         group = case.layout.nheads_q // case.layout.nheads_kv
         k_full = case.k.repeat_interleave(group, dim=1)
         v_full = case.v.repeat_interleave(group, dim=1)
         note = f"no native GQA ({error}); k/v repeated to {case.layout.nheads_q} heads"
-        return Prepared(lambda: call(k_full, v_full), note=note)
+        return Prepared(lambda: call(k_full, v_full), inputs, note=note)
 
 
 def _document_mask_mod(doc_id: torch.Tensor, causal: bool) -> Callable:
@@ -132,9 +153,13 @@ class FlexRunner:
         self._block_masks: dict[tuple[str, bool], object] = {}
 
     def _compile(self) -> None:
+        import torch._functorch.config as functorch_config
         from torch.nn.attention import flex_attention as flex
 
         torch._dynamo.config.recompile_limit = FLEX_RECOMPILE_LIMIT
+        # The backward benchmark calls the compiled backward repeatedly (retain_graph=True), which
+        # a backward compiled with donated buffers (saved tensors reused as outputs) refuses.
+        functorch_config.donated_buffer = False
         # dynamic=False: a second shape (GQA after MHA) must not turn the kernel generic.
         self._attention = torch.compile(flex.flex_attention, dynamic=False)
         # The eager create_block_mask materializes a (total x total) mask; compiled, it does not.
@@ -155,11 +180,18 @@ class FlexRunner:
         return self._block_masks[key]
 
     def prepare(self, case: Case) -> Prepared:
-        """q/k/v copied to FlexAttention's (1, heads, total, d) layout outside the timed region."""
+        """q/k/v copied to FlexAttention's (1, heads, total, d) layout outside the timed region.
+
+        The copies are new leaves (requiring grad when the case's tensors do), so the timed
+        backward stops at them instead of copying gradients back to the packed layout.
+        """
         if self._attention is None:
             self._compile()
         block_mask = self._block_mask(case.workload, case.causal, case.q.device)
-        q, k, v = (t.transpose(0, 1).unsqueeze(0).contiguous() for t in (case.q, case.k, case.v))
+        q, k, v = (
+            _flex_layout(t).contiguous().detach().requires_grad_(t.requires_grad)
+            for t in (case.q, case.k, case.v)
+        )
         enable_gqa = case.layout.nheads_kv != case.layout.nheads_q
 
         attention = self._attention
@@ -169,5 +201,14 @@ class FlexRunner:
                 q, k, v, block_mask=block_mask, scale=case.scale, enable_gqa=enable_gqa
             )
 
-        # (1, nheads_q, total, d) -> (total, nheads_q, d), a view.
-        return Prepared(run, to_packed=lambda out: out[0].transpose(0, 1))
+        return Prepared(run, (q, k, v), to_packed=_packed_layout, from_packed=_flex_layout)
+
+
+def _flex_layout(packed: torch.Tensor) -> torch.Tensor:
+    """(total, nheads, d) -> FlexAttention's (1, nheads, total, d), a view."""
+    return packed.transpose(0, 1).unsqueeze(0)
+
+
+def _packed_layout(flex: torch.Tensor) -> torch.Tensor:
+    """FlexAttention's (1, nheads, total, d) -> (total, nheads, d), a view."""
+    return flex[0].transpose(0, 1)

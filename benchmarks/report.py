@@ -1,16 +1,45 @@
-"""Tables (console text and Markdown) and the JSON file of a forward benchmark run.
+"""Tables (console text and Markdown) and the JSON files of the forward and backward benchmarks.
 
-A row is the dict that bench_forward.py builds: workload, layout, causal, and per implementation
-a result with "status" ("ok", "n/a" or "wrong"), "tflops" when ok, "reason"/"note" when any.
+A forward row is the dict that bench_forward.py builds: workload, layout, causal, and per
+implementation a result with "status" ("ok", "n/a" or "wrong"), "tflops" when ok, "reason"/"note"
+when any. A backward row (bench_backward.py) has the same keys, except that the results and
+ratios sit under "forward" and "backward", one {"results", "ratios"} dict per direction.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from benchmarks.impls import DETERMINISTIC_IMPL
+
 RATIO_PEERS = ("varlen_attn", "flex")
+# (numerator, denominator) of the TFLOP/s ratios: how ours compares with each peer, and (backward
+# only) what bitwise reproducible dq costs.
+FORWARD_RATIO_PAIRS = tuple(("ours", peer) for peer in RATIO_PEERS)
+BACKWARD_RATIO_PAIRS = (*FORWARD_RATIO_PAIRS, (DETERMINISTIC_IMPL, "ours"))
+DIRECTIONS = ("forward", "backward")
+MISSING_CELL = "-"  # not measured in this direction (ours_det's forward) or ratio not available
+
+FORWARD_TITLE = "Forward benchmark"
+FORWARD_METHOD = (
+    "- bf16, 32,768 packed tokens; mha = 16/16 heads d = 128, gqa = 32/8 heads d = 128, "
+    "mha_dN = 16/16 heads d = N; TFLOP/s of useful work (targets.md), median of "
+    "triton.testing.do_bench after a warm-up; every output checked against a float64 "
+    "reference before timing."
+)
+BACKWARD_TITLE = "Backward benchmark"
+BACKWARD_METHOD = (
+    "- bf16, 32,768 packed tokens; mha = 16/16 heads d = 128, gqa = 32/8 heads d = 128, "
+    "mha_dN = 16/16 heads d = N; TFLOP/s of useful work (targets.md; backward = 2.5x the "
+    "forward count), median of triton.testing.do_bench after a warm-up. Forward timed as in "
+    "the forward benchmark; backward timed alone: torch.autograd.grad(out, (q, k, v), dout, "
+    "retain_graph=True) on one forward's graph, dout = seeded randn. Every output and every "
+    "gradient (dq, dk, dv) checked against a float64 reference before timing. ours_det is ours "
+    "with deterministic=True (backward only; its dq must be bitwise reproducible)."
+)
 
 
 def row_label(row: dict[str, Any]) -> str:
@@ -23,7 +52,9 @@ def _number(value: float | str) -> str:
     return f"{value:.3g}" if isinstance(value, float) else value
 
 
-def _impl_cell(result: dict[str, Any]) -> str:
+def _impl_cell(result: dict[str, Any] | None) -> str:
+    if result is None:
+        return MISSING_CELL
     if result["status"] == "ok":
         cell = f"{result['tflops']:.1f}"
         return f"{cell}*" if result.get("note") else cell
@@ -32,20 +63,56 @@ def _impl_cell(result: dict[str, Any]) -> str:
     return "n/a"
 
 
+def _pair_cell(row: dict[str, Any], impl: str) -> str:
+    """'forward / backward' TFLOP/s of `impl` in a backward row, as in targets.md."""
+    forward = row["forward"]["results"].get(impl)
+    backward = row["backward"]["results"].get(impl)
+    return f"{_impl_cell(forward)} / {_impl_cell(backward)}"
+
+
 def progress_line(row: dict[str, Any], impls: list[str]) -> str:
     """One line per finished row, printed while the benchmark runs."""
     cells = ", ".join(f"{impl} {_impl_cell(row['results'][impl])}" for impl in impls)
     return f"{row_label(row)}: {cells}"
 
 
+def backward_progress_line(row: dict[str, Any], impls: list[str]) -> str:
+    """One line per finished backward row: forward / backward TFLOP/s per implementation."""
+    cells = ", ".join(f"{impl} {_pair_cell(row, impl)}" for impl in impls)
+    return f"{row_label(row)}: {cells}"
+
+
+def speed_ratios(results: dict[str, dict[str, Any]],
+                 pairs: tuple[tuple[str, str], ...]) -> dict[str, float | None]:
+    """TFLOP/s of the numerator divided by the denominator's, keyed "num/den", for every pair
+    whose two implementations are both in `results`; None where either was not timed."""
+    ratios: dict[str, float | None] = {}
+    for numerator, denominator in pairs:
+        if numerator not in results or denominator not in results:
+            continue
+        top, bottom = results[numerator], results[denominator]
+        both_ok = top["status"] == "ok" and bottom["status"] == "ok"
+        ratios[f"{numerator}/{denominator}"] = top["tflops"] / bottom["tflops"] if both_ok else None
+    return ratios
+
+
 def _ratio_cell(ratio: float | None) -> str:
-    return "-" if ratio is None else f"{ratio:.2f}"
+    return MISSING_CELL if ratio is None else f"{ratio:.2f}"
 
 
 def _ratio_columns(impls: list[str]) -> list[str]:
     if "ours" not in impls:
         return []
     return [peer for peer in RATIO_PEERS if peer in impls]
+
+
+def _backward_ratio_columns(impls: list[str]) -> list[str]:
+    """The "num/den" keys of BACKWARD_RATIO_PAIRS whose two implementations were both run."""
+    return [f"{num}/{den}" for num, den in BACKWARD_RATIO_PAIRS if num in impls and den in impls]
+
+
+def _row_start(row: dict[str, Any]) -> list[str]:
+    return [row["workload"], row["layout"], "yes" if row["causal"] else "no"]
 
 
 def table(rows: list[dict[str, Any]], impls: list[str]) -> tuple[list[str], list[list[str]]]:
@@ -56,11 +123,58 @@ def table(rows: list[dict[str, Any]], impls: list[str]) -> tuple[list[str], list
     header += [f"ours/{peer}" for peer in peers]
     body = []
     for row in rows:
-        line = [row["workload"], row["layout"], "yes" if row["causal"] else "no"]
+        line = _row_start(row)
         line += [_impl_cell(row["results"][impl]) for impl in impls]
         line += [_ratio_cell(row["ratios"].get(f"ours/{peer}")) for peer in peers]
         body.append(line)
     return header, body
+
+
+def backward_table(rows: list[dict[str, Any]],
+                   impls: list[str]) -> tuple[list[str], list[list[str]]]:
+    """Header and body of a backward run: one line per row, "forward / backward" TFLOP/s per
+    implementation (as in targets.md), then the backward ratios (ours/peer, ours_det/ours)."""
+    ratio_keys = _backward_ratio_columns(impls)
+    header = ["workload", "layout", "causal"]
+    header += [f"{impl} TFLOP/s fwd / bwd" for impl in impls]
+    header += [f"bwd {key}" for key in ratio_keys]
+    body = []
+    for row in rows:
+        line = _row_start(row)
+        line += [_pair_cell(row, impl) for impl in impls]
+        line += [_ratio_cell(row["backward"]["ratios"].get(key)) for key in ratio_keys]
+        body.append(line)
+    return header, body
+
+
+def _forward_wrong_detail(check: dict[str, Any]) -> str:
+    return (f"max abs error {_number(check['max_abs_err'])} > tolerance "
+            f"{_number(check['tolerance'])}")
+
+
+def _backward_wrong_detail(check: dict[str, Any]) -> str:
+    """Which gradients missed their tolerance, and whether required reproducibility failed."""
+    parts = [
+        f"{name} max abs error {_number(check[name]['max_abs_err'])} > tolerance "
+        f"{_number(check[name]['tolerance'])}"
+        for name in ("dq", "dk", "dv")
+        if not check[name]["passed"]
+    ]
+    if check["repeatable_required"] and not check["bitwise_repeatable"]:
+        parts.append("gradients differ bitwise between two identical backward calls")
+    return "; ".join(parts)
+
+
+def _result_note(label: str, result: dict[str, Any],
+                 wrong_detail: Callable[[dict[str, Any]], str]) -> str | None:
+    """The note line of one result that is not a plain number (n/a, WRONG, `*`), or None."""
+    if result["status"] == "n/a":
+        return f"{label}: n/a, {result['reason']}"
+    if result["status"] == "wrong":
+        return f"{label}: WRONG, {wrong_detail(result['check'])}; not timed"
+    if result.get("note"):
+        return f"{label}*: {result['note']}"
+    return None
 
 
 def notes(rows: list[dict[str, Any]], impls: list[str]) -> list[str]:
@@ -68,18 +182,31 @@ def notes(rows: list[dict[str, Any]], impls: list[str]) -> list[str]:
     lines = []
     for row in rows:
         for impl in impls:
-            result = row["results"][impl]
-            if result["status"] == "n/a":
-                lines.append(f"{row_label(row)} {impl}: n/a, {result['reason']}")
-            elif result["status"] == "wrong":
-                check = result["check"]
-                lines.append(
-                    f"{row_label(row)} {impl}: WRONG, max abs error "
-                    f"{_number(check['max_abs_err'])} > tolerance {_number(check['tolerance'])}; "
-                    "not timed"
-                )
-            elif result.get("note"):
-                lines.append(f"{row_label(row)} {impl}*: {result['note']}")
+            line = _result_note(f"{row_label(row)} {impl}", row["results"][impl],
+                                _forward_wrong_detail)
+            if line is not None:
+                lines.append(line)
+    return lines
+
+
+def backward_notes(rows: list[dict[str, Any]], impls: list[str]) -> list[str]:
+    """notes() for backward rows: a line per direction for n/a and WRONG, and a `*` note once
+    per implementation (it describes the set-up, which both directions share)."""
+    wrong_details = {"forward": _forward_wrong_detail, "backward": _backward_wrong_detail}
+    lines = []
+    for row in rows:
+        for impl in impls:
+            noted = False
+            for direction in DIRECTIONS:
+                result = row[direction]["results"].get(impl)
+                if result is None:
+                    continue
+                if result["status"] != "ok":
+                    label = f"{row_label(row)} {impl} {direction}"
+                    lines.append(_result_note(label, result, wrong_details[direction]))
+                elif result.get("note") and not noted:
+                    lines.append(f"{row_label(row)} {impl}*: {result['note']}")
+                    noted = True
     return lines
 
 
@@ -95,20 +222,18 @@ def format_text(header: list[str], body: list[list[str]]) -> str:
 
 
 def format_markdown(meta: dict[str, Any], header: list[str], body: list[list[str]],
-                    note_lines: list[str]) -> str:
+                    note_lines: list[str], title: str = FORWARD_TITLE,
+                    method: str = FORWARD_METHOD) -> str:
     """A Markdown page ready to commit under benchmarks/results/."""
     dirty = " (with uncommitted changes)" if meta["git_dirty"] else ""
     lines = [
-        f"# Forward benchmark, {meta['date']}",
+        f"# {title}, {meta['date']}",
         "",
         f"- GPU: {meta['gpu']}",
         f"- torch {meta['torch']}, triton {meta['triton']}",
         f"- commit: {meta['git_commit']}{dirty}",
         f"- command: `{meta['command']}`",
-        "- bf16, 32,768 packed tokens; mha = 16/16 heads d = 128, gqa = 32/8 heads d = 128, "
-        "mha_dN = 16/16 heads d = N; TFLOP/s of useful work (targets.md), median of "
-        "triton.testing.do_bench after a warm-up; every output checked against a float64 "
-        "reference before timing.",
+        method,
         "",
         "| " + " | ".join(header) + " |",
         "| " + " | ".join("---" for _ in header) + " |",
@@ -119,13 +244,27 @@ def format_markdown(meta: dict[str, Any], header: list[str], body: list[list[str
     return "\n".join(lines) + "\n"
 
 
+def _write(path: Path, meta: dict[str, Any], rows: list[dict[str, Any]], markdown: str) -> Path:
+    """Writes the JSON to `path` and `markdown` next to it (same stem, .md)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # allow_nan=False: the benchmarks store non-finite errors as strings, so the JSON stays valid.
+    path.write_text(json.dumps({**meta, "rows": rows}, indent=2, allow_nan=False) + "\n")
+    markdown_path = path.with_suffix(".md")
+    markdown_path.write_text(markdown)
+    return markdown_path
+
+
 def write_outputs(path: Path, meta: dict[str, Any], rows: list[dict[str, Any]],
                   impls: list[str]) -> Path:
-    """Writes the JSON to `path` and the Markdown table next to it (same stem, .md)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # allow_nan=False: bench_forward stores non-finite errors as strings, so the JSON stays valid.
-    path.write_text(json.dumps({**meta, "rows": rows}, indent=2, allow_nan=False) + "\n")
+    """Writes the JSON of a forward run to `path` and the Markdown table next to it (.md)."""
     header, body = table(rows, impls)
-    markdown_path = path.with_suffix(".md")
-    markdown_path.write_text(format_markdown(meta, header, body, notes(rows, impls)))
-    return markdown_path
+    return _write(path, meta, rows, format_markdown(meta, header, body, notes(rows, impls)))
+
+
+def write_backward_outputs(path: Path, meta: dict[str, Any], rows: list[dict[str, Any]],
+                           impls: list[str]) -> Path:
+    """Writes the JSON of a backward run to `path` and the Markdown table next to it (.md)."""
+    header, body = backward_table(rows, impls)
+    markdown = format_markdown(meta, header, body, backward_notes(rows, impls),
+                               title=BACKWARD_TITLE, method=BACKWARD_METHOD)
+    return _write(path, meta, rows, markdown)

@@ -10,6 +10,7 @@
 
 #include <c10/core/Device.h>
 #include <c10/core/ScalarType.h>
+#include <c10/util/ArrayRef.h>
 
 #include <string>
 #include <type_traits>
@@ -23,6 +24,15 @@ inline void append(std::string& out, bool value) { out += value ? "true" : "fals
 inline void append(std::string& out, double value) { out += std::to_string(value); }
 inline void append(std::string& out, c10::ScalarType type) { out += c10::toString(type); }
 inline void append(std::string& out, const c10::Device& device) { out += device.str(); }
+// A shape, written like torch.Size: [2, 3, 4].
+inline void append(std::string& out, c10::IntArrayRef sizes) {
+    out += "[";
+    for (size_t i = 0; i < sizes.size(); ++i) {
+        if (i > 0) out += ", ";
+        out += std::to_string(sizes[i]);
+    }
+    out += "]";
+}
 
 template <typename Int,
           std::enable_if_t<std::is_integral_v<Int> && !std::is_same_v<Int, bool>, int> = 0>

@@ -4,7 +4,10 @@ Argument names, order, defaults and returns follow ``flash_attn.flash_attn_inter
 written for flash-attn works by changing the import. Each function validates its inputs first
 (``validation.py``: clear errors, no device read) and then calls one registered op (``ops.py``):
 ``flash_varlen::varlen_fwd`` for the packed variable-length layout, ``flash_varlen::fwd`` for
-the fixed-length layout. The packed variants (``qkv``, ``kv``) pass views, never copies.
+the fixed-length layout. Gradients flow through those ops' registered backward
+(``flash_varlen::varlen_bwd`` / ``flash_varlen::bwd``). The packed variants (``qkv``, ``kv``)
+pass views, never copies, so autograd assembles the gradient of a packed input into one tensor
+of the packed shape.
 """
 
 from __future__ import annotations
@@ -38,8 +41,9 @@ _CAUSAL_DOC = """\
         1 0
         1 1
 
-    Any query row that sees no key (fully masked, or an empty key sequence) gets out = 0 and
-    softmax_lse = -inf; nothing is ever NaN. Query head h attends with key/value head
+    Any query row that sees no key (fully masked, or an empty key sequence) gets out = 0,
+    softmax_lse = -inf and zero gradients; nothing is ever NaN. Both out and softmax_lse are
+    differentiable w.r.t. q, k and v. Query head h attends with key/value head
     h // (nheads // nheads_k) (multi-query / grouped-query attention).
 
     Tensors must be float16 or bfloat16 on one CUDA device, contiguous in the last dim, with
@@ -55,15 +59,22 @@ _OPTIONS_DOC = """\
             supported; a sliding window raises NotImplementedError.
         softcap: float. Must be 0.0: soft-capping is not supported yet.
         alibi_slopes: Must be None: ALiBi is not supported yet.
-        deterministic: bool. Accepted for compatibility; the forward pass is always
-            deterministic.
+        deterministic: bool. Whether the backward pass is bitwise reproducible run to run.
+            The forward pass and the gradients of k and v always are (fixed summation order,
+            no atomics). The gradient of q is accumulated with fp32 atomic adds across key
+            blocks, so with False it may differ in the last bits between runs; True orders
+            those adds and makes it reproducible too, at some speed cost. The ordered path is
+            also taken while ``torch.use_deterministic_algorithms(True)`` is on, as for
+            PyTorch's own ops.
         return_attn_probs: bool. Also return softmax_lse (see Returns)."""
 
 _RAISES_DOC = """\
     Raises:
         TypeError, ValueError: invalid inputs; the message names the argument and the rule.
         NotImplementedError: an unsupported option, or a (dtype, headdim) this build lacks;
-            also from backward(): the backward pass is not implemented yet.
+            also from backward() when this build lacks the backward kernel for the (dtype,
+            headdim, causal) (a narrowed build; the message names the FLASH_VARLEN_*
+            variables to rebuild with).
         RuntimeError: the compiled extension is not available (the message says why)."""
 
 
@@ -93,6 +104,7 @@ def _varlen_attention(
     max_seqlen_k: int,
     softmax_scale: float | None,
     causal: bool,
+    deterministic: bool,
     return_attn_probs: bool,
     names: ArgNames,
 ) -> AttentionResult:
@@ -105,7 +117,16 @@ def _varlen_attention(
         )
     scale = validation.resolve_softmax_scale(softmax_scale, q.shape[-1])
     out, softmax_lse = ops.varlen_fwd(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal
+        q,
+        k,
+        v,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        max_seqlen_q,
+        max_seqlen_k,
+        scale,
+        causal,
+        deterministic,
     )
     return _result(out, softmax_lse, return_attn_probs)
 
@@ -116,12 +137,13 @@ def _fixed_attention(
     v: torch.Tensor,
     softmax_scale: float | None,
     causal: bool,
+    deterministic: bool,
     return_attn_probs: bool,
     names: ArgNames,
 ) -> AttentionResult:
     validation.check_fixed_inputs(q, k, v, names)
     scale = validation.resolve_softmax_scale(softmax_scale, q.shape[-1])
-    out, softmax_lse = ops.fwd(q, k, v, scale, causal)
+    out, softmax_lse = ops.fwd(q, k, v, scale, causal, deterministic)
     return _result(out, softmax_lse, return_attn_probs)
 
 
@@ -181,6 +203,7 @@ def flash_attn_varlen_func(
         window_size=window_size,
         softcap=softcap,
         alibi_slopes=alibi_slopes,
+        deterministic=deterministic,
         block_table=block_table,
     )
     return _varlen_attention(
@@ -193,6 +216,7 @@ def flash_attn_varlen_func(
         max_seqlen_k,
         softmax_scale,
         causal,
+        deterministic,
         return_attn_probs,
         ArgNames(),
     )
@@ -215,8 +239,9 @@ def flash_attn_varlen_qkvpacked_func(
     """Packed variable-length self-attention with q, k, v stacked in one tensor.
 
     Same as ``flash_attn_varlen_func(qkv[:, 0], qkv[:, 1], qkv[:, 2], cu_seqlens, cu_seqlens,
-    max_seqlen, max_seqlen, ...)``; the three are views of qkv, not copies. For MQA/GQA use
-    ``flash_attn_varlen_kvpacked_func`` or ``flash_attn_varlen_func``.
+    max_seqlen, max_seqlen, ...)``; the three are views of qkv, not copies, and the gradient
+    of qkv is one tensor of its shape. For MQA/GQA use ``flash_attn_varlen_kvpacked_func`` or
+    ``flash_attn_varlen_func``.
 
 {causal}
 
@@ -241,6 +266,7 @@ def flash_attn_varlen_qkvpacked_func(
         window_size=window_size,
         softcap=softcap,
         alibi_slopes=alibi_slopes,
+        deterministic=deterministic,
     )
     validation.check_packed(qkv, "qkv", layout="(total, 3, nheads, headdim)", count=NUM_QKV)
     names = ArgNames(
@@ -263,6 +289,7 @@ def flash_attn_varlen_qkvpacked_func(
         max_seqlen,
         softmax_scale,
         causal,
+        deterministic,
         return_attn_probs,
         names,
     )
@@ -288,7 +315,7 @@ def flash_attn_varlen_kvpacked_func(
     """Packed variable-length attention with k and v stacked in one tensor.
 
     Same as ``flash_attn_varlen_func(q, kv[:, 0], kv[:, 1], ...)``; k and v are views of kv,
-    not copies.
+    not copies, and the gradient of kv is one tensor of its shape.
 
 {causal}
 
@@ -315,6 +342,7 @@ def flash_attn_varlen_kvpacked_func(
         window_size=window_size,
         softcap=softcap,
         alibi_slopes=alibi_slopes,
+        deterministic=deterministic,
     )
     validation.check_packed(kv, "kv", layout="(total_k, 2, nheads_k, headdim)", count=NUM_KV)
     k, v = kv.unbind(dim=1)
@@ -328,6 +356,7 @@ def flash_attn_varlen_kvpacked_func(
         max_seqlen_k,
         softmax_scale,
         causal,
+        deterministic,
         return_attn_probs,
         ArgNames(k="kv[:, 0]", v="kv[:, 1]"),
     )
@@ -373,8 +402,11 @@ def flash_attn_func(
         window_size=window_size,
         softcap=softcap,
         alibi_slopes=alibi_slopes,
+        deterministic=deterministic,
     )
-    return _fixed_attention(q, k, v, softmax_scale, causal, return_attn_probs, ArgNames())
+    return _fixed_attention(
+        q, k, v, softmax_scale, causal, deterministic, return_attn_probs, ArgNames()
+    )
 
 
 @_documented
@@ -392,8 +424,8 @@ def flash_attn_qkvpacked_func(
     """Fixed-length self-attention with q, k, v stacked in one tensor.
 
     Same as ``flash_attn_func(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], ...)``; the three are
-    views of qkv, not copies. For MQA/GQA use ``flash_attn_kvpacked_func`` or
-    ``flash_attn_func``.
+    views of qkv, not copies, and the gradient of qkv is one tensor of its shape. For MQA/GQA
+    use ``flash_attn_kvpacked_func`` or ``flash_attn_func``.
 
 {causal}
 
@@ -415,13 +447,16 @@ def flash_attn_qkvpacked_func(
         window_size=window_size,
         softcap=softcap,
         alibi_slopes=alibi_slopes,
+        deterministic=deterministic,
     )
     validation.check_packed(
         qkv, "qkv", layout="(batch, seqlen, 3, nheads, headdim)", count=NUM_QKV
     )
     q, k, v = qkv.unbind(dim=2)
     names = ArgNames(q="qkv[:, :, 0]", k="qkv[:, :, 1]", v="qkv[:, :, 2]")
-    return _fixed_attention(q, k, v, softmax_scale, causal, return_attn_probs, names)
+    return _fixed_attention(
+        q, k, v, softmax_scale, causal, deterministic, return_attn_probs, names
+    )
 
 
 @_documented
@@ -440,7 +475,7 @@ def flash_attn_kvpacked_func(
     """Fixed-length attention with k and v stacked in one tensor.
 
     Same as ``flash_attn_func(q, kv[:, :, 0], kv[:, :, 1], ...)``; k and v are views of kv,
-    not copies.
+    not copies, and the gradient of kv is one tensor of its shape.
 
 {causal}
 
@@ -463,10 +498,13 @@ def flash_attn_kvpacked_func(
         window_size=window_size,
         softcap=softcap,
         alibi_slopes=alibi_slopes,
+        deterministic=deterministic,
     )
     validation.check_packed(
         kv, "kv", layout="(batch, seqlen_k, 2, nheads_k, headdim)", count=NUM_KV
     )
     k, v = kv.unbind(dim=2)
     names = ArgNames(k="kv[:, :, 0]", v="kv[:, :, 1]")
-    return _fixed_attention(q, k, v, softmax_scale, causal, return_attn_probs, names)
+    return _fixed_attention(
+        q, k, v, softmax_scale, causal, deterministic, return_attn_probs, names
+    )

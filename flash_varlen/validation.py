@@ -70,6 +70,7 @@ def check_options(
     window_size: Sequence[int],
     softcap: float,
     alibi_slopes: torch.Tensor | None,
+    deterministic: bool = False,
     block_table: torch.Tensor | None = None,
 ) -> bool:
     """Checks the keyword options; returns the effective ``causal`` flag.
@@ -81,8 +82,8 @@ def check_options(
     Raises:
         NotImplementedError: dropout_p != 0, softcap != 0, alibi_slopes or block_table given, or a
             sliding window (any window other than (-1, -1) and (-1, 0)).
-        TypeError / ValueError: softmax_scale not a finite positive number, causal not a bool,
-            window_size not a pair of ints.
+        TypeError / ValueError: softmax_scale not a finite positive number, causal or
+            deterministic not a bool, window_size not a pair of ints.
     """
     if dropout_p != 0.0:
         raise NotImplementedError(
@@ -99,8 +100,9 @@ def check_options(
             _error("block_table (paged KV cache) is not supported yet; pass None.")
         )
     _check_softmax_scale(softmax_scale)
-    if not isinstance(causal, bool):
-        raise TypeError(_error(f"causal must be a bool, got {type(causal).__name__}."))
+    for flag_name, flag in (("causal", causal), ("deterministic", deterministic)):
+        if not isinstance(flag, bool):
+            raise TypeError(_error(f"{flag_name} must be a bool, got {type(flag).__name__}."))
     return _causal_from_window(window_size, causal)
 
 
@@ -316,32 +318,44 @@ def _check_layouts(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, names: Arg
 
 
 def _check_layout(tensor: torch.Tensor, name: str) -> None:
+    problem = layout_problem(tensor, name)
+    if problem is not None:
+        raise ValueError(problem)
+
+
+def has_kernel_layout(tensor: torch.Tensor) -> bool:
+    """Whether the kernels can read ``tensor`` as it is (the rules of :func:`layout_problem`)."""
+    return layout_problem(tensor, "tensor") is None
+
+
+def layout_problem(tensor: torch.Tensor, name: str) -> str | None:
+    """The first memory-layout rule of the kernels that ``tensor`` breaks, or None.
+
+    Rules (metadata only): stride(-1) == 1; every other stride of a dim of size > 1 a multiple
+    of 16 bytes; storage offset a multiple of 16 bytes. The message names ``name``.
+    """
     if tensor.stride(-1) != 1:
-        raise ValueError(
-            _error(
-                f"{name} must be contiguous in its last dim (stride(-1) == 1), got strides "
-                f"{tuple(tensor.stride())}; call .contiguous() first."
-            )
+        return _error(
+            f"{name} must be contiguous in its last dim (stride(-1) == 1), got strides "
+            f"{tuple(tensor.stride())}; call .contiguous() first."
         )
     alignment = VECTOR_BYTES // tensor.element_size()
     for dim in range(tensor.dim() - 1):
         # The stride of a dim of size 0 or 1 is never multiplied by a nonzero index.
         if tensor.shape[dim] > 1 and tensor.stride(dim) % alignment != 0:
-            raise ValueError(
-                _error(
-                    f"{name}.stride({dim}) must be a multiple of {alignment} elements "
-                    f"({VECTOR_BYTES}-byte aligned rows), got {tensor.stride(dim)}."
-                )
+            return _error(
+                f"{name}.stride({dim}) must be a multiple of {alignment} elements "
+                f"({VECTOR_BYTES}-byte aligned rows), got {tensor.stride(dim)}."
             )
     # Dynamo cannot trace storage_offset(); under torch.compile the extension's own check of
-    # the data pointer's alignment applies instead.
+    # the data pointer's alignment applies instead. (data_ptr() itself is no alternative:
+    # traced tensors have none.)
     if not torch.compiler.is_compiling() and tensor.storage_offset() % alignment != 0:
-        raise ValueError(
-            _error(
-                f"{name}.storage_offset() must be a multiple of {alignment} elements "
-                f"({VECTOR_BYTES}-byte aligned start), got {tensor.storage_offset()}."
-            )
+        return _error(
+            f"{name}.storage_offset() must be a multiple of {alignment} elements "
+            f"({VECTOR_BYTES}-byte aligned start), got {tensor.storage_offset()}."
         )
+    return None
 
 
 def _check_cu_seqlens(cu_seqlens: torch.Tensor, name: str) -> None:

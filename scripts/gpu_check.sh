@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: build the extension with all cores, run the tests, run the
 # benchmark, and leave logs and JSON in the folder given as $1. Stages are picked with $2, a comma
-# list of build, test, bench, bench_head_dims, memcheck, narrowed (default build,test,bench), so
-# that a call fits the device's time limit.
+# list of build, test, bench, bench_backward, bench_head_dims, memcheck, narrowed (default
+# build,test,bench), so that a call fits the device's time limit. FLASH_VARLEN_ARCHS=90 builds
+# for Hopper only (half the build time) when the machine is known to be one.
 #
 #   bash scripts/gpu_check.sh "$OUT"                 # build, tests, targets.md benchmark
 #   bash scripts/gpu_check.sh "$OUT" build,test      # no benchmark
@@ -53,6 +54,16 @@ if has_stage bench; then
     [ $rc -ne 0 ] && status=$rc
 fi
 
+if has_stage bench_backward; then
+    # Forward and backward on the targets.md workloads, with the deterministic backward too.
+    python3 benchmarks/bench_backward.py --out "$out_dir/bench_backward.json" \
+        > "$out_dir/bench_backward.log" 2>&1
+    rc=$?
+    echo "bench_backward rc=$rc" | tee -a "$out_dir/summary.txt"
+    tail -24 "$out_dir/bench_backward.log"
+    [ $rc -ne 0 ] && status=$rc
+fi
+
 if has_stage bench_head_dims; then
     # The other head-dim buckets (not in targets.md) against PyTorch's varlen_attn.
     python3 benchmarks/bench_forward.py --out "$out_dir/bench_head_dims.json" \
@@ -66,12 +77,14 @@ fi
 
 if has_stage memcheck; then
     # Tiles that hang past the ends of exactly-sized tensors, under the memory checker.
-    compute-sanitizer --tool memcheck --error-exitcode 1 python3 scripts/memcheck_forward.py \
-        > "$out_dir/memcheck.log" 2>&1
-    rc=$?
-    echo "memcheck rc=$rc: $(grep -E 'ERROR SUMMARY|memcheck cases' "$out_dir/memcheck.log" | tr '\n' ' ')" \
-        | tee -a "$out_dir/summary.txt"
-    [ $rc -ne 0 ] && status=$rc
+    for direction in forward backward; do
+        compute-sanitizer --tool memcheck --error-exitcode 1 \
+            python3 "scripts/memcheck_$direction.py" > "$out_dir/memcheck_$direction.log" 2>&1
+        rc=$?
+        echo "memcheck $direction rc=$rc: $(grep -E 'ERROR SUMMARY|memcheck cases' \
+            "$out_dir/memcheck_$direction.log" | tr '\n' ' ')" | tee -a "$out_dir/summary.txt"
+        [ $rc -ne 0 ] && status=$rc
+    done
 fi
 
 if has_stage narrowed; then

@@ -1,5 +1,7 @@
 """The public API without a GPU: signatures, unsupported options, errors, and the registered
-ops' fake implementations (shapes, dtypes, torch.export tracing) through fake CUDA tensors.
+ops' fake implementations (shapes, dtypes, torch.export tracing) through fake CUDA tensors; the
+backward ops' fakes on meta tensors. Tracing forward + backward of the public functions and the
+backward's handling of gradients are in test_autograd_cpu.py.
 """
 
 from __future__ import annotations
@@ -260,9 +262,20 @@ def test_each_function_calls_its_op_once_with_default_scale(name, recorded_ops) 
     expected_op, other_op = ("varlen_fwd", "fwd") if name in VARLEN_NAMES else ("fwd", "varlen_fwd")
     assert len(recorded_ops[expected_op].calls) == 1
     assert recorded_ops[other_op].calls == []
-    *_, scale, causal = recorded_ops[expected_op].calls[0]
+    *_, scale, causal, deterministic = recorded_ops[expected_op].calls[0]
     assert scale == pytest.approx(1 / math.sqrt(HEAD_DIM))
     assert causal is False
+    assert deterministic is False
+
+
+@needs_fake_cuda
+@pytest.mark.parametrize("name", FUNCTION_NAMES)
+def test_deterministic_is_passed_to_the_op(name, recorded_ops) -> None:
+    """The forward op carries the flag so that its backward can read it."""
+    with FakeTensorMode():
+        public(name)(*positional_args(name, device="cuda"), deterministic=True)
+    op_name = "varlen_fwd" if name in VARLEN_NAMES else "fwd"
+    assert recorded_ops[op_name].calls[0][-1] is True
 
 
 @needs_fake_cuda
@@ -281,14 +294,14 @@ def test_causal_window_is_normalized_before_the_op(
     with FakeTensorMode():
         args = positional_args("flash_attn_varlen_func", device="cuda")
         flash_varlen.flash_attn_varlen_func(*args, causal=causal, window_size=window_size)
-    assert recorded_ops["varlen_fwd"].calls[0][-1] is expected_causal
+    assert recorded_ops["varlen_fwd"].calls[0][-2] is expected_causal
 
 
 @needs_fake_cuda
 def test_explicit_softmax_scale_is_passed_through(recorded_ops) -> None:
     with FakeTensorMode():
         flash_varlen.flash_attn_func(*positional_args("flash_attn_func", "cuda"), softmax_scale=0.3)
-    assert recorded_ops["fwd"].calls[0][-2] == 0.3
+    assert recorded_ops["fwd"].calls[0][-3] == 0.3
 
 
 @needs_fake_cuda
@@ -368,7 +381,7 @@ def test_strict_export_traces_every_function_without_graph_breaks() -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# The ops directly on meta tensors (works with any torch build), and the missing backward
+# The ops directly on meta tensors (works with any torch build), forward and backward
 
 
 def test_varlen_op_fake_on_meta_tensors() -> None:
@@ -388,23 +401,42 @@ def test_fixed_op_fake_on_meta_tensors() -> None:
     assert lse.shape == (BATCH, NHEADS, SEQLEN_Q) and lse.dtype == torch.float32
 
 
-@pytest.mark.parametrize("grad_of", ["out", "lse"])
-def test_backward_raises_not_implemented(grad_of: str) -> None:
+def test_backward_op_fakes_on_meta_tensors() -> None:
+    """dq like q, dk and dv like k and v (nheads_k heads), new contiguous tensors."""
+    q = torch.empty(TOTAL_Q, NHEADS, HEAD_DIM, dtype=torch.float16, device="meta")
+    k = torch.empty(TOTAL_K, NHEADS_K, HEAD_DIM, dtype=torch.float16, device="meta")
+    lse = torch.empty(NHEADS, TOTAL_Q, dtype=torch.float32, device="meta")
+    cu = torch.empty(3, dtype=torch.int32, device="meta")
+    varlen = ops.varlen_bwd(q, q, k, k, q, lse, cu, cu, MAX_Q, MAX_K, 0.125, False, True, lse)
+    q_fixed = torch.empty(BATCH, SEQLEN_Q, NHEADS, HEAD_DIM, dtype=torch.float16, device="meta")
+    k_fixed = torch.empty(BATCH, SEQLEN_K, NHEADS_K, HEAD_DIM, dtype=torch.float16, device="meta")
+    lse_fixed = torch.empty(BATCH, NHEADS, SEQLEN_Q, dtype=torch.float32, device="meta")
+    fixed = ops.bwd(q_fixed, q_fixed, k_fixed, k_fixed, q_fixed, lse_fixed, 0.125, True, False)
+    for (dq, dk, dv), q_like, k_like in ((varlen, q, k), (fixed, q_fixed, k_fixed)):
+        assert dq.shape == q_like.shape and dk.shape == dv.shape == k_like.shape
+        assert dq.dtype == dk.dtype == dv.dtype == torch.float16
+        assert dq.is_contiguous() and dk.is_contiguous() and dv.is_contiguous()
+
+
+@pytest.mark.parametrize("grad_of", ["out", "lse", "both"])
+def test_backward_reaches_the_backward_op(grad_of: str) -> None:
+    """Gradients of out, softmax_lse or both flow through varlen_bwd's fake on meta tensors."""
     q = torch.empty(TOTAL_Q, NHEADS, HEAD_DIM, dtype=torch.float16, device="meta")
     k = torch.empty(TOTAL_K, NHEADS_K, HEAD_DIM, dtype=torch.float16, device="meta")
     cu = torch.empty(3, dtype=torch.int32, device="meta")
     q.requires_grad_()
+    k.requires_grad_()
     out, lse = ops.varlen_fwd(q, k, k, cu, cu, MAX_Q, MAX_K, 0.125, False)
-    assert out.requires_grad
-    loss = out.float().sum() if grad_of == "out" else lse.sum()
-    with pytest.raises(NotImplementedError, match="backward pass is not implemented"):
-        loss.backward()
+    assert out.requires_grad and lse.requires_grad
+    losses = {"out": out.float().sum(), "lse": lse.sum(), "both": out.float().sum() + lse.sum()}
+    dq, dk = torch.autograd.grad(losses[grad_of], [q, k])
+    assert dq.shape == q.shape and dk.shape == k.shape  # dk: gradients of k and v summed
 
 
-def test_fixed_backward_raises_not_implemented() -> None:
+def test_fixed_backward_reaches_the_backward_op() -> None:
     q = torch.empty(BATCH, SEQLEN_Q, NHEADS, HEAD_DIM, dtype=torch.float16, device="meta")
     v = torch.empty(BATCH, SEQLEN_K, NHEADS_K, HEAD_DIM, dtype=torch.float16, device="meta")
     v.requires_grad_()
     out, _ = ops.fwd(q, v.detach(), v, 0.125, False)
-    with pytest.raises(NotImplementedError, match="backward pass is not implemented"):
-        out.float().sum().backward()
+    (dv,) = torch.autograd.grad(out.float().sum(), [v])
+    assert dv.shape == v.shape and dv.dtype == torch.float16

@@ -43,12 +43,15 @@ def test_generated_kernel_files_are_current():
     assert result.returncode == 0, result.stderr
 
 
-def test_generator_covers_both_dtypes_every_bucket_and_causal():
+def test_generator_covers_both_directions_dtypes_every_bucket_and_causal():
     gen = load_generator()
     names = {inst.filename for inst in gen.all_instantiations()}
-    assert len(names) == len(gen.ELEMENT_TYPES) * len(gen.HEAD_DIM_BUCKETS) * 2
+    assert len(names) == len(gen.DIRECTIONS) * len(gen.ELEMENT_TYPES) * len(gen.HEAD_DIM_BUCKETS) * 2
+    assert set(gen.DIRECTIONS) == {"fwd", "bwd"}
     assert "flash_fwd_sm80_bf16_hdim128_causal.cu" in names
     assert "flash_fwd_sm80_fp16_hdim64.cu" in names
+    assert "flash_bwd_sm80_bf16_hdim256_causal.cu" in names
+    assert "flash_bwd_sm80_fp16_hdim96.cu" in names
 
 
 def test_kernel_sources_include_no_torch_headers():
@@ -71,6 +74,8 @@ def test_extension_contains_what_the_build_selected():
     ext = built_extension()
     compiled = set(ext.compiled_kernels())
     assert compiled, "the extension registered no kernel"
+    # Both directions are built from the same selection.
+    assert set(ext.compiled_backward_kernels()) == compiled
     gen = load_generator()
     everything = {(DTYPE_NAMES[d], h) for d in gen.ELEMENT_TYPES for h in gen.HEAD_DIM_BUCKETS}
     assert compiled <= everything
@@ -114,3 +119,61 @@ def test_extension_messages_format_numbers():
     strided = torch.randn(8, 2, 128).to(torch.bfloat16)[..., ::2]
     with pytest.raises(RuntimeError, match=r"contiguous last dimension \(stride 1\), got 2"):
         ext.varlen_fwd(strided, strided, strided, cu, cu, 8, 8, 0.125, False)
+
+
+def _backward_args(total: int = 8, nheads: int = 2, head_dim: int = 64) -> dict:
+    """Valid-looking CPU arguments for varlen_bwd; tests break one rule at a time."""
+    q = torch.randn(total, nheads, head_dim).to(torch.bfloat16)
+    return {
+        "dout": q.clone(),
+        "q": q,
+        "k": q.clone(),
+        "v": q.clone(),
+        "out": q.clone(),
+        "softmax_lse": torch.zeros(nheads, total),
+        "cu_seqlens_q": torch.tensor([0, total], dtype=torch.int32),
+        "cu_seqlens_k": torch.tensor([0, total], dtype=torch.int32),
+        "max_seqlen_q": total,
+        "max_seqlen_k": total,
+        "softmax_scale": 0.125,
+        "causal": False,
+        "deterministic": False,
+    }
+
+
+def test_backward_rejects_cpu_tensors_before_any_kernel():
+    ext = built_extension()
+    with pytest.raises(RuntimeError, match="q must be a CUDA tensor"):
+        ext.varlen_bwd(**_backward_args())
+    args = _backward_args()
+    fixed = {name: args[name].unsqueeze(0) for name in ("dout", "q", "k", "v", "out")}
+    with pytest.raises(RuntimeError, match="q must be a CUDA tensor"):
+        ext.bwd(**fixed, softmax_lse=torch.zeros(1, 2, 8), softmax_scale=0.125, causal=False,
+                deterministic=False)
+
+
+def test_backward_checks_dout_shape_and_strides_by_name():
+    ext = built_extension()
+    args = _backward_args()
+    args["dout"] = args["dout"][:4]
+    with pytest.raises(RuntimeError, match=r"dout must have the shape of q \[8, 2, 64\], got \[4, 2, 64\]"):
+        ext.varlen_bwd(**args)
+    args = _backward_args()
+    args["dout"] = torch.randn(8, 2, 128).to(torch.bfloat16)[..., ::2]
+    with pytest.raises(RuntimeError, match=r"dout must have a contiguous last dimension"):
+        ext.varlen_bwd(**args)
+
+
+def test_backward_checks_softmax_lse_and_gradient_buffers_by_name():
+    ext = built_extension()
+    args = _backward_args()
+    args["softmax_lse"] = torch.zeros(2, 7)
+    with pytest.raises(RuntimeError, match=r"softmax_lse must have shape \[2, 8\], got \[2, 7\]"):
+        ext.varlen_bwd(**args)
+    args = _backward_args()
+    args["softmax_lse"] = torch.zeros(2, 8, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="softmax_lse must be float32"):
+        ext.varlen_bwd(**args)
+    args = _backward_args()
+    with pytest.raises(RuntimeError, match="dk must have the shape of k"):
+        ext.varlen_bwd(**args, dk=torch.zeros(8, 1, 64).to(torch.bfloat16))

@@ -227,6 +227,7 @@ VARLEN_CASES = [
     case("scale < 0", setting(softmax_scale=-0.1), ValueError, "softmax_scale must be finite and pos"),
     case("scale str", setting(softmax_scale="0.1"), TypeError, "softmax_scale must be a float"),
     case("causal str", setting(causal="yes"), TypeError, "causal must be a bool"),
+    case("deterministic int", setting(deterministic=1), TypeError, "deterministic must be a bool"),
     case("window of 3", setting(window_size=(-1, -1, 0)), ValueError, "window_size must be a pair"),
     case("window floats", setting(window_size=(-1.0, -1)), TypeError, "window_size must be a pair"),
     case("q on CPU", unchanged, ValueError, "q must be a CUDA tensor"),
@@ -378,6 +379,31 @@ def test_sliding_window_not_implemented(causal, window_size) -> None:
     args = varlen_args()
     with raises(NotImplementedError, "window_size", "sliding window"):
         flash_varlen.flash_attn_varlen_func(**args, causal=causal, window_size=window_size)
+
+
+@pytest.mark.parametrize(
+    ("tensor", "readable"),
+    [
+        (torch.zeros(12, NHEADS, HEAD_DIM, dtype=torch.float16), True),
+        (torch.zeros(12, 3, NHEADS, HEAD_DIM, dtype=torch.float16)[:, 1], True),  # packed view
+        (torch.zeros(NHEADS, 12, HEAD_DIM, dtype=torch.bfloat16).transpose(0, 1), True),
+        (torch.zeros(1, 1, 1, dtype=torch.float16).expand(12, NHEADS, HEAD_DIM), False),
+        (torch.zeros(12, HEAD_DIM, NHEADS, dtype=torch.float16).transpose(1, 2), False),
+        (misaligned_stride((12, NHEADS, HEAD_DIM), pad=4), False),
+        (offset_by((12, NHEADS, HEAD_DIM), 4), False),
+        # The odd stride belongs to a dim of size 1, so it never multiplies an index.
+        (
+            torch.zeros(12, HEAD_DIM, dtype=torch.float16).as_strided(
+                (12, 1, HEAD_DIM), (HEAD_DIM, 3, 1)
+            ),
+            True,
+        ),
+    ],
+)
+def test_has_kernel_layout_applies_the_layout_rules(tensor, readable) -> None:
+    """The predicate the backward uses on incoming gradients; same rules as the q/k/v checks."""
+    assert validation.has_kernel_layout(tensor) is readable
+    assert (validation.layout_problem(tensor, "x") is None) is readable
 
 
 def test_resolve_softmax_scale() -> None:

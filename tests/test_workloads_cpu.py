@@ -98,3 +98,233 @@ def test_workload_flops_use_query_heads() -> None:
     assert gqa == 2 * mha
     causal = workload.forward_flops(HEAD_LAYOUTS["mha"], causal=True)
     assert causal == 4 * 128 * 16 * 16 * (2048 * 2049 // 2)
+
+
+# ----------------------------------------------------------------------------------------------
+# Backward benchmark: reference gradients, the row logic on CPU stand-ins, the report columns
+# ----------------------------------------------------------------------------------------------
+
+import json  # noqa: E402
+import math  # noqa: E402
+
+import triton.testing  # noqa: E402
+
+from benchmarks import bench_backward, checks, report  # noqa: E402
+from benchmarks.impls import Case, Prepared  # noqa: E402
+from benchmarks.workloads import HeadLayout, Workload  # noqa: E402
+
+# Lengths that do not divide the (shrunk) chunk, one shorter than a chunk, one of a single token.
+TINY_LENGTHS = (5, 17, 9, 1)
+TINY_LAYOUT = HeadLayout("tiny_gqa", nheads_q=4, nheads_kv=2, head_dim=16)
+TINY_CHUNK_ROWS = 4
+FAKE_BENCH_MS = 2.0
+
+
+def _tiny_inputs(dtype: torch.dtype, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """q, dout: (total, 4, 16); k, v: (total, 2, 16); randn in `dtype` on the CPU."""
+    generator = torch.Generator().manual_seed(seed)
+    total = sum(TINY_LENGTHS)
+
+    def randn(nheads: int) -> torch.Tensor:
+        return torch.randn(total, nheads, TINY_LAYOUT.head_dim, generator=generator).to(dtype)
+
+    return randn(4), randn(2), randn(2), randn(4)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_reference_gradients_match_autograd(monkeypatch: pytest.MonkeyPatch, causal: bool) -> None:
+    # The closed-form, chunked gradients equal autograd through the forward reference (float64;
+    # the results are stored in float32), and the output is the forward reference's, bitwise.
+    monkeypatch.setattr(checks, "QUERY_CHUNK_ROWS", TINY_CHUNK_ROWS)
+    q, k, v, dout = _tiny_inputs(torch.float64)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = checks.reference_attention(*leaves, TINY_LENGTHS, causal, 0.3, torch.float64)
+    expected = torch.autograd.grad(out, leaves, dout)
+    out_cf, *grads = checks.reference_attention_grads(
+        q, k, v, dout, TINY_LENGTHS, causal, 0.3, torch.float64
+    )
+    assert torch.equal(out_cf, out.detach())
+    for grad, want in zip(grads, expected):
+        assert grad.dtype == torch.float32 and grad.shape == want.shape
+        torch.testing.assert_close(grad, want.float(), rtol=1e-6, atol=1e-6)
+
+
+def test_build_references_tolerances_follow_the_rule() -> None:
+    q, k, v, dout = _tiny_inputs(torch.bfloat16)
+    forward, backward = checks.build_references(q, k, v, dout, TINY_LENGTHS, True, 0.25)
+    assert forward.tolerance == 2.0 * forward.lowp_max_abs_err + checks.TOLERANCE_FLOOR
+    assert len(backward.grads) == len(checks.GRAD_NAMES) == 3
+    for err, tolerance in zip(backward.lowp_max_abs_errs, backward.tolerances):
+        assert err > 0  # bf16 math is not exact
+        assert tolerance == 3.0 * err + checks.TOLERANCE_FLOOR
+    checked = backward.check(backward.grads)
+    assert all(passed and err == 0 for passed, err in checked.values())
+    poisoned = (backward.grads[0], backward.grads[1], torch.full_like(backward.grads[2], math.nan))
+    assert backward.check(poisoned)["dv"][0] is False
+
+
+class _NoisyGradient(torch.autograd.Function):
+    """Identity whose backward adds fresh noise: a stand-in for a non-reproducible backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad + 1e-4 * torch.rand_like(grad)
+
+
+def _plain_preparer(noisy: bool = False, own_layout: bool = False):
+    """A CPU stand-in implementation: the float32 reference with autograd. `own_layout` reads
+    and returns FlexAttention's (1, nheads, total, d) layout, with copies as leaves."""
+
+    def prepare(case: Case) -> Prepared:
+        def to_packed(t: torch.Tensor) -> torch.Tensor:
+            return t[0].transpose(0, 1) if own_layout else t
+
+        def from_packed(t: torch.Tensor) -> torch.Tensor:
+            return t.transpose(0, 1).unsqueeze(0) if own_layout else t
+
+        inputs = tuple(
+            from_packed(t).contiguous().detach().requires_grad_(t.requires_grad)
+            for t in (case.q, case.k, case.v)
+        )
+
+        def run() -> torch.Tensor:
+            q, k, v = (to_packed(t) for t in inputs)
+            out = checks.reference_attention(q, k, v, case.workload.lengths, case.causal,
+                                             case.scale, torch.float32)
+            if noisy:
+                out = _NoisyGradient.apply(out)
+            return from_packed(out.to(case.q.dtype))
+
+        return Prepared(run, inputs, to_packed=to_packed, from_packed=from_packed)
+
+    return prepare
+
+
+def _unavailable(case: Case) -> Prepared:
+    raise RuntimeError("this build has no such kernel")
+
+
+def _fake_do_bench(fn, warmup: int, rep: int, return_mode: str) -> float:
+    assert return_mode == "median"
+    fn()
+    return FAKE_BENCH_MS
+
+
+def _tiny_case(causal: bool) -> Case:
+    workload = Workload("tiny", TINY_LENGTHS)
+    q, k, v, _ = _tiny_inputs(torch.bfloat16, seed=1)
+    return Case(workload, TINY_LAYOUT, causal, q, k, v, workload.cu_seqlens())
+
+
+def test_backward_row_on_cpu_stand_ins(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(triton.testing, "do_bench", _fake_do_bench)
+    impls = ["ours", "ours_det", "varlen_attn", "flex"]
+    preparers = {
+        "ours": _plain_preparer(),
+        "ours_det": _plain_preparer(noisy=True),  # must be bitwise reproducible: fails
+        "varlen_attn": _unavailable,
+        "flex": _plain_preparer(own_layout=True),
+    }
+    case = _tiny_case(causal=True)
+    row = bench_backward.bench_row(case, impls, preparers)
+
+    forward, backward = row["forward"]["results"], row["backward"]["results"]
+    assert set(forward) == {"ours", "varlen_attn", "flex"}  # ours_det has no forward of its own
+    assert forward["ours"]["status"] == forward["flex"]["status"] == "ok"
+    assert forward["varlen_attn"]["status"] == "n/a"
+    assert backward["ours"]["status"] == backward["flex"]["status"] == "ok"
+    assert backward["varlen_attn"]["status"] == "n/a"
+    assert "no such kernel" in backward["varlen_attn"]["reason"]
+    det = backward["ours_det"]
+    assert det["status"] == "wrong" and not det["check"]["bitwise_repeatable"]
+    assert all(det["check"][name]["passed"] for name in checks.GRAD_NAMES)
+
+    ours = backward["ours"]
+    assert ours["check"]["passed"] and ours["check"]["bitwise_repeatable"]
+    flops = case.workload.backward_flops(TINY_LAYOUT, causal=True)
+    assert row["backward_flops"] == flops == 2.5 * row["forward_flops"]
+    assert ours["tflops"] == pytest.approx(flops / (FAKE_BENCH_MS * 1e-3) / 1e12)
+    # The same math in another layout: gradients equal ours once brought back to packed.
+    assert backward["flex"]["check"]["max_abs_diff_vs_ours"] == {"dq": 0.0, "dk": 0.0, "dv": 0.0}
+    assert row["backward"]["ratios"] == {
+        "ours/varlen_attn": None, "ours/flex": 1.0, "ours_det/ours": None,
+    }
+    assert set(row["reference"]["backward"]) == set(checks.GRAD_NAMES)
+
+    meta = {"date": "today", "gpu": "cpu", "torch": "t", "triton": "t", "git_commit": "abc",
+            "git_dirty": False, "command": "python benchmarks/bench_backward.py"}
+    markdown_path = report.write_backward_outputs(tmp_path / "bwd.json", meta, [row], impls)
+    assert json.loads((tmp_path / "bwd.json").read_text())["rows"][0]["backward_flops"] == flops
+    assert markdown_path.read_text().startswith("# Backward benchmark, today\n")
+    header, body = report.backward_table([row], impls)
+    assert header[3:] == [
+        "ours TFLOP/s fwd / bwd", "ours_det TFLOP/s fwd / bwd", "varlen_attn TFLOP/s fwd / bwd",
+        "flex TFLOP/s fwd / bwd", "bwd ours/varlen_attn", "bwd ours/flex", "bwd ours_det/ours",
+    ]
+    fwd_ours = forward["ours"]["tflops"]
+    assert body[0][3:] == [
+        f"{fwd_ours:.1f} / {ours['tflops']:.1f}", "- / WRONG", "n/a / n/a",
+        f"{forward['flex']['tflops']:.1f} / {backward['flex']['tflops']:.1f}", "-", "1.00", "-",
+    ]
+    notes = report.backward_notes([row], impls)
+    assert notes[0].startswith("tiny/tiny_gqa/causal ours_det backward: WRONG, gradients differ")
+    assert notes[1].startswith("tiny/tiny_gqa/causal varlen_attn forward: n/a, RuntimeError")
+    assert notes[2].startswith("tiny/tiny_gqa/causal varlen_attn backward: n/a, RuntimeError")
+    assert len(notes) == 3
+
+
+def test_backward_notes_name_the_failing_gradient_and_a_set_up_note_once() -> None:
+    grad_ok = {"max_abs_err": 0.01, "tolerance": 0.05, "passed": True}
+    check = {"dq": grad_ok, "dk": {"max_abs_err": 0.5, "tolerance": 0.05, "passed": False},
+             "dv": grad_ok, "bitwise_repeatable": False, "repeatable_required": False,
+             "passed": False}
+    noted = {"status": "ok", "tflops": 100.0, "note": "k/v repeated"}
+    row = {
+        "workload": "docs", "layout": "gqa", "causal": False,
+        "forward": {"results": {"ours": {"status": "ok", "tflops": 300.0},
+                                "varlen_attn": noted}, "ratios": {}},
+        "backward": {"results": {"ours": {"status": "wrong", "check": check},
+                                 "varlen_attn": {**noted, "tflops": 80.0}}, "ratios": {}},
+    }
+    assert report.backward_notes([row], ["ours", "varlen_attn"]) == [
+        "docs/gqa/full ours backward: WRONG, dk max abs error 0.5 > tolerance 0.05; not timed",
+        "docs/gqa/full varlen_attn*: k/v repeated",
+    ]
+    _, body = report.backward_table([row], ["ours", "varlen_attn"])
+    assert body == [["docs", "gqa", "no", "300.0 / WRONG", "100.0* / 80.0*", "-"]]
+
+
+def test_speed_ratios_need_both_sides_timed() -> None:
+    results = {"ours": {"status": "ok", "tflops": 300.0},
+               "ours_det": {"status": "ok", "tflops": 240.0},
+               "flex": {"status": "n/a", "reason": "x"}}
+    assert report.speed_ratios(results, report.BACKWARD_RATIO_PAIRS) == {
+        "ours/flex": None, "ours_det/ours": pytest.approx(0.8),
+    }
+    assert report.speed_ratios({"ours": results["ours"]}, report.FORWARD_RATIO_PAIRS) == {}
+
+
+def test_forward_row_and_table_on_cpu_stand_ins(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The forward benchmark's row and table, through the pieces the backward benchmark reuses.
+    from benchmarks import bench_forward
+
+    monkeypatch.setattr(triton.testing, "do_bench", _fake_do_bench)
+    impls = ["ours", "varlen_attn", "flex"]
+    preparers = {"ours": _plain_preparer(), "varlen_attn": _unavailable,
+                 "flex": _plain_preparer(own_layout=True)}
+    row = bench_forward.bench_row(_tiny_case(causal=False), impls, preparers)
+    assert row["results"]["ours"]["status"] == row["results"]["flex"]["status"] == "ok"
+    assert row["results"]["flex"]["check"]["max_abs_diff_vs_ours"] == 0.0
+    assert row["ratios"] == {"ours/varlen_attn": None, "ours/flex": 1.0}
+    header, body = report.table([row], impls)
+    tflops = f"{row['results']['ours']['tflops']:.1f}"
+    assert header[3:] == ["ours TFLOP/s", "varlen_attn TFLOP/s", "flex TFLOP/s", "ours/varlen_attn",
+                          "ours/flex"]
+    assert body == [["tiny", "tiny_gqa", "no", tflops, "n/a", tflops, "-", "1.00"]]
+    assert report.notes([row], impls) == [
+        "tiny/tiny_gqa/full varlen_attn: n/a, RuntimeError: this build has no such kernel"
+    ]

@@ -8,7 +8,7 @@ namespace flash_varlen {
 namespace {
 
 const FwdKernelRegistration kRegistration(
-    FwdKernelKey{ElementType::kBFloat16, 192, /*is_causal=*/false},
+    KernelKey{ElementType::kBFloat16, 192, /*is_causal=*/false},
     &launch_flash_fwd<cutlass::bfloat16_t, 192, /*kIsCausal=*/false>);
 
 }  // namespace

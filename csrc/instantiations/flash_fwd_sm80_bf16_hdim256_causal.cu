@@ -8,7 +8,7 @@ namespace flash_varlen {
 namespace {
 
 const FwdKernelRegistration kRegistration(
-    FwdKernelKey{ElementType::kBFloat16, 256, /*is_causal=*/true},
+    KernelKey{ElementType::kBFloat16, 256, /*is_causal=*/true},
     &launch_flash_fwd<cutlass::bfloat16_t, 256, /*kIsCausal=*/true>);
 
 }  // namespace

@@ -8,7 +8,7 @@ namespace flash_varlen {
 namespace {
 
 const FwdKernelRegistration kRegistration(
-    FwdKernelKey{ElementType::kFloat16, 192, /*is_causal=*/false},
+    KernelKey{ElementType::kFloat16, 192, /*is_causal=*/false},
     &launch_flash_fwd<cutlass::half_t, 192, /*kIsCausal=*/false>);
 
 }  // namespace

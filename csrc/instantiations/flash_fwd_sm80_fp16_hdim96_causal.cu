@@ -8,7 +8,7 @@ namespace flash_varlen {
 namespace {
 
 const FwdKernelRegistration kRegistration(
-    FwdKernelKey{ElementType::kFloat16, 96, /*is_causal=*/true},
+    KernelKey{ElementType::kFloat16, 96, /*is_causal=*/true},
     &launch_flash_fwd<cutlass::half_t, 96, /*kIsCausal=*/true>);
 
 }  // namespace

@@ -11,38 +11,12 @@
 #include "mask_policy.h"
 #include "online_softmax.h"
 #include "seqlen_info.h"
+#include "tile_copy.h"
 #include "warp_gemm.h"
 
 namespace flash_varlen {
 
 using namespace cute;
-
-// Copies a (rows, head_dim) tile from global to shared memory with 16-byte cp.async. Rows at or
-// past row_limit and columns at or past the real head dim are not read and are zero-filled, so
-// the MMAs can run on the whole tile and stray values never reach a valid output.
-// src, dst: (CPY, CPY_ROWS, CPY_COLS) partitions; coords: the same partition of an identity tensor.
-template <typename TiledCopy, typename Src, typename Dst, typename Coords, typename ColValid>
-__device__ void copy_tile_zero_fill(const TiledCopy& tiled_copy, const Src& src, Dst&& dst,
-                                    const Coords& coords, const ColValid& col_valid,
-                                    int row_limit) {
-    CUTE_UNROLL
-    for (int m = 0; m < size<1>(src); ++m) {
-        const bool row_valid = get<0>(coords(0, m, 0)) < row_limit;
-        CUTE_UNROLL
-        for (int k = 0; k < size<2>(src); ++k) {
-            copy(tiled_copy.with(row_valid && col_valid(k)), src(_, m, k), dst(_, m, k));
-        }
-    }
-}
-
-// The (kRows, kHeadDim) tile number `block` of a (seqlen, kHeadDim) matrix with the given row
-// stride. The tile's start is computed in 64 bits; offsets inside it fit 32 bits.
-template <int kRows, int kHeadDim, typename Element>
-__device__ auto row_tile(Element* base, int block, int64_t row_stride) {
-    Element* start = base + int64_t(block) * kRows * row_stride;
-    return make_tensor(make_gmem_ptr(start), Shape<Int<kRows>, Int<kHeadDim>>{},
-                       make_stride(int(row_stride), _1{}));
-}
 
 template <typename Traits, bool kIsCausal>
 struct FlashFwdRowBlock {
@@ -213,23 +187,8 @@ struct FlashFwdRowBlock {
                           seq.q_offset(params.o_batch_stride, params.o_row_stride, batch) +
                           head * params.o_head_stride;
         Tensor gO = row_tile<kBlockM, kHeadDim>(o_base, m_block, params.o_row_stride);  // (BM, D)
-        typename Traits::GmemTiledCopyO gmem_tiled_copy_o;
-        auto gmem_thr_copy_o = gmem_tiled_copy_o.get_thread_slice(tidx);
-        Tensor tOsO = gmem_thr_copy_o.partition_S(sO);  // (CPY, CPY_M, CPY_D)
-        Tensor tOgO = gmem_thr_copy_o.partition_D(gO);
-        Tensor tOcO = gmem_thr_copy_o.partition_D(identity_tile);
-        Tensor tOrO = make_tensor<Element>(shape(tOgO));
-        copy(gmem_tiled_copy_o, tOsO, tOrO);
-        CUTE_UNROLL
-        for (int m = 0; m < size<1>(tOrO); ++m) {
-            if (get<0>(tOcO(0, m, 0)) >= rows_left_q) continue;
-            CUTE_UNROLL
-            for (int k = 0; k < size<2>(tOrO); ++k) {
-                if (get<1>(tOcO(0, m, k)) < params.head_dim) {
-                    copy(gmem_tiled_copy_o, tOrO(_, m, k), tOgO(_, m, k));
-                }
-            }
-        }
+        store_tile_from_smem<typename Traits::GmemTiledCopyO>(sO, gO, rows_left_q,
+                                                              params.head_dim);
     }
 
     // The four threads of a quad hold the same rows; the one holding column 0 writes their LSE.

@@ -42,4 +42,37 @@ struct FlashFwdParams {
     float softmax_scale_log2;  // softmax_scale * log2(e): the kernels exponentiate with exp2
 };
 
+// Backward: the forward's tensors (q, k, v, o, softmax_lse, read only) plus the gradients.
+struct FlashBwdParams : FlashFwdParams {
+    // dout like q; dq like q; dk, dv like k.
+    const void* __restrict__ do_ptr;
+    void* __restrict__ dq_ptr;
+    void* __restrict__ dk_ptr;
+    void* __restrict__ dv_ptr;
+    int64_t do_batch_stride, do_row_stride, do_head_stride;
+    int64_t dq_batch_stride, dq_row_stride, dq_head_stride;
+    int64_t dk_batch_stride, dk_row_stride, dk_head_stride;
+    int64_t dv_batch_stride, dv_row_stride, dv_head_stride;
+
+    // Gradient of the loss with respect to softmax_lse, laid out like it; nullptr when zero.
+    const float* __restrict__ softmax_lse_grad_ptr;
+    // rowsum(dO * O) - dLSE per query row, float32, laid out like softmax_lse (preprocess output).
+    float* __restrict__ softmax_d_ptr;
+
+    // dQ accumulated over key blocks in float32: (query rows, nheads, head-dim bucket), dense.
+    // Query row r of sequence b is row q_start + r (varlen) or b * seqlen_q + r (fixed length).
+    float* __restrict__ dq_accum_ptr;
+    int64_t dq_accum_row_stride;  // nheads * head-dim bucket
+
+    // Deterministic mode: one counter per (head, query row block) that orders the dQ adds of
+    // the key blocks (key block j adds after j - 1). nullptr: unordered atomic adds.
+    // Counters are indexed in units of kSemaphoreRows query rows (see dq_semaphore_slot), so the
+    // host can size the array without knowing the kernel's row-block size.
+    int* __restrict__ dq_semaphore;
+    int dq_semaphore_head_stride;  // counters per head
+};
+
+// Granularity of the dq_semaphore slots; every backward row block is a multiple of it.
+constexpr int kSemaphoreRows = 64;
+
 }  // namespace flash_varlen

@@ -1,6 +1,7 @@
-// A table of the forward kernels this build contains. Each generated instantiation file adds its
-// launcher at load time, so a narrowed development build simply has fewer entries and the bindings
-// can refuse an uncovered call with a clear message instead of a link error or a silent no-op.
+// A table of the kernels this build contains, one per direction. Each generated instantiation
+// file adds its launcher at load time, so a narrowed development build simply has fewer entries
+// and the bindings can refuse an uncovered call with a clear message instead of a link error or a
+// silent no-op.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -13,31 +14,52 @@ namespace flash_varlen {
 
 enum class ElementType { kFloat16, kBFloat16 };
 
-using FwdLauncher = cudaError_t (*)(const FlashFwdParams&, cudaStream_t);
-
-struct FwdKernelKey {
+struct KernelKey {
     ElementType element_type;
     int head_dim_bucket;
     bool is_causal;
-};
 
-struct FwdKernelEntry {
-    FwdKernelKey key;
-    FwdLauncher launch;
-};
-
-void register_fwd_kernel(const FwdKernelKey& key, FwdLauncher launch);
-
-// Returns nullptr when this build does not contain the kernel.
-FwdLauncher find_fwd_kernel(const FwdKernelKey& key);
-
-const std::vector<FwdKernelEntry>& registered_fwd_kernels();
-
-// A static instance of this in an instantiation file registers its kernel when the library loads.
-struct FwdKernelRegistration {
-    FwdKernelRegistration(const FwdKernelKey& key, FwdLauncher launch) {
-        register_fwd_kernel(key, launch);
+    bool operator==(const KernelKey& other) const {
+        return element_type == other.element_type && head_dim_bucket == other.head_dim_bucket &&
+               is_causal == other.is_causal;
     }
 };
+
+template <typename Params>
+using Launcher = cudaError_t (*)(const Params&, cudaStream_t);
+using FwdLauncher = Launcher<FlashFwdParams>;
+using BwdLauncher = Launcher<FlashBwdParams>;
+
+template <typename Params>
+struct KernelEntry {
+    KernelKey key;
+    Launcher<Params> launch;
+};
+
+// The table of one direction. A function-local static, so registrations from other translation
+// units never run before the table exists, whatever order the loader runs their static
+// initializers in. Defined (and explicitly instantiated for both directions) in the .cpp, so the
+// whole library shares one table per direction.
+template <typename Params>
+std::vector<KernelEntry<Params>>& kernel_table();
+
+// Returns nullptr when this build does not contain the kernel.
+template <typename Params>
+Launcher<Params> find_kernel(const KernelKey& key) {
+    for (const KernelEntry<Params>& entry : kernel_table<Params>()) {
+        if (entry.key == key) return entry.launch;
+    }
+    return nullptr;
+}
+
+// A static instance of this in an instantiation file registers its kernel when the library loads.
+template <typename Params>
+struct KernelRegistration {
+    KernelRegistration(const KernelKey& key, Launcher<Params> launch) {
+        kernel_table<Params>().push_back({key, launch});
+    }
+};
+using FwdKernelRegistration = KernelRegistration<FlashFwdParams>;
+using BwdKernelRegistration = KernelRegistration<FlashBwdParams>;
 
 }  // namespace flash_varlen

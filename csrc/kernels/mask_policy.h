@@ -44,6 +44,34 @@ struct MaskPolicy {
         return kIsCausal ? cute::ceil_div(kBlockM, kBlockN) + 1 : 1;
     }
 
+    // The key column one past the last one that query row `row` may see.
+    __device__ int visible_col_end(int row) const {
+        if constexpr (kIsCausal) return min(seqlen_k, row + 1 + seqlen_k - seqlen_q);
+        return seqlen_k;
+    }
+
+    // Whether a (kBlockM, kBlockN) tile at (row0, col0) may hold an invisible pair for a row
+    // inside the sequence: the key tail, or (causal) a column right of the first row's diagonal.
+    template <int kBlockM, int kBlockN>
+    __device__ bool tile_needs_mask(int row0, int col0) const {
+        const int col_end = col0 + kBlockN;
+        return col_end > seqlen_k || visible_col_end(row0) < col_end;
+    }
+
+    // Sets invisible scores to -inf for any tiled-MMA layout: coords is this thread's partition
+    // of an identity tensor over the score tile, built by the caller where it is used (the
+    // compiler folds it into constants plus a per-thread offset).
+    template <typename ScoreTensor, typename CoordTensor>
+    __device__ void apply_by_coordinates(ScoreTensor& acc_s, const CoordTensor& coords, int row0,
+                                         int col0) const {
+        CUTE_UNROLL
+        for (int i = 0; i < cute::size(acc_s); ++i) {
+            const int row = row0 + cute::get<0>(coords(i));
+            const int col = col0 + cute::get<1>(coords(i));
+            if (col >= visible_col_end(row)) acc_s(i) = -INFINITY;
+        }
+    }
+
     // Sets invisible scores to -inf. acc_s is one thread's (MMA, MMA_M, MMA_N) accumulator of a
     // tiled SM80 m16n8k16 MMA whose kNWarps warps are stacked along M; row0/col0 place the tile in
     // the sequence. Coordinates are computed from the lane here rather than carried in registers

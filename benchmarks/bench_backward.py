@@ -1,0 +1,273 @@
+"""Backward attention benchmark: flash_varlen vs PyTorch varlen_attn vs FlexAttention.
+
+    python benchmarks/bench_backward.py --out results.json [--workloads docs,short,equal2k]
+        [--layouts mha,gqa] [--causal both|on|off] [--impl ours,ours_det,varlen_attn,flex]
+
+For every workload x head layout x causal row (workloads.py, targets.md): fresh bf16 randn
+q/k/v and output gradient dout, one float64 reference for the output and the gradients. Per
+implementation, the forward exactly as bench_forward.py measures it (checked, then timed), then
+the backward alone: one forward with q/k/v requiring grad, a warm-up backward, two checked
+backward calls on a NaN-poisoned allocator (dq, dk, dv against the reference; the two compared
+bitwise), and only if those pass, the median time of
+`torch.autograd.grad(out, inputs, dout, retain_graph=True)` under triton.testing.do_bench.
+`ours_det` is ours with deterministic=True: backward only (its forward is ours'), and its
+gradients must be bitwise reproducible. Writes the JSON to --out, a Markdown table next to it
+(same stem, .md) and prints the table. Needs a CUDA GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if __package__ in (None, ""):
+    # Run as a script: make `benchmarks` importable. Appended, not prepended, so an installed
+    # flash_varlen (with its compiled extension) wins over the source tree.
+    sys.path.append(str(REPO_ROOT))
+
+from benchmarks import bench_forward, report  # noqa: E402
+from benchmarks.bench_forward import (  # noqa: E402
+    CAUSAL_CHOICES,
+    EXIT_NO_GPU,
+    REP_MS,
+    WARMUP_MS,
+    failure_reason,
+    json_float,
+    synchronize,
+)
+from benchmarks.checks import (  # noqa: E402
+    GRAD_NAMES,
+    GradReference,
+    build_references,
+    max_abs_diff,
+    poison_allocator,
+)
+from benchmarks.impls import (  # noqa: E402
+    BACKWARD_IMPL_NAMES,
+    DETERMINISTIC_IMPL,
+    IMPL_NAMES,
+    Case,
+    FlexRunner,
+    Prepared,
+    prepare_ours_deterministic,
+)
+from benchmarks.workloads import make_workload  # noqa: E402
+
+SCRIPT = "benchmarks/bench_backward.py"
+DOUT_SEED = 4321
+Grads = tuple[torch.Tensor, ...]  # dq, dk, dv in the packed layout (GRAD_NAMES order)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = bench_forward.build_parser(
+        "Backward (and forward) attention TFLOP/s of flash_varlen and its peers on the fixed "
+        f"workloads of targets.md (needs a CUDA GPU). {DETERMINISTIC_IMPL} is ours with "
+        "deterministic=True, timed for the backward only.",
+        BACKWARD_IMPL_NAMES,
+    )
+    return parser.parse_args(argv)
+
+
+def run_metadata(argv: list[str]) -> dict[str, Any]:
+    meta = bench_forward.run_metadata(argv, SCRIPT)
+    meta["timing"]["backward"] = (
+        "torch.autograd.grad(out, inputs, dout, retain_graph=True) alone, on the graph of one "
+        "forward; inputs are q, k, v in the implementation's own layout"
+    )
+    meta["dout_seed"] = DOUT_SEED
+    return meta
+
+
+def backward_preparers(flex: FlexRunner) -> dict[str, Callable[[Case], Prepared]]:
+    """How to set up each implementation of BACKWARD_IMPL_NAMES."""
+    return {**bench_forward.forward_preparers(flex),
+            DETERMINISTIC_IMPL: prepare_ours_deterministic}
+
+
+def make_dout(case: Case) -> torch.Tensor:
+    """The output gradient of a row: (total, nheads_q, d) randn in q's dtype, seeded."""
+    generator = torch.Generator(device=case.q.device).manual_seed(DOUT_SEED)
+    return torch.randn(case.q.shape, generator=generator, device=case.q.device,
+                       dtype=case.q.dtype)
+
+
+def with_grad(case: Case) -> Case:
+    """The same inputs (shared storage) as new leaves that require grad."""
+    q, k, v = (t.detach().requires_grad_() for t in (case.q, case.k, case.v))
+    return dataclasses.replace(case, q=q, k=k, v=v)
+
+
+def grad_check_record(checked: dict[str, tuple[bool, float]], reference: GradReference,
+                      repeatable: bool, require_repeatable: bool) -> dict[str, Any]:
+    """The "check" record of a backward result.
+
+    checked: GradReference.check's name -> (passed, max abs error). Passed means every gradient
+    is within its tolerance and, when `require_repeatable`, two identical calls agreed bitwise.
+    """
+    record: dict[str, Any] = {
+        name: {"max_abs_err": json_float(err), "tolerance": tolerance, "passed": passed}
+        for (name, (passed, err)), tolerance in zip(checked.items(), reference.tolerances)
+    }
+    record["bitwise_repeatable"] = repeatable
+    record["repeatable_required"] = require_repeatable
+    within = all(passed for passed, _ in checked.values())
+    record["passed"] = within and (repeatable or not require_repeatable)
+    return record
+
+
+def _check_and_time_backward(prepare: Callable[[Case], Prepared], case: Case,
+                             dout: torch.Tensor, reference: GradReference, flops: float,
+                             require_repeatable: bool) -> tuple[dict[str, Any], Grads]:
+    """measure_backward without the error handling: raises on any failure."""
+    from triton.testing import do_bench
+
+    prepared = prepare(case)
+    out = prepared.run()
+    # dout in out's own layout and strides: a compiled backward (Flex) would otherwise copy it to
+    # the strides it was traced with, inside the timed region.
+    dout_own = torch.empty_like(out).copy_(prepared.from_packed(dout))
+
+    def backward() -> Grads:
+        return torch.autograd.grad(out, prepared.inputs, dout_own, retain_graph=True)
+
+    def packed(grads: Grads) -> Grads:
+        return tuple(prepared.to_packed(grad) for grad in grads)
+
+    backward()  # warm-up: compilation (Flex compiles its backward on first use), lazy set-up
+    synchronize(out.device)
+    poison_allocator(*prepared.inputs)  # the gradients have the inputs' shapes and dtypes
+    grads = packed(backward())
+    again = packed(backward())
+    synchronize(out.device)
+    repeatable = all(torch.equal(first, second) for first, second in zip(grads, again))
+    del again
+    check = grad_check_record(reference.check(grads), reference, repeatable, require_repeatable)
+    record: dict[str, Any] = {"check": check}
+    if prepared.note:
+        record["note"] = prepared.note
+    if not check["passed"]:
+        return {"status": "wrong", **record}, grads
+    ms = do_bench(backward, warmup=WARMUP_MS, rep=REP_MS, return_mode="median")
+    return {"status": "ok", "time_ms": ms, "tflops": flops / (ms * 1e-3) / 1e12, **record}, grads
+
+
+def measure_backward(prepare: Callable[[Case], Prepared], case: Case, dout: torch.Tensor,
+                     reference: GradReference, flops: float,
+                     require_repeatable: bool) -> tuple[dict[str, Any], Grads | None]:
+    """Checks one implementation's gradients on `case` and, only if they are right, times its
+    backward.
+
+    case: q, k, v require grad; dout: (total, nheads_q, d), packed. Returns the result record and
+    the checked gradients (packed, GRAD_NAMES order), or None if it did not run. Any exception
+    becomes status "n/a" with its reason: a peer that cannot run this case (missing, unsupported,
+    out of memory) must not stop the benchmark.
+    """
+    try:
+        return _check_and_time_backward(prepare, case, dout, reference, flops,
+                                        require_repeatable)
+    except Exception as error:  # noqa: BLE001 - reported per implementation, see docstring
+        reason = failure_reason(error)
+    # Out here the traceback is gone; collect the graph and tensors its frames held, so that
+    # the next implementation gets the memory back.
+    gc.collect()
+    torch.cuda.empty_cache()
+    return {"status": "n/a", "reason": reason}, None
+
+
+def backward_results(case: Case, impls: list[str],
+                     preparers: dict[str, Callable[[Case], Prepared]], dout: torch.Tensor,
+                     reference: GradReference) -> dict[str, dict[str, Any]]:
+    """The backward of every implementation on one row (case without grad; leaves are made
+    here); peers' gradients are also compared with ours."""
+    grad_case = with_grad(case)
+    flops = case.workload.backward_flops(case.layout, case.causal)
+    results: dict[str, dict[str, Any]] = {}
+    ours_grads = None
+    for impl in impls:
+        result, grads = measure_backward(preparers[impl], grad_case, dout, reference, flops,
+                                         require_repeatable=impl == DETERMINISTIC_IMPL)
+        if impl == "ours":
+            ours_grads = grads
+        elif grads is not None and ours_grads is not None:
+            result["check"]["max_abs_diff_vs_ours"] = {
+                name: json_float(max_abs_diff(grad, ours))
+                for name, grad, ours in zip(GRAD_NAMES, grads, ours_grads)
+            }
+        results[impl] = result
+        del grads  # ours' stay referenced through ours_grads; a peer's are freed here
+    return results
+
+
+def bench_row(case: Case, impls: list[str],
+              preparers: dict[str, Callable[[Case], Prepared]]) -> dict[str, Any]:
+    """Forward and backward of all implementations on one row."""
+    workload, layout = case.workload, case.layout
+    dout = make_dout(case)
+    forward_reference, grad_reference = build_references(
+        case.q, case.k, case.v, dout, workload.lengths, case.causal, case.scale
+    )
+    forward_impls = [impl for impl in impls if impl in IMPL_NAMES]
+    forward_row = bench_forward.bench_row(case, forward_impls, preparers, forward_reference)
+    del forward_reference
+    results = backward_results(case, impls, preparers, dout, grad_reference)
+    return {
+        **{key: forward_row[key] for key in ("workload", "layout", "nheads_q", "nheads_kv",
+                                             "head_dim", "causal", "num_sequences",
+                                             "max_seqlen", "forward_flops")},
+        "backward_flops": workload.backward_flops(layout, case.causal),
+        "reference": {
+            "forward": forward_row["reference"],
+            "backward": {
+                name: {"lowp_max_abs_err": err, "tolerance": tolerance}
+                for name, err, tolerance in zip(GRAD_NAMES, grad_reference.lowp_max_abs_errs,
+                                                grad_reference.tolerances)
+            },
+        },
+        "forward": {"results": forward_row["results"], "ratios": forward_row["ratios"]},
+        "backward": {
+            "results": results,
+            "ratios": report.speed_ratios(results, report.BACKWARD_RATIO_PAIRS),
+        },
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_backward.py: no CUDA GPU is visible (torch.cuda.is_available() is False); "
+              "this benchmark runs only on the GPU machine.", file=sys.stderr)
+        return EXIT_NO_GPU
+    meta = run_metadata(argv)
+    preparers = backward_preparers(FlexRunner())
+    rows = []
+    for workload_name in args.workloads:
+        workload = make_workload(workload_name)
+        cu_seqlens = workload.cu_seqlens("cuda")
+        for layout_name in args.layouts:
+            for causal in CAUSAL_CHOICES[args.causal]:
+                case = bench_forward.make_case(workload, layout_name, causal, cu_seqlens)
+                row = bench_row(case, args.impl, preparers)
+                del case  # free this row's inputs before the next row allocates its own
+                torch.cuda.empty_cache()
+                rows.append(row)
+                print(report.backward_progress_line(row, args.impl), file=sys.stderr, flush=True)
+    markdown_path = report.write_backward_outputs(args.out, meta, rows, args.impl)
+    header, body = report.backward_table(rows, args.impl)
+    print(report.format_text(header, body))
+    for line in report.backward_notes(rows, args.impl):
+        print(line)
+    print(f"wrote {args.out} and {markdown_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,238 @@
+// Backward bindings: check inputs on the host (never reading device memory), allocate the
+// gradients and the float32 workspaces, fill the params struct and dispatch to a registered
+// kernel on the current stream.
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <cmath>
+#include <utility>
+#include <vector>
+
+#include "error_message.h"
+#include "flash_api.h"
+#include "input_checks.h"
+#include "kernels/flash_params.h"
+
+namespace flash_varlen {
+namespace {
+
+// The caller's gradient buffer `name` for `like` (named like_name), checked, if given.
+void check_gradient_buffer(const std::optional<at::Tensor>& given, const char* name,
+                           const at::Tensor& like, const char* like_name, const at::Tensor& q) {
+    if (!given.has_value()) return;
+    check_qkv_tensor(*given, name, q.scalar_type(), like.dim());
+    check_same_shape(*given, name, like, like_name);
+}
+
+// The caller's buffer, or a new contiguous one. New varlen buffers are zero-filled, so rows past
+// cu_seqlens[-1] (which no kernel writes) read 0.
+at::Tensor gradient_buffer(const std::optional<at::Tensor>& given, const at::Tensor& like,
+                           bool zero_fill) {
+    if (given.has_value()) return *given;
+    const auto options = like.options().memory_format(at::MemoryFormat::Contiguous);
+    return zero_fill ? at::zeros_like(like, options) : at::empty_like(like, options);
+}
+
+struct BackwardTensors {
+    at::Tensor dout, q, k, v, out, softmax_lse;
+    std::optional<at::Tensor> softmax_lse_grad;
+    at::Tensor dq, dk, dv;
+};
+
+struct BackwardShape {
+    HeadShape heads;
+    const int* cu_seqlens_q;  // nullptr: fixed length
+    const int* cu_seqlens_k;
+    int batch;
+    int seqlen_q;  // fixed length: the lengths; varlen: upper bounds
+    int seqlen_k;
+    int64_t query_rows;  // rows of the dQ accumulator: total_q, or batch * seqlen_q
+};
+
+void run_backward(BackwardTensors& t, const BackwardShape& shape, double softmax_scale,
+                  bool causal, bool deterministic) {
+    check_softmax_scale(softmax_scale);
+    const BwdLauncher launch =
+        find_launcher<FlashBwdParams>(t.q, shape.heads.head_dim, causal, "backward");
+    if (shape.batch == 0) return;  // nothing to compute, nothing to write
+
+    // The per-row statistics are small; a contiguous copy (only if they are not) gives the
+    // preprocess output and both inputs one layout.
+    const at::Tensor lse = t.softmax_lse.contiguous();
+    const at::Tensor softmax_d = at::empty_like(lse);
+    at::Tensor lse_grad;
+    if (t.softmax_lse_grad.has_value()) lse_grad = t.softmax_lse_grad->contiguous();
+    const int bucket = head_dim_bucket(shape.heads.head_dim);
+    const at::Tensor dq_accum = at::zeros({shape.query_rows, shape.heads.nheads, bucket},
+                                          t.q.options().dtype(at::kFloat));
+    // Deterministic mode: one counter per (head, kSemaphoreRows query rows); see dq_semaphore.h.
+    const bool is_varlen = shape.cu_seqlens_q != nullptr;
+    const int64_t semaphore_slots =
+        is_varlen ? shape.query_rows / kSemaphoreRows + shape.batch + 1
+                  : int64_t(shape.batch) * ((shape.seqlen_q + kSemaphoreRows - 1) / kSemaphoreRows);
+    at::Tensor dq_semaphore;
+    if (deterministic) {
+        dq_semaphore =
+            at::zeros({shape.heads.nheads, semaphore_slots}, t.q.options().dtype(at::kInt));
+    }
+
+    const bool has_batch = !is_varlen;
+    FlashBwdParams params{};
+    params.q_ptr = t.q.data_ptr();
+    params.k_ptr = t.k.data_ptr();
+    params.v_ptr = t.v.data_ptr();
+    params.o_ptr = t.out.data_ptr();
+    params.do_ptr = t.dout.data_ptr();
+    params.dq_ptr = t.dq.data_ptr();
+    params.dk_ptr = t.dk.data_ptr();
+    params.dv_ptr = t.dv.data_ptr();
+    set_strides(&params.q_batch_stride, &params.q_row_stride, &params.q_head_stride, t.q,
+                has_batch);
+    set_strides(&params.k_batch_stride, &params.k_row_stride, &params.k_head_stride, t.k,
+                has_batch);
+    set_strides(&params.v_batch_stride, &params.v_row_stride, &params.v_head_stride, t.v,
+                has_batch);
+    set_strides(&params.o_batch_stride, &params.o_row_stride, &params.o_head_stride, t.out,
+                has_batch);
+    set_strides(&params.do_batch_stride, &params.do_row_stride, &params.do_head_stride, t.dout,
+                has_batch);
+    set_strides(&params.dq_batch_stride, &params.dq_row_stride, &params.dq_head_stride, t.dq,
+                has_batch);
+    set_strides(&params.dk_batch_stride, &params.dk_row_stride, &params.dk_head_stride, t.dk,
+                has_batch);
+    set_strides(&params.dv_batch_stride, &params.dv_row_stride, &params.dv_head_stride, t.dv,
+                has_batch);
+    params.softmax_lse_ptr = const_cast<float*>(lse.data_ptr<float>());
+    params.lse_batch_stride = has_batch ? lse.stride(0) : 0;
+    params.lse_head_stride = lse.stride(-2);
+    params.softmax_lse_grad_ptr = lse_grad.defined() ? lse_grad.data_ptr<float>() : nullptr;
+    params.softmax_d_ptr = softmax_d.data_ptr<float>();
+    params.dq_accum_ptr = dq_accum.data_ptr<float>();
+    params.dq_accum_row_stride = int64_t(shape.heads.nheads) * bucket;
+    params.dq_semaphore = deterministic ? dq_semaphore.data_ptr<int>() : nullptr;
+    params.dq_semaphore_head_stride = static_cast<int>(semaphore_slots);
+    params.cu_seqlens_q = shape.cu_seqlens_q;
+    params.cu_seqlens_k = shape.cu_seqlens_k;
+    params.batch = shape.batch;
+    params.nheads = shape.heads.nheads;
+    params.nheads_k = shape.heads.nheads_k;
+    params.head_dim = shape.heads.head_dim;
+    params.seqlen_q = shape.seqlen_q;
+    params.seqlen_k = shape.seqlen_k;
+    params.softmax_scale = static_cast<float>(softmax_scale);
+    params.softmax_scale_log2 = static_cast<float>(softmax_scale * M_LOG2E);
+
+    const at::cuda::CUDAGuard device_guard(t.q.device());
+    const cudaError_t err = launch(params, c10::cuda::getCurrentCUDAStream().stream());
+    TORCH_CHECK(err == cudaSuccess,
+                message("flash_varlen backward kernel launch failed: ", cudaGetErrorString(err)));
+}
+
+struct GradientArgs {
+    const std::optional<at::Tensor>& softmax_lse_grad;
+    const std::optional<at::Tensor>& dq;
+    const std::optional<at::Tensor>& dk;
+    const std::optional<at::Tensor>& dv;
+};
+
+// Every rule but the devices for the tensors both layouts share; `rank` is 3 (varlen) or 4
+// (fixed length), lse_shape that of softmax_lse.
+HeadShape check_backward_layouts(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+                                 const at::Tensor& v, const at::Tensor& out,
+                                 const at::Tensor& softmax_lse, const GradientArgs& grads,
+                                 int rank) {
+    check_qkv_tensor(q, "q", q.scalar_type(), rank);
+    check_qkv_tensor(k, "k", q.scalar_type(), rank);
+    check_qkv_tensor(v, "v", q.scalar_type(), rank);
+    check_qkv_tensor(out, "out", q.scalar_type(), rank);
+    check_same_shape(out, "out", q, "q");
+    check_qkv_tensor(dout, "dout", q.scalar_type(), rank);
+    check_same_shape(dout, "dout", q, "q");
+    const HeadShape heads = check_heads(q, k, v);
+    const std::vector<int64_t> lse_shape =
+        rank == 3 ? std::vector<int64_t>{heads.nheads, q.size(0)}
+                  : std::vector<int64_t>{q.size(0), heads.nheads, q.size(1)};
+    check_row_stats(softmax_lse, "softmax_lse", lse_shape);
+    if (grads.softmax_lse_grad.has_value()) {
+        check_row_stats(*grads.softmax_lse_grad, "softmax_lse_grad", lse_shape);
+    }
+    check_gradient_buffer(grads.dq, "dq", q, "q", q);
+    check_gradient_buffer(grads.dk, "dk", k, "k", q);
+    check_gradient_buffer(grads.dv, "dv", v, "v", q);
+    return heads;
+}
+
+// The devices, after every other rule.
+void check_backward_devices(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+                            const at::Tensor& v, const at::Tensor& out,
+                            const at::Tensor& softmax_lse, const GradientArgs& grads) {
+    for (const auto& [t, name] : {std::pair{&q, "q"}, {&k, "k"}, {&v, "v"}, {&out, "out"},
+                                  {&dout, "dout"}, {&softmax_lse, "softmax_lse"}}) {
+        check_device(*t, name, q.device());
+    }
+    for (const auto& [t, name] : {std::pair{&grads.softmax_lse_grad, "softmax_lse_grad"},
+                                  {&grads.dq, "dq"}, {&grads.dk, "dk"}, {&grads.dv, "dv"}}) {
+        if (t->has_value()) check_device(**t, name, q.device());
+    }
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_bwd(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& softmax_lse, const at::Tensor& cu_seqlens_q,
+    const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
+    double softmax_scale, bool causal, bool deterministic,
+    const std::optional<at::Tensor>& softmax_lse_grad, const std::optional<at::Tensor>& dq,
+    const std::optional<at::Tensor>& dk, const std::optional<at::Tensor>& dv) {
+    const GradientArgs grads{softmax_lse_grad, dq, dk, dv};
+    const HeadShape heads = check_backward_layouts(dout, q, k, v, out, softmax_lse, grads, 3);
+    const int64_t batch =
+        check_varlen_batch(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
+    check_backward_devices(dout, q, k, v, out, softmax_lse, grads);
+    check_device(cu_seqlens_q, "cu_seqlens_q", q.device());
+    check_device(cu_seqlens_k, "cu_seqlens_k", q.device());
+
+    BackwardTensors t{dout, q, k, v, out, softmax_lse, softmax_lse_grad,
+                      gradient_buffer(dq, q, /*zero_fill=*/true),
+                      gradient_buffer(dk, k, /*zero_fill=*/true),
+                      gradient_buffer(dv, v, /*zero_fill=*/true)};
+    const BackwardShape shape{heads,
+                              cu_seqlens_q.data_ptr<int>(),
+                              cu_seqlens_k.data_ptr<int>(),
+                              static_cast<int>(batch),
+                              static_cast<int>(max_seqlen_q),
+                              static_cast<int>(max_seqlen_k),
+                              q.size(0)};
+    run_backward(t, shape, softmax_scale, causal, deterministic);
+    return {t.dq, t.dk, t.dv};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& softmax_lse, double softmax_scale, bool causal,
+    bool deterministic, const std::optional<at::Tensor>& softmax_lse_grad,
+    const std::optional<at::Tensor>& dq, const std::optional<at::Tensor>& dk,
+    const std::optional<at::Tensor>& dv) {
+    const GradientArgs grads{softmax_lse_grad, dq, dk, dv};
+    const HeadShape heads = check_backward_layouts(dout, q, k, v, out, softmax_lse, grads, 4);
+    check_fixed_batch(q, k, v);
+    check_backward_devices(dout, q, k, v, out, softmax_lse, grads);
+
+    // Every row of a fixed-length gradient is written, so new buffers need no zero fill.
+    BackwardTensors t{dout, q, k, v, out, softmax_lse, softmax_lse_grad,
+                      gradient_buffer(dq, q, /*zero_fill=*/false),
+                      gradient_buffer(dk, k, /*zero_fill=*/false),
+                      gradient_buffer(dv, v, /*zero_fill=*/false)};
+    const BackwardShape shape{heads,
+                              nullptr,
+                              nullptr,
+                              static_cast<int>(q.size(0)),
+                              static_cast<int>(q.size(1)),
+                              static_cast<int>(k.size(1)),
+                              q.size(0) * q.size(1)};
+    run_backward(t, shape, softmax_scale, causal, deterministic);
+    return {t.dq, t.dk, t.dv};
+}
+
+}  // namespace flash_varlen

@@ -1,0 +1,364 @@
+// The sm80-family backward kernel (mma.sync + cp.async; runs on Ampere, Ada and Hopper), after
+// FlashAttention-2 (Dao, 2023). One thread block owns one key block (kBlockN keys) of one kv head
+// of one sequence. It keeps K and V of that block in shared memory and dK, dV in registers, and
+// walks the query row blocks that see the block, recomputing per row block
+//   S = Q K^T,  P = exp(scale * S - LSE),  dP = dO V^T,  dS = P * (dP - D)
+// (D = rowsum(dO * O) - dLSE from the preprocess kernel), then
+//   dV += P^T dO,  dK += dS^T Q,  dQ += dS K  (dQ: float32 atomic adds, converted afterwards).
+// With grouped-query attention the block walks every query head of its kv head in turn, so dK
+// and dV are reduced over the group in registers: no (nheads)-sized temporary, no atomics, and a
+// fixed summation order (dK and dV are bitwise reproducible).
+#pragma once
+
+#include <cute/tensor.hpp>
+
+#include "dq_semaphore.h"
+#include "flash_params.h"
+#include "fragment_layouts.h"
+#include "mask_policy.h"
+#include "seqlen_info.h"
+#include "tile_copy.h"
+#include "warp_gemm.h"
+
+namespace flash_varlen {
+
+using namespace cute;
+
+// Adds one thread's dQ fragment into the float32 accumulator rows. Values 2i and 2i + 1 of an
+// SM80 accumulator are neighbouring columns of one row, so Hopper adds them with one 8-byte
+// vector atomic (half the atomic instructions).
+template <typename Acc, typename Coords>
+__device__ void atomic_add_dq(const Acc& acc_dq, const Coords& coords, float* accum_tile,
+                              int row_stride, int rows_left, int head_dim) {
+    CUTE_UNROLL
+    for (int i = 0; i < size(acc_dq); i += 2) {
+        const int row = get<0>(coords(i));
+        const int col = get<1>(coords(i));
+        if (row >= rows_left || col >= head_dim) continue;
+        float* address = accum_tile + row * row_stride + col;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+        atomicAdd(reinterpret_cast<float2*>(address), make_float2(acc_dq(i), acc_dq(i + 1)));
+#else
+        atomicAdd(address, acc_dq(i));
+        atomicAdd(address + 1, acc_dq(i + 1));
+#endif
+    }
+}
+
+template <typename Traits, bool kIsCausal>
+struct FlashBwdKeyBlock {
+    using Element = typename Traits::Element;
+    static constexpr int kBlockM = Traits::kBlockM;
+    static constexpr int kBlockN = Traits::kBlockN;
+    static constexpr int kHeadDim = Traits::kHeadDim;
+    static constexpr int kQStages = Traits::kQStages;
+    using Mask = MaskPolicy<kIsCausal>;
+
+    __device__ static void run(const FlashBwdParams& params, char* smem, int n_block, int batch,
+                               int head_k) {
+        const int tidx = threadIdx.x;
+        const SeqlenInfo seq(params, batch);
+        if (n_block * kBlockN >= seq.seqlen_k) return;  // this key block lies past the end
+
+        const Mask mask(seq.seqlen_q, seq.seqlen_k);
+        // Query rows that see at least one key of this block: all of them, or with causal
+        // masking those at or below the diagonal through the block's first key.
+        const int first_visible_row =
+            kIsCausal ? max(0, n_block * kBlockN + seq.seqlen_q - seq.seqlen_k) : 0;
+        const int m_begin = first_visible_row / kBlockM;
+        const int m_end = (seq.seqlen_q + kBlockM - 1) / kBlockM;
+        const int rows_left_k = seq.seqlen_k - n_block * kBlockN;
+
+        // Shared memory: K, V, dO, P, dS, then the Q stages.
+        Tensor sK = make_tensor(make_smem_ptr(reinterpret_cast<Element*>(smem)),
+                                typename Traits::SmemLayoutKV{});
+        Tensor sV = make_tensor(sK.data() + size(sK), typename Traits::SmemLayoutKV{});
+        Tensor sKt = make_tensor(sK.data(), typename Traits::SmemLayoutKt{});
+        Tensor sKtNoSwizzle = make_tensor(sK.data(), typename Traits::SmemLayoutKtNoSwizzle{});
+        Tensor sdO = make_tensor(sV.data() + size(sV), typename Traits::SmemLayoutQdO{});
+        Tensor sdOt = make_tensor(sdO.data(), typename Traits::SmemLayoutQdOt{});
+        Tensor sdOtNoSwizzle = make_tensor(sdO.data(), typename Traits::SmemLayoutQdOtNoSwizzle{});
+        Tensor sP = make_tensor(sdO.data() + size(sdO), typename Traits::SmemLayoutPdS{});
+        Tensor sPt = make_tensor(sP.data(), typename Traits::SmemLayoutPdSt{});
+        Tensor sPtNoSwizzle = make_tensor(sP.data(), typename Traits::SmemLayoutPdStNoSwizzle{});
+        Tensor sdS = make_tensor(sP.data() + size(sP), typename Traits::SmemLayoutPdS{});
+        Tensor sdSt = make_tensor(sdS.data(), typename Traits::SmemLayoutPdSt{});
+        Tensor sdStNoSwizzle = make_tensor(sdS.data(), typename Traits::SmemLayoutPdStNoSwizzle{});
+        // Q stage 0; stage s lies s * kSmemElemsQdO elements further (see q_stage_offset).
+        Tensor sQ = make_tensor(sdS.data() + size(sdS), typename Traits::SmemLayoutQdO{});
+        Tensor sQt = make_tensor(sQ.data(), typename Traits::SmemLayoutQdOt{});
+        Tensor sQtNoSwizzle = make_tensor(sQ.data(), typename Traits::SmemLayoutQdOtNoSwizzle{});
+
+        // Global to shared copies (16-byte cp.async, zero-filled past the ends).
+        typename Traits::GmemTiledCopyLoad gmem_tiled_copy;
+        auto gmem_thr_copy = gmem_tiled_copy.get_thread_slice(tidx);
+        Tensor tQcQ = gmem_thr_copy.partition_S(
+            make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{}));  // (CPY, CPY_M, CPY_D)
+        Tensor tKVcKV = gmem_thr_copy.partition_S(
+            make_identity_tensor(Shape<Int<kBlockN>, Int<kHeadDim>>{}));  // (CPY, CPY_N, CPY_D)
+        auto col_valid = [&](int k) { return get<1>(tQcQ(0, 0, k)) < params.head_dim; };
+        Tensor tQsQ = gmem_thr_copy.partition_D(sQ);  // (CPY, CPY_M, CPY_D)
+        Tensor tdOsdO = gmem_thr_copy.partition_D(sdO);
+
+        const Element* k_base = static_cast<const Element*>(params.k_ptr) +
+                                seq.k_offset(params.k_batch_stride, params.k_row_stride, batch) +
+                                head_k * params.k_head_stride;
+        const Element* v_base = static_cast<const Element*>(params.v_ptr) +
+                                seq.k_offset(params.v_batch_stride, params.v_row_stride, batch) +
+                                head_k * params.v_head_stride;
+        copy_tile_zero_fill(gmem_tiled_copy,
+                            gmem_thr_copy.partition_S(
+                                row_tile<kBlockN, kHeadDim>(k_base, n_block, params.k_row_stride)),
+                            gmem_thr_copy.partition_D(sK), tKVcKV, col_valid, rows_left_k);
+        copy_tile_zero_fill(gmem_tiled_copy,
+                            gmem_thr_copy.partition_S(
+                                row_tile<kBlockN, kHeadDim>(v_base, n_block, params.v_row_stride)),
+                            gmem_thr_copy.partition_D(sV), tKVcKV, col_valid, rows_left_k);
+        cp_async_fence();
+
+        // The three products and their shared-memory operand copies.
+        typename Traits::TiledMmaSdP mma_sdp;
+        auto thr_mma_sdp = mma_sdp.get_thread_slice(tidx);
+        Tensor tSrQ = thr_mma_sdp.partition_fragment_A(sQ);    // (MMA, MMA_M, MMA_D)
+        Tensor tSrK = thr_mma_sdp.partition_fragment_B(sK);    // (MMA, MMA_N, MMA_D)
+        Tensor tdPrdO = thr_mma_sdp.partition_fragment_A(sdO);  // (MMA, MMA_M, MMA_D)
+        Tensor tdPrV = thr_mma_sdp.partition_fragment_B(sV);    // (MMA, MMA_N, MMA_D)
+        auto copy_a_sdp = make_tiled_copy_A(typename Traits::SmemCopyAtom{}, mma_sdp);
+        auto thr_copy_a_sdp = copy_a_sdp.get_thread_slice(tidx);
+        Tensor tSsQ = thr_copy_a_sdp.partition_S(sQ);
+        Tensor tdPsdO = thr_copy_a_sdp.partition_S(sdO);
+        auto copy_b_sdp = make_tiled_copy_B(typename Traits::SmemCopyAtom{}, mma_sdp);
+        auto thr_copy_b_sdp = copy_b_sdp.get_thread_slice(tidx);
+        Tensor tSsK = thr_copy_b_sdp.partition_S(sK);
+        Tensor tdPsV = thr_copy_b_sdp.partition_S(sV);
+        auto copy_store_sdp = make_tiled_copy_C(typename Traits::SmemCopyAtomStore{}, mma_sdp);
+        auto thr_copy_store_sdp = copy_store_sdp.get_thread_slice(tidx);
+        Tensor tPsP = thr_copy_store_sdp.partition_D(sP);  // (CPY, CPY_M, CPY_N)
+        Tensor tdSsdS = thr_copy_store_sdp.partition_D(sdS);
+
+        typename Traits::TiledMmadKV mma_dkv;
+        auto thr_mma_dkv = mma_dkv.get_thread_slice(tidx);
+        Tensor tdVrPt = thr_mma_dkv.partition_fragment_A(sPtNoSwizzle);    // (MMA, MMA_N, MMA_M)
+        Tensor tdVrdOt = thr_mma_dkv.partition_fragment_B(sdOtNoSwizzle);  // (MMA, MMA_D, MMA_M)
+        Tensor tdKrdSt = thr_mma_dkv.partition_fragment_A(sdStNoSwizzle);  // (MMA, MMA_N, MMA_M)
+        Tensor tdKrQt = thr_mma_dkv.partition_fragment_B(sQtNoSwizzle);    // (MMA, MMA_D, MMA_M)
+        auto copy_a_dkv = make_tiled_copy_A(typename Traits::SmemCopyAtomTransposed{}, mma_dkv);
+        auto thr_copy_a_dkv = copy_a_dkv.get_thread_slice(tidx);
+        Tensor tdVsPt = thr_copy_a_dkv.partition_S(sPt);
+        Tensor tdKsdSt = thr_copy_a_dkv.partition_S(sdSt);
+        auto copy_b_dkv = make_tiled_copy_B(typename Traits::SmemCopyAtomTransposed{}, mma_dkv);
+        auto thr_copy_b_dkv = copy_b_dkv.get_thread_slice(tidx);
+        Tensor tdVsdOt = thr_copy_b_dkv.partition_S(sdOt);
+        Tensor tdKsQt = thr_copy_b_dkv.partition_S(sQt);
+
+        typename Traits::TiledMmadQ mma_dq;
+        auto thr_mma_dq = mma_dq.get_thread_slice(tidx);
+        Tensor tdQrdS = thr_mma_dq.partition_fragment_A(sdS);         // (MMA, MMA_M, MMA_N)
+        Tensor tdQrKt = thr_mma_dq.partition_fragment_B(sKtNoSwizzle);  // (MMA, MMA_D, MMA_N)
+        auto copy_a_dq = make_tiled_copy_A(typename Traits::SmemCopyAtom{}, mma_dq);
+        auto thr_copy_a_dq = copy_a_dq.get_thread_slice(tidx);
+        Tensor tdQsdS = thr_copy_a_dq.partition_S(sdS);
+        auto copy_b_dq = make_tiled_copy_B(typename Traits::SmemCopyAtomTransposed{}, mma_dq);
+        auto thr_copy_b_dq = copy_b_dq.get_thread_slice(tidx);
+        Tensor tdQsKt = thr_copy_b_dq.partition_S(sKt);
+
+        Tensor acc_dk = partition_fragment_C(
+            mma_dkv, Shape<Int<kBlockN>, Int<kHeadDim>>{});  // (MMA, MMA_N, MMA_D)
+        Tensor acc_dv = partition_fragment_C(mma_dkv, Shape<Int<kBlockN>, Int<kHeadDim>>{});
+        clear(acc_dk);
+        clear(acc_dv);
+
+        // Rows of the score tile this thread holds, as (row, col) coordinates.
+        Tensor score_coords =
+            thr_mma_sdp.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kBlockN>>{}));
+        Tensor score_coords_rc =
+            make_tensor(score_coords.data(), accumulator_as_rows_cols(score_coords.layout()));
+        constexpr int kRowsPerThread = decltype(size<0>(score_coords_rc))::value;
+
+        const int group_size = params.nheads / params.nheads_k;
+        for (int head = head_k * group_size; head < (head_k + 1) * group_size; ++head) {
+            if (m_begin >= m_end) break;
+            // The previous head's last dK product may still be reading Q stage 0.
+            __syncthreads();
+            const Element* q_base =
+                static_cast<const Element*>(params.q_ptr) +
+                seq.q_offset(params.q_batch_stride, params.q_row_stride, batch) +
+                head * params.q_head_stride;
+            const Element* do_base =
+                static_cast<const Element*>(params.do_ptr) +
+                seq.q_offset(params.do_batch_stride, params.do_row_stride, batch) +
+                head * params.do_head_stride;
+            const int64_t row_stats_offset = head * params.lse_head_stride +
+                                             seq.lse_offset(params.lse_batch_stride, batch);
+            const float* lse_base = params.softmax_lse_ptr + row_stats_offset;
+            const float* d_base = params.softmax_d_ptr + row_stats_offset;
+            const int64_t accum_first_row =
+                seq.is_varlen ? int64_t(seq.q_start) : int64_t(batch) * params.seqlen_q;
+            float* dq_accum_base = params.dq_accum_ptr +
+                                   accum_first_row * params.dq_accum_row_stride +
+                                   head * kHeadDim;
+
+            auto load_q = [&](int m_block, int stage) {
+                Tensor gQ = row_tile<kBlockM, kHeadDim>(q_base, m_block, params.q_row_stride);
+                Tensor dst =
+                    make_tensor(tQsQ.data() + stage * Traits::kSmemElemsQdO, tQsQ.layout());
+                copy_tile_zero_fill(gmem_tiled_copy, gmem_thr_copy.partition_S(gQ), dst, tQcQ,
+                                    col_valid, seq.seqlen_q - m_block * kBlockM);
+            };
+            auto load_do = [&](int m_block) {
+                Tensor gdO = row_tile<kBlockM, kHeadDim>(do_base, m_block, params.do_row_stride);
+                copy_tile_zero_fill(gmem_tiled_copy, gmem_thr_copy.partition_S(gdO), tdOsdO,
+                                    tQcQ, col_valid, seq.seqlen_q - m_block * kBlockM);
+            };
+
+            load_q(m_begin, 0);
+            load_do(m_begin);
+            cp_async_fence();
+
+            for (int m_block = m_begin; m_block < m_end; ++m_block) {
+                const int stage = kQStages == 1 ? 0 : (m_block - m_begin) % kQStages;
+                const int q_stage_offset = stage * Traits::kSmemElemsQdO;
+                const int rows_left_q = seq.seqlen_q - m_block * kBlockM;
+                // Q and dO of this row block landed, and every warp is done with the previous
+                // block's P, dS and Q stage.
+                cp_async_wait<0>();
+                __syncthreads();
+
+                // Per-row statistics. Rows past the sequence end, and rows that saw no key in the
+                // forward (LSE = -inf), use LSE = +inf so that P = 0 and their gradients vanish.
+                float lse_log2[kRowsPerThread];
+                float row_d[kRowsPerThread];
+                CUTE_UNROLL
+                for (int r = 0; r < kRowsPerThread; ++r) {
+                    const int row = get<0>(score_coords_rc(r, 0));
+                    const bool in_seq = row < rows_left_q;
+                    const float lse = in_seq ? lse_base[m_block * kBlockM + row] : INFINITY;
+                    lse_log2[r] = lse == -INFINITY ? INFINITY : lse * float(M_LOG2E);
+                    row_d[r] = in_seq ? d_base[m_block * kBlockM + row] : 0.f;
+                }
+
+                Tensor acc_s = partition_fragment_C(
+                    mma_sdp, Shape<Int<kBlockM>, Int<kBlockN>>{});  // (MMA, MMA_M, MMA_N)
+                clear(acc_s);
+                gemm_smem_smem(mma_sdp, acc_s, tSrQ,
+                               tSrK, make_tensor(tSsQ.data() + q_stage_offset, tSsQ.layout()),
+                               tSsK, copy_a_sdp, copy_b_sdp, thr_copy_a_sdp, thr_copy_b_sdp);
+                if (mask.template tile_needs_mask<kBlockM, kBlockN>(m_block * kBlockM,
+                                                                    n_block * kBlockN)) {
+                    mask.apply_by_coordinates(
+                        acc_s,
+                        thr_mma_sdp.partition_C(
+                            make_identity_tensor(Shape<Int<kBlockM>, Int<kBlockN>>{})),
+                        m_block * kBlockM, n_block * kBlockN);
+                }
+                // P = exp2(scale_log2 * S - LSE_log2): the forward's probabilities, recomputed.
+                Tensor scores = make_tensor(acc_s.data(), accumulator_as_rows_cols(acc_s.layout()));
+                CUTE_UNROLL
+                for (int r = 0; r < kRowsPerThread; ++r) {
+                    CUTE_UNROLL
+                    for (int c = 0; c < size<1>(scores); ++c) {
+                        scores(r, c) =
+                            exp2f(scores(r, c) * params.softmax_scale_log2 - lse_log2[r]);
+                    }
+                }
+                Tensor rP = convert_fragment<Element>(acc_s);
+                copy(copy_store_sdp, thr_copy_store_sdp.retile_S(rP), tPsP);
+
+                Tensor acc_dp = partition_fragment_C(mma_sdp, Shape<Int<kBlockM>, Int<kBlockN>>{});
+                clear(acc_dp);
+                gemm_smem_smem(mma_sdp, acc_dp, tdPrdO, tdPrV, tdPsdO, tdPsV, copy_a_sdp,
+                               copy_b_sdp, thr_copy_a_sdp, thr_copy_b_sdp);
+                // dS = P * (dP - D), in place of dP.
+                Tensor ds = make_tensor(acc_dp.data(), scores.layout());
+                CUTE_UNROLL
+                for (int r = 0; r < kRowsPerThread; ++r) {
+                    CUTE_UNROLL
+                    for (int c = 0; c < size<1>(ds); ++c) {
+                        ds(r, c) = scores(r, c) * (ds(r, c) - row_d[r]);
+                    }
+                }
+
+                const bool has_next = m_block + 1 < m_end;
+                if (kQStages == 2 && has_next) {
+                    load_q(m_block + 1, 1 - stage);  // that stage's last reader was block m - 1
+                    cp_async_fence();
+                }
+                Tensor rdS = convert_fragment<Element>(acc_dp);
+                copy(copy_store_sdp, thr_copy_store_sdp.retile_S(rdS), tdSsdS);
+                __syncthreads();  // P and dS visible to every warp
+
+                gemm_smem_smem(mma_dkv, acc_dv, tdVrPt, tdVrdOt, tdVsPt, tdVsdOt, copy_a_dkv,
+                               copy_b_dkv, thr_copy_a_dkv, thr_copy_b_dkv);
+                __syncthreads();  // every warp is done reading dO of this block
+                if (has_next) {
+                    load_do(m_block + 1);
+                    cp_async_fence();
+                }
+
+                Tensor acc_dq = partition_fragment_C(
+                    mma_dq, Shape<Int<kBlockM>, Int<kHeadDim>>{});  // (MMA, MMA_M, MMA_D)
+                clear(acc_dq);
+                gemm_smem_smem(mma_dq, acc_dq, tdQrdS, tdQrKt, tdQsdS, tdQsKt, copy_a_dq,
+                               copy_b_dq, thr_copy_a_dq, thr_copy_b_dq);
+                int* turn = params.dq_semaphore == nullptr
+                                ? nullptr
+                                : dq_semaphore_slot(params, batch, head, seq.q_start,
+                                                    m_block * kBlockM);
+                if (turn != nullptr) wait_for_turn(turn, n_block);
+                atomic_add_dq(acc_dq,
+                              thr_mma_dq.partition_C(
+                                  make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{})),
+                              dq_accum_base + int64_t(m_block) * kBlockM * params.dq_accum_row_stride,
+                              int(params.dq_accum_row_stride), rows_left_q, params.head_dim);
+                if (turn != nullptr) pass_turn(turn, n_block);
+
+                gemm_smem_smem(mma_dkv, acc_dk, tdKrdSt, tdKrQt, tdKsdSt,
+                               make_tensor(tdKsQt.data() + q_stage_offset, tdKsQt.layout()),
+                               copy_a_dkv, copy_b_dkv, thr_copy_a_dkv, thr_copy_b_dkv);
+                if (kQStages == 1 && has_next) {
+                    __syncthreads();  // every warp is done reading Q of this block
+                    load_q(m_block + 1, 0);
+                    cp_async_fence();
+                }
+            }
+        }
+
+        // Epilogue: dK carries the softmax scale (S was scaled in the forward); stage dK and dV
+        // through the shared memory of K and V for 16-byte row-contiguous stores.
+        CUTE_UNROLL
+        for (int i = 0; i < size(acc_dk); ++i) acc_dk(i) *= params.softmax_scale;
+        Tensor rdK = convert_fragment<Element>(acc_dk);
+        Tensor rdV = convert_fragment<Element>(acc_dv);
+        cp_async_wait<0>();
+        __syncthreads();  // every warp is done reading K and V (and no copy is in flight)
+        auto copy_store_dkv = make_tiled_copy_C(typename Traits::SmemCopyAtomStore{}, mma_dkv);
+        auto thr_copy_store_dkv = copy_store_dkv.get_thread_slice(tidx);
+        copy(copy_store_dkv, thr_copy_store_dkv.retile_S(rdK), thr_copy_store_dkv.partition_D(sK));
+        copy(copy_store_dkv, thr_copy_store_dkv.retile_S(rdV), thr_copy_store_dkv.partition_D(sV));
+        __syncthreads();  // dK and dV complete before threads read rows written by other warps
+
+        Element* dk_base = static_cast<Element*>(params.dk_ptr) +
+                           seq.k_offset(params.dk_batch_stride, params.dk_row_stride, batch) +
+                           head_k * params.dk_head_stride;
+        Element* dv_base = static_cast<Element*>(params.dv_ptr) +
+                           seq.k_offset(params.dv_batch_stride, params.dv_row_stride, batch) +
+                           head_k * params.dv_head_stride;
+        Tensor gdK = row_tile<kBlockN, kHeadDim>(dk_base, n_block, params.dk_row_stride);
+        Tensor gdV = row_tile<kBlockN, kHeadDim>(dv_base, n_block, params.dv_row_stride);
+        store_tile_from_smem<typename Traits::GmemTiledCopyStore>(sK, gdK, rows_left_k,
+                                                                  params.head_dim);
+        store_tile_from_smem<typename Traits::GmemTiledCopyStore>(sV, gdV, rows_left_k,
+                                                                  params.head_dim);
+    }
+};
+
+// Grid: (key blocks of the longest sequence, batch, kv heads). Key blocks of one (sequence, kv
+// head) are adjacent in launch order, which the deterministic mode's ordering relies on.
+template <typename Traits, bool kIsCausal>
+__global__ void __launch_bounds__(Traits::kNThreads)
+    flash_bwd_kernel(const __grid_constant__ FlashBwdParams params) {
+    extern __shared__ __align__(128) char smem[];
+    FlashBwdKeyBlock<Traits, kIsCausal>::run(params, smem, blockIdx.x, blockIdx.y, blockIdx.z);
+}
+
+}  // namespace flash_varlen

@@ -1,0 +1,50 @@
+// Host-side launch of the backward pass for one (element type, head-dim bucket, causal)
+// instantiation: preprocess (D), the main kernel (dK, dV, dQ accumulation), convert (dQ).
+// The caller provides zeroed dq_accum (and dq_semaphore in deterministic mode).
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cute/tensor.hpp>
+
+#include "bwd_kernel_traits.h"
+#include "flash_bwd_kernel.h"
+#include "flash_bwd_row_kernels.h"
+#include "flash_params.h"
+
+namespace flash_varlen {
+
+template <typename Element, int kHeadDim, bool kIsCausal>
+cudaError_t launch_flash_bwd(const FlashBwdParams& params, cudaStream_t stream) {
+    using Traits = typename BwdTileConfig<Element, kHeadDim>::Traits;
+    const dim3 row_grid(cute::ceil_div(params.seqlen_q, kRowKernelRowsPerBlock), params.batch,
+                        params.nheads);
+    constexpr int kRowThreads = kRowKernelWarps * kWarpSize;
+    // Empty launches are invalid: with no query rows there is no D and no dQ, and with no keys no
+    // key block (dK, dV have no rows; dQ is the zeroed accumulator, converted).
+    const bool has_query_rows = row_grid.x > 0 && params.nheads > 0;
+    if (has_query_rows) {
+        flash_bwd_preprocess_kernel<Element, kHeadDim>
+            <<<row_grid, kRowThreads, 0, stream>>>(params);
+    }
+
+    auto kernel = &flash_bwd_kernel<Traits, kIsCausal>;
+    constexpr int kSmemBytes = Traits::kSmemBytes;
+    constexpr int kDefaultSmemLimit = 48 * 1024;  // above this a kernel must opt in
+    if constexpr (kSmemBytes > kDefaultSmemLimit) {
+        const cudaError_t err =
+            cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
+        if (err != cudaSuccess) return err;
+    }
+    const dim3 grid(cute::ceil_div(params.seqlen_k, Traits::kBlockN), params.batch,
+                    params.nheads_k);
+    if (grid.x > 0) kernel<<<grid, Traits::kNThreads, kSmemBytes, stream>>>(params);
+
+    if (has_query_rows) {
+        flash_bwd_convert_dq_kernel<Element, kHeadDim>
+            <<<row_grid, kRowThreads, 0, stream>>>(params);
+    }
+    return cudaGetLastError();
+}
+
+}  // namespace flash_varlen
