@@ -63,8 +63,9 @@ void run_backward(BackwardTensors& t, const BackwardShape& shape, double softmax
     at::Tensor lse_grad;
     if (t.softmax_lse_grad.has_value()) lse_grad = t.softmax_lse_grad->contiguous();
     const int bucket = head_dim_bucket(shape.heads.head_dim);
-    const at::Tensor dq_accum = at::zeros({shape.query_rows, shape.heads.nheads, bucket},
-                                          t.q.options().dtype(at::kFloat));
+    const at::Tensor dq_accum =
+        at::zeros({shape.query_rows + kDqAccumPaddingRows, shape.heads.nheads, bucket},
+                  t.q.options().dtype(at::kFloat));
     // Deterministic mode: one counter per (head, kSemaphoreRows query rows); see dq_semaphore.h.
     const bool is_varlen = shape.cu_seqlens_q != nullptr;
     const int64_t semaphore_slots =

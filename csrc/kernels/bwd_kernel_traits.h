@@ -29,6 +29,7 @@ struct BwdKernelTraits {
     static constexpr int kQStages = kQStages_;
     static_assert(kHeadDim % 32 == 0, "head-dim buckets are multiples of 32");
     static_assert(kBlockM % kSemaphoreRows == 0, "dq_semaphore slots assume this granularity");
+    static_assert(kBlockM <= kDqAccumPaddingRows, "a row block may hang past the last row");
     static_assert(kQStages == 1 || kQStages == 2, "Q is single- or double-buffered");
 
     using MmaAtom = std::conditional_t<std::is_same_v<Element, cutlass::half_t>,
@@ -95,10 +96,14 @@ struct BwdKernelTraits {
     static constexpr int kSmemElemsQdO = kBlockM * kHeadDim;
     static constexpr int kSmemElemsKV = kBlockN * kHeadDim;
     static constexpr int kSmemElemsPdS = kBlockM * kBlockN;
-    // Q stages, dO, K, V, P, dS.
+    // Per Q stage, the row block's LSE and D (float32), staged with Q by cp.async.
+    static constexpr int kSmemRowStatsFloats = 2 * kBlockM;
+    static_assert(kNThreads >= kSmemRowStatsFloats, "one thread copies one row statistic");
+    // Q stages, dO, K, V, P, dS, then the row statistics of each stage.
     static constexpr int kSmemBytes =
         ((kQStages + 1) * kSmemElemsQdO + 2 * kSmemElemsKV + 2 * kSmemElemsPdS) *
-        int(sizeof(Element));
+            int(sizeof(Element)) +
+        kQStages * kSmemRowStatsFloats * int(sizeof(float));
 };
 
 // Tile shapes per head-dim bucket: the configurations FlashAttention-2 (Dao, 2023) uses for its

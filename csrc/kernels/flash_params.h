@@ -59,8 +59,9 @@ struct FlashBwdParams : FlashFwdParams {
     // rowsum(dO * O) - dLSE per query row, float32, laid out like softmax_lse (preprocess output).
     float* __restrict__ softmax_d_ptr;
 
-    // dQ accumulated over key blocks in float32: (query rows, nheads, head-dim bucket), dense.
-    // Query row r of sequence b is row q_start + r (varlen) or b * seqlen_q + r (fixed length).
+    // dQ accumulated over key blocks in float32: (query rows + kDqAccumPaddingRows, nheads,
+    // head-dim bucket), dense. Query row r of sequence b is row q_start + r (varlen) or
+    // b * seqlen_q + r (fixed length).
     float* __restrict__ dq_accum_ptr;
     int64_t dq_accum_row_stride;  // nheads * head-dim bucket
 
@@ -74,5 +75,10 @@ struct FlashBwdParams : FlashFwdParams {
 
 // Granularity of the dq_semaphore slots; every backward row block is a multiple of it.
 constexpr int kSemaphoreRows = 64;
+
+// Rows of the dQ accumulator past the last query row: the backward kernel adds whole row blocks
+// (at most this many rows) without predicates, and the last block of the last sequence may hang
+// past the end. Those rows only ever receive zeros.
+constexpr int kDqAccumPaddingRows = 128;
 
 }  // namespace flash_varlen

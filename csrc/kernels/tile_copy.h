@@ -36,6 +36,16 @@ __device__ auto row_tile(Element* base, int block, int64_t row_stride) {
                        make_stride(int(row_stride), _1{}));
 }
 
+// Copies one float from global to shared memory with a 4-byte cp.async, or writes 0 when
+// `valid` is false (the source is then not read).
+__device__ __forceinline__ void cp_async_float_zero_fill(float* smem_dst, const float* gmem_src,
+                                                         bool valid) {
+    const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(smem_dst));
+    const int src_bytes = valid ? int(sizeof(float)) : 0;
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(gmem_src),
+                 "r"(src_bytes));
+}
+
 // Stores a (kRows, kHeadDim) tile staged in shared memory to global memory with 16-byte
 // row-contiguous stores, skipping rows at or past row_limit and columns at or past head_dim.
 // The caller synchronises the block between writing smem_tile and calling this.
