@@ -4,6 +4,7 @@ The tolerance rule (design.md, "Testing rules"): the kernel's max error against 
 reference may be at most `factor` times the error of the same PyTorch math run in the input
 dtype, plus a tiny floor (half an ulp of the output dtype at the reference's largest
 magnitude). The bound scales with the data instead of hiding behind a loose constant.
+Forward outputs use FORWARD_FACTOR, gradients GRADIENT_FACTOR.
 """
 
 from __future__ import annotations
@@ -11,10 +12,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+import pytest
 import torch
 
 FORWARD_FACTOR = 2.0
 """Forward outputs may be this many times less accurate than the input-dtype PyTorch math."""
+
+GRADIENT_FACTOR = 3.0
+"""Gradients (dq, dk, dv) may be this many times less accurate than the input-dtype PyTorch
+autograd: the backward rounds more intermediates (P and dS to the input dtype) than the forward."""
+
+GRADIENT_NAMES = ("dq", "dk", "dv")
 
 POISON_BYTE = 0xFF
 """The all-ones bit pattern is a NaN in float16, bfloat16 and float32 alike."""
@@ -130,6 +138,60 @@ def make_fixed_batch(
     return q, k, v
 
 
+def varlen_from_fixed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> VarlenBatch:
+    """A fixed-length batch seen as a packed one with uniform lengths (views, no copies).
+
+    q: (b, s_q, h, d) -> (b*s_q, h, d); k, v: (b, s_k, h_k, d) -> (b*s_k, h_k, d).
+    """
+    batch, seqlen_q = q.shape[:2]
+    seqlen_k = k.shape[1]
+    return VarlenBatch(
+        q=q.flatten(0, 1),
+        k=k.flatten(0, 1),
+        v=v.flatten(0, 1),
+        cu_seqlens_q=cu_seqlens_from_lengths([seqlen_q] * batch, q.device),
+        cu_seqlens_k=cu_seqlens_from_lengths([seqlen_k] * batch, q.device),
+        max_seqlen_q=max(1, seqlen_q),
+        max_seqlen_k=max(1, seqlen_k),
+        seqlens_q=(seqlen_q,) * batch,
+        seqlens_k=(seqlen_k,) * batch,
+    )
+
+
+def rows_without_keys(
+    seqlens_q: Sequence[int], seqlens_k: Sequence[int], causal: bool, device: torch.device | str
+) -> torch.Tensor:
+    """(total_q,) bool: the query rows that see no key (empty key sequence or fully masked).
+
+    With bottom-right causal alignment, row i sees key j iff j <= i + seqlen_k - seqlen_q, so
+    the first seqlen_q - seqlen_k rows of a sequence see nothing.
+    """
+    flags = [torch.zeros(0, dtype=torch.bool, device=device)]
+    for seqlen_q, seqlen_k in zip(seqlens_q, seqlens_k):
+        if seqlen_k == 0:
+            blind = seqlen_q
+        elif causal:
+            blind = max(0, seqlen_q - seqlen_k)
+        else:
+            blind = 0
+        flags.append(torch.arange(seqlen_q, device=device) < blind)
+    return torch.cat(flags)
+
+
+def keys_without_queries(
+    seqlens_q: Sequence[int], seqlens_k: Sequence[int], device: torch.device | str
+) -> torch.Tensor:
+    """(total_k,) bool: the key rows that no query sees, i.e. those of sequences without queries.
+
+    With bottom-right causal alignment the last query of a sequence sees every key, so causal
+    masking never hides a key from all queries; only an empty query sequence does.
+    """
+    flags = [torch.zeros(0, dtype=torch.bool, device=device)]
+    for seqlen_q, seqlen_k in zip(seqlens_q, seqlens_k):
+        flags.append(torch.full((seqlen_k,), seqlen_q == 0, dtype=torch.bool, device=device))
+    return torch.cat(flags)
+
+
 # ----------------------------------------------------------------------------------------------
 # Tolerance rule
 # ----------------------------------------------------------------------------------------------
@@ -236,6 +298,59 @@ def assert_lse_within_tolerance(
     assert_within_tolerance(actual, ref_fp32, ref_lowp, factor, name, floor, mask=~ref_empty)
 
 
+def gradient_floor(actual: torch.Tensor, refs_fp32: Sequence[torch.Tensor]) -> float:
+    """The floor of the gradient tolerance: half an ulp at the largest gradient of the call.
+
+    One floor for dq, dk and dv together, because one of them can be exactly 0 in both
+    references while the kernel legitimately leaves rounding noise: when every query sees a
+    single key, dS = P * (dP - rowsum(dO * O)) is 0 in exact math and the references compute 0
+    exactly, but the kernel forms dP and the row sum in different fp32 summation orders.
+    """
+    return max((rounding_floor(actual, ref) for ref in refs_fp32), default=0.0)
+
+
+def assert_gradients_within_tolerance(
+    actual: Sequence[torch.Tensor],
+    refs_fp32: Sequence[torch.Tensor],
+    refs_lowp: Sequence[torch.Tensor],
+    name: str,
+    factor: float = GRADIENT_FACTOR,
+) -> None:
+    """The tolerance rule for (dq, dk, dv), each against its own references.
+
+    actual: (dq, dk, dv) from the kernel; refs_fp32: the float32 autograd reference;
+    refs_lowp: the same autograd run in the input dtype. For each gradient,
+    max|actual - ref_fp32| <= factor * max|ref_lowp - ref_fp32| + `gradient_floor`, and no NaN.
+    """
+    floor = gradient_floor(actual[0], refs_fp32)
+    for grad_name, grad, ref_fp32, ref_lowp in zip(GRADIENT_NAMES, actual, refs_fp32, refs_lowp):
+        assert_within_tolerance(grad, ref_fp32, ref_lowp, factor, f"{name} {grad_name}", floor)
+
+
+def assert_rows_zero(grad: torch.Tensor, rows: torch.Tensor, name: str) -> None:
+    """The rows of grad (tokens, ...) selected by the (tokens,) bool `rows` are exactly 0."""
+    selected = grad[rows]
+    if not bool((selected == 0).all()):
+        bad_rows = rows.nonzero().flatten()[(selected != 0).flatten(1).any(dim=1)]
+        raise AssertionError(
+            f"{name}: {bad_rows.numel()} rows that must be exactly 0 are not, first row "
+            f"{int(bad_rows[0])}"
+        )
+
+
+def assert_bitwise_equal(actual: torch.Tensor, expected: torch.Tensor, name: str) -> None:
+    """Same shape, dtype and bits (NaN-free inputs, so torch.equal is a bit comparison)."""
+    assert actual.shape == expected.shape, f"{name}: shape {actual.shape} != {expected.shape}"
+    assert actual.dtype == expected.dtype, f"{name}: dtype {actual.dtype} != {expected.dtype}"
+    if not torch.equal(actual, expected):
+        differ = actual != expected
+        first = tuple(int(i) for i in differ.nonzero()[0])
+        raise AssertionError(
+            f"{name}: {int(differ.sum())} elements differ, first at {first} "
+            f"({float(actual[first])} vs {float(expected[first])})"
+        )
+
+
 # ----------------------------------------------------------------------------------------------
 # Poisoning
 # ----------------------------------------------------------------------------------------------
@@ -261,6 +376,14 @@ def output_nbytes(q: torch.Tensor, lse_numel: int) -> list[int]:
     return [q.numel() * q.element_size(), lse_bytes]
 
 
+def gradient_nbytes(q: torch.Tensor, k: torch.Tensor, head_dim_bucket: int) -> list[int]:
+    """Sizes in bytes of a backward call's allocations: dq (like q), dk and dv (like k), and
+    the float32 dq accumulator (q's rows and heads, head dim padded to its bucket)."""
+    dq_accum_bytes = (q.numel() // q.shape[-1]) * head_dim_bucket * 4
+    k_bytes = k.numel() * k.element_size()
+    return [q.numel() * q.element_size(), k_bytes, k_bytes, dq_accum_bytes]
+
+
 def assert_all_written(out: torch.Tensor, lse: torch.Tensor, name: str) -> None:
     """Every element of out is finite and every lse entry is finite or -inf.
 
@@ -278,4 +401,37 @@ def assert_all_written(out: torch.Tensor, lse: torch.Tensor, name: str) -> None:
         first = tuple(int(i) for i in bad_lse.nonzero()[0])
         raise AssertionError(
             f"{name}: softmax_lse has {int(bad_lse.sum())} NaN/+inf entries, first at {first}"
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# Which kernels this build has
+# ----------------------------------------------------------------------------------------------
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """'bfloat16' for torch.bfloat16: the spelling of compiled_kernels()."""
+    return str(dtype).removeprefix("torch.")
+
+
+def head_dim_bucket(head_dim: int) -> int:
+    """The smallest head-dim bucket of the kernels that holds `head_dim`."""
+    from flash_varlen._extension import load_extension
+
+    return min(b for b in load_extension().head_dim_buckets() if b >= head_dim)
+
+
+def require_kernel(dtype: torch.dtype, head_dim: int) -> None:
+    """Skip the calling test when this build has no kernel for (dtype, bucket of head_dim).
+
+    Fails (rather than skips) when the extension itself does not load: on a GPU machine that is
+    a broken build, not a narrowed one.
+    """
+    from flash_varlen._extension import compiled_kernels
+
+    bucket = head_dim_bucket(head_dim)
+    if (dtype_name(dtype), bucket) not in compiled_kernels():
+        pytest.skip(
+            f"narrowed build: no {dtype_name(dtype)} kernel for head-dim bucket {bucket} "
+            f"(head dim {head_dim})"
         )

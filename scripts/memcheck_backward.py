@@ -1,0 +1,131 @@
+"""Small forward + backward calls whose tiles hang past the ends of their tensors, meant to run
+under compute-sanitizer (memcheck, racecheck, synccheck):
+
+    compute-sanitizer --tool memcheck --error-exitcode 1 python scripts/memcheck_backward.py
+
+The backward kernels must never touch rows past a sequence's end or columns past the head dim,
+neither when loading (q, k, v, out, dout, lse) nor when storing (dq, dk, dv) or adding into
+the float32 dq accumulator. Every tensor here is allocated exactly, with lengths and head dims
+that are not tile multiples, empty sequences (no queries, no keys, neither) and GQA/MQA head
+groups, so a stray access leaves its allocation and the sanitizer reports it. Each case runs
+causal and not, once with the default backward and out-only gradient, once with
+deterministic=True (the dq semaphores) and a softmax_lse gradient as well. Exits non-zero if a
+gradient is not finite or far from the float32 reference.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from flash_varlen import flash_attn_func, flash_attn_varlen_func  # noqa: E402
+from flash_varlen.reference import attention_ref_varlen  # noqa: E402
+
+# (seqlens_q, seqlens_k, nheads, nheads_k, head_dim): tails of every size, empty sequences at
+# both ends and in the middle, MQA and GQA, and head dims below their bucket so the column
+# predicate is exercised.
+CASES = [
+    ([1, 70, 0, 129], [65, 3, 9, 0], 2, 1, 72),
+    ([200], [131], 3, 3, 40),
+    ([5, 77], [300, 1], 4, 2, 256),
+    ([0, 33, 0, 17], [0, 33, 5, 130], 4, 2, 128),
+]
+# (use softmax_lse's gradient, deterministic): the common path, then the other backward paths.
+MODES = [(False, False), (True, True)]
+DTYPE = torch.bfloat16
+# bf16 gradients of randn inputs, relative to the largest reference gradient: this script hunts
+# memory errors, not ulps (tests/test_backward_gpu.py checks accuracy).
+TOLERANCE = 5e-2
+
+
+def cu_seqlens(lengths: list[int], device: str) -> torch.Tensor:
+    """(batch + 1,) int32 prefix sums of `lengths`, starting at 0."""
+    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32,
+                        device=device)
+
+
+def reference_gradients(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
+    dout: torch.Tensor, dlse: torch.Tensor | None, causal: bool,
+) -> tuple[torch.Tensor, ...]:
+    """float32 autograd of the reference for the loss sum(out * dout) + sum(lse * dlse)."""
+    leaves = [x.detach().float().requires_grad_() for x in (q, k, v)]
+    out, lse = attention_ref_varlen(*leaves, cu_q, cu_k, causal=causal)
+    if not out.requires_grad:  # every sequence is empty on one side
+        return tuple(torch.zeros_like(x) for x in leaves)
+    outputs, grads = [out], [dout.float()]
+    if dlse is not None:
+        # Rows without keys have lse = -inf; their gradient is 0 whatever dlse holds there.
+        outputs.append(lse)
+        grads.append(torch.where(torch.isfinite(lse), dlse, torch.zeros_like(dlse)))
+    return torch.autograd.grad(outputs, leaves, grads, allow_unused=True, materialize_grads=True)
+
+
+def largest_error(grads: tuple[torch.Tensor, ...], refs: tuple[torch.Tensor, ...]) -> float:
+    """max over dq, dk, dv of max|grad - ref| / max(1, max|ref|); inf if a gradient is not finite."""
+    error = 0.0
+    for grad, ref in zip(grads, refs):
+        if not bool(torch.isfinite(grad).all()):
+            return float("inf")
+        if grad.numel():
+            scale = max(1.0, float(ref.abs().max()))
+            error = max(error, float((grad.float() - ref).abs().max()) / scale)
+    return error
+
+
+def run_case(seqlens_q: list[int], seqlens_k: list[int], nheads: int, nheads_k: int, d: int,
+             causal: bool, use_lse: bool, deterministic: bool) -> bool:
+    device = "cuda"
+    cu_q, cu_k = cu_seqlens(seqlens_q, device), cu_seqlens(seqlens_k, device)
+    q = torch.randn(sum(seqlens_q), nheads, d, device=device, dtype=DTYPE, requires_grad=True)
+    k = torch.randn(sum(seqlens_k), nheads_k, d, device=device, dtype=DTYPE, requires_grad=True)
+    v = torch.randn_like(k, requires_grad=True)
+    out, lse, _ = flash_attn_varlen_func(
+        q, k, v, cu_q, cu_k, max(1, *seqlens_q), max(1, *seqlens_k), causal=causal,
+        deterministic=deterministic, return_attn_probs=True,
+    )
+    dout = torch.randn_like(out)
+    dlse = torch.randn_like(lse) if use_lse else None
+    outputs, grad_outputs = ([out, lse], [dout, dlse]) if use_lse else ([out], [dout])
+    grads = torch.autograd.grad(outputs, (q, k, v), grad_outputs)
+    refs = reference_gradients(q, k, v, cu_q, cu_k, dout, dlse, causal)
+    error = largest_error(grads, refs)
+    ok = error < TOLERANCE
+    print(f"{'ok ' if ok else 'BAD'} varlen q={seqlens_q} k={seqlens_k} h={nheads}/{nheads_k} "
+          f"d={d} causal={causal} lse_grad={use_lse} deterministic={deterministic} "
+          f"err={error:.3g}")
+    return ok
+
+
+def run_fixed_case() -> bool:
+    """flash_attn_func, fp16, MQA, seqlen_q > seqlen_k (causal rows without keys), d=96."""
+    q = torch.randn(2, 33, 2, 96, device="cuda", dtype=torch.float16, requires_grad=True)
+    k = torch.randn(2, 17, 1, 96, device="cuda", dtype=torch.float16, requires_grad=True)
+    v = torch.randn_like(k, requires_grad=True)
+    out = flash_attn_func(q, k, v, causal=True)
+    grads = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+    ok = all(bool(torch.isfinite(grad).all()) for grad in grads)
+    print(f"{'ok ' if ok else 'BAD'} fixed q=(2, 33, 2, 96) k=(2, 17, 1, 96) fp16 causal")
+    return ok
+
+
+def main() -> int:
+    torch.manual_seed(0)
+    results = []
+    for case in CASES:
+        for causal in (False, True):
+            for use_lse, deterministic in MODES:
+                results.append(run_case(*case, causal, use_lse, deterministic))
+    results.append(run_fixed_case())
+    torch.cuda.synchronize()
+    failed = results.count(False)
+    print(f"memcheck cases: {len(results)}, " + (f"{failed} FAILED" if failed else "all passed"))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
