@@ -66,7 +66,7 @@ def reference_gradients(
 
 
 def largest_error(grads: tuple[torch.Tensor, ...], refs: tuple[torch.Tensor, ...]) -> float:
-    """max over dq, dk, dv of max|grad - ref| / max(1, max|ref|); inf if a gradient is not finite."""
+    """Largest max|grad - ref| / max(1, max|ref|) over dq, dk, dv; inf if one is not finite."""
     error = 0.0
     for grad, ref in zip(grads, refs):
         if not bool(torch.isfinite(grad).all()):

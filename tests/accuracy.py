@@ -377,8 +377,9 @@ def output_nbytes(q: torch.Tensor, lse_numel: int) -> list[int]:
 
 
 def gradient_nbytes(q: torch.Tensor, k: torch.Tensor, head_dim_bucket: int) -> list[int]:
-    """Sizes in bytes of a backward call's allocations: dq (like q), dk and dv (like k), and
-    the float32 dq accumulator (q's rows and heads, head dim padded to its bucket)."""
+    """Sizes in bytes of a backward call's allocations, for `poison_freed_blocks`: dq (like q),
+    dk and dv (like k), and the float32 dq accumulator (q's rows and heads, head dim padded to
+    its bucket; an implementation may pad rows too, so that block is matched only roughly)."""
     dq_accum_bytes = (q.numel() // q.shape[-1]) * head_dim_bucket * 4
     k_bytes = k.numel() * k.element_size()
     return [q.numel() * q.element_size(), k_bytes, k_bytes, dq_accum_bytes]
