@@ -23,14 +23,18 @@ from accuracy import (
     FORWARD_FACTOR,
     VarlenBatch,
     assert_all_written,
+    assert_bitwise_equal,
     assert_lse_within_tolerance,
     assert_within_tolerance,
     cu_seqlens_from_lengths,
+    dtype_name,
     make_fixed_batch,
     make_varlen_batch,
     output_nbytes,
     poison_freed_blocks,
     random_lengths,
+    require_kernel,
+    rows_without_keys,
 )
 
 pytestmark = [
@@ -85,35 +89,8 @@ def _reference() -> Any:
     return flash_varlen.reference
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
 def _pair_id(seqlens: tuple[int, int]) -> str:
     return f"q{seqlens[0]}k{seqlens[1]}"
-
-
-def head_dim_bucket(head_dim: int) -> int:
-    """The smallest head-dim bucket of the kernels that holds `head_dim`."""
-    from flash_varlen._extension import load_extension
-
-    return min(b for b in load_extension().head_dim_buckets() if b >= head_dim)
-
-
-def require_kernel(dtype: torch.dtype, head_dim: int) -> None:
-    """Skip the calling test when this build has no kernel for (dtype, bucket of head_dim).
-
-    Fails (rather than skips) when the extension itself does not load: on a GPU machine that is
-    a broken build, not a narrowed one.
-    """
-    from flash_varlen._extension import compiled_kernels
-
-    bucket = head_dim_bucket(head_dim)
-    if (_dtype_name(dtype), bucket) not in compiled_kernels():
-        pytest.skip(
-            f"narrowed build: no {_dtype_name(dtype)} kernel for head-dim bucket {bucket} "
-            f"(head dim {head_dim})"
-        )
 
 
 def varlen_forward(batch: VarlenBatch, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,26 +112,6 @@ def fixed_forward(
     out, lse, _ = _api().flash_attn_func(q, k, v, return_attn_probs=True, **kwargs)
     assert_all_written(out, lse, "fixed-length forward")
     return out, lse
-
-
-def rows_without_keys(
-    seqlens_q: tuple[int, ...], seqlens_k: tuple[int, ...], causal: bool
-) -> torch.Tensor:
-    """(total_q,) bool: the query rows that see no key (empty key sequence or fully masked).
-
-    With bottom-right causal alignment, row i sees key j iff j <= i + seqlen_k - seqlen_q, so
-    the first seqlen_q - seqlen_k rows of a sequence see nothing.
-    """
-    flags = []
-    for seqlen_q, seqlen_k in zip(seqlens_q, seqlens_k):
-        if seqlen_k == 0:
-            blind = seqlen_q
-        elif causal:
-            blind = max(0, seqlen_q - seqlen_k)
-        else:
-            blind = 0
-        flags.append(torch.arange(seqlen_q, device=DEVICE) < blind)
-    return torch.cat(flags) if flags else torch.zeros(0, dtype=torch.bool, device=DEVICE)
 
 
 def assert_empty_rows_exact(
@@ -191,7 +148,7 @@ def check_varlen(
     )
     assert_within_tolerance(out, ref_out, low_out, FORWARD_FACTOR, f"{name} out")
     assert_lse_within_tolerance(lse, ref_lse, low_lse, FORWARD_FACTOR, f"{name} lse")
-    empty = rows_without_keys(batch.seqlens_q, batch.seqlens_k, causal)
+    empty = rows_without_keys(batch.seqlens_q, batch.seqlens_k, causal, DEVICE)
     assert_empty_rows_exact(out, lse, empty, name)
 
 
@@ -227,7 +184,7 @@ def check_fixed(
     )
     assert_within_tolerance(out, ref_out, low_out, FORWARD_FACTOR, f"{name} out")
     assert_lse_within_tolerance(lse, ref_lse, low_lse, FORWARD_FACTOR, f"{name} lse")
-    empty = rows_without_keys((seqlen_q,) * batch, (seqlen_k,) * batch, causal)
+    empty = rows_without_keys((seqlen_q,) * batch, (seqlen_k,) * batch, causal, DEVICE)
     assert_empty_rows_exact(*fixed_as_varlen(out, lse), empty, name)
 
 
@@ -254,19 +211,6 @@ def varlen_args(batch: VarlenBatch) -> tuple[Any, ...]:
     )
 
 
-def assert_bitwise_equal(actual: torch.Tensor, expected: torch.Tensor, name: str) -> None:
-    """Same shape, dtype and bits (NaN-free inputs, so torch.equal is a bit comparison)."""
-    assert actual.shape == expected.shape, f"{name}: shape {actual.shape} != {expected.shape}"
-    assert actual.dtype == expected.dtype, f"{name}: dtype {actual.dtype} != {expected.dtype}"
-    if not torch.equal(actual, expected):
-        differ = actual != expected
-        first = tuple(int(i) for i in differ.nonzero()[0])
-        raise AssertionError(
-            f"{name}: {int(differ.sum())} elements differ, first at {first} "
-            f"({float(actual[first])} vs {float(expected[first])})"
-        )
-
-
 # ----------------------------------------------------------------------------------------------
 # The accuracy matrix: dtype x head dim x causal x (seqlen_q, seqlen_k) x head layout
 # ----------------------------------------------------------------------------------------------
@@ -280,7 +224,7 @@ def _matrix_cases() -> list[Any]:
         if pair in MHA_ONLY_PAIRS and layout != "mha":
             continue
         mask = "causal" if causal else "full"
-        case_id = f"{_dtype_name(dtype)}-d{head_dim}-{mask}-{_pair_id(pair)}-{layout}"
+        case_id = f"{dtype_name(dtype)}-d{head_dim}-{mask}-{_pair_id(pair)}-{layout}"
         cases.append(pytest.param(dtype, head_dim, causal, pair, layout, id=case_id))
     return cases
 
@@ -333,7 +277,7 @@ EMPTY_LAYOUTS = {
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_name)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)
 @pytest.mark.parametrize("layout", list(EMPTY_LAYOUTS))
 def test_varlen_empty_sequences(layout: str, dtype: torch.dtype, causal: bool) -> None:
     require_kernel(dtype, DEFAULT_HEAD_DIM)
@@ -356,7 +300,7 @@ SHORT_SEQUENCE_MAX = 200
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_name)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)
 @pytest.mark.parametrize("same_lengths", [True, False], ids=["q_eq_k", "q_ne_k"])
 def test_varlen_many_short_sequences(same_lengths: bool, dtype: torch.dtype, causal: bool) -> None:
     require_kernel(dtype, DEFAULT_HEAD_DIM)
@@ -387,7 +331,7 @@ UNEVEN_LENGTHS = {
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_name)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)
 @pytest.mark.parametrize("layout", list(UNEVEN_LENGTHS))
 def test_varlen_seqlen_q_differs_from_seqlen_k(
     layout: str, dtype: torch.dtype, causal: bool
@@ -406,7 +350,7 @@ def test_varlen_seqlen_q_differs_from_seqlen_k(
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
-@pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_name)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)
 def test_large_magnitude_inputs(dtype: torch.dtype, head_dim: int, causal: bool) -> None:
     """Inputs scaled by 10: scores in the hundreds overflow exp unless the max is subtracted."""
     require_kernel(dtype, head_dim)
@@ -436,7 +380,7 @@ def test_causal_rows_without_keys_varlen() -> None:
     """seqlen_q > seqlen_k under causal leaves the first rows blind; seqlen_k == 0 blinds all."""
     batch = default_batch([10, 40, 5, 3], [4, 40, 0, 1])
     out, lse = varlen_forward(batch, causal=True)
-    empty = rows_without_keys(batch.seqlens_q, batch.seqlens_k, causal=True)
+    empty = rows_without_keys(batch.seqlens_q, batch.seqlens_k, True, DEVICE)
     expected_blind = (10 - 4) + 0 + 5 + (3 - 1)
     assert int(empty.sum()) == expected_blind
     assert_empty_rows_exact(out, lse, empty, "causal rows without keys")
@@ -724,7 +668,7 @@ def test_missing_kernels_raise_not_implemented() -> None:
         (dtype, bucket)
         for dtype in DTYPES
         for bucket in load_extension().head_dim_buckets()
-        if (_dtype_name(dtype), bucket) not in compiled
+        if (dtype_name(dtype), bucket) not in compiled
     ]
     if not missing:
         pytest.skip("full build: every (dtype, head-dim bucket) kernel is compiled")
