@@ -11,6 +11,7 @@
 #include "error_message.h"
 #include "flash_api.h"
 #include "input_checks.h"
+#include "kernels/bwd_tile_shape.h"
 #include "kernels/flash_params.h"
 
 namespace flash_varlen {
@@ -24,19 +25,19 @@ void check_gradient_buffer(const std::optional<at::Tensor>& given, const char* n
     check_same_shape(*given, name, like, like_name);
 }
 
-// The caller's buffer, or a new contiguous one. New varlen buffers are zero-filled, so rows past
-// cu_seqlens[-1] (which no kernel writes) read 0.
-at::Tensor gradient_buffer(const std::optional<at::Tensor>& given, const at::Tensor& like,
-                           bool zero_fill) {
+// The caller's buffer, or a new contiguous one. New varlen buffers get their rows past
+// cu_seqlens[-1] (which the attention kernels do not write) zeroed on the device; see
+// clear_rows_past_end.h.
+at::Tensor gradient_buffer(const std::optional<at::Tensor>& given, const at::Tensor& like) {
     if (given.has_value()) return *given;
-    const auto options = like.options().memory_format(at::MemoryFormat::Contiguous);
-    return zero_fill ? at::zeros_like(like, options) : at::empty_like(like, options);
+    return at::empty_like(like, like.options().memory_format(at::MemoryFormat::Contiguous));
 }
 
 struct BackwardTensors {
     at::Tensor dout, q, k, v, out, softmax_lse;
     std::optional<at::Tensor> softmax_lse_grad;
     at::Tensor dq, dk, dv;
+    bool gradients_allocated[3];  // dq, dk, dv: allocated by the backward, not given
 };
 
 struct BackwardShape {
@@ -46,15 +47,21 @@ struct BackwardShape {
     int batch;
     int seqlen_q;  // fixed length: the lengths; varlen: upper bounds
     int seqlen_k;
-    int64_t query_rows;  // rows of the dQ accumulator: total_q, or batch * seqlen_q
+    int64_t query_rows;  // total_q, or batch * seqlen_q
 };
 
-void run_backward(BackwardTensors& t, const BackwardShape& shape, double softmax_scale,
-                  bool causal, bool deterministic) {
+void run_backward(BackwardTensors& t, const BackwardShape& shape, double softmax_scale, bool causal,
+                  bool deterministic) {
     check_softmax_scale(softmax_scale);
     const BwdLauncher launch =
         find_launcher<FlashBwdParams>(t.q, shape.heads.head_dim, causal, "backward");
-    if (shape.batch == 0) return;  // nothing to compute, nothing to write
+    const at::Tensor* const gradients[] = {&t.dq, &t.dk, &t.dv};
+    if (shape.batch == 0) {  // nothing to compute; gradients allocated here are all unused rows
+        for (int i = 0; i < 3; ++i) {
+            if (t.gradients_allocated[i]) gradients[i]->zero_();
+        }
+        return;
+    }
 
     // The per-row statistics are small; a contiguous copy (only if they are not) gives the
     // preprocess output and both inputs one layout.
@@ -63,9 +70,13 @@ void run_backward(BackwardTensors& t, const BackwardShape& shape, double softmax
     at::Tensor lse_grad;
     if (t.softmax_lse_grad.has_value()) lse_grad = t.softmax_lse_grad->contiguous();
     const int bucket = head_dim_bucket(shape.heads.head_dim);
+    // One row block of slack per sequence: each sequence's tiles start on a whole row block
+    // (dq_accum.h).
+    const int64_t dq_accum_rows =
+        shape.query_rows + int64_t(shape.batch) * bwd_tile_shape(bucket).block_m;
+    // Not zeroed here: the preprocess kernel clears every tile the main kernel adds into.
     const at::Tensor dq_accum =
-        at::zeros({shape.query_rows + kDqAccumPaddingRows, shape.heads.nheads, bucket},
-                  t.q.options().dtype(at::kFloat));
+        at::empty({shape.heads.nheads, dq_accum_rows, bucket}, t.q.options().dtype(at::kFloat));
     // Deterministic mode: one counter per (head, kSemaphoreRows query rows); see dq_semaphore.h.
     const bool is_varlen = shape.cu_seqlens_q != nullptr;
     const int64_t semaphore_slots =
@@ -109,9 +120,16 @@ void run_backward(BackwardTensors& t, const BackwardShape& shape, double softmax
     params.softmax_lse_grad_ptr = lse_grad.defined() ? lse_grad.data_ptr<float>() : nullptr;
     params.softmax_d_ptr = softmax_d.data_ptr<float>();
     params.dq_accum_ptr = dq_accum.data_ptr<float>();
-    params.dq_accum_row_stride = int64_t(shape.heads.nheads) * bucket;
+    params.dq_accum_head_stride = dq_accum.stride(0);
     params.dq_semaphore = deterministic ? dq_semaphore.data_ptr<int>() : nullptr;
     params.dq_semaphore_head_stride = static_cast<int>(semaphore_slots);
+    if (is_varlen) {
+        int64_t* const clear_until[] = {&params.clear_dq_rows_until, &params.clear_dk_rows_until,
+                                        &params.clear_dv_rows_until};
+        for (int i = 0; i < 3; ++i) {
+            *clear_until[i] = t.gradients_allocated[i] ? gradients[i]->size(0) : 0;
+        }
+    }
     params.cu_seqlens_q = shape.cu_seqlens_q;
     params.cu_seqlens_k = shape.cu_seqlens_k;
     params.batch = shape.batch;
@@ -167,12 +185,18 @@ HeadShape check_backward_layouts(const at::Tensor& dout, const at::Tensor& q, co
 void check_backward_devices(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
                             const at::Tensor& v, const at::Tensor& out,
                             const at::Tensor& softmax_lse, const GradientArgs& grads) {
-    for (const auto& [t, name] : {std::pair{&q, "q"}, {&k, "k"}, {&v, "v"}, {&out, "out"},
-                                  {&dout, "dout"}, {&softmax_lse, "softmax_lse"}}) {
+    for (const auto& [t, name] : {std::pair{&q, "q"},
+                                  {&k, "k"},
+                                  {&v, "v"},
+                                  {&out, "out"},
+                                  {&dout, "dout"},
+                                  {&softmax_lse, "softmax_lse"}}) {
         check_device(*t, name, q.device());
     }
     for (const auto& [t, name] : {std::pair{&grads.softmax_lse_grad, "softmax_lse_grad"},
-                                  {&grads.dq, "dq"}, {&grads.dk, "dk"}, {&grads.dv, "dv"}}) {
+                                  {&grads.dq, "dq"},
+                                  {&grads.dk, "dk"},
+                                  {&grads.dv, "dv"}}) {
         if (t->has_value()) check_device(**t, name, q.device());
     }
 }
@@ -194,10 +218,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_bwd(
     check_device(cu_seqlens_q, "cu_seqlens_q", q.device());
     check_device(cu_seqlens_k, "cu_seqlens_k", q.device());
 
-    BackwardTensors t{dout, q, k, v, out, softmax_lse, softmax_lse_grad,
-                      gradient_buffer(dq, q, /*zero_fill=*/true),
-                      gradient_buffer(dk, k, /*zero_fill=*/true),
-                      gradient_buffer(dv, v, /*zero_fill=*/true)};
+    BackwardTensors t{dout,
+                      q,
+                      k,
+                      v,
+                      out,
+                      softmax_lse,
+                      softmax_lse_grad,
+                      gradient_buffer(dq, q),
+                      gradient_buffer(dk, k),
+                      gradient_buffer(dv, v),
+                      {!dq.has_value(), !dk.has_value(), !dv.has_value()}};
     const BackwardShape shape{heads,
                               cu_seqlens_q.data_ptr<int>(),
                               cu_seqlens_k.data_ptr<int>(),
@@ -220,11 +251,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(
     check_fixed_batch(q, k, v);
     check_backward_devices(dout, q, k, v, out, softmax_lse, grads);
 
-    // Every row of a fixed-length gradient is written, so new buffers need no zero fill.
-    BackwardTensors t{dout, q, k, v, out, softmax_lse, softmax_lse_grad,
-                      gradient_buffer(dq, q, /*zero_fill=*/false),
-                      gradient_buffer(dk, k, /*zero_fill=*/false),
-                      gradient_buffer(dv, v, /*zero_fill=*/false)};
+    BackwardTensors t{dout,
+                      q,
+                      k,
+                      v,
+                      out,
+                      softmax_lse,
+                      softmax_lse_grad,
+                      gradient_buffer(dq, q),
+                      gradient_buffer(dk, k),
+                      gradient_buffer(dv, v),
+                      {!dq.has_value(), !dk.has_value(), !dv.has_value()}};
     const BackwardShape shape{heads,
                               nullptr,
                               nullptr,

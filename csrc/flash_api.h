@@ -27,8 +27,8 @@ std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k,
 
 // Gradients of varlen_fwd. dout, out like q; softmax_lse (and softmax_lse_grad, the gradient of
 // the loss with respect to it, when given) (nheads, total_q) float32. dq, dk, dv, when given,
-// are written in place (rows past cu_seqlens[-1] untouched); otherwise they are allocated,
-// zero-filled so that rows past cu_seqlens[-1] read 0. Returns (dq, dk, dv).
+// are written in place (rows past cu_seqlens[-1] untouched); otherwise they are allocated, with
+// rows past cu_seqlens[-1] set to 0. Returns (dq, dk, dv).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_bwd(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& softmax_lse, const at::Tensor& cu_seqlens_q,

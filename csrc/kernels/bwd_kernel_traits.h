@@ -8,6 +8,7 @@
 #include <cute/atom/mma_atom.hpp>
 #include <cute/tensor.hpp>
 
+#include "bwd_tile_shape.h"
 #include "flash_params.h"
 
 namespace flash_varlen {
@@ -29,7 +30,6 @@ struct BwdKernelTraits {
     static constexpr int kQStages = kQStages_;
     static_assert(kHeadDim % 32 == 0, "head-dim buckets are multiples of 32");
     static_assert(kBlockM % kSemaphoreRows == 0, "dq_semaphore slots assume this granularity");
-    static_assert(kBlockM <= kDqAccumPaddingRows, "a row block may hang past the last row");
     static_assert(kQStages == 1 || kQStages == 2, "Q is single- or double-buffered");
 
     using MmaAtom = std::conditional_t<std::is_same_v<Element, cutlass::half_t>,
@@ -37,8 +37,7 @@ struct BwdKernelTraits {
                                        MMA_Atom<SM80_16x8x16_F32BF16BF16F32_TN>>;
     template <int kWarpsAlongFirst>
     using WarpGridMma =
-        TiledMMA<MmaAtom,
-                 Layout<Shape<Int<kWarpsAlongFirst>, Int<kNWarps / kWarpsAlongFirst>, _1>>,
+        TiledMMA<MmaAtom, Layout<Shape<Int<kWarpsAlongFirst>, Int<kNWarps / kWarpsAlongFirst>, _1>>,
                  Tile<Int<16 * kWarpsAlongFirst>, Int<16 * (kNWarps / kWarpsAlongFirst)>, _16>>;
     using TiledMmaSdP = WarpGridMma<kWarpsAlongMSdP>;
     using TiledMmadKV = WarpGridMma<kWarpsAlongNdKV>;
@@ -48,10 +47,10 @@ struct BwdKernelTraits {
     // units so that cp.async row writes and ldmatrix reads (plain and transposed) avoid bank
     // conflicts, as in the forward kernel.
     template <int kWidth>
-    using SwizzledAtom = decltype(composition(
-        Swizzle<(kWidth % 64 == 0 ? 3 : 2), 3, 3>{},
-        Layout<Shape<_8, Int<(kWidth % 64 == 0 ? 64 : 32)>>,
-               Stride<Int<(kWidth % 64 == 0 ? 64 : 32)>, _1>>{}));
+    using SwizzledAtom =
+        decltype(composition(Swizzle<(kWidth % 64 == 0 ? 3 : 2), 3, 3>{},
+                             Layout<Shape<_8, Int<(kWidth % 64 == 0 ? 64 : 32)>>,
+                                    Stride<Int<(kWidth % 64 == 0 ? 64 : 32)>, _1>>{}));
     template <int kRows, int kCols>
     using SwizzledTile =
         decltype(tile_to_shape(SwizzledAtom<kCols>{}, Shape<Int<kRows>, Int<kCols>>{}));
@@ -87,8 +86,8 @@ struct BwdKernelTraits {
                Stride<Int<kGmemThreadsPerRow>, _1>>;
     using GmemValueLayout = Layout<Shape<_1, Int<kGmemElemsPerAccess>>>;
     using GmemTiledCopyLoad = decltype(make_tiled_copy(
-        Copy_Atom<SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<cute::uint128_t>, Element>{},
-        GmemThreadLayout{}, GmemValueLayout{}));
+        Copy_Atom<SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<cute::uint128_t>, Element>{}, GmemThreadLayout{},
+        GmemValueLayout{}));
     using GmemTiledCopyStore =
         decltype(make_tiled_copy(Copy_Atom<UniversalCopy<cute::uint128_t>, Element>{},
                                  GmemThreadLayout{}, GmemValueLayout{}));
@@ -106,32 +105,38 @@ struct BwdKernelTraits {
         kQStages * kSmemRowStatsFloats * int(sizeof(float));
 };
 
-// Tile shapes per head-dim bucket: the configurations FlashAttention-2 (Dao, 2023) uses for its
-// sm80 backward on GPUs with large shared memory (H100: 227 KB per block). Every one keeps the
-// dK and dV accumulators of a whole key block in registers across the loop over query blocks.
+// Per head-dim bucket: FlashAttention-2's (Dao, 2023) sm80 warp layouts for GPUs with large
+// shared memory (H100: 227 KB per block), with the tile sizes of bwd_tile_shape. Every one keeps
+// the dK and dV accumulators of a whole key block in registers across the loop over query blocks.
 // d = 256 keeps Q single-buffered so that it also fits the 163 KB of an A100.
 template <typename Element, int kHeadDim>
 struct BwdTileConfig;
 
+template <typename Element, int kHeadDim, int kWarpsAlongMSdP, int kWarpsAlongNdKV,
+          int kWarpsAlongMdQ, int kQStages>
+using BwdTraitsFor = BwdKernelTraits<Element, kHeadDim, bwd_tile_shape(kHeadDim).block_m,
+                                     bwd_tile_shape(kHeadDim).block_n, 8, kWarpsAlongMSdP,
+                                     kWarpsAlongNdKV, kWarpsAlongMdQ, kQStages>;
+
 template <typename Element>
 struct BwdTileConfig<Element, 64> {
-    using Traits = BwdKernelTraits<Element, 64, 128, 128, 8, 4, 4, 4, 2>;
+    using Traits = BwdTraitsFor<Element, 64, 4, 4, 4, 2>;
 };
 template <typename Element>
 struct BwdTileConfig<Element, 96> {
-    using Traits = BwdKernelTraits<Element, 96, 64, 128, 8, 2, 4, 4, 2>;
+    using Traits = BwdTraitsFor<Element, 96, 2, 4, 4, 2>;
 };
 template <typename Element>
 struct BwdTileConfig<Element, 128> {
-    using Traits = BwdKernelTraits<Element, 128, 64, 128, 8, 2, 4, 2, 2>;
+    using Traits = BwdTraitsFor<Element, 128, 2, 4, 2, 2>;
 };
 template <typename Element>
 struct BwdTileConfig<Element, 192> {
-    using Traits = BwdKernelTraits<Element, 192, 64, 64, 8, 4, 2, 2, 2>;
+    using Traits = BwdTraitsFor<Element, 192, 4, 2, 2, 2>;
 };
 template <typename Element>
 struct BwdTileConfig<Element, 256> {
-    using Traits = BwdKernelTraits<Element, 256, 64, 64, 8, 4, 2, 2, 1>;
+    using Traits = BwdTraitsFor<Element, 256, 4, 2, 2, 1>;
 };
 
 }  // namespace flash_varlen

@@ -4,7 +4,7 @@
 // walks the query row blocks that see the block, recomputing per row block
 //   S = Q K^T,  P = exp(scale * S - LSE),  dP = dO V^T,  dS = P * (dP - D)
 // (D = rowsum(dO * O) - dLSE from the preprocess kernel), then
-//   dV += P^T dO,  dK += dS^T Q,  dQ += dS K  (dQ: float32 atomic adds, converted afterwards).
+//   dV += P^T dO,  dK += dS^T Q,  dQ += dS K  (dQ: float32 adds into dq_accum.h's accumulator).
 // With grouped-query attention the block walks every query head of its kv head in turn, so dK
 // and dV are reduced over the group in registers: no (nheads)-sized temporary, no atomics, and a
 // fixed summation order (dK and dV are bitwise reproducible).
@@ -12,6 +12,7 @@
 
 #include <cute/tensor.hpp>
 
+#include "dq_accum.h"
 #include "dq_semaphore.h"
 #include "flash_params.h"
 #include "fragment_layouts.h"
@@ -23,42 +24,6 @@
 namespace flash_varlen {
 
 using namespace cute;
-
-// Fire-and-forget float32 adds to global memory (PTX red). Written out because nvcc turned
-// atomicAdd into ATOMG (an atomic that tracks a result) in this kernel, where the deterministic
-// mode's fence follows the adds; the fence orders red operations just the same.
-__device__ __forceinline__ void red_add(float* address, float value) {
-    asm volatile("red.global.add.f32 [%0], %1;" ::"l"(address), "f"(value) : "memory");
-}
-
-// Two neighbouring floats in one instruction (Hopper and later).
-__device__ __forceinline__ void red_add_pair(float* address, float first, float second) {
-    asm volatile("red.global.add.v2.f32 [%0], {%1, %2};" ::"l"(address), "f"(first),
-                 "f"(second)
-                 : "memory");
-}
-
-// Adds one thread's dQ fragment into a (kBlockM, kHeadDim) tile of the float32 accumulator.
-// accum_tile is that tile partitioned like the fragment, so every address is a base plus a
-// compile-time offset per row. No predicates: rows past the sequence end carry exact zeros (their
-// P is 0) and land in the next sequence's rows or in the accumulator's padding (see
-// kDqAccumPaddingRows); columns past the head dim are zeros too (K is zero-filled there).
-// Measured on an H200 (ncu, bf16 d128, 4 x 2048 tokens): with per-element address arithmetic,
-// predicates and ATOMG, this kernel took 1.47 ms against 1.13 ms for FlashAttention-2's, with
-// 16% more instructions.
-template <typename Acc, typename AccumTile>
-__device__ void atomic_add_dq(const Acc& acc_dq, AccumTile&& accum_tile) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    // Values 2i and 2i + 1 of an SM80 accumulator fragment are neighbouring columns of one row.
-    CUTE_UNROLL
-    for (int i = 0; i < size(acc_dq); i += 2) {
-        red_add_pair(&accum_tile(i), acc_dq(i), acc_dq(i + 1));
-    }
-#else
-    CUTE_UNROLL
-    for (int i = 0; i < size(acc_dq); ++i) red_add(&accum_tile(i), acc_dq(i));
-#endif
-}
 
 template <typename Traits, bool kIsCausal>
 struct FlashBwdKeyBlock {
@@ -137,8 +102,8 @@ struct FlashBwdKeyBlock {
         // The three products and their shared-memory operand copies.
         typename Traits::TiledMmaSdP mma_sdp;
         auto thr_mma_sdp = mma_sdp.get_thread_slice(tidx);
-        Tensor tSrQ = thr_mma_sdp.partition_fragment_A(sQ);    // (MMA, MMA_M, MMA_D)
-        Tensor tSrK = thr_mma_sdp.partition_fragment_B(sK);    // (MMA, MMA_N, MMA_D)
+        Tensor tSrQ = thr_mma_sdp.partition_fragment_A(sQ);     // (MMA, MMA_M, MMA_D)
+        Tensor tSrK = thr_mma_sdp.partition_fragment_B(sK);     // (MMA, MMA_N, MMA_D)
         Tensor tdPrdO = thr_mma_sdp.partition_fragment_A(sdO);  // (MMA, MMA_M, MMA_D)
         Tensor tdPrV = thr_mma_sdp.partition_fragment_B(sV);    // (MMA, MMA_N, MMA_D)
         auto copy_a_sdp = make_tiled_copy_A(typename Traits::SmemCopyAtom{}, mma_sdp);
@@ -171,7 +136,7 @@ struct FlashBwdKeyBlock {
 
         typename Traits::TiledMmadQ mma_dq;
         auto thr_mma_dq = mma_dq.get_thread_slice(tidx);
-        Tensor tdQrdS = thr_mma_dq.partition_fragment_A(sdS);         // (MMA, MMA_M, MMA_N)
+        Tensor tdQrdS = thr_mma_dq.partition_fragment_A(sdS);           // (MMA, MMA_M, MMA_N)
         Tensor tdQrKt = thr_mma_dq.partition_fragment_B(sKtNoSwizzle);  // (MMA, MMA_D, MMA_N)
         auto copy_a_dq = make_tiled_copy_A(typename Traits::SmemCopyAtom{}, mma_dq);
         auto thr_copy_a_dq = copy_a_dq.get_thread_slice(tidx);
@@ -206,15 +171,10 @@ struct FlashBwdKeyBlock {
                 static_cast<const Element*>(params.do_ptr) +
                 seq.q_offset(params.do_batch_stride, params.do_row_stride, batch) +
                 head * params.do_head_stride;
-            const int64_t row_stats_offset = head * params.lse_head_stride +
-                                             seq.lse_offset(params.lse_batch_stride, batch);
+            const int64_t row_stats_offset =
+                head * params.lse_head_stride + seq.lse_offset(params.lse_batch_stride, batch);
             const float* lse_base = params.softmax_lse_ptr + row_stats_offset;
             const float* d_base = params.softmax_d_ptr + row_stats_offset;
-            const int64_t accum_first_row =
-                seq.is_varlen ? int64_t(seq.q_start) : int64_t(batch) * params.seqlen_q;
-            float* dq_accum_base = params.dq_accum_ptr +
-                                   accum_first_row * params.dq_accum_row_stride +
-                                   head * kHeadDim;
 
             // Q of a row block and its per-row statistics: LSE and D, one float per thread with
             // 4-byte cp.async, so that they arrive with Q instead of stalling the loop on global
@@ -237,8 +197,8 @@ struct FlashBwdKeyBlock {
             };
             auto load_do = [&](int m_block) {
                 Tensor gdO = row_tile<kBlockM, kHeadDim>(do_base, m_block, params.do_row_stride);
-                copy_tile_zero_fill(gmem_tiled_copy, gmem_thr_copy.partition_S(gdO), tdOsdO,
-                                    tQcQ, col_valid, seq.seqlen_q - m_block * kBlockM);
+                copy_tile_zero_fill(gmem_tiled_copy, gmem_thr_copy.partition_S(gdO), tdOsdO, tQcQ,
+                                    col_valid, seq.seqlen_q - m_block * kBlockM);
             };
 
             load_q(m_begin, 0);
@@ -269,16 +229,15 @@ struct FlashBwdKeyBlock {
                 Tensor acc_s = partition_fragment_C(
                     mma_sdp, Shape<Int<kBlockM>, Int<kBlockN>>{});  // (MMA, MMA_M, MMA_N)
                 clear(acc_s);
-                gemm_smem_smem(mma_sdp, acc_s, tSrQ,
-                               tSrK, make_tensor(tSsQ.data() + q_stage_offset, tSsQ.layout()),
-                               tSsK, copy_a_sdp, copy_b_sdp, thr_copy_a_sdp, thr_copy_b_sdp);
+                gemm_smem_smem(mma_sdp, acc_s, tSrQ, tSrK,
+                               make_tensor(tSsQ.data() + q_stage_offset, tSsQ.layout()), tSsK,
+                               copy_a_sdp, copy_b_sdp, thr_copy_a_sdp, thr_copy_b_sdp);
                 if (mask.template tile_needs_mask<kBlockM, kBlockN>(m_block * kBlockM,
                                                                     n_block * kBlockN)) {
-                    mask.apply_by_coordinates(
-                        acc_s,
-                        thr_mma_sdp.partition_C(
-                            make_identity_tensor(Shape<Int<kBlockM>, Int<kBlockN>>{})),
-                        m_block * kBlockM, n_block * kBlockN);
+                    mask.apply_by_coordinates(acc_s,
+                                              thr_mma_sdp.partition_C(make_identity_tensor(
+                                                  Shape<Int<kBlockM>, Int<kBlockN>>{})),
+                                              m_block * kBlockM, n_block * kBlockN);
                 }
                 // P = exp2(scale_log2 * S - LSE_log2): the forward's probabilities, recomputed.
                 Tensor scores = make_tensor(acc_s.data(), accumulator_as_rows_cols(acc_s.layout()));
@@ -325,24 +284,6 @@ struct FlashBwdKeyBlock {
                     cp_async_fence();
                 }
 
-                Tensor acc_dq = partition_fragment_C(
-                    mma_dq, Shape<Int<kBlockM>, Int<kHeadDim>>{});  // (MMA, MMA_M, MMA_D)
-                clear(acc_dq);
-                gemm_smem_smem(mma_dq, acc_dq, tdQrdS, tdQrKt, tdQsdS, tdQsKt, copy_a_dq,
-                               copy_b_dq, thr_copy_a_dq, thr_copy_b_dq);
-                int* turn = params.dq_semaphore == nullptr
-                                ? nullptr
-                                : dq_semaphore_slot(params, batch, head, seq.q_start,
-                                                    m_block * kBlockM);
-                if (turn != nullptr) wait_for_turn(turn, n_block);
-                Tensor gdQaccum = make_tensor(
-                    make_gmem_ptr(dq_accum_base +
-                                  int64_t(m_block) * kBlockM * params.dq_accum_row_stride),
-                    Shape<Int<kBlockM>, Int<kHeadDim>>{},
-                    make_stride(int(params.dq_accum_row_stride), _1{}));  // (BM, D)
-                atomic_add_dq(acc_dq, thr_mma_dq.partition_C(gdQaccum));
-                if (turn != nullptr) pass_turn(turn, n_block);
-
                 gemm_smem_smem(mma_dkv, acc_dk, tdKrdSt, tdKrQt, tdKsdSt,
                                make_tensor(tdKsQt.data() + q_stage_offset, tdKsQt.layout()),
                                copy_a_dkv, copy_b_dkv, thr_copy_a_dkv, thr_copy_b_dkv);
@@ -351,6 +292,24 @@ struct FlashBwdKeyBlock {
                     load_q(m_block + 1, 0);
                     cp_async_fence();
                 }
+
+                // dQ last: its adds then drain while warps wait at the next block's barrier. Placed
+                // before the dK product (FlashAttention-2's order), the adds' source registers were
+                // taken for dK's operands at once, and the loads that overwrite them waited for the
+                // adds to leave the queue (ncu, H200, bf16 d128: 5% of the kernel's samples).
+                Tensor acc_dq = partition_fragment_C(
+                    mma_dq, Shape<Int<kBlockM>, Int<kHeadDim>>{});  // (MMA, MMA_M, MMA_D)
+                clear(acc_dq);
+                gemm_smem_smem(mma_dq, acc_dq, tdQrdS, tdQrKt, tdQsdS, tdQsKt, copy_a_dq, copy_b_dq,
+                               thr_copy_a_dq, thr_copy_b_dq);
+                int* turn =
+                    params.dq_semaphore == nullptr
+                        ? nullptr
+                        : dq_semaphore_slot(params, batch, head, seq.q_start, m_block * kBlockM);
+                if (turn != nullptr) wait_for_turn(turn, n_block);
+                add_dq_fragment<Traits::kNThreads>(
+                    dq_accum_tile<Traits>(params, seq, batch, head, m_block), acc_dq);
+                if (turn != nullptr) pass_turn(turn, n_block);
             }
         }
 

@@ -1,6 +1,7 @@
 // Host-side launch of the backward pass for one (element type, head-dim bucket, causal)
-// instantiation: preprocess (D), the main kernel (dK, dV, dQ accumulation), convert (dQ).
-// The caller provides zeroed dq_accum (and dq_semaphore in deterministic mode).
+// instantiation: preprocess (D, clearing the dQ accumulator), the main kernel (dK, dV, dQ
+// accumulation), convert (dQ), and clearing unused rows of gradients the backward allocated.
+// The caller provides zeroed dq_semaphore in deterministic mode.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -8,8 +9,10 @@
 #include <cute/tensor.hpp>
 
 #include "bwd_kernel_traits.h"
+#include "clear_rows_past_end.h"
+#include "dq_accum.h"
 #include "flash_bwd_kernel.h"
-#include "flash_bwd_row_kernels.h"
+#include "flash_bwd_preprocess.h"
 #include "flash_params.h"
 
 namespace flash_varlen {
@@ -17,15 +20,15 @@ namespace flash_varlen {
 template <typename Element, int kHeadDim, bool kIsCausal>
 cudaError_t launch_flash_bwd(const FlashBwdParams& params, cudaStream_t stream) {
     using Traits = typename BwdTileConfig<Element, kHeadDim>::Traits;
-    const dim3 row_grid(cute::ceil_div(params.seqlen_q, kRowKernelRowsPerBlock), params.batch,
-                        params.nheads);
-    constexpr int kRowThreads = kRowKernelWarps * kWarpSize;
+    // Grid of the preprocess and conversion kernels: the main kernel's row blocks.
+    const dim3 row_block_grid(cute::ceil_div(params.seqlen_q, Traits::kBlockM), params.batch,
+                              params.nheads);
     // Empty launches are invalid: with no query rows there is no D and no dQ, and with no keys no
     // key block (dK, dV have no rows; dQ is the zeroed accumulator, converted).
-    const bool has_query_rows = row_grid.x > 0 && params.nheads > 0;
+    const bool has_query_rows = row_block_grid.x > 0 && params.nheads > 0;
     if (has_query_rows) {
-        flash_bwd_preprocess_kernel<Element, kHeadDim>
-            <<<row_grid, kRowThreads, 0, stream>>>(params);
+        flash_bwd_preprocess_kernel<Traits>
+            <<<row_block_grid, kPreprocessThreads, 0, stream>>>(params);
     }
 
     auto kernel = &flash_bwd_kernel<Traits, kIsCausal>;
@@ -41,9 +44,12 @@ cudaError_t launch_flash_bwd(const FlashBwdParams& params, cudaStream_t stream) 
     if (grid.x > 0) kernel<<<grid, Traits::kNThreads, kSmemBytes, stream>>>(params);
 
     if (has_query_rows) {
-        flash_bwd_convert_dq_kernel<Element, kHeadDim>
-            <<<row_grid, kRowThreads, 0, stream>>>(params);
+        constexpr int kConvertSmemBytes = Traits::kSmemElemsQdO * int(sizeof(Element));
+        static_assert(kConvertSmemBytes <= kDefaultSmemLimit, "no opt-in needed");
+        flash_bwd_convert_dq_kernel<Traits>
+            <<<row_block_grid, Traits::kNThreads, kConvertSmemBytes, stream>>>(params);
     }
+    launch_clear_rows_past_end<Element>(params, stream);
     return cudaGetLastError();
 }
 

@@ -59,11 +59,17 @@ struct FlashBwdParams : FlashFwdParams {
     // rowsum(dO * O) - dLSE per query row, float32, laid out like softmax_lse (preprocess output).
     float* __restrict__ softmax_d_ptr;
 
-    // dQ accumulated over key blocks in float32: (query rows + kDqAccumPaddingRows, nheads,
-    // head-dim bucket), dense. Query row r of sequence b is row q_start + r (varlen) or
-    // b * seqlen_q + r (fixed length).
+    // dQ accumulated over key blocks in float32: (nheads, query rows + batch * kBlockM, head-dim
+    // bucket), in tiles of one row block each; see dq_accum.h for the layout.
     float* __restrict__ dq_accum_ptr;
-    int64_t dq_accum_row_stride;  // nheads * head-dim bucket
+    int64_t dq_accum_head_stride;  // rows * head-dim bucket
+
+    // Varlen gradients the backward allocated itself: rows from cu_seqlens_q[batch] (dq) and
+    // cu_seqlens_k[batch] (dk, dv) up to these row counts are zeroed (clear_rows_past_end.h).
+    // 0: nothing to clear (a buffer given by the caller, or the fixed-length layout).
+    int64_t clear_dq_rows_until;
+    int64_t clear_dk_rows_until;
+    int64_t clear_dv_rows_until;
 
     // Deterministic mode: one counter per (head, query row block) that orders the dQ adds of
     // the key blocks (key block j adds after j - 1). nullptr: unordered atomic adds.
@@ -75,10 +81,5 @@ struct FlashBwdParams : FlashFwdParams {
 
 // Granularity of the dq_semaphore slots; every backward row block is a multiple of it.
 constexpr int kSemaphoreRows = 64;
-
-// Rows of the dQ accumulator past the last query row: the backward kernel adds whole row blocks
-// (at most this many rows) without predicates, and the last block of the last sequence may hang
-// past the end. Those rows only ever receive zeros.
-constexpr int kDqAccumPaddingRows = 128;
 
 }  // namespace flash_varlen
