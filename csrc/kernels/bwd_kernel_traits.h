@@ -103,6 +103,8 @@ struct BwdKernelTraits {
         ((kQStages + 1) * kSmemElemsQdO + 2 * kSmemElemsKV + 2 * kSmemElemsPdS) *
             int(sizeof(Element)) +
         kQStages * kSmemRowStatsFloats * int(sizeof(float));
+    // On Hopper and later, plus a float32 copy of one dQ tile for the bulk adds (dq_accum.h).
+    static constexpr int kSmemDqStagingBytes = kBlockM * kHeadDim * int(sizeof(float));
 };
 
 // Per head-dim bucket: FlashAttention-2's (Dao, 2023) sm80 warp layouts for GPUs with large

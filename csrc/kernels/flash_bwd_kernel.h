@@ -71,6 +71,11 @@ struct FlashBwdKeyBlock {
         // Per stage: LSE of the row block's kBlockM rows, then their D.
         float* row_stats_smem = reinterpret_cast<float*>(
             raw_pointer_cast((sQ.data() + kQStages * Traits::kSmemElemsQdO).get()));
+        // Hopper and later: one dQ tile in float32 for the bulk adds, unless the adds must be
+        // ordered (deterministic mode adds from registers after its turn).
+        float* dq_staging = row_stats_smem + kQStages * Traits::kSmemRowStatsFloats;
+        const bool bulk_dq_adds = kDqBulkAdds && params.dq_semaphore == nullptr;
+        float* pending_dq_tile = nullptr;  // staged, its bulk add not issued yet
 
         // Global to shared copies (16-byte cp.async, zero-filled past the ends).
         typename Traits::GmemTiledCopyLoad gmem_tiled_copy;
@@ -213,6 +218,12 @@ struct FlashBwdKeyBlock {
                 // block's P, dS and Q stage.
                 cp_async_wait<0>();
                 __syncthreads();
+                if (pending_dq_tile != nullptr) {  // the previous row block's, staged and fenced
+                    if (tidx == 0) {
+                        issue_dq_tile_add(pending_dq_tile, dq_staging, Traits::kSmemDqStagingBytes);
+                    }
+                    pending_dq_tile = nullptr;
+                }
 
                 // Per-row statistics. Rows past the sequence end, and rows that saw no key in the
                 // forward (LSE = -inf), use LSE = +inf so that P = 0 and their gradients vanish.
@@ -278,7 +289,9 @@ struct FlashBwdKeyBlock {
 
                 gemm_smem_smem(mma_dkv, acc_dv, tdVrPt, tdVrdOt, tdVsPt, tdVsdOt, copy_a_dkv,
                                copy_b_dkv, thr_copy_a_dkv, thr_copy_b_dkv);
-                __syncthreads();  // every warp is done reading dO of this block
+                // The staged dQ tile has been read by the bulk add issued at the top.
+                if (bulk_dq_adds && tidx == 0) wait_dq_tile_read();
+                __syncthreads();  // every warp is done reading dO of this block (and the staging)
                 if (has_next) {
                     load_do(m_block + 1);
                     cp_async_fence();
@@ -293,23 +306,30 @@ struct FlashBwdKeyBlock {
                     cp_async_fence();
                 }
 
-                // dQ last: its adds then drain while warps wait at the next block's barrier. Placed
-                // before the dK product (FlashAttention-2's order), the adds' source registers were
-                // taken for dK's operands at once, and the loads that overwrite them waited for the
-                // adds to leave the queue (ncu, H200, bf16 d128: 5% of the kernel's samples).
+                // dQ last, so that its adds (or its staging for the bulk add) meet the next row
+                // block's barrier rather than the dK product. Placed before dK (FlashAttention-2's
+                // order), the `red` adds' source registers were taken for dK's operands at once,
+                // and the loads that overwrote them waited for the adds to leave the queue (ncu,
+                // H200, bf16 d128: 5% of the kernel's samples; 1.13 ms -> 1.11 ms moved here).
                 Tensor acc_dq = partition_fragment_C(
                     mma_dq, Shape<Int<kBlockM>, Int<kHeadDim>>{});  // (MMA, MMA_M, MMA_D)
                 clear(acc_dq);
                 gemm_smem_smem(mma_dq, acc_dq, tdQrdS, tdQrKt, tdQsdS, tdQsKt, copy_a_dq, copy_b_dq,
                                thr_copy_a_dq, thr_copy_b_dq);
-                int* turn =
-                    params.dq_semaphore == nullptr
-                        ? nullptr
-                        : dq_semaphore_slot(params, batch, head, seq.q_start, m_block * kBlockM);
-                if (turn != nullptr) wait_for_turn(turn, n_block);
-                add_dq_fragment<Traits::kNThreads>(
-                    dq_accum_tile<Traits>(params, seq, batch, head, m_block), acc_dq);
-                if (turn != nullptr) pass_turn(turn, n_block);
+                float* dq_tile = dq_accum_tile<Traits>(params, seq, batch, head, m_block);
+                if (bulk_dq_adds) {
+                    stage_dq_fragment<Traits::kNThreads>(dq_staging, acc_dq);
+                    fence_staged_dq();
+                    pending_dq_tile = dq_tile;
+                } else {
+                    int* turn = params.dq_semaphore == nullptr
+                                    ? nullptr
+                                    : dq_semaphore_slot(params, batch, head, seq.q_start,
+                                                        m_block * kBlockM);
+                    if (turn != nullptr) wait_for_turn(turn, n_block);
+                    add_dq_fragment<Traits::kNThreads>(dq_tile, acc_dq);
+                    if (turn != nullptr) pass_turn(turn, n_block);
+                }
             }
         }
 
@@ -321,6 +341,9 @@ struct FlashBwdKeyBlock {
         Tensor rdV = convert_fragment<Element>(acc_dv);
         cp_async_wait<0>();
         __syncthreads();  // every warp is done reading K and V (and no copy is in flight)
+        if (pending_dq_tile != nullptr && tidx == 0) {
+            issue_dq_tile_add(pending_dq_tile, dq_staging, Traits::kSmemDqStagingBytes);
+        }
         auto copy_store_dkv = make_tiled_copy_C(typename Traits::SmemCopyAtomStore{}, mma_dkv);
         auto thr_copy_store_dkv = copy_store_dkv.get_thread_slice(tidx);
         copy(copy_store_dkv, thr_copy_store_dkv.retile_S(rdK), thr_copy_store_dkv.partition_D(sK));
@@ -339,6 +362,8 @@ struct FlashBwdKeyBlock {
                                                                   params.head_dim);
         store_tile_from_smem<typename Traits::GmemTiledCopyStore>(sV, gdV, rows_left_k,
                                                                   params.head_dim);
+        // The bulk adds read shared memory and must land before the conversion kernel reads dQ.
+        if (bulk_dq_adds && tidx == 0) wait_dq_tile_adds();
     }
 };
 

@@ -32,16 +32,21 @@ cudaError_t launch_flash_bwd(const FlashBwdParams& params, cudaStream_t stream) 
     }
 
     auto kernel = &flash_bwd_kernel<Traits, kIsCausal>;
-    constexpr int kSmemBytes = Traits::kSmemBytes;
+    // The binary this device runs decides whether dQ goes through the staged bulk adds, which
+    // need one more tile of shared memory (dq_accum.h).
+    cudaFuncAttributes kernel_attributes;
+    cudaError_t err = cudaFuncGetAttributes(&kernel_attributes, kernel);
+    if (err != cudaSuccess) return err;
+    const bool bulk_dq_adds = kernel_attributes.binaryVersion >= kDqBulkAddsMinArch;
+    const int smem_bytes = Traits::kSmemBytes + (bulk_dq_adds ? Traits::kSmemDqStagingBytes : 0);
     constexpr int kDefaultSmemLimit = 48 * 1024;  // above this a kernel must opt in
-    if constexpr (kSmemBytes > kDefaultSmemLimit) {
-        const cudaError_t err =
-            cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
+    if (smem_bytes > kDefaultSmemLimit) {
+        err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
         if (err != cudaSuccess) return err;
     }
     const dim3 grid(cute::ceil_div(params.seqlen_k, Traits::kBlockN), params.batch,
                     params.nheads_k);
-    if (grid.x > 0) kernel<<<grid, Traits::kNThreads, kSmemBytes, stream>>>(params);
+    if (grid.x > 0) kernel<<<grid, Traits::kNThreads, smem_bytes, stream>>>(params);
 
     if (has_query_rows) {
         constexpr int kConvertSmemBytes = Traits::kSmemElemsQdO * int(sizeof(Element));
