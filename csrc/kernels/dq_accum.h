@@ -103,7 +103,7 @@ constexpr bool kDqBulkAdds = true;
 #else
 constexpr bool kDqBulkAdds = false;
 #endif
-constexpr int kDqBulkAddsMinArch = 90;  // cudaFuncAttributes::binaryVersion
+constexpr int kDqBulkAddsMinArch = 90;  // cudaFuncAttributes::ptxVersion
 
 // The four operations below compile to nothing where kDqBulkAdds is false; callers test it.
 // Makes this thread's shared-memory stores visible to the bulk-copy engine (the async proxy).

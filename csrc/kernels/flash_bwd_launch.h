@@ -32,12 +32,13 @@ cudaError_t launch_flash_bwd(const FlashBwdParams& params, cudaStream_t stream) 
     }
 
     auto kernel = &flash_bwd_kernel<Traits, kIsCausal>;
-    // The binary this device runs decides whether dQ goes through the staged bulk adds, which
-    // need one more tile of shared memory (dq_accum.h).
+    // Whether dQ goes through the staged bulk adds, which need one more tile of shared memory
+    // (dq_accum.h), follows the virtual architecture the kernel this device runs was compiled
+    // for (its __CUDA_ARCH__; a binary JIT-compiled from older PTX takes the older path).
     cudaFuncAttributes kernel_attributes;
     cudaError_t err = cudaFuncGetAttributes(&kernel_attributes, kernel);
     if (err != cudaSuccess) return err;
-    const bool bulk_dq_adds = kernel_attributes.binaryVersion >= kDqBulkAddsMinArch;
+    const bool bulk_dq_adds = kernel_attributes.ptxVersion >= kDqBulkAddsMinArch;
     const int smem_bytes = Traits::kSmemBytes + (bulk_dq_adds ? Traits::kSmemDqStagingBytes : 0);
     constexpr int kDefaultSmemLimit = 48 * 1024;  // above this a kernel must opt in
     if (smem_bytes > kDefaultSmemLimit) {
