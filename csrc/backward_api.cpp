@@ -55,13 +55,9 @@ void run_backward(BackwardTensors& t, const BackwardShape& shape, double softmax
     check_softmax_scale(softmax_scale);
     const BwdLauncher launch =
         find_launcher<FlashBwdParams>(t.q, shape.heads.head_dim, causal, "backward");
-    const at::Tensor* const gradients[] = {&t.dq, &t.dk, &t.dv};
-    if (shape.batch == 0) {  // nothing to compute; gradients allocated here are all unused rows
-        for (int i = 0; i < 3; ++i) {
-            if (t.gradients_allocated[i]) gradients[i]->zero_();
-        }
-        return;
-    }
+    // Only a fixed-length batch can be empty (varlen needs batch >= 1), and then so are the
+    // tensors: nothing to compute, nothing to write.
+    if (shape.batch == 0) return;
 
     // The per-row statistics are small; a contiguous copy (only if they are not) gives the
     // preprocess output and both inputs one layout.
@@ -124,6 +120,7 @@ void run_backward(BackwardTensors& t, const BackwardShape& shape, double softmax
     params.dq_semaphore = deterministic ? dq_semaphore.data_ptr<int>() : nullptr;
     params.dq_semaphore_head_stride = static_cast<int>(semaphore_slots);
     if (is_varlen) {
+        const at::Tensor* const gradients[] = {&t.dq, &t.dk, &t.dv};
         int64_t* const clear_until[] = {&params.clear_dq_rows_until, &params.clear_dk_rows_until,
                                         &params.clear_dv_rows_until};
         for (int i = 0; i < 3; ++i) {

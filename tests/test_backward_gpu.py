@@ -816,6 +816,58 @@ def test_extension_varlen_bwd_allocates_zeroed_grads(causal: bool) -> None:
     check_varlen_gradients(inputs.batch, valid, inputs.dout, causal, "_C.varlen_bwd allocated")
 
 
+@pytest.mark.parametrize("given_name", GRADIENT_NAMES)
+def test_extension_varlen_bwd_mixes_given_and_allocated(given_name: str) -> None:
+    """_C.varlen_bwd with one gradient buffer given (NaN-filled) and the other two allocated.
+
+    The given buffer's rows past cu_seqlens[-1] must stay NaN, the allocated ones' must be 0
+    (the backward clears only the unused rows of buffers it allocated). Fails if the clearing
+    touches a caller's buffer or skips an allocated one.
+    """
+    inputs = padded_backward_inputs(causal=False)
+    q, k = inputs.args[1], inputs.args[2]
+    index = GRADIENT_NAMES.index(given_name)
+    given = torch.full_like(inputs.args[1 + index], float("nan"))  # like q, k or v
+    buffers = [None, None, None]
+    buffers[index] = given
+    poison_freed_blocks(gradient_nbytes(q, k, head_dim_bucket(DEFAULT_HEAD_DIM)), DEVICE)
+    grads = _extension().varlen_bwd(*inputs.args, False, False, None, *buffers)
+    total_q, total_k = inputs.batch.q.shape[0], inputs.batch.k.shape[0]
+    totals = (total_q, total_k, total_k)
+    assert grads[index].data_ptr() == given.data_ptr(), f"{given_name}: not the given buffer"
+    for grad_name, grad, total in zip(GRADIENT_NAMES, grads, totals):
+        tail = grad[total:]
+        if grad_name == given_name:
+            assert bool(torch.isnan(tail).all()), f"{grad_name}: given buffer's tail written"
+        else:
+            assert bool((tail == 0).all()), f"{grad_name}: allocated buffer's tail is not 0"
+    valid = tuple(grad[:total] for grad, total in zip(grads, totals))
+    check_varlen_gradients(inputs.batch, valid, inputs.dout, False, "_C.varlen_bwd mixed")
+
+
+def test_extension_varlen_bwd_only_empty_sequences_allocates_zeros() -> None:
+    """_C.varlen_bwd where every sequence is empty (cu_seqlens = [0, 0, 0]) on tensors that
+    still have rows.
+
+    Every row is past cu_seqlens[-1], so the allocated gradients must be exactly 0; fails if the
+    backward returns uninitialized (here NaN-poisoned) memory when it has nothing to compute.
+    """
+    rows, nheads = 9, 2
+    shape = (rows, nheads, DEFAULT_HEAD_DIM)
+    generator = device_generator(DEVICE, DOUT_SEED)
+    q, k, v, dout = (seeded_randn(shape, torch.bfloat16, DEVICE, generator) for _ in range(4))
+    out = torch.zeros_like(q)
+    lse = torch.full((nheads, rows), float("-inf"), device=DEVICE)
+    cu_seqlens = torch.zeros(3, dtype=torch.int32, device=DEVICE)
+    poison_freed_blocks(gradient_nbytes(q, k, head_dim_bucket(DEFAULT_HEAD_DIM)), DEVICE)
+    grads = _extension().varlen_bwd(
+        dout, q, k, v, out, lse, cu_seqlens, cu_seqlens, 1, 1, 1.0, False, False
+    )
+    for grad_name, grad in zip(GRADIENT_NAMES, grads):
+        assert grad.shape == shape, f"{grad_name}: shape {tuple(grad.shape)}"
+        assert bool((grad == 0).all()), f"{grad_name}: not all 0 without any query or key"
+
+
 @pytest.mark.parametrize("causal", [False, True], ids=_mask_id)
 def test_extension_fixed_bwd_poisoned(causal: bool) -> None:
     """_C.bwd into NaN-filled given buffers, then allocating with the allocator poisoned.
