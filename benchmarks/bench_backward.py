@@ -33,7 +33,7 @@ if __package__ in (None, ""):
     # flash_varlen (with its compiled extension) wins over the source tree.
     sys.path.append(str(REPO_ROOT))
 
-from benchmarks import bench_forward, report  # noqa: E402
+from benchmarks import bench_forward, chart, report  # noqa: E402
 from benchmarks.bench_forward import (  # noqa: E402
     CAUSAL_CHOICES,
     EXIT_NO_GPU,
@@ -261,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(row)
                 print(report.backward_progress_line(row, args.impl), file=sys.stderr, flush=True)
     markdown_path = report.write_backward_outputs(args.out, meta, rows, args.impl)
+    print(chart.chart_beside(args.out, meta, rows))
     header, body = report.backward_table(rows, args.impl)
     print(report.format_text(header, body))
     for line in report.backward_notes(rows, args.impl):

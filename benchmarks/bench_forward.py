@@ -30,7 +30,7 @@ if __package__ in (None, ""):
     # flash_varlen (with its compiled extension) wins over the source tree.
     sys.path.append(str(REPO_ROOT))
 
-from benchmarks import report  # noqa: E402
+from benchmarks import chart, report  # noqa: E402
 from benchmarks.checks import (  # noqa: E402
     Reference,
     build_reference,
@@ -266,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(row)
                 print(report.progress_line(row, args.impl), file=sys.stderr, flush=True)
     markdown_path = report.write_outputs(args.out, meta, rows, args.impl)
+    print(chart.chart_beside(args.out, meta, rows))
     header, body = report.table(rows, args.impl)
     print(report.format_text(header, body))
     for line in report.notes(rows, args.impl):
