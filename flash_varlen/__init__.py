@@ -14,12 +14,21 @@ from flash_varlen.interface import (
     flash_attn_varlen_kvpacked_func,
     flash_attn_varlen_qkvpacked_func,
 )
-from flash_varlen.padding import pad_input, unpad_input
+from flash_varlen.padding import (
+    cu_seqlens_from_attention_mask,
+    cu_seqlens_from_lengths,
+    cu_seqlens_from_position_ids,
+    pad_input,
+    unpad_input,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "__version__",
+    "cu_seqlens_from_attention_mask",
+    "cu_seqlens_from_lengths",
+    "cu_seqlens_from_position_ids",
     "flash_attn_func",
     "flash_attn_kvpacked_func",
     "flash_attn_qkvpacked_func",

@@ -136,7 +136,14 @@ def test_signature_matches_flash_attn(name: str) -> None:
 
 def test_exports_and_version() -> None:
     assert flash_varlen.__version__ == "0.1.0"
-    for name in [*FUNCTION_NAMES, "unpad_input", "pad_input", "reference"]:
+    helpers = [
+        "unpad_input",
+        "pad_input",
+        "cu_seqlens_from_lengths",
+        "cu_seqlens_from_attention_mask",
+        "cu_seqlens_from_position_ids",
+    ]
+    for name in [*FUNCTION_NAMES, *helpers, "reference"]:
         assert name in flash_varlen.__all__
         assert hasattr(flash_varlen, name)
     assert callable(flash_varlen.reference.attention_ref_varlen)
