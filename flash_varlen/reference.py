@@ -4,24 +4,78 @@ It runs on any device, one sequence at a time with dense math, so it is slow and
 purpose. ``compute_dtype`` chooses the precision of the whole computation: float32 (or float64)
 for the reference itself, and the input dtype (float16 / bfloat16) for "the same PyTorch math in
 the input dtype" whose error sets the kernels' tolerance (see design.md, Testing rules).
+Everything is differentiable by autograd, so the same functions give the reference gradients.
 
-Conventions shared with the kernels:
-- scores = softmax_scale * q @ k^T per sequence and per head; query head h uses kv head
-  h // (nheads // nheads_k) (grouped-query attention);
-- causal masks align to the bottom-right corner: query i sees key j iff
-  j <= i + seqlen_k - seqlen_q;
-- a query row that sees no key (empty key sequence, or fully masked) gets out = 0 and
-  softmax_lse = -inf, never NaN;
-- softmax_lse is the natural-log sum of exp(score) over visible keys, returned as float32.
+Conventions shared with the kernels, per sequence and per query head h (which uses kv head
+h // (nheads // nheads_k), grouped-query attention), with i the query index and j the key index
+counted from 0 within the sequence:
+
+1. scores = softmax_scale * q_i . k_j;
+2. softcap > 0: scores = softcap * tanh(scores / softcap);
+3. ALiBi: scores += -slope_h * |i + offset - j|, added after the softcap as flash-attn 2 does
+   (its kernel caps first, then adds the bias inside the mask step, so the bias is never capped);
+4. masking: key j is visible to query i iff
+       j <= i + offset + right   (unless right == -1)   and
+       j >= i + offset - left    (unless left == -1),
+   with (left, right) = window_size, and causal=True forcing right = 0 while keeping left
+   (flash-attn 2's host code does exactly this: ``if (is_causal) window_size_right = 0``);
+   invisible scores become -inf;
+5. probs = softmax over the visible keys; softmax_lse = log(sum(exp(scores))) over the visible
+   keys, natural log, float32. softmax_lse never sees dropout;
+6. dropout: probs are multiplied by keep_mask / (1 - dropout_p); out = probs @ v.
+
+``offset`` places the diagonal (the key a query is aligned with) and is set by causal_alignment:
+"bottom_right" (flash-attn, the default) aligns the last query with the last key,
+offset = seqlen_k - seqlen_q; "top_left" (PyTorch's ``is_causal``) aligns the first query with
+the first key, offset = 0. The same diagonal is used by the causal mask, the window and the
+ALiBi distance, so that the three stay consistent. Causal masks for seqlen_q = 3, seqlen_k = 5
+(x = visible):
+
+    bottom_right (j <= i + 2)       top_left (j <= i)
+          key j 0 1 2 3 4                key j 0 1 2 3 4
+    query 0     x x x . .          query 0     x . . . .
+    query 1     x x x x .          query 1     x x . . .
+    query 2     x x x x x          query 2     x x x . .
+
+A query row that sees no key (an empty key sequence, a window or causal mask that hides every
+key, e.g. causal with seqlen_q > seqlen_k, or a sequence whose used length is 0) gets out = 0 and
+softmax_lse = -inf, never NaN, and autograd gives it zero gradients.
+
+Dropout keep masks follow flash-attn's ``S_dmask`` (the third value returned with
+``return_attn_probs=True``): a (batch, nheads, seqlen_q_rounded, seqlen_k_rounded) tensor indexed
+by positions within each sequence, where a dropped entry has its sign bit set. The reference
+therefore takes a boolean keep mask of that padded form (sizes at least the sequence lengths;
+extra rows and columns are ignored), and ``dropout_keep_mask`` turns an ``S_dmask`` into one.
+
+Known differences from flash-attn 2 (the reference follows the documented formulas instead):
+- with causal=True and ALiBi (and no window), flash-attn 2 adds +slope * j rather than
+  -slope * |i + offset - j|; on visible keys the two differ by a per-row constant, so out is the
+  same but flash-attn 2's softmax_lse is larger by slope * (i + offset);
+- flash-attn 2 replaces a window side >= max_seqlen_k by -1 before running. For left that
+  changes nothing, but when seqlen_q - 1 > right >= max_seqlen_k the formula hides the last
+  keys from the first queries and flash-attn 2 shows them (flash-attn 3's threshold for right,
+  max_seqlen_q - 1, changes nothing);
+- flash-attn 2 refuses softcap together with dropout; the reference computes it;
+- flash-attn 2 returns softmax_lse = +inf for rows that see no key (this project uses -inf).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 
 LSE_DTYPE = torch.float32
+
+UNBOUNDED = -1
+"""A window side of this value puts no limit on that side (flash-attn's convention)."""
+
+NO_WINDOW = (UNBOUNDED, UNBOUNDED)
+
+BOTTOM_RIGHT = "bottom_right"
+TOP_LEFT = "top_left"
+CAUSAL_ALIGNMENTS = (BOTTOM_RIGHT, TOP_LEFT)
 
 
 def default_softmax_scale(head_dim: int) -> float:
@@ -29,15 +83,114 @@ def default_softmax_scale(head_dim: int) -> float:
     return 1.0 / math.sqrt(head_dim)
 
 
+def diagonal_offset(seqlen_q: int, seqlen_k: int, causal_alignment: str = BOTTOM_RIGHT) -> int:
+    """The key index aligned with query 0: seqlen_k - seqlen_q (bottom_right) or 0 (top_left)."""
+    _check_causal_alignment(causal_alignment)
+    return seqlen_k - seqlen_q if causal_alignment == BOTTOM_RIGHT else 0
+
+
+def effective_window(causal: bool, window_size: Sequence[int] = NO_WINDOW) -> tuple[int, int]:
+    """(left, right) after causal is folded in: causal forces right = 0 and keeps left."""
+    left, right = _check_window_size(window_size)
+    return (left, 0) if causal else (left, right)
+
+
 def visible_keys(
-    seqlen_q: int, seqlen_k: int, causal: bool, device: torch.device | str | None = None
+    seqlen_q: int,
+    seqlen_k: int,
+    causal: bool,
+    device: torch.device | str | None = None,
+    *,
+    window_size: Sequence[int] = NO_WINDOW,
+    causal_alignment: str = BOTTOM_RIGHT,
 ) -> torch.Tensor:
-    """Boolean (seqlen_q, seqlen_k) matrix: True where query i may attend to key j."""
-    if not causal:
-        return torch.ones(seqlen_q, seqlen_k, dtype=torch.bool, device=device)
-    rows = torch.arange(seqlen_q, device=device).unsqueeze(1)
-    cols = torch.arange(seqlen_k, device=device).unsqueeze(0)
-    return cols <= rows + (seqlen_k - seqlen_q)
+    """Boolean (seqlen_q, seqlen_k) matrix: True where query i may attend to key j.
+
+    The rule is item 4 of the module docstring: key j is visible to query i iff it lies within
+    [i + offset - left, i + offset + right], a side of -1 being unbounded, causal forcing
+    right = 0, and offset given by ``causal_alignment``.
+    """
+    left, right = effective_window(causal, window_size)
+    offset = diagonal_offset(seqlen_q, seqlen_k, causal_alignment)
+    diagonal = torch.arange(seqlen_q, device=device).unsqueeze(1) + offset  # (seqlen_q, 1)
+    cols = torch.arange(seqlen_k, device=device).unsqueeze(0)  # (1, seqlen_k)
+    visible = torch.ones(seqlen_q, seqlen_k, dtype=torch.bool, device=device)
+    if right != UNBOUNDED:
+        visible &= cols <= diagonal + right
+    if left != UNBOUNDED:
+        visible &= cols >= diagonal - left
+    return visible
+
+
+def alibi_bias(
+    alibi_slopes: torch.Tensor,
+    seqlen_q: int,
+    seqlen_k: int,
+    causal_alignment: str = BOTTOM_RIGHT,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """ALiBi bias of one sequence, -slope_h * |i + offset - j|.
+
+    alibi_slopes: (nheads,) float. Returns (nheads, seqlen_q, seqlen_k) in ``dtype`` on the
+    slopes' device.
+    """
+    device = alibi_slopes.device
+    offset = diagonal_offset(seqlen_q, seqlen_k, causal_alignment)
+    diagonal = torch.arange(seqlen_q, device=device).unsqueeze(1) + offset  # (seqlen_q, 1)
+    distance = (diagonal - torch.arange(seqlen_k, device=device)).abs()  # (seqlen_q, seqlen_k)
+    return -alibi_slopes.to(dtype).view(-1, 1, 1) * distance.to(dtype)
+
+
+def dropout_keep_mask(s_dmask: torch.Tensor) -> torch.Tensor:
+    """Boolean keep mask (same shape) from flash-attn's ``S_dmask``.
+
+    A dropped entry is stored with its sign bit set. ``signbit`` rather than ``>= 0`` also
+    reads a dropped probability that underflowed to -0.0 as dropped (its contribution is 0
+    either way, but the mask then matches the kernel's decision exactly).
+    """
+    return ~torch.signbit(s_dmask)
+
+
+def used_query_rows(
+    cu_seqlens_q: torch.Tensor, seqused_q: torch.Tensor | None, total_q: int
+) -> torch.Tensor:
+    """Boolean (total_q,): True for the packed query rows that ``attention_ref_varlen`` computes.
+
+    Rows of sequence b are cu_seqlens_q[b] .. cu_seqlens_q[b + 1] - 1; with ``seqused_q`` only
+    the first seqused_q[b] of them are used. Every other row (also rows past cu_seqlens_q[-1])
+    gets out = 0 and softmax_lse = -inf from the reference, which a kernel need not match.
+    Returned on the host (CPU).
+    """
+    bounds = cu_seqlens_q.tolist()
+    used = torch.zeros(total_q, dtype=torch.bool)
+    for b in range(len(bounds) - 1):
+        length = bounds[b + 1] - bounds[b] if seqused_q is None else int(seqused_q[b])
+        used[bounds[b] : bounds[b] + length] = True
+    return used
+
+
+def softmax_and_lse(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row softmax and natural-log LSE of (..., seqlen_k) scores where -inf marks hidden keys.
+
+    A row of only -inf gives probs 0 and LSE -inf, with zero (not NaN) gradients whatever
+    produced the -inf (masked_fill, or an additive -inf bias whose backward passes gradients
+    through unchanged).
+    Returns probs (same shape and dtype as scores) and lse (...) in the scores' dtype.
+    """
+    row_max = scores.amax(dim=-1, keepdim=True)
+    sees_a_key = row_max > -math.inf
+    # Shifting by the row max only prevents overflow: probs and LSE do not depend on the shift,
+    # so it is detached (its exact gradient is 0). A row without keys shifts by 0 instead of
+    # -inf, so that exp(-inf - 0) = 0 rather than NaN.
+    shift = torch.where(sees_a_key, row_max, torch.zeros_like(row_max)).detach()
+    weights = torch.exp(scores - shift)
+    # row_sum >= 1 where a key is visible (the max contributes exp(0)); the placeholder 1 for
+    # other rows keeps both the division and log's backward (1 / row_sum) finite.
+    row_sum = weights.sum(dim=-1, keepdim=True)
+    safe_sum = torch.where(sees_a_key, row_sum, torch.ones_like(row_sum))
+    probs = weights / safe_sum
+    lse = torch.where(sees_a_key, shift + torch.log(safe_sum), -math.inf)
+    return probs, lse.squeeze(-1)
 
 
 def attention_one_sequence(
@@ -47,15 +200,44 @@ def attention_one_sequence(
     softmax_scale: float,
     causal: bool,
     compute_dtype: torch.dtype,
+    *,
+    window_size: Sequence[int] = NO_WINDOW,
+    softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    dropout_mask: torch.Tensor | None = None,
+    causal_alignment: str = BOTTOM_RIGHT,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention of one sequence.
+    """Attention of one sequence (the steps of the module docstring).
 
-    q: (seqlen_q, nheads, d); k: (seqlen_k, nheads_k, d); v: (seqlen_k, nheads_k, d_v).
+    q: (seqlen_q, nheads, d); k: (seqlen_k, nheads_k, d); v: (seqlen_k, nheads_k, d_v), any
+    float dtype. window_size: (left, right), -1 unbounded. softcap: 0 disables it.
+    alibi_slopes: (nheads,) float, or None. dropout_p in [0, 1); dropout_mask: (nheads,
+    seqlen_q, seqlen_k) bool keep mask, required when dropout_p > 0. causal_alignment:
+    "bottom_right" or "top_left".
+
     Returns out (seqlen_q, nheads, d_v) in ``compute_dtype`` and softmax_lse (nheads, seqlen_q)
     float32.
     """
+    _check_softcap(softcap)
+    _check_dropout(dropout_p, dropout_mask)
     seqlen_q, nheads, _ = q.shape
     seqlen_k, nheads_k, _ = k.shape
+    if alibi_slopes is not None and tuple(alibi_slopes.shape) != (nheads,):
+        raise ValueError(
+            f"alibi_slopes must have shape ({nheads},), got {tuple(alibi_slopes.shape)}"
+        )
+    if dropout_mask is not None and tuple(dropout_mask.shape) != (nheads, seqlen_q, seqlen_k):
+        raise ValueError(
+            f"dropout_mask must have shape ({nheads}, {seqlen_q}, {seqlen_k}), "
+            f"got {tuple(dropout_mask.shape)}"
+        )
+    # Built before the empty-sequence shortcut so that a bad window_size or causal_alignment is
+    # reported whatever the lengths.
+    visible = visible_keys(
+        seqlen_q, seqlen_k, causal, q.device,
+        window_size=window_size, causal_alignment=causal_alignment,
+    )
     if seqlen_q == 0 or seqlen_k == 0:
         return (
             torch.zeros(seqlen_q, nheads, v.shape[-1], dtype=compute_dtype, device=q.device),
@@ -68,19 +250,22 @@ def attention_one_sequence(
     v_c = v.to(compute_dtype).repeat_interleave(group, dim=1)
 
     scores = torch.einsum("qhd,khd->hqk", q_c, k_c) * softmax_scale  # (nheads, sq, sk)
-    visible = visible_keys(seqlen_q, seqlen_k, causal, q.device)
+    if softcap > 0:
+        scores = softcap * torch.tanh(scores / softcap)
+    if alibi_slopes is not None:
+        # .to(q.device): the reference runs anywhere, so slopes and masks may live elsewhere.
+        slopes = alibi_slopes.to(q.device)
+        bias = alibi_bias(slopes, seqlen_q, seqlen_k, causal_alignment, compute_dtype)
+        scores = scores + bias
+    # Masking comes last: -inf must survive the softcap (tanh(-inf) = -1) and the bias, and
+    # masked_fill's backward is exactly 0 at masked entries whatever flows into it.
     scores = scores.masked_fill(~visible, -math.inf)
 
-    row_max = scores.amax(dim=-1, keepdim=True)
-    # A fully masked row has max -inf; shifting by 0 instead keeps exp(-inf - 0) = 0, not NaN.
-    shift = row_max.masked_fill(row_max == -math.inf, 0.0)
-    weights = torch.exp(scores - shift)
-    row_sum = weights.sum(dim=-1, keepdim=True)
-    # row_sum >= 1 for any row with a visible key (its max contributes exp(0)); 0 otherwise.
-    probs = weights / torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum))
+    probs, lse = softmax_and_lse(scores)
+    if dropout_mask is not None:
+        probs = probs.masked_fill(~dropout_mask.to(q.device), 0.0) / (1.0 - dropout_p)
     out = torch.einsum("hqk,khd->qhd", probs, v_c)
-    lse = (shift + torch.log(row_sum)).squeeze(-1).to(LSE_DTYPE)  # log(0) = -inf when empty
-    return out, lse
+    return out, lse.to(LSE_DTYPE)
 
 
 def attention_ref_varlen(
@@ -92,33 +277,64 @@ def attention_ref_varlen(
     softmax_scale: float | None = None,
     causal: bool = False,
     compute_dtype: torch.dtype = torch.float32,
+    *,
+    window_size: Sequence[int] = NO_WINDOW,
+    softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    dropout_mask: torch.Tensor | None = None,
+    seqused_q: torch.Tensor | None = None,
+    seqused_k: torch.Tensor | None = None,
+    causal_alignment: str = BOTTOM_RIGHT,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference attention over packed variable-length sequences.
 
     q: (total_q, nheads, d); k, v: (total_k, nheads_k, d); cu_seqlens_q, cu_seqlens_k:
     (batch + 1,) prefix sums (any integer dtype, any device; read on the host).
-    softmax_scale defaults to 1 / sqrt(d).
+    softmax_scale defaults to 1 / sqrt(d). window_size, softcap, dropout_p and causal_alignment
+    as in ``attention_one_sequence``.
+    alibi_slopes: (nheads,) or (batch, nheads) float, or None.
+    dropout_mask: bool keep mask (batch, nheads, >= max used seqlen_q, >= max used seqlen_k),
+        indexed by positions within each sequence (``dropout_keep_mask(S_dmask)`` fits).
+    seqused_q, seqused_k: (batch,) integers, or None. Sequence b then consists of only the first
+        seqused[b] rows of its slot cu_seqlens[b] .. cu_seqlens[b + 1]; lengths, the causal
+        diagonal, the window and ALiBi all use these used lengths, as if the sequences had been
+        truncated. Must not exceed the slot lengths.
 
     Returns:
         out: (total_q, nheads, d) in ``compute_dtype``;
         softmax_lse: (nheads, total_q) float32.
+        Query rows outside every used range (``used_query_rows`` is False) have out = 0 and
+        softmax_lse = -inf and take part in no softmax.
     """
     scale = default_softmax_scale(q.shape[-1]) if softmax_scale is None else softmax_scale
     bounds_q = cu_seqlens_q.tolist()
     bounds_k = cu_seqlens_k.tolist()
+    batch = len(bounds_q) - 1
+    lengths_q = _used_lengths(bounds_q, seqused_q, "seqused_q")
+    lengths_k = _used_lengths(bounds_k, seqused_k, "seqused_k")
+    _check_batched_slopes(alibi_slopes, batch, q.shape[1])
+    _check_padded_dropout_mask(dropout_mask, batch, q.shape[1], lengths_q, lengths_k)
+
     total_q, nheads, _ = q.shape
     out = torch.zeros(total_q, nheads, v.shape[-1], dtype=compute_dtype, device=q.device)
     lse = torch.full((nheads, total_q), -math.inf, dtype=LSE_DTYPE, device=q.device)
-    for batch in range(len(bounds_q) - 1):
-        q_start, q_end = bounds_q[batch], bounds_q[batch + 1]
-        k_start, k_end = bounds_k[batch], bounds_k[batch + 1]
-        out[q_start:q_end], lse[:, q_start:q_end] = attention_one_sequence(
-            q[q_start:q_end],
-            k[k_start:k_end],
-            v[k_start:k_end],
+    for b in range(batch):
+        q_rows = slice(bounds_q[b], bounds_q[b] + lengths_q[b])
+        k_rows = slice(bounds_k[b], bounds_k[b] + lengths_k[b])
+        out[q_rows], lse[:, q_rows] = attention_one_sequence(
+            q[q_rows],
+            k[k_rows],
+            v[k_rows],
             scale,
             causal,
             compute_dtype,
+            window_size=window_size,
+            softcap=softcap,
+            alibi_slopes=_slopes_of(alibi_slopes, b),
+            dropout_p=dropout_p,
+            dropout_mask=_mask_of(dropout_mask, b, lengths_q[b], lengths_k[b]),
+            causal_alignment=causal_alignment,
         )
     return out, lse
 
@@ -130,11 +346,22 @@ def attention_ref(
     softmax_scale: float | None = None,
     causal: bool = False,
     compute_dtype: torch.dtype = torch.float32,
+    *,
+    window_size: Sequence[int] = NO_WINDOW,
+    softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    dropout_mask: torch.Tensor | None = None,
+    causal_alignment: str = BOTTOM_RIGHT,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference attention for the fixed-length layout.
 
     q: (batch, seqlen_q, nheads, d); k, v: (batch, seqlen_k, nheads_k, d).
-    softmax_scale defaults to 1 / sqrt(d).
+    softmax_scale defaults to 1 / sqrt(d). window_size, softcap, dropout_p and causal_alignment
+    as in ``attention_one_sequence``.
+    alibi_slopes: (nheads,) or (batch, nheads) float, or None.
+    dropout_mask: bool keep mask (batch, nheads, >= seqlen_q, >= seqlen_k)
+        (``dropout_keep_mask(S_dmask)`` fits).
 
     Returns:
         out: (batch, seqlen_q, nheads, d) in ``compute_dtype``;
@@ -142,8 +369,110 @@ def attention_ref(
     """
     scale = default_softmax_scale(q.shape[-1]) if softmax_scale is None else softmax_scale
     batch, seqlen_q, nheads, _ = q.shape
+    seqlen_k = k.shape[1]
+    _check_batched_slopes(alibi_slopes, batch, nheads)
+    _check_padded_dropout_mask(dropout_mask, batch, nheads, [seqlen_q] * batch, [seqlen_k] * batch)
+
     out = torch.zeros(batch, seqlen_q, nheads, v.shape[-1], dtype=compute_dtype, device=q.device)
     lse = torch.full((batch, nheads, seqlen_q), -math.inf, dtype=LSE_DTYPE, device=q.device)
     for b in range(batch):
-        out[b], lse[b] = attention_one_sequence(q[b], k[b], v[b], scale, causal, compute_dtype)
+        out[b], lse[b] = attention_one_sequence(
+            q[b],
+            k[b],
+            v[b],
+            scale,
+            causal,
+            compute_dtype,
+            window_size=window_size,
+            softcap=softcap,
+            alibi_slopes=_slopes_of(alibi_slopes, b),
+            dropout_p=dropout_p,
+            dropout_mask=_mask_of(dropout_mask, b, seqlen_q, seqlen_k),
+            causal_alignment=causal_alignment,
+        )
     return out, lse
+
+
+def _check_window_size(window_size: Sequence[int]) -> tuple[int, int]:
+    if len(window_size) != 2 or any(int(side) < UNBOUNDED for side in window_size):
+        raise ValueError(
+            f"window_size must be (left, right) with each side >= 0 or -1 (unbounded), "
+            f"got {tuple(window_size)}"
+        )
+    return int(window_size[0]), int(window_size[1])
+
+
+def _check_causal_alignment(causal_alignment: str) -> None:
+    if causal_alignment not in CAUSAL_ALIGNMENTS:
+        raise ValueError(
+            f"causal_alignment must be one of {CAUSAL_ALIGNMENTS}, got {causal_alignment!r}"
+        )
+
+
+def _check_softcap(softcap: float) -> None:
+    if softcap < 0:
+        raise ValueError(f"softcap must be >= 0 (0 disables it), got {softcap}")
+
+
+def _check_dropout(dropout_p: float, dropout_mask: torch.Tensor | None) -> None:
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if dropout_p > 0 and dropout_mask is None:
+        raise ValueError("dropout_p > 0 needs dropout_mask: the reference does not draw randomness")
+    if dropout_mask is not None and dropout_mask.dtype != torch.bool:
+        raise ValueError(f"dropout_mask must be bool (True = keep), got {dropout_mask.dtype}")
+
+
+def _check_batched_slopes(alibi_slopes: torch.Tensor | None, batch: int, nheads: int) -> None:
+    if alibi_slopes is not None and tuple(alibi_slopes.shape) not in ((nheads,), (batch, nheads)):
+        raise ValueError(
+            f"alibi_slopes must have shape ({nheads},) or ({batch}, {nheads}), "
+            f"got {tuple(alibi_slopes.shape)}"
+        )
+
+
+def _check_padded_dropout_mask(
+    dropout_mask: torch.Tensor | None,
+    batch: int,
+    nheads: int,
+    lengths_q: Sequence[int],
+    lengths_k: Sequence[int],
+) -> None:
+    if dropout_mask is None:
+        return
+    min_q, min_k = max(lengths_q, default=0), max(lengths_k, default=0)
+    shape = tuple(dropout_mask.shape)
+    if len(shape) != 4 or shape[:2] != (batch, nheads) or shape[2] < min_q or shape[3] < min_k:
+        raise ValueError(
+            f"dropout_mask must have shape ({batch}, {nheads}, >= {min_q}, >= {min_k}), "
+            f"got {shape}"
+        )
+
+
+def _used_lengths(bounds: list[int], seqused: torch.Tensor | None, name: str) -> list[int]:
+    """Per-sequence lengths: the slot lengths from cu_seqlens, or ``seqused`` checked against
+    them."""
+    slots = [end - start for start, end in zip(bounds[:-1], bounds[1:])]
+    if seqused is None:
+        return slots
+    used = seqused.tolist()
+    if len(used) != len(slots) or any(not 0 <= u <= s for u, s in zip(used, slots)):
+        raise ValueError(
+            f"{name} must have one entry per sequence, each in [0, slot length]; "
+            f"got {used} for slot lengths {slots}"
+        )
+    return used
+
+
+def _slopes_of(alibi_slopes: torch.Tensor | None, b: int) -> torch.Tensor | None:
+    """Sequence b's (nheads,) slopes from (nheads,) or (batch, nheads) slopes."""
+    if alibi_slopes is None or alibi_slopes.dim() == 1:
+        return alibi_slopes
+    return alibi_slopes[b]
+
+
+def _mask_of(
+    dropout_mask: torch.Tensor | None, b: int, seqlen_q: int, seqlen_k: int
+) -> torch.Tensor | None:
+    """Sequence b's (nheads, seqlen_q, seqlen_k) keep mask from the padded batch form."""
+    return None if dropout_mask is None else dropout_mask[b, :, :seqlen_q, :seqlen_k]
