@@ -11,12 +11,20 @@ Environment variables (all optional):
   FLASH_VARLEN_SKIP_CUDA=1  install the pure-Python package only (no extension)
   MAX_JOBS                  parallel compile jobs (ninja), as for every torch extension
   NVCC_THREADS              threads nvcc uses per file to compile its architectures (default 2)
+
+Every build of the extension also writes flash_varlen/_build_info.py (git-ignored) next to it:
+the torch, CUDA, nvcc and CUTLASS versions and the kernel selection it was built with. It lands in
+the source tree for `setup.py build_ext --inplace` and editable installs, and in the wheel for
+`pip install .` / `pip wheel .`. flash_varlen._extension reads it to refuse loading the extension
+into another torch, and `python -m flash_varlen` prints it.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -28,6 +36,22 @@ CUTLASS_PIN = "nvidia-cutlass==4.2.0.0"
 ALL_DTYPES = ("fp16", "bf16")
 ALL_HEAD_DIMS = (64, 96, 128, 192, 256)
 ALL_ARCHS = ("80", "90")
+PACKAGE = "flash_varlen"
+BUILD_INFO_FILE = "_build_info.py"
+
+# The fields of flash_varlen/_build_info.py, in file order, each with the comment written above
+# it. flash_varlen._extension and flash_varlen.info read these names.
+BUILD_INFO_FIELDS = {
+    "PACKAGE_VERSION": "flash_varlen version that was built.",
+    "TORCH_VERSION": "torch.__version__ the extension was compiled against.",
+    "TORCH_CUDA_VERSION": "torch.version.cuda of that torch (None for a CPU-only torch).",
+    "NVCC_VERSION": "nvcc that compiled the kernels (major.minor.patch).",
+    "CUTLASS_VERSION": "CUTLASS headers used (CUTLASS_MAJOR.MINOR.PATCH of cutlass/version.h).",
+    "ARCHS": "GPU architectures with compiled code (FLASH_VARLEN_ARCHS), e.g. '80' for sm_80.",
+    "DTYPES": "Element types selected (FLASH_VARLEN_DTYPES).",
+    "HEAD_DIMS": "Head-dim buckets selected (FLASH_VARLEN_HEAD_DIMS).",
+}
+UNKNOWN = "unknown"
 
 
 def env_list(name: str, allowed: tuple) -> list[str]:
@@ -78,8 +102,13 @@ def kernel_sources() -> list[str]:
     return selected
 
 
+def selected_archs() -> list[str]:
+    """The target architectures selected by FLASH_VARLEN_ARCHS ('80' for sm_80)."""
+    return env_list("FLASH_VARLEN_ARCHS", ALL_ARCHS)
+
+
 def nvcc_flags() -> list[str]:
-    archs = env_list("FLASH_VARLEN_ARCHS", ALL_ARCHS)
+    archs = selected_archs()
     gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
     return [
         "-O3",
@@ -97,10 +126,113 @@ def nvcc_flags() -> list[str]:
     ]
 
 
+def cutlass_version(include_dir: Path) -> str:
+    """'MAJOR.MINOR.PATCH' from the CUTLASS_MAJOR/MINOR/PATCH macros of cutlass/version.h under
+    `include_dir`, or 'unknown' when the header or a macro is missing (the record must not fail
+    a build that already succeeded)."""
+    header = include_dir / "cutlass" / "version.h"
+    if not header.is_file():
+        return UNKNOWN
+    text = header.read_text()
+    parts = []
+    for part in ("MAJOR", "MINOR", "PATCH"):
+        match = re.search(rf"^\s*#define\s+CUTLASS_{part}\s+(\d+)", text, re.MULTILINE)
+        if match is None:
+            return UNKNOWN
+        parts.append(match.group(1))
+    return ".".join(parts)
+
+
+def parse_nvcc_version(banner: str) -> str:
+    """'13.0.88' from `nvcc --version` output ('... release 13.0, V13.0.88'), else 'unknown'."""
+    match = re.search(r"\bV(\d+\.\d+\.\d+)", banner)
+    return match.group(1) if match else UNKNOWN
+
+
+def nvcc_version() -> str:
+    """Version of the nvcc that torch's extension builder uses ($CUDA_HOME/bin/nvcc)."""
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    if CUDA_HOME is None:
+        return UNKNOWN
+    try:
+        result = subprocess.run(
+            [str(Path(CUDA_HOME) / "bin" / "nvcc"), "--version"],
+            capture_output=True, text=True, check=True,
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return UNKNOWN
+    return parse_nvcc_version(result.stdout)
+
+
+def collect_build_info(package_version: str, include_dir: Path) -> dict[str, object]:
+    """The values of BUILD_INFO_FIELDS for the build now running."""
+    import torch
+
+    return {
+        "PACKAGE_VERSION": package_version,
+        "TORCH_VERSION": str(torch.__version__),
+        "TORCH_CUDA_VERSION": torch.version.cuda,
+        "NVCC_VERSION": nvcc_version(),
+        "CUTLASS_VERSION": cutlass_version(include_dir),
+        "ARCHS": tuple(selected_archs()),
+        "DTYPES": tuple(env_list("FLASH_VARLEN_DTYPES", ALL_DTYPES)),
+        "HEAD_DIMS": tuple(int(h) for h in env_list("FLASH_VARLEN_HEAD_DIMS", ALL_HEAD_DIMS)),
+    }
+
+
+def render_build_info(values: dict[str, object]) -> str:
+    """The Python source of flash_varlen/_build_info.py for `values` (exactly the names of
+    BUILD_INFO_FIELDS; str, int, None or tuples of them, written with repr)."""
+    missing = [name for name in BUILD_INFO_FIELDS if name not in values]
+    extra = [name for name in values if name not in BUILD_INFO_FIELDS]
+    if missing or extra:
+        raise ValueError(
+            f"build info fields must be exactly {list(BUILD_INFO_FIELDS)}; "
+            f"missing {missing}, unexpected {extra}"
+        )
+    lines = [
+        '"""What flash_varlen._C was built with. Written by setup.py at build time: do not edit, '
+        "rebuild.",
+        "",
+        "flash_varlen._extension compares TORCH_VERSION and TORCH_CUDA_VERSION with the running "
+        "torch",
+        'before importing the extension; `python -m flash_varlen` prints every value."""',
+    ]
+    for name, comment in BUILD_INFO_FIELDS.items():
+        lines += ["", f"# {comment}", f"{name} = {values[name]!r}"]
+    return "\n".join(lines) + "\n"
+
+
+def build_ext_command(include_dir: Path) -> type:
+    """torch's BuildExtension (with ninja) that also writes the build record after a successful
+    build: into the source package for in-place and editable builds, else into build_lib, from
+    which the wheel is made."""
+    from torch.utils.cpp_extension import BuildExtension
+
+    class BuildExtensionWithRecord(BuildExtension.with_options(use_ninja=True)):
+        def _record_path(self) -> Path:
+            package_root = ROOT if self.inplace else Path(self.build_lib)
+            return package_root / PACKAGE / BUILD_INFO_FILE
+
+        def run(self) -> None:
+            super().run()
+            values = collect_build_info(self.distribution.get_version(), include_dir)
+            path = self._record_path()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(render_build_info(values))
+            print(f"flash_varlen: wrote the build record {path}")
+
+        def get_outputs(self) -> list[str]:
+            return [*super().get_outputs(), str(self._record_path())]
+
+    return BuildExtensionWithRecord
+
+
 def extensions() -> tuple[list, dict]:
     if os.environ.get("FLASH_VARLEN_SKIP_CUDA") == "1":
         return [], {}
-    from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+    from torch.utils.cpp_extension import CUDAExtension
 
     include = cutlass_include_dir()
     ext = CUDAExtension(
@@ -110,12 +242,11 @@ def extensions() -> tuple[list, dict]:
         include_dirs=[str(CSRC), str(include)],
         extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": nvcc_flags()},
     )
-    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    return [ext], {"build_ext": build_ext_command(include)}
 
 
-ext_modules, cmdclass = extensions()
-
-setup(
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-)
+# Tests import this file to check the functions above; only running it (setuptools and pip run it
+# as __main__) builds anything.
+if __name__ == "__main__":
+    ext_modules, cmdclass = extensions()
+    setup(ext_modules=ext_modules, cmdclass=cmdclass)
