@@ -33,36 +33,12 @@ at::Tensor gradient_buffer(const std::optional<at::Tensor>& given, const at::Ten
     return at::empty_like(like, like.options().memory_format(at::MemoryFormat::Contiguous));
 }
 
-struct GradientArgs {
-    const std::optional<at::Tensor>& softmax_lse_grad;
-    const std::optional<at::Tensor>& dq;
-    const std::optional<at::Tensor>& dk;
-    const std::optional<at::Tensor>& dv;
-};
-
 struct BackwardTensors {
     at::Tensor dout, q, k, v, out, softmax_lse;
     std::optional<at::Tensor> softmax_lse_grad;
     at::Tensor dq, dk, dv;
     bool gradients_allocated[3];  // dq, dk, dv: allocated by the backward, not given
 };
-
-// The inputs, with each gradient the caller's buffer or a new one (and which of them are new).
-BackwardTensors backward_tensors(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
-                                 const at::Tensor& v, const at::Tensor& out,
-                                 const at::Tensor& softmax_lse, const GradientArgs& grads) {
-    return {dout,
-            q,
-            k,
-            v,
-            out,
-            softmax_lse,
-            grads.softmax_lse_grad,
-            gradient_buffer(grads.dq, q),
-            gradient_buffer(grads.dk, k),
-            gradient_buffer(grads.dv, v),
-            {!grads.dq.has_value(), !grads.dk.has_value(), !grads.dv.has_value()}};
-}
 
 struct BackwardShape {
     HeadShape heads;
@@ -168,6 +144,13 @@ void run_backward(BackwardTensors& t, const BackwardShape& shape, double softmax
                 message("flash_varlen backward kernel launch failed: ", cudaGetErrorString(err)));
 }
 
+struct GradientArgs {
+    const std::optional<at::Tensor>& softmax_lse_grad;
+    const std::optional<at::Tensor>& dq;
+    const std::optional<at::Tensor>& dk;
+    const std::optional<at::Tensor>& dv;
+};
+
 // Every rule but the devices for the tensors both layouts share; `rank` is 3 (varlen) or 4
 // (fixed length), lse_shape that of softmax_lse.
 HeadShape check_backward_layouts(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
@@ -232,7 +215,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_bwd(
     check_device(cu_seqlens_q, "cu_seqlens_q", q.device());
     check_device(cu_seqlens_k, "cu_seqlens_k", q.device());
 
-    BackwardTensors t = backward_tensors(dout, q, k, v, out, softmax_lse, grads);
+    BackwardTensors t{dout,
+                      q,
+                      k,
+                      v,
+                      out,
+                      softmax_lse,
+                      softmax_lse_grad,
+                      gradient_buffer(dq, q),
+                      gradient_buffer(dk, k),
+                      gradient_buffer(dv, v),
+                      {!dq.has_value(), !dk.has_value(), !dv.has_value()}};
     const BackwardShape shape{heads,
                               cu_seqlens_q.data_ptr<int>(),
                               cu_seqlens_k.data_ptr<int>(),
@@ -255,7 +248,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(
     check_fixed_batch(q, k, v);
     check_backward_devices(dout, q, k, v, out, softmax_lse, grads);
 
-    BackwardTensors t = backward_tensors(dout, q, k, v, out, softmax_lse, grads);
+    BackwardTensors t{dout,
+                      q,
+                      k,
+                      v,
+                      out,
+                      softmax_lse,
+                      softmax_lse_grad,
+                      gradient_buffer(dq, q),
+                      gradient_buffer(dk, k),
+                      gradient_buffer(dv, v),
+                      {!dq.has_value(), !dk.has_value(), !dv.has_value()}};
     const BackwardShape shape{heads,
                               nullptr,
                               nullptr,
