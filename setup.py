@@ -92,7 +92,7 @@ def kernel_sources() -> list[str]:
     head_dims = env_list("FLASH_VARLEN_HEAD_DIMS", ALL_HEAD_DIMS)
     selected = []
     for path in sorted((CSRC / "instantiations").glob("flash_*.cu")):
-        # flash_<fwd|bwd>_sm80_<dtype>_hdim<N>[_causal].cu
+        # flash_<fwd|bwd>_sm80_<dtype>_hdim<N>[_local].cu
         parts = path.stem.split("_")
         dtype, head_dim = parts[3], parts[4].removeprefix("hdim")
         if dtype in dtypes and head_dim in head_dims:

@@ -13,6 +13,7 @@
 #include "input_checks.h"
 #include "kernels/bwd_tile_shape.h"
 #include "kernels/flash_params.h"
+#include "variant_options.h"
 
 namespace flash_varlen {
 namespace {
@@ -27,11 +28,21 @@ void check_gradient_buffer(const std::optional<at::Tensor>& given, const char* n
 
 // The caller's buffer, or a new contiguous one. New varlen buffers get their rows past
 // cu_seqlens[-1] (which the attention kernels do not write) zeroed on the device; see
-// clear_rows_past_end.h.
-at::Tensor gradient_buffer(const std::optional<at::Tensor>& given, const at::Tensor& like) {
+// clear_rows_past_end.h. With used lengths (seqused_q / seqused_k) the kernels also leave rows
+// inside the slots unwritten, so new buffers are zero-filled whole (`zeroed`).
+at::Tensor gradient_buffer(const std::optional<at::Tensor>& given, const at::Tensor& like,
+                           bool zeroed) {
     if (given.has_value()) return *given;
-    return at::empty_like(like, like.options().memory_format(at::MemoryFormat::Contiguous));
+    const auto options = like.options().memory_format(at::MemoryFormat::Contiguous);
+    return zeroed ? at::zeros_like(like, options) : at::empty_like(like, options);
 }
+
+struct GradientArgs {
+    const std::optional<at::Tensor>& softmax_lse_grad;
+    const std::optional<at::Tensor>& dq;
+    const std::optional<at::Tensor>& dk;
+    const std::optional<at::Tensor>& dv;
+};
 
 struct BackwardTensors {
     at::Tensor dout, q, k, v, out, softmax_lse;
@@ -39,6 +50,25 @@ struct BackwardTensors {
     at::Tensor dq, dk, dv;
     bool gradients_allocated[3];  // dq, dk, dv: allocated by the backward, not given
 };
+
+// The inputs, with each gradient the caller's buffer or a new one (and which of them are new).
+BackwardTensors backward_tensors(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+                                 const at::Tensor& v, const at::Tensor& out,
+                                 const at::Tensor& softmax_lse, const GradientArgs& grads,
+                                 const VariantOptions& options) {
+    const bool zeroed = options.seqused_q.has_value() || options.seqused_k.has_value();
+    return {dout,
+            q,
+            k,
+            v,
+            out,
+            softmax_lse,
+            grads.softmax_lse_grad,
+            gradient_buffer(grads.dq, q, zeroed),
+            gradient_buffer(grads.dk, k, zeroed),
+            gradient_buffer(grads.dv, v, zeroed),
+            {!grads.dq.has_value(), !grads.dk.has_value(), !grads.dv.has_value()}};
+}
 
 struct BackwardShape {
     HeadShape heads;
@@ -50,11 +80,13 @@ struct BackwardShape {
     int64_t query_rows;  // total_q, or batch * seqlen_q
 };
 
-void run_backward(BackwardTensors& t, const BackwardShape& shape, double softmax_scale, bool causal,
+void run_backward(BackwardTensors& t, const BackwardShape& shape, double softmax_scale,
+                  const VariantOptions& options, const std::optional<at::Tensor>& rng_state,
                   bool deterministic) {
     check_softmax_scale(softmax_scale);
-    const BwdLauncher launch =
-        find_launcher<FlashBwdParams>(t.q, shape.heads.head_dim, causal, "backward");
+    const BwdLauncher launch = find_launcher<FlashBwdParams>(
+        t.q, shape.heads.head_dim, needs_local_mask(options, shape.seqlen_q, shape.seqlen_k),
+        "backward");
     // Only a fixed-length batch can be empty (varlen needs batch >= 1), and then so are the
     // tensors: nothing to compute, nothing to write.
     if (shape.batch == 0) return;
@@ -135,21 +167,15 @@ void run_backward(BackwardTensors& t, const BackwardShape& shape, double softmax
     params.head_dim = shape.heads.head_dim;
     params.seqlen_q = shape.seqlen_q;
     params.seqlen_k = shape.seqlen_k;
-    params.softmax_scale = static_cast<float>(softmax_scale);
-    params.softmax_scale_log2 = static_cast<float>(softmax_scale * M_LOG2E);
+    const VariantTensors variant_tensors =
+        set_variant_params(params, options, softmax_scale, shape.seqlen_q, shape.seqlen_k);
+    use_recorded_philox_state(params, options, rng_state, t.q.device());
 
     const at::cuda::CUDAGuard device_guard(t.q.device());
     const cudaError_t err = launch(params, c10::cuda::getCurrentCUDAStream().stream());
     TORCH_CHECK(err == cudaSuccess,
                 message("flash_varlen backward kernel launch failed: ", cudaGetErrorString(err)));
 }
-
-struct GradientArgs {
-    const std::optional<at::Tensor>& softmax_lse_grad;
-    const std::optional<at::Tensor>& dq;
-    const std::optional<at::Tensor>& dk;
-    const std::optional<at::Tensor>& dv;
-};
 
 // Every rule but the devices for the tensors both layouts share; `rank` is 3 (varlen) or 4
 // (fixed length), lse_shape that of softmax_lse.
@@ -206,26 +232,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_bwd(
     const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
     double softmax_scale, bool causal, bool deterministic,
     const std::optional<at::Tensor>& softmax_lse_grad, const std::optional<at::Tensor>& dq,
-    const std::optional<at::Tensor>& dk, const std::optional<at::Tensor>& dv) {
+    const std::optional<at::Tensor>& dk, const std::optional<at::Tensor>& dv, int64_t window_left,
+    int64_t window_right, double softcap, const std::optional<at::Tensor>& alibi_slopes,
+    const std::optional<at::Tensor>& seqused_q, const std::optional<at::Tensor>& seqused_k,
+    bool causal_top_left, double dropout_p, const std::optional<at::Tensor>& rng_state) {
     const GradientArgs grads{softmax_lse_grad, dq, dk, dv};
     const HeadShape heads = check_backward_layouts(dout, q, k, v, out, softmax_lse, grads, 3);
     const int64_t batch =
         check_varlen_batch(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
+    const VariantOptions options{causal,    window_left, window_right,    softcap,  alibi_slopes,
+                                 seqused_q, seqused_k,   causal_top_left, dropout_p};
+    check_variant_options(options, batch, heads.nheads);
     check_backward_devices(dout, q, k, v, out, softmax_lse, grads);
     check_device(cu_seqlens_q, "cu_seqlens_q", q.device());
     check_device(cu_seqlens_k, "cu_seqlens_k", q.device());
+    check_variant_devices(options, q.device());
 
-    BackwardTensors t{dout,
-                      q,
-                      k,
-                      v,
-                      out,
-                      softmax_lse,
-                      softmax_lse_grad,
-                      gradient_buffer(dq, q),
-                      gradient_buffer(dk, k),
-                      gradient_buffer(dv, v),
-                      {!dq.has_value(), !dk.has_value(), !dv.has_value()}};
+    BackwardTensors t = backward_tensors(dout, q, k, v, out, softmax_lse, grads, options);
     const BackwardShape shape{heads,
                               cu_seqlens_q.data_ptr<int>(),
                               cu_seqlens_k.data_ptr<int>(),
@@ -233,7 +256,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_bwd(
                               static_cast<int>(max_seqlen_q),
                               static_cast<int>(max_seqlen_k),
                               q.size(0)};
-    run_backward(t, shape, softmax_scale, causal, deterministic);
+    run_backward(t, shape, softmax_scale, options, rng_state, deterministic);
     return {t.dq, t.dk, t.dv};
 }
 
@@ -242,23 +265,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(
     const at::Tensor& out, const at::Tensor& softmax_lse, double softmax_scale, bool causal,
     bool deterministic, const std::optional<at::Tensor>& softmax_lse_grad,
     const std::optional<at::Tensor>& dq, const std::optional<at::Tensor>& dk,
-    const std::optional<at::Tensor>& dv) {
+    const std::optional<at::Tensor>& dv, int64_t window_left, int64_t window_right, double softcap,
+    const std::optional<at::Tensor>& alibi_slopes, bool causal_top_left, double dropout_p,
+    const std::optional<at::Tensor>& rng_state) {
     const GradientArgs grads{softmax_lse_grad, dq, dk, dv};
     const HeadShape heads = check_backward_layouts(dout, q, k, v, out, softmax_lse, grads, 4);
     check_fixed_batch(q, k, v);
+    const VariantOptions options{causal,       window_left,  window_right,    softcap,  alibi_slopes,
+                                 std::nullopt, std::nullopt, causal_top_left, dropout_p};
+    check_variant_options(options, q.size(0), heads.nheads);
     check_backward_devices(dout, q, k, v, out, softmax_lse, grads);
+    check_variant_devices(options, q.device());
 
-    BackwardTensors t{dout,
-                      q,
-                      k,
-                      v,
-                      out,
-                      softmax_lse,
-                      softmax_lse_grad,
-                      gradient_buffer(dq, q),
-                      gradient_buffer(dk, k),
-                      gradient_buffer(dv, v),
-                      {!dq.has_value(), !dk.has_value(), !dv.has_value()}};
+    BackwardTensors t = backward_tensors(dout, q, k, v, out, softmax_lse, grads, options);
     const BackwardShape shape{heads,
                               nullptr,
                               nullptr,
@@ -266,7 +285,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(
                               static_cast<int>(q.size(1)),
                               static_cast<int>(k.size(1)),
                               q.size(0) * q.size(1)};
-    run_backward(t, shape, softmax_scale, causal, deterministic);
+    run_backward(t, shape, softmax_scale, options, rng_state, deterministic);
     return {t.dq, t.dk, t.dv};
 }
 

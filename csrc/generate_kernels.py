@@ -1,7 +1,8 @@
 """Writes one .cu file per kernel instantiation into csrc/instantiations/.
 
-The compile-time matrix is (direction) x (element type) x (head-dim bucket) x (causal) for the
-sm80 kernel family; each file is compiled for every target architecture that setup.py selects. One file per
+The compile-time matrix is (direction) x (element type) x (head-dim bucket) x (local mask) for
+the sm80 kernel family (a local mask: causal and/or a sliding window; every other variant is a
+runtime field); each file is compiled for every target architecture that setup.py selects. One file per
 instantiation lets ninja build them in parallel and lets setup.py narrow the matrix for
 development builds by picking files. Run `python csrc/generate_kernels.py` after changing the
 matrix; `--check` exits non-zero when the checked-in files are stale (a CPU test runs it).
@@ -40,8 +41,8 @@ namespace flash_varlen {{
 namespace {{
 
 const {registration} kRegistration(
-    KernelKey{{{enum}, {head_dim}, /*is_causal=*/{causal}}},
-    &{launcher}<{element}, {head_dim}, /*kIsCausal=*/{causal}>);
+    KernelKey{{{enum}, {head_dim}, /*is_local=*/{local}}},
+    &{launcher}<{element}, {head_dim}, /*kIsLocal=*/{local}>);
 
 }}  // namespace
 }}  // namespace flash_varlen
@@ -52,11 +53,11 @@ class Instantiation(NamedTuple):
     direction: str
     dtype: str
     head_dim: int
-    causal: bool
+    local: bool
 
     @property
     def filename(self) -> str:
-        suffix = "_causal" if self.causal else ""
+        suffix = "_local" if self.local else ""
         return f"flash_{self.direction}_{ARCH_FAMILY}_{self.dtype}_hdim{self.head_dim}{suffix}.cu"
 
     def source(self) -> str:
@@ -69,17 +70,17 @@ class Instantiation(NamedTuple):
             element=element,
             enum=enum,
             head_dim=self.head_dim,
-            causal=str(self.causal).lower(),
+            local=str(self.local).lower(),
         )
 
 
 def all_instantiations() -> list[Instantiation]:
     return [
-        Instantiation(direction, dtype, head_dim, causal)
+        Instantiation(direction, dtype, head_dim, local)
         for direction in DIRECTIONS
         for dtype in ELEMENT_TYPES
         for head_dim in HEAD_DIM_BUCKETS
-        for causal in (False, True)
+        for local in (False, True)
     ]
 
 

@@ -130,16 +130,16 @@ void check_softmax_scale(double softmax_scale) {
 }
 
 template <typename Params>
-Launcher<Params> find_launcher(const at::Tensor& q, int head_dim, bool causal,
+Launcher<Params> find_launcher(const at::Tensor& q, int head_dim, bool local,
                                const char* direction) {
     const ElementType type = element_type_of(q);
     const int bucket = head_dim_bucket(head_dim);
-    const Launcher<Params> launch = find_kernel<Params>({type, bucket, causal});
+    const Launcher<Params> launch = find_kernel<Params>({type, bucket, local});
     TORCH_CHECK_NOT_IMPLEMENTED(
         launch != nullptr,
         message("flash_varlen was built without the ", direction, " kernel for dtype=",
                 dtype_name(type), ", head-dim bucket ", bucket, " (head dim ", head_dim,
-                "), causal=", causal,
+                "), local mask=", local,
                 ". Rebuild with FLASH_VARLEN_DTYPES / FLASH_VARLEN_HEAD_DIMS covering it "
                 "(unset both for the full build)."));
     return launch;

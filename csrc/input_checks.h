@@ -57,10 +57,11 @@ void check_fixed_batch(const at::Tensor& q, const at::Tensor& k, const at::Tenso
 
 void check_softmax_scale(double softmax_scale);
 
-// The registered kernel of one direction for q's dtype, head_dim's bucket and `causal`; raises
+// The registered kernel of one direction for q's dtype, head_dim's bucket and whether the mask
+// is local (causal and/or a sliding window); raises
 // NotImplementedError naming them (and the build variables) when this build lacks it.
 template <typename Params>
-Launcher<Params> find_launcher(const at::Tensor& q, int head_dim, bool causal,
+Launcher<Params> find_launcher(const at::Tensor& q, int head_dim, bool local,
                                const char* direction);
 
 // Batch, row and head strides in elements of a (tokens, heads, d) or (batch, seqlen, heads, d)

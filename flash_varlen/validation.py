@@ -6,10 +6,10 @@ Every rule raises an exception whose message names the argument and states the r
 
 The default path looks only at Python values and tensor metadata (shape, dtype, strides,
 device): it never reads device memory, so it adds no host-device synchronization and
-``torch.compile`` traces it into guards. Checks of the *contents* of ``cu_seqlens`` read device
-memory and therefore run only in debug mode (environment variable ``FLASH_VARLEN_DEBUG=1``,
-read at call time; under ``torch.compile`` the value seen while tracing is baked into the graph,
-and the value checks break the graph).
+``torch.compile`` traces it into guards. Checks of the *contents* of ``cu_seqlens`` and
+``seqused_q/k`` read device memory and therefore run only in debug mode (environment variable
+``FLASH_VARLEN_DEBUG=1``, read at call time; under ``torch.compile`` the value seen while
+tracing is baked into the graph, and the value checks break the graph).
 
 Device checks come last on purpose: every other rule can then be exercised with CPU tensors on
 machines without a GPU.
@@ -21,8 +21,11 @@ import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+
+from flash_varlen.reference import BOTTOM_RIGHT, CAUSAL_ALIGNMENTS, TOP_LEFT, UNBOUNDED
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 HEAD_DIM_MULTIPLE = 8
@@ -32,6 +35,9 @@ MAX_HEAD_DIM = 256
 # allocations are at least 16-byte aligned, so the storage offset covers the pointer alignment.
 VECTOR_BYTES = 16
 CU_SEQLENS_DTYPE = torch.int32
+ALIBI_SLOPES_DTYPE = torch.float32
+# Unbounded on the left, nothing to the right of the diagonal: the causal mask as a window.
+CAUSAL_WINDOW = (UNBOUNDED, 0)
 DEBUG_ENV_VAR = "FLASH_VARLEN_DEBUG"
 _DEBUG_ON_VALUES = frozenset({"1", "true", "yes", "on"})
 
@@ -62,6 +68,35 @@ def _error(message: str) -> str:
 # Options
 
 
+@dataclass(frozen=True)
+class Options:
+    """The checked keyword options, in the form the registered ops take them.
+
+    ``window_left`` and ``window_right`` are the effective window sides (-1 unbounded) after
+    ``causal`` forced right = 0. ``causal`` is also True for the window (-1, 0) given without
+    it: that window is exactly the causal mask, and the flag lets the kernels treat it as one.
+    ``causal_top_left`` is ``causal_alignment == "top_left"``.
+    """
+
+    causal: bool
+    deterministic: bool
+    window_left: int
+    window_right: int
+    softcap: float
+    causal_top_left: bool
+    dropout_p: float
+
+    def variant_kwargs(self) -> dict[str, Any]:
+        """The options that the forward ops take by keyword, under the ops' parameter names."""
+        return {
+            "window_left": self.window_left,
+            "window_right": self.window_right,
+            "softcap": self.softcap,
+            "causal_top_left": self.causal_top_left,
+            "dropout_p": self.dropout_p,
+        }
+
+
 def check_options(
     *,
     dropout_p: float,
@@ -69,50 +104,69 @@ def check_options(
     causal: bool,
     window_size: Sequence[int],
     softcap: float,
-    alibi_slopes: torch.Tensor | None,
     deterministic: bool = False,
+    causal_alignment: str = BOTTOM_RIGHT,
     block_table: torch.Tensor | None = None,
-) -> bool:
-    """Checks the keyword options; returns the effective ``causal`` flag.
+) -> Options:
+    """Checks the keyword options that are not tensors; returns them as the ops take them.
 
-    ``window_size=(-1, 0)`` is causal attention spelled as a window (in flash-attn,
-    ``causal=True`` means right = 0 with left = -1), so it is accepted with either value of
-    ``causal`` and normalized to ``causal=True``.
+    ``alibi_slopes`` and ``seqused_q/k`` are tensors whose shapes depend on q and cu_seqlens:
+    ``check_varlen_inputs`` and ``check_fixed_inputs`` check them.
 
     Raises:
-        NotImplementedError: dropout_p != 0, softcap != 0, alibi_slopes or block_table given, or a
-            sliding window (any window other than (-1, -1) and (-1, 0)).
-        TypeError / ValueError: softmax_scale not a finite positive number, causal or
-            deterministic not a bool, window_size not a pair of ints.
+        NotImplementedError: block_table given.
+        TypeError: dropout_p, softcap or softmax_scale not a number, causal or deterministic
+            not a bool, window_size not a pair of ints.
+        ValueError: dropout_p outside [0, 1); softcap negative or not finite; softmax_scale not
+            finite and positive; window_size not a pair, or a side below -1; causal_alignment
+            not "bottom_right" or "top_left".
     """
-    if dropout_p != 0.0:
-        raise NotImplementedError(
-            _error(f"dropout_p={dropout_p} is not supported yet; only dropout_p=0.0 is.")
-        )
-    if softcap != 0.0:
-        raise NotImplementedError(
-            _error(f"softcap={softcap} (logit soft-capping) is not supported yet; use 0.0.")
-        )
-    if alibi_slopes is not None:
-        raise NotImplementedError(_error("alibi_slopes is not supported yet; pass None."))
     if block_table is not None:
         raise NotImplementedError(
             _error("block_table (paged KV cache) is not supported yet; pass None.")
+        )
+    _check_number(dropout_p, "dropout_p", "a float")
+    # Written so that NaN fails too.
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(_error(f"dropout_p must be in [0, 1), got {dropout_p}."))
+    _check_number(softcap, "softcap", "a float")
+    if not (math.isfinite(softcap) and softcap >= 0):
+        raise ValueError(
+            _error(f"softcap must be finite and >= 0 (0 disables it), got {softcap}.")
         )
     _check_softmax_scale(softmax_scale)
     for flag_name, flag in (("causal", causal), ("deterministic", deterministic)):
         if not isinstance(flag, bool):
             raise TypeError(_error(f"{flag_name} must be a bool, got {type(flag).__name__}."))
-    return _causal_from_window(window_size, causal)
+    if causal_alignment not in CAUSAL_ALIGNMENTS:
+        raise ValueError(
+            _error(
+                f"causal_alignment must be {BOTTOM_RIGHT!r} or {TOP_LEFT!r}, got "
+                f"{causal_alignment!r}."
+            )
+        )
+    window_left, window_right = _effective_window(window_size, causal)
+    return Options(
+        causal=causal or (window_left, window_right) == CAUSAL_WINDOW,
+        deterministic=deterministic,
+        window_left=window_left,
+        window_right=window_right,
+        softcap=float(softcap),
+        causal_top_left=causal_alignment == TOP_LEFT,
+        dropout_p=float(dropout_p),
+    )
+
+
+def _check_number(value: object, name: str, expected: str) -> None:
+    """TypeError unless ``value`` is an int or a float (a bool is neither here)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(_error(f"{name} must be {expected}, got {type(value).__name__}."))
 
 
 def _check_softmax_scale(softmax_scale: float | None) -> None:
     if softmax_scale is None:
         return
-    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
-        raise TypeError(
-            _error(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__}.")
-        )
+    _check_number(softmax_scale, "softmax_scale", "a float or None")
     # The kernels take the row maximum of the unscaled scores, which is only the maximum of
     # the scaled scores for a positive scale.
     if not (math.isfinite(softmax_scale) and softmax_scale > 0):
@@ -121,7 +175,8 @@ def _check_softmax_scale(softmax_scale: float | None) -> None:
         )
 
 
-def _causal_from_window(window_size: Sequence[int], causal: bool) -> bool:
+def _effective_window(window_size: Sequence[int], causal: bool) -> tuple[int, int]:
+    """(left, right) of ``window_size`` after ``causal`` forced right = 0 (as in flash-attn)."""
     if not isinstance(window_size, Sequence) or len(window_size) != 2:
         raise ValueError(
             _error(f"window_size must be a pair (left, right) of ints, got {window_size!r}.")
@@ -129,20 +184,14 @@ def _causal_from_window(window_size: Sequence[int], causal: bool) -> bool:
     for bound in window_size:
         if isinstance(bound, bool) or not isinstance(bound, int):
             raise TypeError(_error(f"window_size must be a pair of ints, got {window_size!r}."))
-    # As in flash-attn, a negative bound is unbounded and causal forces right = 0.
-    left_unbounded = window_size[0] < 0
-    right = 0 if causal else window_size[1]
-    if left_unbounded and right < 0:
-        return False
-    if left_unbounded and right == 0:
-        return True
-    raise NotImplementedError(
-        _error(
-            f"window_size={tuple(window_size)} with causal={causal} is a sliding window, which "
-            "is not supported yet; use window_size=(-1, -1) (optionally with causal=True) or "
-            "(-1, 0), which means causal."
+    left, right = window_size
+    if left < UNBOUNDED or right < UNBOUNDED:
+        raise ValueError(
+            _error(
+                f"window_size sides must be -1 (unbounded) or >= 0, got {tuple(window_size)}."
+            )
         )
-    )
+    return left, 0 if causal else right
 
 
 def resolve_softmax_scale(softmax_scale: float | None, head_dim: IntLike) -> float:
@@ -173,11 +222,17 @@ def check_varlen_inputs(
     max_seqlen_q: IntLike,
     max_seqlen_k: IntLike,
     names: ArgNames = DEFAULT_NAMES,
+    *,
+    alibi_slopes: torch.Tensor | None = None,
+    seqused_q: torch.Tensor | None = None,
+    seqused_k: torch.Tensor | None = None,
 ) -> None:
     """Checks the packed variable-length layout (metadata only, no device read).
 
     q: (total_q, nheads, d); k, v: (total_k, nheads_k, d); cu_seqlens_q, cu_seqlens_k:
-    (batch + 1,) int32, contiguous; max_seqlen_q, max_seqlen_k: positive Python ints.
+    (batch + 1,) int32, contiguous; max_seqlen_q, max_seqlen_k: positive Python ints;
+    alibi_slopes: None or float32 (nheads,) or (batch, nheads); seqused_q, seqused_k: None or
+    (batch,) int32. All on q's (CUDA) device.
     """
     _check_qkv_dtypes(q, k, v, names)
     _check_rank(q, names.q, "(total_q, nheads, headdim)")
@@ -198,6 +253,10 @@ def check_varlen_inputs(
         )
     _check_max_seqlen(max_seqlen_q, names.max_seqlen_q)
     _check_max_seqlen(max_seqlen_k, names.max_seqlen_k)
+    batch = cu_seqlens_q.shape[0] - 1
+    _check_alibi_slopes(alibi_slopes, batch, q.shape[1])
+    for seqused, name in ((seqused_q, "seqused_q"), (seqused_k, "seqused_k")):
+        _check_seqused(seqused, name, batch)
     _check_devices(
         q,
         names.q,
@@ -206,6 +265,9 @@ def check_varlen_inputs(
             (v, names.v),
             (cu_seqlens_q, names.cu_seqlens_q),
             (cu_seqlens_k, names.cu_seqlens_k),
+            (alibi_slopes, "alibi_slopes"),
+            (seqused_q, "seqused_q"),
+            (seqused_k, "seqused_k"),
         ],
     )
 
@@ -215,10 +277,13 @@ def check_fixed_inputs(
     k: torch.Tensor,
     v: torch.Tensor,
     names: ArgNames = DEFAULT_NAMES,
+    *,
+    alibi_slopes: torch.Tensor | None = None,
 ) -> None:
     """Checks the fixed-length layout (metadata only, no device read).
 
-    q: (batch, seqlen_q, nheads, d); k, v: (batch, seqlen_k, nheads_k, d).
+    q: (batch, seqlen_q, nheads, d); k, v: (batch, seqlen_k, nheads_k, d); alibi_slopes: None
+    or float32 (nheads,) or (batch, nheads) on q's device.
     """
     _check_qkv_dtypes(q, k, v, names)
     _check_rank(q, names.q, "(batch, seqlen_q, nheads, headdim)")
@@ -230,7 +295,8 @@ def check_fixed_inputs(
     _check_same_size(q, v, dim=0, names=(names.q, names.v), what="batch")
     _check_same_size(k, v, dim=1, names=(names.k, names.v), what="seqlen_k")
     _check_layouts(q, k, v, names)
-    _check_devices(q, names.q, [(k, names.k), (v, names.v)])
+    _check_alibi_slopes(alibi_slopes, q.shape[0], q.shape[2])
+    _check_devices(q, names.q, [(k, names.k), (v, names.v), (alibi_slopes, "alibi_slopes")])
 
 
 def _check_is_tensor(value: object, name: str) -> None:
@@ -359,19 +425,53 @@ def layout_problem(tensor: torch.Tensor, name: str) -> str | None:
 
 
 def _check_cu_seqlens(cu_seqlens: torch.Tensor, name: str) -> None:
-    _check_is_tensor(cu_seqlens, name)
-    if cu_seqlens.dtype != CU_SEQLENS_DTYPE:
-        raise TypeError(_error(f"{name} must have dtype torch.int32, got {cu_seqlens.dtype}."))
-    if cu_seqlens.dim() != 1:
-        raise ValueError(
-            _error(f"{name} must be 1-D (batch + 1,), got shape {tuple(cu_seqlens.shape)}.")
-        )
+    _check_int32_vector(cu_seqlens, name, "(batch + 1,)")
     if cu_seqlens.shape[0] < 2:
         raise ValueError(
             _error(f"{name} must have batch + 1 >= 2 entries, got {cu_seqlens.shape[0]}.")
         )
     if cu_seqlens.stride(0) != 1:
         raise ValueError(_error(f"{name} must be contiguous, got stride {cu_seqlens.stride(0)}."))
+
+
+def _check_seqused(seqused: torch.Tensor | None, name: str, batch: IntLike) -> None:
+    """int32 (batch,); any stride (the extension makes it contiguous)."""
+    if seqused is None:
+        return
+    _check_int32_vector(seqused, name, "(batch,)")
+    if seqused.shape[0] != batch:
+        raise ValueError(
+            _error(
+                f"{name} must have shape (batch,) = ({batch},), one entry per sequence, got "
+                f"{tuple(seqused.shape)}."
+            )
+        )
+
+
+def _check_int32_vector(tensor: torch.Tensor, name: str, shape: str) -> None:
+    _check_is_tensor(tensor, name)
+    if tensor.dtype != CU_SEQLENS_DTYPE:
+        raise TypeError(_error(f"{name} must have dtype torch.int32, got {tensor.dtype}."))
+    if tensor.dim() != 1:
+        raise ValueError(_error(f"{name} must be 1-D {shape}, got shape {tuple(tensor.shape)}."))
+
+
+def _check_alibi_slopes(alibi_slopes: torch.Tensor | None, batch: IntLike, nheads: IntLike) -> None:
+    """float32 (nheads,) or (batch, nheads); any strides (the extension makes it contiguous)."""
+    if alibi_slopes is None:
+        return
+    _check_is_tensor(alibi_slopes, "alibi_slopes")
+    if alibi_slopes.dtype != ALIBI_SLOPES_DTYPE:
+        raise TypeError(
+            _error(f"alibi_slopes must have dtype torch.float32, got {alibi_slopes.dtype}.")
+        )
+    if tuple(alibi_slopes.shape) not in ((nheads,), (batch, nheads)):
+        raise ValueError(
+            _error(
+                f"alibi_slopes must have shape (nheads,) = ({nheads},) or (batch, nheads) = "
+                f"({batch}, {nheads}), got {tuple(alibi_slopes.shape)}."
+            )
+        )
 
 
 def _check_max_seqlen(value: object, name: str) -> None:
@@ -386,11 +486,14 @@ def _check_max_seqlen(value: object, name: str) -> None:
         raise ValueError(_error(f"{name} must be positive, got {value}."))
 
 
-def _check_devices(q: torch.Tensor, q_name: str, others: list[tuple[torch.Tensor, str]]) -> None:
+def _check_devices(
+    q: torch.Tensor, q_name: str, others: list[tuple[torch.Tensor | None, str]]
+) -> None:
+    """q on a CUDA device, and every other tensor given (None is skipped) on q's."""
     if q.device.type != "cuda":
         raise ValueError(_error(f"{q_name} must be a CUDA tensor, got device {q.device}."))
     for tensor, name in others:
-        if tensor.device != q.device:
+        if tensor is not None and tensor.device != q.device:
             raise ValueError(
                 _error(
                     f"{name} must be on the same device as {q_name} ({q.device}), "
@@ -446,6 +549,23 @@ def check_cu_seqlens_values(
         )
 
 
+def check_seqused_values(
+    seqused: torch.Tensor, *, name: str, cu_seqlens: torch.Tensor, cu_seqlens_name: str
+) -> None:
+    """Checks that 0 <= seqused[b] <= the length of slot b of ``cu_seqlens`` (debug mode only:
+    copies both to the host). Works on any device."""
+    bounds = cu_seqlens.tolist()
+    for index, used in enumerate(seqused.tolist()):
+        slot = bounds[index + 1] - bounds[index]
+        if not 0 <= used <= slot:
+            raise ValueError(
+                _error(
+                    f"{name}[{index}] = {used} must be in [0, {slot}], the length of sequence "
+                    f"{index}'s slot in {cu_seqlens_name}."
+                )
+            )
+
+
 def check_varlen_values(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -454,8 +574,12 @@ def check_varlen_values(
     max_seqlen_q: int,
     max_seqlen_k: int,
     names: ArgNames = DEFAULT_NAMES,
+    *,
+    seqused_q: torch.Tensor | None = None,
+    seqused_k: torch.Tensor | None = None,
 ) -> None:
-    """Debug-mode value checks of both ``cu_seqlens`` against the packed q and k."""
+    """Debug-mode value checks of both ``cu_seqlens`` against the packed q and k, and of
+    ``seqused_q/k`` (when given) against the slots of their ``cu_seqlens``."""
     check_cu_seqlens_values(
         cu_seqlens_q,
         name=names.cu_seqlens_q,
@@ -472,3 +596,11 @@ def check_varlen_values(
         max_seqlen=max_seqlen_k,
         max_seqlen_name=names.max_seqlen_k,
     )
+    for seqused, name, cu_seqlens, cu_seqlens_name in (
+        (seqused_q, "seqused_q", cu_seqlens_q, names.cu_seqlens_q),
+        (seqused_k, "seqused_k", cu_seqlens_k, names.cu_seqlens_k),
+    ):
+        if seqused is not None:
+            check_seqused_values(
+                seqused, name=name, cu_seqlens=cu_seqlens, cu_seqlens_name=cu_seqlens_name
+            )

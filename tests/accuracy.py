@@ -436,3 +436,24 @@ def require_kernel(dtype: torch.dtype, head_dim: int) -> None:
             f"narrowed build: no {dtype_name(dtype)} kernel for head-dim bucket {bucket} "
             f"(head dim {head_dim})"
         )
+
+
+def require_backward_kernel(dtype: torch.dtype, head_dim: int) -> None:
+    """`require_kernel`, and also skip when this build has no backward kernel for (dtype,
+    bucket of head_dim): a test that checks gradients needs both directions.
+
+    The extension lists its backward kernels separately (``_C.compiled_backward_kernels``),
+    because a narrowed build may compile them for fewer (dtype, bucket) pairs.
+    """
+    from flash_varlen._extension import load_extension
+
+    require_kernel(dtype, head_dim)
+    bucket = head_dim_bucket(head_dim)
+    compiled = [
+        (str(name), int(b)) for name, b in load_extension().compiled_backward_kernels()
+    ]
+    if (dtype_name(dtype), bucket) not in compiled:
+        pytest.skip(
+            f"narrowed build: no {dtype_name(dtype)} backward kernel for head-dim bucket "
+            f"{bucket} (head dim {head_dim})"
+        )

@@ -25,6 +25,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 import flash_varlen
 from flash_varlen import _extension, validation
+from flash_varlen import ops as flash_ops
 
 NHEADS, NHEADS_K, HEAD_DIM = 4, 2, 64
 TOTAL_Q, TOTAL_K, MAX_Q, MAX_K = 12, 10, 7, 6
@@ -213,48 +214,88 @@ def test_compile_fullgraph_traces_forward_and_backward(any_device) -> None:
 BACKWARD_PARAMETERS = {
     "varlen_bwd": (
         "dout q k v out softmax_lse cu_seqlens_q cu_seqlens_k max_seqlen_q max_seqlen_k "
-        "softmax_scale causal deterministic softmax_lse_grad dq dk dv"
+        "softmax_scale causal deterministic softmax_lse_grad dq dk dv window_left window_right "
+        "softcap alibi_slopes seqused_q seqused_k causal_top_left dropout_p rng_state"
     ).split(),
     "bwd": (
-        "dout q k v out softmax_lse softmax_scale causal deterministic softmax_lse_grad dq dk dv"
+        "dout q k v out softmax_lse softmax_scale causal deterministic softmax_lse_grad dq dk dv "
+        "window_left window_right softcap alibi_slopes causal_top_left dropout_p rng_state"
     ).split(),
 }
+# The keyword arguments of the contract's forward bindings, with their defaults.
+FORWARD_OPTIONS = {
+    "window_left": -1,
+    "window_right": -1,
+    "softcap": 0.0,
+    "alibi_slopes": None,
+    "causal_top_left": False,
+    "dropout_p": 0.0,
+    "return_dropout_mask": False,
+}
+VARLEN_FORWARD_OPTIONS = {**FORWARD_OPTIONS, "seqused_q": None, "seqused_k": None}
 DQ, DK, DV = 1.0, 2.0, 3.0  # values of the stand-in's gradients
+SEED, OFFSET = 1234, 56  # the stand-in's dropout RNG state
+MASK_BLOCK = 128  # the contract rounds s_dmask's sequence dims up to a multiple of this
 
 
 class RecordingExtension:
     """Stands in for flash_varlen._C: outputs of the contract's shapes, and a record of calls.
 
-    The forward returns fresh out and softmax_lse; the backward returns dq, dk, dv filled with
+    The forward takes the contract's keyword options (an unknown keyword fails) and returns
+    fresh out, softmax_lse, s_dmask and rng_state; the backward returns dq, dk, dv filled with
     DQ, DK, DV (new contiguous tensors, as the contract says) and records its arguments by
     their contract names.
     """
 
     def __init__(self) -> None:
-        self.forward_outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.forward_outputs: list[tuple[torch.Tensor, ...]] = []
+        self.forward_options: list[dict[str, object]] = []
         self.backward_calls: list[SimpleNamespace] = []
 
-    def varlen_fwd(self, q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, scale, causal):
-        return self._forward(q, (q.shape[1], q.shape[0]))
+    def varlen_fwd(self, q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, scale, causal, **kw):
+        batch = cu_seqlens_q.shape[0] - 1
+        dims = (batch, q.shape[1], max_q, max_k)
+        return self._forward(q, (q.shape[1], q.shape[0]), dims, VARLEN_FORWARD_OPTIONS, kw)
 
-    def fwd(self, q, k, v, softmax_scale, causal):
-        return self._forward(q, (q.shape[0], q.shape[2], q.shape[1]))
+    def fwd(self, q, k, v, softmax_scale, causal, **kw):
+        dims = (q.shape[0], q.shape[2], q.shape[1], k.shape[1])
+        return self._forward(q, (q.shape[0], q.shape[2], q.shape[1]), dims, FORWARD_OPTIONS, kw)
 
-    def varlen_bwd(self, *args):
-        return self._backward("varlen_bwd", args)
+    def varlen_bwd(self, *args, **kwargs):
+        return self._backward("varlen_bwd", args, kwargs)
 
-    def bwd(self, *args):
-        return self._backward("bwd", args)
+    def bwd(self, *args, **kwargs):
+        return self._backward("bwd", args, kwargs)
 
-    def _forward(self, q: torch.Tensor, lse_shape: tuple[int, ...]):
-        outputs = q.new_zeros(q.shape), torch.zeros(lse_shape, dtype=torch.float32)
+    def _forward(
+        self,
+        q: torch.Tensor,
+        lse_shape: tuple[int, ...],
+        dims: tuple[int, int, int, int],
+        defaults: dict[str, object],
+        options: dict[str, object],
+    ) -> tuple[torch.Tensor, ...]:
+        assert options.keys() <= defaults.keys(), f"unknown options {options.keys() - defaults}"
+        options = {**defaults, **options}
+        self.forward_options.append(options)
+        batch, nheads, max_q, max_k = dims
+        if options["dropout_p"] > 0:
+            rng_state = torch.tensor([SEED, OFFSET], dtype=torch.int64)
+        else:
+            rng_state = torch.empty(0, dtype=torch.int64)
+        if options["dropout_p"] > 0 and options["return_dropout_mask"]:
+            rounded = [-(-length // MASK_BLOCK) * MASK_BLOCK for length in (max_q, max_k)]
+            s_dmask = q.new_zeros(batch, nheads, *rounded)
+        else:
+            s_dmask = q.new_empty(0)
+        outputs = (q.new_zeros(q.shape), torch.zeros(lse_shape), s_dmask, rng_state)
         self.forward_outputs.append(outputs)
         return outputs
 
-    def _backward(self, entry: str, args: tuple) -> tuple[torch.Tensor, ...]:
+    def _backward(self, entry: str, args: tuple, kwargs: dict) -> tuple[torch.Tensor, ...]:
         names = BACKWARD_PARAMETERS[entry]
-        assert len(args) <= len(names)
-        call = SimpleNamespace(**{**dict.fromkeys(names), **dict(zip(names, args))})
+        assert len(args) <= len(names) and kwargs.keys() <= set(names[len(args) :])
+        call = SimpleNamespace(**{**dict.fromkeys(names), **dict(zip(names, args)), **kwargs})
         self.backward_calls.append(call)
         inputs = (call.q, call.k, call.v)
         return tuple(x.new_full(x.shape, value) for x, value in zip(inputs, (DQ, DK, DV)))
@@ -292,7 +333,7 @@ def test_backward_calls_the_extension_in_contract_order(name: str, extension) ->
     grad = torch.randn(out.shape).to(DTYPE)
     out.backward(grad)
     (call,) = extension.backward_calls
-    (forward_out, forward_lse) = extension.forward_outputs[0]
+    (forward_out, forward_lse, _, forward_rng_state) = extension.forward_outputs[0]
     q, k, v = unpacked(name, differentiable)
     assert same_view(call.dout, grad)
     assert all(map(same_view, (call.q, call.k, call.v), (q, k, v)))
@@ -300,7 +341,12 @@ def test_backward_calls_the_extension_in_contract_order(name: str, extension) ->
     assert (call.softmax_scale, call.causal, call.deterministic) == (SCALE, True, False)
     assert call.softmax_lse_grad is None  # only out was used
     assert call.dq is None and call.dk is None and call.dv is None  # the kernels allocate
+    # Default variant options (causal: right = 0); the forward's (empty) rng_state comes back.
+    assert (call.window_left, call.window_right, call.softcap) == (-1, 0, 0.0)
+    assert (call.alibi_slopes, call.causal_top_left, call.dropout_p) == (None, False, 0.0)
+    assert same_view(call.rng_state, forward_rng_state) and call.rng_state.numel() == 0
     if name in VARLEN_NAMES:
+        assert call.seqused_q is None and call.seqused_k is None
         assert same_view(call.cu_seqlens_q, cu[0]) and same_view(call.cu_seqlens_k, cu[-1])
         max_seqlen_k = MAX_Q if "qkvpacked" in name else MAX_K
         assert (call.max_seqlen_q, call.max_seqlen_k) == (MAX_Q, max_seqlen_k)
@@ -403,7 +449,8 @@ def test_grad_of_softmax_lse_reaches_the_kernel_with_unit_last_stride(name, exte
 
 @pytest.mark.parametrize("name", FUNCTION_NAMES)
 def test_forward_saves_only_inputs_outputs_and_cu_seqlens(name: str, extension) -> None:
-    """Saved for backward: q, k, v, out, softmax_lse (+ cu_seqlens), nothing O(seqlen^2)."""
+    """Saved for backward: q, k, v, out, softmax_lse (+ cu_seqlens) and the rng_state, nothing
+    O(seqlen^2)."""
     differentiable, cu, run = make_case(name, device="cpu")
     saved: list[torch.Tensor] = []
 
@@ -414,7 +461,8 @@ def test_forward_saves_only_inputs_outputs_and_cu_seqlens(name: str, extension) 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         out, lse, _ = run(*differentiable, *cu)
     cu_seqlens = [cu[0], cu[-1]] if cu else []
-    expected = [*unpacked(name, differentiable), out, lse, *cu_seqlens]
+    rng_state = extension.forward_outputs[0][3]  # empty: no dropout
+    expected = [*unpacked(name, differentiable), out, lse, *cu_seqlens, rng_state]
     assert len(saved) == len(expected)
     assert all(map(same_view, saved, expected))
 
@@ -422,7 +470,7 @@ def test_forward_saves_only_inputs_outputs_and_cu_seqlens(name: str, extension) 
 def test_missing_backward_kernel_error_reaches_the_caller(extension, monkeypatch) -> None:
     message = "flash_varlen: no backward kernel for float16 head dim 128 in this build"
 
-    def narrowed_build(*args):
+    def narrowed_build(*args, **kwargs):
         raise NotImplementedError(message)
 
     monkeypatch.setattr(extension, "varlen_bwd", narrowed_build)
@@ -430,3 +478,173 @@ def test_missing_backward_kernel_error_reaches_the_caller(extension, monkeypatch
     out, _, _ = run(*differentiable, *cu)
     with pytest.raises(NotImplementedError, match=message):
         out.float().sum().backward()
+
+
+# --------------------------------------------------------------------------------------------
+# Variant options: forward to backward
+
+
+def variant_overrides(name: str, device: str) -> dict[str, object]:
+    """Non-default values of every variant option that ``name`` accepts (batch 2, NHEADS)."""
+    overrides: dict[str, object] = {
+        "causal": False,
+        "dropout_p": 0.25,
+        "window_size": (3, 1),
+        "softcap": 4.0,
+        "alibi_slopes": torch.tensor([0.5, 0.25, 0.125, 0.0625], device=device),
+        "causal_alignment": "top_left",
+    }
+    if name in ("flash_attn_varlen_func", "flash_attn_varlen_kvpacked_func"):
+        overrides["seqused_q"] = torch.tensor([4, 6], dtype=torch.int32, device=device)
+        overrides["seqused_k"] = torch.tensor([3, 0], dtype=torch.int32, device=device)
+    return overrides
+
+
+@pytest.mark.parametrize("name", FUNCTION_NAMES)
+def test_variant_options_reach_forward_and_backward(name: str, extension) -> None:
+    overrides = variant_overrides(name, device="cpu")
+    differentiable, cu, run = make_case(name, device="cpu", **overrides)
+    out, _, s_dmask = run(*differentiable, *cu)
+    out.float().sum().backward()
+
+    (forward,) = extension.forward_options
+    (call,) = extension.backward_calls
+    _, _, forward_s_dmask, forward_rng_state = extension.forward_outputs[0]
+    for options in (forward, vars(call)):
+        assert (options["window_left"], options["window_right"]) == (3, 1)
+        assert (options["softcap"], options["dropout_p"]) == (4.0, 0.25)
+        assert options["causal_top_left"] is True
+        assert same_view(options["alibi_slopes"], overrides["alibi_slopes"])
+        for seqused in ("seqused_q", "seqused_k"):
+            if seqused in overrides:
+                assert same_view(options[seqused], overrides[seqused])
+            elif name in VARLEN_NAMES:
+                assert options[seqused] is None
+    assert forward["return_dropout_mask"] is True
+    # The backward regenerates the forward's mask from the forward's RNG state.
+    assert same_view(call.rng_state, forward_rng_state)
+    assert call.rng_state.tolist() == [SEED, OFFSET]
+    # S_dmask is the extension's s_dmask: (batch, nheads, both lengths rounded up to 128).
+    assert same_view(s_dmask, forward_s_dmask)
+    assert s_dmask.shape == (2, NHEADS, MASK_BLOCK, MASK_BLOCK) and not s_dmask.requires_grad
+
+
+@pytest.mark.parametrize("name", ["flash_attn_varlen_func", "flash_attn_func"])
+def test_alibi_slopes_get_no_gradient(name: str, extension) -> None:
+    slopes = torch.ones(NHEADS, requires_grad=True)
+    differentiable, cu, run = make_case(name, device="cpu", alibi_slopes=slopes)
+    out, _, _ = run(*differentiable, *cu)
+    out.float().sum().backward()
+    assert slopes.grad is None
+    assert [leaf.grad.unique().tolist() for leaf in differentiable] == [[DQ], [DK], [DV]]
+
+
+@pytest.mark.parametrize("return_attn_probs", [False, True])
+def test_dropout_mask_is_requested_only_with_return_attn_probs(return_attn_probs, extension):
+    differentiable, cu, run = make_case(
+        "flash_attn_func", device="cpu", dropout_p=0.5, return_attn_probs=return_attn_probs
+    )
+    result = run(*differentiable, *cu)
+    assert extension.forward_options[0]["return_dropout_mask"] is return_attn_probs
+    assert isinstance(result, tuple) is return_attn_probs
+
+
+def test_forward_saves_the_variant_tensors(extension) -> None:
+    """ALiBi slopes, seqused and the RNG state are saved for the backward, by reference."""
+    name = "flash_attn_varlen_func"
+    overrides = variant_overrides(name, device="cpu")
+    differentiable, cu, run = make_case(name, device="cpu", **overrides)
+    saved: list[torch.Tensor] = []
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        saved.append(tensor)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out, lse, _ = run(*differentiable, *cu)
+    rng_state = extension.forward_outputs[0][3]
+    variant_tensors = [overrides[key] for key in ("alibi_slopes", "seqused_q", "seqused_k")]
+    expected = [*differentiable, out, lse, *cu, *variant_tensors, rng_state]
+    assert len(saved) == len(expected)
+    assert all(map(same_view, saved, expected))
+
+
+def node_arguments(node: torch.fx.Node) -> dict[str, object]:
+    """A call of a registered op by argument name (graphs pass them positionally)."""
+    names = (argument.name for argument in node.target._schema.arguments)
+    return {**dict(zip(names, node.args)), **node.kwargs}
+
+
+def test_compile_fullgraph_passes_variants_and_rng_state_to_the_backward(any_device) -> None:
+    """Under torch.compile the backward ops get the forward's options, its ALiBi slopes and
+    seqused, and the rng_state the forward op returned (saved across the graphs)."""
+    names = ["flash_attn_varlen_func", "flash_attn_func"]
+    cases = [make_case(name, "meta", **variant_overrides(name, device="meta")) for name in names]
+
+    def loss(*inputs: torch.Tensor) -> torch.Tensor:
+        total = inputs[0].new_zeros((), dtype=torch.float32)
+        position = 0
+        for differentiable, cu, run in cases:
+            count = len(differentiable) + len(cu)
+            out, _, s_dmask = run(*inputs[position : position + count])
+            total = total + out.float().sum() + s_dmask.float().sum()
+            position += count
+        return total
+
+    inputs = [x for differentiable, cu, _ in cases for x in (*differentiable, *cu)]
+    backend = GraphRecorder()
+    torch.compile(loss, fullgraph=True, backend=backend)(*inputs).backward()
+    (forward_graph,), (backward_graph,) = backend.forward, backend.backward
+    def calls_of(graph: torch.fx.GraphModule, target: object) -> list[dict[str, object]]:
+        return [node_arguments(node) for node in graph.graph.nodes if node.target == target]
+
+    ops = torch.ops.flash_varlen
+    assert len(calls_of(forward_graph, ops.varlen_fwd.default)) == 1
+    assert len(calls_of(forward_graph, ops.fwd.default)) == 1
+    (varlen_call,) = calls_of(backward_graph, ops.varlen_bwd.default)
+    (fixed_call,) = calls_of(backward_graph, ops.bwd.default)
+    for call in (varlen_call, fixed_call):
+        assert (call["window_left"], call["window_right"], call["softcap"]) == (3, 1, 4.0)
+        assert (call["dropout_p"], call["causal_top_left"]) == (0.25, True)
+        assert call["rng_state"].op == "placeholder"  # saved from the forward graph
+        assert tuple(call["rng_state"].meta["val"].shape) == (2,)
+        assert call["alibi_slopes"].op == "placeholder"
+    assert varlen_call["seqused_q"].op == varlen_call["seqused_k"].op == "placeholder"
+
+
+def random_tensor(*shape: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(0)).to(DTYPE)
+
+
+@pytest.mark.parametrize("variants", [False, True], ids=["defaults", "variants"])
+def test_opcheck_forward_ops(variants: bool, extension) -> None:
+    """torch.library.opcheck on the forward ops, backed by the stand-in: schema, fake outputs
+    against the real ones, the autograd registration and AOT dispatch with its backward."""
+    q = random_tensor(TOTAL_Q, NHEADS, HEAD_DIM).requires_grad_()
+    k = random_tensor(TOTAL_K, NHEADS_K, HEAD_DIM).requires_grad_()
+    v = random_tensor(TOTAL_K, NHEADS_K, HEAD_DIM).requires_grad_()
+    cu_q, cu_k = (torch.tensor(cu, dtype=torch.int32) for cu in (CU_Q, CU_K))
+    # More keys than one 128-row block, so that s_dmask's two rounded lengths differ.
+    seqlen_k = MASK_BLOCK + 2
+    q_fixed = random_tensor(BATCH, SEQLEN_Q, NHEADS, HEAD_DIM).requires_grad_()
+    k_fixed = random_tensor(BATCH, seqlen_k, NHEADS_K, HEAD_DIM).requires_grad_()
+    v_fixed = random_tensor(BATCH, seqlen_k, NHEADS_K, HEAD_DIM).requires_grad_()
+    options = {}
+    if variants:
+        options = dict(
+            window_left=3,
+            window_right=0,
+            softcap=2.0,
+            alibi_slopes=torch.ones(BATCH, NHEADS),
+            causal_top_left=True,
+            dropout_p=0.2,
+            return_dropout_mask=True,
+        )
+    seqused = {"seqused_q": torch.tensor([4, 6], dtype=torch.int32)} if variants else {}
+    cases = [
+        (flash_ops.varlen_fwd, (q, k, v, cu_q, cu_k, MAX_Q, MAX_K, SCALE, True), seqused),
+        (flash_ops.fwd, (q_fixed, k_fixed, v_fixed, SCALE, False), {}),
+    ]
+    for op, args, extra in cases:
+        results = torch.library.opcheck(op, args, {**options, **extra})
+        assert set(results.values()) == {"SUCCESS"}, results

@@ -759,7 +759,7 @@ def padded_backward_inputs(causal: bool) -> PaddedBackwardInputs:
     total_q = batch.q.shape[0]
     q, k, v = (with_nan_tail(x, TAIL_ROWS) for x in (batch.q, batch.k, batch.v))
     scale = 1.0 / math.sqrt(DEFAULT_HEAD_DIM)
-    out, lse = _extension().varlen_fwd(
+    out, lse, *_ = _extension().varlen_fwd(
         q, k, v, batch.cu_seqlens_q, batch.cu_seqlens_k, batch.max_seqlen_q, batch.max_seqlen_k,
         scale, causal,
     )
@@ -878,7 +878,7 @@ def test_extension_fixed_bwd_poisoned(causal: bool) -> None:
     q, k, v = default_fixed_batch(FIXED_BATCH, 150, 100)
     scale = 1.0 / math.sqrt(DEFAULT_HEAD_DIM)
     extension = _extension()
-    out, lse = extension.fwd(q, k, v, scale, causal)
+    out, lse, *_ = extension.fwd(q, k, v, scale, causal)
     dout = random_like(q, DOUT_SEED)
     args = (dout, q, k, v, out, lse, scale, causal, False)
     given = tuple(torch.full_like(x, float("nan")) for x in (q, k, v))

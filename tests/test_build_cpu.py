@@ -43,14 +43,14 @@ def test_generated_kernel_files_are_current():
     assert result.returncode == 0, result.stderr
 
 
-def test_generator_covers_both_directions_dtypes_every_bucket_and_causal():
+def test_generator_covers_both_directions_dtypes_every_bucket_and_local_mask():
     gen = load_generator()
     names = {inst.filename for inst in gen.all_instantiations()}
     assert len(names) == len(gen.DIRECTIONS) * len(gen.ELEMENT_TYPES) * len(gen.HEAD_DIM_BUCKETS) * 2
     assert set(gen.DIRECTIONS) == {"fwd", "bwd"}
-    assert "flash_fwd_sm80_bf16_hdim128_causal.cu" in names
+    assert "flash_fwd_sm80_bf16_hdim128_local.cu" in names
     assert "flash_fwd_sm80_fp16_hdim64.cu" in names
-    assert "flash_bwd_sm80_bf16_hdim256_causal.cu" in names
+    assert "flash_bwd_sm80_bf16_hdim256_local.cu" in names
     assert "flash_bwd_sm80_fp16_hdim96.cu" in names
 
 

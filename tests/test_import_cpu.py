@@ -125,19 +125,23 @@ def test_op_reports_the_missing_extension_when_it_runs(extension_absent) -> None
 
 
 def test_op_forwards_to_the_extension(monkeypatch, fresh_state) -> None:
-    """With an extension present, the op calls _C.varlen_fwd with its arguments in order."""
+    """With an extension present, the op calls _C.varlen_fwd with the contract's positional
+    arguments in order and the variant options by keyword."""
     received = []
     module = types.ModuleType("flash_varlen._C")
 
-    def varlen_fwd(*args):
-        received.append(args)
+    def varlen_fwd(*args, **kwargs):
+        received.append((args, kwargs))
         q = args[0]
-        return q + 1, torch.zeros(q.shape[1], q.shape[0])
+        empty = torch.empty(0)
+        return q + 1, torch.zeros(q.shape[1], q.shape[0]), empty, empty.long()
 
     module.varlen_fwd = varlen_fwd
     monkeypatch.setattr(_extension, "_import_module", lambda: module)
     q = torch.zeros(4, 2, HEAD_DIM, dtype=torch.float16)
     cu = torch.tensor([0, 4], dtype=torch.int32)
-    out, lse = ops.varlen_fwd(q, q, q, cu, cu, 4, 3, 0.5, True)
+    out, lse, _, _ = ops.varlen_fwd(q, q, q, cu, cu, 4, 3, 0.5, True, window_left=2)
     assert torch.equal(out, q + 1) and lse.shape == (2, 4)
-    assert received[0][5:] == (4, 3, 0.5, True)
+    args, kwargs = received[0]
+    assert args[5:] == (4, 3, 0.5, True)
+    assert kwargs["window_left"] == 2 and kwargs["dropout_p"] == 0.0

@@ -3,11 +3,13 @@
 There is no kernel here, so the tests replace the two kernel calls of the integration
 (monkeypatch) with fakes: the float32 reference of ``flash_varlen.reference``, after checking the
 arguments the way the kernels' validation would (int32 cu_seqlens on q's device that span the
-packed tensors, Python-int max_seqlen bounds, k/v with their own head count). A tiny Llama with
+packed tensors, Python-int max_seqlen bounds, k/v with their own head count), with the sliding
+window and soft-capping the integration passes. A tiny Llama with
 attn_implementation="flash_varlen" must then match the same weights under "sdpa" to float32
 rounding, for padded (left and right), packed and unpadded batches, in the forward pass, the
-gradients and generation with a KV cache. The fakes also record each call, so the tests check
-which kernel ran with which boundaries.
+gradients and generation with a KV cache; Mistral's sliding window and Gemma 2's soft-capping
+must match too. The fakes also record each call, so the tests check which kernel ran with which
+boundaries and options.
 
 Those model tests keep the float32 inputs (the reference computes in float32) by bypassing the
 kernel-dtype rule, which its own tests check with a stand-in attention layer.
@@ -56,6 +58,9 @@ class KernelCall:
     dtype: torch.dtype
     softmax_scale: float | None
     causal: bool
+    dropout_p: float
+    softcap: float
+    window_size: tuple[int, int]
     cu_seqlens_q: list[int] | None = None
     cu_seqlens_k: list[int] | None = None
     max_seqlen_q: int | None = None
@@ -63,7 +68,11 @@ class KernelCall:
 
 
 class ReferenceKernels:
-    """Stand-ins for flash_attn_varlen_func / flash_attn_func: check, record, run the reference."""
+    """Stand-ins for flash_attn_varlen_func / flash_attn_func: check, record, run the reference.
+
+    The reference draws no randomness, so dropout runs with a mask that keeps every entry
+    (only the 1 / (1 - dropout_p) scale remains): the tests check that dropout_p arrives.
+    """
 
     def __init__(self) -> None:
         self.calls: list[KernelCall] = []
@@ -88,48 +97,63 @@ class ReferenceKernels:
             assert min(lengths) >= 0
             # The kernels take max_seqlen as a positive Python int bound on every length.
             assert type(longest) is int and longest >= max(1, *lengths)
-        self.calls.append(
-            KernelCall(
-                "varlen",
-                tuple(q.shape),
-                tuple(k.shape),
-                q.dtype,
-                options.get("softmax_scale"),
-                options.get("causal", False),
-                cu_seqlens_q.tolist(),
-                cu_seqlens_k.tolist(),
-                max_seqlen_q,
-                max_seqlen_k,
-            )
-        )
+        call = self._record("varlen", q, k, options)
+        call.cu_seqlens_q, call.cu_seqlens_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+        call.max_seqlen_q, call.max_seqlen_k = max_seqlen_q, max_seqlen_k
+        batch = cu_seqlens_q.shape[0] - 1
         out, _ = reference.attention_ref_varlen(
             q,
             k,
             v,
             cu_seqlens_q,
             cu_seqlens_k,
-            options.get("softmax_scale"),
-            options.get("causal", False),
+            call.softmax_scale,
+            call.causal,
+            **self._variants(call, (batch, q.shape[1], max_seqlen_q, max_seqlen_k)),
         )
         return out.to(q.dtype)
 
     def fixed(self, q, k, v, **options) -> torch.Tensor:
         assert q.dim() == 4 and k.dim() == 4 and v.shape == k.shape
         assert q.dtype == k.dtype == v.dtype
-        self.calls.append(
-            KernelCall(
-                "fixed",
-                tuple(q.shape),
-                tuple(k.shape),
-                q.dtype,
-                options.get("softmax_scale"),
-                options.get("causal", False),
-            )
-        )
+        call = self._record("fixed", q, k, options)
         out, _ = reference.attention_ref(
-            q, k, v, options.get("softmax_scale"), options.get("causal", False)
+            q,
+            k,
+            v,
+            call.softmax_scale,
+            call.causal,
+            **self._variants(call, (q.shape[0], q.shape[2], q.shape[1], k.shape[1])),
         )
         return out.to(q.dtype)
+
+    def _record(self, kind: str, q, k, options: dict) -> KernelCall:
+        known = {"softmax_scale", "causal", "dropout_p", "softcap", "window_size"}
+        assert options.keys() <= known, f"unexpected options {options.keys() - known}"
+        call = KernelCall(
+            kind,
+            tuple(q.shape),
+            tuple(k.shape),
+            q.dtype,
+            options.get("softmax_scale"),
+            options.get("causal", False),
+            options.get("dropout_p", 0.0),
+            options.get("softcap", 0.0),
+            tuple(options.get("window_size", reference.NO_WINDOW)),
+        )
+        self.calls.append(call)
+        return call
+
+    @staticmethod
+    def _variants(call: KernelCall, mask_shape: tuple[int, int, int, int]) -> dict:
+        """The reference's variant arguments; a keep-everything mask stands in for dropout."""
+        keep_all = torch.ones(mask_shape, dtype=torch.bool) if call.dropout_p > 0 else None
+        return {
+            "window_size": call.window_size,
+            "softcap": call.softcap,
+            "dropout_p": call.dropout_p,
+            "dropout_mask": keep_all,
+        }
 
 
 @pytest.fixture
@@ -412,12 +436,10 @@ def test_collator_kwargs_set_the_boundaries(hf, float32_kernels, monkeypatch) ->
     """DataCollatorWithFlattening's cu_seq_lens_q/k and max_length_q/k reach the kernel as they
     are, and the positions are then not read (no device synchronization)."""
 
-    def position_ids_must_not_be_read(position_ids):
+    def position_ids_must_not_be_read(position_ids, **bounds):
         raise AssertionError("boundaries were read from position_ids despite cu_seq_lens")
 
-    monkeypatch.setattr(
-        integration, "_cu_seqlens_from_position_ids", position_ids_must_not_be_read
-    )
+    monkeypatch.setattr(integration, "cu_seqlens_from_position_ids", position_ids_must_not_be_read)
     ours, ref = model_pair(hf, tiny_llama_config(hf))
     lengths = [3, 8, 5]
     documents = [random_ids(n, seed=10 + i).tolist() for i, n in enumerate(lengths)]
@@ -498,37 +520,64 @@ def test_generation_with_cache_matches_sdpa(hf, float32_kernels, padded: bool) -
 
 
 # ----------------------------------------------------------------------------------------------
-# Unsupported features, named
+# Variants: attention dropout, sliding windows, soft-capping
 # ----------------------------------------------------------------------------------------------
 
 
-def test_attention_dropout_in_training_raises(hf, float32_kernels) -> None:
+def test_attention_dropout_reaches_the_kernel_in_training_only(hf, float32_kernels) -> None:
     ours, _ = model_pair(hf, tiny_llama_config(hf, attention_dropout=0.1))
     ids = random_ids(1, 6)
     with torch.no_grad():
         ours(ids)  # eval: transformers passes dropout=0
+    assert [call.dropout_p for call in float32_kernels.calls] == [0.0, 0.0]  # one per layer
     ours.train()
-    with pytest.raises(NotImplementedError, match="dropout"):
-        ours(ids)
+    ours(ids)
+    assert [call.dropout_p for call in float32_kernels.calls[2:]] == [0.1, 0.1]
 
 
-def test_sliding_window_raises_only_when_a_sequence_exceeds_it(hf, float32_kernels) -> None:
-    config = hf.MistralConfig(**tiny_llama_config(hf).to_dict() | {"sliding_window": 6})
-    ours, ref = model_pair(hf, config)
+def mistral_config(hf, window: int):
+    return hf.MistralConfig(**tiny_llama_config(hf).to_dict() | {"sliding_window": window})
+
+
+@pytest.mark.parametrize("layout", ["unpadded", "padded", "packed"])
+def test_sliding_window_matches_sdpa(hf, float32_kernels, layout: str) -> None:
+    """Mistral's window of 4 on sequences longer than it: the logits at real tokens equal
+    sdpa's, and every kernel call gets transformers' flash-attention mapping (3, 3), causal."""
+    ours, ref = model_pair(hf, mistral_config(hf, window=4))
+    if layout == "packed":
+        positions = packed_positions([[7, 5]])
+        ids = random_ids(*positions.shape)
+        inputs = {"input_ids": ids, "position_ids": positions}
+        real = torch.ones(ids.shape, dtype=torch.bool)
+    else:
+        ids = random_ids(2, 9)
+        mask = padding_mask_for([9, 6] if layout == "padded" else [9, 9], 9, "right")
+        inputs = {"input_ids": ids, "attention_mask": mask}
+        real = mask.bool()
     with torch.no_grad():
-        short = random_ids(1, 6)
-        torch.testing.assert_close(
-            ours(short).logits, ref(short).logits, **FLOAT32_TOLERANCE
-        )
-        # Packed documents of at most 6 tokens fit the window although the row has 11.
-        positions = packed_positions([[6, 5]])
-        ours(random_ids(*positions.shape), position_ids=positions)
-        with pytest.raises(NotImplementedError, match="sliding-window"):
-            ours(random_ids(1, 7))
+        ours_logits = ours(**inputs).logits
+        ref_logits = ref(**inputs, use_cache=False).logits
+    torch.testing.assert_close(ours_logits[real], ref_logits[real], **FLOAT32_TOLERANCE)
+    expected_kind = "fixed" if layout == "unpadded" else "varlen"
+    assert float32_kernels.kinds() == {expected_kind} and len(float32_kernels.calls) == 2
+    for call in float32_kernels.calls:
+        assert call.window_size == (3, 3) and call.causal
 
 
-def test_softcapping_raises(hf, float32_kernels) -> None:
-    config = hf.Gemma2Config(
+def test_sliding_window_is_not_passed_when_the_keys_fit_in_it(hf, float32_kernels) -> None:
+    """As in transformers' flash-attention: a window of w with at most w keys hides nothing."""
+    ours, ref = model_pair(hf, mistral_config(hf, window=6))
+    short = random_ids(1, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(short).logits, ref(short).logits, **FLOAT32_TOLERANCE)
+    assert {call.window_size for call in float32_kernels.calls} == {(-1, -1)}
+
+
+def gemma2_config(hf, softcap: float | None):
+    """A tiny Gemma 2: alternating sliding-window (3) and full layers, soft-capped scores. The
+    unit query_pre_attn_scalar (softmax scale 1) and large initial weights give scores large
+    enough for the cap to matter."""
+    return hf.Gemma2Config(
         vocab_size=VOCAB,
         hidden_size=HEADS * HEAD_DIM,
         intermediate_size=96,
@@ -536,11 +585,28 @@ def test_softcapping_raises(hf, float32_kernels) -> None:
         num_attention_heads=HEADS,
         num_key_value_heads=KV_HEADS,
         head_dim=HEAD_DIM,
-        attn_logit_softcapping=50.0,
+        query_pre_attn_scalar=1,
+        initializer_range=0.5,
+        attn_logit_softcapping=softcap,
+        sliding_window=3,
     )
-    ours, _ = model_pair(hf, config)
-    with torch.no_grad(), pytest.raises(NotImplementedError, match="soft-capping"):
-        ours(random_ids(1, 5))
+
+
+def test_softcapping_and_sliding_window_match_eager(hf, float32_kernels) -> None:
+    ours, ref = model_pair(hf, gemma2_config(hf, softcap=0.5), reference_implementation="eager")
+    uncapped, _ = model_pair(hf, gemma2_config(hf, softcap=None), reference_implementation="eager")
+    ids = random_ids(2, 7)
+    with torch.no_grad():
+        ours_logits = ours(ids).logits
+        ref_logits = ref(ids).logits
+        uncapped_logits = uncapped(ids).logits
+    torch.testing.assert_close(ours_logits, ref_logits, **FLOAT32_TOLERANCE)
+    # The cap changes the result, so the comparison above could fail without it.
+    assert not torch.allclose(ours_logits, uncapped_logits, **FLOAT32_TOLERANCE)
+    sliding, full, *uncapped_calls = float32_kernels.calls
+    assert sliding.window_size == (2, 2) and full.window_size == (-1, -1)
+    assert sliding.softcap == full.softcap == 0.5
+    assert {call.softcap for call in uncapped_calls} == {0.0}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -626,31 +692,69 @@ def test_float32_model_raises(kernels) -> None:
     assert not kernels.calls
 
 
-@pytest.mark.parametrize(
-    ("options", "feature"),
-    [
-        ({"dropout": 0.1}, "attention dropout"),
-        ({"softcap": 30.0}, "soft-capping"),
-        ({"s_aux": torch.zeros(HEADS)}, "attention sinks"),
-        ({"sliding_window": 4}, "sliding-window"),
-    ],
-)
-def test_unsupported_options_raise_naming_the_feature(kernels, options, feature: str) -> None:
+def test_attention_sinks_raise_naming_the_feature(kernels) -> None:
     q, k, v = layer_inputs(dtype=torch.bfloat16)
-    with pytest.raises(NotImplementedError, match=feature):
-        integration.attention_forward(StandInLayer(), q, k, v, None, **options)
+    with pytest.raises(NotImplementedError, match="attention sinks"):
+        integration.attention_forward(StandInLayer(), q, k, v, None, s_aux=torch.zeros(HEADS))
     assert not kernels.calls
 
 
-def test_neutral_values_of_unsupported_options_pass(kernels) -> None:
-    """dropout 0, softcap None/0 and a window no shorter than the keys change nothing."""
+@pytest.mark.parametrize(
+    ("sliding_window", "key_length", "window_size"),
+    [
+        (None, 8, (-1, -1)),
+        (8, 8, (-1, -1)),  # the keys fit in the window
+        (4, 8, (3, 3)),  # itself and 3 keys on each side; causal then drops the right side
+        (1, 2, (0, 0)),
+    ],
+)
+def test_window_size_maps_sliding_window_like_transformers(
+    sliding_window, key_length, window_size
+) -> None:
+    assert integration._window_size(sliding_window, key_length) == window_size
+
+
+@pytest.mark.parametrize("mask", [None, "padded"])
+def test_variant_options_reach_the_kernel(kernels, mask) -> None:
+    q, k, v = layer_inputs(dtype=torch.bfloat16)
+    attention_mask = None if mask is None else padding_mask_for([8, 5], 8, "right").bool()
+    out, _ = integration.attention_forward(
+        StandInLayer(), q, k, v, attention_mask, dropout=0.1, softcap=0.5, sliding_window=3
+    )
+    (call,) = kernels.calls
+    assert call.kind == ("fixed" if mask is None else "varlen")
+    assert (call.dropout_p, call.softcap, call.window_size, call.causal) == (0.1, 0.5, (2, 2), True)
+    assert out.shape == (2, 8, HEADS, HEAD_DIM)
+
+
+def test_soft_capped_sliding_window_output(kernels) -> None:
+    """The output is the reference's with the mapped window and the cap, which differs from
+    the plain one."""
+    q, k, v = layer_inputs(dtype=torch.bfloat16)
+    layer = StandInLayer()
+    out, _ = integration.attention_forward(layer, q, k, v, None, softcap=0.5, sliding_window=3)
+    plain, _ = integration.attention_forward(layer, q, k, v, None)
+    expected, _ = reference.attention_ref(
+        *(x.transpose(1, 2) for x in (q, k, v)), causal=True, window_size=(2, 0), softcap=0.5
+    )
+    torch.testing.assert_close(out, expected.to(out.dtype))
+    assert not torch.equal(out, plain)
+
+
+def test_neutral_variant_values_change_nothing(kernels) -> None:
+    """dropout 0, softcap None/0 and a window no shorter than the keys reach the kernel as its
+    defaults."""
     q, k, v = layer_inputs(dtype=torch.bfloat16)
     layer = StandInLayer()
     plain, _ = integration.attention_forward(layer, q, k, v, None)
-    neutral, _ = integration.attention_forward(
-        layer, q, k, v, None, dropout=0.0, softcap=0.0, sliding_window=8
-    )
-    assert torch.equal(plain, neutral)
+    for softcap in (None, 0.0):
+        neutral, _ = integration.attention_forward(
+            layer, q, k, v, None, dropout=0.0, softcap=softcap, sliding_window=8
+        )
+        assert torch.equal(plain, neutral)
+    assert {(c.dropout_p, c.softcap, c.window_size) for c in kernels.calls} == {
+        (0.0, 0.0, (-1, -1))
+    }
 
 
 def test_four_dimensional_mask_raises(kernels) -> None:
@@ -711,16 +815,29 @@ def test_padding_mask_shorter_than_the_keys_is_kept() -> None:
 
 
 @pytest.mark.parametrize(
-    ("position_ids", "expected"),
+    ("position_ids", "batch", "expected"),
     [
-        ([[0, 1, 2, 0, 1, 0]], [0, 3, 5, 6]),
-        ([[0, 1, 2, 3]], [0, 4]),  # one sequence
-        ([[3, 4, 0, 1]], [0, 2, 4]),  # a row starts a sequence whatever its first position
-        ([[0, 1, 2, 3], [0, 1, 0, 1]], [0, 4, 6, 8]),  # rows are read one after the other
-        ([[0, 0, 0]], [0, 1, 2, 3]),  # one-token documents
+        ([[0, 1, 2, 0, 1, 0]], 1, [0, 3, 5, 6]),
+        ([[3, 4, 0, 1]], 1, [0, 2, 4]),  # a row starts a sequence whatever its first position
+        ([[0, 1, 2, 3], [0, 1, 0, 1]], 2, [0, 4, 6, 8]),  # rows are read one after the other
+        ([[0, 1, 0, 1]], 2, [0, 2, 4, 6, 8]),  # one row of positions for the whole batch
+        ([[0, 0, 0]], 1, [0, 1, 2, 3]),  # one-token documents
     ],
 )
-def test_cu_seqlens_from_position_ids(position_ids, expected) -> None:
-    cu_seqlens = integration._cu_seqlens_from_position_ids(torch.tensor(position_ids))
-    assert cu_seqlens.dtype == torch.int32
-    assert cu_seqlens.tolist() == expected
+def test_packed_boundaries_from_position_ids(kernels, position_ids, batch, expected) -> None:
+    """flash_varlen.padding.cu_seqlens_from_position_ids's rule, over batch * seqlen tokens."""
+    seqlen = len(position_ids[0])
+    q, k, v = layer_inputs(batch=batch, seqlen=seqlen, dtype=torch.bfloat16)
+    positions = torch.tensor(position_ids)
+    integration.attention_forward(StandInLayer(), q, k, v, None, position_ids=positions)
+    (call,) = kernels.calls
+    lengths = [end - start for start, end in zip(expected, expected[1:])]
+    assert call.kind == "varlen" and call.cu_seqlens_q == call.cu_seqlens_k == expected
+    assert call.max_seqlen_q == call.max_seqlen_k == max(lengths)
+
+
+def test_one_sequence_per_row_uses_the_fixed_length_kernel(kernels) -> None:
+    q, k, v = layer_inputs(batch=2, seqlen=5, dtype=torch.bfloat16)
+    positions = torch.arange(5)[None]
+    integration.attention_forward(StandInLayer(), q, k, v, None, position_ids=positions)
+    assert kernels.kinds() == {"fixed"}

@@ -110,6 +110,9 @@ def unchanged(args: dict) -> None:
     """Valid arguments: on CPU only the device check fails."""
 
 
+WINDOW_RULE = "window_size sides must be -1 (unbounded) or >= 0"
+SOFTCAP_RULE = "softcap must be finite and >= 0 (0 disables it)"
+
 VARLEN_CASES = [
     case("q not a tensor", setting(q=[[1.0]]), TypeError, "q must be a torch.Tensor"),
     case("q fp32", replacing("q", torch.Tensor.float), TypeError, "q must have dtype", "float16"),
@@ -230,7 +233,110 @@ VARLEN_CASES = [
     case("deterministic int", setting(deterministic=1), TypeError, "deterministic must be a bool"),
     case("window of 3", setting(window_size=(-1, -1, 0)), ValueError, "window_size must be a pair"),
     case("window floats", setting(window_size=(-1.0, -1)), TypeError, "window_size must be a pair"),
+    case("window left -2", setting(window_size=(-2, 0)), ValueError, WINDOW_RULE, "(-2, 0)"),
+    case("window right -5", setting(window_size=(4, -5)), ValueError, WINDOW_RULE, "(4, -5)"),
+    case("window both < -1", setting(window_size=(-5, -2)), ValueError, WINDOW_RULE),
+    case(
+        "window below -1 with causal",
+        setting(window_size=(-3, 7), causal=True),  # causal would replace right, not left
+        ValueError,
+        WINDOW_RULE,
+    ),
+    case("dropout 1", setting(dropout_p=1.0), ValueError, "dropout_p must be in [0, 1), got 1.0"),
+    case("dropout < 0", setting(dropout_p=-0.1), ValueError, "dropout_p must be in [0, 1)"),
+    case("dropout nan", setting(dropout_p=math.nan), ValueError, "dropout_p must be in [0, 1)"),
+    case("dropout str", setting(dropout_p="0.1"), TypeError, "dropout_p must be a float, got str"),
+    case("dropout bool", setting(dropout_p=True), TypeError, "dropout_p must be a float"),
+    case("dropout None", setting(dropout_p=None), TypeError, "dropout_p must be a float"),
+    case("softcap < 0", setting(softcap=-1.0), ValueError, SOFTCAP_RULE, "got -1.0"),
+    case("softcap inf", setting(softcap=math.inf), ValueError, SOFTCAP_RULE),
+    case("softcap nan", setting(softcap=math.nan), ValueError, SOFTCAP_RULE),
+    case("softcap None", setting(softcap=None), TypeError, "softcap must be a float, got NoneType"),
+    case("softcap tensor", setting(softcap=torch.tensor(5.0)), TypeError, "softcap must be a"),
+    case(
+        "alignment misspelled",
+        setting(causal_alignment="top-left"),
+        ValueError,
+        "causal_alignment must be 'bottom_right' or 'top_left', got 'top-left'",
+    ),
+    case("alignment None", setting(causal_alignment=None), ValueError, "causal_alignment must be"),
+    case(
+        "slopes fp16",
+        setting(alibi_slopes=torch.ones(NHEADS, dtype=torch.float16)),
+        TypeError,
+        "alibi_slopes must have dtype torch.float32, got torch.float16",
+    ),
+    case(
+        "slopes fp64",
+        setting(alibi_slopes=torch.ones(NHEADS, dtype=torch.float64)),
+        TypeError,
+        "alibi_slopes must have dtype torch.float32",
+    ),
+    case(
+        "slopes a list",
+        setting(alibi_slopes=[1.0] * NHEADS),
+        TypeError,
+        "alibi_slopes must be a torch.Tensor",
+    ),
+    case(
+        "slopes per kv head",
+        setting(alibi_slopes=torch.ones(NHEADS_K)),
+        ValueError,
+        "alibi_slopes must have shape (nheads,) = (4,) or (batch, nheads) = (2, 4), got (2,)",
+    ),
+    case(
+        "slopes batch 3",
+        setting(alibi_slopes=torch.ones(3, NHEADS)),
+        ValueError,
+        "alibi_slopes must have shape",
+        "got (3, 4)",
+    ),
+    case(
+        "slopes 3-D",
+        setting(alibi_slopes=torch.ones(2, NHEADS, 1)),
+        ValueError,
+        "alibi_slopes must have shape",
+    ),
+    case(
+        "seqused_q int64",
+        setting(seqused_q=torch.tensor([5, 7])),
+        TypeError,
+        "seqused_q must have dtype torch.int32, got torch.int64",
+    ),
+    case(
+        "seqused_k a list",
+        setting(seqused_k=[4, 6]),
+        TypeError,
+        "seqused_k must be a torch.Tensor",
+    ),
+    case(
+        "seqused_k one per cu_seqlens entry",
+        setting(seqused_k=torch.tensor([0, 4, 6], dtype=torch.int32)),
+        ValueError,
+        "seqused_k must have shape (batch,) = (2,)",
+        "got (3,)",
+    ),
+    case(
+        "seqused_q 2-D",
+        setting(seqused_q=torch.tensor([[5, 7]], dtype=torch.int32)),
+        ValueError,
+        "seqused_q must be 1-D (batch,)",
+    ),
     case("q on CPU", unchanged, ValueError, "q must be a CUDA tensor"),
+    case(
+        "every variant option valid",
+        setting(
+            dropout_p=0.5,
+            window_size=[0, 0],
+            softcap=1,  # an int is a number too
+            alibi_slopes=torch.ones(NHEADS, 2).t(),  # (2, NHEADS), any strides
+            causal_alignment="top_left",
+            seqused_q=torch.tensor([0, 7], dtype=torch.int32),
+            seqused_k=torch.tensor([4, 0, 6, 0], dtype=torch.int32)[::2],  # any stride
+        ),
+        ValueError,
+        "q must be a CUDA tensor",
+    ),
 ]
 
 
@@ -259,7 +365,29 @@ FIXED_CASES = [
         ValueError,
         "q.stride(2) must be a multiple of 8",
     ),
+    case(
+        "slopes batch 1 of 2",
+        setting(alibi_slopes=torch.ones(1, NHEADS)),
+        ValueError,
+        "alibi_slopes must have shape (nheads,) = (4,) or (batch, nheads) = (2, 4)",
+    ),
+    case(
+        "slopes bf16",
+        setting(alibi_slopes=torch.ones(NHEADS, dtype=torch.bfloat16)),
+        TypeError,
+        "alibi_slopes must have dtype torch.float32",
+    ),
+    case("window -3", setting(window_size=(-1, -3)), ValueError, WINDOW_RULE),
+    case("dropout 2", setting(dropout_p=2), ValueError, "dropout_p must be in [0, 1)"),
+    case("softcap < 0", setting(softcap=-0.5), ValueError, SOFTCAP_RULE),
+    case("alignment", setting(causal_alignment="left"), ValueError, "causal_alignment must be"),
     case("q on CPU", unchanged, ValueError, "q must be a CUDA tensor"),
+    case(
+        "per-sequence slopes valid",
+        setting(alibi_slopes=torch.ones(2, NHEADS), dropout_p=0.1, window_size=(3, 3)),
+        ValueError,
+        "q must be a CUDA tensor",
+    ),
 ]
 
 
@@ -344,6 +472,25 @@ def test_fixed_length_v_on_another_device() -> None:
             flash_varlen.flash_attn_func(**args)
 
 
+@needs_fake_cuda
+@pytest.mark.parametrize(
+    ("name", "tensor"),
+    [
+        ("alibi_slopes", torch.ones(NHEADS)),
+        ("seqused_q", torch.tensor([5, 7], dtype=torch.int32)),
+        ("seqused_k", torch.tensor([4, 6], dtype=torch.int32)),
+    ],
+)
+def test_variant_tensor_on_another_device_than_q(name: str, tensor: torch.Tensor) -> None:
+    with FakeTensorMode():
+        args = varlen_args(device="cuda")
+        with raises(ValueError, f"{name} must be on the same device as q"):
+            flash_varlen.flash_attn_varlen_func(**args, **{name: tensor})
+        if name == "alibi_slopes":
+            with raises(ValueError, "alibi_slopes must be on the same device as q"):
+                flash_varlen.flash_attn_func(**fixed_args(device="cuda"), alibi_slopes=tensor)
+
+
 # --------------------------------------------------------------------------------------------
 # Options
 
@@ -351,34 +498,78 @@ def test_fixed_length_v_on_another_device() -> None:
 @pytest.mark.parametrize(
     ("causal", "window_size", "expected"),
     [
-        (False, (-1, -1), False),
-        (True, (-1, -1), True),
-        (True, (-1, 0), True),
-        (False, (-1, 0), True),  # flash-attn: right = 0 with left = -1 is causal
-        (False, [-1, -1], False),
-        (False, (-5, -2), False),  # any negative bound is unbounded, as in flash-attn
-        (True, (-1, 7), True),  # causal forces right = 0
+        # expected: (causal, window_left, window_right) as the ops take them
+        (False, (-1, -1), (False, -1, -1)),
+        (True, (-1, -1), (True, -1, 0)),
+        (True, (-1, 0), (True, -1, 0)),
+        (False, (-1, 0), (True, -1, 0)),  # flash-attn: right = 0 with left = -1 is causal
+        (False, [-1, -1], (False, -1, -1)),
+        (True, (-1, 7), (True, -1, 0)),  # causal forces right = 0
+        (True, (8, 7), (True, 8, 0)),  # ... and keeps left: a causal sliding window
+        (False, (8, 0), (False, 8, 0)),  # the same mask, but not the unbounded causal one
+        (False, (0, 0), (False, 0, 0)),  # each query sees only its diagonal key
+        (False, (-1, 3), (False, -1, 3)),
+        (False, (2, 3), (False, 2, 3)),
     ],
 )
-def test_causal_normalization(causal, window_size, expected) -> None:
-    effective = validation.check_options(
+def test_causal_and_window_normalization(causal, window_size, expected) -> None:
+    options = validation.check_options(
         dropout_p=0.0,
         softmax_scale=None,
         causal=causal,
         window_size=window_size,
         softcap=0.0,
-        alibi_slopes=None,
     )
-    assert effective is expected
+    assert (options.causal, options.window_left, options.window_right) == expected
+
+
+def test_check_options_returns_every_option_in_the_ops_form() -> None:
+    options = validation.check_options(
+        dropout_p=0,
+        softmax_scale=0.5,
+        causal=False,
+        window_size=(4, 1),
+        softcap=30,
+        deterministic=True,
+        causal_alignment="top_left",
+    )
+    assert options == validation.Options(
+        causal=False,
+        deterministic=True,
+        window_left=4,
+        window_right=1,
+        softcap=30.0,
+        causal_top_left=True,
+        dropout_p=0.0,
+    )
+    assert type(options.softcap) is float and type(options.dropout_p) is float
+    assert options.variant_kwargs() == {
+        "window_left": 4,
+        "window_right": 1,
+        "softcap": 30.0,
+        "causal_top_left": True,
+        "dropout_p": 0.0,
+    }
+    default = validation.check_options(
+        dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0
+    )
+    assert default.causal_top_left is False and default.deterministic is False
 
 
 @pytest.mark.parametrize(
-    ("causal", "window_size"), [(False, (4, -1)), (False, (-1, 3)), (True, (8, 0))]
+    "kwargs",
+    [
+        {"causal": True, "window_size": (4, 0)},
+        {"window_size": (16, 16)},
+        {"window_size": (0, 0), "softcap": 50.0},
+        {"dropout_p": 0.999, "alibi_slopes": torch.zeros(NHEADS)},
+        {"causal": True, "causal_alignment": "top_left", "window_size": (-1, 2)},
+    ],
 )
-def test_sliding_window_not_implemented(causal, window_size) -> None:
-    args = varlen_args()
-    with raises(NotImplementedError, "window_size", "sliding window"):
-        flash_varlen.flash_attn_varlen_func(**args, causal=causal, window_size=window_size)
+def test_variants_pass_validation(kwargs) -> None:
+    """Supported variant options reach the device check (the last rule)."""
+    with raises(ValueError, "q must be a CUDA tensor"):
+        flash_varlen.flash_attn_varlen_func(**varlen_args(), **kwargs)
 
 
 @pytest.mark.parametrize(
@@ -412,7 +603,8 @@ def test_resolve_softmax_scale() -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Debug mode: value checks of cu_seqlens (device-agnostic, so CPU tensors exercise them)
+# Debug mode: value checks of cu_seqlens and seqused (device-agnostic, so CPU tensors exercise
+# them)
 
 
 def check_values(cu_q: list[int], cu_k: list[int], max_q: int = 7, max_k: int = 6) -> None:
@@ -450,6 +642,40 @@ def test_debug_values_reject(cu_q, cu_k, max_q, max_k, fragments) -> None:
         check_values(cu_q, cu_k, max_q, max_k)
 
 
+def check_seqused(seqused_q: list[int] | None, seqused_k: list[int] | None) -> None:
+    """Debug value checks with cu_seqlens_q = [0, 5, 12] and cu_seqlens_k = [0, 4, 10]."""
+    args = varlen_args()
+    validation.check_varlen_values(
+        args["q"],
+        args["k"],
+        args["cu_seqlens_q"],
+        args["cu_seqlens_k"],
+        7,
+        6,
+        seqused_q=None if seqused_q is None else torch.tensor(seqused_q, dtype=torch.int32),
+        seqused_k=None if seqused_k is None else torch.tensor(seqused_k, dtype=torch.int32),
+    )
+
+
+def test_debug_values_accept_seqused_within_the_slots() -> None:
+    check_seqused([5, 7], [4, 6])  # the whole slots
+    check_seqused([0, 3], None)
+    check_seqused(None, [0, 0])
+
+
+@pytest.mark.parametrize(
+    ("seqused_q", "seqused_k", "fragments"),
+    [
+        ([5, 8], None, ("seqused_q[1] = 8 must be in [0, 7]", "slot in cu_seqlens_q")),
+        ([-1, 7], None, ("seqused_q[0] = -1 must be in [0, 5]",)),
+        (None, [5, 6], ("seqused_k[0] = 5 must be in [0, 4]", "slot in cu_seqlens_k")),
+    ],
+)
+def test_debug_values_reject_seqused_past_the_slot(seqused_q, seqused_k, fragments) -> None:
+    with raises(ValueError, *fragments):
+        check_seqused(seqused_q, seqused_k)
+
+
 @pytest.mark.parametrize(
     ("value", "enabled"), [(None, False), ("0", False), ("", False), ("1", True), ("true", True)]
 )
@@ -466,11 +692,17 @@ def test_debug_env_var_is_read_at_call_time(monkeypatch, value, enabled) -> None
 def test_public_function_runs_value_checks_only_in_debug_mode(monkeypatch, debug) -> None:
     """Without debug mode nothing reads cu_seqlens (fake tensors would fail on a read)."""
     calls = []
-    monkeypatch.setattr(validation, "check_varlen_values", lambda *a, **kw: calls.append(a))
+    monkeypatch.setattr(
+        validation, "check_varlen_values", lambda *a, **kw: calls.append((a, kw))
+    )
     if debug:
         monkeypatch.setenv(validation.DEBUG_ENV_VAR, "1")
     else:
         monkeypatch.delenv(validation.DEBUG_ENV_VAR, raising=False)
     with FakeTensorMode():
-        interface.flash_attn_varlen_func(**varlen_args(device="cuda"))
+        seqused_k = torch.tensor([4, 6], dtype=torch.int32, device="cuda")
+        interface.flash_attn_varlen_func(**varlen_args(device="cuda"), seqused_k=seqused_k)
     assert len(calls) == int(debug)
+    if debug:
+        ((_, kwargs),) = calls
+        assert kwargs["seqused_k"] is seqused_k and kwargs["seqused_q"] is None

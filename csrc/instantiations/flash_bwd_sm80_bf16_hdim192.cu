@@ -8,8 +8,8 @@ namespace flash_varlen {
 namespace {
 
 const BwdKernelRegistration kRegistration(
-    KernelKey{ElementType::kBFloat16, 192, /*is_causal=*/false},
-    &launch_flash_bwd<cutlass::bfloat16_t, 192, /*kIsCausal=*/false>);
+    KernelKey{ElementType::kBFloat16, 192, /*is_local=*/false},
+    &launch_flash_bwd<cutlass::bfloat16_t, 192, /*kIsLocal=*/false>);
 
 }  // namespace
 }  // namespace flash_varlen

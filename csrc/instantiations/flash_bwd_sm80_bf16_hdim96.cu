@@ -8,8 +8,8 @@ namespace flash_varlen {
 namespace {
 
 const BwdKernelRegistration kRegistration(
-    KernelKey{ElementType::kBFloat16, 96, /*is_causal=*/false},
-    &launch_flash_bwd<cutlass::bfloat16_t, 96, /*kIsCausal=*/false>);
+    KernelKey{ElementType::kBFloat16, 96, /*is_local=*/false},
+    &launch_flash_bwd<cutlass::bfloat16_t, 96, /*kIsLocal=*/false>);
 
 }  // namespace
 }  // namespace flash_varlen

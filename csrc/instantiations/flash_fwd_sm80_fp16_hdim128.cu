@@ -8,8 +8,8 @@ namespace flash_varlen {
 namespace {
 
 const FwdKernelRegistration kRegistration(
-    KernelKey{ElementType::kFloat16, 128, /*is_causal=*/false},
-    &launch_flash_fwd<cutlass::half_t, 128, /*kIsCausal=*/false>);
+    KernelKey{ElementType::kFloat16, 128, /*is_local=*/false},
+    &launch_flash_fwd<cutlass::half_t, 128, /*kIsLocal=*/false>);
 
 }  // namespace
 }  // namespace flash_varlen

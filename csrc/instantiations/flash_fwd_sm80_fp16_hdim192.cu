@@ -8,8 +8,8 @@ namespace flash_varlen {
 namespace {
 
 const FwdKernelRegistration kRegistration(
-    KernelKey{ElementType::kFloat16, 192, /*is_causal=*/false},
-    &launch_flash_fwd<cutlass::half_t, 192, /*kIsCausal=*/false>);
+    KernelKey{ElementType::kFloat16, 192, /*is_local=*/false},
+    &launch_flash_fwd<cutlass::half_t, 192, /*kIsLocal=*/false>);
 
 }  // namespace
 }  // namespace flash_varlen

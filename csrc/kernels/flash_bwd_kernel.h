@@ -8,15 +8,20 @@
 // With grouped-query attention the block walks every query head of its kv head in turn, so dK
 // and dV are reduced over the group in registers: no (nheads)-sized temporary, no atomics, and a
 // fixed summation order (dK and dV are bitwise reproducible).
+// Variants (flash_params.h): soft-capping multiplies dS by the cap's derivative; ALiBi biases the
+// recomputed scores; dropout regenerates the forward's mask (dropout.h) and applies it to P for
+// dV and to dP; a local mask limits the row blocks a key block visits.
 #pragma once
 
 #include <cute/tensor.hpp>
 
 #include "dq_accum.h"
 #include "dq_semaphore.h"
+#include "dropout.h"
 #include "flash_params.h"
 #include "fragment_layouts.h"
 #include "mask_policy.h"
+#include "score_transforms.h"
 #include "seqlen_info.h"
 #include "tile_copy.h"
 #include "warp_gemm.h"
@@ -25,14 +30,16 @@ namespace flash_varlen {
 
 using namespace cute;
 
-template <typename Traits, bool kIsCausal>
+// kVariants: soft-capping or dropout is on (a second kernel of the same instantiation, so that
+// their code never costs the plain kernel registers).
+template <typename Traits, bool kIsLocal, bool kVariants>
 struct FlashBwdKeyBlock {
     using Element = typename Traits::Element;
     static constexpr int kBlockM = Traits::kBlockM;
     static constexpr int kBlockN = Traits::kBlockN;
     static constexpr int kHeadDim = Traits::kHeadDim;
     static constexpr int kQStages = Traits::kQStages;
-    using Mask = MaskPolicy<kIsCausal>;
+    using Mask = MaskPolicy<kIsLocal>;
 
     __device__ static void run(const FlashBwdParams& params, char* smem, int n_block, int batch,
                                int head_k) {
@@ -40,13 +47,12 @@ struct FlashBwdKeyBlock {
         const SeqlenInfo seq(params, batch);
         if (n_block * kBlockN >= seq.seqlen_k) return;  // this key block lies past the end
 
-        const Mask mask(seq.seqlen_q, seq.seqlen_k);
-        // Query rows that see at least one key of this block: all of them, or with causal
-        // masking those at or below the diagonal through the block's first key.
-        const int first_visible_row =
-            kIsCausal ? max(0, n_block * kBlockN + seq.seqlen_q - seq.seqlen_k) : 0;
-        const int m_begin = first_visible_row / kBlockM;
-        const int m_end = (seq.seqlen_q + kBlockM - 1) / kBlockM;
+        const int group_size = params.nheads / params.nheads_k;
+        // The row blocks with a row that sees some key of this block (the same for every head).
+        const Mask block_mask(params, seq, batch, head_k * group_size);
+        const int m_begin = block_mask.template row_block_begin<kBlockM, kBlockN>(n_block);
+        const int m_end = block_mask.template row_block_end<kBlockM, kBlockN>(n_block);
+        const bool has_dropout = params.dropout_threshold != 0;
         const int rows_left_k = seq.seqlen_k - n_block * kBlockN;
 
         // Shared memory: K, V, dO, P, dS, then the Q stages.
@@ -163,9 +169,9 @@ struct FlashBwdKeyBlock {
             make_tensor(score_coords.data(), accumulator_as_rows_cols(score_coords.layout()));
         constexpr int kRowsPerThread = decltype(size<0>(score_coords_rc))::value;
 
-        const int group_size = params.nheads / params.nheads_k;
         for (int head = head_k * group_size; head < (head_k + 1) * group_size; ++head) {
             if (m_begin >= m_end) break;
+            const Mask mask(params, seq, batch, head);  // ALiBi's slope is per query head
             // The previous head's last dK product may still be reading Q stage 0.
             __syncthreads();
             const Element* q_base =
@@ -243,6 +249,9 @@ struct FlashBwdKeyBlock {
                 gemm_smem_smem(mma_sdp, acc_s, tSrQ, tSrK,
                                make_tensor(tSsQ.data() + q_stage_offset, tSsQ.layout()), tSsK,
                                copy_a_sdp, copy_b_sdp, thr_copy_a_sdp, thr_copy_b_sdp);
+                if (kVariants && params.softcap_prescale != 0.f) {
+                    apply_softcap(acc_s, params.softcap_prescale);
+                }
                 if (mask.template tile_needs_mask<kBlockM, kBlockN>(m_block * kBlockM,
                                                                     n_block * kBlockN)) {
                     mask.apply_by_coordinates(acc_s,
@@ -257,16 +266,34 @@ struct FlashBwdKeyBlock {
                     CUTE_UNROLL
                     for (int c = 0; c < size<1>(scores); ++c) {
                         scores(r, c) =
-                            exp2f(scores(r, c) * params.softmax_scale_log2 - lse_log2[r]);
+                            exp2f(scores(r, c) * params.logit_scale_log2 - lse_log2[r]);
                     }
                 }
-                Tensor rP = convert_fragment<Element>(acc_s);
+                // Dropout: dV takes the kept probabilities, scaled (the forward's P V operand).
+                using KeepBits = TileKeepBits<decltype(size<1>(acc_s) * size<2>(acc_s))::value>;
+                KeepBits keep;
+                if (kVariants && has_dropout) {
+                    keep = tile_keep_bits(Dropout(params, batch, head),
+                                          thr_mma_sdp.partition_C(make_identity_tensor(
+                                              Shape<Int<kBlockM>, Int<kBlockN>>{})),
+                                          m_block * kBlockM, n_block * kBlockN);
+                }
+                Tensor rP = kVariants && has_dropout
+                                ? dropped_fragment<Element>(acc_s, keep, params.dropout_rescale)
+                                : convert_fragment<Element>(acc_s);
                 copy(copy_store_sdp, thr_copy_store_sdp.retile_S(rP), tPsP);
 
                 Tensor acc_dp = partition_fragment_C(mma_sdp, Shape<Int<kBlockM>, Int<kBlockN>>{});
                 clear(acc_dp);
                 gemm_smem_smem(mma_sdp, acc_dp, tdPrdO, tdPrV, tdPsdO, tdPsV, copy_a_sdp,
                                copy_b_sdp, thr_copy_a_sdp, thr_copy_b_sdp);
+                // Dropout: the gradient reaches only the kept probabilities, scaled.
+                if (kVariants && has_dropout) {
+                    CUTE_UNROLL
+                    for (int i = 0; i < size(acc_dp); ++i) {
+                        acc_dp(i) = keep.kept(i) ? acc_dp(i) * params.dropout_rescale : 0.f;
+                    }
+                }
                 // dS = P * (dP - D), in place of dP. D of rows past the end is 0 (zero-filled).
                 Tensor ds = make_tensor(acc_dp.data(), scores.layout());
                 CUTE_UNROLL
@@ -276,6 +303,11 @@ struct FlashBwdKeyBlock {
                     for (int c = 0; c < size<1>(ds); ++c) {
                         ds(r, c) = scores(r, c) * (ds(r, c) - row_d);
                     }
+                }
+                if (kVariants && params.softcap_prescale != 0.f) {
+                    multiply_by_softcap_derivative(ds, scores, score_coords_rc, stage_lse, mask,
+                                                   params.logit_scale_log2, rows_left_q,
+                                                   m_block * kBlockM, n_block * kBlockN);
                 }
 
                 const bool has_next = m_block + 1 < m_end;
@@ -326,9 +358,12 @@ struct FlashBwdKeyBlock {
                                     ? nullptr
                                     : dq_semaphore_slot(params, batch, head, seq.q_start,
                                                         m_block * kBlockM);
-                    if (turn != nullptr) wait_for_turn(turn, n_block);
+                    // The key blocks that visit this row block take turns from its first one.
+                    const int turn_index =
+                        n_block - mask.template key_block_begin<kBlockM, kBlockN>(m_block);
+                    if (turn != nullptr) wait_for_turn(turn, turn_index);
                     add_dq_fragment<Traits::kNThreads>(dq_tile, acc_dq);
-                    if (turn != nullptr) pass_turn(turn, n_block);
+                    if (turn != nullptr) pass_turn(turn, turn_index);
                 }
             }
         }
@@ -365,15 +400,39 @@ struct FlashBwdKeyBlock {
         // The bulk adds read shared memory and must land before the conversion kernel reads dQ.
         if (bulk_dq_adds && tidx == 0) wait_dq_tile_adds();
     }
+
+    // Scales dS (in the rows-cols view, like the probabilities `probs`) by the soft-cap's
+    // derivative 1 - raw^2, raw recovered from the probability (score_transforms.h).
+    template <typename DsTensor, typename ProbTensor, typename CoordsRC>
+    __device__ static void multiply_by_softcap_derivative(DsTensor& ds, const ProbTensor& probs,
+                                                          const CoordsRC& coords_rc,
+                                                          const float* stage_lse, const Mask& mask,
+                                                          float logit_scale_log2, int rows_left_q,
+                                                          int row0, int col0) {
+        const float slope = mask.has_alibi() ? mask.alibi_slope() : 0.f;
+        CUTE_UNROLL
+        for (int r = 0; r < size<0>(ds); ++r) {
+            const int row = get<0>(coords_rc(r, 0));
+            // Rows past the end have P = 0 and keep dS = 0 whatever LSE is read for them.
+            const float lse_log2 = row < rows_left_q ? stage_lse[row] * float(M_LOG2E) : 0.f;
+            CUTE_UNROLL
+            for (int c = 0; c < size<1>(ds); ++c) {
+                const float bias =
+                    mask.masked_score(0.f, row0 + row, col0 + get<1>(coords_rc(r, c)), slope);
+                ds(r, c) *= softcap_derivative(probs(r, c), lse_log2, logit_scale_log2,
+                                               bias == -INFINITY ? 0.f : bias);
+            }
+        }
+    }
 };
 
 // Grid: (key blocks of the longest sequence, batch, kv heads). Key blocks of one (sequence, kv
 // head) are adjacent in launch order, which the deterministic mode's ordering relies on.
-template <typename Traits, bool kIsCausal>
+template <typename Traits, bool kIsLocal, bool kVariants>
 __global__ void __launch_bounds__(Traits::kNThreads)
     flash_bwd_kernel(const __grid_constant__ FlashBwdParams params) {
     extern __shared__ __align__(128) char smem[];
-    FlashBwdKeyBlock<Traits, kIsCausal>::run(params, smem, blockIdx.x, blockIdx.y, blockIdx.z);
+    FlashBwdKeyBlock<Traits, kIsLocal, kVariants>::run(params, smem, blockIdx.x, blockIdx.y, blockIdx.z);
 }
 
 }  // namespace flash_varlen

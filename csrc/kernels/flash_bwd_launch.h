@@ -1,4 +1,4 @@
-// Host-side launch of the backward pass for one (element type, head-dim bucket, causal)
+// Host-side launch of the backward pass for one (element type, head-dim bucket, local mask)
 // instantiation: preprocess (D, clearing the dQ accumulator), the main kernel (dK, dV, dQ
 // accumulation), convert (dQ), and clearing unused rows of gradients the backward allocated.
 // The caller provides zeroed dq_semaphore in deterministic mode.
@@ -17,7 +17,7 @@
 
 namespace flash_varlen {
 
-template <typename Element, int kHeadDim, bool kIsCausal>
+template <typename Element, int kHeadDim, bool kIsLocal>
 cudaError_t launch_flash_bwd(const FlashBwdParams& params, cudaStream_t stream) {
     using Traits = typename BwdTileConfig<Element, kHeadDim>::Traits;
     // Grid of the preprocess and conversion kernels: the main kernel's row blocks.
@@ -31,7 +31,10 @@ cudaError_t launch_flash_bwd(const FlashBwdParams& params, cudaStream_t stream) 
             <<<row_block_grid, kPreprocessThreads, 0, stream>>>(params);
     }
 
-    auto kernel = &flash_bwd_kernel<Traits, kIsCausal>;
+    // Soft-capping and dropout run in a kernel of their own (flash_bwd_kernel.h).
+    const bool has_variants = params.dropout_threshold != 0 || params.softcap_prescale != 0.f;
+    auto kernel = has_variants ? &flash_bwd_kernel<Traits, kIsLocal, true>
+                               : &flash_bwd_kernel<Traits, kIsLocal, false>;
     // Whether dQ goes through the staged bulk adds, which need one more tile of shared memory
     // (dq_accum.h), follows the virtual architecture the kernel this device runs was compiled
     // for (its __CUDA_ARCH__; a binary JIT-compiled from older PTX takes the older path).

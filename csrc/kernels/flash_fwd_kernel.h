@@ -1,15 +1,19 @@
 // The sm80-family forward kernel (mma.sync + cp.async; runs on Ampere, Ada and Hopper).
 // One thread block computes one row block (kBlockM query rows) of one head of one sequence,
 // walking the visible key blocks from the last one down, as in FlashAttention-2 (Dao, 2023):
-// S = Q K^T in registers, online softmax, O += P V with P kept in registers.
+// S = Q K^T in registers, online softmax, O += P V with P kept in registers. The variants are
+// runtime fields of the params (soft-capping, ALiBi, dropout, used lengths, the window's sides);
+// only "local mask or not" is a template parameter, since it changes the loop structure.
 #pragma once
 
 #include <cute/tensor.hpp>
 
+#include "dropout.h"
 #include "flash_params.h"
 #include "fragment_layouts.h"
 #include "mask_policy.h"
 #include "online_softmax.h"
+#include "score_transforms.h"
 #include "seqlen_info.h"
 #include "tile_copy.h"
 #include "warp_gemm.h"
@@ -18,13 +22,15 @@ namespace flash_varlen {
 
 using namespace cute;
 
-template <typename Traits, bool kIsCausal>
+// kHasVariants: soft-capping or dropout is on (a second kernel of the same instantiation, so
+// that their code never costs the plain kernel registers).
+template <typename Traits, bool kIsLocal, bool kHasVariants>
 struct FlashFwdRowBlock {
     using Element = typename Traits::Element;
     static constexpr int kBlockM = Traits::kBlockM;
     static constexpr int kBlockN = Traits::kBlockN;
     static constexpr int kHeadDim = Traits::kHeadDim;
-    using Mask = MaskPolicy<kIsCausal>;
+    using Mask = MaskPolicy<kIsLocal>;
 
     __device__ static void run(const FlashFwdParams& params, char* smem, int m_block, int batch,
                                int head) {
@@ -32,7 +38,8 @@ struct FlashFwdRowBlock {
         const SeqlenInfo seq(params, batch);
         if (m_block * kBlockM >= seq.seqlen_q) return;  // this row block lies past the sequence end
 
-        const Mask mask(seq.seqlen_q, seq.seqlen_k);
+        const Mask mask(params, seq, batch, head);
+        const int key_block_begin = mask.template key_block_begin<kBlockM, kBlockN>(m_block);
         const int key_block_end = mask.template key_block_end<kBlockM, kBlockN>(m_block);
         const int head_k = head / (params.nheads / params.nheads_k);
 
@@ -76,7 +83,7 @@ struct FlashFwdRowBlock {
         Tensor tKVcKV = gmem_thr_copy.partition_S(identity_kv);  // (CPY, CPY_N, CPY_D)
         auto col_valid = [&](int k) { return get<1>(tQcQ(0, 0, k)) < params.head_dim; };
 
-        if (key_block_end > 0) {
+        if (key_block_begin < key_block_end) {
             Tensor tQgQ = gmem_thr_copy.partition_S(gQ);  // (CPY, CPY_M, CPY_D)
             Tensor tQsQ = gmem_thr_copy.partition_D(sQ);
             const int rows_left_q = seq.seqlen_q - m_block * kBlockM;
@@ -119,7 +126,7 @@ struct FlashFwdRowBlock {
 
             // One key block. While S = Q K^T runs, V of this block streams in; while P V runs, K
             // of the next block does: each wait below covers exactly the copy the next GEMM needs.
-            auto process_key_block = [&](int n_block, auto apply_mask) {
+            auto process_key_block = [&](int n_block, auto apply_mask) CUTLASS_LAMBDA_FUNC_INLINE {
                 Tensor acc_s = partition_fragment_C(
                     tiled_mma, Shape<Int<kBlockM>, Int<kBlockN>>{});  // (MMA, MMA_M, MMA_N)
                 clear(acc_s);
@@ -131,6 +138,11 @@ struct FlashFwdRowBlock {
 
                 gemm_smem_smem(tiled_mma, acc_s, tSrQ, tSrK, tSsQ, tSsK, smem_tiled_copy_q,
                                smem_tiled_copy_k, smem_thr_copy_q, smem_thr_copy_k);
+                if constexpr (kHasVariants) {
+                    if (params.softcap_prescale != 0.f) {
+                        apply_softcap(acc_s, params.softcap_prescale);
+                    }
+                }
                 if constexpr (decltype(apply_mask)::value) {
                     mask.template apply<Traits::kNWarps>(acc_s, m_block * kBlockM,
                                                          n_block * kBlockN);
@@ -138,12 +150,18 @@ struct FlashFwdRowBlock {
 
                 cp_async_wait<0>();
                 __syncthreads();  // V(n_block) landed, and every warp is done reading K(n_block)
-                if (n_block > 0) {
+                if (n_block > key_block_begin) {
                     load_k(n_block - 1);
                     cp_async_fence();
                 }
 
-                softmax.update(acc_s, acc_o, params.softmax_scale_log2);
+                softmax.update(acc_s, acc_o, params.logit_scale_log2);
+                if constexpr (kHasVariants) {
+                    // After the row sums: the softmax sees every probability.
+                    if (params.dropout_threshold != 0) {
+                        apply_dropout(acc_s, params, seq, batch, head, m_block, n_block, thr_mma);
+                    }
+                }
                 Tensor rP = convert_fragment<Element>(acc_s);
                 Tensor tOrP = make_tensor(
                     rP.data(),
@@ -152,20 +170,36 @@ struct FlashFwdRowBlock {
                               smem_thr_copy_v);
             };
 
-            // The highest blocks may hold masked pairs (sequence tail, causal diagonal); the rest
-            // are fully visible to every valid row and skip the masking work.
-            constexpr int kMaskedBlocks = Mask::template masked_block_count<kBlockM, kBlockN>();
-            const int first_unmasked = key_block_end - kMaskedBlocks;
-            for (; n_block >= 0 && n_block >= first_unmasked; --n_block) {
-                process_key_block(n_block, cute::true_type{});
-            }
-            for (; n_block >= 0; --n_block) {
-                process_key_block(n_block, cute::false_type{});
+            // The highest blocks may hold masked pairs (sequence tail, causal diagonal, the
+            // window's right edge) and, with a local mask, the lowest ones too (the window's left
+            // edge); the blocks between are fully visible to every valid row and skip the masking
+            // work. With ALiBi every block is biased, hence masked.
+            const int unmasked_end = mask.template unmasked_block_end<kBlockM, kBlockN>(m_block);
+            const int unmasked_begin =
+                mask.template unmasked_block_begin<kBlockM, kBlockN>(m_block);
+            if constexpr (kHasVariants) {  // rare options: every block through the masking pass
+                for (; n_block >= key_block_begin; --n_block) {
+                    process_key_block(n_block, cute::true_type{});
+                }
+            } else {
+                for (; n_block >= key_block_begin && n_block >= unmasked_end; --n_block) {
+                    process_key_block(n_block, cute::true_type{});
+                }
+                for (; n_block >= key_block_begin && n_block >= unmasked_begin; --n_block) {
+                    process_key_block(n_block, cute::false_type{});
+                }
+                if constexpr (kIsLocal) {  // the window's left edge
+                    for (; n_block >= key_block_begin; --n_block) {
+                        process_key_block(n_block, cute::true_type{});
+                    }
+                }
             }
         }
 
         // Epilogue: normalise, stage O through shared memory for 16-byte row-contiguous stores.
-        Tensor lse = softmax.finalize(acc_o, params.softmax_scale);
+        Tensor lse = softmax.finalize(
+            acc_o, params.logit_scale,
+            kHasVariants && params.dropout_threshold != 0 ? params.dropout_rescale : 1.f);
         Tensor rO = convert_fragment<Element>(acc_o);
         Tensor sO = make_tensor(sQ.data(), typename Traits::SmemLayoutO{});
         auto smem_tiled_copy_o = make_tiled_copy_C(typename Traits::SmemCopyAtomO{}, tiled_mma);
@@ -191,6 +225,29 @@ struct FlashFwdRowBlock {
                                                               params.head_dim);
     }
 
+    // Zeroes the dropped probabilities of one key block (the output is scaled by 1 / (1 - p)
+    // at the end) and, when asked to (testing only), records the pattern.
+    template <typename AccS, typename ThrMma>
+    __device__ static void apply_dropout(AccS& acc_s, const FlashFwdParams& params,
+                                         const SeqlenInfo& seq, int batch, int head, int m_block,
+                                         int n_block, const ThrMma& thr_mma) {
+        Tensor coords =
+            thr_mma.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kBlockN>>{}));
+        const auto keep = tile_keep_bits(Dropout(params, batch, head), coords, m_block * kBlockM,
+                                         n_block * kBlockN);
+        if (params.dropout_mask_ptr != nullptr) {
+            constexpr int kValues = decltype(size(acc_s))::value;
+            cute::array<float, kValues> probs;
+            CUTE_UNROLL
+            for (int i = 0; i < kValues; ++i) probs[i] = acc_s(i);
+            write_dropout_pattern<Element>(probs, keep, coords, params, batch, head,
+                                           m_block * kBlockM, n_block * kBlockN, seq.seqlen_q,
+                                           seq.seqlen_k);
+        }
+        CUTE_UNROLL
+        for (int i = 0; i < size(acc_s); ++i) acc_s(i) = keep.kept(i) ? acc_s(i) : 0.f;
+    }
+
     // The four threads of a quad hold the same rows; the one holding column 0 writes their LSE.
     template <typename Lse, typename ThrMma>
     __device__ static void write_lse(const FlashFwdParams& params, const SeqlenInfo& seq,
@@ -210,13 +267,20 @@ struct FlashFwdRowBlock {
     }
 };
 
-template <typename Traits, bool kIsCausal>
+template <typename Traits, bool kIsLocal, bool kHasVariants>
 __global__ void __launch_bounds__(Traits::kNThreads)
     flash_fwd_kernel(const __grid_constant__ FlashFwdParams params) {
     extern __shared__ __align__(128) char smem[];
+    // The generator state this launch used, for the backward (one thread of the grid writes it,
+    // before any early exit).
+    if (params.rng_state_out != nullptr && blockIdx.x == 0 && blockIdx.y == 0 && blockIdx.z == 0 &&
+        threadIdx.x == 0) {
+        params.rng_state_out[0] = int64_t(philox_seed(params));
+        params.rng_state_out[1] = int64_t(philox_offset(params));
+    }
     // Row blocks run in natural order. Launching the longest causal row blocks first was tried
     // and measured (benchmarks/NOTES.md): no gain on docs or equal2k, 1.5-2% slower on short.
-    FlashFwdRowBlock<Traits, kIsCausal>::run(params, smem, blockIdx.x, blockIdx.y, blockIdx.z);
+    FlashFwdRowBlock<Traits, kIsLocal, kHasVariants>::run(params, smem, blockIdx.x, blockIdx.y, blockIdx.z);
 }
 
 }  // namespace flash_varlen

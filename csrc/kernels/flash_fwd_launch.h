@@ -1,4 +1,4 @@
-// Host-side launch of the forward kernel for one (traits, causal) instantiation.
+// Host-side launch of the forward kernel for one (traits, local mask) instantiation.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -14,10 +14,13 @@ namespace flash_varlen {
 // Grid: (row blocks of the longest sequence, batch, heads). Row blocks of one (sequence, head)
 // are adjacent in launch order, so the thread blocks that share a K/V tile run together and
 // read it from L2. Row blocks past a shorter sequence's end exit at once.
-template <typename Element, int kHeadDim, bool kIsCausal>
+template <typename Element, int kHeadDim, bool kIsLocal>
 cudaError_t launch_flash_fwd(const FlashFwdParams& params, cudaStream_t stream) {
     using Traits = typename FwdTileConfig<Element, kHeadDim>::Traits;
-    auto kernel = &flash_fwd_kernel<Traits, kIsCausal>;
+    // Soft-capping and dropout run in a kernel of their own (flash_fwd_kernel.h).
+    const bool has_variants = params.dropout_threshold != 0 || params.softcap_prescale != 0.f;
+    auto kernel = has_variants ? &flash_fwd_kernel<Traits, kIsLocal, true>
+                               : &flash_fwd_kernel<Traits, kIsLocal, false>;
     constexpr int kSmemBytes = Traits::kSmemBytes;
     constexpr int kDefaultSmemLimit = 48 * 1024;  // above this a kernel must opt in
     if constexpr (kSmemBytes > kDefaultSmemLimit) {

@@ -38,8 +38,52 @@ struct FlashFwdParams {
     int seqlen_q;
     int seqlen_k;
 
-    float softmax_scale;
-    float softmax_scale_log2;  // softmax_scale * log2(e): the kernels exponentiate with exp2
+    // The kernels keep a "raw" score per (query, key) pair and get the logit (the softmax input)
+    // as logit_scale * raw. Without soft-capping raw = q.k and logit_scale = softmax_scale; with
+    // it raw = tanh(q.k * softcap_prescale) and logit_scale = softcap, so that
+    // logit = softcap * tanh(softmax_scale * q.k / softcap) costs one multiply and one tanh more.
+    float softmax_scale;  // the user's scale; the gradients of q and k carry it
+    float logit_scale;
+    float logit_scale_log2;  // logit_scale * log2(e): the kernels exponentiate with exp2
+    float softcap_prescale;  // softmax_scale / softcap; 0 disables soft-capping
+
+    // Visible keys (local mask): query i sees key j iff
+    //   i + diagonal - window_left <= j <= i + diagonal + window_right,
+    // with diagonal = seqlen_k - seqlen_q per sequence (bottom-right alignment) or 0
+    // (causal_top_left). Causal is window_right = 0. An unbounded side is set by the host to a
+    // value no distance reaches (max_seqlen_q + max_seqlen_k), so no kernel tests for it. Only
+    // the local instantiations read the window; every kernel reads causal_top_left (ALiBi).
+    int window_left;
+    int window_right;
+    bool causal_top_left;
+
+    // ALiBi: bias -slope * |i + diagonal - j| on the logits, slope = alibi_slopes[batch *
+    // alibi_batch_stride + head] (stride 0 for (nheads,) slopes). nullptr: no bias.
+    const float* __restrict__ alibi_slopes;
+    int64_t alibi_batch_stride;
+
+    // (batch,) used lengths: sequence b is only the first seqused_q[b] (seqused_k[b]) rows of its
+    // slot; nullptr: the whole slot. Varlen layout only.
+    const int* __restrict__ seqused_q;
+    const int* __restrict__ seqused_k;
+
+    // Dropout (dropout.h): a pair is kept when its 32-bit Philox draw is >= dropout_threshold;
+    // kept probabilities are scaled by dropout_rescale = 1 / (1 - dropout_p). threshold 0: none.
+    uint32_t dropout_threshold;
+    float dropout_rescale;
+    // Philox key and counter base: the values, or (under CUDA graph capture, and in the
+    // backward) device pointers to them; offset_extra is added to the counter base either way.
+    uint64_t philox_seed;
+    uint64_t philox_offset;
+    const int64_t* __restrict__ philox_seed_ptr;  // nullptr: use the values
+    const int64_t* __restrict__ philox_offset_ptr;
+    uint64_t philox_offset_extra;
+    // Forward only: where the forward records (seed, offset) for the backward; nullptr: nowhere.
+    int64_t* __restrict__ rng_state_out;
+    // Forward, testing only: (batch, nheads, rows, cols) dropout pattern, the probability with
+    // its sign bit set where dropped; nullptr: not written.
+    void* __restrict__ dropout_mask_ptr;
+    int64_t dropout_mask_batch_stride, dropout_mask_head_stride, dropout_mask_row_stride;
 };
 
 // Backward: the forward's tensors (q, k, v, o, softmax_lse, read only) plus the gradients.
@@ -78,6 +122,10 @@ struct FlashBwdParams : FlashFwdParams {
     int* __restrict__ dq_semaphore;
     int dq_semaphore_head_stride;  // counters per head
 };
+
+// PyTorch's CUDA generator hands out Philox offsets in multiples of 4 (philox_cuda_state rounds
+// the increment up): each launch takes this much, and dropout.h divides offsets by it.
+constexpr uint64_t kPhiloxOffsetGranularity = 4;
 
 // Granularity of the dq_semaphore slots; every backward row block is a multiple of it.
 constexpr int kSemaphoreRows = 64;

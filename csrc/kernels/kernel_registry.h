@@ -17,11 +17,11 @@ enum class ElementType { kFloat16, kBFloat16 };
 struct KernelKey {
     ElementType element_type;
     int head_dim_bucket;
-    bool is_causal;
+    bool is_local;  // a local mask: causal and/or a sliding window (mask_policy.h)
 
     bool operator==(const KernelKey& other) const {
         return element_type == other.element_type && head_dim_bucket == other.head_dim_bucket &&
-               is_causal == other.is_causal;
+               is_local == other.is_local;
     }
 };
 

@@ -1,81 +1,155 @@
-// Which (query, key) pairs of a sequence are visible: keys past the sequence end never are, and
-// with causal masking query i sees key j only when j <= i + seqlen_k - seqlen_q (bottom-right
-// alignment, as flash-attn). The main loop asks this policy how many key blocks to visit and which
-// of them need element-wise masking; all other blocks run without any masking work.
+// Which (query, key) pairs of a sequence are visible, and the ALiBi bias of the visible ones.
+// Keys past the sequence end are never visible. A local mask (causal attention and sliding
+// windows) also shows query i only the keys
+//   i + diagonal - window_left <= j <= i + diagonal + window_right,
+// where diagonal = seqlen_k - seqlen_q (bottom-right alignment, as flash-attn) or 0 (top-left
+// alignment, PyTorch's is_causal); causal attention is window_right = 0. The main loops ask this
+// policy which key blocks (forward) or query row blocks (backward) to visit at all and which of
+// them need element-wise masking; every other block runs without any masking work.
+//
+// The visible keys of a row form one interval that moves right by one key per row, so the
+// visible pairs of a row block are exactly the keys from the first row's first visible key to the
+// last row's last one, and every range below is exact rather than conservative: the forward and
+// the backward agree on which (row block, key block) tiles have work, which the deterministic
+// backward's ordering relies on.
 #pragma once
 
 #include <cute/tensor.hpp>
 
+#include "flash_params.h"
 #include "fragment_layouts.h"
+#include "seqlen_info.h"
 
 namespace flash_varlen {
 
-template <bool kIsCausal>
+template <bool kIsLocal>
 struct MaskPolicy {
+    // Only the lengths are held; the window, the alignment and the slopes are read from the
+    // params (kernel parameters, so constant-bank operands) where used: the forward's main loop
+    // runs at the register limit, and every value held across it costs spills.
+    const FlashFwdParams& params;
     int seqlen_q;
     int seqlen_k;
+    int batch;
+    int head;
 
-    __device__ MaskPolicy(int seqlen_q_, int seqlen_k_)
-        : seqlen_q(seqlen_q_), seqlen_k(seqlen_k_) {}
+    __device__ MaskPolicy(const FlashFwdParams& params_, const SeqlenInfo& seq, int batch_,
+                          int head_)
+        : params(params_), seqlen_q(seq.seqlen_q), seqlen_k(seq.seqlen_k), batch(batch_),
+          head(head_) {}
 
-    // One past the last key block that any row of row block m_block can see. Zero or less means
-    // the whole row block sees no key.
+    __device__ bool has_alibi() const { return params.alibi_slopes != nullptr; }
+
+    // The key aligned with query 0.
+    __device__ int diagonal() const { return params.causal_top_left ? 0 : seqlen_k - seqlen_q; }
+
+    // ALiBi's slope in raw-score units (the logit bias divided by logit_scale).
+    __device__ float alibi_slope() const {
+        return params.alibi_slopes[batch * params.alibi_batch_stride + head] / params.logit_scale;
+    }
+
+    // The first key query `row` may see; may be negative (then 0) or past the end.
+    __device__ int visible_col_begin(int row) const {
+        return kIsLocal ? row + diagonal() - params.window_left : 0;
+    }
+
+    // One past the last key query `row` may see; zero or less when it sees none.
+    __device__ int visible_col_end(int row) const {
+        return kIsLocal ? min(seqlen_k, row + diagonal() + params.window_right + 1) : seqlen_k;
+    }
+
+    // The last query row of row block m_block that lies inside the sequence.
+    template <int kBlockM>
+    __device__ int last_row_of(int m_block) const {
+        return min((m_block + 1) * kBlockM, seqlen_q) - 1;
+    }
+
+    // Forward: the key blocks [key_block_begin, key_block_end) hold every key some row of row
+    // block m_block sees; an empty range when it sees none.
+    template <int kBlockM, int kBlockN>
+    __device__ int key_block_begin(int m_block) const {
+        const int first_col = visible_col_begin(m_block * kBlockM);
+        return first_col <= 0 ? 0 : first_col / kBlockN;
+    }
+
     template <int kBlockM, int kBlockN>
     __device__ int key_block_end(int m_block) const {
-        const int all_blocks = cute::ceil_div(seqlen_k, kBlockN);
-        if constexpr (!kIsCausal) {
-            return all_blocks;
-        } else {
-            // The last row of the block sees keys up to (m_block + 1) * kBlockM - 1 + seqlen_k -
-            // seqlen_q.
-            const int last_visible_key_plus_one = (m_block + 1) * kBlockM + seqlen_k - seqlen_q;
-            if (last_visible_key_plus_one <= 0) return 0;
-            return min(all_blocks, cute::ceil_div(last_visible_key_plus_one, kBlockN));
-        }
+        const int col_end = visible_col_end(last_row_of<kBlockM>(m_block));
+        return col_end <= 0 ? 0 : cute::ceil_div(col_end, kBlockN);
     }
 
-    // How many key blocks, counted down from key_block_end - 1, may hold a masked pair for some
-    // valid row. The highest block may run past seqlen_k. With causal masking the diagonal of a
-    // kBlockM-row block spans kBlockM - 1 key columns, which touch at most
-    // ceil(kBlockM / kBlockN) + 1 key blocks, the highest of them the one key_block_end points
-    // past.
+    // Forward: key blocks in [unmasked_block_begin, unmasked_block_end) are visible to every row
+    // of the row block (inside the sequence) in full and carry no bias: they need no masking.
+    // The range may be empty; blocks outside it (and inside the visited range) are masked.
     template <int kBlockM, int kBlockN>
-    __device__ static constexpr int masked_block_count() {
-        return kIsCausal ? cute::ceil_div(kBlockM, kBlockN) + 1 : 1;
+    __device__ int unmasked_block_begin(int m_block) const {
+        const int first_col = visible_col_begin(last_row_of<kBlockM>(m_block));
+        return first_col <= 0 ? 0 : cute::ceil_div(first_col, kBlockN);
     }
 
-    // The key column one past the last one that query row `row` may see.
-    __device__ int visible_col_end(int row) const {
-        if constexpr (kIsCausal) return min(seqlen_k, row + 1 + seqlen_k - seqlen_q);
-        return seqlen_k;
+    template <int kBlockM, int kBlockN>
+    __device__ int unmasked_block_end(int m_block) const {
+        if (has_alibi()) return 0;  // every score gets its bias in the masking pass
+        const int col_end = visible_col_end(m_block * kBlockM);
+        return col_end <= 0 ? 0 : col_end / kBlockN;
     }
 
-    // Whether a (kBlockM, kBlockN) tile at (row0, col0) may hold an invisible pair for a row
-    // inside the sequence: the key tail, or (causal) a column right of the first row's diagonal.
+    // Backward: the query row blocks [row_block_begin, row_block_end) hold every row that sees
+    // some key of key block n_block.
+    template <int kBlockM, int kBlockN>
+    __device__ int row_block_begin(int n_block) const {
+        if constexpr (!kIsLocal) return 0;
+        // The first row whose last visible key reaches the block's first key.
+        const int first_row = n_block * kBlockN - diagonal() - params.window_right;
+        return first_row <= 0 ? 0 : first_row / kBlockM;
+    }
+
+    template <int kBlockM, int kBlockN>
+    __device__ int row_block_end(int n_block) const {
+        const int all_blocks = cute::ceil_div(seqlen_q, kBlockM);
+        if constexpr (!kIsLocal) return all_blocks;
+        // One past the last row whose first visible key is at most the block's last key.
+        const int last_col = min((n_block + 1) * kBlockN, seqlen_k) - 1;
+        const int row_end = last_col - diagonal() + params.window_left + 1;
+        return row_end <= 0 ? 0 : min(all_blocks, cute::ceil_div(row_end, kBlockM));
+    }
+
+    // Backward: whether the (kBlockM, kBlockN) tile at (row0, col0) may hold an invisible pair
+    // for a row inside the sequence, or biased scores.
     template <int kBlockM, int kBlockN>
     __device__ bool tile_needs_mask(int row0, int col0) const {
-        const int col_end = col0 + kBlockN;
-        return col_end > seqlen_k || visible_col_end(row0) < col_end;
+        if (has_alibi()) return true;
+        const int last_row = min(row0 + kBlockM, seqlen_q) - 1;
+        return col0 + kBlockN > visible_col_end(row0) ||
+               (kIsLocal && col0 < visible_col_begin(last_row));
     }
 
-    // Sets invisible scores to -inf for any tiled-MMA layout: coords is this thread's partition
-    // of an identity tensor over the score tile, built by the caller where it is used (the
-    // compiler folds it into constants plus a per-thread offset).
+    // The score of pair (row, col) after masking and ALiBi's bias (slope: alibi_slope(), or
+    // anything without ALiBi).
+    __device__ float masked_score(float score, int row, int col, float slope) const {
+        if (col < visible_col_begin(row) || col >= visible_col_end(row)) return -INFINITY;
+        if (has_alibi()) score -= slope * fabsf(float(row + diagonal() - col));
+        return score;
+    }
+
+    // Masks and biases the scores of any tiled-MMA layout: coords is this thread's partition of
+    // an identity tensor over the score tile, built by the caller where it is used (the compiler
+    // folds it into constants plus a per-thread offset).
     template <typename ScoreTensor, typename CoordTensor>
     __device__ void apply_by_coordinates(ScoreTensor& acc_s, const CoordTensor& coords, int row0,
                                          int col0) const {
+        const float slope = has_alibi() ? alibi_slope() : 0.f;
         CUTE_UNROLL
         for (int i = 0; i < cute::size(acc_s); ++i) {
-            const int row = row0 + cute::get<0>(coords(i));
-            const int col = col0 + cute::get<1>(coords(i));
-            if (col >= visible_col_end(row)) acc_s(i) = -INFINITY;
+            acc_s(i) = masked_score(acc_s(i), row0 + cute::get<0>(coords(i)),
+                                    col0 + cute::get<1>(coords(i)), slope);
         }
     }
 
-    // Sets invisible scores to -inf. acc_s is one thread's (MMA, MMA_M, MMA_N) accumulator of a
-    // tiled SM80 m16n8k16 MMA whose kNWarps warps are stacked along M; row0/col0 place the tile in
-    // the sequence. Coordinates are computed from the lane here rather than carried in registers
-    // across the main loop: a hoisted coordinate tensor costs two registers per score.
+    // The same for one thread's (MMA, MMA_M, MMA_N) accumulator of a tiled SM80 m16n8k16 MMA
+    // whose kNWarps warps are stacked along M; row0/col0 place the tile in the sequence.
+    // Coordinates are computed from the lane here rather than carried in registers across the
+    // main loop: a hoisted coordinate tensor costs two registers per score.
     template <int kNWarps, typename ScoreTensor>
     __device__ void apply(ScoreTensor& acc_s, int row0, int col0) const {
         constexpr int kMmaRows = 16;       // rows of one MMA tile (a warp's share of a row slab)
@@ -89,20 +163,18 @@ struct MaskPolicy {
         const int warp = threadIdx.x / 32;
         const int thread_row = row0 + warp * kMmaRows + lane / kThreadsPerRow;
         const int thread_col = col0 + (lane % kThreadsPerRow) * kColsPerThread;
+        const float slope = has_alibi() ? alibi_slope() : 0.f;
         CUTE_UNROLL
         for (int mi = 0; mi < cute::size<0, 1>(scores); ++mi) {
             CUTE_UNROLL
             for (int half = 0; half < 2; ++half) {
                 const int row = thread_row + mi * kMmaRows * kNWarps + half * kRowHalf;
-                int col_end = seqlen_k;  // first invisible column of this row
-                if constexpr (kIsCausal) col_end = min(col_end, row + 1 + seqlen_k - seqlen_q);
                 CUTE_UNROLL
                 for (int ni = 0; ni < cute::size<1, 1>(scores); ++ni) {
                     CUTE_UNROLL
                     for (int j = 0; j < kColsPerThread; ++j) {
-                        if (thread_col + ni * kMmaCols + j >= col_end) {
-                            scores(make_coord(half, mi), make_coord(j, ni)) = -INFINITY;
-                        }
+                        float& score = scores(make_coord(half, mi), make_coord(j, ni));
+                        score = masked_score(score, row, thread_col + ni * kMmaCols + j, slope);
                     }
                 }
             }

@@ -66,18 +66,20 @@ struct OnlineSoftmax {
         }
     }
 
-    // Normalises acc_o by the row sums and returns the natural-log LSE of each row. A row that saw
-    // no visible key gets output 0 and LSE -inf (so that merging partial results by LSE works).
+    // Normalises acc_o by the row sums (and multiplies it by out_scale: dropout's 1 / (1 - p))
+    // and returns the natural-log LSE of each row; logit_scale turns the raw scores the state
+    // holds into logits. A row that saw no visible key gets output 0 and LSE -inf (so that
+    // merging partial results by LSE works).
     template <typename AccO>
-    __device__ auto finalize(AccO& acc_o, float softmax_scale) {
+    __device__ auto finalize(AccO& acc_o, float logit_scale, float out_scale) {
         Tensor out = make_tensor(acc_o.data(), accumulator_as_rows_cols(acc_o.layout()));
         Tensor lse = make_tensor<float>(Shape<Int<kRows>>{});
         CUTE_UNROLL
         for (int r = 0; r < kRows; ++r) {
             const float sum = quad_allreduce_sum(row_sum(r));
             const bool saw_no_key = !(sum > 0.f);
-            lse(r) = saw_no_key ? -INFINITY : row_max(r) * softmax_scale + __logf(sum);
-            const float inv_sum = saw_no_key ? 0.f : 1.f / sum;
+            lse(r) = saw_no_key ? -INFINITY : row_max(r) * logit_scale + __logf(sum);
+            const float inv_sum = saw_no_key ? 0.f : out_scale / sum;
             CUTE_UNROLL
             for (int c = 0; c < size<1>(out); ++c) out(r, c) *= inv_sum;
         }

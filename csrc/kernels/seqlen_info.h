@@ -15,12 +15,18 @@ struct SeqlenInfo {
     int seqlen_q;
     int seqlen_k;
 
+    // With seqused_q / seqused_k the lengths are the used ones: the sequence is the first
+    // seqused rows of its slot, which still starts at cu_seqlens[batch_idx].
     __device__ SeqlenInfo(const FlashFwdParams& params, int batch_idx)
         : is_varlen(params.cu_seqlens_q != nullptr),
           q_start(is_varlen ? params.cu_seqlens_q[batch_idx] : 0),
           k_start(is_varlen ? params.cu_seqlens_k[batch_idx] : 0),
-          seqlen_q(is_varlen ? params.cu_seqlens_q[batch_idx + 1] - q_start : params.seqlen_q),
-          seqlen_k(is_varlen ? params.cu_seqlens_k[batch_idx + 1] - k_start : params.seqlen_k) {}
+          seqlen_q(params.seqused_q != nullptr ? params.seqused_q[batch_idx]
+                   : is_varlen                 ? params.cu_seqlens_q[batch_idx + 1] - q_start
+                                               : params.seqlen_q),
+          seqlen_k(params.seqused_k != nullptr ? params.seqused_k[batch_idx]
+                   : is_varlen                 ? params.cu_seqlens_k[batch_idx + 1] - k_start
+                                               : params.seqlen_k) {}
 
     // Element offset of the sequence's first q (or o) row: packed rows in the varlen layout,
     // a batch stride in the fixed-length one.

@@ -26,9 +26,11 @@ The batches ``attention_forward`` handles, in the order it checks them:
 3. Anything else: ``flash_attn_func`` on the (batch, seqlen) tensors, one sequence per row.
 
 Causal attention is aligned to the bottom-right corner, which is what a KV cache needs (the
-queries are the last tokens of their sequence). Not supported yet, each raising a
-NotImplementedError that names it: sliding windows shorter than a sequence, logit soft-capping,
-attention dropout and attention sinks.
+queries are the last tokens of their sequence). Attention dropout (the config's
+``attention_dropout``, which transformers passes in training mode only), logit soft-capping
+(Gemma 2) and sliding windows (Mistral, Gemma 2) reach the kernels as transformers' own
+flash-attention integration passes them to flash-attn. Attention sinks (``s_aux``) are not
+supported yet and raise a NotImplementedError that names them.
 
 Host synchronizations (device reads), since they stall the CPU until the GPU catches up: each
 mask transformers builds per forward is checked once for padding. Per layer, a padded batch
@@ -45,7 +47,8 @@ from typing import Any, NamedTuple
 import torch
 
 from flash_varlen.interface import flash_attn_func, flash_attn_varlen_func
-from flash_varlen.padding import pad_input, unpad_input
+from flash_varlen.padding import cu_seqlens_from_position_ids, pad_input, unpad_input
+from flash_varlen.reference import NO_WINDOW
 
 ATTENTION_NAME = "flash_varlen"
 """The ``attn_implementation`` name that ``register()`` adds."""
@@ -195,11 +198,12 @@ def attention_forward(
             (nheads a multiple of nheads_k) they reach the kernel as they are, never repeated.
         attention_mask: None, or the (batch, mask_len) mask from ``padding_mask``, nonzero at
             real tokens (mask_len <= seqlen_k; smaller only for a static cache).
-        dropout: attention dropout; must be 0 (transformers passes the config's
-            attention_dropout while training).
+        dropout: attention dropout probability (transformers passes the config's
+            attention_dropout while training, 0 in eval mode).
         scaling: softmax scale; default 1 / sqrt(head_dim).
-        sliding_window: must be None or at least the longest key sequence.
-        softcap: must be None or 0.
+        sliding_window: None, or the window w: a query sees the w keys up to itself (see
+            ``_window_size``).
+        softcap: logit soft-capping; None or 0 disables it.
         is_causal: overrides ``module.is_causal``.
         s_aux: attention-sink logits; must be None.
         position_ids: (batch or 1, seqlen_q) positions. Without a mask, a sequence starts at
@@ -218,72 +222,58 @@ def attention_forward(
         attention weights are computed, as with transformers' flash-attention.
 
     Raises:
-        NotImplementedError: dropout, a sliding window shorter than a sequence, soft-capping or
-            attention sinks.
+        NotImplementedError: attention sinks.
         TypeError: float32 inputs in a model that does not compute in a half dtype.
         ValueError: a 4-D attention mask, a mask longer than the keys, or only one of
             cu_seq_lens_q / cu_seq_lens_k.
     """
-    _check_options(dropout, softcap, s_aux)
+    if s_aux is not None:
+        raise NotImplementedError(
+            "flash_varlen does not support attention sinks (s_aux) yet; use another "
+            "attn_implementation for this model."
+        )
     causal = module.is_causal if is_causal is None else is_causal
     dtype = _kernel_dtype(query, module)
     # transformers' (batch, heads, seq, dim) into the kernels' (batch, seq, heads, dim): views,
     # which the kernels read in place when the tensors come from a projection or a cache.
     q, k, v = (tensor.transpose(1, 2).to(dtype) for tensor in (query, key, value))
     batch, seqlen_q = q.shape[:2]
+    options = {
+        "softmax_scale": scaling,
+        "causal": causal,
+        "dropout_p": dropout,
+        "softcap": softcap or 0.0,  # None: no soft-capping
+        "window_size": _window_size(sliding_window, k.shape[1]),
+    }
 
     if attention_mask is not None:
         packed, indices_q = _unpad_with_mask(q, k, v, attention_mask)
-        _check_window(sliding_window, packed.max_seqlen_k)
-        out = flash_attn_varlen_func(*packed, softmax_scale=scaling, causal=causal)
+        out = flash_attn_varlen_func(*packed, **options)
         return pad_input(out, indices_q, batch, seqlen_q), None
 
     packed = _packed_documents(
         q, k, v, position_ids, cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k
     )
     if packed is not None:
-        _check_window(sliding_window, packed.max_seqlen_k)
-        out = flash_attn_varlen_func(*packed, softmax_scale=scaling, causal=causal)
+        out = flash_attn_varlen_func(*packed, **options)
         return out.view(batch, seqlen_q, *out.shape[1:]), None
 
-    _check_window(sliding_window, k.shape[1])
-    return flash_attn_func(q, k, v, softmax_scale=scaling, causal=causal), None
+    return flash_attn_func(q, k, v, **options), None
 
 
-def _check_options(dropout: float, softcap: float | None, s_aux: torch.Tensor | None) -> None:
-    """Refuses the options the kernels lack, naming the feature."""
-    if dropout:
-        raise NotImplementedError(
-            f"flash_varlen does not support attention dropout yet (dropout={dropout}): the "
-            "model passes its config's attention_dropout in training mode; set it to 0.0 or "
-            "use another attn_implementation."
-        )
-    if softcap:
-        raise NotImplementedError(
-            f"flash_varlen does not support logit soft-capping yet (softcap={softcap}); use "
-            "another attn_implementation for this model."
-        )
-    if s_aux is not None:
-        raise NotImplementedError(
-            "flash_varlen does not support attention sinks (s_aux) yet; use another "
-            "attn_implementation for this model."
-        )
+def _window_size(sliding_window: int | None, key_length: int) -> tuple[int, int]:
+    """flash-attn's ``window_size`` for transformers' ``sliding_window``, mapped exactly as
+    transformers' own flash-attention integration does (``_process_flash_attention_kwargs`` in
+    ``modeling_flash_attention_utils``, 5.17).
 
-
-def _check_window(sliding_window: int | None, longest_keys: int) -> None:
-    """Refuses a sliding window that would hide keys.
-
-    transformers' window of size w lets a query see itself and the w - 1 keys before it, so it
-    changes nothing while every key sequence has at most w keys (as in transformers' own
-    flash-attention, which applies it only then): a model with a window can still run here on
-    sequences no longer than the window.
+    A window of w lets a query see itself and the w - 1 keys before it, and in an encoder also
+    the w - 1 after it: (w - 1, w - 1), whose right side causal attention replaces by 0. Like
+    transformers, the window is passed only when there are more keys than w (``key_length``:
+    the keys of the (batch, seqlen) layout, before unpadding); with fewer it hides nothing.
     """
-    if sliding_window is not None and longest_keys > sliding_window:
-        raise NotImplementedError(
-            f"flash_varlen does not support sliding-window attention yet (sliding_window="
-            f"{sliding_window}, but a sequence has {longest_keys} keys); use sequences of at "
-            "most the window or another attn_implementation."
-        )
+    if sliding_window is None or key_length <= sliding_window:
+        return NO_WINDOW
+    return sliding_window - 1, sliding_window - 1
 
 
 def _kernel_dtype(query: torch.Tensor, module: torch.nn.Module) -> torch.dtype:
@@ -404,33 +394,19 @@ def _packed_documents(
         or k.shape[1] != seqlen_q
     ):
         return None
-    cu_seqlens = _cu_seqlens_from_position_ids(position_ids.expand(q.shape[0], -1))
+    # A sequence starts at the first token of every row and wherever the position is 0
+    # (DataCollatorWithFlattening restarts the positions at 0 for each document); transformers'
+    # eager/sdpa masks split wherever a position is not the previous one plus 1, which agrees
+    # for such positions. A document never spans rows, so the row length bounds every document
+    # and finding the boundaries costs one device read; the longest document costs another,
+    # only when the batch turns out to be packed.
+    cu_seqlens, _ = cu_seqlens_from_position_ids(
+        position_ids.expand(q.shape[0], -1), max_seqlen=seqlen_q
+    )
     if cu_seqlens.numel() - 1 == q.shape[0]:
         return None  # one sequence per row: the fixed-length kernel needs no boundaries
     max_seqlen = _max_seqlen(cu_seqlens)
     return _Packed(*_flatten(q, k, v), cu_seqlens, cu_seqlens, max_seqlen, max_seqlen)
-
-
-def _cu_seqlens_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor:
-    """Sequence boundaries of a padding-free batch, read from its positions.
-
-    A sequence starts at the first token of every row and wherever the position is 0
-    (DataCollatorWithFlattening restarts the positions at 0 for each document). That is the rule
-    of flash_varlen.padding.cu_seqlens_from_position_ids. transformers' eager/sdpa masks split
-    wherever a position is not the previous one plus 1, which agrees for such positions.
-
-    Args:
-        position_ids: (batch, seqlen) integers.
-
-    Returns:
-        cu_seqlens: (num_seqs + 1,) int32 prefix sums over the flattened batch * seqlen tokens,
-        on position_ids' device. One device synchronization (the number of sequences).
-    """
-    starts = position_ids == 0
-    starts[:, 0] = True
-    start_indices = starts.flatten().nonzero().flatten()
-    end = torch.tensor([position_ids.numel()], device=position_ids.device)
-    return torch.cat([start_indices, end]).to(CU_SEQLENS_DTYPE)
 
 
 def _max_seqlen(cu_seqlens: torch.Tensor) -> int:

@@ -8,8 +8,8 @@ namespace flash_varlen {
 namespace {
 
 const BwdKernelRegistration kRegistration(
-    KernelKey{ElementType::kFloat16, 64, /*is_causal=*/true},
-    &launch_flash_bwd<cutlass::half_t, 64, /*kIsCausal=*/true>);
+    KernelKey{ElementType::kBFloat16, 128, /*is_local=*/true},
+    &launch_flash_bwd<cutlass::bfloat16_t, 128, /*kIsLocal=*/true>);
 
 }  // namespace
 }  // namespace flash_varlen

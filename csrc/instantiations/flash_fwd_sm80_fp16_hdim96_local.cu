@@ -8,8 +8,8 @@ namespace flash_varlen {
 namespace {
 
 const FwdKernelRegistration kRegistration(
-    KernelKey{ElementType::kBFloat16, 256, /*is_causal=*/true},
-    &launch_flash_fwd<cutlass::bfloat16_t, 256, /*kIsCausal=*/true>);
+    KernelKey{ElementType::kFloat16, 96, /*is_local=*/true},
+    &launch_flash_fwd<cutlass::half_t, 96, /*kIsLocal=*/true>);
 
 }  // namespace
 }  // namespace flash_varlen

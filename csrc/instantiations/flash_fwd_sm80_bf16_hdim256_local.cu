@@ -8,8 +8,8 @@ namespace flash_varlen {
 namespace {
 
 const FwdKernelRegistration kRegistration(
-    KernelKey{ElementType::kFloat16, 64, /*is_causal=*/true},
-    &launch_flash_fwd<cutlass::half_t, 64, /*kIsCausal=*/true>);
+    KernelKey{ElementType::kBFloat16, 256, /*is_local=*/true},
+    &launch_flash_fwd<cutlass::bfloat16_t, 256, /*kIsLocal=*/true>);
 
 }  // namespace
 }  // namespace flash_varlen

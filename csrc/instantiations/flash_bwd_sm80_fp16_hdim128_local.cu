@@ -8,8 +8,8 @@ namespace flash_varlen {
 namespace {
 
 const BwdKernelRegistration kRegistration(
-    KernelKey{ElementType::kBFloat16, 192, /*is_causal=*/true},
-    &launch_flash_bwd<cutlass::bfloat16_t, 192, /*kIsCausal=*/true>);
+    KernelKey{ElementType::kFloat16, 128, /*is_local=*/true},
+    &launch_flash_bwd<cutlass::half_t, 128, /*kIsLocal=*/true>);
 
 }  // namespace
 }  // namespace flash_varlen

@@ -8,8 +8,8 @@ namespace flash_varlen {
 namespace {
 
 const BwdKernelRegistration kRegistration(
-    KernelKey{ElementType::kBFloat16, 96, /*is_causal=*/true},
-    &launch_flash_bwd<cutlass::bfloat16_t, 96, /*kIsCausal=*/true>);
+    KernelKey{ElementType::kFloat16, 96, /*is_local=*/true},
+    &launch_flash_bwd<cutlass::half_t, 96, /*kIsLocal=*/true>);
 
 }  // namespace
 }  // namespace flash_varlen

@@ -8,8 +8,8 @@ namespace flash_varlen {
 namespace {
 
 const FwdKernelRegistration kRegistration(
-    KernelKey{ElementType::kBFloat16, 96, /*is_causal=*/true},
-    &launch_flash_fwd<cutlass::bfloat16_t, 96, /*kIsCausal=*/true>);
+    KernelKey{ElementType::kFloat16, 128, /*is_local=*/true},
+    &launch_flash_fwd<cutlass::half_t, 128, /*kIsLocal=*/true>);
 
 }  // namespace
 }  // namespace flash_varlen

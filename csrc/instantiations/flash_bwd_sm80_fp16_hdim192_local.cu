@@ -8,8 +8,8 @@ namespace flash_varlen {
 namespace {
 
 const BwdKernelRegistration kRegistration(
-    KernelKey{ElementType::kFloat16, 192, /*is_causal=*/true},
-    &launch_flash_bwd<cutlass::half_t, 192, /*kIsCausal=*/true>);
+    KernelKey{ElementType::kFloat16, 192, /*is_local=*/true},
+    &launch_flash_bwd<cutlass::half_t, 192, /*kIsLocal=*/true>);
 
 }  // namespace
 }  // namespace flash_varlen
