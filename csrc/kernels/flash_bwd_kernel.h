@@ -30,7 +30,7 @@ namespace flash_varlen {
 
 using namespace cute;
 
-// kVariants: soft-capping or dropout is on (a second kernel of the same instantiation, so that
+// kVariants: soft-capping, ALiBi or dropout is on (a second kernel of the same instantiation, so that
 // their code never costs the plain kernel registers).
 template <typename Traits, bool kIsLocal, bool kVariants>
 struct FlashBwdKeyBlock {
@@ -39,7 +39,7 @@ struct FlashBwdKeyBlock {
     static constexpr int kBlockN = Traits::kBlockN;
     static constexpr int kHeadDim = Traits::kHeadDim;
     static constexpr int kQStages = Traits::kQStages;
-    using Mask = MaskPolicy<kIsLocal>;
+    using Mask = MaskPolicy<kIsLocal, kVariants>;
 
     __device__ static void run(const FlashBwdParams& params, char* smem, int n_block, int batch,
                                int head_k) {
@@ -409,7 +409,6 @@ struct FlashBwdKeyBlock {
                                                           const float* stage_lse, const Mask& mask,
                                                           float logit_scale_log2, int rows_left_q,
                                                           int row0, int col0) {
-        const float slope = mask.has_alibi() ? mask.alibi_slope() : 0.f;
         CUTE_UNROLL
         for (int r = 0; r < size<0>(ds); ++r) {
             const int row = get<0>(coords_rc(r, 0));
@@ -418,7 +417,7 @@ struct FlashBwdKeyBlock {
             CUTE_UNROLL
             for (int c = 0; c < size<1>(ds); ++c) {
                 const float bias =
-                    mask.masked_score(0.f, row0 + row, col0 + get<1>(coords_rc(r, c)), slope);
+                    mask.masked_score(0.f, row0 + row, col0 + get<1>(coords_rc(r, c)));
                 ds(r, c) *= softcap_derivative(probs(r, c), lse_log2, logit_scale_log2,
                                                bias == -INFINITY ? 0.f : bias);
             }

@@ -31,8 +31,9 @@ cudaError_t launch_flash_bwd(const FlashBwdParams& params, cudaStream_t stream) 
             <<<row_block_grid, kPreprocessThreads, 0, stream>>>(params);
     }
 
-    // Soft-capping and dropout run in a kernel of their own (flash_bwd_kernel.h).
-    const bool has_variants = params.dropout_threshold != 0 || params.softcap_prescale != 0.f;
+    // Soft-capping, ALiBi and dropout run in a kernel of their own (flash_bwd_kernel.h).
+    const bool has_variants = params.dropout_threshold != 0 || params.softcap_prescale != 0.f ||
+                              params.alibi_slopes != nullptr;
     auto kernel = has_variants ? &flash_bwd_kernel<Traits, kIsLocal, true>
                                : &flash_bwd_kernel<Traits, kIsLocal, false>;
     // Whether dQ goes through the staged bulk adds, which need one more tile of shared memory

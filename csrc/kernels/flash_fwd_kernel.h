@@ -22,7 +22,7 @@ namespace flash_varlen {
 
 using namespace cute;
 
-// kHasVariants: soft-capping or dropout is on (a second kernel of the same instantiation, so
+// kHasVariants: soft-capping, ALiBi or dropout is on (a second kernel of the same instantiation, so
 // that their code never costs the plain kernel registers).
 template <typename Traits, bool kIsLocal, bool kHasVariants>
 struct FlashFwdRowBlock {
@@ -30,7 +30,7 @@ struct FlashFwdRowBlock {
     static constexpr int kBlockM = Traits::kBlockM;
     static constexpr int kBlockN = Traits::kBlockN;
     static constexpr int kHeadDim = Traits::kHeadDim;
-    using Mask = MaskPolicy<kIsLocal>;
+    using Mask = MaskPolicy<kIsLocal, kHasVariants>;
 
     __device__ static void run(const FlashFwdParams& params, char* smem, int m_block, int batch,
                                int head) {

@@ -17,8 +17,9 @@ namespace flash_varlen {
 template <typename Element, int kHeadDim, bool kIsLocal>
 cudaError_t launch_flash_fwd(const FlashFwdParams& params, cudaStream_t stream) {
     using Traits = typename FwdTileConfig<Element, kHeadDim>::Traits;
-    // Soft-capping and dropout run in a kernel of their own (flash_fwd_kernel.h).
-    const bool has_variants = params.dropout_threshold != 0 || params.softcap_prescale != 0.f;
+    // Soft-capping, ALiBi and dropout run in a kernel of their own (flash_fwd_kernel.h).
+    const bool has_variants = params.dropout_threshold != 0 || params.softcap_prescale != 0.f ||
+                              params.alibi_slopes != nullptr;
     auto kernel = has_variants ? &flash_fwd_kernel<Traits, kIsLocal, true>
                                : &flash_fwd_kernel<Traits, kIsLocal, false>;
     constexpr int kSmemBytes = Traits::kSmemBytes;

@@ -22,40 +22,40 @@
 
 namespace flash_varlen {
 
-template <bool kIsLocal>
+// kHasAlibi: the launch passes ALiBi slopes (a variant kernel; see flash_fwd_kernel.h). The
+// plain kernels hold only the lengths (and, local, the window): the main loops run at the
+// register limit, and a reference to the params here cost the backward 4% (more register moves
+// in its loop; H200, bf16 d128).
+template <bool kIsLocal, bool kHasAlibi>
 struct MaskPolicy {
-    // Only the lengths are held; the window, the alignment and the slopes are read from the
-    // params (kernel parameters, so constant-bank operands) where used: the forward's main loop
-    // runs at the register limit, and every value held across it costs spills.
-    const FlashFwdParams& params;
     int seqlen_q;
     int seqlen_k;
-    int batch;
-    int head;
+    int diagonal;  // the key aligned with query 0
+    int window_left;
+    int window_right;
+    // In raw-score units (the logit bias divided by logit_scale); 0 in a variant kernel launched
+    // without slopes.
+    float alibi_slope;
 
-    __device__ MaskPolicy(const FlashFwdParams& params_, const SeqlenInfo& seq, int batch_,
-                          int head_)
-        : params(params_), seqlen_q(seq.seqlen_q), seqlen_k(seq.seqlen_k), batch(batch_),
-          head(head_) {}
-
-    __device__ bool has_alibi() const { return params.alibi_slopes != nullptr; }
-
-    // The key aligned with query 0.
-    __device__ int diagonal() const { return params.causal_top_left ? 0 : seqlen_k - seqlen_q; }
-
-    // ALiBi's slope in raw-score units (the logit bias divided by logit_scale).
-    __device__ float alibi_slope() const {
-        return params.alibi_slopes[batch * params.alibi_batch_stride + head] / params.logit_scale;
-    }
+    __device__ MaskPolicy(const FlashFwdParams& params, const SeqlenInfo& seq, int batch, int head)
+        : seqlen_q(seq.seqlen_q),
+          seqlen_k(seq.seqlen_k),
+          diagonal(params.causal_top_left ? 0 : seq.seqlen_k - seq.seqlen_q),
+          window_left(kIsLocal ? params.window_left : 0),
+          window_right(kIsLocal ? params.window_right : 0),
+          alibi_slope(kHasAlibi && params.alibi_slopes != nullptr
+                          ? params.alibi_slopes[batch * params.alibi_batch_stride + head] /
+                                params.logit_scale
+                          : 0.f) {}
 
     // The first key query `row` may see; may be negative (then 0) or past the end.
     __device__ int visible_col_begin(int row) const {
-        return kIsLocal ? row + diagonal() - params.window_left : 0;
+        return kIsLocal ? row + diagonal - window_left : 0;
     }
 
     // One past the last key query `row` may see; zero or less when it sees none.
     __device__ int visible_col_end(int row) const {
-        return kIsLocal ? min(seqlen_k, row + diagonal() + params.window_right + 1) : seqlen_k;
+        return kIsLocal ? min(seqlen_k, row + diagonal + window_right + 1) : seqlen_k;
     }
 
     // The last query row of row block m_block that lies inside the sequence.
@@ -89,7 +89,7 @@ struct MaskPolicy {
 
     template <int kBlockM, int kBlockN>
     __device__ int unmasked_block_end(int m_block) const {
-        if (has_alibi()) return 0;  // every score gets its bias in the masking pass
+        if constexpr (kHasAlibi) return 0;  // every score gets its bias in the masking pass
         const int col_end = visible_col_end(m_block * kBlockM);
         return col_end <= 0 ? 0 : col_end / kBlockN;
     }
@@ -100,7 +100,7 @@ struct MaskPolicy {
     __device__ int row_block_begin(int n_block) const {
         if constexpr (!kIsLocal) return 0;
         // The first row whose last visible key reaches the block's first key.
-        const int first_row = n_block * kBlockN - diagonal() - params.window_right;
+        const int first_row = n_block * kBlockN - diagonal - window_right;
         return first_row <= 0 ? 0 : first_row / kBlockM;
     }
 
@@ -110,7 +110,7 @@ struct MaskPolicy {
         if constexpr (!kIsLocal) return all_blocks;
         // One past the last row whose first visible key is at most the block's last key.
         const int last_col = min((n_block + 1) * kBlockN, seqlen_k) - 1;
-        const int row_end = last_col - diagonal() + params.window_left + 1;
+        const int row_end = last_col - diagonal + window_left + 1;
         return row_end <= 0 ? 0 : min(all_blocks, cute::ceil_div(row_end, kBlockM));
     }
 
@@ -118,17 +118,16 @@ struct MaskPolicy {
     // for a row inside the sequence, or biased scores.
     template <int kBlockM, int kBlockN>
     __device__ bool tile_needs_mask(int row0, int col0) const {
-        if (has_alibi()) return true;
+        if constexpr (kHasAlibi) return true;
         const int last_row = min(row0 + kBlockM, seqlen_q) - 1;
         return col0 + kBlockN > visible_col_end(row0) ||
                (kIsLocal && col0 < visible_col_begin(last_row));
     }
 
-    // The score of pair (row, col) after masking and ALiBi's bias (slope: alibi_slope(), or
-    // anything without ALiBi).
-    __device__ float masked_score(float score, int row, int col, float slope) const {
+    // The score of pair (row, col) after masking and ALiBi's bias.
+    __device__ float masked_score(float score, int row, int col) const {
         if (col < visible_col_begin(row) || col >= visible_col_end(row)) return -INFINITY;
-        if (has_alibi()) score -= slope * fabsf(float(row + diagonal() - col));
+        if constexpr (kHasAlibi) score -= alibi_slope * fabsf(float(row + diagonal - col));
         return score;
     }
 
@@ -138,11 +137,10 @@ struct MaskPolicy {
     template <typename ScoreTensor, typename CoordTensor>
     __device__ void apply_by_coordinates(ScoreTensor& acc_s, const CoordTensor& coords, int row0,
                                          int col0) const {
-        const float slope = has_alibi() ? alibi_slope() : 0.f;
         CUTE_UNROLL
         for (int i = 0; i < cute::size(acc_s); ++i) {
             acc_s(i) = masked_score(acc_s(i), row0 + cute::get<0>(coords(i)),
-                                    col0 + cute::get<1>(coords(i)), slope);
+                                    col0 + cute::get<1>(coords(i)));
         }
     }
 
@@ -163,7 +161,6 @@ struct MaskPolicy {
         const int warp = threadIdx.x / 32;
         const int thread_row = row0 + warp * kMmaRows + lane / kThreadsPerRow;
         const int thread_col = col0 + (lane % kThreadsPerRow) * kColsPerThread;
-        const float slope = has_alibi() ? alibi_slope() : 0.f;
         CUTE_UNROLL
         for (int mi = 0; mi < cute::size<0, 1>(scores); ++mi) {
             CUTE_UNROLL
@@ -174,7 +171,7 @@ struct MaskPolicy {
                     CUTE_UNROLL
                     for (int j = 0; j < kColsPerThread; ++j) {
                         float& score = scores(make_coord(half, mi), make_coord(j, ni));
-                        score = masked_score(score, row, thread_col + ni * kMmaCols + j, slope);
+                        score = masked_score(score, row, thread_col + ni * kMmaCols + j);
                     }
                 }
             }
