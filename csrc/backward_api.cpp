@@ -271,8 +271,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(
     const GradientArgs grads{softmax_lse_grad, dq, dk, dv};
     const HeadShape heads = check_backward_layouts(dout, q, k, v, out, softmax_lse, grads, 4);
     check_fixed_batch(q, k, v);
-    const VariantOptions options{causal,       window_left,  window_right,    softcap,  alibi_slopes,
-                                 std::nullopt, std::nullopt, causal_top_left, dropout_p};
+    const VariantOptions options{causal,       window_left,     window_right,
+                                 softcap,      alibi_slopes,    std::nullopt,
+                                 std::nullopt, causal_top_left, dropout_p};
     check_variant_options(options, q.size(0), heads.nheads);
     check_backward_devices(dout, q, k, v, out, softmax_lse, grads);
     check_variant_devices(options, q.device());

@@ -23,11 +23,11 @@ int64_t round_up(int64_t value, int64_t multiple) {
 
 // Returns (dropout pattern, rng_state); both are empty tensors when not produced.
 std::pair<at::Tensor, at::Tensor> run_forward(const at::Tensor& q, const at::Tensor& k,
-                                              const at::Tensor& v, at::Tensor& out,
-                                              at::Tensor& lse, const HeadShape& heads,
-                                              const int* cu_seqlens_q, const int* cu_seqlens_k,
-                                              int batch, int seqlen_q, int seqlen_k,
-                                              double softmax_scale, const VariantOptions& options,
+                                              const at::Tensor& v, at::Tensor& out, at::Tensor& lse,
+                                              const HeadShape& heads, const int* cu_seqlens_q,
+                                              const int* cu_seqlens_k, int batch, int seqlen_q,
+                                              int seqlen_k, double softmax_scale,
+                                              const VariantOptions& options,
                                               bool return_dropout_mask) {
     check_softmax_scale(softmax_scale);
     const FwdLauncher launch = find_launcher<FlashFwdParams>(
@@ -99,8 +99,11 @@ ForwardResult varlen_fwd(const at::Tensor& q, const at::Tensor& k, const at::Ten
     const VariantOptions options{causal,    window_left, window_right,    softcap,  alibi_slopes,
                                  seqused_q, seqused_k,   causal_top_left, dropout_p};
     check_variant_options(options, batch, heads.nheads);
-    for (const auto& [t, name] : {std::pair{&q, "q"}, {&k, "k"}, {&v, "v"},
-                                  {&cu_seqlens_q, "cu_seqlens_q"}, {&cu_seqlens_k, "cu_seqlens_k"}}) {
+    for (const auto& [t, name] : {std::pair{&q, "q"},
+                                  {&k, "k"},
+                                  {&v, "v"},
+                                  {&cu_seqlens_q, "cu_seqlens_q"},
+                                  {&cu_seqlens_k, "cu_seqlens_k"}}) {
         check_device(*t, name, q.device());
     }
     check_variant_devices(options, q.device());
@@ -123,8 +126,9 @@ ForwardResult fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     check_qkv_tensor(v, "v", q.scalar_type(), 4);
     check_fixed_batch(q, k, v);
     const HeadShape heads = check_heads(q, k, v);
-    const VariantOptions options{causal,       window_left,  window_right,    softcap,  alibi_slopes,
-                                 std::nullopt, std::nullopt, causal_top_left, dropout_p};
+    const VariantOptions options{causal,       window_left,     window_right,
+                                 softcap,      alibi_slopes,    std::nullopt,
+                                 std::nullopt, causal_top_left, dropout_p};
     check_variant_options(options, q.size(0), heads.nheads);
     for (const auto& [t, name] : {std::pair{&q, "q"}, {&k, "k"}, {&v, "v"}}) {
         check_device(*t, name, q.device());

@@ -27,8 +27,7 @@ int64_t effective_side(int64_t side, int64_t max_seqlen_q, int64_t max_seqlen_k)
     return side == kUnboundedSide || side > unbounded ? unbounded : side;
 }
 
-int64_t effective_right(const VariantOptions& options, int64_t max_seqlen_q,
-                        int64_t max_seqlen_k) {
+int64_t effective_right(const VariantOptions& options, int64_t max_seqlen_q, int64_t max_seqlen_k) {
     return options.causal ? 0 : effective_side(options.window_right, max_seqlen_q, max_seqlen_k);
 }
 
@@ -49,9 +48,9 @@ void check_variant_options(const VariantOptions& options, int64_t batch, int64_t
         TORCH_CHECK_VALUE(side >= kUnboundedSide,
                           message(name, " must be -1 (unbounded) or >= 0, got ", side));
     }
-    TORCH_CHECK_VALUE(std::isfinite(options.softcap) && options.softcap >= 0.0,
-                      message("softcap must be a finite number >= 0 (0 disables it), got ",
-                              options.softcap));
+    TORCH_CHECK_VALUE(
+        std::isfinite(options.softcap) && options.softcap >= 0.0,
+        message("softcap must be a finite number >= 0 (0 disables it), got ", options.softcap));
     TORCH_CHECK_VALUE(options.dropout_p >= 0.0 && options.dropout_p < 1.0,
                       message("dropout_p must be in [0, 1), got ", options.dropout_p));
     if (options.alibi_slopes.has_value()) {
@@ -61,24 +60,25 @@ void check_variant_options(const VariantOptions& options, int64_t batch, int64_t
         const bool per_head = slopes.dim() == 1 && slopes.size(0) == nheads;
         const bool per_batch_and_head =
             slopes.dim() == 2 && slopes.size(0) == batch && slopes.size(1) == nheads;
-        TORCH_CHECK_VALUE(per_head || per_batch_and_head,
-                          message("alibi_slopes must have shape (nheads,) = (", nheads,
-                                  ",) or (batch, nheads) = (", batch, ", ", nheads, "), got ",
-                                  slopes.sizes()));
+        TORCH_CHECK_VALUE(
+            per_head || per_batch_and_head,
+            message("alibi_slopes must have shape (nheads,) = (", nheads,
+                    ",) or (batch, nheads) = (", batch, ", ", nheads, "), got ", slopes.sizes()));
     }
     for (const auto& [used, name] :
          {std::pair{&options.seqused_q, "seqused_q"}, {&options.seqused_k, "seqused_k"}}) {
         if (!used->has_value()) continue;
         TORCH_CHECK_TYPE((*used)->scalar_type() == at::kInt,
                          message(name, " must be int32, got ", (*used)->scalar_type()));
-        TORCH_CHECK_VALUE((*used)->dim() == 1 && (*used)->size(0) == batch,
-                          message(name, " must have shape (batch,) = (", batch, ",), got ",
-                                  (*used)->sizes()));
+        TORCH_CHECK_VALUE(
+            (*used)->dim() == 1 && (*used)->size(0) == batch,
+            message(name, " must have shape (batch,) = (", batch, ",), got ", (*used)->sizes()));
     }
 }
 
 void check_variant_devices(const VariantOptions& options, const at::Device& device) {
-    if (options.alibi_slopes.has_value()) check_device(*options.alibi_slopes, "alibi_slopes", device);
+    if (options.alibi_slopes.has_value())
+        check_device(*options.alibi_slopes, "alibi_slopes", device);
     if (options.seqused_q.has_value()) check_device(*options.seqused_q, "seqused_q", device);
     if (options.seqused_k.has_value()) check_device(*options.seqused_k, "seqused_k", device);
 }
@@ -161,9 +161,9 @@ void use_recorded_philox_state(FlashFwdParams& params, const VariantOptions& opt
                       "rng_state (the forward's fourth output) is required when dropout_p > 0");
     TORCH_CHECK_TYPE(rng_state->scalar_type() == at::kLong,
                      message("rng_state must be int64, got ", rng_state->scalar_type()));
-    TORCH_CHECK_VALUE(rng_state->dim() == 1 && rng_state->size(0) == 2 && rng_state->is_contiguous(),
-                      message("rng_state must be a contiguous (2,) tensor, got ",
-                              rng_state->sizes()));
+    TORCH_CHECK_VALUE(
+        rng_state->dim() == 1 && rng_state->size(0) == 2 && rng_state->is_contiguous(),
+        message("rng_state must be a contiguous (2,) tensor, got ", rng_state->sizes()));
     check_device(*rng_state, "rng_state", device);
     params.philox_seed_ptr = rng_state->data_ptr<int64_t>();
     params.philox_offset_ptr = params.philox_seed_ptr + 1;

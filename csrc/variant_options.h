@@ -46,8 +46,7 @@ bool needs_local_mask(const VariantOptions& options, int64_t max_seqlen_q, int64
 // Fills the scales, the window, the ALiBi slopes, the used lengths and dropout's threshold into
 // params (not the Philox state; see below) and returns the tensors they point into.
 VariantTensors set_variant_params(FlashFwdParams& params, const VariantOptions& options,
-                                  double softmax_scale, int64_t max_seqlen_q,
-                                  int64_t max_seqlen_k);
+                                  double softmax_scale, int64_t max_seqlen_q, int64_t max_seqlen_k);
 
 // Forward with dropout: takes the Philox state from PyTorch's default CUDA generator for this
 // launch (graph-safe) and returns the (2,) int64 device tensor the kernel records (seed, offset)

@@ -7,35 +7,23 @@ blocks (document sampling, packing, padding, the padded attention mask) are chec
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from demo_script import REPO_ROOT, SCRIPT, RUN_TIMEOUT_S, FINAL_LOSS, STEP1_LOSSES, load_script
+
 from flash_varlen.reference import attention_ref_varlen
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = REPO_ROOT / "examples" / "train_packed.py"
-RUN_TIMEOUT_S = 600
 # Both layouts run in float32 on the CPU with identical weights and data, so their step-1
 # losses differ only by float32 summation order.
 FP32_STEP1_TOLERANCE = 1e-5
-FINAL_LOSS = re.compile(r"final loss: (\d+\.\d+) \(step 1: (\d+\.\d+)\)")
-STEP1_LOSSES = re.compile(r"step-1 loss .*: packed (\d+\.\d+), padded (\d+\.\d+)")
 
 
-def load_script():
-    """Imports the example as a module (it is a script, not part of the package)."""
-    spec = importlib.util.spec_from_file_location("train_packed", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while being created
-    spec.loader.exec_module(module)
-    return module
 
 
 demo = load_script()

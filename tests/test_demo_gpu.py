@@ -13,25 +13,22 @@ script's comparison (speed-up included).
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+
+from demo_script import REPO_ROOT, SCRIPT, RUN_TIMEOUT_S, STEP1_LOSSES, FINAL_LOSSES, load_script
 
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = REPO_ROOT / "examples" / "train_packed.py"
 COMPARE_STEPS = 30
-RUN_TIMEOUT_S = 600
 # Step-1 loss gap allowed between the packed and padded models (bf16 autocast, loss ~5.6 as a
 # mean over ~16k targets). Measured on an H200 (default model, seed 0): 1.8e-5 (MHA) and 1.1e-5
 # (--kv-heads 2); attending across documents moved the loss by 9.6e-2.
@@ -39,17 +36,8 @@ STEP1_TOLERANCE = 1e-3
 # Attending across documents must move the step-1 loss by at least this many tolerances, or the
 # step-1 comparison could not tell a correct kernel from a leaking one.
 LEAK_MARGIN = 10
-STEP1_LOSSES = re.compile(r"step-1 loss .*: packed (\d+\.\d+), padded (\d+\.\d+)")
-FINAL_LOSSES = re.compile(r"final loss: packed (\d+\.\d+), padded (\d+\.\d+)")
 
 
-def load_script():
-    """Imports the example as a module (it is a script, not part of the package)."""
-    spec = importlib.util.spec_from_file_location("train_packed", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while being created
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_compare_run_agrees_at_step_1_and_both_losses_fall() -> None:

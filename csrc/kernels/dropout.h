@@ -14,7 +14,6 @@
 #pragma once
 
 #include <cstdint>
-
 #include <cute/tensor.hpp>
 
 #include "flash_params.h"
@@ -74,7 +73,8 @@ struct Dropout {
     __device__ uint32_t keep_bits(int row, int col) const {
         constexpr int kRowsPerGroup = 16;  // an MMA tile's rows; r and r + 8 share a call
         constexpr int kRowHalf = 8;
-        const uint32_t row_code = uint32_t(row / kRowsPerGroup) * kRowHalf + uint32_t(row % kRowHalf);
+        const uint32_t row_code =
+            uint32_t(row / kRowsPerGroup) * kRowHalf + uint32_t(row % kRowHalf);
         const uint4 draws =
             philox4x32_10(make_uint4(uint32_t(col) / 2, row_code, stream, offset_word), key);
         return uint32_t(draws.x >= threshold) | uint32_t(draws.y >= threshold) << 1 |
@@ -135,11 +135,9 @@ __device__ auto dropped_fragment(const Probs& probs, const KeepBits& keep, float
 // probability negated where dropped (-0.0 for a dropped zero), for pairs inside the sequence.
 // probs: the tile's values in compact fragment order.
 template <typename Element, size_t kValues, typename KeepBits, typename Coords>
-__device__ void write_dropout_pattern(cute::array<float, kValues> probs,
-                                                   KeepBits keep, Coords coords,
-                                                   const FlashFwdParams& params, int batch,
-                                                   int head, int row0, int col0, int seqlen_q,
-                                                   int seqlen_k) {
+__device__ void write_dropout_pattern(cute::array<float, kValues> probs, KeepBits keep,
+                                      Coords coords, const FlashFwdParams& params, int batch,
+                                      int head, int row0, int col0, int seqlen_q, int seqlen_k) {
     Element* pattern = static_cast<Element*>(params.dropout_mask_ptr) +
                        batch * params.dropout_mask_batch_stride +
                        head * params.dropout_mask_head_stride;

@@ -30,16 +30,16 @@ namespace flash_varlen {
 
 using namespace cute;
 
-// kVariants: soft-capping, ALiBi or dropout is on (a second kernel of the same instantiation, so that
-// their code never costs the plain kernel registers).
-template <typename Traits, bool kIsLocal, bool kVariants>
+// kHasVariants: soft-capping, ALiBi or dropout is on (a second kernel of the same instantiation,
+// so that their code never costs the plain kernel registers; see flash_fwd_kernel.h).
+template <typename Traits, bool kIsLocal, bool kHasVariants>
 struct FlashBwdKeyBlock {
     using Element = typename Traits::Element;
     static constexpr int kBlockM = Traits::kBlockM;
     static constexpr int kBlockN = Traits::kBlockN;
     static constexpr int kHeadDim = Traits::kHeadDim;
     static constexpr int kQStages = Traits::kQStages;
-    using Mask = MaskPolicy<kIsLocal, kVariants>;
+    using Mask = MaskPolicy<kIsLocal, kHasVariants>;
 
     __device__ static void run(const FlashBwdParams& params, char* smem, int n_block, int batch,
                                int head_k) {
@@ -249,7 +249,7 @@ struct FlashBwdKeyBlock {
                 gemm_smem_smem(mma_sdp, acc_s, tSrQ, tSrK,
                                make_tensor(tSsQ.data() + q_stage_offset, tSsQ.layout()), tSsK,
                                copy_a_sdp, copy_b_sdp, thr_copy_a_sdp, thr_copy_b_sdp);
-                if (kVariants && params.softcap_prescale != 0.f) {
+                if (kHasVariants && params.softcap_prescale != 0.f) {
                     apply_softcap(acc_s, params.softcap_prescale);
                 }
                 if (mask.template tile_needs_mask<kBlockM, kBlockN>(m_block * kBlockM,
@@ -265,20 +265,19 @@ struct FlashBwdKeyBlock {
                 for (int r = 0; r < kRowsPerThread; ++r) {
                     CUTE_UNROLL
                     for (int c = 0; c < size<1>(scores); ++c) {
-                        scores(r, c) =
-                            exp2f(scores(r, c) * params.logit_scale_log2 - lse_log2[r]);
+                        scores(r, c) = exp2f(scores(r, c) * params.logit_scale_log2 - lse_log2[r]);
                     }
                 }
                 // Dropout: dV takes the kept probabilities, scaled (the forward's P V operand).
                 using KeepBits = TileKeepBits<decltype(size<1>(acc_s) * size<2>(acc_s))::value>;
                 KeepBits keep;
-                if (kVariants && has_dropout) {
+                if (kHasVariants && has_dropout) {
                     keep = tile_keep_bits(Dropout(params, batch, head),
                                           thr_mma_sdp.partition_C(make_identity_tensor(
                                               Shape<Int<kBlockM>, Int<kBlockN>>{})),
                                           m_block * kBlockM, n_block * kBlockN);
                 }
-                Tensor rP = kVariants && has_dropout
+                Tensor rP = kHasVariants && has_dropout
                                 ? dropped_fragment<Element>(acc_s, keep, params.dropout_rescale)
                                 : convert_fragment<Element>(acc_s);
                 copy(copy_store_sdp, thr_copy_store_sdp.retile_S(rP), tPsP);
@@ -288,7 +287,7 @@ struct FlashBwdKeyBlock {
                 gemm_smem_smem(mma_sdp, acc_dp, tdPrdO, tdPrV, tdPsdO, tdPsV, copy_a_sdp,
                                copy_b_sdp, thr_copy_a_sdp, thr_copy_b_sdp);
                 // Dropout: the gradient reaches only the kept probabilities, scaled.
-                if (kVariants && has_dropout) {
+                if (kHasVariants && has_dropout) {
                     CUTE_UNROLL
                     for (int i = 0; i < size(acc_dp); ++i) {
                         acc_dp(i) = keep.kept(i) ? acc_dp(i) * params.dropout_rescale : 0.f;
@@ -304,7 +303,7 @@ struct FlashBwdKeyBlock {
                         ds(r, c) = scores(r, c) * (ds(r, c) - row_d);
                     }
                 }
-                if (kVariants && params.softcap_prescale != 0.f) {
+                if (kHasVariants && params.softcap_prescale != 0.f) {
                     multiply_by_softcap_derivative(ds, scores, score_coords_rc, stage_lse, mask,
                                                    params.logit_scale_log2, rows_left_q,
                                                    m_block * kBlockM, n_block * kBlockN);
@@ -416,10 +415,8 @@ struct FlashBwdKeyBlock {
             const float lse_log2 = row < rows_left_q ? stage_lse[row] * float(M_LOG2E) : 0.f;
             CUTE_UNROLL
             for (int c = 0; c < size<1>(ds); ++c) {
-                const float bias =
-                    mask.masked_score(0.f, row0 + row, col0 + get<1>(coords_rc(r, c)));
-                ds(r, c) *= softcap_derivative(probs(r, c), lse_log2, logit_scale_log2,
-                                               bias == -INFINITY ? 0.f : bias);
+                const float bias = mask.alibi_bias(row0 + row, col0 + get<1>(coords_rc(r, c)));
+                ds(r, c) *= softcap_derivative(probs(r, c), lse_log2, logit_scale_log2, bias);
             }
         }
     }
@@ -427,11 +424,12 @@ struct FlashBwdKeyBlock {
 
 // Grid: (key blocks of the longest sequence, batch, kv heads). Key blocks of one (sequence, kv
 // head) are adjacent in launch order, which the deterministic mode's ordering relies on.
-template <typename Traits, bool kIsLocal, bool kVariants>
+template <typename Traits, bool kIsLocal, bool kHasVariants>
 __global__ void __launch_bounds__(Traits::kNThreads)
     flash_bwd_kernel(const __grid_constant__ FlashBwdParams params) {
     extern __shared__ __align__(128) char smem[];
-    FlashBwdKeyBlock<Traits, kIsLocal, kVariants>::run(params, smem, blockIdx.x, blockIdx.y, blockIdx.z);
+    FlashBwdKeyBlock<Traits, kIsLocal, kHasVariants>::run(params, smem, blockIdx.x, blockIdx.y,
+                                                          blockIdx.z);
 }
 
 }  // namespace flash_varlen

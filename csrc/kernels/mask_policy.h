@@ -78,9 +78,10 @@ struct MaskPolicy {
         return col_end <= 0 ? 0 : cute::ceil_div(col_end, kBlockN);
     }
 
-    // Forward: key blocks in [unmasked_block_begin, unmasked_block_end) are visible to every row
-    // of the row block (inside the sequence) in full and carry no bias: they need no masking.
-    // The range may be empty; blocks outside it (and inside the visited range) are masked.
+    // Forward, plain kernels: key blocks in [unmasked_block_begin, unmasked_block_end) are
+    // visible to every row of the row block (inside the sequence) in full: they need no masking.
+    // The range may be empty; blocks outside it (and inside the visited range) are masked. (The
+    // variant kernels mask every block: ALiBi biases them all.)
     template <int kBlockM, int kBlockN>
     __device__ int unmasked_block_begin(int m_block) const {
         const int first_col = visible_col_begin(last_row_of<kBlockM>(m_block));
@@ -89,7 +90,6 @@ struct MaskPolicy {
 
     template <int kBlockM, int kBlockN>
     __device__ int unmasked_block_end(int m_block) const {
-        if constexpr (kHasAlibi) return 0;  // every score gets its bias in the masking pass
         const int col_end = visible_col_end(m_block * kBlockM);
         return col_end <= 0 ? 0 : col_end / kBlockN;
     }
@@ -124,10 +124,18 @@ struct MaskPolicy {
                (kIsLocal && col0 < visible_col_begin(last_row));
     }
 
+    // ALiBi's bias of pair (row, col) in raw-score units; 0 without ALiBi.
+    __device__ float alibi_bias(int row, int col) const {
+        if constexpr (kHasAlibi) return -alibi_slope * fabsf(float(row + diagonal - col));
+        return 0.f;
+    }
+
     // The score of pair (row, col) after masking and ALiBi's bias.
     __device__ float masked_score(float score, int row, int col) const {
         if (col < visible_col_begin(row) || col >= visible_col_end(row)) return -INFINITY;
-        if constexpr (kHasAlibi) score -= alibi_slope * fabsf(float(row + diagonal - col));
+        // Not `score + 0`: that is not folded away (it turns -0 into +0), and the plain kernels
+        // must not pay an add per masked score.
+        if constexpr (kHasAlibi) score += alibi_bias(row, col);
         return score;
     }
 
