@@ -7,7 +7,9 @@ Environment variables (all optional):
   CUTLASS_PATH              a CUTLASS checkout to take the CuTe/CUTLASS headers from
   FLASH_VARLEN_DTYPES       comma list narrowing the kernels built: fp16,bf16 (default both)
   FLASH_VARLEN_HEAD_DIMS    comma list of head-dim buckets: 64,96,128,192,256 (default all)
-  FLASH_VARLEN_ARCHS        comma list of target architectures: 80,90 (default both)
+  FLASH_VARLEN_FAMILIES     comma list of kernel families (csrc/kernel_families.py; default all)
+  FLASH_VARLEN_ARCHS        comma list of target architectures: 80,90 (default all); each family
+                            is compiled for the ones among its own targets
   FLASH_VARLEN_SKIP_CUDA=1  install the pure-Python package only (no extension)
   MAX_JOBS                  parallel compile jobs (ninja), as for every torch extension
   NVCC_THREADS              threads nvcc uses per file to compile its architectures (default 2)
@@ -33,11 +35,28 @@ from setuptools import setup
 ROOT = Path(__file__).resolve().parent
 CSRC = ROOT / "csrc"
 CUTLASS_PIN = "nvidia-cutlass==4.2.0.0"
-ALL_DTYPES = ("fp16", "bf16")
-ALL_HEAD_DIMS = (64, 96, 128, 192, 256)
-ALL_ARCHS = ("80", "90")
 PACKAGE = "flash_varlen"
 BUILD_INFO_FILE = "_build_info.py"
+
+
+def _load_by_path(path: Path, name: str):
+    """A module of this tree, loaded by path: setup.py must not import the package (or torch)
+    to read the declarations."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+# The kernel generator holds the compile-time matrix: element types, head-dim buckets (from
+# flash_varlen/contract.py) and the kernel families with their nvcc targets.
+GENERATOR = _load_by_path(CSRC / "generate.py", "flash_varlen_generate")
+FAMILIES = {family.name: family for family in GENERATOR.kernel_families.FAMILIES}
+ALL_DTYPES = tuple(GENERATOR.ELEMENT_TYPES)
+ALL_HEAD_DIMS = tuple(GENERATOR.HEAD_DIM_BUCKETS)
+ALL_FAMILIES = tuple(FAMILIES)
+ALL_ARCHS = tuple(sorted({arch for family in FAMILIES.values() for arch in family.targets}))
 
 # The fields of flash_varlen/_build_info.py, in file order, each with the comment written above
 # it. flash_varlen._extension and flash_varlen.info read these names.
@@ -48,6 +67,7 @@ BUILD_INFO_FIELDS = {
     "NVCC_VERSION": "nvcc that compiled the kernels (major.minor.patch).",
     "CUTLASS_VERSION": "CUTLASS headers used (CUTLASS_MAJOR.MINOR.PATCH of cutlass/version.h).",
     "ARCHS": "GPU architectures with compiled code (FLASH_VARLEN_ARCHS), e.g. '80' for sm_80.",
+    "FAMILIES": "Kernel families compiled (FLASH_VARLEN_FAMILIES and the architectures).",
     "DTYPES": "Element types selected (FLASH_VARLEN_DTYPES).",
     "HEAD_DIMS": "Head-dim buckets selected (FLASH_VARLEN_HEAD_DIMS).",
 }
@@ -86,19 +106,22 @@ def cutlass_include_dir() -> Path:
     )
 
 
-def kernel_sources() -> list[str]:
-    """The generated instantiation files selected by FLASH_VARLEN_DTYPES / _HEAD_DIMS."""
+def kernel_sources() -> dict[str, list[str]]:
+    """The generated instantiation files selected by FLASH_VARLEN_DTYPES / _HEAD_DIMS /
+    _FAMILIES, per family (families with no selected target architecture get none)."""
     dtypes = env_list("FLASH_VARLEN_DTYPES", ALL_DTYPES)
     head_dims = env_list("FLASH_VARLEN_HEAD_DIMS", ALL_HEAD_DIMS)
-    selected = []
-    for path in sorted((CSRC / "instantiations").glob("flash_*.cu")):
-        # flash_<fwd|bwd>_sm80_<dtype>_hdim<N>[_local].cu
-        parts = path.stem.split("_")
-        dtype, head_dim = parts[3], parts[4].removeprefix("hdim")
-        if dtype in dtypes and head_dim in head_dims:
-            selected.append(str(path.relative_to(ROOT)))
+    families = [name for name in env_list("FLASH_VARLEN_FAMILIES", ALL_FAMILIES) if family_archs(name)]
+    selected: dict[str, list[str]] = {}
+    for inst in GENERATOR.all_instantiations():
+        if inst.family in families and inst.dtype in dtypes and str(inst.head_dim) in head_dims:
+            path = GENERATOR.INSTANTIATION_DIR / inst.relative_path
+            selected.setdefault(inst.family, []).append(str(path.relative_to(ROOT)))
     if not selected:
-        sys.exit("flash_varlen: FLASH_VARLEN_DTYPES / FLASH_VARLEN_HEAD_DIMS select no kernel")
+        sys.exit(
+            "flash_varlen: FLASH_VARLEN_DTYPES / FLASH_VARLEN_HEAD_DIMS / FLASH_VARLEN_FAMILIES / "
+            "FLASH_VARLEN_ARCHS select no kernel"
+        )
     return selected
 
 
@@ -107,9 +130,13 @@ def selected_archs() -> list[str]:
     return env_list("FLASH_VARLEN_ARCHS", ALL_ARCHS)
 
 
+def family_archs(family: str) -> list[str]:
+    """The selected architectures among a family's own targets."""
+    return [arch for arch in selected_archs() if arch in FAMILIES[family].targets]
+
+
 def nvcc_flags() -> list[str]:
-    archs = selected_archs()
-    gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+    """The nvcc flags every family shares; family_targets adds each family's -gencode flags."""
     return [
         "-O3",
         "-std=c++17",
@@ -122,8 +149,12 @@ def nvcc_flags() -> list[str]:
         "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
         "-lineinfo",
         f"--threads={os.environ.get('NVCC_THREADS', '2')}",
-        *gencode,
     ]
+
+
+def family_targets(family: str) -> list[str]:
+    """The -gencode flags of a family's selected architectures."""
+    return [FAMILIES[family].targets[arch] for arch in family_archs(family)]
 
 
 def cutlass_version(include_dir: Path) -> str:
@@ -176,6 +207,7 @@ def collect_build_info(package_version: str, include_dir: Path) -> dict[str, obj
         "NVCC_VERSION": nvcc_version(),
         "CUTLASS_VERSION": cutlass_version(include_dir),
         "ARCHS": tuple(selected_archs()),
+        "FAMILIES": tuple(kernel_sources()),
         "DTYPES": tuple(env_list("FLASH_VARLEN_DTYPES", ALL_DTYPES)),
         "HEAD_DIMS": tuple(int(h) for h in env_list("FLASH_VARLEN_HEAD_DIMS", ALL_HEAD_DIMS)),
     }
@@ -204,13 +236,37 @@ def render_build_info(values: dict[str, object]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def build_ext_command(include_dir: Path) -> type:
-    """torch's BuildExtension (with ninja) that also writes the build record after a successful
-    build: into the source package for in-place and editable builds, else into build_lib, from
-    which the wheel is made."""
+def build_ext_command(include_dir: Path, family_sources: dict[str, list[str]]) -> type:
+    """torch's BuildExtension (with ninja) that compiles each kernel family's files with the
+    family's own nvcc targets, and writes the build record after a successful build: into the
+    source package for in-place and editable builds, else into build_lib, from which the wheel
+    is made."""
     from torch.utils.cpp_extension import BuildExtension
 
     class BuildExtensionWithRecord(BuildExtension.with_options(use_ninja=True)):
+        def build_extension(self, ext) -> None:
+            # torch's extension builder gives every source the same flags: compile the kernel
+            # files one family at a time with its targets, then link them with the host code.
+            # ext.extra_compile_args already holds what BuildExtension added (the extension name
+            # and ABI defines).
+            shared = ext.extra_compile_args
+            objects = []
+            for family, sources in family_sources.items():
+                flags = {"cxx": shared["cxx"], "nvcc": shared["nvcc"] + family_targets(family)}
+                print(f"flash_varlen: compiling the {family} family ({len(sources)} files) for "
+                      f"{', '.join('sm_' + arch for arch in family_archs(family))}")
+                objects += self.compiler.compile(
+                    sources,
+                    output_dir=self.build_temp,
+                    macros=ext.define_macros,
+                    include_dirs=ext.include_dirs,
+                    debug=self.debug,
+                    extra_postargs=flags,
+                    depends=ext.depends,
+                )
+            ext.extra_objects = [*ext.extra_objects, *objects]
+            super().build_extension(ext)
+
         def _record_path(self) -> Path:
             package_root = ROOT if self.inplace else Path(self.build_lib)
             return package_root / PACKAGE / BUILD_INFO_FILE
@@ -235,14 +291,20 @@ def extensions() -> tuple[list, dict]:
     from torch.utils.cpp_extension import CUDAExtension
 
     include = cutlass_include_dir()
+    family_sources = kernel_sources()
+    # Host code: the bindings, the generated entry points and checks, the kernel registry.
+    host_sources = sorted(
+        str(path.relative_to(ROOT))
+        for folder in ("bindings", "generated", "kernels/common")
+        for path in (CSRC / folder).glob("*.cpp")
+    )
     ext = CUDAExtension(
         name="flash_varlen._C",
-        sources=[*sorted(str(p.relative_to(ROOT)) for p in CSRC.glob("*.cpp")),
-                 "csrc/kernels/kernel_registry.cpp", *kernel_sources()],
+        sources=host_sources,
         include_dirs=[str(CSRC), str(include)],
         extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": nvcc_flags()},
     )
-    return [ext], {"build_ext": build_ext_command(include)}
+    return [ext], {"build_ext": build_ext_command(include, family_sources)}
 
 
 # Tests import this file to check the functions above; only running it (setuptools and pip run it

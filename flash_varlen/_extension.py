@@ -181,13 +181,14 @@ def unavailable_reason() -> str:
     return _load().reason
 
 
-def compiled_kernels() -> list[tuple[str, int]]:
-    """The (dtype name, head-dim bucket) pairs this build contains; [] without the extension.
+def compiled_kernels() -> list[tuple[str, str, int]]:
+    """The (kernel family, dtype name, head-dim bucket) triples of the forward kernels this
+    build contains; [] without the extension.
 
-    A narrowed development build (see setup.py) contains only some pairs; calls outside them
-    raise NotImplementedError from the extension.
+    A narrowed development build (see setup.py) contains only some; calls outside them raise
+    NotImplementedError from the extension.
     """
     module = _load().module
     if module is None:
         return []
-    return [(str(dtype_name), int(bucket)) for dtype_name, bucket in module.compiled_kernels()]
+    return [(str(family), str(name), int(bucket)) for family, name, bucket in module.compiled_kernels()]

@@ -2,9 +2,9 @@
 
 Prints one aligned ``key: value`` line per fact: the package version; the torch and CUDA
 versions the extension was built against (from the build record setup.py writes,
-``flash_varlen/_build_info.py``) and the ones running now; nvcc, CUTLASS, the architectures and
-the kernel selection of the build; the forward and backward kernels the extension contains; the
-GPU. With a GPU and a loadable extension it then runs a self-check: forward and backward of a
+``flash_varlen/_build_info.py``) and the ones running now; nvcc, CUTLASS, the architectures,
+kernel families and kernel selection of the build; the kernel families and the forward and
+backward kernels the extension contains; the GPU and the kernel family that runs on it. With a GPU and a loadable extension it then runs a self-check: forward and backward of a
 small packed batch against the float32 reference of :mod:`flash_varlen.reference`, judged by the
 tests' tolerance rule. The exit status is 1 when the self-check fails and 0 otherwise: without a
 GPU or an extension the command only informs.
@@ -189,17 +189,54 @@ def self_check_config(
     return None
 
 
-def _format_kernels(configs: Sequence[tuple[str, int]]) -> str:
-    """'bfloat16 (64, 128); float16 (64)' from (dtype name, head-dim bucket) pairs."""
+def _format_kernels(configs: Sequence[tuple[str, str, int]]) -> str:
+    """'sm80: bfloat16 (64, 128); float16 (64)' from (family, dtype name, head-dim bucket)
+    triples, one family after another."""
     if not configs:
         return "none"
-    by_dtype: dict[str, list[int]] = {}
-    for name, bucket in configs:
-        by_dtype.setdefault(name, []).append(int(bucket))
-    return "; ".join(
-        f"{name} ({', '.join(map(str, sorted(buckets)))})"
-        for name, buckets in sorted(by_dtype.items())
+    by_family: dict[str, dict[str, list[int]]] = {}
+    for family, name, bucket in configs:
+        by_family.setdefault(family, {}).setdefault(name, []).append(int(bucket))
+    return " | ".join(
+        f"{family}: "
+        + "; ".join(
+            f"{name} ({', '.join(map(str, sorted(buckets)))})"
+            for name, buckets in sorted(by_dtype.items())
+        )
+        for family, by_dtype in by_family.items()
     )
+
+
+def _capability_text(capability: int) -> str:
+    """'9.0' for 90 (major * 10 + minor)."""
+    return f"{capability // 10}.{capability % 10}"
+
+
+def _format_families(families: Sequence[dict]) -> str:
+    """'sm80 (compute capability 8.0 to 9.0; built for 8.0, 9.0)' per family, best first."""
+    parts = []
+    for family in families:
+        low, high = family["compute_capabilities"]
+        built = ", ".join(map(_capability_text, family["built_for"])) or "not built"
+        parts.append(
+            f"{family['name']} (compute capability {_capability_text(low)} to "
+            f"{_capability_text(high)}; built for {built})"
+        )
+    return "; ".join(parts)
+
+
+def _family_for_gpu(module: ModuleType, config: tuple[torch.dtype, int] | None) -> str:
+    """The family that runs the self-check's kernel on GPU 0, or why none does."""
+    if config is None:
+        return "none: no dtype and head dim has both forward and backward kernels"
+    major, minor = torch.cuda.get_device_capability(0)
+    dtype, head_dim = config
+    try:
+        return module.select_kernel_family(
+            "forward", _extension_dtype_name(dtype), head_dim, False, major * 10 + minor
+        )
+    except (NotImplementedError, ValueError) as error:
+        return f"none: {error}"
 
 
 def _build_rows(record: ModuleType | None) -> list[tuple[str, str]]:
@@ -214,6 +251,7 @@ def _build_rows(record: ModuleType | None) -> list[tuple[str, str]]:
             ("built with nvcc", UNKNOWN),
             ("built with CUTLASS", UNKNOWN),
             ("built for archs", UNKNOWN),
+            ("built families", UNKNOWN),
             ("build selection", UNKNOWN),
         ]
     return [
@@ -224,6 +262,8 @@ def _build_rows(record: ModuleType | None) -> list[tuple[str, str]]:
         ("built with nvcc", record.NVCC_VERSION),
         ("built with CUTLASS", record.CUTLASS_VERSION),
         ("built for archs", ", ".join(f"sm_{arch}" for arch in record.ARCHS)),
+        # A record written before kernel families existed has no FAMILIES.
+        ("built families", ", ".join(getattr(record, "FAMILIES", (UNKNOWN,)))),
         (
             "build selection",
             f"dtypes {', '.join(record.DTYPES)}; head dims "
@@ -258,30 +298,42 @@ def collect() -> tuple[list[tuple[str, str]], SelfCheckResult | None]:
         forward = backward = []
         rows += [
             ("extension", f"not loaded: {_extension.unavailable_reason()}"),
+            ("kernel families", not_loaded),
             ("forward kernels", not_loaded),
             ("backward kernels", not_loaded),
             ("head-dim buckets", not_loaded),
         ]
     else:
-        forward = [(str(n), int(b)) for n, b in module.compiled_kernels()]
-        backward = [(str(n), int(b)) for n, b in module.compiled_backward_kernels()]
+        forward = [(str(f), str(n), int(b)) for f, n, b in module.compiled_kernels()]
+        backward = [(str(f), str(n), int(b)) for f, n, b in module.compiled_backward_kernels()]
         buckets = ", ".join(map(str, module.head_dim_buckets()))
         rows += [
             ("extension", f"loaded from {module.__file__}"),
+            ("kernel families", _format_families(module.kernel_families())),
             ("forward kernels", _format_kernels(forward)),
             ("backward kernels", _format_kernels(backward)),
             ("head-dim buckets", f"{buckets} (a head dim runs in the smallest bucket >= it)"),
         ]
+    config = self_check_config(
+        [(name, bucket) for _, name, bucket in forward],
+        [(name, bucket) for _, name, bucket in backward],
+    )
 
     gpu, has_gpu = _gpu()
     rows.append(("GPU", gpu))
+    if not has_gpu:
+        family = "none: no GPU"
+    elif module is None:
+        family = f"{UNKNOWN} (extension not loaded)"
+    else:
+        family = _family_for_gpu(module, config)
+    rows.append(("family on this GPU", family))
     result = None
     if not has_gpu:
         check = "skipped: no GPU"
     elif module is None:
         check = "skipped: the extension is not loaded (see above)"
     else:
-        config = self_check_config(forward, backward)
         if config is None:
             check = "skipped: no dtype and head dim has both forward and backward kernels"
         else:

@@ -3,12 +3,17 @@
 ``flash_varlen::varlen_fwd`` and ``flash_varlen::fwd`` (forward) and ``flash_varlen::varlen_bwd``
 and ``flash_varlen::bwd`` (backward) are ``torch.library`` custom ops so that
 ``torch.compile(fullgraph=True)`` traces through forward and backward: their fake
-implementations give output shapes and dtypes without running anything. Autograd is attached to
-the forward ops through ``register_autograd``: the forward saves q, k, v, out, softmax_lse, the
-dropout RNG state (and cu_seqlens, the ALiBi slopes and seqused when given), O(total tokens) and
-never O(seqlen^2), and the backward calls the backward op with them and the forward's options.
-The ops assume validated inputs (see ``validation.py``); the public functions in
-``interface.py`` validate first.
+implementations give output shapes and dtypes without running anything. Their parameters are
+``signatures.py``'s lists, which place the options declared in ``options.py``; this module writes
+each op from its list, so an option declared there reaches the ops, their fakes, the extension
+call and the autograd context without an edit here.
+
+Autograd is attached to the forward ops through ``register_autograd``: the forward saves the
+backward op's tensors that the forward has (q, k, v, out, softmax_lse, cu_seqlens, the tensor
+options the backward reads, the dropout RNG state), O(total tokens) and never O(seqlen^2), and
+keeps the backward's other options; the backward calls the backward op with them. The ops
+assume validated inputs (see ``validation.py``); the public functions in ``interface.py``
+validate first.
 
 The forward ops return (out, softmax_lse, s_dmask, rng_state); only out and softmax_lse are
 differentiable. With dropout the forward draws its (seed, offset) from PyTorch's default CUDA
@@ -19,594 +24,131 @@ constant-folded) rather than as a pure function of its inputs.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
+from flash_varlen import contract
+from flash_varlen._codegen import NO_DEFAULT, FunctionParameter, make_function
 from flash_varlen._extension import load_extension
+from flash_varlen.signatures import (
+    BACKWARD_OPS,
+    EXTENSION_ENTRY_POINT_BY_NAME,
+    FORWARD_OPS,
+    Layout,
+    Signature,
+)
 from flash_varlen.validation import IntLike, has_kernel_layout
 
-LSE_DTYPE = torch.float32
-# rng_state: int64 (seed, offset) of the dropout RNG, or an empty tensor without dropout.
-RNG_STATE_DTYPE = torch.int64
-RNG_STATE_SIZE = 2
-# The dropout mask's sequence dims are rounded up to a multiple of the kernels' 128-row block.
-DROPOUT_MASK_BLOCK = 128
+LSE_DTYPE = getattr(torch, contract.LSE_DTYPE)
+RNG_STATE_DTYPE = getattr(torch, contract.RNG_STATE_DTYPE)
 # q, k, v: the first three inputs of both forward ops, and the only differentiable ones.
-DIFFERENTIABLE_INPUTS = 3
+DIFFERENTIABLE_INPUTS = ("q", "k", "v")
+# What the forward op returns, by the names the backward op takes them under.
+FORWARD_OUTPUTS = ("out", "softmax_lse", "s_dmask", "rng_state")
 
 Outputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 Gradients = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+Arguments = dict[str, Any]
 
 _RANDOM = (torch.Tag.nondeterministic_seeded,)
 
 
-# --------------------------------------------------------------------------------------------
-# Variable-length forward and backward
-
-
-@torch.library.custom_op("flash_varlen::varlen_fwd", mutates_args=(), tags=_RANDOM)
-def varlen_fwd(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    cu_seqlens_q: torch.Tensor,
-    cu_seqlens_k: torch.Tensor,
-    max_seqlen_q: int,
-    max_seqlen_k: int,
-    softmax_scale: float,
-    causal: bool,
-    deterministic: bool = False,
-    window_left: int = -1,
-    window_right: int = -1,
-    softcap: float = 0.0,
-    alibi_slopes: torch.Tensor | None = None,
-    seqused_q: torch.Tensor | None = None,
-    seqused_k: torch.Tensor | None = None,
-    causal_top_left: bool = False,
-    dropout_p: float = 0.0,
-    return_dropout_mask: bool = False,
-) -> Outputs:
-    """Attention over packed sequences.
-
-    q: (total_q, nheads, d); k, v: (total_k, nheads_k, d); cu_seqlens_q, cu_seqlens_k:
-    (batch + 1,) int32. The variant options (window, softcap, ALiBi slopes, seqused, alignment,
-    dropout) have the extension's meaning and defaults. Returns out (total_q, nheads, d) in q's
-    dtype, softmax_lse (nheads, total_q) float32, s_dmask (see ``_dropout_outputs``) and
-    rng_state. ``deterministic`` only selects the backward algorithm (the forward is always
-    deterministic); it is an argument so that autograd can save it.
-    """
-    out, softmax_lse, s_dmask, rng_state = load_extension().varlen_fwd(
-        q,
-        k,
-        v,
-        cu_seqlens_q,
-        cu_seqlens_k,
-        max_seqlen_q,
-        max_seqlen_k,
-        softmax_scale,
-        causal,
-        window_left=window_left,
-        window_right=window_right,
-        softcap=softcap,
-        alibi_slopes=alibi_slopes,
-        seqused_q=seqused_q,
-        seqused_k=seqused_k,
-        causal_top_left=causal_top_left,
-        dropout_p=dropout_p,
-        return_dropout_mask=return_dropout_mask,
-    )
-    return out, softmax_lse, s_dmask, rng_state
-
-
-@varlen_fwd.register_fake
-def _varlen_fwd_fake(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    cu_seqlens_q: torch.Tensor,
-    cu_seqlens_k: torch.Tensor,
-    max_seqlen_q: int,
-    max_seqlen_k: int,
-    softmax_scale: float,
-    causal: bool,
-    deterministic: bool = False,
-    window_left: int = -1,
-    window_right: int = -1,
-    softcap: float = 0.0,
-    alibi_slopes: torch.Tensor | None = None,
-    seqused_q: torch.Tensor | None = None,
-    seqused_k: torch.Tensor | None = None,
-    causal_top_left: bool = False,
-    dropout_p: float = 0.0,
-    return_dropout_mask: bool = False,
-) -> Outputs:
-    total_q, nheads, _ = q.shape
-    out = q.new_empty(q.shape)
-    softmax_lse = q.new_empty((nheads, total_q), dtype=LSE_DTYPE)
-    batch = cu_seqlens_q.shape[0] - 1
-    dims = (batch, nheads, max_seqlen_q, max_seqlen_k)
-    return out, softmax_lse, *_dropout_outputs(q, dims, dropout_p, return_dropout_mask)
-
-
-@torch.library.custom_op("flash_varlen::varlen_bwd", mutates_args=())
-def varlen_bwd(
-    dout: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    out: torch.Tensor,
-    softmax_lse: torch.Tensor,
-    cu_seqlens_q: torch.Tensor,
-    cu_seqlens_k: torch.Tensor,
-    max_seqlen_q: int,
-    max_seqlen_k: int,
-    softmax_scale: float,
-    causal: bool,
-    deterministic: bool,
-    softmax_lse_grad: torch.Tensor | None = None,
-    window_left: int = -1,
-    window_right: int = -1,
-    softcap: float = 0.0,
-    alibi_slopes: torch.Tensor | None = None,
-    seqused_q: torch.Tensor | None = None,
-    seqused_k: torch.Tensor | None = None,
-    causal_top_left: bool = False,
-    dropout_p: float = 0.0,
-    rng_state: torch.Tensor | None = None,
-) -> Gradients:
-    """Gradients of varlen_fwd.
-
-    dout, out: (total_q, nheads, d) like q; softmax_lse and softmax_lse_grad (the gradient
-    w.r.t. softmax_lse, or None for zero): (nheads, total_q) float32. dout must meet the kernel
-    layout rules (validation.has_kernel_layout). The variant options are the forward's, and
-    rng_state is the one the forward returned (the backward regenerates its dropout mask from
-    it). Returns new tensors dq (total_q, nheads, d) and dk, dv (total_k, nheads_k, d),
-    contiguous, zero in rows past cu_seqlens[-1] and past seqused. dk and dv are always bitwise
-    reproducible; dq is with ``deterministic=True``.
-    """
-    dq, dk, dv = load_extension().varlen_bwd(
-        dout,
-        q,
-        k,
-        v,
-        out,
-        softmax_lse,
-        cu_seqlens_q,
-        cu_seqlens_k,
-        max_seqlen_q,
-        max_seqlen_k,
-        softmax_scale,
-        causal,
-        deterministic,
-        softmax_lse_grad,
-        window_left=window_left,
-        window_right=window_right,
-        softcap=softcap,
-        alibi_slopes=alibi_slopes,
-        seqused_q=seqused_q,
-        seqused_k=seqused_k,
-        causal_top_left=causal_top_left,
-        dropout_p=dropout_p,
-        rng_state=rng_state,
-    )
-    return dq, dk, dv
-
-
-@varlen_bwd.register_fake
-def _varlen_bwd_fake(
-    dout: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    out: torch.Tensor,
-    softmax_lse: torch.Tensor,
-    cu_seqlens_q: torch.Tensor,
-    cu_seqlens_k: torch.Tensor,
-    max_seqlen_q: int,
-    max_seqlen_k: int,
-    softmax_scale: float,
-    causal: bool,
-    deterministic: bool,
-    softmax_lse_grad: torch.Tensor | None = None,
-    window_left: int = -1,
-    window_right: int = -1,
-    softcap: float = 0.0,
-    alibi_slopes: torch.Tensor | None = None,
-    seqused_q: torch.Tensor | None = None,
-    seqused_k: torch.Tensor | None = None,
-    causal_top_left: bool = False,
-    dropout_p: float = 0.0,
-    rng_state: torch.Tensor | None = None,
-) -> Gradients:
-    return _new_gradients(q, k, v)
-
-
-def _varlen_fwd_setup_context(ctx: Any, inputs: tuple[Any, ...], output: Outputs) -> None:
-    (
-        q,
-        k,
-        v,
-        cu_seqlens_q,
-        cu_seqlens_k,
-        max_seqlen_q,
-        max_seqlen_k,
-        softmax_scale,
-        causal,
-        deterministic,
-        window_left,
-        window_right,
-        softcap,
-        alibi_slopes,
-        seqused_q,
-        seqused_k,
-        causal_top_left,
-        dropout_p,
-        _return_dropout_mask,
-    ) = inputs
-    out, softmax_lse, s_dmask, rng_state = output
-    ctx.save_for_backward(
-        q,
-        k,
-        v,
-        out,
-        softmax_lse,
-        cu_seqlens_q,
-        cu_seqlens_k,
-        alibi_slopes,
-        seqused_q,
-        seqused_k,
-        rng_state,
-    )
-    ctx.max_seqlen_q = max_seqlen_q
-    ctx.max_seqlen_k = max_seqlen_k
-    _save_options(
-        ctx,
-        inputs,
-        (s_dmask, rng_state),
-        softmax_scale=softmax_scale,
-        causal=causal,
-        deterministic=deterministic,
-        window_left=window_left,
-        window_right=window_right,
-        softcap=softcap,
-        causal_top_left=causal_top_left,
-        dropout_p=dropout_p,
+def _function(
+    name: str, signature: Signature, body: Callable[[Arguments], Any], returns: str, doc: str
+) -> Callable[..., Any]:
+    """A function with ``signature``'s parameters that passes them by name to ``body``."""
+    parameters = [
+        FunctionParameter(p.name, p.kind.annotation, NO_DEFAULT if p.required else p.default)
+        for p in signature.parameters
+    ]
+    return make_function(
+        name,
+        parameters,
+        body,
+        returns=returns,
+        doc=doc,
+        module_globals=globals(),
     )
 
 
-def _varlen_fwd_backward(
-    ctx: Any,
-    grad_out: torch.Tensor | None,
-    grad_softmax_lse: torch.Tensor | None,
-    _grad_s_dmask: None,
-    _grad_rng_state: None,
-) -> tuple[torch.Tensor | None, ...]:
-    (
-        q,
-        k,
-        v,
-        out,
-        softmax_lse,
-        cu_seqlens_q,
-        cu_seqlens_k,
-        alibi_slopes,
-        seqused_q,
-        seqused_k,
-        rng_state,
-    ) = ctx.saved_tensors
-    dq, dk, dv = varlen_bwd(
-        kernel_ready_dout(grad_out, out),
-        q,
-        k,
-        v,
-        out,
-        softmax_lse,
-        cu_seqlens_q,
-        cu_seqlens_k,
-        ctx.max_seqlen_q,
-        ctx.max_seqlen_k,
-        ctx.softmax_scale,
-        ctx.causal,
-        use_deterministic_backward(ctx.deterministic),
-        kernel_ready_lse_grad(grad_softmax_lse),
-        alibi_slopes=alibi_slopes,
-        seqused_q=seqused_q,
-        seqused_k=seqused_k,
-        rng_state=rng_state,
-        **ctx.variant_options,
-    )
-    return _input_gradients(ctx, dq, dk, dv)
-
-
-varlen_fwd.register_autograd(_varlen_fwd_backward, setup_context=_varlen_fwd_setup_context)
+def call_extension(entry_name: str, arguments: Arguments) -> Any:
+    """Calls the extension's entry point with the arguments it takes: its leading parameters
+    positionally, in order, as far as ``arguments`` has them, and the rest by keyword."""
+    entry = EXTENSION_ENTRY_POINT_BY_NAME[entry_name]
+    positional = []
+    for name in entry.leading:
+        if name not in arguments:
+            break
+        positional.append(arguments[name])
+    keywords = {
+        name: arguments[name]
+        for name in entry.names[len(positional) :]
+        if name in arguments
+    }
+    return getattr(load_extension(), entry_name)(*positional, **keywords)
 
 
 # --------------------------------------------------------------------------------------------
-# Fixed-length forward and backward
+# Fake implementations
 
 
-@torch.library.custom_op("flash_varlen::fwd", mutates_args=(), tags=_RANDOM)
-def fwd(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    softmax_scale: float,
-    causal: bool,
-    deterministic: bool = False,
-    window_left: int = -1,
-    window_right: int = -1,
-    softcap: float = 0.0,
-    alibi_slopes: torch.Tensor | None = None,
-    causal_top_left: bool = False,
-    dropout_p: float = 0.0,
-    return_dropout_mask: bool = False,
-) -> Outputs:
-    """Attention over a batch of equal-length sequences.
-
-    q: (batch, seqlen_q, nheads, d); k, v: (batch, seqlen_k, nheads_k, d). Returns out
-    (batch, seqlen_q, nheads, d) in q's dtype, softmax_lse (batch, nheads, seqlen_q) float32,
-    s_dmask and rng_state. The other arguments are as in varlen_fwd.
-    """
-    out, softmax_lse, s_dmask, rng_state = load_extension().fwd(
-        q,
-        k,
-        v,
-        softmax_scale,
-        causal,
-        window_left=window_left,
-        window_right=window_right,
-        softcap=softcap,
-        alibi_slopes=alibi_slopes,
-        causal_top_left=causal_top_left,
-        dropout_p=dropout_p,
-        return_dropout_mask=return_dropout_mask,
-    )
-    return out, softmax_lse, s_dmask, rng_state
-
-
-@fwd.register_fake
-def _fwd_fake(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    softmax_scale: float,
-    causal: bool,
-    deterministic: bool = False,
-    window_left: int = -1,
-    window_right: int = -1,
-    softcap: float = 0.0,
-    alibi_slopes: torch.Tensor | None = None,
-    causal_top_left: bool = False,
-    dropout_p: float = 0.0,
-    return_dropout_mask: bool = False,
-) -> Outputs:
-    batch, seqlen_q, nheads, _ = q.shape
-    out = q.new_empty(q.shape)
-    softmax_lse = q.new_empty((batch, nheads, seqlen_q), dtype=LSE_DTYPE)
-    dims = (batch, nheads, seqlen_q, k.shape[1])
-    return out, softmax_lse, *_dropout_outputs(q, dims, dropout_p, return_dropout_mask)
-
-
-@torch.library.custom_op("flash_varlen::bwd", mutates_args=())
-def bwd(
-    dout: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    out: torch.Tensor,
-    softmax_lse: torch.Tensor,
-    softmax_scale: float,
-    causal: bool,
-    deterministic: bool,
-    softmax_lse_grad: torch.Tensor | None = None,
-    window_left: int = -1,
-    window_right: int = -1,
-    softcap: float = 0.0,
-    alibi_slopes: torch.Tensor | None = None,
-    causal_top_left: bool = False,
-    dropout_p: float = 0.0,
-    rng_state: torch.Tensor | None = None,
-) -> Gradients:
-    """Gradients of fwd.
-
-    dout, out: (batch, seqlen_q, nheads, d) like q; softmax_lse and softmax_lse_grad (or None
-    for zero): (batch, nheads, seqlen_q) float32. Variant options and rng_state as in
-    varlen_bwd. Returns new contiguous tensors dq like q and dk, dv (batch, seqlen_k, nheads_k,
-    d); determinism as in varlen_bwd.
-    """
-    dq, dk, dv = load_extension().bwd(
-        dout,
-        q,
-        k,
-        v,
-        out,
-        softmax_lse,
-        softmax_scale,
-        causal,
-        deterministic,
-        softmax_lse_grad,
-        window_left=window_left,
-        window_right=window_right,
-        softcap=softcap,
-        alibi_slopes=alibi_slopes,
-        causal_top_left=causal_top_left,
-        dropout_p=dropout_p,
-        rng_state=rng_state,
-    )
-    return dq, dk, dv
-
-
-@bwd.register_fake
-def _bwd_fake(
-    dout: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    out: torch.Tensor,
-    softmax_lse: torch.Tensor,
-    softmax_scale: float,
-    causal: bool,
-    deterministic: bool,
-    softmax_lse_grad: torch.Tensor | None = None,
-    window_left: int = -1,
-    window_right: int = -1,
-    softcap: float = 0.0,
-    alibi_slopes: torch.Tensor | None = None,
-    causal_top_left: bool = False,
-    dropout_p: float = 0.0,
-    rng_state: torch.Tensor | None = None,
-) -> Gradients:
-    return _new_gradients(q, k, v)
-
-
-def _fwd_setup_context(ctx: Any, inputs: tuple[Any, ...], output: Outputs) -> None:
-    (
-        q,
-        k,
-        v,
-        softmax_scale,
-        causal,
-        deterministic,
-        window_left,
-        window_right,
-        softcap,
-        alibi_slopes,
-        causal_top_left,
-        dropout_p,
-        _return_dropout_mask,
-    ) = inputs
-    out, softmax_lse, s_dmask, rng_state = output
-    ctx.save_for_backward(q, k, v, out, softmax_lse, alibi_slopes, rng_state)
-    _save_options(
-        ctx,
-        inputs,
-        (s_dmask, rng_state),
-        softmax_scale=softmax_scale,
-        causal=causal,
-        deterministic=deterministic,
-        window_left=window_left,
-        window_right=window_right,
-        softcap=softcap,
-        causal_top_left=causal_top_left,
-        dropout_p=dropout_p,
-    )
-
-
-def _fwd_backward(
-    ctx: Any,
-    grad_out: torch.Tensor | None,
-    grad_softmax_lse: torch.Tensor | None,
-    _grad_s_dmask: None,
-    _grad_rng_state: None,
-) -> tuple[torch.Tensor | None, ...]:
-    q, k, v, out, softmax_lse, alibi_slopes, rng_state = ctx.saved_tensors
-    dq, dk, dv = bwd(
-        kernel_ready_dout(grad_out, out),
-        q,
-        k,
-        v,
-        out,
-        softmax_lse,
-        ctx.softmax_scale,
-        ctx.causal,
-        use_deterministic_backward(ctx.deterministic),
-        kernel_ready_lse_grad(grad_softmax_lse),
-        alibi_slopes=alibi_slopes,
-        rng_state=rng_state,
-        **ctx.variant_options,
-    )
-    return _input_gradients(ctx, dq, dk, dv)
-
-
-fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)
-
-
-# --------------------------------------------------------------------------------------------
-# Shared by both layouts
-
-
-def _new_gradients(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Gradients:
-    """Fake dq, dk, dv: contiguous, shaped and typed like q, k, v (as the kernels allocate)."""
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+def _round_up_to_block(length: IntLike) -> IntLike:
+    """``length`` (an int or SymInt) rounded up to a multiple of the dropout mask's block."""
+    block = contract.DROPOUT_MASK_BLOCK
+    return (length + block - 1) // block * block
 
 
 def _dropout_outputs(
-    q: torch.Tensor,
-    dims: tuple[IntLike, IntLike, IntLike, IntLike],
-    dropout_p: float,
-    return_dropout_mask: bool,
+    q: torch.Tensor, dims: tuple[IntLike, IntLike, IntLike, IntLike], arguments: Arguments
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fake s_dmask and rng_state, as the extension allocates them on q's device.
 
     dims: (batch, nheads, max_seqlen_q, max_seqlen_k), the sequence lengths of the fixed-length
     layout for the last two. s_dmask: with return_dropout_mask and dropout_p > 0, (batch,
-    nheads, max_seqlen_q, max_seqlen_k) with both lengths rounded up to DROPOUT_MASK_BLOCK, in
-    q's dtype; else an empty (0,) tensor of q's dtype. rng_state: int64 (seed, offset) with
-    dropout, else empty.
+    nheads, max_seqlen_q, max_seqlen_k) with both lengths rounded up to the block, in q's dtype;
+    else an empty (0,) tensor of q's dtype. rng_state: int64 (seed, offset) with dropout, else
+    empty.
     """
     batch, nheads, max_seqlen_q, max_seqlen_k = dims
-    with_dropout = dropout_p > 0
-    if with_dropout and return_dropout_mask:
+    with_dropout = arguments["dropout_p"] > 0
+    if with_dropout and arguments["return_dropout_mask"]:
         s_dmask = q.new_empty(
             (batch, nheads, _round_up_to_block(max_seqlen_q), _round_up_to_block(max_seqlen_k))
         )
     else:
         s_dmask = q.new_empty((0,))
-    rng_state = q.new_empty((RNG_STATE_SIZE if with_dropout else 0,), dtype=RNG_STATE_DTYPE)
-    return s_dmask, rng_state
+    rng_size = contract.RNG_STATE_SIZE if with_dropout else 0
+    return s_dmask, q.new_empty((rng_size,), dtype=RNG_STATE_DTYPE)
 
 
-def _round_up_to_block(length: IntLike) -> IntLike:
-    """``length`` (an int or SymInt) rounded up to a multiple of DROPOUT_MASK_BLOCK."""
-    return (length + DROPOUT_MASK_BLOCK - 1) // DROPOUT_MASK_BLOCK * DROPOUT_MASK_BLOCK
+def _varlen_forward_fake(arguments: Arguments) -> Outputs:
+    q = arguments["q"]
+    total_q, nheads, _ = q.shape
+    batch = arguments["cu_seqlens_q"].shape[0] - 1
+    dims = (batch, nheads, arguments["max_seqlen_q"], arguments["max_seqlen_k"])
+    softmax_lse = q.new_empty((nheads, total_q), dtype=LSE_DTYPE)
+    return q.new_empty(q.shape), softmax_lse, *_dropout_outputs(q, dims, arguments)
 
 
-def _save_options(
-    ctx: Any,
-    inputs: tuple[Any, ...],
-    non_differentiable: tuple[torch.Tensor, torch.Tensor],
-    *,
-    softmax_scale: float,
-    causal: bool,
-    deterministic: bool,
-    window_left: int,
-    window_right: int,
-    softcap: float,
-    causal_top_left: bool,
-    dropout_p: float,
-) -> None:
-    """Keeps the forward's non-tensor arguments for the backward, and sets up the outputs.
-
-    ``inputs``: all the forward op's inputs, whose count is the number of gradients the
-    backward returns. ``non_differentiable``: the forward's s_dmask and rng_state.
-    """
-    ctx.num_inputs = len(inputs)
-    ctx.softmax_scale = softmax_scale
-    ctx.causal = causal
-    ctx.deterministic = deterministic
-    # The backward ops take these under the forward's names.
-    ctx.variant_options = {
-        "window_left": window_left,
-        "window_right": window_right,
-        "softcap": softcap,
-        "causal_top_left": causal_top_left,
-        "dropout_p": dropout_p,
-    }
-    ctx.mark_non_differentiable(*non_differentiable)
-    # Unused outputs then reach backward as None instead of zero-filled tensors: in the common
-    # case (out alone is used) the softmax_lse gradient is None, so no zero tensor is allocated
-    # and the kernel reads none.
-    ctx.set_materialize_grads(False)
+def _fixed_forward_fake(arguments: Arguments) -> Outputs:
+    q, k = arguments["q"], arguments["k"]
+    batch, seqlen_q, nheads, _ = q.shape
+    dims = (batch, nheads, seqlen_q, k.shape[1])
+    softmax_lse = q.new_empty((batch, nheads, seqlen_q), dtype=LSE_DTYPE)
+    return q.new_empty(q.shape), softmax_lse, *_dropout_outputs(q, dims, arguments)
 
 
-def _input_gradients(
-    ctx: Any, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor
-) -> tuple[torch.Tensor | None, ...]:
-    """One gradient per forward input: dq, dk, dv for q, k, v, None for the rest: cu_seqlens
-    and seqused (integers), alibi_slopes (not differentiable, as in flash-attn) and the
-    non-tensor arguments."""
-    return dq, dk, dv, *(None,) * (ctx.num_inputs - DIFFERENTIABLE_INPUTS)
+def _backward_fake(arguments: Arguments) -> Gradients:
+    """Fake dq, dk, dv: contiguous, shaped and typed like q, k, v (as the kernels allocate)."""
+    return tuple(arguments[name].new_empty(arguments[name].shape) for name in DIFFERENTIABLE_INPUTS)
+
+
+_FORWARD_FAKES = {Layout.VARLEN: _varlen_forward_fake, Layout.FIXED: _fixed_forward_fake}
+
+# --------------------------------------------------------------------------------------------
+# Autograd
 
 
 def use_deterministic_backward(requested: bool) -> bool:
@@ -644,3 +186,100 @@ def _contiguous_copy(tensor: torch.Tensor) -> torch.Tensor:
     # misaligns it, or whose size-1 last dim has a stride other than 1. A fresh allocation is
     # aligned and has the standard strides.
     return tensor.clone(memory_format=torch.contiguous_format)
+
+
+class _Autograd:
+    """The autograd formula of one forward op: what it keeps and how it calls the backward op.
+
+    The backward op's parameters say what to keep: each one the forward op has as an input or
+    an output is saved (tensors, with save_for_backward) or kept on ctx (everything else);
+    ``dout`` and ``softmax_lse_grad`` come from the incoming gradients.
+    """
+
+    def __init__(self, forward: Signature, backward: Signature, backward_op: Any) -> None:
+        self.forward_names = forward.names
+        self.backward_op = backward_op
+        available = set(forward.names) | set(FORWARD_OUTPUTS)
+        taken = [p for p in backward.parameters if p.name in available]
+        self.saved = tuple(p.name for p in taken if p.kind.is_tensor)
+        self.kept = tuple(p.name for p in taken if not p.kind.is_tensor)
+
+    def setup_context(self, ctx: Any, inputs: tuple[Any, ...], output: Outputs) -> None:
+        values = {**dict(zip(self.forward_names, inputs)), **dict(zip(FORWARD_OUTPUTS, output))}
+        ctx.save_for_backward(*(values[name] for name in self.saved))
+        ctx.kept = {name: values[name] for name in self.kept}
+        ctx.num_inputs = len(inputs)
+        s_dmask, rng_state = output[2:]
+        ctx.mark_non_differentiable(s_dmask, rng_state)
+        # Unused outputs then reach backward as None instead of zero-filled tensors: in the
+        # common case (out alone is used) the softmax_lse gradient is None, so no zero tensor is
+        # allocated and the kernel reads none.
+        ctx.set_materialize_grads(False)
+
+    def backward(
+        self,
+        ctx: Any,
+        grad_out: torch.Tensor | None,
+        grad_softmax_lse: torch.Tensor | None,
+        _grad_s_dmask: None,
+        _grad_rng_state: None,
+    ) -> tuple[torch.Tensor | None, ...]:
+        arguments = {**ctx.kept, **dict(zip(self.saved, ctx.saved_tensors))}
+        arguments["dout"] = kernel_ready_dout(grad_out, arguments["out"])
+        arguments["softmax_lse_grad"] = kernel_ready_lse_grad(grad_softmax_lse)
+        arguments["deterministic"] = use_deterministic_backward(arguments["deterministic"])
+        dq, dk, dv = self.backward_op(**arguments)
+        # One gradient per forward input: None for cu_seqlens and seqused (integers),
+        # alibi_slopes (not differentiable, as in flash-attn) and the non-tensor arguments.
+        return dq, dk, dv, *(None,) * (ctx.num_inputs - len(DIFFERENTIABLE_INPUTS))
+
+
+def _backward_op(layout: Layout) -> Any:
+    signature = BACKWARD_OPS[layout]
+    implementation = _function(
+        signature.name,
+        signature,
+        lambda arguments: tuple(call_extension(signature.name, arguments)),
+        "tuple[torch.Tensor, torch.Tensor, torch.Tensor]",
+        signature.doc,
+    )
+    op = torch.library.custom_op(f"flash_varlen::{signature.name}", mutates_args=())(
+        implementation
+    )
+    op.register_fake(
+        _function(
+            f"_{signature.name}_fake",
+            signature,
+            _backward_fake,
+            "tuple[torch.Tensor, torch.Tensor, torch.Tensor]",
+            None,
+        )
+    )
+    return op
+
+
+def _forward_op(layout: Layout, backward_op: Any) -> tuple[Any, Callable[..., Outputs]]:
+    """The forward op of ``layout`` with its fake and autograd; returns (op, fake)."""
+    signature = FORWARD_OPS[layout]
+    returns = "tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]"
+    implementation = _function(
+        signature.name,
+        signature,
+        lambda arguments: tuple(call_extension(signature.name, arguments)),
+        returns,
+        signature.doc,
+    )
+    op = torch.library.custom_op(
+        f"flash_varlen::{signature.name}", mutates_args=(), tags=_RANDOM
+    )(implementation)
+    fake = _function(f"_{signature.name}_fake", signature, _FORWARD_FAKES[layout], returns, None)
+    op.register_fake(fake)
+    formula = _Autograd(signature, BACKWARD_OPS[layout], backward_op)
+    op.register_autograd(formula.backward, setup_context=formula.setup_context)
+    return op, fake
+
+
+varlen_bwd = _backward_op(Layout.VARLEN)
+bwd = _backward_op(Layout.FIXED)
+varlen_fwd, _varlen_fwd_fake = _forward_op(Layout.VARLEN, varlen_bwd)
+fwd, _fwd_fake = _forward_op(Layout.FIXED, bwd)

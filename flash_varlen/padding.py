@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import torch
 
-from flash_varlen.validation import _check_is_tensor, _check_max_seqlen, _error
+from flash_varlen.validation import _check_is_tensor, _error, check_max_seqlen
 
 CU_SEQLENS_DTYPE = torch.int32
 # cu_seqlens is int32, so the total number of tokens must fit in it.
@@ -126,7 +126,7 @@ def cu_seqlens_from_lengths(
             longest length of a Python sequence; device given with a tensor.
     """
     if max_seqlen is not None:
-        _check_max_seqlen(max_seqlen, "max_seqlen")
+        max_seqlen = check_max_seqlen(max_seqlen, "max_seqlen")
     if isinstance(lengths, torch.Tensor):
         if device is not None:
             raise ValueError(
@@ -166,7 +166,7 @@ def cu_seqlens_from_attention_mask(
         ValueError: attention_mask not 2-D; max_seqlen < 1.
     """
     if max_seqlen is not None:
-        _check_max_seqlen(max_seqlen, "max_seqlen")
+        max_seqlen = check_max_seqlen(max_seqlen, "max_seqlen")
     _check_integer_tensor(
         attention_mask, "attention_mask", dims=(2,), shape="(batch, seqlen)", allow_bool=True
     )
@@ -225,7 +225,7 @@ def cu_seqlens_from_position_ids(
             max_sequences < 1.
     """
     if max_seqlen is not None:
-        _check_max_seqlen(max_seqlen, "max_seqlen")
+        max_seqlen = check_max_seqlen(max_seqlen, "max_seqlen")
     if max_sequences is not None:
         _check_positive_int(max_sequences, "max_sequences")
     _check_integer_tensor(

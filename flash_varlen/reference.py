@@ -66,16 +66,12 @@ from typing import Sequence
 
 import torch
 
+from flash_varlen.contract import UNBOUNDED_WINDOW_SIDE as UNBOUNDED
+from flash_varlen.options import BOTTOM_RIGHT, CAUSAL_ALIGNMENTS, TOP_LEFT
+
 LSE_DTYPE = torch.float32
 
-UNBOUNDED = -1
-"""A window side of this value puts no limit on that side (flash-attn's convention)."""
-
 NO_WINDOW = (UNBOUNDED, UNBOUNDED)
-
-BOTTOM_RIGHT = "bottom_right"
-TOP_LEFT = "top_left"
-CAUSAL_ALIGNMENTS = (BOTTOM_RIGHT, TOP_LEFT)
 
 
 def default_softmax_scale(head_dim: int) -> float:

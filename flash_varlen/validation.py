@@ -17,27 +17,32 @@ machines without a GPU.
 
 from __future__ import annotations
 
-import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from flash_varlen.reference import BOTTOM_RIGHT, CAUSAL_ALIGNMENTS, TOP_LEFT, UNBOUNDED
+from flash_varlen import contract
+from flash_varlen.errors import error as _error
+from flash_varlen.options import (
+    OPTIONS,
+    PUBLIC_OPTIONS,
+    Kind,
+    Option,
+    PublicOption,
+    TensorRule,
+    host_int,
+)
 
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
-HEAD_DIM_MULTIPLE = 8
-MAX_HEAD_DIM = 256
-# The kernels move rows with 16-byte vector loads, so every stride and the storage offset must
-# be a whole number of 16-byte vectors (8 elements of a 2-byte dtype). Base pointers of torch
-# allocations are at least 16-byte aligned, so the storage offset covers the pointer alignment.
-VECTOR_BYTES = 16
-CU_SEQLENS_DTYPE = torch.int32
-ALIBI_SLOPES_DTYPE = torch.float32
-# Unbounded on the left, nothing to the right of the diagonal: the causal mask as a window.
-CAUSAL_WINDOW = (UNBOUNDED, 0)
+SUPPORTED_DTYPES = tuple(getattr(torch, name) for name in contract.DTYPES)
+HEAD_DIM_MULTIPLE = contract.HEAD_DIM_MULTIPLE
+MAX_HEAD_DIM = contract.MAX_HEAD_DIM
+# Base pointers of torch allocations are at least 16-byte aligned, so the storage offset covers
+# the pointer alignment (contract.VECTOR_BYTES).
+VECTOR_BYTES = contract.VECTOR_BYTES
+CU_SEQLENS_DTYPE = getattr(torch, contract.INDEX_DTYPE)
 DEBUG_ENV_VAR = "FLASH_VARLEN_DEBUG"
 _DEBUG_ON_VALUES = frozenset({"1", "true", "yes", "on"})
 
@@ -60,145 +65,89 @@ class ArgNames:
 DEFAULT_NAMES = ArgNames()
 
 
-def _error(message: str) -> str:
-    return f"flash_varlen: {message}"
-
-
 # --------------------------------------------------------------------------------------------
 # Options
 
 
-@dataclass(frozen=True)
-class Options:
-    """The checked keyword options, in the form the registered ops take them.
+def option_arguments(
+    public_values: Mapping[str, Any], public_options: Sequence[PublicOption]
+) -> dict[str, Any]:
+    """The op arguments of a public call: each public option's value checked and converted
+    (``PublicOption.convert``), in declaration order. Tensor options are checked later, with
+    the tensors whose sizes they depend on (check_varlen_inputs / check_fixed_inputs).
 
-    ``window_left`` and ``window_right`` are the effective window sides (-1 unbounded) after
-    ``causal`` forced right = 0. ``causal`` is also True for the window (-1, 0) given without
-    it: that window is exactly the causal mask, and the flag lets the kernels treat it as one.
-    ``causal_top_left`` is ``causal_alignment == "top_left"``.
+    Raises what the converters raise: TypeError (wrong type), ValueError (a rule broken),
+    NotImplementedError (an option not supported yet); each message names the parameter.
     """
-
-    causal: bool
-    deterministic: bool
-    window_left: int
-    window_right: int
-    softcap: float
-    causal_top_left: bool
-    dropout_p: float
-
-    def variant_kwargs(self) -> dict[str, Any]:
-        """The options that the forward ops take by keyword, under the ops' parameter names."""
-        return {
-            "window_left": self.window_left,
-            "window_right": self.window_right,
-            "softcap": self.softcap,
-            "causal_top_left": self.causal_top_left,
-            "dropout_p": self.dropout_p,
-        }
+    arguments: dict[str, Any] = {}
+    for option in public_options:
+        values = option.convert(public_values[option.name], public_values)
+        arguments.update(zip(option.sets, values))
+    return arguments
 
 
-def check_options(
-    *,
-    dropout_p: float,
-    softmax_scale: float | None,
-    causal: bool,
-    window_size: Sequence[int],
-    softcap: float,
-    deterministic: bool = False,
-    causal_alignment: str = BOTTOM_RIGHT,
-    block_table: torch.Tensor | None = None,
-) -> Options:
-    """Checks the keyword options that are not tensors; returns them as the ops take them.
-
-    ``alibi_slopes`` and ``seqused_q/k`` are tensors whose shapes depend on q and cu_seqlens:
-    ``check_varlen_inputs`` and ``check_fixed_inputs`` check them.
-
-    Raises:
-        NotImplementedError: block_table given.
-        TypeError: dropout_p, softcap or softmax_scale not a number, causal or deterministic
-            not a bool, window_size not a pair of ints.
-        ValueError: dropout_p outside [0, 1); softcap negative or not finite; softmax_scale not
-            finite and positive; window_size not a pair, or a side below -1; causal_alignment
-            not "bottom_right" or "top_left".
-    """
-    if block_table is not None:
-        raise NotImplementedError(
-            _error("block_table (paged KV cache) is not supported yet; pass None.")
-        )
-    _check_number(dropout_p, "dropout_p", "a float")
-    # Written so that NaN fails too.
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(_error(f"dropout_p must be in [0, 1), got {dropout_p}."))
-    _check_number(softcap, "softcap", "a float")
-    if not (math.isfinite(softcap) and softcap >= 0):
-        raise ValueError(
-            _error(f"softcap must be finite and >= 0 (0 disables it), got {softcap}.")
-        )
-    _check_softmax_scale(softmax_scale)
-    for flag_name, flag in (("causal", causal), ("deterministic", deterministic)):
-        if not isinstance(flag, bool):
-            raise TypeError(_error(f"{flag_name} must be a bool, got {type(flag).__name__}."))
-    if causal_alignment not in CAUSAL_ALIGNMENTS:
-        raise ValueError(
-            _error(
-                f"causal_alignment must be {BOTTOM_RIGHT!r} or {TOP_LEFT!r}, got "
-                f"{causal_alignment!r}."
-            )
-        )
-    window_left, window_right = _effective_window(window_size, causal)
-    return Options(
-        causal=causal or (window_left, window_right) == CAUSAL_WINDOW,
-        deterministic=deterministic,
-        window_left=window_left,
-        window_right=window_right,
-        softcap=float(softcap),
-        causal_top_left=causal_alignment == TOP_LEFT,
-        dropout_p=float(dropout_p),
-    )
-
-
-def _check_number(value: object, name: str, expected: str) -> None:
-    """TypeError unless ``value`` is an int or a float (a bool is neither here)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(_error(f"{name} must be {expected}, got {type(value).__name__}."))
-
-
-def _check_softmax_scale(softmax_scale: float | None) -> None:
-    if softmax_scale is None:
-        return
-    _check_number(softmax_scale, "softmax_scale", "a float or None")
-    # The kernels take the row maximum of the unscaled scores, which is only the maximum of
-    # the scaled scores for a positive scale.
-    if not (math.isfinite(softmax_scale) and softmax_scale > 0):
-        raise ValueError(
-            _error(f"softmax_scale must be finite and positive, got {softmax_scale}.")
-        )
-
-
-def _effective_window(window_size: Sequence[int], causal: bool) -> tuple[int, int]:
-    """(left, right) of ``window_size`` after ``causal`` forced right = 0 (as in flash-attn)."""
-    if not isinstance(window_size, Sequence) or len(window_size) != 2:
-        raise ValueError(
-            _error(f"window_size must be a pair (left, right) of ints, got {window_size!r}.")
-        )
-    for bound in window_size:
-        if isinstance(bound, bool) or not isinstance(bound, int):
-            raise TypeError(_error(f"window_size must be a pair of ints, got {window_size!r}."))
-    left, right = window_size
-    if left < UNBOUNDED or right < UNBOUNDED:
-        raise ValueError(
-            _error(
-                f"window_size sides must be -1 (unbounded) or >= 0, got {tuple(window_size)}."
-            )
-        )
-    return left, 0 if causal else right
+def check_options(**public_values: Any) -> dict[str, Any]:
+    """The op arguments for public option values given by keyword; options not given take
+    their public defaults (every public option of flash_attn_varlen_func is known here)."""
+    values = {option.name: option.default for option in PUBLIC_OPTIONS}
+    unknown = public_values.keys() - values.keys()
+    if unknown:
+        raise TypeError(_error(f"unknown options {sorted(unknown)}."))
+    values.update(public_values)
+    return option_arguments(values, PUBLIC_OPTIONS)
 
 
 def resolve_softmax_scale(softmax_scale: float | None, head_dim: IntLike) -> float:
-    """Returns ``softmax_scale`` (checked by check_options), defaulting to 1 / sqrt(head_dim)."""
+    """Returns ``softmax_scale`` (checked by its converter), defaulting to 1 / sqrt(head_dim)."""
     if softmax_scale is None:
-        return 1.0 / math.sqrt(head_dim)
+        return 1.0 / head_dim**0.5
     return float(softmax_scale)
+
+
+def check_tensor_option(
+    option: Option, tensor: Any, sizes: Mapping[str, IntLike], name: str | None = None
+) -> None:
+    """A tensor option (None is always valid): a torch.Tensor of the rule's dtype and of one of
+    its shapes, the named sizes taken from ``sizes`` ("batch", "nheads"). Any strides."""
+    if tensor is None:
+        return
+    name = name or option.name
+    rule = option.rule
+    assert isinstance(rule, TensorRule), option
+    _check_is_tensor(tensor, name)
+    dtype = getattr(torch, rule.dtype)
+    if tensor.dtype != dtype:
+        raise TypeError(_error(f"{name} must have dtype {dtype}, got {tensor.dtype}."))
+    shapes = [tuple(sizes[dim] for dim in shape) for shape in rule.shapes]
+    if tuple(tensor.shape) in shapes:
+        return
+    described = " or ".join(
+        f"({', '.join(shape)},) = {values}" if len(shape) == 1 else f"({', '.join(shape)}) = {values}"
+        for shape, values in zip(rule.shapes, shapes)
+    )
+    note = f", {rule.note}" if rule.note else ""
+    ranks = {len(shape) for shape in rule.shapes}
+    if len(ranks) == 1 and tensor.dim() not in ranks:
+        (rank,) = ranks
+        raise ValueError(
+            _error(f"{name} must be {rank}-D {described}{note}, got shape {tuple(tensor.shape)}.")
+        )
+    raise ValueError(_error(f"{name} must have shape {described}{note}, got {tuple(tensor.shape)}."))
+
+
+def _check_tensor_options(
+    options: Mapping[str, Any], sizes: Mapping[str, IntLike], varlen: bool
+) -> list[tuple[torch.Tensor | None, str]]:
+    """Checks every tensor option the layout has; returns them with their names for the device
+    check."""
+    checked = []
+    for option in OPTIONS:
+        if option.kind is not Kind.OPTIONAL_TENSOR or (option.varlen_only and not varlen):
+            continue
+        tensor = options.get(option.name)
+        check_tensor_option(option, tensor, sizes)
+        checked.append((tensor, option.name))
+    return checked
 
 
 # --------------------------------------------------------------------------------------------
@@ -219,20 +168,18 @@ def check_varlen_inputs(
     v: torch.Tensor,
     cu_seqlens_q: torch.Tensor,
     cu_seqlens_k: torch.Tensor,
-    max_seqlen_q: IntLike,
-    max_seqlen_k: IntLike,
+    max_seqlen_q: Any,
+    max_seqlen_k: Any,
     names: ArgNames = DEFAULT_NAMES,
-    *,
-    alibi_slopes: torch.Tensor | None = None,
-    seqused_q: torch.Tensor | None = None,
-    seqused_k: torch.Tensor | None = None,
-) -> None:
+    options: Mapping[str, Any] | None = None,
+) -> tuple[IntLike, IntLike]:
     """Checks the packed variable-length layout (metadata only, no device read).
 
     q: (total_q, nheads, d); k, v: (total_k, nheads_k, d); cu_seqlens_q, cu_seqlens_k:
-    (batch + 1,) int32, contiguous; max_seqlen_q, max_seqlen_k: positive Python ints;
-    alibi_slopes: None or float32 (nheads,) or (batch, nheads); seqused_q, seqused_k: None or
-    (batch,) int32. All on q's (CUDA) device.
+    (batch + 1,) int32, contiguous; max_seqlen_q, max_seqlen_k: positive ints read on the host
+    (``options.host_int``); ``options``: op arguments whose tensor options (alibi_slopes,
+    seqused_q/k) are checked against their rules. All tensors on q's (CUDA) device. Returns
+    (max_seqlen_q, max_seqlen_k) as ints.
     """
     _check_qkv_dtypes(q, k, v, names)
     _check_rank(q, names.q, "(total_q, nheads, headdim)")
@@ -251,12 +198,12 @@ def check_varlen_inputs(
                 f"{names.cu_seqlens_q} ({cu_seqlens_q.shape[0]}), got {cu_seqlens_k.shape[0]}."
             )
         )
-    _check_max_seqlen(max_seqlen_q, names.max_seqlen_q)
-    _check_max_seqlen(max_seqlen_k, names.max_seqlen_k)
-    batch = cu_seqlens_q.shape[0] - 1
-    _check_alibi_slopes(alibi_slopes, batch, q.shape[1])
-    for seqused, name in ((seqused_q, "seqused_q"), (seqused_k, "seqused_k")):
-        _check_seqused(seqused, name, batch)
+    max_seqlens = (
+        check_max_seqlen(max_seqlen_q, names.max_seqlen_q),
+        check_max_seqlen(max_seqlen_k, names.max_seqlen_k),
+    )
+    sizes = {"batch": cu_seqlens_q.shape[0] - 1, "nheads": q.shape[1]}
+    tensor_options = _check_tensor_options(options or {}, sizes, varlen=True)
     _check_devices(
         q,
         names.q,
@@ -265,11 +212,10 @@ def check_varlen_inputs(
             (v, names.v),
             (cu_seqlens_q, names.cu_seqlens_q),
             (cu_seqlens_k, names.cu_seqlens_k),
-            (alibi_slopes, "alibi_slopes"),
-            (seqused_q, "seqused_q"),
-            (seqused_k, "seqused_k"),
+            *tensor_options,
         ],
     )
+    return max_seqlens
 
 
 def check_fixed_inputs(
@@ -277,13 +223,12 @@ def check_fixed_inputs(
     k: torch.Tensor,
     v: torch.Tensor,
     names: ArgNames = DEFAULT_NAMES,
-    *,
-    alibi_slopes: torch.Tensor | None = None,
+    options: Mapping[str, Any] | None = None,
 ) -> None:
     """Checks the fixed-length layout (metadata only, no device read).
 
-    q: (batch, seqlen_q, nheads, d); k, v: (batch, seqlen_k, nheads_k, d); alibi_slopes: None
-    or float32 (nheads,) or (batch, nheads) on q's device.
+    q: (batch, seqlen_q, nheads, d); k, v: (batch, seqlen_k, nheads_k, d); ``options``' tensor
+    options (alibi_slopes) against their rules; all on q's device.
     """
     _check_qkv_dtypes(q, k, v, names)
     _check_rank(q, names.q, "(batch, seqlen_q, nheads, headdim)")
@@ -295,8 +240,9 @@ def check_fixed_inputs(
     _check_same_size(q, v, dim=0, names=(names.q, names.v), what="batch")
     _check_same_size(k, v, dim=1, names=(names.k, names.v), what="seqlen_k")
     _check_layouts(q, k, v, names)
-    _check_alibi_slopes(alibi_slopes, q.shape[0], q.shape[2])
-    _check_devices(q, names.q, [(k, names.k), (v, names.v), (alibi_slopes, "alibi_slopes")])
+    sizes = {"batch": q.shape[0], "nheads": q.shape[2]}
+    tensor_options = _check_tensor_options(options or {}, sizes, varlen=False)
+    _check_devices(q, names.q, [(k, names.k), (v, names.v), *tensor_options])
 
 
 def _check_is_tensor(value: object, name: str) -> None:
@@ -434,20 +380,6 @@ def _check_cu_seqlens(cu_seqlens: torch.Tensor, name: str) -> None:
         raise ValueError(_error(f"{name} must be contiguous, got stride {cu_seqlens.stride(0)}."))
 
 
-def _check_seqused(seqused: torch.Tensor | None, name: str, batch: IntLike) -> None:
-    """int32 (batch,); any stride (the extension makes it contiguous)."""
-    if seqused is None:
-        return
-    _check_int32_vector(seqused, name, "(batch,)")
-    if seqused.shape[0] != batch:
-        raise ValueError(
-            _error(
-                f"{name} must have shape (batch,) = ({batch},), one entry per sequence, got "
-                f"{tuple(seqused.shape)}."
-            )
-        )
-
-
 def _check_int32_vector(tensor: torch.Tensor, name: str, shape: str) -> None:
     _check_is_tensor(tensor, name)
     if tensor.dtype != CU_SEQLENS_DTYPE:
@@ -456,34 +388,13 @@ def _check_int32_vector(tensor: torch.Tensor, name: str, shape: str) -> None:
         raise ValueError(_error(f"{name} must be 1-D {shape}, got shape {tuple(tensor.shape)}."))
 
 
-def _check_alibi_slopes(alibi_slopes: torch.Tensor | None, batch: IntLike, nheads: IntLike) -> None:
-    """float32 (nheads,) or (batch, nheads); any strides (the extension makes it contiguous)."""
-    if alibi_slopes is None:
-        return
-    _check_is_tensor(alibi_slopes, "alibi_slopes")
-    if alibi_slopes.dtype != ALIBI_SLOPES_DTYPE:
-        raise TypeError(
-            _error(f"alibi_slopes must have dtype torch.float32, got {alibi_slopes.dtype}.")
-        )
-    if tuple(alibi_slopes.shape) not in ((nheads,), (batch, nheads)):
-        raise ValueError(
-            _error(
-                f"alibi_slopes must have shape (nheads,) = ({nheads},) or (batch, nheads) = "
-                f"({batch}, {nheads}), got {tuple(alibi_slopes.shape)}."
-            )
-        )
-
-
-def _check_max_seqlen(value: object, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt)):
-        raise TypeError(
-            _error(
-                f"{name} must be a Python int (a tensor would need a device read), "
-                f"got {type(value).__name__}."
-            )
-        )
+def check_max_seqlen(value: Any, name: str) -> IntLike:
+    """A positive int read on the host (a SymInt under torch.compile stays one)."""
+    if not isinstance(value, torch.SymInt):
+        value = host_int(value, name, "a Python int (or a CPU integer tensor)")
     if value < 1:
         raise ValueError(_error(f"{name} must be positive, got {value}."))
+    return value
 
 
 def _check_devices(

@@ -9,6 +9,7 @@ Forward outputs use FORWARD_FACTOR, gradients GRADIENT_FACTOR.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -422,6 +423,17 @@ def head_dim_bucket(head_dim: int) -> int:
     return min(b for b in load_extension().head_dim_buckets() if b >= head_dim)
 
 
+def _compiled_configs(triples) -> set[tuple[str, int]]:
+    """(dtype name, bucket) pairs of (family, dtype name, bucket) triples, of the family that
+    FLASH_VARLEN_KERNEL_FAMILY forces when it is set (then only that family runs)."""
+    forced = os.environ.get("FLASH_VARLEN_KERNEL_FAMILY") or None
+    return {
+        (str(name), int(bucket))
+        for family, name, bucket in triples
+        if forced is None or family == forced
+    }
+
+
 def require_kernel(dtype: torch.dtype, head_dim: int) -> None:
     """Skip the calling test when this build has no kernel for (dtype, bucket of head_dim).
 
@@ -431,7 +443,7 @@ def require_kernel(dtype: torch.dtype, head_dim: int) -> None:
     from flash_varlen._extension import compiled_kernels
 
     bucket = head_dim_bucket(head_dim)
-    if (dtype_name(dtype), bucket) not in compiled_kernels():
+    if (dtype_name(dtype), bucket) not in _compiled_configs(compiled_kernels()):
         pytest.skip(
             f"narrowed build: no {dtype_name(dtype)} kernel for head-dim bucket {bucket} "
             f"(head dim {head_dim})"
@@ -449,10 +461,9 @@ def require_backward_kernel(dtype: torch.dtype, head_dim: int) -> None:
 
     require_kernel(dtype, head_dim)
     bucket = head_dim_bucket(head_dim)
-    compiled = [
-        (str(name), int(b)) for name, b in load_extension().compiled_backward_kernels()
-    ]
-    if (dtype_name(dtype), bucket) not in compiled:
+    if (dtype_name(dtype), bucket) not in _compiled_configs(
+        load_extension().compiled_backward_kernels()
+    ):
         pytest.skip(
             f"narrowed build: no {dtype_name(dtype)} backward kernel for head-dim bucket "
             f"{bucket} (head dim {head_dim})"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,13 +15,14 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-GENERATOR = ROOT / "csrc" / "generate_kernels.py"
+GENERATOR = ROOT / "csrc" / "generate.py"
 DTYPE_NAMES = {"fp16": "float16", "bf16": "bfloat16"}
 
 
 def load_generator():
-    spec = importlib.util.spec_from_file_location("generate_kernels", GENERATOR)
+    spec = importlib.util.spec_from_file_location("flash_varlen_generate_for_tests", GENERATOR)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
 
@@ -36,7 +38,8 @@ def built_extension():
     return _extension.load_extension()
 
 
-def test_generated_kernel_files_are_current():
+def test_generated_files_are_current():
+    """Instantiations and csrc/generated/ match the declarations they are written from."""
     result = subprocess.run(
         [sys.executable, str(GENERATOR), "--check"], capture_output=True, text=True
     )
@@ -45,27 +48,46 @@ def test_generated_kernel_files_are_current():
 
 def test_generator_covers_both_directions_dtypes_every_bucket_and_local_mask():
     gen = load_generator()
-    names = {inst.filename for inst in gen.all_instantiations()}
-    assert len(names) == len(gen.DIRECTIONS) * len(gen.ELEMENT_TYPES) * len(gen.HEAD_DIM_BUCKETS) * 2
-    assert set(gen.DIRECTIONS) == {"fwd", "bwd"}
-    assert "flash_fwd_sm80_bf16_hdim128_local.cu" in names
-    assert "flash_fwd_sm80_fp16_hdim64.cu" in names
-    assert "flash_bwd_sm80_bf16_hdim256_local.cu" in names
-    assert "flash_bwd_sm80_fp16_hdim96.cu" in names
+    names = {inst.relative_path for inst in gen.all_instantiations()}
+    per_family = len(gen.ELEMENT_TYPES) * len(gen.HEAD_DIM_BUCKETS) * 2 * 2
+    assert len(names) == per_family * len(gen.kernel_families.FAMILIES)
+    assert "sm80/fwd_bf16_hdim128_local.cu" in names
+    assert "sm80/fwd_fp16_hdim64.cu" in names
+    assert "sm80/bwd_bf16_hdim256_local.cu" in names
+    assert "sm80/bwd_fp16_hdim96.cu" in names
 
 
 def test_kernel_sources_include_no_torch_headers():
-    kernel_files = list((ROOT / "csrc" / "kernels").glob("*.h"))
-    kernel_files += list((ROOT / "csrc" / "instantiations").glob("*.cu"))
-    assert kernel_files
+    """Kernel code (and the generated headers it includes) never includes torch or Python."""
+    kernel_files = list((ROOT / "csrc" / "kernels").glob("*/*.h"))
+    kernel_files += list((ROOT / "csrc" / "instantiations").glob("*/*.cu"))
+    kernel_files += [ROOT / "csrc" / "generated" / n for n in ("contract.h", "kernel_families.h")]
+    assert len(kernel_files) > 40
     for path in kernel_files:
         text = path.read_text()
         assert "torch/" not in text and "Python.h" not in text and "pybind11" not in text, path
 
 
-def test_extension_buckets_match_generator():
+def test_no_family_includes_another_familys_headers():
+    """What two families share lives in kernels/common/ (design.md)."""
+    kernels = ROOT / "csrc" / "kernels"
+    families = [path.name for path in kernels.iterdir() if path.is_dir() and path.name != "common"]
+    assert "sm80" in families
+    for family in families:
+        for path in (kernels / family).glob("*.h"):
+            for other in families:
+                if other != family:
+                    assert f"kernels/{other}/" not in path.read_text(), (path, other)
+    for path in (kernels / "common").glob("*"):
+        for family in families:
+            assert f"kernels/{family}/" not in path.read_text(), (path, family)
+
+
+def test_extension_buckets_match_the_contract():
+    from flash_varlen import contract
+
     ext = built_extension()
-    assert ext.head_dim_buckets() == list(load_generator().HEAD_DIM_BUCKETS)
+    assert ext.head_dim_buckets() == list(contract.HEAD_DIM_BUCKETS)
 
 
 def test_extension_contains_what_the_build_selected():
@@ -77,7 +99,12 @@ def test_extension_contains_what_the_build_selected():
     # Both directions are built from the same selection.
     assert set(ext.compiled_backward_kernels()) == compiled
     gen = load_generator()
-    everything = {(DTYPE_NAMES[d], h) for d in gen.ELEMENT_TYPES for h in gen.HEAD_DIM_BUCKETS}
+    everything = {
+        (family.name, DTYPE_NAMES[d], h)
+        for family in gen.kernel_families.FAMILIES
+        for d in gen.ELEMENT_TYPES
+        for h in gen.HEAD_DIM_BUCKETS
+    }
     assert compiled <= everything
     if os.environ.get("FLASH_VARLEN_REQUIRE_EXTENSION") == "1":
         dtypes = os.environ.get("FLASH_VARLEN_DTYPES") or ",".join(gen.ELEMENT_TYPES)
@@ -85,7 +112,9 @@ def test_extension_contains_what_the_build_selected():
             map(str, gen.HEAD_DIM_BUCKETS)
         )
         expected = {
-            (DTYPE_NAMES[d.strip()], int(h)) for d in dtypes.split(",") for h in head_dims.split(",")
+            ("sm80", DTYPE_NAMES[d.strip()], int(h))
+            for d in dtypes.split(",")
+            for h in head_dims.split(",")
         }
         assert compiled == expected
 
@@ -177,3 +206,123 @@ def test_backward_checks_softmax_lse_and_gradient_buffers_by_name():
     args = _backward_args()
     with pytest.raises(RuntimeError, match="dk must have the shape of k"):
         ext.varlen_bwd(**args, dk=torch.zeros(8, 1, 64).to(torch.bfloat16))
+
+
+# --------------------------------------------------------------------------------------------
+# Kernel families and dispatch (the selection logic itself; no GPU needed)
+
+
+def _any_built_config(ext) -> tuple[str, str, int]:
+    return sorted(ext.compiled_kernels())[0]
+
+
+def test_kernel_families_describe_what_is_built():
+    ext = built_extension()
+    families = ext.kernel_families()
+    assert [family["name"] for family in families] == [
+        f.name for f in load_generator().kernel_families.FAMILIES
+    ]
+    sm80 = families[0]
+    assert sm80["compute_capabilities"] == (80, 90)
+    built = set(sm80["built_for"])
+    assert built and built <= {80, 90}
+    if os.environ.get("FLASH_VARLEN_REQUIRE_EXTENSION") == "1":
+        archs = os.environ.get("FLASH_VARLEN_ARCHS") or "80,90"
+        assert built == {int(arch) for arch in archs.split(",")}
+
+
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+def test_dispatch_picks_the_built_family_for_a_device_it_runs_on(direction, monkeypatch):
+    ext = built_extension()
+    monkeypatch.delenv("FLASH_VARLEN_KERNEL_FAMILY", raising=False)
+    family, dtype, bucket = _any_built_config(ext)
+    for capability in ext.kernel_families()[0]["built_for"]:
+        assert ext.select_kernel_family(direction, dtype, bucket, False, capability) == family
+        assert ext.select_kernel_family(direction, dtype, bucket, True, capability) == family
+
+
+def test_dispatch_explains_why_no_family_runs_a_call(monkeypatch):
+    ext = built_extension()
+    monkeypatch.delenv("FLASH_VARLEN_KERNEL_FAMILY", raising=False)
+    _, dtype, bucket = _any_built_config(ext)
+    # A Turing GPU: no family serves compute capability 7.5.
+    with pytest.raises(NotImplementedError, match=r"compute capability 7\.5.*sm80: serves "
+                       r"compute capability 8\.0 to 9\.0.*FLASH_VARLEN_ARCHS"):
+        ext.select_kernel_family("forward", dtype, bucket, False, 75)
+    # An Ada GPU runs sm_80 code, but not code built for sm_90 alone.
+    built = set(ext.kernel_families()[0]["built_for"])
+    if built == {90}:
+        with pytest.raises(NotImplementedError, match="compiled for sm_90 only"):
+            ext.select_kernel_family("backward", dtype, bucket, False, 89)
+    else:
+        assert ext.select_kernel_family("backward", dtype, bucket, False, 89) == "sm80"
+    missing = [(d, b) for d in ("float16", "bfloat16") for b in ext.head_dim_buckets()
+               if ("sm80", d, b) not in set(ext.compiled_kernels())]
+    if missing:
+        d, b = missing[0]
+        with pytest.raises(NotImplementedError, match="sm80: not in this build"):
+            ext.select_kernel_family("forward", d, b, False, 90)
+
+
+def test_family_override_forces_or_refuses(monkeypatch):
+    ext = built_extension()
+    family, dtype, bucket = _any_built_config(ext)
+    capability = ext.kernel_families()[0]["built_for"][0]
+    monkeypatch.setenv("FLASH_VARLEN_KERNEL_FAMILY", family)
+    assert ext.select_kernel_family("forward", dtype, bucket, False, capability) == family
+    monkeypatch.setenv("FLASH_VARLEN_KERNEL_FAMILY", "sm70")
+    with pytest.raises(ValueError, match="FLASH_VARLEN_KERNEL_FAMILY=sm70 names no kernel family; "
+                       "known: sm80"):
+        ext.select_kernel_family("forward", dtype, bucket, False, capability)
+    monkeypatch.setenv("FLASH_VARLEN_KERNEL_FAMILY", "")
+    assert ext.select_kernel_family("forward", dtype, bucket, False, capability) == family
+
+
+# --------------------------------------------------------------------------------------------
+# The options' rules, as generated into the extension from flash_varlen/options.py
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "kind", "message"),
+    [
+        ("softmax_scale", 0.0, ValueError, "softmax_scale must be finite and positive, got 0"),
+        ("softmax_scale", float("nan"), ValueError, "softmax_scale must be finite and positive"),
+        ("window_left", -2, ValueError, r"window_left must be -1 \(unbounded\) or >= 0, got -2"),
+        ("window_right", -5, ValueError, r"window_right must be -1 \(unbounded\) or >= 0"),
+        ("softcap", -1.0, ValueError, r"softcap must be finite and >= 0 \(0 disables it\)"),
+        ("softcap", float("inf"), ValueError, "softcap must be finite"),
+        ("dropout_p", 1.0, ValueError, r"dropout_p must be in \[0, 1\), got 1"),
+        ("dropout_p", -0.5, ValueError, r"dropout_p must be in \[0, 1\)"),
+        ("alibi_slopes", torch.ones(2, dtype=torch.float64), TypeError,
+         "alibi_slopes must be float32, got Double"),
+        ("alibi_slopes", torch.ones(3), ValueError,
+         r"alibi_slopes must have shape \(nheads,\) = \[2\] or \(batch, nheads\) = "
+         r"\[1, 2\], got \[3\]"),
+        ("seqused_q", torch.ones(2, dtype=torch.int32), ValueError,
+         r"seqused_q must have shape \(batch,\) = \[1\], one entry per sequence"),
+        ("seqused_k", torch.ones(1), TypeError, "seqused_k must be int32"),
+    ],
+)
+def test_extension_checks_every_declared_rule_before_the_device(option, value, kind, message):
+    """The extension's checks come from the same declaration as the Python ones; they run
+    before the device check, so CPU tensors reach them."""
+    ext = built_extension()
+    q = torch.randn(8, 2, 64).to(torch.bfloat16)
+    cu = torch.tensor([0, 8], dtype=torch.int32)
+    kwargs = {"softmax_scale": 0.125, "causal": False, option: value}
+    with pytest.raises(kind, match=message):
+        ext.varlen_fwd(q, q, q, cu, cu, 8, 8, **kwargs)
+    if option not in ("seqused_q", "seqused_k"):
+        with pytest.raises(kind, match=message):
+            ext.varlen_bwd(**{**_backward_args(), **kwargs})
+
+
+def test_extension_entry_points_follow_the_signatures():
+    """pybind11's parameter lists are generated from flash_varlen/signatures.py."""
+    from flash_varlen.signatures import EXTENSION_ENTRY_POINTS
+
+    ext = built_extension()
+    for signature in EXTENSION_ENTRY_POINTS:
+        doc = getattr(ext, signature.name).__doc__
+        listed = re.findall(r"(\w+): ", doc.splitlines()[0].split("(", 1)[1])
+        assert listed == list(signature.names), signature.name

@@ -651,7 +651,7 @@ def test_missing_kernels_raise_not_implemented() -> None:
     """A narrowed build refuses (dtype, bucket) pairs it lacks instead of returning garbage."""
     from flash_varlen._extension import compiled_kernels, load_extension
 
-    compiled = set(compiled_kernels())
+    compiled = {(name, bucket) for _, name, bucket in compiled_kernels()}
     missing = [
         (dtype, bucket)
         for dtype in DTYPES

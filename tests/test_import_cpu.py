@@ -107,11 +107,11 @@ def test_compiled_kernels_is_empty_without_the_extension(extension_absent) -> No
 
 def test_available_extension_is_returned_and_lists_its_kernels(monkeypatch, fresh_state) -> None:
     module = types.ModuleType("flash_varlen._C")
-    module.compiled_kernels = lambda: [("bfloat16", 128), ("float16", 64)]
+    module.compiled_kernels = lambda: [("sm80", "bfloat16", 128), ("sm80", "float16", 64)]
     monkeypatch.setattr(_extension, "_import_module", lambda: module)
     assert _extension.load_extension() is module
     assert _extension.is_available() and _extension.unavailable_reason() == ""
-    assert _extension.compiled_kernels() == [("bfloat16", 128), ("float16", 64)]
+    assert _extension.compiled_kernels() == [("sm80", "bfloat16", 128), ("sm80", "float16", 64)]
 
 
 def test_op_reports_the_missing_extension_when_it_runs(extension_absent) -> None:

@@ -30,12 +30,15 @@ KEYS = (
     "built with nvcc",
     "built with CUTLASS",
     "built for archs",
+    "built families",
     "build selection",
     "extension",
+    "kernel families",
     "forward kernels",
     "backward kernels",
     "head-dim buckets",
     "GPU",
+    "family on this GPU",
     "self-check",
 )
 FAKE_GPU = "Fake GPU (compute capability 9.0)"
@@ -72,12 +75,21 @@ def scaled_gradient_attention(*args, **kwargs):
     return out.detach() + 1.1 * (out - out.detach()), lse, None
 
 
-def fake_extension(kernels=(("bfloat16", 64), ("float16", 128))) -> types.ModuleType:
+FAKE_FAMILIES = [
+    {"name": "sm80", "summary": "mma.sync", "compute_capabilities": (80, 90), "built_for": [80, 90]}
+]
+
+
+def fake_extension(
+    kernels=(("sm80", "bfloat16", 64), ("sm80", "float16", 128)),
+) -> types.ModuleType:
     module = types.ModuleType(_extension.EXTENSION_NAME)
     module.__file__ = "/fake/flash_varlen/_C.so"
     module.compiled_kernels = lambda: list(kernels)
     module.compiled_backward_kernels = lambda: list(kernels)
     module.head_dim_buckets = lambda: [64, 96, 128, 192, 256]
+    module.kernel_families = lambda: FAKE_FAMILIES
+    module.select_kernel_family = lambda direction, dtype, head_dim, local, capability: "sm80"
     return module
 
 
@@ -93,10 +105,11 @@ def loaded_on_gpu(monkeypatch, fresh_state):
     record = types.SimpleNamespace(
         PACKAGE_VERSION=flash_varlen.__version__, TORCH_VERSION=str(torch.__version__),
         TORCH_CUDA_VERSION=torch.version.cuda, NVCC_VERSION="13.0.88", CUTLASS_VERSION="4.2.0",
-        ARCHS=("80", "90"), DTYPES=("fp16", "bf16"), HEAD_DIMS=(64, 128),
+        ARCHS=("80", "90"), FAMILIES=("sm80",), DTYPES=("fp16", "bf16"), HEAD_DIMS=(64, 128),
     )
     monkeypatch.setattr(_extension, "read_build_info", lambda: record)
     monkeypatch.setattr(_extension, "_import_module", fake_extension)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     monkeypatch.setattr(info, "_gpu", lambda: (FAKE_GPU, True))
 
 
@@ -132,6 +145,7 @@ def test_command_reports_no_gpu_and_exits_0():
     assert result.returncode == 0, result.stderr
     values = report_lines(result.stdout)
     assert values["GPU"].startswith("none")
+    assert values["family on this GPU"] == "none: no GPU"
     assert values["self-check"] == "skipped: no GPU"
 
 
@@ -144,7 +158,10 @@ def test_report_without_extension_says_why_and_exits_0(monkeypatch, fresh_state,
     assert values["extension"].startswith("not loaded: The compiled extension flash_varlen._C")
     assert "not built" in values["extension"]
     assert values["built with torch"].startswith("unknown (no build record")
-    for key in ("forward kernels", "backward kernels", "head-dim buckets"):
+    for key in (
+        "kernel families", "forward kernels", "backward kernels", "head-dim buckets",
+        "family on this GPU",
+    ):
         assert values[key] == "unknown (extension not loaded)"
     assert values["self-check"] == "skipped: the extension is not loaded (see above)"
 
@@ -180,14 +197,30 @@ def test_report_of_a_loaded_build(loaded_on_gpu, monkeypatch, capsys):
     assert values["built with nvcc"] == "13.0.88"
     assert values["built with CUTLASS"] == "4.2.0"
     assert values["built for archs"] == "sm_80, sm_90"
+    assert values["built families"] == "sm80"
     assert values["build selection"] == "dtypes fp16, bf16; head dims 64, 128"
     assert values["extension"] == "loaded from /fake/flash_varlen/_C.so"
-    assert values["forward kernels"] == "bfloat16 (64); float16 (128)"
-    assert values["backward kernels"] == "bfloat16 (64); float16 (128)"
+    assert values["kernel families"] == "sm80 (compute capability 8.0 to 9.0; built for 8.0, 9.0)"
+    assert values["forward kernels"] == "sm80: bfloat16 (64); float16 (128)"
+    assert values["backward kernels"] == "sm80: bfloat16 (64); float16 (128)"
     assert values["head-dim buckets"].startswith("64, 96, 128, 192, 256")
     assert values["GPU"] == FAKE_GPU
+    assert values["family on this GPU"] == "sm80"
     assert values["self-check"] == "PASS (fake)"
     assert calls == [(torch.bfloat16, 64)]
+
+
+def test_report_names_the_family_that_cannot_run_on_the_gpu(loaded_on_gpu, monkeypatch, capsys):
+    module = fake_extension()
+
+    def no_family(direction, dtype, head_dim, local, capability):
+        raise NotImplementedError(f"no kernel for compute capability {capability}")
+
+    module.select_kernel_family = no_family
+    monkeypatch.setattr(_extension, "_import_module", lambda: module)
+    monkeypatch.setattr(info, "run_self_check", lambda *c: info.SelfCheckResult(True, "PASS"))
+    _, values = run_main(capsys)
+    assert values["family on this GPU"] == "none: no kernel for compute capability 90"
 
 
 def test_failed_self_check_exits_1(loaded_on_gpu, monkeypatch, capsys):

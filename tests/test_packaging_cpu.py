@@ -56,6 +56,7 @@ def sample_values(**overrides: object) -> dict[str, object]:
         "NVCC_VERSION": "13.0.88",
         "CUTLASS_VERSION": "4.2.0",
         "ARCHS": ("80",),
+        "FAMILIES": ("sm80",),
         "DTYPES": ("bf16",),
         "HEAD_DIMS": (64,),
     }
@@ -185,11 +186,43 @@ def test_collected_record_describes_this_torch_and_the_selection(monkeypatch, tm
         "NVCC_VERSION": "13.0.88",
         "CUTLASS_VERSION": "unknown",  # tmp_path has no cutlass/version.h
         "ARCHS": ("80",),
+        "FAMILIES": ("sm80",),
         "DTYPES": ("bf16",),
         "HEAD_DIMS": (64, 128),
     }
     # The record of a build with this torch lets the extension be imported into it.
     assert _extension._torch_mismatch(record_module(setup.render_build_info(values))) == ""
+
+
+@pytest.mark.parametrize(
+    ("families", "archs", "expected"),
+    [("sm80", "80,90", {"sm80": 20}), ("sm80", "90", {"sm80": 20}), ("", "", {"sm80": 20})],
+)
+def test_kernel_sources_are_grouped_by_family_with_its_targets(
+    monkeypatch, families, archs, expected
+):
+    """Each family's files are compiled with the family's own -gencode flags, filtered by
+    FLASH_VARLEN_ARCHS; FLASH_VARLEN_FAMILIES narrows the families."""
+    setup = load_setup()
+    monkeypatch.setenv("FLASH_VARLEN_FAMILIES", families)
+    monkeypatch.setenv("FLASH_VARLEN_ARCHS", archs)
+    monkeypatch.setenv("FLASH_VARLEN_DTYPES", "bf16")
+    monkeypatch.delenv("FLASH_VARLEN_HEAD_DIMS", raising=False)
+    sources = setup.kernel_sources()
+    assert {family: len(files) for family, files in sources.items()} == expected
+    assert all(path.startswith("csrc/instantiations/sm80/") for path in sources["sm80"])
+    selected = archs.split(",") if archs else ["80", "90"]
+    assert setup.family_targets("sm80") == [
+        f"-gencode=arch=compute_{arch},code=sm_{arch}" for arch in selected
+    ]
+    assert not any("gencode" in flag for flag in setup.nvcc_flags())
+
+
+def test_unknown_family_is_refused(monkeypatch):
+    setup = load_setup()
+    monkeypatch.setenv("FLASH_VARLEN_FAMILIES", "sm90x")
+    with pytest.raises(SystemExit, match="FLASH_VARLEN_FAMILIES='sm90x': unknown value"):
+        setup.kernel_sources()
 
 
 def test_record_of_the_build_in_this_checkout_matches_package_and_selection():
@@ -206,6 +239,7 @@ def test_record_of_the_build_in_this_checkout_matches_package_and_selection():
     if os.environ.get("FLASH_VARLEN_REQUIRE_EXTENSION") == "1":
         # CI builds in the environment the tests run in: the record shows that selection.
         assert record.ARCHS == tuple(setup.selected_archs())
+        assert record.FAMILIES == tuple(setup.kernel_sources())
         assert record.DTYPES == tuple(setup.env_list("FLASH_VARLEN_DTYPES", setup.ALL_DTYPES))
         head_dims = setup.env_list("FLASH_VARLEN_HEAD_DIMS", setup.ALL_HEAD_DIMS)
         assert record.HEAD_DIMS == tuple(int(h) for h in head_dims)

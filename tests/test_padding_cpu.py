@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -154,6 +155,14 @@ def test_cu_seqlens_from_lengths_given_max_seqlen_reads_nothing() -> None:
         cu_seqlens_from_lengths(lengths.to(META))  # computing max_seqlen reads the lengths
 
 
+@pytest.mark.parametrize("max_seqlen", [np.int64(6), torch.tensor(6), torch.tensor([6])])
+def test_given_max_seqlen_may_be_any_host_integer(max_seqlen: object) -> None:
+    """As flash-attn's integer arguments: numpy ints and one-element CPU integer tensors are
+    read on the host and returned as a Python int."""
+    _, returned = cu_seqlens_from_lengths([3, 6], max_seqlen=max_seqlen)
+    assert returned == 6 and type(returned) is int
+
+
 def test_cu_seqlens_from_lengths_given_max_seqlen_cannot_see_negative_tensor_lengths() -> None:
     """The documented limit: without a read-back a negative length goes through unchecked."""
     cu_seqlens, _ = cu_seqlens_from_lengths(torch.tensor([2, -1]), max_seqlen=4)
@@ -178,7 +187,7 @@ def test_cu_seqlens_from_lengths_given_max_seqlen_cannot_see_negative_tensor_len
         ([1], {"max_seqlen": 0}, ValueError, "max_seqlen must be positive"),
         ([1], {"max_seqlen": True}, TypeError, "max_seqlen must be a Python int"),
         ([1], {"max_seqlen": 2.0}, TypeError, "max_seqlen must be a Python int"),
-        ([1], {"max_seqlen": torch.tensor(2)}, TypeError, "max_seqlen must be a Python int"),
+        ([1], {"max_seqlen": torch.tensor(2, device="meta")}, TypeError, "a meta tensor would"),
         (torch.tensor([1]), {"device": "cpu"}, ValueError, "device applies only when lengths"),
     ],
 )

@@ -10,6 +10,7 @@ import math
 import re
 from collections.abc import Callable
 
+import numpy as np
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -219,10 +220,30 @@ VARLEN_CASES = [
     case("max_seqlen_q bool", setting(max_seqlen_q=True), TypeError, "max_seqlen_q must be a"),
     case("max_seqlen_k float", setting(max_seqlen_k=6.0), TypeError, "max_seqlen_k must be a"),
     case(
-        "max_seqlen_q tensor",
-        setting(max_seqlen_q=torch.tensor(7)),
+        "max_seqlen_q device tensor",
+        setting(max_seqlen_q=torch.tensor(7, device="meta")),
         TypeError,
         "max_seqlen_q must be a Python int",
+        "would need a device read",
+    ),
+    case(
+        "max_seqlen_k two-element tensor",
+        setting(max_seqlen_k=torch.tensor([6, 6])),
+        TypeError,
+        "max_seqlen_k must be a Python int",
+    ),
+    case(
+        "window side a device tensor",
+        setting(window_size=torch.tensor([3, 1], device="meta")),
+        TypeError,
+        "window_size must be a pair of ints",
+        "would need a device read",
+    ),
+    case(
+        "window sides float tensor",
+        setting(window_size=torch.tensor([3.0, 1.0])),
+        TypeError,
+        "window_size must be a pair of ints",
     ),
     case("scale nan", setting(softmax_scale=math.nan), ValueError, "softmax_scale must be finite"),
     case("scale inf", setting(softmax_scale=math.inf), ValueError, "softmax_scale must be finite"),
@@ -520,7 +541,7 @@ def test_causal_and_window_normalization(causal, window_size, expected) -> None:
         window_size=window_size,
         softcap=0.0,
     )
-    assert (options.causal, options.window_left, options.window_right) == expected
+    assert (options["causal"], options["window_left"], options["window_right"]) == expected
 
 
 def test_check_options_returns_every_option_in_the_ops_form() -> None:
@@ -533,27 +554,52 @@ def test_check_options_returns_every_option_in_the_ops_form() -> None:
         deterministic=True,
         causal_alignment="top_left",
     )
-    assert options == validation.Options(
-        causal=False,
-        deterministic=True,
-        window_left=4,
-        window_right=1,
-        softcap=30.0,
-        causal_top_left=True,
-        dropout_p=0.0,
-    )
-    assert type(options.softcap) is float and type(options.dropout_p) is float
-    assert options.variant_kwargs() == {
+    assert options == {
+        "dropout_p": 0.0,
+        "softmax_scale": 0.5,
+        "causal": False,
         "window_left": 4,
         "window_right": 1,
         "softcap": 30.0,
+        "alibi_slopes": None,
+        "deterministic": True,
+        "return_dropout_mask": False,
         "causal_top_left": True,
-        "dropout_p": 0.0,
+        "seqused_q": None,
+        "seqused_k": None,
     }
-    default = validation.check_options(
-        dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0
-    )
-    assert default.causal_top_left is False and default.deterministic is False
+    assert type(options["softcap"]) is float and type(options["dropout_p"]) is float
+    default = validation.check_options()
+    assert default["causal_top_left"] is False and default["deterministic"] is False
+    assert default["softmax_scale"] is None  # resolved from the head dim with the tensors
+
+
+@pytest.mark.parametrize(
+    "window_size",
+    [
+        (np.int64(3), np.int32(1)),
+        torch.tensor([3, 1]),
+        (torch.tensor(3), torch.tensor([1])),
+        [torch.tensor(3, dtype=torch.int16), 1],
+    ],
+    ids=["numpy ints", "tensor of two", "0-d and one-element tensors", "int16 tensor and int"],
+)
+def test_window_size_takes_what_operator_index_takes(window_size) -> None:
+    """flash-attn's own tests pass window_size as a tensor of two ints: every integer that
+    operator.index takes, and one-element integer CPU tensors, are read on the host."""
+    options = validation.check_options(window_size=window_size)
+    assert (options["window_left"], options["window_right"]) == (3, 1)
+    assert all(type(options[side]) is int for side in ("window_left", "window_right"))
+    with raises(ValueError, "q must be a CUDA tensor"):
+        flash_varlen.flash_attn_varlen_func(**varlen_args(), window_size=window_size)
+
+
+@pytest.mark.parametrize("max_seqlen", [np.int64(7), torch.tensor(7), torch.tensor([7])])
+def test_max_seqlen_takes_host_integers(max_seqlen) -> None:
+    args = varlen_args()
+    args["max_seqlen_q"] = max_seqlen
+    with raises(ValueError, "q must be a CUDA tensor"):
+        flash_varlen.flash_attn_varlen_func(**args)
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,128 @@
+// Forward entry points: check inputs on the host (never reading device memory), fill the params
+// struct, and dispatch to a registered kernel (dispatch.h) on the current stream. Both layouts
+// run one path, run_forward: fixed length is varlen with cu_seqlens = nullptr and a batch stride.
+#include <utility>
+
+#include "bindings/dispatch.h"
+#include "bindings/error_message.h"
+#include "bindings/input_checks.h"
+#include "bindings/kernel_params.h"
+#include "generated/contract.h"
+#include "generated/entry_points.h"
+#include "kernels/common/flash_params.h"
+
+namespace flash_varlen {
+namespace {
+
+int64_t round_up(int64_t value, int64_t multiple) {
+    return (value + multiple - 1) / multiple * multiple;
+}
+
+// Returns (dropout pattern, rng_state); both are empty tensors when not produced.
+std::pair<at::Tensor, at::Tensor> run_forward(const at::Tensor& q, const at::Tensor& k,
+                                              const at::Tensor& v, at::Tensor& out, at::Tensor& lse,
+                                              const BatchShape& shape,
+                                              const AttentionOptions& options) {
+    const KernelEntry<FlashFwdParams>& kernel = select_kernel<FlashFwdParams>(
+        kernel_config(q, shape, options), compute_capability(q.device()), shape.heads.head_dim,
+        "forward");
+
+    const bool has_batch = q.dim() == 4;
+    FlashFwdParams params{};
+    params.q_ptr = q.data_ptr();
+    params.k_ptr = k.data_ptr();
+    params.v_ptr = v.data_ptr();
+    params.o_ptr = out.data_ptr();
+    params.softmax_lse_ptr = lse.data_ptr<float>();
+    set_strides(&params.q_batch_stride, &params.q_row_stride, &params.q_head_stride, q, has_batch);
+    set_strides(&params.k_batch_stride, &params.k_row_stride, &params.k_head_stride, k, has_batch);
+    set_strides(&params.v_batch_stride, &params.v_row_stride, &params.v_head_stride, v, has_batch);
+    set_strides(&params.o_batch_stride, &params.o_row_stride, &params.o_head_stride, out,
+                has_batch);
+    // lse: (nheads, total_q) varlen or (batch, nheads, seqlen_q) fixed; rows of a head contiguous.
+    params.lse_batch_stride = has_batch ? lse.stride(0) : 0;
+    params.lse_head_stride = lse.stride(-2);
+    set_batch_params(params, shape);
+    const OptionTensors option_tensors =
+        set_option_params(params, options, shape.seqlen_q, shape.seqlen_k);
+
+    at::Tensor dropout_mask = at::empty({0}, q.options());
+    if (options.return_dropout_mask && options.dropout_p > 0.0) {
+        // Zeroed: pairs the kernel skips (invisible, or past a sequence end) read as kept zeros.
+        dropout_mask =
+            at::zeros({shape.batch, shape.heads.nheads, round_up(shape.seqlen_q, kDropoutMaskBlock),
+                       round_up(shape.seqlen_k, kDropoutMaskBlock)},
+                      q.options());
+        params.dropout_mask_ptr = dropout_mask.data_ptr();
+        params.dropout_mask_batch_stride = dropout_mask.stride(0);
+        params.dropout_mask_head_stride = dropout_mask.stride(1);
+        params.dropout_mask_row_stride = dropout_mask.stride(2);
+    }
+    at::Tensor rng_state = take_philox_state(params, options, q.device());
+    if (shape.batch == 0 || q.numel() == 0) return {dropout_mask, rng_state};  // nothing to do
+
+    launch_kernel(kernel, params, q.device(), "forward");
+    return {dropout_mask, rng_state};
+}
+
+}  // namespace
+
+ForwardResult varlen_fwd(const VarlenFwdArgs& args) {
+    const at::Tensor& q = args.q;
+    check_qkv_tensor(q, "q", q.scalar_type(), 3);
+    check_qkv_tensor(args.k, "k", q.scalar_type(), 3);
+    check_qkv_tensor(args.v, "v", q.scalar_type(), 3);
+    const HeadShape heads = check_heads(q, args.k, args.v);
+    const int64_t batch =
+        check_varlen_batch(q, args.k, args.v, args.cu_seqlens_q, args.cu_seqlens_k,
+                           args.max_seqlen_q, args.max_seqlen_k);
+    check_attention_options(args.options, {batch, heads.nheads});
+    for (const auto& [t, name] : {std::pair{&q, "q"},
+                                  {&args.k, "k"},
+                                  {&args.v, "v"},
+                                  {&args.cu_seqlens_q, "cu_seqlens_q"},
+                                  {&args.cu_seqlens_k, "cu_seqlens_k"}}) {
+        check_device(*t, name, q.device());
+    }
+    check_attention_option_devices(args.options, q.device());
+
+    at::Tensor out = at::empty_like(q, q.options().memory_format(at::MemoryFormat::Contiguous));
+    at::Tensor lse = at::empty({heads.nheads, q.size(0)}, q.options().dtype(at::kFloat));
+    const BatchShape shape{heads,
+                           args.cu_seqlens_q.data_ptr<int>(),
+                           args.cu_seqlens_k.data_ptr<int>(),
+                           static_cast<int>(batch),
+                           static_cast<int>(args.max_seqlen_q),
+                           static_cast<int>(args.max_seqlen_k),
+                           q.size(0)};
+    auto [dropout_mask, rng_state] = run_forward(q, args.k, args.v, out, lse, shape, args.options);
+    return {out, lse, dropout_mask, rng_state};
+}
+
+ForwardResult fwd(const FwdArgs& args) {
+    const at::Tensor& q = args.q;
+    check_qkv_tensor(q, "q", q.scalar_type(), 4);
+    check_qkv_tensor(args.k, "k", q.scalar_type(), 4);
+    check_qkv_tensor(args.v, "v", q.scalar_type(), 4);
+    check_fixed_batch(q, args.k, args.v);
+    const HeadShape heads = check_heads(q, args.k, args.v);
+    check_attention_options(args.options, {q.size(0), heads.nheads});
+    for (const auto& [t, name] : {std::pair{&q, "q"}, {&args.k, "k"}, {&args.v, "v"}}) {
+        check_device(*t, name, q.device());
+    }
+    check_attention_option_devices(args.options, q.device());
+
+    at::Tensor out = at::empty_like(q, q.options().memory_format(at::MemoryFormat::Contiguous));
+    at::Tensor lse = at::empty({q.size(0), heads.nheads, q.size(1)}, q.options().dtype(at::kFloat));
+    const BatchShape shape{heads,
+                           nullptr,
+                           nullptr,
+                           static_cast<int>(q.size(0)),
+                           static_cast<int>(q.size(1)),
+                           static_cast<int>(args.k.size(1)),
+                           q.size(0) * q.size(1)};
+    auto [dropout_mask, rng_state] = run_forward(q, args.k, args.v, out, lse, shape, args.options);
+    return {out, lse, dropout_mask, rng_state};
+}
+
+}  // namespace flash_varlen

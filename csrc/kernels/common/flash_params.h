@@ -1,0 +1,136 @@
+// The only contract between the host bindings and the kernels: plain data, no torch types.
+#pragma once
+
+#include <cstdint>
+
+namespace flash_varlen {
+
+// Forward attention over a batch of sequences, either packed back to back (varlen, described by
+// cu_seqlens) or stored with a uniform length and a batch stride (fixed length). Both layouts run
+// the same kernels: fixed length is varlen with implicit uniform lengths.
+struct FlashFwdParams {
+    // q: (tokens, nheads, head_dim); k, v: (tokens, nheads_k, head_dim); o like q.
+    const void* __restrict__ q_ptr;
+    const void* __restrict__ k_ptr;
+    const void* __restrict__ v_ptr;
+    void* __restrict__ o_ptr;
+    // softmax_lse: natural-log sum of exp of the scaled scores per query row, float32.
+    float* __restrict__ softmax_lse_ptr;
+
+    // Strides in elements. The batch strides are used only in the fixed-length layout.
+    int64_t q_batch_stride, q_row_stride, q_head_stride;
+    int64_t k_batch_stride, k_row_stride, k_head_stride;
+    int64_t v_batch_stride, v_row_stride, v_head_stride;
+    int64_t o_batch_stride, o_row_stride, o_head_stride;
+    // LSE is (nheads, total_q) for varlen and (batch, nheads, seqlen_q) for fixed length; its rows
+    // of one head are contiguous in both, so a batch stride and a head stride describe both.
+    int64_t lse_batch_stride, lse_head_stride;
+
+    // (batch + 1,) prefix sums of the sequence lengths, or nullptr for the fixed-length layout.
+    const int* __restrict__ cu_seqlens_q;
+    const int* __restrict__ cu_seqlens_k;
+
+    int batch;
+    int nheads;
+    int nheads_k;  // nheads % nheads_k == 0; query head h reads kv head h / (nheads / nheads_k)
+    int head_dim;  // the real head dim; the kernel's tile width is the bucket >= head_dim
+    // Fixed length: the uniform lengths. Varlen: upper bounds of the lengths (they size the grid).
+    int seqlen_q;
+    int seqlen_k;
+
+    // The kernels keep a "raw" score per (query, key) pair and get the logit (the softmax input)
+    // as logit_scale * raw. Without soft-capping raw = q.k and logit_scale = softmax_scale; with
+    // it raw = tanh(q.k * softcap_prescale) and logit_scale = softcap, so that
+    // logit = softcap * tanh(softmax_scale * q.k / softcap) costs one multiply and one tanh more.
+    float softmax_scale;  // the user's scale; the gradients of q and k carry it
+    float logit_scale;
+    float logit_scale_log2;  // logit_scale * log2(e): the kernels exponentiate with exp2
+    float softcap_prescale;  // softmax_scale / softcap; 0 disables soft-capping
+
+    // Visible keys (local mask): query i sees key j iff
+    //   i + diagonal - window_left <= j <= i + diagonal + window_right,
+    // with diagonal = seqlen_k - seqlen_q per sequence (bottom-right alignment) or 0
+    // (causal_top_left). Causal is window_right = 0. An unbounded side is set by the host to a
+    // value no distance reaches (max_seqlen_q + max_seqlen_k), so no kernel tests for it. Only
+    // the local instantiations read the window; every kernel reads causal_top_left (ALiBi).
+    int window_left;
+    int window_right;
+    bool causal_top_left;
+
+    // ALiBi: bias -slope * |i + diagonal - j| on the logits, slope = alibi_slopes[batch *
+    // alibi_batch_stride + head] (stride 0 for (nheads,) slopes). nullptr: no bias.
+    const float* __restrict__ alibi_slopes;
+    int64_t alibi_batch_stride;
+
+    // (batch,) used lengths: sequence b is only the first seqused_q[b] (seqused_k[b]) rows of its
+    // slot; nullptr: the whole slot. Varlen layout only.
+    const int* __restrict__ seqused_q;
+    const int* __restrict__ seqused_k;
+
+    // Dropout (philox.h): a pair is kept when its 32-bit Philox draw is >= dropout_threshold;
+    // kept probabilities are scaled by dropout_rescale = 1 / (1 - dropout_p). threshold 0: none.
+    uint32_t dropout_threshold;
+    float dropout_rescale;
+    // Philox key and counter base: the values, or (under CUDA graph capture, and in the
+    // backward) device pointers to them; offset_extra is added to the counter base either way.
+    uint64_t philox_seed;
+    uint64_t philox_offset;
+    const int64_t* __restrict__ philox_seed_ptr;  // nullptr: use the values
+    const int64_t* __restrict__ philox_offset_ptr;
+    uint64_t philox_offset_extra;
+    // Forward only: where the forward records (seed, offset) for the backward; nullptr: nowhere.
+    int64_t* __restrict__ rng_state_out;
+    // Forward, testing only: (batch, nheads, rows, cols) dropout pattern, the probability with
+    // its sign bit set where dropped; nullptr: not written.
+    void* __restrict__ dropout_mask_ptr;
+    int64_t dropout_mask_batch_stride, dropout_mask_head_stride, dropout_mask_row_stride;
+};
+
+// Backward: the forward's tensors (q, k, v, o, softmax_lse, read only) plus the gradients.
+struct FlashBwdParams : FlashFwdParams {
+    // dout like q; dq like q; dk, dv like k.
+    const void* __restrict__ do_ptr;
+    void* __restrict__ dq_ptr;
+    void* __restrict__ dk_ptr;
+    void* __restrict__ dv_ptr;
+    int64_t do_batch_stride, do_row_stride, do_head_stride;
+    int64_t dq_batch_stride, dq_row_stride, dq_head_stride;
+    int64_t dk_batch_stride, dk_row_stride, dk_head_stride;
+    int64_t dv_batch_stride, dv_row_stride, dv_head_stride;
+
+    // Gradient of the loss with respect to softmax_lse, laid out like it; nullptr when zero.
+    const float* __restrict__ softmax_lse_grad_ptr;
+    // rowsum(dO * O) - dLSE per query row, float32, laid out like softmax_lse (preprocess output).
+    float* __restrict__ softmax_d_ptr;
+
+    // Workspace of the sm80 family's backward, set by its launcher from the workspace it asked
+    // for (sm80/flash_bwd_launch.h); other families keep theirs elsewhere.
+    // dQ accumulated over key blocks in float32: (nheads, query rows + batch * kBlockM, head-dim
+    // bucket), in tiles of one row block each; see sm80/dq_accum.h for the layout.
+    float* __restrict__ dq_accum_ptr;
+    int64_t dq_accum_head_stride;  // rows * head-dim bucket
+
+    // Varlen gradients the backward allocated itself: rows from cu_seqlens_q[batch] (dq) and
+    // cu_seqlens_k[batch] (dk, dv) up to these row counts are zeroed (clear_rows_past_end.h).
+    // 0: nothing to clear (a buffer given by the caller, or the fixed-length layout).
+    int64_t clear_dq_rows_until;
+    int64_t clear_dk_rows_until;
+    int64_t clear_dv_rows_until;
+
+    // Deterministic mode (sm80 workspace): one counter per (head, query row block) that orders
+    // the dQ adds of the key blocks (key block j adds after j - 1). nullptr: unordered atomic
+    // adds. See sm80/dq_semaphore.h.
+    int* __restrict__ dq_semaphore;
+    int dq_semaphore_head_stride;  // counters per head
+
+    // For the launchers, which size their workspace from them; no kernel reads these. (Kept
+    // last: fields before them keep their offsets in the kernels' parameter space.)
+    int64_t total_q;     // rows of q: total_q (varlen) or batch * seqlen_q (fixed length)
+    bool deterministic;  // order the dQ accumulation (bitwise reproducible dq)
+};
+
+// PyTorch's CUDA generator hands out Philox offsets in multiples of 4 (philox_cuda_state rounds
+// the increment up): each launch takes this much, and philox.h divides offsets by it.
+constexpr uint64_t kPhiloxOffsetGranularity = 4;
+
+}  // namespace flash_varlen

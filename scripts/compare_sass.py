@@ -1,0 +1,112 @@
+"""Compares the machine code (SASS) of every kernel in two builds of the extension.
+
+A refactor that must not change the kernels (a file move, a rename, host-side work) is checked
+by building the extension before and after and running
+
+    python scripts/compare_sass.py OLD/_C*.so NEW/_C*.so --rename flash_varlen::sm80::=flash_varlen::
+
+It disassembles both with cuobjdump (from $CUOBJDUMP, the PATH, or the triton package), splits
+the output per (architecture, kernel), maps kernel names through each --rename (applied to the
+demangled names of the second build, so that a namespace move does not count as a change), and
+prints, per architecture, how many kernels are identical, differ, or exist in one build only.
+Exit status 0 only when every kernel of either build has an identical twin in the other.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+FUNCTION = re.compile(r"^\s*Function : (\S+)\s*$")
+ARCH = re.compile(r"^\s*arch = (sm_\d+a?)\s*$")
+
+
+def cuobjdump() -> str:
+    """The cuobjdump to use: $CUOBJDUMP, the PATH, or the one the triton package ships."""
+    if os.environ.get("CUOBJDUMP"):
+        return os.environ["CUOBJDUMP"]
+    found = shutil.which("cuobjdump")
+    if found:
+        return found
+    try:
+        import triton
+    except ImportError:
+        sys.exit("cuobjdump not found: set CUOBJDUMP, put it on the PATH or install triton")
+    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
+
+
+def demangle(names: list[str]) -> dict[str, str]:
+    result = subprocess.run(
+        ["c++filt"], input="\n".join(names), capture_output=True, text=True, check=True
+    )
+    return dict(zip(names, result.stdout.splitlines()))
+
+
+def kernels(binary: Path, renames: list[tuple[str, str]]) -> dict[tuple[str, str], str]:
+    """{(arch, demangled and renamed kernel name): its SASS text} of one binary."""
+    text = subprocess.run(
+        [cuobjdump(), "-sass", str(binary)], capture_output=True, text=True, check=True
+    ).stdout
+    sections: dict[tuple[str, str], list[str]] = defaultdict(list)
+    arch, current = "", None
+    for line in text.splitlines():
+        if match := ARCH.match(line):
+            arch, current = match.group(1), None
+        elif match := FUNCTION.match(line):
+            current = (arch, match.group(1))
+        elif current is not None:
+            sections[current].append(line)
+    names = demangle(sorted({name for _, name in sections}))
+    result = {}
+    for (section_arch, name), lines in sections.items():
+        readable = names[name]
+        for old, new in renames:
+            readable = readable.replace(old, new)
+        key = (section_arch, readable)
+        if key in result:
+            sys.exit(f"{binary}: kernel {readable} appears twice for {section_arch}")
+        result[key] = "\n".join(lines)
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("before", type=Path)
+    parser.add_argument("after", type=Path)
+    parser.add_argument(
+        "--rename",
+        action="append",
+        default=[],
+        metavar="OLD=NEW",
+        help="replace OLD by NEW in the demangled names of both builds (repeatable)",
+    )
+    args = parser.parse_args()
+    renames = [tuple(rule.split("=", 1)) for rule in args.rename]
+    before, after = kernels(args.before, renames), kernels(args.after, renames)
+    archs = sorted({arch for arch, _ in before} | {arch for arch, _ in after})
+    clean = True
+    for arch in archs:
+        old = {name: sass for (a, name), sass in before.items() if a == arch}
+        new = {name: sass for (a, name), sass in after.items() if a == arch}
+        same = [name for name in old if name in new and old[name] == new[name]]
+        differ = [name for name in old if name in new and old[name] != new[name]]
+        only_old, only_new = sorted(old.keys() - new.keys()), sorted(new.keys() - old.keys())
+        print(
+            f"{arch}: {len(same)} kernels identical, {len(differ)} differ, "
+            f"{len(only_old)} only before, {len(only_new)} only after"
+        )
+        for label, names in (("differs", differ), ("only before", only_old), ("only after", only_new)):
+            for name in names:
+                print(f"  {label}: {name}")
+        clean = clean and not (differ or only_old or only_new)
+    return 0 if clean and archs else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
