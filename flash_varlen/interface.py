@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -24,9 +23,9 @@ from typing import Any
 import torch
 
 from flash_varlen import ops, validation
-from flash_varlen._codegen import NO_DEFAULT, FunctionParameter, make_function
+from flash_varlen._codegen import NO_DEFAULT, FunctionParameter, arguments_by_name, make_function
 from flash_varlen.options import PUBLIC_OPTIONS, PublicOption, Scope
-from flash_varlen.signatures import Layout
+from flash_varlen.signatures import FORWARD_OPS, Layout
 from flash_varlen.validation import ArgNames
 
 AttentionResult = torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
@@ -87,6 +86,12 @@ _RAISES_DOC = """\
 _OPTION_INDENT = " " * 8
 # The forward ops' own inputs, which a public function passes under these names.
 _OP_INPUTS = ("q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k")
+# The forward ops' parameters with their defaults, in order (a function passes no value for an
+# option it does not take: seqused_q of the qkv-packed function).
+_OP_PARAMETERS = {
+    layout: tuple((p.name, p.default) for p in signature.parameters)
+    for layout, signature in FORWARD_OPS.items()
+}
 
 
 class Packing(enum.Enum):
@@ -189,14 +194,18 @@ def _attention(
                 seqused_q=arguments.get("seqused_q"),
                 seqused_k=arguments.get("seqused_k"),
             )
-        op = ops.varlen_fwd
     else:
         validation.check_fixed_inputs(q, k, v, names, arguments)
-        op = ops.fwd
+    op = getattr(ops, FORWARD_OPS[function.layout].name)
     arguments["softmax_scale"] = validation.resolve_softmax_scale(
         arguments["softmax_scale"], q.shape[-1]
     )
-    out, softmax_lse, s_dmask, _ = op(**inputs, **arguments)
+    # Positionally, in the op's order: the dispatcher parses keywords more slowly (about 10 us
+    # a call for all of them, bench_host_overhead.py).
+    arguments.update(inputs)
+    out, softmax_lse, s_dmask, _ = op(
+        *[arguments.get(name, default) for name, default in _OP_PARAMETERS[function.layout]]
+    )
     if not values["return_attn_probs"]:
         return out
     # Without dropout there is no pattern to return (the op's s_dmask is then empty): None, as
@@ -231,7 +240,8 @@ def make_public_function(function: PublicFunction) -> Callable[..., AttentionRes
     return make_function(
         function.name,
         parameters,
-        functools.partial(_attention, function, function.options),
+        f"_attention(_function, _options, {arguments_by_name([p.name for p in parameters])})",
+        {"_attention": _attention, "_function": function, "_options": function.options},
         returns="AttentionResult",
         doc=doc,
         module_globals=globals(),

@@ -296,6 +296,8 @@ class PublicOption:
 
 def _number(value: Any, name: str, expected: str = "a float") -> float:
     """value as a float; TypeError unless it is a real number (a bool is not one here)."""
+    if type(value) is float:  # the common case first: the ABC check below costs a microsecond
+        return value
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(error(f"{name} must be {expected}, got {type(value).__name__}."))
     return float(value)
@@ -311,6 +313,8 @@ def host_int(value: Any, name: str, expected: str) -> int:
     """An integer argument read on the host: anything ``operator.index`` takes (Python and
     numpy ints), including a one-element integer tensor on the CPU; a bool is not one. A tensor
     on another device is refused: reading it would synchronize with that device."""
+    if type(value) is int:  # the common case first
+        return value
     if isinstance(value, torch.Tensor):
         if value.device.type != "cpu":
             raise TypeError(
@@ -376,6 +380,10 @@ def effective_window(window_size: Any, causal: bool) -> tuple[int, int]:
     Each side may be anything ``host_int`` takes (flash-attn's own tests pass a tensor of two
     ints).
     """
+    if type(window_size) is tuple and len(window_size) == 2:  # the common case first
+        left, right = window_size
+        if type(left) is int and type(right) is int and left >= WINDOW_SIDE_RULE.low <= right:
+            return left, 0 if causal else right
     try:
         left, right = window_size
     except (TypeError, ValueError):

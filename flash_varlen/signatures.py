@@ -13,6 +13,7 @@ extension's entry points from them, so the two cannot disagree.
 from __future__ import annotations
 
 import enum
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,7 +77,8 @@ class Parameter:
 
 @dataclass(frozen=True)
 class Signature:
-    """An entry's parameters: ``order`` with OTHER_OPTIONS expanded.
+    """An entry's parameters: ``order`` with OTHER_OPTIONS expanded (computed once: calls read
+    them on the hot path).
 
     ``options_for``: None for every option of the layout (the forward ops), else the options
     read by that direction.
@@ -94,7 +96,7 @@ class Signature:
             return False
         return self.options_for is None or option.read_by(self.options_for)
 
-    @property
+    @functools.cached_property
     def parameters(self) -> tuple[Parameter, ...]:
         named = set(self.order)
         result = []
@@ -112,11 +114,11 @@ class Signature:
                 result.append(Parameter(entry.name, entry.kind, entry.default, is_option=False))
         return tuple(result)
 
-    @property
+    @functools.cached_property
     def names(self) -> tuple[str, ...]:
         return tuple(parameter.name for parameter in self.parameters)
 
-    @property
+    @functools.cached_property
     def leading(self) -> tuple[str, ...]:
         """The names before OTHER_OPTIONS: the entry's positional contract."""
         return self.order[: self.order.index(OTHER_OPTIONS)]

@@ -28,7 +28,6 @@ from flash_varlen import contract
 from flash_varlen.errors import error as _error
 from flash_varlen.options import (
     OPTIONS,
-    PUBLIC_OPTIONS,
     Kind,
     Option,
     PublicOption,
@@ -81,20 +80,10 @@ def option_arguments(
     """
     arguments: dict[str, Any] = {}
     for option in public_options:
-        values = option.convert(public_values[option.name], public_values)
-        arguments.update(zip(option.sets, values))
+        converted = option.convert(public_values[option.name], public_values)
+        for name, value in zip(option.sets, converted):
+            arguments[name] = value
     return arguments
-
-
-def check_options(**public_values: Any) -> dict[str, Any]:
-    """The op arguments for public option values given by keyword; options not given take
-    their public defaults (every public option of flash_attn_varlen_func is known here)."""
-    values = {option.name: option.default for option in PUBLIC_OPTIONS}
-    unknown = public_values.keys() - values.keys()
-    if unknown:
-        raise TypeError(_error(f"unknown options {sorted(unknown)}."))
-    values.update(public_values)
-    return option_arguments(values, PUBLIC_OPTIONS)
 
 
 def resolve_softmax_scale(softmax_scale: float | None, head_dim: IntLike) -> float:
@@ -135,15 +124,24 @@ def check_tensor_option(
     raise ValueError(_error(f"{name} must have shape {described}{note}, got {tuple(tensor.shape)}."))
 
 
+# The tensor options of each layout (the fixed-length one has no varlen-only option).
+_TENSOR_OPTIONS = {
+    varlen: tuple(
+        option
+        for option in OPTIONS
+        if option.kind is Kind.OPTIONAL_TENSOR and (varlen or not option.varlen_only)
+    )
+    for varlen in (False, True)
+}
+
+
 def _check_tensor_options(
     options: Mapping[str, Any], sizes: Mapping[str, IntLike], varlen: bool
 ) -> list[tuple[torch.Tensor | None, str]]:
     """Checks every tensor option the layout has; returns them with their names for the device
     check."""
     checked = []
-    for option in OPTIONS:
-        if option.kind is not Kind.OPTIONAL_TENSOR or (option.varlen_only and not varlen):
-            continue
+    for option in _TENSOR_OPTIONS[varlen]:
         tensor = options.get(option.name)
         check_tensor_option(option, tensor, sizes)
         checked.append((tensor, option.name))

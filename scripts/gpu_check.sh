@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: build the extension with all cores, run the tests, run the
 # benchmark, and leave logs and JSON in the folder given as $1. Stages are picked with $2, a comma
-# list of build, test, bench, bench_backward, bench_head_dims, memcheck, narrowed (default
-# build,test,bench), so that a call fits the device's time limit. FLASH_VARLEN_ARCHS=90 builds
+# list of build, test, families, bench, bench_backward, bench_head_dims, memcheck, narrowed
+# (default build,test,bench), so that a call fits the device's time limit. FLASH_VARLEN_ARCHS=90 builds
 # for Hopper only (half the build time) when the machine is known to be one.
 #
 #   bash scripts/gpu_check.sh "$OUT"                 # build, tests, targets.md benchmark
@@ -44,6 +44,34 @@ if has_stage test; then
     echo "tests rc=$rc: $(tail -1 "$out_dir/tests.log")" | tee -a "$out_dir/summary.txt"
     grep -E "^(FAILED|ERROR)" "$out_dir/tests.log" | head -30
     [ $rc -ne 0 ] && status=$rc
+fi
+
+if has_stage families; then
+    # The GPU tests once per kernel family that runs on this GPU, each forced with
+    # FLASH_VARLEN_KERNEL_FAMILY (the test stage runs whichever dispatch picks).
+    families=$(python3 - <<'PY'
+import os
+import torch
+from flash_varlen._extension import load_extension
+extension = load_extension()
+major, minor = torch.cuda.get_device_capability()
+for family, dtype, bucket in sorted(set((f, d, b) for f, d, b in extension.compiled_kernels())):
+    os.environ["FLASH_VARLEN_KERNEL_FAMILY"] = family
+    try:
+        extension.select_kernel_family("forward", dtype, bucket, False, major * 10 + minor)
+    except NotImplementedError:
+        continue
+    print(family)
+PY
+)
+    families=$(echo "$families" | sort -u)
+    for family in $families; do
+        FLASH_VARLEN_KERNEL_FAMILY=$family python3 -m pytest tests -q -m gpu -p no:cacheprovider \
+            > "$out_dir/tests_$family.log" 2>&1
+        rc=$?
+        echo "tests of family $family rc=$rc: $(tail -1 "$out_dir/tests_$family.log")" | tee -a "$out_dir/summary.txt"
+        [ $rc -ne 0 ] && status=$rc
+    done
 fi
 
 if has_stage bench; then

@@ -17,6 +17,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 import flash_varlen
 from flash_varlen import interface, validation
+from flash_varlen.options import PUBLIC_OPTIONS
 
 NHEADS, NHEADS_K, HEAD_DIM = 4, 2, 64
 SEQLENS_Q, SEQLENS_K = (5, 7), (4, 6)
@@ -516,6 +517,14 @@ def test_variant_tensor_on_another_device_than_q(name: str, tensor: torch.Tensor
 # Options
 
 
+def op_arguments(**public_values) -> dict:
+    """The op arguments of public option values given by keyword (the others at their public
+    defaults), as flash_attn_varlen_func converts them."""
+    values = {option.name: option.default for option in PUBLIC_OPTIONS}
+    values.update(public_values)
+    return validation.option_arguments(values, PUBLIC_OPTIONS)
+
+
 @pytest.mark.parametrize(
     ("causal", "window_size", "expected"),
     [
@@ -534,7 +543,7 @@ def test_variant_tensor_on_another_device_than_q(name: str, tensor: torch.Tensor
     ],
 )
 def test_causal_and_window_normalization(causal, window_size, expected) -> None:
-    options = validation.check_options(
+    options = op_arguments(
         dropout_p=0.0,
         softmax_scale=None,
         causal=causal,
@@ -544,8 +553,8 @@ def test_causal_and_window_normalization(causal, window_size, expected) -> None:
     assert (options["causal"], options["window_left"], options["window_right"]) == expected
 
 
-def test_check_options_returns_every_option_in_the_ops_form() -> None:
-    options = validation.check_options(
+def test_option_arguments_are_every_option_in_the_ops_form() -> None:
+    options = op_arguments(
         dropout_p=0,
         softmax_scale=0.5,
         causal=False,
@@ -569,7 +578,7 @@ def test_check_options_returns_every_option_in_the_ops_form() -> None:
         "seqused_k": None,
     }
     assert type(options["softcap"]) is float and type(options["dropout_p"]) is float
-    default = validation.check_options()
+    default = op_arguments()
     assert default["causal_top_left"] is False and default["deterministic"] is False
     assert default["softmax_scale"] is None  # resolved from the head dim with the tensors
 
@@ -587,7 +596,7 @@ def test_check_options_returns_every_option_in_the_ops_form() -> None:
 def test_window_size_takes_what_operator_index_takes(window_size) -> None:
     """flash-attn's own tests pass window_size as a tensor of two ints: every integer that
     operator.index takes, and one-element integer CPU tensors, are read on the host."""
-    options = validation.check_options(window_size=window_size)
+    options = op_arguments(window_size=window_size)
     assert (options["window_left"], options["window_right"]) == (3, 1)
     assert all(type(options[side]) is int for side in ("window_left", "window_right"))
     with raises(ValueError, "q must be a CUDA tensor"):

@@ -195,13 +195,8 @@ BackwardResult varlen_bwd(const VarlenBwdArgs& args) {
 
     BackwardTensors t = backward_tensors(args.dout, q, args.k, args.v, args.out, args.softmax_lse,
                                          grads, args.options);
-    const BatchShape shape{heads,
-                           args.cu_seqlens_q.data_ptr<int>(),
-                           args.cu_seqlens_k.data_ptr<int>(),
-                           static_cast<int>(batch),
-                           static_cast<int>(args.max_seqlen_q),
-                           static_cast<int>(args.max_seqlen_k),
-                           q.size(0)};
+    const BatchShape shape = varlen_shape(heads, q, args.cu_seqlens_q, args.cu_seqlens_k, batch,
+                                          args.max_seqlen_q, args.max_seqlen_k);
     run_backward(t, shape, args.options, args.rng_state);
     return {t.dq, t.dk, t.dv};
 }
@@ -218,13 +213,7 @@ BackwardResult bwd(const BwdArgs& args) {
 
     BackwardTensors t = backward_tensors(args.dout, q, args.k, args.v, args.out, args.softmax_lse,
                                          grads, args.options);
-    const BatchShape shape{heads,
-                           nullptr,
-                           nullptr,
-                           static_cast<int>(q.size(0)),
-                           static_cast<int>(q.size(1)),
-                           static_cast<int>(args.k.size(1)),
-                           q.size(0) * q.size(1)};
+    const BatchShape shape = fixed_shape(heads, q, args.k);
     run_backward(t, shape, args.options, args.rng_state);
     return {t.dq, t.dk, t.dv};
 }

@@ -88,13 +88,8 @@ ForwardResult varlen_fwd(const VarlenFwdArgs& args) {
 
     at::Tensor out = at::empty_like(q, q.options().memory_format(at::MemoryFormat::Contiguous));
     at::Tensor lse = at::empty({heads.nheads, q.size(0)}, q.options().dtype(at::kFloat));
-    const BatchShape shape{heads,
-                           args.cu_seqlens_q.data_ptr<int>(),
-                           args.cu_seqlens_k.data_ptr<int>(),
-                           static_cast<int>(batch),
-                           static_cast<int>(args.max_seqlen_q),
-                           static_cast<int>(args.max_seqlen_k),
-                           q.size(0)};
+    const BatchShape shape = varlen_shape(heads, q, args.cu_seqlens_q, args.cu_seqlens_k, batch,
+                                          args.max_seqlen_q, args.max_seqlen_k);
     auto [dropout_mask, rng_state] = run_forward(q, args.k, args.v, out, lse, shape, args.options);
     return {out, lse, dropout_mask, rng_state};
 }
@@ -114,13 +109,7 @@ ForwardResult fwd(const FwdArgs& args) {
 
     at::Tensor out = at::empty_like(q, q.options().memory_format(at::MemoryFormat::Contiguous));
     at::Tensor lse = at::empty({q.size(0), heads.nheads, q.size(1)}, q.options().dtype(at::kFloat));
-    const BatchShape shape{heads,
-                           nullptr,
-                           nullptr,
-                           static_cast<int>(q.size(0)),
-                           static_cast<int>(q.size(1)),
-                           static_cast<int>(args.k.size(1)),
-                           q.size(0) * q.size(1)};
+    const BatchShape shape = fixed_shape(heads, q, args.k);
     auto [dropout_mask, rng_state] = run_forward(q, args.k, args.v, out, lse, shape, args.options);
     return {out, lse, dropout_mask, rng_state};
 }

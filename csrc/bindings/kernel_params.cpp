@@ -42,6 +42,28 @@ uint32_t dropout_threshold(double dropout_p) {
 
 }  // namespace
 
+BatchShape varlen_shape(const HeadShape& heads, const at::Tensor& q, const at::Tensor& cu_seqlens_q,
+                        const at::Tensor& cu_seqlens_k, int64_t batch, int64_t max_seqlen_q,
+                        int64_t max_seqlen_k) {
+    return {heads,
+            cu_seqlens_q.data_ptr<int>(),
+            cu_seqlens_k.data_ptr<int>(),
+            static_cast<int>(batch),
+            static_cast<int>(max_seqlen_q),
+            static_cast<int>(max_seqlen_k),
+            q.size(0)};
+}
+
+BatchShape fixed_shape(const HeadShape& heads, const at::Tensor& q, const at::Tensor& k) {
+    return {heads,
+            nullptr,
+            nullptr,
+            static_cast<int>(q.size(0)),
+            static_cast<int>(q.size(1)),
+            static_cast<int>(k.size(1)),
+            q.size(0) * q.size(1)};
+}
+
 KernelConfig kernel_config(const at::Tensor& q, const BatchShape& shape,
                            const AttentionOptions& options) {
     return {element_type_of(q), head_dim_bucket(shape.heads.head_dim),
