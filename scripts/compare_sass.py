@@ -7,8 +7,9 @@ by building the extension before and after and running
 
 It disassembles both with cuobjdump (from $CUOBJDUMP, the PATH, or the triton package), splits
 the output per (architecture, kernel), maps kernel names through each --rename (applied to the
-demangled names of the second build, so that a namespace move does not count as a change), and
+demangled names of both builds, so that a namespace move does not count as a change), and
 prints, per architecture, how many kernels are identical, differ, or exist in one build only.
+Instructions and their encodings are compared exactly; only the column padding is ignored.
 Exit status 0 only when every kernel of either build has an identical twin in the other.
 """
 
@@ -20,11 +21,13 @@ import re
 import shutil
 import subprocess
 import sys
-from collections import defaultdict
 from pathlib import Path
 
 FUNCTION = re.compile(r"^\s*Function : (\S+)\s*$")
 ARCH = re.compile(r"^\s*arch = (sm_\d+a?)\s*$")
+# Lines of a function's disassembly: instructions and their encodings (/*0010*/ ... /* 0x... */),
+# the header flags, and labels. Anything else (the next fatbin's banner) ends the function.
+SASS_LINE = re.compile(r"^\s*(/\*|\.headerflags|\.L_|\.\w+:)")
 
 
 def cuobjdump() -> str:
@@ -49,29 +52,39 @@ def demangle(names: list[str]) -> dict[str, str]:
 
 
 def kernels(binary: Path, renames: list[tuple[str, str]]) -> dict[tuple[str, str], str]:
-    """{(arch, demangled and renamed kernel name): its SASS text} of one binary."""
+    """{(arch, demangled and renamed kernel name): its SASS text} of one binary.
+
+    A kernel template instantiated in several objects (clear_rows_past_end_kernel is, in every
+    backward file of its dtype) appears once per object; its copies must be identical, and
+    count once.
+    """
     text = subprocess.run(
         [cuobjdump(), "-sass", str(binary)], capture_output=True, text=True, check=True
     ).stdout
-    sections: dict[tuple[str, str], list[str]] = defaultdict(list)
+    copies: list[tuple[str, str, list[str]]] = []
     arch, current = "", None
     for line in text.splitlines():
         if match := ARCH.match(line):
             arch, current = match.group(1), None
         elif match := FUNCTION.match(line):
-            current = (arch, match.group(1))
-        elif current is not None:
-            sections[current].append(line)
-    names = demangle(sorted({name for _, name in sections}))
-    result = {}
-    for (section_arch, name), lines in sections.items():
+            current = []
+            copies.append((arch, match.group(1), current))
+        elif current is not None and SASS_LINE.match(line):
+            # Whitespace folded: cuobjdump aligns the encoding column to the longest line of
+            # the whole file, which other kernels change.
+            current.append(" ".join(line.split()))
+        elif line.strip():
+            current = None
+    names = demangle(sorted({name for _, name, _ in copies}))
+    result: dict[tuple[str, str], str] = {}
+    for copy_arch, name, lines in copies:
         readable = names[name]
         for old, new in renames:
             readable = readable.replace(old, new)
-        key = (section_arch, readable)
-        if key in result:
-            sys.exit(f"{binary}: kernel {readable} appears twice for {section_arch}")
-        result[key] = "\n".join(lines)
+        key = (copy_arch, readable)
+        sass = "\n".join(lines)
+        if result.setdefault(key, sass) != sass:
+            sys.exit(f"{binary}: the copies of {readable} for {copy_arch} differ")
     return result
 
 
