@@ -191,4 +191,7 @@ def compiled_kernels() -> list[tuple[str, str, int]]:
     module = _load().module
     if module is None:
         return []
-    return [(str(family), str(name), int(bucket)) for family, name, bucket in module.compiled_kernels()]
+    return [
+        (str(family), str(name), int(bucket))
+        for family, name, bucket in module.compiled_kernels()
+    ]

@@ -4,9 +4,10 @@ Prints one aligned ``key: value`` line per fact: the package version; the torch 
 versions the extension was built against (from the build record setup.py writes,
 ``flash_varlen/_build_info.py``) and the ones running now; nvcc, CUTLASS, the architectures,
 kernel families and kernel selection of the build; the kernel families and the forward and
-backward kernels the extension contains; the GPU and the kernel family that runs on it. With a GPU and a loadable extension it then runs a self-check: forward and backward of a
-small packed batch against the float32 reference of :mod:`flash_varlen.reference`, judged by the
-tests' tolerance rule. The exit status is 1 when the self-check fails and 0 otherwise: without a
+backward kernels the extension contains; the GPU and the kernel family that runs on it. With a
+GPU and a loadable extension it then runs a self-check: forward and backward of a small packed
+batch against the float32 reference of :mod:`flash_varlen.reference`, judged by the tests'
+tolerance rule. The exit status is 1 when the self-check fails and 0 otherwise: without a
 GPU or an extension the command only informs.
 """
 

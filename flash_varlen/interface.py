@@ -85,7 +85,9 @@ _RAISES_DOC = """\
 
 _OPTION_INDENT = " " * 8
 # The forward ops' own inputs, which a public function passes under these names.
-_OP_INPUTS = ("q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k")
+_OP_INPUTS = frozenset(
+    ("q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k")
+)
 # The forward ops' parameters with their defaults, in order (a function passes no value for an
 # option it does not take: seqused_q of the qkv-packed function).
 _OP_PARAMETERS = {
@@ -132,7 +134,7 @@ class PublicFunction:
         the ops' names, with the names messages use for them."""
         varlen = self.layout is Layout.VARLEN
         inputs = {name: values[name] for name in self.leading if name in _OP_INPUTS}
-        names = ArgNames()
+        names = validation.DEFAULT_NAMES
         if self.packing is not Packing.NONE:
             packed_name = "qkv" if self.packing is Packing.QKV else "kv"
             packed = values[packed_name]
@@ -225,7 +227,9 @@ def make_public_function(function: PublicFunction) -> Callable[..., AttentionRes
     """The function ``function`` describes, with flash-attn's parameters and flash_varlen's
     keyword-only ones, each with its name, default and annotation."""
     parameters = [
-        FunctionParameter(name, "int" if name.startswith("max_seqlen") else "torch.Tensor", NO_DEFAULT)
+        FunctionParameter(
+            name, "int" if name.startswith("max_seqlen") else "torch.Tensor", NO_DEFAULT
+        )
         for name in function.leading
     ]
     parameters += [

@@ -214,18 +214,21 @@ class _Autograd:
     """
 
     def __init__(self, forward: Signature, backward: Signature, backward_op: Any) -> None:
-        self.forward_names = forward.names
         self.backward_names = backward.names
         self.backward_op = backward_op
-        available = set(forward.names) | set(FORWARD_OUTPUTS)
-        taken = [p for p in backward.parameters if p.name in available]
+        # Where each kept value sits in (forward inputs..., forward outputs...), found once:
+        # setup_context runs on every forward with grad.
+        position = {name: i for i, name in enumerate((*forward.names, *FORWARD_OUTPUTS))}
+        taken = [p for p in backward.parameters if p.name in position]
         self.saved = tuple(p.name for p in taken if p.kind.is_tensor)
         self.kept = tuple(p.name for p in taken if not p.kind.is_tensor)
+        self.saved_positions = tuple(position[name] for name in self.saved)
+        self.kept_positions = tuple(position[name] for name in self.kept)
 
     def setup_context(self, ctx: Any, inputs: tuple[Any, ...], output: Outputs) -> None:
-        values = {**dict(zip(self.forward_names, inputs)), **dict(zip(FORWARD_OUTPUTS, output))}
-        ctx.save_for_backward(*(values[name] for name in self.saved))
-        ctx.kept = {name: values[name] for name in self.kept}
+        values = (*inputs, *output)
+        ctx.save_for_backward(*[values[i] for i in self.saved_positions])
+        ctx.kept = [values[i] for i in self.kept_positions]
         ctx.num_inputs = len(inputs)
         s_dmask, rng_state = output[2:]
         ctx.mark_non_differentiable(s_dmask, rng_state)
@@ -242,7 +245,8 @@ class _Autograd:
         _grad_s_dmask: None,
         _grad_rng_state: None,
     ) -> tuple[torch.Tensor | None, ...]:
-        arguments = {**ctx.kept, **dict(zip(self.saved, ctx.saved_tensors))}
+        arguments = dict(zip(self.kept, ctx.kept))
+        arguments.update(zip(self.saved, ctx.saved_tensors))
         arguments["dout"] = kernel_ready_dout(grad_out, arguments["out"])
         arguments["softmax_lse_grad"] = kernel_ready_lse_grad(grad_softmax_lse)
         arguments["deterministic"] = use_deterministic_backward(arguments["deterministic"])

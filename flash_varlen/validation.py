@@ -111,7 +111,7 @@ def check_tensor_option(
     if tuple(tensor.shape) in shapes:
         return
     described = " or ".join(
-        f"({', '.join(shape)},) = {values}" if len(shape) == 1 else f"({', '.join(shape)}) = {values}"
+        f"({', '.join(shape)}{',' if len(shape) == 1 else ''}) = {values}"
         for shape, values in zip(rule.shapes, shapes)
     )
     note = f", {rule.note}" if rule.note else ""
@@ -121,7 +121,9 @@ def check_tensor_option(
         raise ValueError(
             _error(f"{name} must be {rank}-D {described}{note}, got shape {tuple(tensor.shape)}.")
         )
-    raise ValueError(_error(f"{name} must have shape {described}{note}, got {tuple(tensor.shape)}."))
+    raise ValueError(
+        _error(f"{name} must have shape {described}{note}, got {tuple(tensor.shape)}.")
+    )
 
 
 # The tensor options of each layout (the fixed-length one has no varlen-only option).

@@ -3,7 +3,8 @@
 A refactor that must not change the kernels (a file move, a rename, host-side work) is checked
 by building the extension before and after and running
 
-    python scripts/compare_sass.py OLD/_C*.so NEW/_C*.so --rename flash_varlen::sm80::=flash_varlen::
+    python scripts/compare_sass.py OLD/_C*.so NEW/_C*.so \
+        --rename flash_varlen::sm80::=flash_varlen::
 
 It disassembles both with cuobjdump (from $CUOBJDUMP, the PATH, or the triton package), splits
 the output per (architecture, kernel), maps kernel names through each --rename (applied to the
@@ -114,7 +115,8 @@ def main() -> int:
             f"{arch}: {len(same)} kernels identical, {len(differ)} differ, "
             f"{len(only_old)} only before, {len(only_new)} only after"
         )
-        for label, names in (("differs", differ), ("only before", only_old), ("only after", only_new)):
+        listed = (("differs", differ), ("only before", only_old), ("only after", only_new))
+        for label, names in listed:
             for name in names:
                 print(f"  {label}: {name}")
         clean = clean and not (differ or only_old or only_new)

@@ -86,7 +86,9 @@ def test_every_runnable_family_matches_the_reference(monkeypatch) -> None:
     dout = seeded_randn(batch.q.shape, DTYPE, DEVICE, device_generator(DEVICE, 12))
     refs = {}
     for compute_dtype in (torch.float32, DTYPE):
-        leaves = [x.detach().to(compute_dtype).requires_grad_() for x in (batch.q, batch.k, batch.v)]
+        leaves = [
+            x.detach().to(compute_dtype).requires_grad_() for x in (batch.q, batch.k, batch.v)
+        ]
         out, lse = attention_ref_varlen(
             *leaves, batch.cu_seqlens_q, batch.cu_seqlens_k, causal=True,
             compute_dtype=compute_dtype,
