@@ -18,9 +18,9 @@ HEAD_DIM_MULTIPLE = VECTOR_BYTES // ELEMENT_BYTES
 MAX_HEAD_DIM = 256
 # Compiled tile widths: a head dim runs in the smallest bucket >= it.
 HEAD_DIM_BUCKETS = (64, 96, 128, 192, 256)
-# In-tile offsets are 32-bit: the largest row tile (128 rows) times the row stride stays below
-# 2^31.
-MAX_ROW_STRIDE = 2**31 // 128
+# In-tile offsets are 32-bit: the largest row tile times the row stride stays below 2^31.
+LARGEST_ROW_TILE = 128
+MAX_ROW_STRIDE = 2**31 // LARGEST_ROW_TILE
 
 # cu_seqlens and seqused are int32; softmax_lse and its gradient float32.
 INDEX_DTYPE = "int32"
@@ -34,7 +34,3 @@ RNG_STATE_SIZE = 2
 RNG_STATE_DTYPE = "int64"
 DROPOUT_MASK_BLOCK = 128
 
-
-def head_dim_bucket(head_dim: int) -> int | None:
-    """The smallest bucket >= head_dim, or None when head_dim is larger than every bucket."""
-    return next((bucket for bucket in HEAD_DIM_BUCKETS if head_dim <= bucket), None)

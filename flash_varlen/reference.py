@@ -66,10 +66,11 @@ from typing import Sequence
 
 import torch
 
+from flash_varlen import contract
 from flash_varlen.contract import UNBOUNDED_WINDOW_SIDE as UNBOUNDED
 from flash_varlen.options import BOTTOM_RIGHT, CAUSAL_ALIGNMENTS, TOP_LEFT
 
-LSE_DTYPE = torch.float32
+LSE_DTYPE = getattr(torch, contract.LSE_DTYPE)
 
 NO_WINDOW = (UNBOUNDED, UNBOUNDED)
 

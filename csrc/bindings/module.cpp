@@ -45,20 +45,23 @@ std::vector<std::tuple<std::string, std::string, int>> configs_of() {
     return configs;
 }
 
+// Adds the compute capabilities the kernels of one direction and family were compiled for.
+template <typename Params>
+void add_built_capabilities(KernelFamily family, std::set<int>& built) {
+    for (const KernelEntry<Params>& entry : kernel_table<Params>()) {
+        if (entry.key.family != family) continue;
+        for (const int arch : entry.archs) built.insert(arch / kArchPerCapability);
+    }
+}
+
 // The families, best first: name, summary, the compute capabilities each serves, and the
 // compute capabilities this build compiled its kernels for (empty: none of its kernels built).
 py::list kernel_families() {
     py::list families;
     for (const KernelFamilyInfo& info : kKernelFamilies) {
         std::set<int> built;
-        for (const auto& entry : kernel_table<FlashFwdParams>()) {
-            if (entry.key.family != info.family) continue;
-            for (const int arch : entry.archs) built.insert(arch / kArchPerCapability);
-        }
-        for (const auto& entry : kernel_table<FlashBwdParams>()) {
-            if (entry.key.family != info.family) continue;
-            for (const int arch : entry.archs) built.insert(arch / kArchPerCapability);
-        }
+        add_built_capabilities<FlashFwdParams>(info.family, built);
+        add_built_capabilities<FlashBwdParams>(info.family, built);
         py::dict family;
         family["name"] = info.name;
         family["summary"] = info.summary;
