@@ -362,6 +362,24 @@ def _result_type(signature, options) -> str:
     return "ForwardResult" if signature.direction is options.Direction.FORWARD else "BackwardResult"
 
 
+def _backward_result(options, signatures) -> str:
+    """The backward entries' result: dq, dk, dv, then the gradient of each differentiable option
+    (an empty tensor when the option is not given)."""
+    backward = [
+        s
+        for s in signatures.EXTENSION_ENTRY_POINTS
+        if s.direction is options.Direction.BACKWARD
+    ]
+    option_lists = {s.differentiable_options for s in backward}
+    # The fixed-length entries take no varlen-only option; a differentiable one would make the
+    # two layouts' results differ, which one result type cannot describe.
+    assert len(option_lists) == 1, option_lists
+    (gradient_options,) = option_lists
+    names = ["dq", "dk", "dv", *(f"the gradient of {name}" for name in gradient_options)]
+    tensors = ", ".join(["at::Tensor"] * len(names))
+    return f"// ({', '.join(names)}).\nusing BackwardResult = std::tuple<{tensors}>;\n\n"
+
+
 def entry_points_header(options, signatures) -> str:
     structs = []
     declarations = []
@@ -397,10 +415,8 @@ namespace flash_varlen {
 
 // (out, softmax_lse, dropout pattern, rng_state).
 using ForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-// (dq, dk, dv).
-using BackwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
-
 """
+        + _backward_result(options, signatures)
         + "\n\n".join(structs)
         + "\n\n"
         + "\n".join(declarations)

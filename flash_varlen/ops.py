@@ -49,13 +49,14 @@ from flash_varlen.validation import IntLike, has_kernel_layout
 
 LSE_DTYPE = getattr(torch, contract.LSE_DTYPE)
 RNG_STATE_DTYPE = getattr(torch, contract.RNG_STATE_DTYPE)
-# q, k, v: the first three inputs of both forward ops, and the only differentiable ones.
+# q, k, v: the first three inputs of both forward ops; the backward ops return their gradients
+# first, then those of the differentiable options (Signature.differentiable_options).
 DIFFERENTIABLE_INPUTS = ("q", "k", "v")
 # What the forward op returns, by the names the backward op takes them under.
 FORWARD_OUTPUTS = ("out", "softmax_lse", "s_dmask", "rng_state")
 
 Outputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
-Gradients = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+Gradients = tuple[torch.Tensor, ...]
 Arguments = dict[str, Any]
 
 _RANDOM = (torch.Tag.nondeterministic_seeded,)
@@ -157,9 +158,25 @@ def _fixed_forward_fake(arguments: Arguments) -> Outputs:
     return q.new_empty(q.shape), softmax_lse, *_dropout_outputs(q, dims, arguments)
 
 
-def _backward_fake(arguments: Arguments) -> Gradients:
-    """Fake dq, dk, dv: contiguous, shaped and typed like q, k, v (as the kernels allocate)."""
-    return tuple(arguments[name].new_empty(arguments[name].shape) for name in DIFFERENTIABLE_INPUTS)
+def _option_gradient_fake(arguments: Arguments, name: str) -> torch.Tensor:
+    """Fake gradient of a differentiable option: like the option, or an empty float32 tensor
+    on q's device when it is not given (as the extension returns)."""
+    option = arguments[name]
+    if option is None:
+        return arguments["q"].new_empty((0,), dtype=torch.float32)
+    return option.new_empty(option.shape)
+
+
+def _backward_fake(layout: Layout) -> Callable[[Arguments], Gradients]:
+    """Fake dq, dk, dv (contiguous, shaped and typed like q, k, v, as the kernels allocate),
+    then the fake gradients of the layout's differentiable options."""
+    options = BACKWARD_OPS[layout].differentiable_options
+
+    def fake(arguments: Arguments) -> Gradients:
+        inputs = [arguments[name].new_empty(arguments[name].shape) for name in DIFFERENTIABLE_INPUTS]
+        return (*inputs, *[_option_gradient_fake(arguments, name) for name in options])
+
+    return fake
 
 
 _FORWARD_FAKES = {Layout.VARLEN: _varlen_forward_fake, Layout.FIXED: _fixed_forward_fake}
@@ -224,6 +241,9 @@ class _Autograd:
         self.kept = tuple(p.name for p in taken if not p.kind.is_tensor)
         self.saved_positions = tuple(position[name] for name in self.saved)
         self.kept_positions = tuple(position[name] for name in self.kept)
+        # The forward inputs that receive the backward op's gradients, in its order.
+        self.gradient_names = (*DIFFERENTIABLE_INPUTS, *backward.differentiable_options)
+        self.gradient_positions = tuple(position[name] for name in self.gradient_names)
 
     def setup_context(self, ctx: Any, inputs: tuple[Any, ...], output: Outputs) -> None:
         values = (*inputs, *output)
@@ -251,15 +271,23 @@ class _Autograd:
         arguments["softmax_lse_grad"] = kernel_ready_lse_grad(grad_softmax_lse)
         arguments["deterministic"] = use_deterministic_backward(arguments["deterministic"])
         # Positionally: the dispatcher parses keywords more slowly.
-        dq, dk, dv = self.backward_op(*[arguments[name] for name in self.backward_names])
+        gradients = self.backward_op(*[arguments[name] for name in self.backward_names])
         # One gradient per forward input: None for cu_seqlens and seqused (integers),
-        # alibi_slopes (not differentiable, as in flash-attn) and the non-tensor arguments.
-        return dq, dk, dv, *(None,) * (ctx.num_inputs - len(DIFFERENTIABLE_INPUTS))
+        # alibi_slopes (not differentiable, as in flash-attn), the non-tensor arguments and a
+        # differentiable option that was not given (its gradient is an empty placeholder).
+        result: list[torch.Tensor | None] = [None] * ctx.num_inputs
+        for name, position, gradient in zip(
+            self.gradient_names, self.gradient_positions, gradients
+        ):
+            if arguments[name] is not None:
+                result[position] = gradient
+        return tuple(result)
 
 
 def _backward_op(layout: Layout) -> Any:
     signature = BACKWARD_OPS[layout]
-    returns = "tuple[torch.Tensor, torch.Tensor, torch.Tensor]"
+    count = len(DIFFERENTIABLE_INPUTS) + len(signature.differentiable_options)
+    returns = f"tuple[{', '.join(['torch.Tensor'] * count)}]"
     op = torch.library.custom_op(f"flash_varlen::{signature.name}", mutates_args=())(
         _implementation(signature, returns)
     )
@@ -267,7 +295,7 @@ def _backward_op(layout: Layout) -> Any:
         _function(
             f"_{signature.name}_fake",
             signature,
-            _backward_fake,
+            _backward_fake(layout),
             returns,
             None,
         )

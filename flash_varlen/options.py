@@ -131,7 +131,9 @@ class Option:
     that autograd can save the ones the backward reads; the extension's forward entry points
     take only those the forward reads, and the backward ones those the backward reads.
     ``varlen_only``: absent from the fixed-length layout. ``rule``: what a value must satisfy
-    (checked by both layers; None: any value of the kind).
+    (checked by both layers; None: any value of the kind). ``differentiable``: a tensor option
+    that receives a gradient: the backward entries return one for it (empty when it is not
+    given), after dq, dk and dv, in declaration order.
     """
 
     name: str
@@ -141,6 +143,13 @@ class Option:
     readers: frozenset[Direction] = BOTH_DIRECTIONS
     varlen_only: bool = False
     rule: Range | TensorRule | None = None
+    differentiable: bool = False
+
+    def __post_init__(self) -> None:
+        # The backward computes the gradient, so it must receive the value.
+        assert not self.differentiable or (
+            self.kind is Kind.OPTIONAL_TENSOR and self.read_by(Direction.BACKWARD)
+        ), f"{self.name}: a differentiable option is an optional tensor the backward reads"
 
     @property
     def required(self) -> bool:
@@ -230,6 +239,14 @@ OPTIONS: tuple[Option, ...] = (
         "Also return the dropout pattern (testing only; dropout_p > 0).",
         default=False,
         readers=frozenset({Direction.FORWARD}),
+    ),
+    Option(
+        "learnable_sink",
+        Kind.OPTIONAL_TENSOR,
+        "Per-head sink logits, float32 (nheads,): one more softmax logit per row, with no value.",
+        default=None,
+        rule=TensorRule("float32", (("nheads",),), note="one logit per query head"),
+        differentiable=True,
     ),
 )
 
@@ -585,5 +602,16 @@ seqused_k: None, or (batch,) int32 on q's device, keyword-only. Sequence b uses 
     lengths, as if the sequences had been truncated to them.""",
         flash_attn=False,
         scope=Scope.VARLEN_SEPARATE_Q,
+    ),
+    PublicOption.keyword(
+        OPTION_BY_NAME["learnable_sink"],
+        """\
+learnable_sink: None, or float32 (nheads,) on q's device, keyword-only; differentiable.
+    Attention sinks (gpt-oss): each row of head h gets one more logit, sink[h], that has
+    no value vector: ``P_ij = exp(s_ij) / (exp(sink[h]) + sum_j exp(s_ij))`` over the
+    visible keys (s after softmax_scale, softcap and ALiBi) and ``out = P @ V``, so a
+    row's weights sum to less than 1. softmax_lse includes the sink; a row that sees no
+    key gets out 0 and softmax_lse = sink[h] (not -inf). Rows outside the used ranges
+    (seqused_q) take part in no softmax. Dropout drops key probabilities only.""",
     ),
 )

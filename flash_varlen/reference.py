@@ -21,8 +21,14 @@ counted from 0 within the sequence:
    (flash-attn 2's host code does exactly this: ``if (is_causal) window_size_right = 0``);
    invisible scores become -inf;
 5. probs = softmax over the visible keys; softmax_lse = log(sum(exp(scores))) over the visible
-   keys, natural log, float32. softmax_lse never sees dropout;
-6. dropout: probs are multiplied by keep_mask / (1 - dropout_p); out = probs @ v.
+   keys, natural log, float32. softmax_lse never sees dropout. With ``learnable_sink`` (one
+   logit per query head, gpt-oss's attention sinks) the sink joins every row's normalization
+   as one more logit that has no value vector:
+       probs_ij = exp(scores_ij) / (exp(sink_h) + sum_j exp(scores_ij)),
+       softmax_lse_i = log(exp(sink_h) + sum_j exp(scores_ij)),
+   so a row's probabilities sum to less than 1. The sink is neither scaled, capped nor biased;
+6. dropout: probs are multiplied by keep_mask / (1 - dropout_p); out = probs @ v. Only the
+   keys' probabilities are dropped (the sink has no value to drop).
 
 ``offset`` places the diagonal (the key a query is aligned with) and is set by causal_alignment:
 "bottom_right" (flash-attn, the default) aligns the last query with the last key,
@@ -39,7 +45,16 @@ ALiBi distance, so that the three stay consistent. Causal masks for seqlen_q = 3
 
 A query row that sees no key (an empty key sequence, a window or causal mask that hides every
 key, e.g. causal with seqlen_q > seqlen_k, or a sequence whose used length is 0) gets out = 0 and
-softmax_lse = -inf, never NaN, and autograd gives it zero gradients.
+softmax_lse = -inf, never NaN, and autograd gives it zero gradients. With a sink the sink is the
+row's only logit: out = 0 and softmax_lse = sink_h, whose gradient reaches the sink (the row's
+dq stays 0). Query rows outside the used ranges (seqused_q) take part in no softmax, sink or
+not: out = 0, softmax_lse = -inf.
+
+The sink's gradient, which autograd computes here and the kernels compute in closed form, is
+    dsink_h = -sum_i exp(sink_h - softmax_lse_i) * (rowsum(dout_i * out_i) - dlse_i)
+over the rows i of head h (dlse: the gradient of softmax_lse), since d softmax_lse_i / d sink_h
+is the sink's probability exp(sink_h - softmax_lse_i) and d out_i / d sink_h is minus that
+probability times out_i.
 
 Dropout keep masks follow flash-attn's ``S_dmask`` (the third value returned with
 ``return_attn_probs=True``): a (batch, nheads, seqlen_q_rounded, seqlen_k_rounded) tensor indexed
@@ -166,27 +181,39 @@ def used_query_rows(
     return used
 
 
-def softmax_and_lse(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def softmax_and_lse(
+    scores: torch.Tensor, sink: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Row softmax and natural-log LSE of (..., seqlen_k) scores where -inf marks hidden keys.
 
-    A row of only -inf gives probs 0 and LSE -inf, with zero (not NaN) gradients whatever
-    produced the -inf (masked_fill, or an additive -inf bias whose backward passes gradients
-    through unchanged).
+    sink: None, or one extra logit per row, shape broadcastable to (..., 1) (e.g. (nheads, 1, 1)
+    for (nheads, seqlen_q, seqlen_k) scores), in the scores' dtype. It joins the normalization
+    (and the LSE) but gets no probability column, so a row's probs sum to less than 1.
+
+    A row of only -inf (and no sink, or a sink of -inf) gives probs 0 and LSE -inf, with zero
+    (not NaN) gradients whatever produced the -inf (masked_fill, or an additive -inf bias whose
+    backward passes gradients through unchanged). A row of only -inf with a finite sink gives
+    probs 0 and LSE = sink, whose gradient is then 1.
     Returns probs (same shape and dtype as scores) and lse (...) in the scores' dtype.
     """
     row_max = scores.amax(dim=-1, keepdim=True)
-    sees_a_key = row_max > -math.inf
+    if sink is not None:
+        row_max = torch.maximum(row_max, sink)
+    sees_a_logit = row_max > -math.inf
     # Shifting by the row max only prevents overflow: probs and LSE do not depend on the shift,
-    # so it is detached (its exact gradient is 0). A row without keys shifts by 0 instead of
-    # -inf, so that exp(-inf - 0) = 0 rather than NaN.
-    shift = torch.where(sees_a_key, row_max, torch.zeros_like(row_max)).detach()
+    # so it is detached (its exact gradient is 0). A row without keys (or sink) shifts by 0
+    # instead of -inf, so that exp(-inf - 0) = 0 rather than NaN.
+    shift = torch.where(sees_a_logit, row_max, torch.zeros_like(row_max)).detach()
     weights = torch.exp(scores - shift)
-    # row_sum >= 1 where a key is visible (the max contributes exp(0)); the placeholder 1 for
-    # other rows keeps both the division and log's backward (1 / row_sum) finite.
+    # row_sum >= 1 where a key or the sink is visible (the max contributes exp(0)); the
+    # placeholder 1 for other rows keeps both the division and log's backward (1 / row_sum)
+    # finite.
     row_sum = weights.sum(dim=-1, keepdim=True)
-    safe_sum = torch.where(sees_a_key, row_sum, torch.ones_like(row_sum))
+    if sink is not None:
+        row_sum = row_sum + torch.exp(sink - shift)
+    safe_sum = torch.where(sees_a_logit, row_sum, torch.ones_like(row_sum))
     probs = weights / safe_sum
-    lse = torch.where(sees_a_key, shift + torch.log(safe_sum), -math.inf)
+    lse = torch.where(sees_a_logit, shift + torch.log(safe_sum), -math.inf)
     return probs, lse.squeeze(-1)
 
 
@@ -204,6 +231,7 @@ def attention_one_sequence(
     dropout_p: float = 0.0,
     dropout_mask: torch.Tensor | None = None,
     causal_alignment: str = BOTTOM_RIGHT,
+    learnable_sink: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of one sequence (the steps of the module docstring).
 
@@ -211,7 +239,8 @@ def attention_one_sequence(
     float dtype. window_size: (left, right), -1 unbounded. softcap: 0 disables it.
     alibi_slopes: (nheads,) float, or None. dropout_p in [0, 1); dropout_mask: (nheads,
     seqlen_q, seqlen_k) bool keep mask, required when dropout_p > 0. causal_alignment:
-    "bottom_right" or "top_left".
+    "bottom_right" or "top_left". learnable_sink: (nheads,) float sink logits (step 5), or
+    None; cast to ``compute_dtype`` like the slopes, and differentiable.
 
     Returns out (seqlen_q, nheads, d_v) in ``compute_dtype`` and softmax_lse (nheads, seqlen_q)
     float32.
@@ -224,6 +253,7 @@ def attention_one_sequence(
         raise ValueError(
             f"alibi_slopes must have shape ({nheads},), got {tuple(alibi_slopes.shape)}"
         )
+    _check_sink(learnable_sink, nheads)
     if dropout_mask is not None and tuple(dropout_mask.shape) != (nheads, seqlen_q, seqlen_k):
         raise ValueError(
             f"dropout_mask must have shape ({nheads}, {seqlen_q}, {seqlen_k}), "
@@ -235,11 +265,21 @@ def attention_one_sequence(
         seqlen_q, seqlen_k, causal, q.device,
         window_size=window_size, causal_alignment=causal_alignment,
     )
+    # (nheads, 1, 1): one logit per row of the (nheads, seqlen_q, seqlen_k) scores. .to(q.device)
+    # as for the slopes; the cast keeps the graph, so the sink's gradient reaches the caller's
+    # tensor in its own dtype.
+    sink = (
+        None
+        if learnable_sink is None
+        else learnable_sink.to(device=q.device, dtype=compute_dtype).view(nheads, 1, 1)
+    )
     if seqlen_q == 0 or seqlen_k == 0:
-        return (
-            torch.zeros(seqlen_q, nheads, v.shape[-1], dtype=compute_dtype, device=q.device),
-            torch.full((nheads, seqlen_q), -math.inf, dtype=LSE_DTYPE, device=q.device),
-        )
+        out = torch.zeros(seqlen_q, nheads, v.shape[-1], dtype=compute_dtype, device=q.device)
+        if sink is None:
+            lse = torch.full((nheads, seqlen_q), -math.inf, dtype=LSE_DTYPE, device=q.device)
+        else:  # the sink is every row's only logit
+            lse = sink.view(nheads, 1).expand(nheads, seqlen_q).to(LSE_DTYPE)
+        return out, lse
 
     group = nheads // nheads_k
     q_c = q.to(compute_dtype)
@@ -258,7 +298,7 @@ def attention_one_sequence(
     # masked_fill's backward is exactly 0 at masked entries whatever flows into it.
     scores = scores.masked_fill(~visible, -math.inf)
 
-    probs, lse = softmax_and_lse(scores)
+    probs, lse = softmax_and_lse(scores, sink)
     if dropout_mask is not None:
         probs = probs.masked_fill(~dropout_mask.to(q.device), 0.0) / (1.0 - dropout_p)
     out = torch.einsum("hqk,khd->qhd", probs, v_c)
@@ -283,13 +323,14 @@ def attention_ref_varlen(
     seqused_q: torch.Tensor | None = None,
     seqused_k: torch.Tensor | None = None,
     causal_alignment: str = BOTTOM_RIGHT,
+    learnable_sink: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference attention over packed variable-length sequences.
 
     q: (total_q, nheads, d); k, v: (total_k, nheads_k, d); cu_seqlens_q, cu_seqlens_k:
     (batch + 1,) prefix sums (any integer dtype, any device; read on the host).
-    softmax_scale defaults to 1 / sqrt(d). window_size, softcap, dropout_p and causal_alignment
-    as in ``attention_one_sequence``.
+    softmax_scale defaults to 1 / sqrt(d). window_size, softcap, dropout_p, causal_alignment
+    and learnable_sink ((nheads,), shared by all sequences) as in ``attention_one_sequence``.
     alibi_slopes: (nheads,) or (batch, nheads) float, or None.
     dropout_mask: bool keep mask (batch, nheads, >= max used seqlen_q, >= max used seqlen_k),
         indexed by positions within each sequence (``dropout_keep_mask(S_dmask)`` fits).
@@ -302,7 +343,7 @@ def attention_ref_varlen(
         out: (total_q, nheads, d) in ``compute_dtype``;
         softmax_lse: (nheads, total_q) float32.
         Query rows outside every used range (``used_query_rows`` is False) have out = 0 and
-        softmax_lse = -inf and take part in no softmax.
+        softmax_lse = -inf (also with a sink) and take part in no softmax.
     """
     scale = default_softmax_scale(q.shape[-1]) if softmax_scale is None else softmax_scale
     bounds_q = cu_seqlens_q.tolist()
@@ -311,6 +352,7 @@ def attention_ref_varlen(
     lengths_q = _used_lengths(bounds_q, seqused_q, "seqused_q")
     lengths_k = _used_lengths(bounds_k, seqused_k, "seqused_k")
     _check_batched_slopes(alibi_slopes, batch, q.shape[1])
+    _check_sink(learnable_sink, q.shape[1])
     _check_padded_dropout_mask(dropout_mask, batch, q.shape[1], lengths_q, lengths_k)
 
     total_q, nheads, _ = q.shape
@@ -332,6 +374,7 @@ def attention_ref_varlen(
             dropout_p=dropout_p,
             dropout_mask=_mask_of(dropout_mask, b, lengths_q[b], lengths_k[b]),
             causal_alignment=causal_alignment,
+            learnable_sink=learnable_sink,
         )
     return out, lse
 
@@ -350,12 +393,13 @@ def attention_ref(
     dropout_p: float = 0.0,
     dropout_mask: torch.Tensor | None = None,
     causal_alignment: str = BOTTOM_RIGHT,
+    learnable_sink: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference attention for the fixed-length layout.
 
     q: (batch, seqlen_q, nheads, d); k, v: (batch, seqlen_k, nheads_k, d).
-    softmax_scale defaults to 1 / sqrt(d). window_size, softcap, dropout_p and causal_alignment
-    as in ``attention_one_sequence``.
+    softmax_scale defaults to 1 / sqrt(d). window_size, softcap, dropout_p, causal_alignment
+    and learnable_sink ((nheads,)) as in ``attention_one_sequence``.
     alibi_slopes: (nheads,) or (batch, nheads) float, or None.
     dropout_mask: bool keep mask (batch, nheads, >= seqlen_q, >= seqlen_k)
         (``dropout_keep_mask(S_dmask)`` fits).
@@ -368,6 +412,7 @@ def attention_ref(
     batch, seqlen_q, nheads, _ = q.shape
     seqlen_k = k.shape[1]
     _check_batched_slopes(alibi_slopes, batch, nheads)
+    _check_sink(learnable_sink, nheads)
     _check_padded_dropout_mask(dropout_mask, batch, nheads, [seqlen_q] * batch, [seqlen_k] * batch)
 
     out = torch.zeros(batch, seqlen_q, nheads, v.shape[-1], dtype=compute_dtype, device=q.device)
@@ -386,6 +431,7 @@ def attention_ref(
             dropout_p=dropout_p,
             dropout_mask=_mask_of(dropout_mask, b, seqlen_q, seqlen_k),
             causal_alignment=causal_alignment,
+            learnable_sink=learnable_sink,
         )
     return out, lse
 
@@ -418,6 +464,13 @@ def _check_dropout(dropout_p: float, dropout_mask: torch.Tensor | None) -> None:
         raise ValueError("dropout_p > 0 needs dropout_mask: the reference does not draw randomness")
     if dropout_mask is not None and dropout_mask.dtype != torch.bool:
         raise ValueError(f"dropout_mask must be bool (True = keep), got {dropout_mask.dtype}")
+
+
+def _check_sink(learnable_sink: torch.Tensor | None, nheads: int) -> None:
+    if learnable_sink is not None and tuple(learnable_sink.shape) != (nheads,):
+        raise ValueError(
+            f"learnable_sink must have shape ({nheads},), got {tuple(learnable_sink.shape)}"
+        )
 
 
 def _check_batched_slopes(alibi_slopes: torch.Tensor | None, batch: int, nheads: int) -> None:

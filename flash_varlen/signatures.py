@@ -119,6 +119,14 @@ class Signature:
         return tuple(parameter.name for parameter in self.parameters)
 
     @functools.cached_property
+    def differentiable_options(self) -> tuple[str, ...]:
+        """The tensor options of this entry that receive gradients, in declaration order: a
+        backward entry returns their gradients after dq, dk and dv."""
+        return tuple(
+            option.name for option in OPTIONS if option.differentiable and self.takes(option)
+        )
+
+    @functools.cached_property
     def leading(self) -> tuple[str, ...]:
         """The names before OTHER_OPTIONS: the entry's positional contract."""
         return self.order[: self.order.index(OTHER_OPTIONS)]
@@ -147,11 +155,13 @@ Attention over a batch of equal-length sequences. q: (batch, seqlen_q, nheads, d
 (batch, seqlen_k, nheads_k, d). Returns out (batch, seqlen_q, nheads, d) in q's dtype,
 softmax_lse (batch, nheads, seqlen_q) float32, the dropout pattern and rng_state."""
 VARLEN_BACKWARD_DOC = """\
-Gradients of varlen_fwd: (dq, dk, dv). dout, out like q; softmax_lse and softmax_lse_grad
+Gradients of varlen_fwd: (dq, dk, dv, dlearnable_sink), the last float32 (nheads,), empty
+without learnable_sink. dout, out like q; softmax_lse and softmax_lse_grad
 (nheads, total_q) float32. The options must be the forward's, and rng_state its fourth output
 when dropout_p > 0."""
 FIXED_BACKWARD_DOC = """\
-Gradients of fwd: (dq, dk, dv). softmax_lse and softmax_lse_grad (batch, nheads, seqlen_q)."""
+Gradients of fwd: (dq, dk, dv, dlearnable_sink). softmax_lse and softmax_lse_grad (batch,
+nheads, seqlen_q)."""
 
 FORWARD_OPS: dict[Layout, Signature] = {
     Layout.VARLEN: Signature(

@@ -12,6 +12,11 @@ demangled names of both builds, so that a namespace move does not count as a cha
 prints, per architecture, how many kernels are identical, differ, or exist in one build only.
 Instructions and their encodings are compared exactly; only the column padding is ignored.
 Exit status 0 only when every kernel of either build has an identical twin in the other.
+
+A change that adds a field to the params structs moves the fields after it, and with them the
+constant-bank offsets every kernel reads its parameters from. --ignore-param-offsets compares
+the instructions with those offsets (and the encodings, which contain them) masked: a kernel
+that is identical then differs from the old one only in where its parameters lie.
 """
 
 from __future__ import annotations
@@ -29,6 +34,13 @@ ARCH = re.compile(r"^\s*arch = (sm_\d+a?)\s*$")
 # Lines of a function's disassembly: instructions and their encodings (/*0010*/ ... /* 0x... */),
 # the header flags, and labels. Anything else (the next fatbin's banner) ends the function.
 SASS_LINE = re.compile(r"^\s*(/\*|\.headerflags|\.L_|\.\w+:)")
+# A kernel parameter's address in constant bank 0, and an instruction's 64-bit encoding.
+PARAM_OFFSET = re.compile(r"c\[0x0\]\[0x[0-9a-f]+\]")
+ENCODING = re.compile(r"/\* 0x[0-9a-f]{16} \*/")
+
+
+def mask_param_offsets(line: str) -> str:
+    return ENCODING.sub("", PARAM_OFFSET.sub("c[0x0][param]", line)).rstrip()
 
 
 def cuobjdump() -> str:
@@ -52,7 +64,9 @@ def demangle(names: list[str]) -> dict[str, str]:
     return dict(zip(names, result.stdout.splitlines()))
 
 
-def kernels(binary: Path, renames: list[tuple[str, str]]) -> dict[tuple[str, str], str]:
+def kernels(
+    binary: Path, renames: list[tuple[str, str]], ignore_param_offsets: bool = False
+) -> dict[tuple[str, str], str]:
     """{(arch, demangled and renamed kernel name): its SASS text} of one binary.
 
     A kernel template instantiated in several objects (clear_rows_past_end_kernel is, in every
@@ -73,7 +87,8 @@ def kernels(binary: Path, renames: list[tuple[str, str]]) -> dict[tuple[str, str
         elif current is not None and SASS_LINE.match(line):
             # Whitespace folded: cuobjdump aligns the encoding column to the longest line of
             # the whole file, which other kernels change.
-            current.append(" ".join(line.split()))
+            line = " ".join(line.split())
+            current.append(mask_param_offsets(line) if ignore_param_offsets else line)
         elif line.strip():
             current = None
     names = demangle(sorted({name for _, name, _ in copies}))
@@ -100,9 +115,15 @@ def main() -> int:
         metavar="OLD=NEW",
         help="replace OLD by NEW in the demangled names of both builds (repeatable)",
     )
+    parser.add_argument(
+        "--ignore-param-offsets",
+        action="store_true",
+        help="mask the constant-bank offsets of the kernel parameters (a params struct grew)",
+    )
     args = parser.parse_args()
     renames = [tuple(rule.split("=", 1)) for rule in args.rename]
-    before, after = kernels(args.before, renames), kernels(args.after, renames)
+    before = kernels(args.before, renames, args.ignore_param_offsets)
+    after = kernels(args.after, renames, args.ignore_param_offsets)
     archs = sorted({arch for arch, _ in before} | {arch for arch, _ in after})
     clean = True
     for arch in archs:

@@ -58,6 +58,7 @@ SEQUSED_NAMES = ["flash_attn_varlen_func", "flash_attn_varlen_kvpacked_func"]
 EXPECTED_KEYWORD_ONLY = {
     name: [("causal_alignment", "bottom_right")]
     + ([("seqused_q", None), ("seqused_k", None)] if name in SEQUSED_NAMES else [])
+    + [("learnable_sink", None)]
     for name in FUNCTION_NAMES
 }
 
@@ -172,7 +173,10 @@ def test_docstring_documents_causal_alignment_options_and_returns(name: str) -> 
     assert "1 1 1 1 0       1 0 0 0 0" in doc and "softmax_lse = -inf" in doc
     assert "(out, softmax_lse, S_dmask)" in doc and "sign bit" in doc
     assert "1 / sqrt(headdim)" in doc
-    for option in ("dropout_p", "window_size", "softcap", "alibi_slopes", "causal_alignment"):
+    options = (
+        "dropout_p", "window_size", "softcap", "alibi_slopes", "causal_alignment", "learnable_sink"
+    )
+    for option in options:
         assert f"\n    {option}: " in doc  # listed under Arguments
     assert "torch.manual_seed" in doc and "Not differentiable" in doc
     assert ("\n    seqused_q: " in doc) is (name in SEQUSED_NAMES)
@@ -628,10 +632,17 @@ def test_backward_op_fakes_on_meta_tensors() -> None:
     fixed = ops.bwd(
         q_fixed, q_fixed, k_fixed, k_fixed, q_fixed, lse_fixed, 0.125, True, False, **variants
     )
-    for (dq, dk, dv), q_like, k_like in ((varlen, q, k), (fixed, q_fixed, k_fixed)):
+    for (dq, dk, dv, dsink), q_like, k_like in ((varlen, q, k), (fixed, q_fixed, k_fixed)):
         assert dq.shape == q_like.shape and dk.shape == dv.shape == k_like.shape
         assert dq.dtype == dk.dtype == dv.dtype == torch.float16
         assert dq.is_contiguous() and dk.is_contiguous() and dv.is_contiguous()
+        # No learnable_sink: its gradient is an empty float32 placeholder.
+        assert dsink.shape == (0,) and dsink.dtype == torch.float32
+    *_, dsink = ops.bwd(
+        q_fixed, q_fixed, k_fixed, k_fixed, q_fixed, lse_fixed, 0.125, True, False,
+        learnable_sink=meta(NHEADS, dtype=torch.float32),
+    )
+    assert dsink.shape == (NHEADS,) and dsink.dtype == torch.float32
 
 
 @pytest.mark.parametrize("grad_of", ["out", "lse", "both"])

@@ -215,11 +215,13 @@ BACKWARD_PARAMETERS = {
     "varlen_bwd": (
         "dout q k v out softmax_lse cu_seqlens_q cu_seqlens_k max_seqlen_q max_seqlen_k "
         "softmax_scale causal deterministic softmax_lse_grad dq dk dv window_left window_right "
-        "softcap alibi_slopes seqused_q seqused_k causal_top_left dropout_p rng_state"
+        "softcap alibi_slopes seqused_q seqused_k causal_top_left dropout_p learnable_sink "
+        "rng_state"
     ).split(),
     "bwd": (
         "dout q k v out softmax_lse softmax_scale causal deterministic softmax_lse_grad dq dk dv "
-        "window_left window_right softcap alibi_slopes causal_top_left dropout_p rng_state"
+        "window_left window_right softcap alibi_slopes causal_top_left dropout_p learnable_sink "
+        "rng_state"
     ).split(),
 }
 # The keyword arguments of the contract's forward bindings, with their defaults.
@@ -231,9 +233,10 @@ FORWARD_OPTIONS = {
     "causal_top_left": False,
     "dropout_p": 0.0,
     "return_dropout_mask": False,
+    "learnable_sink": None,
 }
 VARLEN_FORWARD_OPTIONS = {**FORWARD_OPTIONS, "seqused_q": None, "seqused_k": None}
-DQ, DK, DV = 1.0, 2.0, 3.0  # values of the stand-in's gradients
+DQ, DK, DV, DSINK = 1.0, 2.0, 3.0, 4.0  # values of the stand-in's gradients
 SEED, OFFSET = 1234, 56  # the stand-in's dropout RNG state
 MASK_BLOCK = 128  # the contract rounds s_dmask's sequence dims up to a multiple of this
 
@@ -298,7 +301,11 @@ class RecordingExtension:
         call = SimpleNamespace(**{**dict.fromkeys(names), **dict(zip(names, args)), **kwargs})
         self.backward_calls.append(call)
         inputs = (call.q, call.k, call.v)
-        return tuple(x.new_full(x.shape, value) for x, value in zip(inputs, (DQ, DK, DV)))
+        grads = tuple(x.new_full(x.shape, value) for x, value in zip(inputs, (DQ, DK, DV)))
+        sink = call.learnable_sink
+        # The contract: the sink's gradient, or an empty float32 tensor without a sink.
+        sink_grad = torch.empty(0) if sink is None else sink.new_full(sink.shape, DSINK)
+        return (*grads, sink_grad)
 
 
 @pytest.fixture
@@ -536,6 +543,33 @@ def test_alibi_slopes_get_no_gradient(name: str, extension) -> None:
     out, _, _ = run(*differentiable, *cu)
     out.float().sum().backward()
     assert slopes.grad is None
+    assert [leaf.grad.unique().tolist() for leaf in differentiable] == [[DQ], [DK], [DV]]
+
+
+@pytest.mark.parametrize("name", FUNCTION_NAMES)
+def test_learnable_sink_reaches_both_directions_and_gets_its_gradient(name, extension) -> None:
+    """The sink goes to the forward and (saved by reference) to the backward, and the backward's
+    fourth result becomes its gradient; q, k, v keep theirs."""
+    sink = torch.zeros(NHEADS, requires_grad=True)
+    differentiable, cu, run = make_case(name, device="cpu", learnable_sink=sink)
+    out, _, _ = run(*differentiable, *cu)
+    out.float().sum().backward()
+    (forward,) = extension.forward_options
+    (call,) = extension.backward_calls
+    assert same_view(forward["learnable_sink"], sink) and same_view(call.learnable_sink, sink)
+    assert sink.grad is not None and sink.grad.tolist() == [DSINK] * NHEADS
+    grads = [leaf.grad for leaf in differentiable]
+    assert [g.unique().tolist() for g in unpacked(name, grads)] == [[DQ], [DK], [DV]]
+
+
+@pytest.mark.parametrize("name", ["flash_attn_varlen_func", "flash_attn_func"])
+def test_without_a_sink_the_backward_gets_none(name, extension) -> None:
+    """No sink: the extension gets None both ways and its empty placeholder reaches no input."""
+    differentiable, cu, run = make_case(name, device="cpu")
+    out, _, _ = run(*differentiable, *cu)
+    out.float().sum().backward()
+    assert extension.forward_options[0]["learnable_sink"] is None
+    assert extension.backward_calls[0].learnable_sink is None
     assert [leaf.grad.unique().tolist() for leaf in differentiable] == [[DQ], [DK], [DV]]
 
 

@@ -6,7 +6,9 @@ rules as stated in the flash-attn documentation (window [i + sk - sq - left, i +
 -1 unbounded, causal meaning right = 0, top-left alignment dropping the sk - sq shift), builds
 each visible score with a dot product, soft-caps it with tanh, subtracts the ALiBi distance
 penalty, and normalizes over the visible keys only, all in float64 and all with differentiable
-torch operations, so its autograd gradients are a second, independent reference.
+torch operations, so its autograd gradients are a second, independent reference. With an
+attention sink it normalizes the way gpt-oss's eager attention does: torch.softmax over the row
+with the sink appended as one more logit, whose probability is then dropped.
 """
 
 from __future__ import annotations
@@ -63,10 +65,11 @@ def naive_sequence(
     dropout_p: float = 0.0,
     dropout_mask: torch.Tensor | None = None,
     causal_alignment: str = "bottom_right",
+    learnable_sink: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q (sq, h, d), k/v (sk, hk, d) -> out (sq, h, d) float64, lse (h, sq) float64.
 
-    alibi_slopes: (h,); dropout_mask: (h, >= sq, >= sk) bool keep mask.
+    alibi_slopes: (h,); dropout_mask: (h, >= sq, >= sk) bool keep mask; learnable_sink: (h,).
     """
     seqlen_q, nheads, _ = q.shape
     seqlen_k, nheads_k, _ = k.shape
@@ -89,18 +92,25 @@ def naive_sequence(
                     score = score - float(alibi_slopes[h]) * abs(aligned_key - j)
                 keys.append(j)
                 scores.append(score)
-            if not keys:
+            if learnable_sink is not None:
+                row = torch.stack([*scores, learnable_sink[h].double()])
+                lse[h, i] = torch.logsumexp(row, dim=0)
+                if not keys:  # the sink is the row's only logit: out stays 0
+                    continue
+                probs = torch.softmax(row, dim=0)[:-1]
+            elif not keys:
                 continue
-            row = torch.stack(scores)
-            row_max = row.max()
-            weights = torch.exp(row - row_max)
-            total = weights.sum()
-            probs = weights / total
+            else:
+                row = torch.stack(scores)
+                row_max = row.max()
+                weights = torch.exp(row - row_max)
+                total = weights.sum()
+                probs = weights / total
+                lse[h, i] = row_max + torch.log(total)
             if dropout_mask is not None:
                 keep = dropout_mask[h, i, keys].double()
                 probs = probs * keep / (1.0 - dropout_p)
             out[i, h] = probs @ v[keys, kv_head]
-            lse[h, i] = row_max + torch.log(total)
     return out, lse
 
 
@@ -381,6 +391,13 @@ def random_keep_mask(batch: int, nheads: int, rows: int, cols: int, seed: int = 
     return torch.rand(batch, nheads, rows, cols, generator=g) < KEEP_PROBABILITY
 
 
+def random_sink(nheads: int, seed: int = 11, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Sink logits of standard deviation 2, the scale of the scores here: the sink takes a
+    sizeable but not dominant share of each row."""
+    g = torch.Generator().manual_seed(seed)
+    return 2.0 * torch.randn(nheads, generator=g, dtype=dtype)
+
+
 def variant_options(name: str, seqlens_q, seqlens_k, nheads: int) -> dict:
     """Keyword options of one named variant (or '+'-joined combination) for a varlen batch."""
     batch = len(seqlens_q)
@@ -396,6 +413,7 @@ def variant_options(name: str, seqlens_q, seqlens_k, nheads: int) -> dict:
             "dropout_mask": random_keep_mask(batch, nheads, rows, cols),
         },
         "top_left": {"causal_alignment": TOP_LEFT},
+        "sink": {"learnable_sink": random_sink(nheads)},
     }
     options = {}
     for part in name.split("+"):
@@ -605,7 +623,9 @@ def test_dropout_keep_mask_reads_the_sign_bit_of_s_dmask() -> None:
     ]
 
 
-@pytest.mark.parametrize("variant", ["", "window+alibi_per_sequence+dropout+softcap"])
+@pytest.mark.parametrize(
+    "variant", ["", "window+alibi_per_sequence+dropout+softcap", "window+dropout+sink"]
+)
 @pytest.mark.parametrize("causal", [False, True])
 def test_seqused_equals_truncated_sequences(causal: bool, variant: str) -> None:
     """Running on the first seqused rows of each slot is running on truncated sequences."""
@@ -691,7 +711,7 @@ def test_window_with_grouped_query_heads_matches_naive(nheads_k: int, causal: bo
 
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize(
-    "variant", ["window", "softcap", "alibi_per_sequence", "dropout", "top_left+window"]
+    "variant", ["window", "softcap", "alibi_per_sequence", "dropout", "top_left+window", "sink"]
 )
 def test_fixed_length_variants_match_varlen(variant: str, causal: bool) -> None:
     batch, seqlen_q, seqlen_k, nheads = 3, 7, 4, 4
@@ -717,7 +737,7 @@ GRAD_SEQLENS_K = [2, 5, 3]
 GRAD_SEQUSED = {"seqused_q": torch.tensor([3, 2, 0]), "seqused_k": torch.tensor([2, 3, 0])}
 GRAD_VARIANTS = [
     "", "window", "softcap", "alibi_per_sequence", "dropout", "top_left", "seqused",
-    "window+softcap+alibi+dropout",
+    "window+softcap+alibi+dropout", "sink", "window+softcap+alibi+dropout+sink",
 ]
 
 
@@ -842,6 +862,8 @@ def test_softmax_and_lse_rows_of_minus_inf_from_an_additive_bias() -> None:
         ({"dropout_mask": torch.ones(2, 4, 4, 6, dtype=torch.bool)}, "dropout_mask must have"),
         ({"alibi_slopes": torch.ones(3)}, "alibi_slopes"),
         ({"alibi_slopes": torch.ones(3, 4)}, "alibi_slopes"),
+        ({"learnable_sink": torch.ones(3)}, "learnable_sink"),
+        ({"learnable_sink": torch.ones(1, 4)}, "learnable_sink"),
         ({"seqused_q": torch.tensor([6, 3])}, "seqused_q"),
         ({"seqused_k": torch.tensor([1])}, "seqused_k"),
     ],
@@ -850,3 +872,287 @@ def test_invalid_options_raise(options: dict, message: str) -> None:
     q, k, v, cu_q, cu_k = make_varlen([5, 3], [4, 6])
     with pytest.raises(ValueError, match=message):
         reference.attention_ref_varlen(q, k, v, as_cu(cu_q), as_cu(cu_k), **options)
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention sinks (learnable_sink)
+# ----------------------------------------------------------------------------------------------
+
+# Causal or a window leaves rows 0 and 1 of sequence 0 without keys; sequence 2 has keys only
+# and sequence 3 queries only (its rows see no key at all).
+SINK_SEQLENS_Q = [4, 2, 0, 2]
+SINK_SEQLENS_K = [2, 5, 3, 0]
+SINK_MASKS = [(True, (-1, -1)), (False, (0, 0)), (True, (1, 0))]
+SINK_MASK_IDS = ["causal", "diagonal", "causal-window"]
+
+
+def sink_inputs(
+    seqlens_q, seqlens_k, nheads: int = 4, nheads_k: int = 2, seed: int = 12
+) -> tuple[torch.Tensor, ...]:
+    """float64 q, k, v, sink and the prefix sums (as int32 tensors) of a small GQA batch."""
+    q, k, v, cu_q, cu_k = make_varlen(
+        seqlens_q, seqlens_k, nheads=nheads, nheads_k=nheads_k, dtype=torch.float64, seed=seed
+    )
+    sink = random_sink(nheads, dtype=torch.float64)
+    return q, k, v, sink, as_cu(cu_q), as_cu(cu_k)
+
+
+def rows_seeing_keys(seqlens_q, seqlens_k, causal: bool, window_size) -> torch.Tensor:
+    """(total_q,) bool: the rows that see at least one key, by the naive rule."""
+    flags = [
+        naive_mask(sq, sk, causal, window_size).any(dim=1)
+        for sq, sk in zip(seqlens_q, seqlens_k)
+    ]
+    return torch.cat(flags)
+
+
+def closed_form_sink_gradient(
+    sink: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    dout: torch.Tensor,
+    dlse: torch.Tensor,
+    used: torch.Tensor,
+) -> torch.Tensor:
+    """dsink_h = -sum_i exp(sink_h - lse_hi) * (rowsum(dout_i * out_i) - dlse_hi) over the used
+    rows i (the formula the kernels implement). out, dout: (total_q, h, d); lse, dlse:
+    (h, total_q); used: (total_q,) bool."""
+    row_dot = (dout * out).sum(dim=-1).transpose(0, 1)  # (h, total_q)
+    terms = torch.exp(sink[:, None] - lse.double()) * (row_dot - dlse)
+    return -torch.where(used[None, :], terms, 0.0).sum(dim=1)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize(
+    "variant",
+    ["sink", "window+sink", "softcap+alibi+sink", "dropout+sink",
+     "left_window+softcap+alibi_per_sequence+dropout+top_left+sink"],
+)
+def test_sink_matches_naive(variant: str, causal: bool) -> None:
+    """Against the naive softmax over [scores, sink] (gpt-oss's construction), with empty q, k
+    and both among SEQLENS_Q/K."""
+    options = variant_options(variant, SEQLENS_Q, SEQLENS_K, nheads=4)
+    assert_varlen_matches_naive(SEQLENS_Q, SEQLENS_K, causal, **options)
+
+
+@pytest.mark.parametrize("nheads_k", [1, 2, 8])  # MQA, GQA, MHA
+def test_sink_with_grouped_query_heads_matches_naive(nheads_k: int) -> None:
+    """The sink is per query head, not per kv head: 8 different sinks over 1, 2 or 8 kv heads."""
+    options = variant_options("window+sink", SEQLENS_Q, SEQLENS_K, nheads=8)
+    assert_varlen_matches_naive(
+        SEQLENS_Q, SEQLENS_K, True, nheads=8, nheads_k=nheads_k, **options
+    )
+
+
+# softmax_lse is float32 whatever the compute dtype, so its finite differences need a step
+# far above float32 rounding (1e-7 relative): a step of 1e-3 leaves about 1e-4 of rounding
+# noise in each difference quotient and 1e-6 of truncation error.
+LSE_GRADCHECK = {"eps": 1e-3, "atol": 1e-3, "rtol": 1e-3}
+
+
+@pytest.mark.parametrize(("causal", "window_size"), SINK_MASKS, ids=SINK_MASK_IDS)
+def test_sink_gradcheck_float64(causal: bool, window_size) -> None:
+    """Finite differences of out (float64) and softmax_lse (float32, see LSE_GRADCHECK) w.r.t.
+    q, k, v and the sink, GQA, on a batch with rows that see no key (their lse is the sink, so
+    every lse entry is differentiable)."""
+    q, k, v, sink, cu_q, cu_k = sink_inputs(SINK_SEQLENS_Q, SINK_SEQLENS_K, nheads=2, nheads_k=1)
+    q, k, v = (x[..., :3].contiguous() for x in (q, k, v))  # head dim 3 keeps gradcheck quick
+    blind = ~rows_seeing_keys(SINK_SEQLENS_Q, SINK_SEQLENS_K, causal, window_size)
+    assert blind.sum() >= 4  # the premise: rows without keys (masked, and without any key)
+
+    def attention(q, k, v, sink):
+        return reference.attention_ref_varlen(
+            q, k, v, cu_q, cu_k, SCALE, causal, compute_dtype=torch.float64,
+            window_size=window_size, learnable_sink=sink,
+        )
+
+    leaves = [x.clone().requires_grad_() for x in (q, k, v, sink)]
+    assert torch.autograd.gradcheck(lambda *xs: attention(*xs)[0], leaves)
+    assert torch.autograd.gradcheck(lambda *xs: attention(*xs)[1], leaves, **LSE_GRADCHECK)
+
+
+@pytest.mark.parametrize("lse_grad", [False, True], ids=["dout", "dout+dlse"])
+@pytest.mark.parametrize(
+    "variant", ["", "window+softcap+alibi+dropout", "seqused"], ids=["plain", "variants", "seqused"]
+)
+@pytest.mark.parametrize("causal", [False, True])
+def test_sink_gradient_matches_closed_form(causal: bool, variant: str, lse_grad: bool) -> None:
+    """Autograd's dsink equals -sum_i exp(sink - lse_i) (rowsum(dout_i * out_i) - dlse_i) over
+    the used rows, computed from the reference's own out and lse. With dropout the formula
+    holds with the dropped out: dropout scales the key probabilities, which all shrink by the
+    same factor when the sink grows, and never reaches the lse."""
+    options = grad_options(variant, nheads=4)
+    q, k, v, sink, cu_q, cu_k = sink_inputs(GRAD_SEQLENS_Q, GRAD_SEQLENS_K)
+    sink_leaf = sink.clone().requires_grad_()
+    out, lse = reference.attention_ref_varlen(
+        q, k, v, cu_q, cu_k, SCALE, causal, compute_dtype=torch.float64,
+        learnable_sink=sink_leaf, **options,
+    )
+    g = torch.Generator().manual_seed(13)
+    dout = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    dlse = torch.randn(lse.shape, generator=g, dtype=torch.float64) if lse_grad else None
+    used = reference.used_query_rows(cu_q, options.get("seqused_q"), q.shape[0])
+    outputs, cotangents = [out], [dout]
+    if dlse is not None:
+        # Unused rows (lse -inf, not a function of anything) take no cotangent.
+        outputs.append(lse)
+        cotangents.append(torch.where(used[None, :], dlse, 0.0).float())
+    (dsink,) = torch.autograd.grad(outputs, sink_leaf, cotangents)
+
+    expected = closed_form_sink_gradient(
+        sink, out.detach(), lse.detach(), dout,
+        torch.zeros_like(lse.double()) if dlse is None else cotangents[1].double(), used,
+    )
+    assert dsink.dtype == torch.float64 and dsink.shape == (4,)
+    torch.testing.assert_close(dsink, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_sink_gradient_matches_naive_autograd() -> None:
+    """dq, dk, dv and dsink of out and lse against autograd through the naive construction."""
+    options = variant_options("window+softcap+alibi+dropout", GRAD_SEQLENS_Q, GRAD_SEQLENS_K, 4)
+    q, k, v, sink, cu_q, cu_k = sink_inputs(GRAD_SEQLENS_Q, GRAD_SEQLENS_K)
+    g = torch.Generator().manual_seed(14)
+    dout = torch.randn(q.shape, generator=g, dtype=torch.float64)
+    dlse = torch.randn(4, q.shape[0], generator=g, dtype=torch.float64)
+
+    leaves = [x.clone().requires_grad_() for x in (q, k, v, sink)]
+    out, lse = reference.attention_ref_varlen(
+        *leaves[:3], cu_q, cu_k, SCALE, True, compute_dtype=torch.float64,
+        learnable_sink=leaves[3], **options,
+    )
+    grads = torch.autograd.grad((out, lse), leaves, (dout, dlse.float()))
+    naive_leaves = [x.clone().requires_grad_() for x in (q, k, v, sink)]
+    naive_out, naive_lse = naive_varlen(
+        *naive_leaves[:3], cu_q.tolist(), cu_k.tolist(), SCALE, True,
+        learnable_sink=naive_leaves[3], **options,
+    )
+    expected = torch.autograd.grad(
+        (naive_out, naive_lse), naive_leaves, (dout, dlse.float().double()), allow_unused=True,
+        materialize_grads=True,
+    )
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize(("causal", "window_size"), SINK_MASKS, ids=SINK_MASK_IDS)
+def test_rows_without_keys_with_a_sink(causal: bool, window_size) -> None:
+    """A used row that sees no key gets out exactly 0 and softmax_lse exactly sink[h] (float32,
+    as the kernels must), zero dq and finite gradients; rows past seqused_q keep out 0 and
+    softmax_lse -inf: they take part in no softmax, sink or not."""
+    seqlens_q, seqlens_k = [6, 4, 2, 3], [3, 3, 5, 0]
+    seqused_q, seqused_k = [6, 2, 1, 3], [3, 0, 5, 0]  # sequences 1 and 3 see no key at all
+    q, k, v, _, cu_q, cu_k = sink_inputs(seqlens_q, seqlens_k)
+    sink = random_sink(4)  # float32, as the kernels take it
+    leaves = [x.clone().requires_grad_() for x in (q, k, v, sink)]
+    out, lse = reference.attention_ref_varlen(
+        *leaves[:3], cu_q, cu_k, causal=causal, window_size=window_size,
+        seqused_q=torch.tensor(seqused_q), seqused_k=torch.tensor(seqused_k),
+        softcap=1.0, alibi_slopes=random_slopes((4,)), learnable_sink=leaves[3],
+    )
+    used = reference.used_query_rows(cu_q, torch.tensor(seqused_q), q.shape[0])
+    sees = torch.zeros(q.shape[0], dtype=torch.bool)
+    sees[used] = rows_seeing_keys(seqused_q, seqused_k, causal, window_size)
+    blind = used & ~sees
+    assert blind.sum() >= 5 and (~used).sum() == 3  # the premise of the test
+
+    assert torch.equal(out[blind], torch.zeros_like(out[blind]))
+    assert torch.equal(lse[:, blind], sink[:, None].expand(-1, int(blind.sum())))
+    assert torch.equal(out[~used], torch.zeros_like(out[~used]))
+    assert torch.all(lse[:, ~used] == -math.inf)
+    assert torch.isfinite(out).all() and torch.isfinite(lse[:, used]).all()
+
+    g = torch.Generator().manual_seed(15)
+    dout = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    dlse = torch.where(used[None, :], torch.randn(lse.shape, generator=g), 0.0)
+    dq, dk, dv, dsink = torch.autograd.grad((out, lse), leaves, (dout, dlse))
+    for grad in (dq, dk, dv, dsink):
+        assert torch.isfinite(grad).all()
+    assert torch.equal(dq[~sees], torch.zeros_like(dq[~sees]))
+    assert (dsink != 0).all()
+
+
+def test_rows_without_keys_with_a_sink_have_finite_gradients_in_every_dtype() -> None:
+    """Gradients through the shortcut for empty sequences and through fully masked rows stay
+    finite in float64, float32 and bfloat16 alike."""
+    q, k, v, sink, cu_q, cu_k = sink_inputs(SINK_SEQLENS_Q, SINK_SEQLENS_K)
+    for compute_dtype in (torch.float64, torch.float32, torch.bfloat16):
+        leaves = [x.clone().requires_grad_() for x in (q, k, v, sink.float())]
+        out, lse = reference.attention_ref_varlen(
+            *leaves[:3], cu_q, cu_k, causal=True, compute_dtype=compute_dtype,
+            learnable_sink=leaves[3],
+        )
+        grads = torch.autograd.grad((out.float().sum() + lse.sum()), leaves)
+        for grad in grads:
+            assert torch.isfinite(grad).all(), compute_dtype
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_sink_of_minus_inf_is_no_sink(causal: bool) -> None:
+    """exp(-inf) = 0 joins no normalization: out, softmax_lse (-inf rows included) and dq, dk,
+    dv equal learnable_sink=None's bit for bit, which in turn are the reference's results from
+    before the sink existed (the sink only adds terms when it is given)."""
+    q, k, v, _, cu_q, cu_k = sink_inputs(SINK_SEQLENS_Q, SINK_SEQLENS_K)
+    results = []
+    for sink in (None, torch.full((4,), -math.inf)):
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        out, lse = reference.attention_ref_varlen(
+            *leaves, cu_q, cu_k, causal=causal, window_size=(1, 1), softcap=2.0,
+            learnable_sink=sink,
+        )
+        finite_lse = torch.where(torch.isfinite(lse), lse, 0.0)
+        grads = torch.autograd.grad(out.sum() + finite_lse.sum(), leaves)
+        results.append((out, lse, *grads))
+    for without, with_minus_inf in zip(*results):
+        assert torch.equal(without, with_minus_inf)
+    assert torch.isneginf(results[0][1]).any()  # rows without keys keep -inf
+
+
+@pytest.mark.parametrize("compute_dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("magnitude", [1.0, 20.0, 200.0])
+def test_sink_merges_like_one_more_partial_result(magnitude: float, compute_dtype) -> None:
+    """The sink is a partial softmax with lse = sink and out = 0, merged by LSE:
+    lse = logaddexp(lse_plain, sink) and out = out_plain * exp(lse_plain - lse). Sinks of
+    +-20 and +-200 (exp overflows float32 beyond 88) stay finite: the dominated side vanishes.
+    """
+    q, k, v, _, cu_q, cu_k = sink_inputs(SEQLENS_Q, SEQLENS_K)
+    sink = magnitude * torch.tensor([1.0, -1.0, 0.5, -0.25])
+    args = (q, k, v, cu_q, cu_k, SCALE, True)
+    plain, plain_lse = reference.attention_ref_varlen(*args, compute_dtype=torch.float64)
+    out, lse = reference.attention_ref_varlen(
+        *args, compute_dtype=compute_dtype, learnable_sink=sink
+    )
+    expected_lse = torch.logaddexp(plain_lse.double(), sink.double()[:, None])
+    expected_out = plain * torch.exp(plain_lse.double() - expected_lse).transpose(0, 1)[..., None]
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+    # Both lse are float32 (plain_lse enters expected_out): float32 rounding bounds everything.
+    torch.testing.assert_close(out.double(), expected_out, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(lse.double(), expected_lse, rtol=1e-6, atol=1e-6)
+
+
+def test_sink_is_cast_to_the_compute_dtype() -> None:
+    """In bfloat16 the sink is rounded like the slopes (the same math in the input dtype), and
+    its gradient still reaches the float32 tensor as float32."""
+    q, k, v, _, cu_q, cu_k = sink_inputs([5, 3], [4, 6])
+    q, k, v = (x.to(torch.bfloat16) for x in (q, k, v))
+    sink = random_sink(4).requires_grad_()
+    rounded = sink.detach().to(torch.bfloat16).float()
+    out, lse = reference.attention_ref_varlen(
+        q, k, v, cu_q, cu_k, compute_dtype=torch.bfloat16, learnable_sink=sink
+    )
+    same, same_lse = reference.attention_ref_varlen(
+        q, k, v, cu_q, cu_k, compute_dtype=torch.bfloat16, learnable_sink=rounded
+    )
+    assert out.dtype == torch.bfloat16 and lse.dtype == torch.float32
+    assert torch.equal(out, same) and torch.equal(lse, same_lse)
+    (dsink,) = torch.autograd.grad(out.float().sum() + lse.sum(), sink)
+    assert dsink.dtype == torch.float32 and torch.isfinite(dsink).all()
+
+
+def test_fixed_length_sink_rows_without_keys() -> None:
+    """attention_ref: seqlen_k = 0 gives out 0 and lse = sink for every row and batch entry."""
+    q = torch.randn(2, 3, 4, HEAD_DIM)
+    k = v = torch.randn(2, 0, 2, HEAD_DIM)
+    sink = random_sink(4)
+    out, lse = reference.attention_ref(q, k, v, causal=True, learnable_sink=sink)
+    assert torch.equal(out, torch.zeros_like(out))
+    assert torch.equal(lse, sink[None, :, None].expand(2, 4, 3))

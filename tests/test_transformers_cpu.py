@@ -3,13 +3,14 @@
 There is no kernel here, so the tests replace the two kernel calls of the integration
 (monkeypatch) with fakes: the float32 reference of ``flash_varlen.reference``, after checking the
 arguments the way the kernels' validation would (int32 cu_seqlens on q's device that span the
-packed tensors, Python-int max_seqlen bounds, k/v with their own head count), with the sliding
-window and soft-capping the integration passes. A tiny Llama with
+packed tensors, Python-int max_seqlen bounds, k/v with their own head count, a float32
+(nheads,) sink on q's device), with the sliding window, soft-capping and attention sinks the
+integration passes. A tiny Llama with
 attn_implementation="flash_varlen" must then match the same weights under "sdpa" to float32
 rounding, for padded (left and right), packed and unpadded batches, in the forward pass, the
-gradients and generation with a KV cache; Mistral's sliding window and Gemma 2's soft-capping
-must match too. The fakes also record each call, so the tests check which kernel ran with which
-boundaries and options.
+gradients and generation with a KV cache; Mistral's sliding window, Gemma 2's soft-capping and
+gpt-oss's attention sinks (against its eager attention) must match too. The fakes also record
+each call, so the tests check which kernel ran with which boundaries and options.
 
 Those model tests keep the float32 inputs (the reference computes in float32) by bypassing the
 kernel-dtype rule, which its own tests check with a stand-in attention layer.
@@ -61,6 +62,7 @@ class KernelCall:
     dropout_p: float
     softcap: float
     window_size: tuple[int, int]
+    learnable_sink: torch.Tensor | None
     cu_seqlens_q: list[int] | None = None
     cu_seqlens_k: list[int] | None = None
     max_seqlen_q: int | None = None
@@ -128,8 +130,12 @@ class ReferenceKernels:
         return out.to(q.dtype)
 
     def _record(self, kind: str, q, k, options: dict) -> KernelCall:
-        known = {"softmax_scale", "causal", "dropout_p", "softcap", "window_size"}
+        known = {"softmax_scale", "causal", "dropout_p", "softcap", "window_size", "learnable_sink"}
         assert options.keys() <= known, f"unexpected options {options.keys() - known}"
+        sink = options.get("learnable_sink")
+        if sink is not None:  # the kernels' rule: float32 (nheads,) on q's device
+            assert sink.dtype == torch.float32 and sink.shape == (q.shape[-2],)
+            assert sink.device == q.device
         call = KernelCall(
             kind,
             tuple(q.shape),
@@ -140,6 +146,7 @@ class ReferenceKernels:
             options.get("dropout_p", 0.0),
             options.get("softcap", 0.0),
             tuple(options.get("window_size", reference.NO_WINDOW)),
+            sink,
         )
         self.calls.append(call)
         return call
@@ -153,6 +160,7 @@ class ReferenceKernels:
             "softcap": call.softcap,
             "dropout_p": call.dropout_p,
             "dropout_mask": keep_all,
+            "learnable_sink": call.learnable_sink,
         }
 
 
@@ -610,6 +618,136 @@ def test_softcapping_and_sliding_window_match_eager(hf, float32_kernels) -> None
 
 
 # ----------------------------------------------------------------------------------------------
+# Attention sinks: gpt-oss against its eager attention
+# ----------------------------------------------------------------------------------------------
+
+GPT_OSS_WINDOW = 3
+SINK_SCALE = 2.0
+"""Standard deviation of the sinks set in the tests: gpt-oss initializes them near 0 (std 0.02),
+where a sink of the wrong head or sign would go unnoticed."""
+
+
+def gpt_oss_config(hf):
+    """A tiny gpt-oss: a sliding-window (3) layer then a full one, each with per-head sinks.
+    Every token uses all four experts, so that routing has no top-k decision that float32
+    rounding could flip."""
+    return hf.GptOssConfig(
+        vocab_size=VOCAB,
+        hidden_size=HEADS * HEAD_DIM,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=HEADS,
+        num_key_value_heads=KV_HEADS,
+        head_dim=HEAD_DIM,
+        num_local_experts=4,
+        num_experts_per_tok=4,
+        sliding_window=GPT_OSS_WINDOW,
+    )
+
+
+def gpt_oss_pair(hf):
+    """gpt-oss with flash_varlen and with eager attention, the same weights and random sinks.
+
+    gpt-oss lists the flash kernels it accepts and swaps any other "flash" name for the first
+    of them when built, so ours is built with eager and switched afterwards (the recipe of the
+    integration's docstring).
+    """
+    torch.manual_seed(0)
+    config = gpt_oss_config(hf)
+    ours = hf.AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation="eager")
+    ours.config._attn_implementation = NAME
+    ref = hf.AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation="eager")
+    with torch.no_grad():
+        for layer in ours.model.layers:
+            layer.self_attn.sinks.normal_(std=SINK_SCALE)
+    ref.load_state_dict(ours.state_dict())
+    return ours.eval(), ref.eval()
+
+
+def gpt_oss_sinks(model) -> list[torch.Tensor]:
+    return [layer.self_attn.sinks for layer in model.model.layers]
+
+
+def assert_gpt_oss_calls(calls: list[KernelCall], model) -> None:
+    """One call per layer: the sliding one with transformers' window mapping, both causal and
+    with their own layer's sinks (as float32)."""
+    sliding, full = calls
+    assert sliding.window_size == (GPT_OSS_WINDOW - 1, GPT_OSS_WINDOW - 1) and sliding.causal
+    assert full.window_size == (-1, -1) and full.causal
+    for call, sinks in zip(calls, gpt_oss_sinks(model), strict=True):
+        assert torch.equal(call.learnable_sink, sinks.detach())
+
+
+@pytest.mark.parametrize("layout", ["unpadded", "padded-right", "padded-left"])
+def test_gpt_oss_sinks_match_eager(hf, float32_kernels, layout: str) -> None:
+    """Logits at real tokens and one training step's gradients (the sinks' included) equal
+    gpt-oss's eager attention, on sequences longer than the window and a one-token one (left
+    padding: rows that see the sink and one key)."""
+    ours, ref = gpt_oss_pair(hf)
+    lengths = [9, 9] if layout == "unpadded" else [9, 6, 1]
+    ids = random_ids(len(lengths), 9)
+    mask = padding_mask_for(lengths, 9, layout.removeprefix("padded-"))
+    real = mask.bool()
+    logits = {}
+    for name, model in (("ours", ours), ("ref", ref)):
+        model.train()
+        result = model(ids, attention_mask=mask, use_cache=False)
+        probe_loss(result.logits * real[..., None]).backward()
+        logits[name] = result.logits.detach()
+
+    torch.testing.assert_close(logits["ours"][real], logits["ref"][real], **FLOAT32_TOLERANCE)
+    assert_same_gradients(ours, ref)
+    assert all(sinks.grad.abs().min() > 0 for sinks in gpt_oss_sinks(ours))
+    assert_gpt_oss_calls(float32_kernels.calls, ours)
+
+
+def test_gpt_oss_packed_documents_match_each_document_alone(hf, float32_kernels) -> None:
+    """Packed documents (positions restarting at 0) give the logits and gradients of running
+    each document by itself under eager attention (which, unlike flash_varlen, does not read
+    document boundaries from gpt-oss's position_ids)."""
+    ours, ref = gpt_oss_pair(hf)
+    lengths = [7, 1, 5]
+    positions = packed_positions([lengths])
+    ids = random_ids(*positions.shape)
+    logits = ours(ids, position_ids=positions).logits
+    probe_loss(logits).backward()
+
+    weights = torch.randn(logits.shape, generator=torch.Generator().manual_seed(2))
+    start = 0
+    for length in lengths:
+        tokens = slice(start, start + length)
+        alone = ref(ids[:, tokens]).logits
+        (alone * weights[:, tokens]).sum().backward()
+        torch.testing.assert_close(logits[:, tokens], alone, **FLOAT32_TOLERANCE)
+        start += length
+    assert_same_gradients(ours, ref)
+    assert_gpt_oss_calls(float32_kernels.calls, ours)
+    assert {tuple(call.cu_seqlens_q) for call in float32_kernels.calls} == {(0, 7, 8, 13)}
+
+
+def test_gpt_oss_generation_with_cache_matches_eager(hf, float32_kernels) -> None:
+    """Greedy decoding with a KV cache and left padding: each new query sees the sink and the
+    keys its layer's window allows."""
+    ours, ref = gpt_oss_pair(hf)
+    ids = random_ids(2, 6)
+    settings = {
+        "attention_mask": padding_mask_for([6, 2], 6, "left"),
+        "max_new_tokens": 4,
+        "do_sample": False,
+        "output_scores": True,
+        "return_dict_in_generate": True,
+        "pad_token_id": 0,
+    }
+    with torch.no_grad():
+        ours_out = ours.generate(ids, **settings)
+        ref_out = ref.generate(ids, **settings)
+    assert torch.equal(ours_out.sequences, ref_out.sequences)
+    for ours_scores, ref_scores in zip(ours_out.scores, ref_out.scores, strict=True):
+        torch.testing.assert_close(ours_scores, ref_scores, **FLOAT32_TOLERANCE)
+    assert all(call.learnable_sink is not None for call in float32_kernels.calls)
+
+
+# ----------------------------------------------------------------------------------------------
 # The attention function alone (no transformers needed)
 # ----------------------------------------------------------------------------------------------
 
@@ -692,11 +830,39 @@ def test_float32_model_raises(kernels) -> None:
     assert not kernels.calls
 
 
-def test_attention_sinks_raise_naming_the_feature(kernels) -> None:
+@pytest.mark.parametrize("mask", [None, "padded"])
+def test_attention_sinks_reach_the_kernel_in_float32(kernels, mask) -> None:
+    """s_aux (gpt-oss's bfloat16 sinks parameter) arrives as a float32 learnable_sink with the
+    same values; the output is the reference's with that sink, and the parameter receives the
+    reference's gradient through the cast."""
     q, k, v = layer_inputs(dtype=torch.bfloat16)
-    with pytest.raises(NotImplementedError, match="attention sinks"):
-        integration.attention_forward(StandInLayer(), q, k, v, None, s_aux=torch.zeros(HEADS))
-    assert not kernels.calls
+    attention_mask = None if mask is None else padding_mask_for([8, 5], 8, "right").bool()
+    generator = torch.Generator().manual_seed(4)
+    sinks = torch.nn.Parameter(torch.randn(HEADS, generator=generator).to(torch.bfloat16))
+    out, _ = integration.attention_forward(StandInLayer(), q, k, v, attention_mask, s_aux=sinks)
+    (call,) = kernels.calls
+    assert call.kind == ("fixed" if mask is None else "varlen")
+    assert call.learnable_sink.dtype == torch.float32
+    assert torch.equal(call.learnable_sink, sinks.detach().float())
+    upstream = torch.randn(out.shape, generator=generator).to(out.dtype)
+    (out.float() * upstream).sum().backward()
+
+    reference_sinks = sinks.detach().float().requires_grad_()
+    expected, _ = reference.attention_ref(
+        *(x.transpose(1, 2) for x in (q, k, v)), causal=True, learnable_sink=reference_sinks
+    )
+    if mask is not None:  # padded query rows are 0 and have no gradient
+        expected = expected * attention_mask[..., None, None]
+    (expected.to(out.dtype).float() * upstream).sum().backward()
+    torch.testing.assert_close(out, expected.to(out.dtype))
+    assert sinks.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(sinks.grad, reference_sinks.grad.to(torch.bfloat16))
+
+
+def test_without_sinks_the_kernel_gets_none(kernels) -> None:
+    q, k, v = layer_inputs(dtype=torch.bfloat16)
+    integration.attention_forward(StandInLayer(), q, k, v, None)
+    assert kernels.calls[-1].learnable_sink is None
 
 
 @pytest.mark.parametrize(

@@ -344,6 +344,49 @@ VARLEN_CASES = [
         ValueError,
         "seqused_q must be 1-D (batch,)",
     ),
+    case(
+        "sink bf16",
+        setting(learnable_sink=torch.zeros(NHEADS, dtype=torch.bfloat16)),
+        TypeError,
+        "learnable_sink must have dtype torch.float32, got torch.bfloat16",
+    ),
+    case(
+        "sink fp64",
+        setting(learnable_sink=torch.zeros(NHEADS, dtype=torch.float64)),
+        TypeError,
+        "learnable_sink must have dtype torch.float32",
+    ),
+    case(
+        "sink a list",
+        setting(learnable_sink=[0.0] * NHEADS),
+        TypeError,
+        "learnable_sink must be a torch.Tensor",
+    ),
+    case(
+        "sink a float",
+        setting(learnable_sink=0.5),
+        TypeError,
+        "learnable_sink must be a torch.Tensor",
+    ),
+    case(
+        "sink per kv head",
+        setting(learnable_sink=torch.zeros(NHEADS_K)),
+        ValueError,
+        "learnable_sink must have shape (nheads,) = (4,)",
+        "got (2,)",
+    ),
+    case(
+        "sink per sequence",
+        setting(learnable_sink=torch.zeros(2, NHEADS)),
+        ValueError,
+        "learnable_sink must be 1-D (nheads,) = (4,)",
+    ),
+    case(
+        "sink 0-d",
+        setting(learnable_sink=torch.tensor(0.0)),
+        ValueError,
+        "learnable_sink must be 1-D",
+    ),
     case("q on CPU", unchanged, ValueError, "q must be a CUDA tensor"),
     case(
         "every variant option valid",
@@ -355,6 +398,7 @@ VARLEN_CASES = [
             causal_alignment="top_left",
             seqused_q=torch.tensor([0, 7], dtype=torch.int32),
             seqused_k=torch.tensor([4, 0, 6, 0], dtype=torch.int32)[::2],  # any stride
+            learnable_sink=torch.zeros(NHEADS),
         ),
         ValueError,
         "q must be a CUDA tensor",
@@ -403,10 +447,28 @@ FIXED_CASES = [
     case("dropout 2", setting(dropout_p=2), ValueError, "dropout_p must be in [0, 1)"),
     case("softcap < 0", setting(softcap=-0.5), ValueError, SOFTCAP_RULE),
     case("alignment", setting(causal_alignment="left"), ValueError, "causal_alignment must be"),
+    case(
+        "sink fp16",
+        setting(learnable_sink=torch.zeros(NHEADS, dtype=torch.float16)),
+        TypeError,
+        "learnable_sink must have dtype torch.float32, got torch.float16",
+    ),
+    case(
+        "sink per kv head",
+        setting(learnable_sink=torch.zeros(NHEADS_K)),
+        ValueError,
+        "learnable_sink must have shape (nheads,) = (4,)",
+    ),
     case("q on CPU", unchanged, ValueError, "q must be a CUDA tensor"),
     case(
         "per-sequence slopes valid",
         setting(alibi_slopes=torch.ones(2, NHEADS), dropout_p=0.1, window_size=(3, 3)),
+        ValueError,
+        "q must be a CUDA tensor",
+    ),
+    case(
+        "sink valid",
+        setting(learnable_sink=torch.zeros(NHEADS), causal=True),
         ValueError,
         "q must be a CUDA tensor",
     ),
@@ -501,6 +563,7 @@ def test_fixed_length_v_on_another_device() -> None:
         ("alibi_slopes", torch.ones(NHEADS)),
         ("seqused_q", torch.tensor([5, 7], dtype=torch.int32)),
         ("seqused_k", torch.tensor([4, 6], dtype=torch.int32)),
+        ("learnable_sink", torch.zeros(NHEADS)),
     ],
 )
 def test_variant_tensor_on_another_device_than_q(name: str, tensor: torch.Tensor) -> None:
@@ -508,9 +571,9 @@ def test_variant_tensor_on_another_device_than_q(name: str, tensor: torch.Tensor
         args = varlen_args(device="cuda")
         with raises(ValueError, f"{name} must be on the same device as q"):
             flash_varlen.flash_attn_varlen_func(**args, **{name: tensor})
-        if name == "alibi_slopes":
-            with raises(ValueError, "alibi_slopes must be on the same device as q"):
-                flash_varlen.flash_attn_func(**fixed_args(device="cuda"), alibi_slopes=tensor)
+        if name in ("alibi_slopes", "learnable_sink"):  # the options of both layouts
+            with raises(ValueError, f"{name} must be on the same device as q"):
+                flash_varlen.flash_attn_func(**fixed_args(device="cuda"), **{name: tensor})
 
 
 # --------------------------------------------------------------------------------------------
@@ -576,6 +639,7 @@ def test_option_arguments_are_every_option_in_the_ops_form() -> None:
         "causal_top_left": True,
         "seqused_q": None,
         "seqused_k": None,
+        "learnable_sink": None,
     }
     assert type(options["softcap"]) is float and type(options["dropout_p"]) is float
     default = op_arguments()

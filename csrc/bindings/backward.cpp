@@ -66,14 +66,33 @@ BackwardTensors backward_tensors(const at::Tensor& dout, const at::Tensor& q, co
             {!grads.dq.has_value(), !grads.dk.has_value(), !grads.dv.has_value()}};
 }
 
-void run_backward(BackwardTensors& t, const BatchShape& shape, const AttentionOptions& options,
-                  const std::optional<at::Tensor>& rng_state) {
+// The gradient of learnable_sink from the kernels' per-row terms (laid out like softmax_lse:
+// (nheads, total_q) varlen, (batch, nheads, seqlen_q) fixed length): their sum per head. Without
+// sinks, an empty float32 tensor.
+at::Tensor sink_gradient(const at::Tensor& sink_grad_rows, const at::Tensor& q) {
+    if (!sink_grad_rows.defined()) return at::empty({0}, q.options().dtype(at::kFloat));
+    const std::vector<int64_t> row_dims =
+        sink_grad_rows.dim() == 2 ? std::vector<int64_t>{1} : std::vector<int64_t>{0, 2};
+    return sink_grad_rows.sum(row_dims);
+}
+
+// Runs the backward into t.dq, t.dk, t.dv and returns the gradient of learnable_sink.
+at::Tensor run_backward(BackwardTensors& t, const BatchShape& shape,
+                        const AttentionOptions& options,
+                        const std::optional<at::Tensor>& rng_state) {
     const KernelEntry<FlashBwdParams>& kernel = select_kernel<FlashBwdParams>(
         kernel_config(t.q, shape, options), compute_capability(t.q.device()), shape.heads.head_dim,
         "backward");
+    // Zero-filled: rows the kernels do not write (past the used lengths or cu_seqlens[-1]) add 0.
+    at::Tensor sink_grad_rows;
+    if (options.learnable_sink.has_value()) {
+        sink_grad_rows = at::zeros_like(t.softmax_lse,
+                                        t.softmax_lse.options().memory_format(
+                                            at::MemoryFormat::Contiguous));
+    }
     // Only a fixed-length batch can be empty (varlen needs batch >= 1), and then so are the
     // tensors: nothing to compute, nothing to write.
-    if (shape.batch == 0) return;
+    if (shape.batch == 0) return sink_gradient(sink_grad_rows, t.q);
 
     // The per-row statistics are small; a contiguous copy (only if they are not) gives the
     // preprocess output and both inputs one layout.
@@ -113,6 +132,8 @@ void run_backward(BackwardTensors& t, const BatchShape& shape, const AttentionOp
     params.lse_head_stride = lse.stride(-2);
     params.softmax_lse_grad_ptr = lse_grad.defined() ? lse_grad.data_ptr<float>() : nullptr;
     params.softmax_d_ptr = softmax_d.data_ptr<float>();
+    params.sink_grad_rows_ptr =
+        sink_grad_rows.defined() ? sink_grad_rows.data_ptr<float>() : nullptr;
     params.total_q = shape.query_rows;
     params.deterministic = options.deterministic;
     if (is_varlen) {
@@ -128,6 +149,7 @@ void run_backward(BackwardTensors& t, const BatchShape& shape, const AttentionOp
         set_option_params(params, options, shape.seqlen_q, shape.seqlen_k);
     use_recorded_philox_state(params, options, rng_state, t.q.device());
     launch_kernel(kernel, params, t.q.device(), "backward");
+    return sink_gradient(sink_grad_rows, t.q);
 }
 
 // Every rule but the devices for the tensors both layouts share; `rank` is 3 (varlen) or 4
@@ -197,8 +219,8 @@ BackwardResult varlen_bwd(const VarlenBwdArgs& args) {
                                          grads, args.options);
     const BatchShape shape = varlen_shape(heads, q, args.cu_seqlens_q, args.cu_seqlens_k, batch,
                                           args.max_seqlen_q, args.max_seqlen_k);
-    run_backward(t, shape, args.options, args.rng_state);
-    return {t.dq, t.dk, t.dv};
+    const at::Tensor sink_grad = run_backward(t, shape, args.options, args.rng_state);
+    return {t.dq, t.dk, t.dv, sink_grad};
 }
 
 BackwardResult bwd(const BwdArgs& args) {
@@ -214,8 +236,8 @@ BackwardResult bwd(const BwdArgs& args) {
     BackwardTensors t = backward_tensors(args.dout, q, args.k, args.v, args.out, args.softmax_lse,
                                          grads, args.options);
     const BatchShape shape = fixed_shape(heads, q, args.k);
-    run_backward(t, shape, args.options, args.rng_state);
-    return {t.dq, t.dk, t.dv};
+    const at::Tensor sink_grad = run_backward(t, shape, args.options, args.rng_state);
+    return {t.dq, t.dk, t.dv, sink_grad};
 }
 
 }  // namespace flash_varlen

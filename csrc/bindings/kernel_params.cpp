@@ -121,6 +121,10 @@ OptionTensors set_option_params(FlashFwdParams& params, const AttentionOptions& 
         tensors.seqused_k = options.seqused_k->contiguous();
         params.seqused_k = tensors.seqused_k.data_ptr<int>();
     }
+    if (options.learnable_sink.has_value()) {
+        tensors.learnable_sink = options.learnable_sink->contiguous();
+        params.learnable_sink = tensors.learnable_sink.data_ptr<float>();
+    }
 
     params.dropout_threshold = dropout_threshold(options.dropout_p);
     params.dropout_rescale = static_cast<float>(1.0 / (1.0 - options.dropout_p));

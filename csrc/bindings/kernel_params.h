@@ -43,14 +43,15 @@ struct OptionTensors {
     at::Tensor alibi_slopes;
     at::Tensor seqused_q;
     at::Tensor seqused_k;
+    at::Tensor learnable_sink;
 };
 
 // Whether the local-mask kernel is needed: causal, or a window side that can hide some key of
 // sequences up to max_seqlen_q x max_seqlen_k.
 bool needs_local_mask(const AttentionOptions& options, int64_t max_seqlen_q, int64_t max_seqlen_k);
 
-// Fills the scales, the window, the ALiBi slopes, the used lengths and dropout's threshold into
-// params (not the Philox state; see below) and returns the tensors they point into.
+// Fills the scales, the window, the ALiBi slopes, the used lengths, the sinks and dropout's
+// threshold into params (not the Philox state; see below) and returns the tensors they point into.
 OptionTensors set_option_params(FlashFwdParams& params, const AttentionOptions& options,
                                 int64_t max_seqlen_q, int64_t max_seqlen_k);
 

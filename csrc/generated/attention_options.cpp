@@ -40,6 +40,11 @@ void check_attention_options(const AttentionOptions& options, const OptionSizes&
     TORCH_CHECK_VALUE(options.dropout_p >= 0.0 && options.dropout_p < 1.0,
                       message("dropout_p must be in [0, 1), got ",
                               options.dropout_p));
+    if (options.learnable_sink.has_value()) {
+        check_option_tensor(*options.learnable_sink, "learnable_sink", at::kFloat, "float32",
+                            {{"(nheads,)", {sizes.nheads}}},
+                            "one logit per query head");
+    }
 }
 
 void check_attention_option_devices(const AttentionOptions& options, const at::Device& device) {
@@ -51,6 +56,9 @@ void check_attention_option_devices(const AttentionOptions& options, const at::D
     }
     if (options.seqused_k.has_value()) {
         check_device(*options.seqused_k, "seqused_k", device);
+    }
+    if (options.learnable_sink.has_value()) {
+        check_device(*options.learnable_sink, "learnable_sink", device);
     }
 }
 

@@ -35,6 +35,8 @@ struct AttentionOptions {
     double dropout_p = 0.0;
     // Also return the dropout pattern (testing only; dropout_p > 0).
     bool return_dropout_mask = false;
+    // Per-head sink logits, float32 (nheads,): one more softmax logit per row, with no value.
+    std::optional<at::Tensor> learnable_sink;
 };
 
 // The sizes that tensor options are checked against.

@@ -29,7 +29,8 @@ void define_entry_points(py::module_& m) {
            const std::optional<at::Tensor>& seqused_k,
            bool causal_top_left,
            double dropout_p,
-           bool return_dropout_mask) {
+           bool return_dropout_mask,
+           const std::optional<at::Tensor>& learnable_sink) {
             VarlenFwdArgs args;
             args.q = q;
             args.k = k;
@@ -49,6 +50,7 @@ void define_entry_points(py::module_& m) {
             args.options.causal_top_left = causal_top_left;
             args.options.dropout_p = dropout_p;
             args.options.return_dropout_mask = return_dropout_mask;
+            args.options.learnable_sink = learnable_sink;
             return varlen_fwd(args);
         },
         "Attention over packed sequences. q: (total_q, nheads, d); k, v: (total_k, nheads_k, d); "
@@ -73,7 +75,8 @@ void define_entry_points(py::module_& m) {
           py::arg("seqused_k") = py::none(),
           py::arg("causal_top_left") = false,
           py::arg("dropout_p") = 0.0,
-          py::arg("return_dropout_mask") = false);
+          py::arg("return_dropout_mask") = false,
+          py::arg("learnable_sink") = py::none());
     m.def(
         "fwd",
         [](
@@ -88,7 +91,8 @@ void define_entry_points(py::module_& m) {
            const std::optional<at::Tensor>& alibi_slopes,
            bool causal_top_left,
            double dropout_p,
-           bool return_dropout_mask) {
+           bool return_dropout_mask,
+           const std::optional<at::Tensor>& learnable_sink) {
             FwdArgs args;
             args.q = q;
             args.k = k;
@@ -102,6 +106,7 @@ void define_entry_points(py::module_& m) {
             args.options.causal_top_left = causal_top_left;
             args.options.dropout_p = dropout_p;
             args.options.return_dropout_mask = return_dropout_mask;
+            args.options.learnable_sink = learnable_sink;
             return fwd(args);
         },
         "Attention over a batch of equal-length sequences. q: (batch, seqlen_q, nheads, d); k, v:"
@@ -118,7 +123,8 @@ void define_entry_points(py::module_& m) {
           py::arg("alibi_slopes") = py::none(),
           py::arg("causal_top_left") = false,
           py::arg("dropout_p") = 0.0,
-          py::arg("return_dropout_mask") = false);
+          py::arg("return_dropout_mask") = false,
+          py::arg("learnable_sink") = py::none());
     m.def(
         "varlen_bwd",
         [](
@@ -147,6 +153,7 @@ void define_entry_points(py::module_& m) {
            const std::optional<at::Tensor>& seqused_k,
            bool causal_top_left,
            double dropout_p,
+           const std::optional<at::Tensor>& learnable_sink,
            const std::optional<at::Tensor>& rng_state) {
             VarlenBwdArgs args;
             args.dout = dout;
@@ -174,14 +181,16 @@ void define_entry_points(py::module_& m) {
             args.options.seqused_k = seqused_k;
             args.options.causal_top_left = causal_top_left;
             args.options.dropout_p = dropout_p;
+            args.options.learnable_sink = learnable_sink;
             args.rng_state = rng_state;
             return varlen_bwd(args);
         },
-        "Gradients of varlen_fwd: (dq, dk, dv). dout, out like q; softmax_lse and "
-        "softmax_lse_grad (nheads, total_q) float32. The options must be the forward's, and "
-        "rng_state its fourth output when dropout_p > 0. dq, dk, dv, when given, are written in "
-        "place (rows past cu_seqlens[-1] or past the used lengths untouched); otherwise "
-        "allocated, with those rows 0.",
+        "Gradients of varlen_fwd: (dq, dk, dv, dlearnable_sink), the last float32 (nheads,), "
+        "empty without learnable_sink. dout, out like q; softmax_lse and softmax_lse_grad "
+        "(nheads, total_q) float32. The options must be the forward's, and rng_state its fourth "
+        "output when dropout_p > 0. dq, dk, dv, when given, are written in place (rows past "
+        "cu_seqlens[-1] or past the used lengths untouched); otherwise allocated, with those rows"
+        " 0.",
           py::arg("dout"),
           py::arg("q"),
           py::arg("k"),
@@ -207,6 +216,7 @@ void define_entry_points(py::module_& m) {
           py::arg("seqused_k") = py::none(),
           py::arg("causal_top_left") = false,
           py::arg("dropout_p") = 0.0,
+          py::arg("learnable_sink") = py::none(),
           py::arg("rng_state") = py::none());
     m.def(
         "bwd",
@@ -230,6 +240,7 @@ void define_entry_points(py::module_& m) {
            const std::optional<at::Tensor>& alibi_slopes,
            bool causal_top_left,
            double dropout_p,
+           const std::optional<at::Tensor>& learnable_sink,
            const std::optional<at::Tensor>& rng_state) {
             BwdArgs args;
             args.dout = dout;
@@ -251,11 +262,12 @@ void define_entry_points(py::module_& m) {
             args.options.alibi_slopes = alibi_slopes;
             args.options.causal_top_left = causal_top_left;
             args.options.dropout_p = dropout_p;
+            args.options.learnable_sink = learnable_sink;
             args.rng_state = rng_state;
             return bwd(args);
         },
-        "Gradients of fwd: (dq, dk, dv). softmax_lse and softmax_lse_grad (batch, nheads, "
-        "seqlen_q).",
+        "Gradients of fwd: (dq, dk, dv, dlearnable_sink). softmax_lse and softmax_lse_grad "
+        "(batch, nheads, seqlen_q).",
           py::arg("dout"),
           py::arg("q"),
           py::arg("k"),
@@ -275,6 +287,7 @@ void define_entry_points(py::module_& m) {
           py::arg("alibi_slopes") = py::none(),
           py::arg("causal_top_left") = false,
           py::arg("dropout_p") = 0.0,
+          py::arg("learnable_sink") = py::none(),
           py::arg("rng_state") = py::none());
 }
 

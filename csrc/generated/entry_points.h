@@ -15,8 +15,8 @@ namespace flash_varlen {
 
 // (out, softmax_lse, dropout pattern, rng_state).
 using ForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-// (dq, dk, dv).
-using BackwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+// (dq, dk, dv, the gradient of learnable_sink).
+using BackwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 // Attention over packed sequences. q: (total_q, nheads, d); k, v: (total_k, nheads_k, d);
 // cu_seqlens_q, cu_seqlens_k: (batch + 1,) int32. Returns out (total_q, nheads, d) in q's dtype,
@@ -44,10 +44,11 @@ struct FwdArgs {
     AttentionOptions options;
 };
 
-// Gradients of varlen_fwd: (dq, dk, dv). dout, out like q; softmax_lse and softmax_lse_grad
-// (nheads, total_q) float32. The options must be the forward's, and rng_state its fourth output
-// when dropout_p > 0. dq, dk, dv, when given, are written in place (rows past cu_seqlens[-1] or
-// past the used lengths untouched); otherwise allocated, with those rows 0.
+// Gradients of varlen_fwd: (dq, dk, dv, dlearnable_sink), the last float32 (nheads,), empty without
+// learnable_sink. dout, out like q; softmax_lse and softmax_lse_grad (nheads, total_q) float32. The
+// options must be the forward's, and rng_state its fourth output when dropout_p > 0. dq, dk, dv,
+// when given, are written in place (rows past cu_seqlens[-1] or past the used lengths untouched);
+// otherwise allocated, with those rows 0.
 struct VarlenBwdArgs {
     at::Tensor dout;
     at::Tensor q;
@@ -67,7 +68,8 @@ struct VarlenBwdArgs {
     AttentionOptions options;
 };
 
-// Gradients of fwd: (dq, dk, dv). softmax_lse and softmax_lse_grad (batch, nheads, seqlen_q).
+// Gradients of fwd: (dq, dk, dv, dlearnable_sink). softmax_lse and softmax_lse_grad (batch, nheads,
+// seqlen_q).
 struct BwdArgs {
     at::Tensor dout;
     at::Tensor q;

@@ -29,8 +29,17 @@ Causal attention is aligned to the bottom-right corner, which is what a KV cache
 queries are the last tokens of their sequence). Attention dropout (the config's
 ``attention_dropout``, which transformers passes in training mode only), logit soft-capping
 (Gemma 2) and sliding windows (Mistral, Gemma 2) reach the kernels as transformers' own
-flash-attention integration passes them to flash-attn. Attention sinks (``s_aux``) are not
-supported yet and raise a NotImplementedError that names them.
+flash-attention integration passes them to flash-attn. Attention sinks (gpt-oss's ``sinks``
+parameter, passed as ``s_aux``) reach them as ``learnable_sink``, in float32 and differentiable,
+with the semantics of gpt-oss's eager attention: one more logit per head in every row's softmax,
+unscaled, outside any window or mask, whose probability is dropped before dropout and the
+product with the values. A row that sees no key then gets output 0, as in eager attention.
+
+Models that name the flash kernels they accept (``_compatible_flash_implementations``, e.g.
+gpt-oss in transformers 5.17) replace any other implementation whose name contains "flash",
+this one included, by their first choice when they are built. Build such a model with
+``attn_implementation="eager"`` and then set ``model.config._attn_implementation =
+"flash_varlen"``: the layers and mask builders read the name at every forward.
 
 Host synchronizations (device reads), since they stall the CPU until the GPU catches up: each
 mask transformers builds per forward is checked once for padding. Per layer, a padded batch
@@ -205,7 +214,9 @@ def attention_forward(
             ``_window_size``).
         softcap: logit soft-capping; None or 0 disables it.
         is_causal: overrides ``module.is_causal``.
-        s_aux: attention-sink logits; must be None.
+        s_aux: None, or (nheads,) attention-sink logits in any float dtype (gpt-oss's ``sinks``
+            parameter); passed as ``learnable_sink`` in float32, through a differentiable cast
+            so that the parameter receives its gradient.
         position_ids: (batch or 1, seqlen_q) positions. Without a mask, a sequence starts at
             the first token of every row and wherever the position is 0 (positions restart at 0
             for each packed document).
@@ -222,16 +233,10 @@ def attention_forward(
         attention weights are computed, as with transformers' flash-attention.
 
     Raises:
-        NotImplementedError: attention sinks.
         TypeError: float32 inputs in a model that does not compute in a half dtype.
         ValueError: a 4-D attention mask, a mask longer than the keys, or only one of
             cu_seq_lens_q / cu_seq_lens_k.
     """
-    if s_aux is not None:
-        raise NotImplementedError(
-            "flash_varlen does not support attention sinks (s_aux) yet; use another "
-            "attn_implementation for this model."
-        )
     causal = module.is_causal if is_causal is None else is_causal
     dtype = _kernel_dtype(query, module)
     # transformers' (batch, heads, seq, dim) into the kernels' (batch, seq, heads, dim): views,
@@ -244,6 +249,8 @@ def attention_forward(
         "dropout_p": dropout,
         "softcap": softcap or 0.0,  # None: no soft-capping
         "window_size": _window_size(sliding_window, k.shape[1]),
+        # The kernels take float32 sinks; the model keeps them in its own dtype.
+        "learnable_sink": None if s_aux is None else s_aux.float(),
     }
 
     if attention_mask is not None:

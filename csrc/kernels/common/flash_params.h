@@ -84,6 +84,11 @@ struct FlashFwdParams {
     // its sign bit set where dropped; nullptr: not written.
     void* __restrict__ dropout_mask_ptr;
     int64_t dropout_mask_batch_stride, dropout_mask_head_stride, dropout_mask_row_stride;
+
+    // Attention sinks: (nheads,) logits, one more term exp(sink[head]) in every row's softmax
+    // denominator (and LSE), with no value vector; nullptr: none. A row that sees no key gets
+    // output 0 and LSE = sink[head].
+    const float* __restrict__ learnable_sink;
 };
 
 // Backward: the forward's tensors (q, k, v, o, softmax_lse, read only) plus the gradients.
@@ -102,6 +107,10 @@ struct FlashBwdParams : FlashFwdParams {
     const float* __restrict__ softmax_lse_grad_ptr;
     // rowsum(dO * O) - dLSE per query row, float32, laid out like softmax_lse (preprocess output).
     float* __restrict__ softmax_d_ptr;
+    // With learnable_sink: each query row's term of the sink's gradient,
+    // -exp(sink - lse) * (rowsum(dO * O) - dLSE), laid out like softmax_lse and zero-filled by the
+    // host, which sums it per head (a fixed order: the gradient is reproducible). nullptr: none.
+    float* __restrict__ sink_grad_rows_ptr;
 
     // Workspace of the sm80 family's backward, set by its launcher from the workspace it asked
     // for (sm80/flash_bwd_launch.h); other families keep theirs elsewhere.

@@ -2,7 +2,8 @@
 // with the main kernel's row blocks:
 //  - D = rowsum(dO * O) - dLSE per query row, the term every dS = P * (dP - D) needs
 //    (rowsum(dO * O) = rowsum(P * dP), the softmax Jacobian's diagonal correction), with one
-//    16-byte access per lane and row;
+//    16-byte access per lane and row; with attention sinks also each row's term of the sink's
+//    gradient, -exp(sink - lse) * D;
 //  - zeroing the row block's tile of the dQ accumulator (dq_accum.h), which the main kernel's key
 //    blocks then add into. Done here rather than by a memset of the whole accumulator: one launch
 //    fewer, and the slack rows between sequences' tiles are never touched (FlashAttention-2
@@ -112,7 +113,15 @@ __global__ void __launch_bounds__(kPreprocessThreads)
                 const float lse_grad = params.softmax_lse_grad_ptr == nullptr
                                            ? 0.f
                                            : params.softmax_lse_grad_ptr[row_stats_offset + row];
-                params.softmax_d_ptr[row_stats_offset + row] = row_dot - lse_grad;
+                const float d = row_dot - lse_grad;
+                params.softmax_d_ptr[row_stats_offset + row] = d;
+                if (params.learnable_sink != nullptr) {
+                    // The sink's probability in this row is exp(sink - lse); every key's
+                    // probability shrinks by it as the sink grows (see flash_params.h).
+                    const float lse = params.softmax_lse_ptr[row_stats_offset + row];
+                    params.sink_grad_rows_ptr[row_stats_offset + row] =
+                        -expf(params.learnable_sink[head] - lse) * d;
+                }
             }
         }
     }

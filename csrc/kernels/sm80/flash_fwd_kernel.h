@@ -206,7 +206,8 @@ struct FlashFwdRowBlock {
         // Epilogue: normalise, stage O through shared memory for 16-byte row-contiguous stores.
         Tensor lse = softmax.finalize(
             acc_o, params.logit_scale,
-            kHasVariants && params.dropout_threshold != 0 ? params.dropout_rescale : 1.f);
+            kHasVariants && params.dropout_threshold != 0 ? params.dropout_rescale : 1.f,
+            params.learnable_sink == nullptr ? -INFINITY : params.learnable_sink[head]);
         Tensor rO = convert_fragment<Element>(acc_o);
         Tensor sO = make_tensor(sQ.data(), typename Traits::SmemLayoutO{});
         auto smem_tiled_copy_o = make_tiled_copy_C(typename Traits::SmemCopyAtomO{}, tiled_mma);

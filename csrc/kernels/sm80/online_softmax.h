@@ -69,18 +69,27 @@ struct OnlineSoftmax {
 
     // Normalises acc_o by the row sums (and multiplies it by out_scale: dropout's 1 / (1 - p))
     // and returns the natural-log LSE of each row; logit_scale turns the raw scores the state
-    // holds into logits. A row that saw no visible key gets output 0 and LSE -inf (so that
-    // merging partial results by LSE works).
+    // holds into logits. sink: one more logit in every row's sum, with no value (attention
+    // sinks), or -inf for none. A row that saw no visible key gets output 0 and LSE = sink
+    // (-inf without a sink, so that merging partial results by LSE works).
     template <typename AccO>
-    __device__ auto finalize(AccO& acc_o, float logit_scale, float out_scale) {
+    __device__ auto finalize(AccO& acc_o, float logit_scale, float out_scale, float sink) {
         Tensor out = make_tensor(acc_o.data(), accumulator_as_rows_cols(acc_o.layout()));
         Tensor lse = make_tensor<float>(Shape<Int<kRows>>{});
         CUTE_UNROLL
         for (int r = 0; r < kRows; ++r) {
             const float sum = quad_allreduce_sum(row_sum(r));
             const bool saw_no_key = !(sum > 0.f);
-            lse(r) = saw_no_key ? -INFINITY : row_max(r) * logit_scale + __logf(sum);
-            const float inv_sum = saw_no_key ? 0.f : out_scale / sum;
+            // sum is relative to the largest logit; the sink's term is added relative to the
+            // larger of the two, so that neither exponential overflows whatever the sink's size.
+            // Without a sink (-inf) both factors are exactly 1 and 0 and this is the plain
+            // softmax's normalisation.
+            const float max_logit = row_max(r) * logit_scale;
+            const float top = fmaxf(max_logit, sink);
+            const float keys_share = expf(max_logit - top);
+            const float total = sum * keys_share + expf(sink - top);
+            lse(r) = saw_no_key ? sink : top + __logf(total);
+            const float inv_sum = saw_no_key ? 0.f : out_scale * keys_share / total;
             CUTE_UNROLL
             for (int c = 0; c < size<1>(out); ++c) out(r, c) *= inv_sum;
         }
