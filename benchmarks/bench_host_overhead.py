@@ -40,7 +40,8 @@ def stand_in_extension() -> types.ModuleType:
     module.varlen_fwd = lambda *args, **kwargs: (out, lse, empty, rng)
     module.fwd = lambda *args, **kwargs: (fixed_out, fixed_lse, empty, rng)
     # Gradients must not alias each other nor the backward's inputs (torch.library checks).
-    grads = tuple(torch.zeros_like(out) for _ in range(3))
+    # dq, dk, dv, then the empty placeholder of learnable_sink's gradient (no sink given).
+    grads = (*(torch.zeros_like(out) for _ in range(3)), torch.empty(0))
     module.varlen_bwd = lambda *args, **kwargs: grads
     return module
 

@@ -160,6 +160,15 @@ def _extension() -> Any:
     return load_extension()
 
 
+def without_sink_gradient(result: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """(dq, dk, dv) of the extension's backward result (dq, dk, dv, dlearnable_sink), after
+    checking that the sink's gradient is the empty float32 placeholder of a call without one."""
+    assert len(result) == 4, f"the backward returned {len(result)} tensors, expected 4"
+    sink_grad = result[3]
+    assert sink_grad.shape == (0,) and sink_grad.dtype == torch.float32, sink_grad
+    return tuple(result[:3])
+
+
 def _pair_id(seqlens: tuple[int, int]) -> str:
     return f"q{seqlens[0]}k{seqlens[1]}"
 
@@ -786,7 +795,9 @@ def test_extension_varlen_bwd_writes_given_buffers(causal: bool, deterministic: 
     """
     inputs = padded_backward_inputs(causal)
     given = tuple(torch.full_like(x, float("nan")) for x in inputs.args[1:4])  # like q, k, v
-    returned = _extension().varlen_bwd(*inputs.args, causal, deterministic, None, *given)
+    returned = without_sink_gradient(
+        _extension().varlen_bwd(*inputs.args, causal, deterministic, None, *given)
+    )
     total_q, total_k = inputs.batch.q.shape[0], inputs.batch.k.shape[0]
     totals = (total_q, total_k, total_k)
     for grad_name, result, buffer, total in zip(GRADIENT_NAMES, returned, given, totals):
@@ -807,7 +818,7 @@ def test_extension_varlen_bwd_allocates_zeroed_grads(causal: bool) -> None:
     inputs = padded_backward_inputs(causal)
     q, k = inputs.args[1], inputs.args[2]
     poison_freed_blocks(gradient_nbytes(q, k, head_dim_bucket(DEFAULT_HEAD_DIM)), DEVICE)
-    grads = _extension().varlen_bwd(*inputs.args, causal, False)
+    grads = without_sink_gradient(_extension().varlen_bwd(*inputs.args, causal, False))
     total_q, total_k = inputs.batch.q.shape[0], inputs.batch.k.shape[0]
     totals = (total_q, total_k, total_k)
     for grad_name, grad, total in zip(GRADIENT_NAMES, grads, totals):
@@ -831,7 +842,9 @@ def test_extension_varlen_bwd_mixes_given_and_allocated(given_name: str) -> None
     buffers = [None, None, None]
     buffers[index] = given
     poison_freed_blocks(gradient_nbytes(q, k, head_dim_bucket(DEFAULT_HEAD_DIM)), DEVICE)
-    grads = _extension().varlen_bwd(*inputs.args, False, False, None, *buffers)
+    grads = without_sink_gradient(
+        _extension().varlen_bwd(*inputs.args, False, False, None, *buffers)
+    )
     total_q, total_k = inputs.batch.q.shape[0], inputs.batch.k.shape[0]
     totals = (total_q, total_k, total_k)
     assert grads[index].data_ptr() == given.data_ptr(), f"{given_name}: not the given buffer"
@@ -860,8 +873,10 @@ def test_extension_varlen_bwd_only_empty_sequences_allocates_zeros() -> None:
     lse = torch.full((nheads, rows), float("-inf"), device=DEVICE)
     cu_seqlens = torch.zeros(3, dtype=torch.int32, device=DEVICE)
     poison_freed_blocks(gradient_nbytes(q, k, head_dim_bucket(DEFAULT_HEAD_DIM)), DEVICE)
-    grads = _extension().varlen_bwd(
-        dout, q, k, v, out, lse, cu_seqlens, cu_seqlens, 1, 1, 1.0, False, False
+    grads = without_sink_gradient(
+        _extension().varlen_bwd(
+            dout, q, k, v, out, lse, cu_seqlens, cu_seqlens, 1, 1, 1.0, False, False
+        )
     )
     for grad_name, grad in zip(GRADIENT_NAMES, grads):
         assert grad.shape == shape, f"{grad_name}: shape {tuple(grad.shape)}"
@@ -882,12 +897,12 @@ def test_extension_fixed_bwd_poisoned(causal: bool) -> None:
     dout = random_like(q, DOUT_SEED)
     args = (dout, q, k, v, out, lse, scale, causal, False)
     given = tuple(torch.full_like(x, float("nan")) for x in (q, k, v))
-    returned = extension.bwd(*args, None, *given)
+    returned = without_sink_gradient(extension.bwd(*args, None, *given))
     for grad_name, result, buffer in zip(GRADIENT_NAMES, returned, given):
         assert result.data_ptr() == buffer.data_ptr(), f"{grad_name}: not the given buffer"
     check_fixed_gradients(q, k, v, given, dout, causal, "_C.bwd in place")
     poison_freed_blocks(gradient_nbytes(q, k, head_dim_bucket(DEFAULT_HEAD_DIM)), DEVICE)
-    allocated = extension.bwd(*args)
+    allocated = without_sink_gradient(extension.bwd(*args))
     check_fixed_gradients(q, k, v, allocated, dout, causal, "_C.bwd allocated")
 
 
