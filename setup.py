@@ -3,6 +3,13 @@
 Install with `pip install --no-build-isolation .` (the extension must be compiled against the
 torch that is installed, so pip must not build it in an isolated environment with another torch).
 
+Before anything compiles, the build finds the CUDA toolkit itself and checks the machine
+(csrc/toolchain.py: torch installed and built with CUDA, a toolkit with nvcc and the CUDA headers
+whose major version is torch's, the CUTLASS headers), ending with one message naming what is
+missing; it chooses how many files to compile at once from the cores and the free memory
+(csrc/build_parallelism.py) and says so in one line. Compiled objects stay in build/ (also for
+editable installs), so a build that stopped resumes where it was.
+
 Environment variables (all optional):
   CUTLASS_PATH              a CUTLASS checkout to take the CuTe/CUTLASS headers from
   FLASH_VARLEN_DTYPES       comma list narrowing the kernels built: fp16,bf16 (default both)
@@ -11,7 +18,8 @@ Environment variables (all optional):
   FLASH_VARLEN_ARCHS        comma list of target architectures: 80,90 (default all); each family
                             is compiled for the ones among its own targets
   FLASH_VARLEN_SKIP_CUDA=1  install the pure-Python package only (no extension)
-  MAX_JOBS                  parallel compile jobs (ninja), as for every torch extension
+  CUDA_HOME                 the CUDA toolkit (default: found as described above)
+  MAX_JOBS                  parallel compile jobs (ninja); default from cores and free memory
   NVCC_THREADS              threads nvcc uses per file to compile its architectures (default 2)
 
 Every build of the extension also writes flash_varlen/_build_info.py (git-ignored) next to it:
@@ -26,8 +34,8 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
-import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 from setuptools import setup
@@ -52,6 +60,12 @@ def _load_by_path(path: Path, name: str):
 # The kernel generator holds the compile-time matrix: element types, head-dim buckets (from
 # flash_varlen/contract.py) and the kernel families with their nvcc targets.
 GENERATOR = _load_by_path(CSRC / "generate.py", "flash_varlen_generate")
+TOOLCHAIN = _load_by_path(CSRC / "toolchain.py", "flash_varlen_toolchain")
+PARALLELISM = _load_by_path(CSRC / "build_parallelism.py", "flash_varlen_build_parallelism")
+# Compiled objects, kept between builds so that a build that stopped resumes (ninja rebuilds an
+# object whose command line changed). setuptools would put an editable install's objects in a
+# temporary folder that a failure deletes.
+OBJECTS_DIR = ROOT / "build" / f"objects.{sysconfig.get_platform()}-{sys.implementation.cache_tag}"
 FAMILIES = {family.name: family for family in GENERATOR.kernel_families.FAMILIES}
 ALL_DTYPES = tuple(GENERATOR.ELEMENT_TYPES)
 ALL_HEAD_DIMS = tuple(GENERATOR.HEAD_DIM_BUCKETS)
@@ -72,6 +86,8 @@ BUILD_INFO_FIELDS = {
     "HEAD_DIMS": "Head-dim buckets selected (FLASH_VARLEN_HEAD_DIMS).",
 }
 UNKNOWN = "unknown"
+# The torch versions the package supports (the pure-Python package and an sdist say this).
+TORCH_RANGE = "torch>=2.11"
 
 
 def env_list(name: str, allowed: tuple) -> list[str]:
@@ -87,7 +103,8 @@ def env_list(name: str, allowed: tuple) -> list[str]:
 
 
 def cutlass_include_dir() -> Path:
-    """CuTe/CUTLASS headers: $CUTLASS_PATH, else third_party/cutlass, else the pinned wheel."""
+    """CuTe/CUTLASS headers: $CUTLASS_PATH, else third_party/cutlass, else the pinned wheel.
+    Raises BuildEnvironmentError (toolchain.py) when none has them."""
     candidates = []
     if os.environ.get("CUTLASS_PATH"):
         candidates.append(Path(os.environ["CUTLASS_PATH"]) / "include")
@@ -100,9 +117,10 @@ def cutlass_include_dir() -> Path:
         if (candidate / "cute" / "tensor.hpp").exists():
             print(f"flash_varlen: CUTLASS headers from {candidate}")
             return candidate
-    sys.exit(
-        "flash_varlen: CUTLASS/CuTe headers not found. Set CUTLASS_PATH, check CUTLASS out into "
-        f"third_party/cutlass, or `pip install --no-deps {CUTLASS_PIN}`."
+    raise TOOLCHAIN.BuildEnvironmentError(
+        f"the CUTLASS/CuTe headers were not found. Install them with `pip install --no-deps "
+        f"{CUTLASS_PIN}` (headers only; the README's install command does), or set CUTLASS_PATH "
+        "to a CUTLASS checkout, or check one out into third_party/cutlass."
     )
 
 
@@ -137,7 +155,7 @@ def family_archs(family: str) -> list[str]:
     return [arch for arch in selected_archs() if arch in FAMILIES[family].targets]
 
 
-def nvcc_flags() -> list[str]:
+def nvcc_flags(nvcc_threads: int) -> list[str]:
     """The nvcc flags every family shares; family_targets adds each family's -gencode flags."""
     return [
         "-O3",
@@ -150,7 +168,7 @@ def nvcc_flags() -> list[str]:
         "-U__CUDA_NO_HALF2_OPERATORS__",
         "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
         "-lineinfo",
-        f"--threads={os.environ.get('NVCC_THREADS', '2')}",
+        f"--threads={nvcc_threads}",
     ]
 
 
@@ -176,29 +194,9 @@ def cutlass_version(include_dir: Path) -> str:
     return ".".join(parts)
 
 
-def parse_nvcc_version(banner: str) -> str:
-    """'13.0.88' from `nvcc --version` output ('... release 13.0, V13.0.88'), else 'unknown'."""
-    match = re.search(r"\bV(\d+\.\d+\.\d+)", banner)
-    return match.group(1) if match else UNKNOWN
-
-
-def nvcc_version() -> str:
-    """Version of the nvcc that torch's extension builder uses ($CUDA_HOME/bin/nvcc)."""
-    from torch.utils.cpp_extension import CUDA_HOME
-
-    if CUDA_HOME is None:
-        return UNKNOWN
-    try:
-        result = subprocess.run(
-            [str(Path(CUDA_HOME) / "bin" / "nvcc"), "--version"],
-            capture_output=True, text=True, check=True,
-        )
-    except (OSError, subprocess.CalledProcessError):
-        return UNKNOWN
-    return parse_nvcc_version(result.stdout)
-
-
-def collect_build_info(package_version: str, include_dir: Path) -> dict[str, object]:
+def collect_build_info(
+    package_version: str, include_dir: Path, nvcc_version: str
+) -> dict[str, object]:
     """The values of BUILD_INFO_FIELDS for the build now running."""
     import torch
 
@@ -206,7 +204,7 @@ def collect_build_info(package_version: str, include_dir: Path) -> dict[str, obj
         "PACKAGE_VERSION": package_version,
         "TORCH_VERSION": str(torch.__version__),
         "TORCH_CUDA_VERSION": torch.version.cuda,
-        "NVCC_VERSION": nvcc_version(),
+        "NVCC_VERSION": nvcc_version,
         "CUTLASS_VERSION": cutlass_version(include_dir),
         "ARCHS": tuple(selected_archs()),
         "FAMILIES": tuple(kernel_sources()),
@@ -238,14 +236,20 @@ def render_build_info(values: dict[str, object]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def build_ext_command(include_dir: Path, family_sources: dict[str, list[str]]) -> type:
+def build_ext_command(
+    include_dir: Path, family_sources: dict[str, list[str]], nvcc_version: str
+) -> type:
     """torch's BuildExtension (with ninja) that compiles each kernel family's files with the
-    family's own nvcc targets, and writes the build record after a successful build: into the
-    source package for in-place and editable builds, else into build_lib, from which the wheel
-    is made."""
+    family's own nvcc targets into OBJECTS_DIR, and writes the build record after a successful
+    build: into the source package for in-place and editable builds, else into build_lib, from
+    which the wheel is made."""
     from torch.utils.cpp_extension import BuildExtension
 
     class BuildExtensionWithRecord(BuildExtension.with_options(use_ninja=True)):
+        def finalize_options(self) -> None:
+            super().finalize_options()
+            self.build_temp = str(OBJECTS_DIR)
+
         def build_extension(self, ext) -> None:
             # torch's extension builder gives every source the same flags, so the compile step
             # is split: each family's kernel files are compiled with its own targets, one ninja
@@ -282,7 +286,9 @@ def build_ext_command(include_dir: Path, family_sources: dict[str, list[str]]) -
 
         def run(self) -> None:
             super().run()
-            values = collect_build_info(self.distribution.get_version(), include_dir)
+            values = collect_build_info(
+                self.distribution.get_version(), include_dir, nvcc_version
+            )
             path = self._record_path()
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(render_build_info(values))
@@ -294,12 +300,44 @@ def build_ext_command(include_dir: Path, family_sources: dict[str, list[str]]) -
     return BuildExtensionWithRecord
 
 
+def say(line: str) -> None:
+    print(f"{TOOLCHAIN.MESSAGE_PREFIX}{line}", flush=True)
+
+
+def checked_toolchain():
+    """The CUDA toolkit the build uses, after every check of toolchain.py (in the order a user
+    would fix them: torch, then the toolkit, then the headers); torch's extension builder is
+    pointed at it. Raises BuildEnvironmentError."""
+    try:
+        import torch
+    except ImportError:
+        TOOLCHAIN.check_torch(None, None)
+    TOOLCHAIN.check_torch(torch.__version__, torch.version.cuda)
+    from torch.utils import cpp_extension
+
+    toolkit = TOOLCHAIN.find_cuda_toolkit(cpp_extension.CUDA_HOME)
+    TOOLCHAIN.check_toolkit_matches_torch(toolkit, torch.__version__, torch.version.cuda)
+    TOOLCHAIN.use_toolkit(toolkit, cpp_extension)
+    say(TOOLCHAIN.describe(toolkit))
+    return toolkit
+
+
 def extensions() -> tuple[list, dict]:
     if os.environ.get("FLASH_VARLEN_SKIP_CUDA") == "1":
         return [], {}
+    toolkit = checked_toolchain()
+    include = cutlass_include_dir()
+    try:
+        parallelism = PARALLELISM.choose(
+            os.cpu_count() or 1, PARALLELISM.available_memory_bytes()
+        )
+    except ValueError as error:  # a MAX_JOBS / NVCC_THREADS that is no positive integer
+        raise TOOLCHAIN.BuildEnvironmentError(str(error)) from None
+    # torch's extension builder reads MAX_JOBS for ninja's parallelism.
+    os.environ["MAX_JOBS"] = str(parallelism.jobs)
+    say(PARALLELISM.describe(parallelism))
     from torch.utils.cpp_extension import CUDAExtension
 
-    include = cutlass_include_dir()
     family_sources = kernel_sources()
     # Host code: the bindings, the generated entry points and checks, the kernel registry.
     host_sources = sorted(
@@ -311,13 +349,47 @@ def extensions() -> tuple[list, dict]:
         name="flash_varlen._C",
         sources=[*host_sources, *(path for files in family_sources.values() for path in files)],
         include_dirs=[str(CSRC), str(include)],
-        extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": nvcc_flags()},
+        extra_compile_args={
+            "cxx": ["-O3", "-std=c++17"],
+            "nvcc": nvcc_flags(parallelism.nvcc_threads),
+        },
     )
-    return [ext], {"build_ext": build_ext_command(include, family_sources)}
+    return [ext], {"build_ext": build_ext_command(include, family_sources, toolkit.version)}
+
+
+def torch_requirement(commands: list[str], torch_version: str | None) -> str:
+    """The torch requirement of the metadata being built.
+
+    A wheel that contains the compiled extension loads only under the torch it was compiled
+    against (flash_varlen._extension refuses another), so its metadata pins that version:
+    ``torch==2.11.0`` (PEP 440 ignores the local ``+cu130`` label of the installed version when the
+    requirement has none, so the CUDA variant is left to the import check). An sdist, which
+    builds against whatever torch it meets, and the pure-Python package keep TORCH_RANGE.
+    """
+    if torch_version is None or "sdist" in commands:
+        return TORCH_RANGE
+    return f"torch=={torch_version.split('+')[0]}"
+
+
+def main() -> None:
+    try:
+        ext_modules, cmdclass = extensions()
+    except TOOLCHAIN.BuildEnvironmentError as error:
+        # One line that says what to fix, instead of a traceback (pip shows the last lines).
+        sys.exit(f"{TOOLCHAIN.MESSAGE_PREFIX}cannot build the CUDA extension: {error}")
+    torch_version = None
+    if ext_modules:
+        import torch
+
+        torch_version = torch.__version__
+    setup(
+        ext_modules=ext_modules,
+        cmdclass=cmdclass,
+        install_requires=[torch_requirement(sys.argv[1:], torch_version)],
+    )
 
 
 # Tests import this file to check the functions above; only running it (setuptools and pip run it
 # as __main__) builds anything.
 if __name__ == "__main__":
-    ext_modules, cmdclass = extensions()
-    setup(ext_modules=ext_modules, cmdclass=cmdclass)
+    main()

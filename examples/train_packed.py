@@ -10,9 +10,11 @@ the model learns the token frequencies, then much further as it learns to copy t
     python examples/train_packed.py --compare          # also train with padded SDPA; speed-up
     python examples/train_packed.py --cpu-reference    # tiny CPU run with flash_varlen.reference
 
-The GPU modes need CUDA and the compiled extension; without them the script exits with status 2
-and points to ``--cpu-reference``, which trains a tiny model for a few steps on the CPU with the
-pure-PyTorch reference attention (slow, but it runs this whole script, e.g. in CI).
+The GPU modes need CUDA and the compiled extension. On a machine without a GPU the script says so
+and runs ``--cpu-reference`` instead, which trains a tiny model for a few steps on the CPU with
+the pure-PyTorch reference attention (slow, but it runs this whole script, e.g. in CI). With a
+GPU but no usable extension it exits with status 2 and says why: a broken build must not pass
+for a working demo.
 
 ``--compare`` trains the same model again (same init seed, data, dtype, optimizer and steps)
 with each step's documents padded to the longest one and
@@ -66,7 +68,7 @@ WARMUP_FRACTION = 5  # ... but at most 1/5 of the steps, so that short runs keep
 LOG_EVERY = 10  # steps between progress updates (each one waits for the GPU to read the loss)
 MIB = 2**20
 KIB_PER_MIB = 1024
-NO_GPU_EXIT_CODE = 2
+EXTENSION_UNAVAILABLE_EXIT_CODE = 2
 
 GPU_DEFAULTS = dict(steps=300, tokens_per_step=16384, layers=4, d_model=512, heads=8)
 CPU_DEFAULTS = dict(steps=5, tokens_per_step=256, layers=2, d_model=64, heads=4)
@@ -392,23 +394,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def gpu_unavailable_reason() -> str:
-    """Why the GPU modes cannot run here, or '' when they can."""
-    if not torch.cuda.is_available():
-        return "no CUDA GPU is available (torch.cuda.is_available() is False)."
-    return _extension.unavailable_reason()
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if not args.cpu_reference and (reason := gpu_unavailable_reason()):
+    if not args.cpu_reference and not torch.cuda.is_available():
+        print(
+            "note: no CUDA GPU is available (torch.cuda.is_available() is False), so this runs "
+            "the CPU-reference mode (--cpu-reference): a tiny model trained for a few steps on "
+            "the PyTorch reference attention (flash_varlen.reference), no kernels.",
+            file=sys.stderr,
+        )
+        args = parse_args([*(sys.argv[1:] if argv is None else argv), "--cpu-reference"])
+    elif not args.cpu_reference and (reason := _extension.unavailable_reason()):
         print(
             f"error: this example trains on the GPU, but {reason}\n"
             "Run with --cpu-reference to train a tiny model on the CPU with the PyTorch "
             "reference attention (flash_varlen.reference) instead.",
             file=sys.stderr,
         )
-        return NO_GPU_EXIT_CODE
+        return EXTENSION_UNAVAILABLE_EXIT_CODE
     device = torch.device("cpu" if args.cpu_reference else "cuda")
     results = [train(args, "packed", device)]
     if args.compare:

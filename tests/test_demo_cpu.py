@@ -1,4 +1,5 @@
-"""examples/train_packed.py without a GPU: the --cpu-reference run, the no-GPU exit, the data.
+"""examples/train_packed.py without a GPU: the --cpu-reference run (also what the default mode
+runs without a GPU), the exit without a usable extension, the data.
 
 The script runs end to end on the CPU with flash_varlen.reference as its attention (in a
 subprocess, as a user runs it, and in-process where output formatting is checked); its building
@@ -74,12 +75,23 @@ def test_cpu_reference_compare_padded_matches_packed_at_step_1() -> None:
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without a GPU")
-def test_default_mode_without_gpu_exits_nonzero_and_suggests_cpu_reference() -> None:
-    result = run_script("--steps", "2")
-    assert result.returncode == demo.NO_GPU_EXIT_CODE != 0
-    assert "no CUDA GPU is available" in result.stderr
-    assert "--cpu-reference" in result.stderr
-    assert "final loss" not in result.stdout  # nothing was trained
+def test_default_mode_without_gpu_says_so_and_runs_the_cpu_reference() -> None:
+    """The README's demo command on a machine without a GPU: the CPU-reference run, exit 0."""
+    result = run_script("--compare", "--no-progress")
+    assert result.returncode == 0, result.stderr
+    assert "no CUDA GPU is available" in result.stderr and "--cpu-reference" in result.stderr
+    assert "[packed, flash_varlen.reference]" in result.stdout
+    assert "both losses decreased: yes" in result.stdout
+
+
+def test_gpu_without_a_usable_extension_exits_nonzero(monkeypatch, capsys) -> None:
+    """With a GPU, a missing or mismatched extension is an error, not a silent CPU run."""
+    monkeypatch.setattr(demo.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(demo._extension, "unavailable_reason", lambda: "it is not built.")
+    assert demo.main(["--steps", "2"]) == demo.EXTENSION_UNAVAILABLE_EXIT_CODE != 0
+    captured = capsys.readouterr()
+    assert "but it is not built." in captured.err and "--cpu-reference" in captured.err
+    assert "final loss" not in captured.out  # nothing was trained
 
 
 def test_progress_without_tqdm_prints_periodic_log_lines(monkeypatch, capsys) -> None:
