@@ -76,7 +76,8 @@ def toolkit_candidates(torch_guess: str | None, path: str | None) -> list[tuple[
     nvcc_on_path = shutil.which("nvcc", path=path)
     if nvcc_on_path:
         resolved = Path(nvcc_on_path).resolve()
-        candidates.append((f"the nvcc on PATH ({nvcc_on_path} -> {resolved})", resolved.parent.parent))
+        how = f"the nvcc on PATH ({nvcc_on_path} -> {resolved})"
+        candidates.append((how, resolved.parent.parent))
     candidates.append(("the default location", DEFAULT_TOOLKIT))
     unique: list[tuple[str, Path]] = []
     for how, folder in candidates:

@@ -173,8 +173,9 @@ def _backward_fake(layout: Layout) -> Callable[[Arguments], Gradients]:
     options = BACKWARD_OPS[layout].differentiable_options
 
     def fake(arguments: Arguments) -> Gradients:
-        inputs = [arguments[name].new_empty(arguments[name].shape) for name in DIFFERENTIABLE_INPUTS]
-        return (*inputs, *[_option_gradient_fake(arguments, name) for name in options])
+        inputs = [arguments[name] for name in DIFFERENTIABLE_INPUTS]
+        grads = [tensor.new_empty(tensor.shape) for tensor in inputs]
+        return (*grads, *[_option_gradient_fake(arguments, name) for name in options])
 
     return fake
 
