@@ -213,6 +213,18 @@ def _capability_text(capability: int) -> str:
     return f"{capability // 10}.{capability % 10}"
 
 
+def _format_buckets(every_bucket: list[int], built: list[int]) -> str:
+    """The head-dim buckets: all of them for a full build; for a narrowed one, those it built
+    (of which forward kernels exist) among all."""
+    rule = "a head dim runs in the smallest bucket >= it"
+    every = ", ".join(map(str, every_bucket))
+    built_buckets = sorted(set(built))
+    if built_buckets == sorted(every_bucket):
+        return f"{every} ({rule})"
+    names = ", ".join(map(str, built_buckets)) or "none"
+    return f"{names} built, of {every} ({rule}; this narrowed build refuses the others)"
+
+
 def _format_families(families: Sequence[dict]) -> str:
     """'sm80 (compute capability 8.0 to 9.0; built for 8.0, 9.0)' per family, best first."""
     parts = []
@@ -307,13 +319,13 @@ def collect() -> tuple[list[tuple[str, str]], SelfCheckResult | None]:
     else:
         forward = [(str(f), str(n), int(b)) for f, n, b in module.compiled_kernels()]
         backward = [(str(f), str(n), int(b)) for f, n, b in module.compiled_backward_kernels()]
-        buckets = ", ".join(map(str, module.head_dim_buckets()))
+        buckets = _format_buckets(module.head_dim_buckets(), [b for _, _, b in forward])
         rows += [
             ("extension", f"loaded from {module.__file__}"),
             ("kernel families", _format_families(module.kernel_families())),
             ("forward kernels", _format_kernels(forward)),
             ("backward kernels", _format_kernels(backward)),
-            ("head-dim buckets", f"{buckets} (a head dim runs in the smallest bucket >= it)"),
+            ("head-dim buckets", buckets),
         ]
     config = self_check_config(
         [(name, bucket) for _, name, bucket in forward],

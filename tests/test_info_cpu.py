@@ -203,7 +203,8 @@ def test_report_of_a_loaded_build(loaded_on_gpu, monkeypatch, capsys):
     assert values["kernel families"] == "sm80 (compute capability 8.0 to 9.0; built for 8.0, 9.0)"
     assert values["forward kernels"] == "sm80: bfloat16 (64); float16 (128)"
     assert values["backward kernels"] == "sm80: bfloat16 (64); float16 (128)"
-    assert values["head-dim buckets"].startswith("64, 96, 128, 192, 256")
+    assert values["head-dim buckets"].startswith("64, 128 built, of 64, 96, 128, 192, 256")
+    assert "this narrowed build refuses the others" in values["head-dim buckets"]
     assert values["GPU"] == FAKE_GPU
     assert values["family on this GPU"] == "sm80"
     assert values["self-check"] == "PASS (fake)"
@@ -304,3 +305,12 @@ def test_tolerance_factors_are_those_of_the_accuracy_tests():
 def test_format_rows_aligns_values():
     text = info.format_rows([("a", "1"), ("longer key", "2")])
     assert text == "a:          1\nlonger key: 2"
+
+
+def test_buckets_line_tells_a_narrowed_build_from_a_full_one():
+    every = [64, 96, 128, 192, 256]
+    full = info._format_buckets(every, [64, 96, 128, 192, 256, 64])
+    assert full == "64, 96, 128, 192, 256 (a head dim runs in the smallest bucket >= it)"
+    narrowed = info._format_buckets(every, [128])
+    assert narrowed.startswith("128 built, of 64, 96, 128, 192, 256")
+    assert info._format_buckets(every, []).startswith("none built")
