@@ -8,7 +8,11 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# Appended, not prepended: `benchmarks` becomes importable while an installed flash_varlen (CI
+# tests the installed wheel) still wins over the checkout's.
+if str(REPO_ROOT) not in sys.path:
+    sys.path.append(str(REPO_ROOT))
 
 from benchmarks import chart  # noqa: E402
 
