@@ -15,8 +15,10 @@ Environment variables (all optional):
   FLASH_VARLEN_DTYPES       comma list narrowing the kernels built: fp16,bf16 (default both)
   FLASH_VARLEN_HEAD_DIMS    comma list of head-dim buckets: 64,96,128,192,256 (default all)
   FLASH_VARLEN_FAMILIES     comma list of kernel families (csrc/kernel_families.py; default all)
-  FLASH_VARLEN_ARCHS        comma list of target architectures: 80,90 (default all); each family
-                            is compiled for the ones among its own targets
+  FLASH_VARLEN_ARCHS        comma list of target architectures: 80,90; each family is compiled
+                            for the ones among its own targets. Default: those that run the
+                            GPUs of TORCH_CUDA_ARCH_LIST, else of the GPUs visible at build time,
+                            else all
   FLASH_VARLEN_SKIP_CUDA=1  install the pure-Python package only (no extension)
   CUDA_HOME                 the CUDA toolkit (default: found as described above)
   MAX_JOBS                  parallel compile jobs (ninja); default from cores and free memory
@@ -145,9 +147,67 @@ def kernel_sources() -> dict[str, list[str]]:
     return selected
 
 
+def capability_arch(capability: tuple[int, int]) -> str | None:
+    """The compiled architecture whose machine code runs on a GPU of ``capability``: the highest
+    of ALL_ARCHS with its major version and not above it (sm_80 code runs on 8.6 and 8.9, not on
+    9.0 or 10.0), or None."""
+    major, minor = capability
+    runs = [
+        arch for arch in ALL_ARCHS if int(arch) // 10 == major and int(arch) <= 10 * major + minor
+    ]
+    return max(runs, key=int, default=None)
+
+
+def parse_torch_arch_list(text: str) -> list[tuple[int, int]]:
+    """The compute capabilities of a TORCH_CUDA_ARCH_LIST ('8.0;9.0+PTX', '8.6 9.0a')."""
+    capabilities = []
+    for token in re.split(r"[;,\s]+", text.strip()):
+        match = re.fullmatch(r"(\d+)\.(\d+)[af]?(\+PTX)?", token)
+        if match is None:
+            raise TOOLCHAIN.BuildEnvironmentError(
+                f"TORCH_CUDA_ARCH_LIST={text!r}: {token!r} is not a compute capability like 9.0 "
+                "(set FLASH_VARLEN_ARCHS=80,90 instead to name the architectures directly)"
+            )
+        capabilities.append((int(match.group(1)), int(match.group(2))))
+    return capabilities
+
+
+def visible_gpu_capabilities() -> list[tuple[int, int]]:
+    """The compute capabilities of the GPUs torch sees at build time (none without a GPU)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    return sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+
+
+def arch_selection() -> tuple[list[str], str]:
+    """The target architectures ('80' for sm_80) and why: FLASH_VARLEN_ARCHS when set, else
+    those that run the GPUs of TORCH_CUDA_ARCH_LIST, else those of the GPUs visible at build time
+    (as torch builds its extensions), else every architecture the kernel families target."""
+    if os.environ.get("FLASH_VARLEN_ARCHS", "").strip():
+        return env_list("FLASH_VARLEN_ARCHS", ALL_ARCHS), "FLASH_VARLEN_ARCHS"
+    if os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip():
+        source = "TORCH_CUDA_ARCH_LIST"
+        capabilities = parse_torch_arch_list(os.environ["TORCH_CUDA_ARCH_LIST"])
+    else:
+        source = "the GPUs visible at build time"
+        capabilities = visible_gpu_capabilities()
+    if not capabilities:
+        return list(ALL_ARCHS), "no GPU visible at build time: every target architecture"
+    archs = {capability_arch(capability) for capability in capabilities} - {None}
+    named = ", ".join(f"{major}.{minor}" for major, minor in capabilities)
+    if not archs:
+        return list(ALL_ARCHS), (
+            f"no kernel family runs compute capability {named} ({source}): every target "
+            "architecture"
+        )
+    return [arch for arch in ALL_ARCHS if arch in archs], f"{source}: compute capability {named}"
+
+
 def selected_archs() -> list[str]:
-    """The target architectures selected by FLASH_VARLEN_ARCHS ('80' for sm_80)."""
-    return env_list("FLASH_VARLEN_ARCHS", ALL_ARCHS)
+    """The target architectures of this build ('80' for sm_80); see arch_selection."""
+    return arch_selection()[0]
 
 
 def family_archs(family: str) -> list[str]:
@@ -339,6 +399,11 @@ def extensions() -> tuple[list, dict]:
     from torch.utils.cpp_extension import CUDAExtension
 
     family_sources = kernel_sources()
+    archs, reason = arch_selection()
+    say(
+        f"building for {', '.join(f'sm_{arch}' for arch in archs)} ({reason}; "
+        "FLASH_VARLEN_ARCHS or TORCH_CUDA_ARCH_LIST choose others)"
+    )
     # Host code: the bindings, the generated entry points and checks, the kernel registry.
     host_sources = sorted(
         str(path.relative_to(ROOT))

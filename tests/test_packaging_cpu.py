@@ -192,6 +192,9 @@ def test_kernel_sources_are_grouped_by_family_with_its_targets(
     """Each family's files are compiled with the family's own -gencode flags, filtered by
     FLASH_VARLEN_ARCHS; FLASH_VARLEN_FAMILIES narrows the families."""
     setup = load_setup()
+    # Without FLASH_VARLEN_ARCHS the build follows the GPUs it sees: none here.
+    monkeypatch.setattr(setup, "visible_gpu_capabilities", lambda: [])
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
     monkeypatch.setenv("FLASH_VARLEN_FAMILIES", families)
     monkeypatch.setenv("FLASH_VARLEN_ARCHS", archs)
     monkeypatch.setenv("FLASH_VARLEN_DTYPES", "bf16")
@@ -204,6 +207,48 @@ def test_kernel_sources_are_grouped_by_family_with_its_targets(
         f"-gencode=arch=compute_{arch},code=sm_{arch}" for arch in selected
     ]
     assert not any("gencode" in flag for flag in setup.nvcc_flags(nvcc_threads=2))
+
+
+@pytest.mark.parametrize(
+    ("capability", "arch"),
+    [((8, 0), "80"), ((8, 6), "80"), ((8, 9), "80"), ((9, 0), "90"), ((10, 0), None),
+     ((7, 5), None)],
+)
+def test_a_gpu_runs_the_highest_target_of_its_major_version(capability, arch):
+    assert load_setup().capability_arch(capability) == arch
+
+
+def test_torch_arch_list_is_parsed_as_torch_writes_it():
+    setup = load_setup()
+    assert setup.parse_torch_arch_list("8.0;9.0+PTX") == [(8, 0), (9, 0)]
+    assert setup.parse_torch_arch_list(" 8.6 9.0a ") == [(8, 6), (9, 0)]
+    with pytest.raises(setup.TOOLCHAIN.BuildEnvironmentError, match="'Ampere' is not a compute"):
+        setup.parse_torch_arch_list("Ampere")
+
+
+@pytest.mark.parametrize(
+    ("flash_varlen_archs", "torch_arch_list", "visible", "archs", "reason"),
+    [
+        ("80", "9.0", [(9, 0)], ["80"], "FLASH_VARLEN_ARCHS"),
+        ("", "8.6;9.0", [], ["80", "90"], "TORCH_CUDA_ARCH_LIST: compute capability 8.6, 9.0"),
+        ("", "8.9", [(9, 0)], ["80"], "TORCH_CUDA_ARCH_LIST"),
+        ("", "", [(9, 0)], ["90"], "the GPUs visible at build time: compute capability 9.0"),
+        ("", "", [(8, 0), (9, 0)], ["80", "90"], "visible at build time"),
+        ("", "", [], ["80", "90"], "no GPU visible at build time"),
+        ("", "", [(10, 0)], ["80", "90"], "no kernel family runs compute capability 10.0"),
+    ],
+)
+def test_architectures_follow_the_settings_then_the_visible_gpus(
+    monkeypatch, flash_varlen_archs, torch_arch_list, visible, archs, reason
+):
+    """As torch builds its extensions: for the GPUs at hand, unless told otherwise."""
+    setup = load_setup()
+    monkeypatch.setenv("FLASH_VARLEN_ARCHS", flash_varlen_archs)
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", torch_arch_list)
+    monkeypatch.setattr(setup, "visible_gpu_capabilities", lambda: visible)
+    chosen, why = setup.arch_selection()
+    assert chosen == archs and reason in why
+    assert setup.selected_archs() == archs
 
 
 def test_unknown_family_is_refused(monkeypatch):
