@@ -216,7 +216,7 @@ def family_archs(family: str) -> list[str]:
 
 
 def nvcc_flags(nvcc_threads: int) -> list[str]:
-    """The nvcc flags every family shares; family_targets adds each family's -gencode flags."""
+    """The nvcc flags every family shares; family_targets adds each family's own."""
     return [
         "-O3",
         "-std=c++17",
@@ -233,8 +233,12 @@ def nvcc_flags(nvcc_threads: int) -> list[str]:
 
 
 def family_targets(family: str) -> list[str]:
-    """The -gencode flags of a family's selected architectures."""
-    return [FAMILIES[family].targets[arch] for arch in family_archs(family)]
+    """A family's own nvcc flags: the -gencode flags of its selected architectures, then the
+    flags its code needs (KernelFamily.nvcc_flags)."""
+    return [
+        *(FAMILIES[family].targets[arch] for arch in family_archs(family)),
+        *FAMILIES[family].nvcc_flags,
+    ]
 
 
 def cutlass_version(include_dir: Path) -> str:

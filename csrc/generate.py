@@ -70,7 +70,8 @@ const KernelRegistration<{params}> kRegistration(
     KernelKey{{KernelFamily::{enum}, {{{element_enum}, {head_dim}, /*is_local=*/{local}}}}},
     {{__CUDA_ARCH_LIST__}},
     &{family}::{launcher}<{element}, {head_dim}, /*kIsLocal=*/{local}>,
-    &{workspace});
+    &{workspace},
+    {unsupported_option});
 
 }}  // namespace
 }}  // namespace flash_varlen
@@ -91,21 +92,26 @@ class Instantiation(NamedTuple):
 
     def source(self) -> str:
         family = next(f for f in kernel_families.FAMILIES if f.name == self.family)
-        header, launcher, workspace = family.directions[self.direction]
+        direction = family.directions[self.direction]
         element, element_enum = ELEMENT_TYPES[self.dtype]
         return INSTANTIATION.format(
             family=family.name,
-            header=header,
+            header=direction.header,
             params=PARAMS[self.direction],
             enum=family.enum,
             element_enum=element_enum,
             head_dim=self.head_dim,
             local=str(self.local).lower(),
-            launcher=launcher,
+            launcher=direction.launcher,
             workspace=(
                 f"no_workspace<{PARAMS[self.direction]}>"
-                if workspace is None
-                else f"{family.name}::{workspace}<{element}, {self.head_dim}>"
+                if direction.workspace_size is None
+                else f"{family.name}::{direction.workspace_size}<{element}, {self.head_dim}>"
+            ),
+            unsupported_option=(
+                "nullptr"
+                if direction.unsupported_option is None
+                else f"&{family.name}::{direction.unsupported_option}"
             ),
             element=element,
         )
@@ -117,7 +123,7 @@ def all_instantiations() -> list[Instantiation]:
         for family in kernel_families.FAMILIES
         for direction in family.directions
         for dtype in ELEMENT_TYPES
-        for head_dim in HEAD_DIM_BUCKETS
+        for head_dim in family.head_dim_buckets or HEAD_DIM_BUCKETS
         for local in family.local_variants
     ]
 

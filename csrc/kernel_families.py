@@ -16,22 +16,42 @@ from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
+class Direction:
+    """How a family builds one direction ("fwd" or "bwd").
+
+    ``header``: the launch header under csrc/kernels/<family>/. ``launcher``: the launch
+    function, a template on (element type, head-dim bucket, local mask). ``workspace_size``: the
+    workspace-size function (a template on (element type, head-dim bucket)), or None when the
+    kernels need no workspace. ``unsupported_option``: a function of the params that names the
+    first option of a call the kernels do not implement (or returns nullptr), or None when they
+    implement every option; dispatch then passes the call to the next family.
+    """
+
+    header: str
+    launcher: str
+    workspace_size: str | None = None
+    unsupported_option: str | None = None
+
+
+@dataclass(frozen=True)
 class KernelFamily:
     """One family.
 
     ``compute_capabilities``: (lowest, highest) compute capability it serves, as major * 10 +
     minor (80 is 8.0). ``targets``: nvcc's -gencode flag per architecture number (the values
-    FLASH_VARLEN_ARCHS selects from). ``directions``: the kernels it instantiates, each with
-    its launch header (under csrc/kernels/<name>/), the launcher and the workspace-size function
-    (templates on (element type, head-dim bucket[, local mask])).
+    FLASH_VARLEN_ARCHS selects from). ``directions``: the kernels it instantiates.
+    ``head_dim_buckets``: the head-dim buckets it has kernels for (None: every bucket of
+    flash_varlen/contract.py). ``nvcc_flags``: flags its files need besides the shared ones.
     """
 
     name: str
     summary: str
     compute_capabilities: tuple[int, int]
     targets: dict[str, str]
-    directions: dict[str, tuple[str, str, str | None]]
+    directions: dict[str, Direction]
     local_variants: tuple[bool, ...] = (False, True)
+    head_dim_buckets: tuple[int, ...] | None = None
+    nvcc_flags: tuple[str, ...] = ()
 
     @property
     def enum(self) -> str:
@@ -48,10 +68,31 @@ SM80 = KernelFamily(
         "90": "-gencode=arch=compute_90,code=sm_90",
     },
     directions={
-        "fwd": ("flash_fwd_launch.h", "launch_flash_fwd", None),
-        "bwd": ("flash_bwd_launch.h", "launch_flash_bwd", "flash_bwd_workspace_size"),
+        "fwd": Direction("flash_fwd_launch.h", "launch_flash_fwd"),
+        "bwd": Direction("flash_bwd_launch.h", "launch_flash_bwd", "flash_bwd_workspace_size"),
     },
 )
 
+SM90 = KernelFamily(
+    name="sm90",
+    summary="wgmma, TMA and warp specialization (Hopper)",
+    compute_capabilities=(90, 90),
+    # wgmma and setmaxnreg exist only in the architecture-specific sm_90a target.
+    targets={"90": "-gencode=arch=compute_90a,code=sm_90a"},
+    directions={
+        "fwd": Direction(
+            "flash_fwd_launch.h", "launch_flash_fwd", unsupported_option="fwd_unsupported_option"
+        ),
+    },
+    head_dim_buckets=(64, 128),
+    nvcc_flags=(
+        # wgmma atoms with N = 176 (the d128 tile: csrc/kernels/sm90/fwd_tile_config.h).
+        "-DCUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED",
+        # Without it CUTLASS's pipelines check each thread's role with a trap branch inside the
+        # main loop (seen in the SASS as BPT.TRAP).
+        "-DNDEBUG",
+    ),
+)
+
 # Best first.
-FAMILIES: tuple[KernelFamily, ...] = (SM80,)
+FAMILIES: tuple[KernelFamily, ...] = (SM90, SM80)

@@ -42,7 +42,7 @@ from accuracy import (
     make_varlen_batch,
     poison_freed_blocks,
     random_lengths,
-    require_kernel,
+    require_backward_kernel,
     rows_without_keys,
     seeded_randn,
     varlen_from_fixed,
@@ -362,7 +362,7 @@ def default_batch(
     seed: int = 0,
 ) -> VarlenBatch:
     """A batch in the default configuration (skips the test if this build lacks it)."""
-    require_kernel(DEFAULT_DTYPE, DEFAULT_HEAD_DIM)
+    require_backward_kernel(DEFAULT_DTYPE, DEFAULT_HEAD_DIM)
     return make_varlen_batch(
         seqlens_q, seqlens_k, nheads, nheads_k, DEFAULT_HEAD_DIM, DEFAULT_DTYPE, DEVICE, seed=seed
     )
@@ -372,7 +372,7 @@ def default_fixed_batch(
     batch: int, seqlen_q: int, seqlen_k: int, nheads: int = 4, nheads_k: int = 2
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q (b, s_q, h, d), k, v (b, s_k, h_k, d) in the default configuration (or skip)."""
-    require_kernel(DEFAULT_DTYPE, DEFAULT_HEAD_DIM)
+    require_backward_kernel(DEFAULT_DTYPE, DEFAULT_HEAD_DIM)
     return make_fixed_batch(
         batch, seqlen_q, seqlen_k, nheads, nheads_k, DEFAULT_HEAD_DIM, DEFAULT_DTYPE, DEVICE
     )
@@ -419,7 +419,7 @@ def test_varlen_gradients_match_reference(
     sum over the query heads of a group, or if the causal offset for seqlen_q != seqlen_k (or
     the blind rows it creates) is wrong in the backward.
     """
-    require_kernel(dtype, head_dim)
+    require_backward_kernel(dtype, head_dim)
     nheads, nheads_k = HEAD_LAYOUTS[layout]
     batch = make_varlen_batch(
         MATRIX_SEQLENS_Q, MATRIX_SEQLENS_K, nheads, nheads_k, head_dim, dtype, DEVICE
@@ -435,7 +435,7 @@ def test_fixed_gradients_match_reference(
 ) -> None:
     """The same matrix through flash_attn_func (b, s, h, d): fails if the fixed-length entry
     (uniform lengths, batch-strided layout) computes gradients differently from the varlen one."""
-    require_kernel(dtype, head_dim)
+    require_backward_kernel(dtype, head_dim)
     nheads, nheads_k = HEAD_LAYOUTS[layout]
     q, k, v = make_fixed_batch(
         FIXED_BATCH, *MATRIX_FIXED_SEQLENS, nheads, nheads_k, head_dim, dtype, DEVICE
@@ -468,7 +468,7 @@ def test_varlen_length_pairs_gradients(causal: bool, seqlens: tuple[int, int], l
     single query row (1, 147), and on rows without keys ((3, 1) causal).
     """
     nheads, nheads_k = HEAD_LAYOUTS[layout]
-    require_kernel(DEFAULT_DTYPE, DEFAULT_HEAD_DIM)
+    require_backward_kernel(DEFAULT_DTYPE, DEFAULT_HEAD_DIM)
     batch = with_lengths_and_extras(seqlens, nheads, nheads_k, DEFAULT_DTYPE, DEFAULT_HEAD_DIM)
     dout = random_like(batch.q, DOUT_SEED)
     grads = varlen_gradients(batch, dout, causal)
@@ -514,7 +514,7 @@ def test_varlen_empty_sequences_gradients(layout: str, dtype: torch.dtype, causa
     (never written, or written by a neighbour's tile), or if an empty sequence shifts the
     offsets of the ones after it.
     """
-    require_kernel(dtype, DEFAULT_HEAD_DIM)
+    require_backward_kernel(dtype, DEFAULT_HEAD_DIM)
     seqlens_q, seqlens_k = EMPTY_LAYOUTS[layout]
     batch = make_varlen_batch(seqlens_q, seqlens_k, 4, 2, DEFAULT_HEAD_DIM, dtype, DEVICE)
     dout = random_like(batch.q, DOUT_SEED)
@@ -534,7 +534,7 @@ def test_varlen_many_short_sequences_gradients(
 ) -> None:
     """300 sequences of 1..200 tokens: fails if a key block's dk/dv or a row block's dq
     reaches across a sequence boundary, or if the per-sequence scheduling skips a block."""
-    require_kernel(dtype, DEFAULT_HEAD_DIM)
+    require_backward_kernel(dtype, DEFAULT_HEAD_DIM)
     seqlens_q = random_lengths(SHORT_SEQUENCE_COUNT, 1, SHORT_SEQUENCE_MAX, seed=3)
     seqlens_k = seqlens_q if same_lengths else random_lengths(
         SHORT_SEQUENCE_COUNT, 1, SHORT_SEQUENCE_MAX, seed=4
@@ -569,7 +569,7 @@ def test_large_magnitude_inputs_gradients(dtype: torch.dtype, head_dim: int, cau
     Fails if the backward recomputes P = exp(S - lse) without the stored lse (exp overflows to
     inf, then NaN), or uses an lse that does not match the forward's scores exactly enough.
     """
-    require_kernel(dtype, head_dim)
+    require_backward_kernel(dtype, head_dim)
     lengths = [300, 129, 1000]
     batch = make_varlen_batch(
         lengths, lengths, 4, 2, head_dim, dtype, DEVICE, scale=LARGE_INPUT_SCALE
@@ -589,7 +589,7 @@ def test_large_ds_gradients(dtype: torch.dtype, head_dim: int, causal: bool) -> 
     dk held in the input dtype where the math needs float32) or if rowsum(dO * O) is formed in
     too low a precision: the errors then exceed 3x the float16/bfloat16 PyTorch error.
     """
-    require_kernel(dtype, head_dim)
+    require_backward_kernel(dtype, head_dim)
     lengths = [300, 129, 1000]
     batch = make_varlen_batch(lengths, lengths, 4, 2, head_dim, dtype, DEVICE)
     scaled = dataclasses.replace(
@@ -923,7 +923,7 @@ def test_backward_repeats_bitwise(causal: bool, layout: str, deterministic: bool
     deterministic=True, if the dq accumulation is not ordered.
     """
     nheads, nheads_k = REPEAT_LAYOUTS[layout]
-    require_kernel(DEFAULT_DTYPE, DEFAULT_HEAD_DIM)
+    require_backward_kernel(DEFAULT_DTYPE, DEFAULT_HEAD_DIM)
     batch = make_varlen_batch(
         REPEAT_LENGTHS, REPEAT_LENGTHS, nheads, nheads_k, DEFAULT_HEAD_DIM, DEFAULT_DTYPE, DEVICE
     )
@@ -976,7 +976,7 @@ def test_deterministic_switches_make_dq_repeatable(switch: str) -> None:
     the backward ignores torch.are_deterministic_algorithms_enabled().
     """
     nheads, nheads_k = REPEAT_LAYOUTS["gqa"]
-    require_kernel(DEFAULT_DTYPE, DEFAULT_HEAD_DIM)
+    require_backward_kernel(DEFAULT_DTYPE, DEFAULT_HEAD_DIM)
     batch = make_varlen_batch(
         REPEAT_LENGTHS, REPEAT_LENGTHS, nheads, nheads_k, DEFAULT_HEAD_DIM, DEFAULT_DTYPE, DEVICE
     )
@@ -1141,7 +1141,7 @@ def test_gqa_backward_has_no_full_size_kv_gradient() -> None:
     over the group afterwards: one such bf16 tensor is 8x dk and far above the allowance.
     """
     nheads, nheads_k = GQA_MEMORY_HEADS
-    require_kernel(DEFAULT_DTYPE, DEFAULT_HEAD_DIM)
+    require_backward_kernel(DEFAULT_DTYPE, DEFAULT_HEAD_DIM)
     lengths = GQA_MEMORY_LENGTHS
     batch = make_varlen_batch(
         lengths, lengths, nheads, nheads_k, DEFAULT_HEAD_DIM, DEFAULT_DTYPE, DEVICE
@@ -1192,7 +1192,7 @@ def peak_forward_backward_bytes(lengths: Sequence[int]) -> int:
 def test_forward_backward_memory_is_linear_in_tokens() -> None:
     """Peak memory of forward + backward at 16k and 64k tokens (sequences up to 32k): the ratio
     must stay near 4. Fails if anything in either pass is O(seqlen^2) (ratio near 16)."""
-    require_kernel(DEFAULT_DTYPE, DEFAULT_HEAD_DIM)
+    require_backward_kernel(DEFAULT_DTYPE, DEFAULT_HEAD_DIM)
     small = peak_forward_backward_bytes(LINEAR_MEMORY_SMALL_LENGTHS)
     large = peak_forward_backward_bytes(LINEAR_MEMORY_LARGE_LENGTHS)
     ratio = large / small
@@ -1272,7 +1272,7 @@ def test_training_step_learns_previous_token() -> None:
     about 0.01). Fails if gradients are wrong enough to stop learning (a sign error, a wrong
     scale, dq or dk zero), or if any step produces a non-finite loss.
     """
-    require_kernel(DEFAULT_DTYPE, DEFAULT_HEAD_DIM)
+    require_backward_kernel(DEFAULT_DTYPE, DEFAULT_HEAD_DIM)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = PreviousTokenModel().to(DEVICE)

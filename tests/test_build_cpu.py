@@ -49,12 +49,23 @@ def test_generated_files_are_current():
 def test_generator_covers_both_directions_dtypes_every_bucket_and_local_mask():
     gen = load_generator()
     names = {inst.relative_path for inst in gen.all_instantiations()}
-    per_family = len(gen.ELEMENT_TYPES) * len(gen.HEAD_DIM_BUCKETS) * 2 * 2
-    assert len(names) == per_family * len(gen.kernel_families.FAMILIES)
+    expected = sum(
+        len(family.directions)
+        * len(gen.ELEMENT_TYPES)
+        * len(family.head_dim_buckets or gen.HEAD_DIM_BUCKETS)
+        * len(family.local_variants)
+        for family in gen.kernel_families.FAMILIES
+    )
+    assert len(names) == expected
+    # sm80: every direction, dtype, bucket and mask.
+    assert len([name for name in names if name.startswith("sm80/")]) == 2 * 2 * 5 * 2
     assert "sm80/fwd_bf16_hdim128_local.cu" in names
     assert "sm80/fwd_fp16_hdim64.cu" in names
     assert "sm80/bwd_bf16_hdim256_local.cu" in names
     assert "sm80/bwd_fp16_hdim96.cu" in names
+    # sm90: the forward of its own buckets only.
+    assert "sm90/fwd_fp16_hdim64_local.cu" in names
+    assert not any(name.startswith("sm90/bwd_") or "sm90/fwd_bf16_hdim96" in name for name in names)
 
 
 def test_kernel_sources_include_no_torch_headers():
@@ -92,31 +103,43 @@ def test_extension_buckets_match_the_contract():
 
 def test_extension_contains_what_the_build_selected():
     """Every registered kernel is one the generator knows; in CI, whose build environment is the
-    test environment, exactly the FLASH_VARLEN_DTYPES x FLASH_VARLEN_HEAD_DIMS selection."""
+    test environment, exactly the FLASH_VARLEN_DTYPES x FLASH_VARLEN_HEAD_DIMS x
+    FLASH_VARLEN_ARCHS selection, per direction (a family may lack a direction or a bucket)."""
     ext = built_extension()
-    compiled = set(ext.compiled_kernels())
-    assert compiled, "the extension registered no kernel"
-    # Both directions are built from the same selection.
-    assert set(ext.compiled_backward_kernels()) == compiled
-    gen = load_generator()
-    everything = {
-        (family.name, DTYPE_NAMES[d], h)
-        for family in gen.kernel_families.FAMILIES
-        for d in gen.ELEMENT_TYPES
-        for h in gen.HEAD_DIM_BUCKETS
+    compiled = {
+        "fwd": set(ext.compiled_kernels()),
+        "bwd": set(ext.compiled_backward_kernels()),
     }
-    assert compiled <= everything
+    assert compiled["fwd"], "the extension registered no kernel"
+    gen = load_generator()
+    known = {
+        direction: {
+            (inst.family, DTYPE_NAMES[inst.dtype], inst.head_dim)
+            for inst in gen.all_instantiations()
+            if inst.direction == direction
+        }
+        for direction in compiled
+    }
+    for direction in compiled:
+        assert compiled[direction] <= known[direction]
     if os.environ.get("FLASH_VARLEN_REQUIRE_EXTENSION") == "1":
         dtypes = os.environ.get("FLASH_VARLEN_DTYPES") or ",".join(gen.ELEMENT_TYPES)
         head_dims = os.environ.get("FLASH_VARLEN_HEAD_DIMS") or ",".join(
             map(str, gen.HEAD_DIM_BUCKETS)
         )
-        expected = {
-            ("sm80", DTYPE_NAMES[d.strip()], int(h))
-            for d in dtypes.split(",")
-            for h in head_dims.split(",")
+        archs = (os.environ.get("FLASH_VARLEN_ARCHS") or "80,90").split(",")
+        families = {
+            family.name for family in gen.kernel_families.FAMILIES
+            if any(arch in family.targets for arch in archs)
         }
-        assert compiled == expected
+        selected = {(DTYPE_NAMES[d.strip()], int(h)) for d in dtypes.split(",")
+                    for h in head_dims.split(",")}
+        for direction in compiled:
+            expected = {
+                triple for triple in known[direction]
+                if triple[0] in families and triple[1:] in selected
+            }
+            assert compiled[direction] == expected
 
 
 def test_extension_rejects_cpu_tensors_before_any_kernel():
@@ -216,14 +239,19 @@ def _any_built_config(ext) -> tuple[str, str, int]:
     return sorted(ext.compiled_kernels())[0]
 
 
+def _family(ext, name: str) -> dict:
+    return next(family for family in ext.kernel_families() if family["name"] == name)
+
+
 def test_kernel_families_describe_what_is_built():
     ext = built_extension()
     families = ext.kernel_families()
-    assert [family["name"] for family in families] == [
-        f.name for f in load_generator().kernel_families.FAMILIES
-    ]
-    sm80 = families[0]
-    assert sm80["compute_capabilities"] == (80, 90)
+    declared = load_generator().kernel_families.FAMILIES
+    assert [family["name"] for family in families] == [f.name for f in declared]
+    for family, declaration in zip(families, declared):
+        assert family["compute_capabilities"] == declaration.compute_capabilities
+        assert set(family["built_for"]) <= {int(arch) for arch in declaration.targets}
+    sm80 = _family(ext, "sm80")
     built = set(sm80["built_for"])
     assert built and built <= {80, 90}
     if os.environ.get("FLASH_VARLEN_REQUIRE_EXTENSION") == "1":
@@ -231,14 +259,38 @@ def test_kernel_families_describe_what_is_built():
         assert built == {int(arch) for arch in archs.split(",")}
 
 
+def _expected_family(ext, direction: str, dtype: str, bucket: int, capability: int) -> str | None:
+    """The first family, best first, that has a kernel of `direction` for (dtype, bucket) built
+    for a compute capability that runs on `capability` (the same major version, not above)."""
+    triples = ext.compiled_kernels() if direction == "forward" else ext.compiled_backward_kernels()
+    for family in ext.kernel_families():
+        low, high = family["compute_capabilities"]
+        runs = any(
+            built // 10 == capability // 10 and built <= capability
+            for built in family["built_for"]
+        )
+        if low <= capability <= high and runs and (family["name"], dtype, bucket) in triples:
+            return family["name"]
+    return None
+
+
 @pytest.mark.parametrize("direction", ["forward", "backward"])
-def test_dispatch_picks_the_built_family_for_a_device_it_runs_on(direction, monkeypatch):
+def test_dispatch_picks_the_best_built_family_for_a_device_it_runs_on(direction, monkeypatch):
     ext = built_extension()
     monkeypatch.delenv("FLASH_VARLEN_KERNEL_FAMILY", raising=False)
-    family, dtype, bucket = _any_built_config(ext)
-    for capability in ext.kernel_families()[0]["built_for"]:
-        assert ext.select_kernel_family(direction, dtype, bucket, False, capability) == family
-        assert ext.select_kernel_family(direction, dtype, bucket, True, capability) == family
+    checked = 0
+    for _, dtype, bucket in set(ext.compiled_kernels()):
+        for capability in (80, 86, 89, 90):
+            expected = _expected_family(ext, direction, dtype, bucket, capability)
+            for local in (False, True):
+                if expected is None:
+                    with pytest.raises(NotImplementedError):
+                        ext.select_kernel_family(direction, dtype, bucket, local, capability)
+                else:
+                    chosen = ext.select_kernel_family(direction, dtype, bucket, local, capability)
+                    assert chosen == expected
+                    checked += 1
+    assert checked > 0
 
 
 def test_dispatch_explains_why_no_family_runs_a_call(monkeypatch):
@@ -250,7 +302,7 @@ def test_dispatch_explains_why_no_family_runs_a_call(monkeypatch):
                        r"compute capability 8\.0 to 9\.0.*FLASH_VARLEN_ARCHS"):
         ext.select_kernel_family("forward", dtype, bucket, False, 75)
     # An Ada GPU runs sm_80 code, but not code built for sm_90 alone.
-    built = set(ext.kernel_families()[0]["built_for"])
+    built = set(_family(ext, "sm80")["built_for"])
     if built == {90}:
         with pytest.raises(NotImplementedError, match="compiled for sm_90 only"):
             ext.select_kernel_family("backward", dtype, bucket, False, 89)
@@ -266,16 +318,17 @@ def test_dispatch_explains_why_no_family_runs_a_call(monkeypatch):
 
 def test_family_override_forces_or_refuses(monkeypatch):
     ext = built_extension()
-    family, dtype, bucket = _any_built_config(ext)
-    capability = ext.kernel_families()[0]["built_for"][0]
-    monkeypatch.setenv("FLASH_VARLEN_KERNEL_FAMILY", family)
-    assert ext.select_kernel_family("forward", dtype, bucket, False, capability) == family
-    monkeypatch.setenv("FLASH_VARLEN_KERNEL_FAMILY", "sm70")
-    with pytest.raises(ValueError, match="FLASH_VARLEN_KERNEL_FAMILY=sm70 names no kernel family; "
-                       "known: sm80"):
-        ext.select_kernel_family("forward", dtype, bucket, False, capability)
-    monkeypatch.setenv("FLASH_VARLEN_KERNEL_FAMILY", "")
-    assert ext.select_kernel_family("forward", dtype, bucket, False, capability) == family
+    for family, dtype, bucket in set(ext.compiled_kernels()):
+        capability = _family(ext, family)["built_for"][0]
+        monkeypatch.setenv("FLASH_VARLEN_KERNEL_FAMILY", family)
+        assert ext.select_kernel_family("forward", dtype, bucket, False, capability) == family
+        monkeypatch.setenv("FLASH_VARLEN_KERNEL_FAMILY", "sm70")
+        with pytest.raises(ValueError, match="FLASH_VARLEN_KERNEL_FAMILY=sm70 names no kernel "
+                           "family; known: sm90, sm80"):
+            ext.select_kernel_family("forward", dtype, bucket, False, capability)
+        monkeypatch.setenv("FLASH_VARLEN_KERNEL_FAMILY", "")
+        expected = _expected_family(ext, "forward", dtype, bucket, capability)
+        assert ext.select_kernel_family("forward", dtype, bucket, False, capability) == expected
 
 
 # --------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ import dataclasses
 import pytest
 import torch
 
-from accuracy import assert_bitwise_equal, device_generator, require_kernel, seeded_randn
+from accuracy import assert_bitwise_equal, device_generator, require_backward_kernel, seeded_randn
 
 pytestmark = [
     pytest.mark.gpu,
@@ -142,7 +142,7 @@ def test_captured_step_replays_with_new_cu_seqlens(deterministic: bool) -> None:
     (the replays would compute the old sequences), or if rows past the new end keep stale
     gradients.
     """
-    require_kernel(DTYPE, HEAD_DIM)
+    require_backward_kernel(DTYPE, HEAD_DIM)
     step = new_static_step()
     fill(step, CAPTURE_LENGTHS, seed=0)
     graph = capture(step, deterministic)

@@ -399,6 +399,52 @@ def test_causal_rows_without_keys_fixed() -> None:
     check_fixed(q, k, v, out, lse, True, "fixed causal rows without keys")
 
 
+# Rows of NaN/inf appended to k and v past cu_seqlens_k[-1]: more than one key tile of any family.
+TAIL_ROWS_PAST_END = 300
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("poison", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_varlen_non_finite_keys_elsewhere_do_not_leak(poison: float, causal: bool) -> None:
+    """One sequence's keys and values, and rows past cu_seqlens_k[-1], hold NaN or inf: every
+    other sequence's result stays within tolerance.
+
+    A kernel may load whole key tiles that run past a sequence end (the sm90 family's TMA tiles
+    do); the scores of those rows are masked, but P = 0 times a non-finite value is NaN, so the
+    rows must never reach O += P V. Lengths end mid-tile for every family's tile widths.
+    """
+    seqlens_q = [130, 77, 1, 300, 45]
+    seqlens_k = [203, 77, 5, 129, 1]
+    clean = default_batch(seqlens_q, seqlens_k)
+    ref_out, ref_lse = _reference().attention_ref_varlen(
+        *varlen_args(clean)[:5], causal=causal
+    )
+    low_out, low_lse = _reference().attention_ref_varlen(
+        *varlen_args(clean)[:5], causal=causal, compute_dtype=clean.q.dtype
+    )
+    starts_q = clean.cu_seqlens_q.tolist()
+    starts_k = clean.cu_seqlens_k.tolist()
+    for poisoned in range(len(seqlens_q)):
+        tail = torch.full_like(clean.k[:TAIL_ROWS_PAST_END], poison)
+        k, v = (torch.cat([x, tail]) for x in (clean.k, clean.v))
+        k[starts_k[poisoned] : starts_k[poisoned + 1]] = poison
+        v[starts_k[poisoned] : starts_k[poisoned + 1]] = poison
+        # Not varlen_forward: the poisoned sequence's own rows are not finite, by design.
+        out, lse, _ = _api().flash_attn_varlen_func(
+            *varlen_args(dataclasses.replace(clean, k=k, v=v)), causal=causal,
+            return_attn_probs=True,
+        )
+        others = torch.ones(clean.q.shape[0], dtype=torch.bool, device=DEVICE)
+        others[starts_q[poisoned] : starts_q[poisoned + 1]] = False
+        name = f"sequence {poisoned} poisoned with {poison}"
+        assert_within_tolerance(
+            out[others], ref_out[others], low_out[others], FORWARD_FACTOR, f"{name}: out"
+        )
+        assert_lse_within_tolerance(
+            lse[:, others], ref_lse[:, others], low_lse[:, others], FORWARD_FACTOR, f"{name}: lse"
+        )
+
+
 # ----------------------------------------------------------------------------------------------
 # Layouts: non-contiguous views and the packed API variants
 # ----------------------------------------------------------------------------------------------

@@ -184,7 +184,13 @@ def test_collected_record_describes_this_torch_and_the_selection(monkeypatch, tm
 
 @pytest.mark.parametrize(
     ("families", "archs", "expected"),
-    [("sm80", "80,90", {"sm80": 20}), ("sm80", "90", {"sm80": 20}), ("", "", {"sm80": 20})],
+    [
+        ("sm80", "80,90", {"sm80": 20}),
+        ("sm80", "90", {"sm80": 20}),
+        ("", "", {"sm80": 20, "sm90": 4}),
+        ("", "80", {"sm80": 20}),
+        ("sm90", "90", {"sm90": 4}),
+    ],
 )
 def test_kernel_sources_are_grouped_by_family_with_its_targets(
     monkeypatch, families, archs, expected
@@ -201,11 +207,19 @@ def test_kernel_sources_are_grouped_by_family_with_its_targets(
     monkeypatch.delenv("FLASH_VARLEN_HEAD_DIMS", raising=False)
     sources = setup.kernel_sources()
     assert {family: len(files) for family, files in sources.items()} == expected
-    assert all(path.startswith("csrc/instantiations/sm80/") for path in sources["sm80"])
+    for family, files in sources.items():
+        assert all(path.startswith(f"csrc/instantiations/{family}/") for path in files)
     selected = archs.split(",") if archs else ["80", "90"]
     assert setup.family_targets("sm80") == [
         f"-gencode=arch=compute_{arch},code=sm_{arch}" for arch in selected
     ]
+    # sm90 code is architecture-specific (sm_90a: wgmma, setmaxnreg) and needs its own defines.
+    if "90" in selected:
+        assert setup.family_targets("sm90") == [
+            "-gencode=arch=compute_90a,code=sm_90a",
+            "-DCUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED",
+            "-DNDEBUG",
+        ]
     assert not any("gencode" in flag for flag in setup.nvcc_flags(nvcc_threads=2))
 
 

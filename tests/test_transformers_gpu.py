@@ -31,7 +31,12 @@ import copy
 import pytest
 import torch
 
-from accuracy import FORWARD_FACTOR, GRADIENT_FACTOR, assert_within_tolerance, require_kernel
+from accuracy import (
+    FORWARD_FACTOR,
+    GRADIENT_FACTOR,
+    assert_within_tolerance,
+    require_backward_kernel,
+)
 from flash_varlen.integrations import transformers as integration
 
 transformers = pytest.importorskip("transformers")
@@ -96,7 +101,7 @@ def three_ways(ours, reference) -> dict:
 @pytest.fixture(scope="module")
 def models():
     """A Llama against sdpa: one set of seeded weights, three ways (see three_ways)."""
-    require_kernel(DTYPE, HEAD_DIM)
+    require_backward_kernel(DTYPE, HEAD_DIM)
     integration.register()
     torch.manual_seed(0)
     ours = transformers.AutoModelForCausalLM.from_config(
@@ -114,7 +119,7 @@ def gpt_oss_models():
     first when it is built, so ours is built with eager and switched afterwards (the recipe of
     the integration's docstring).
     """
-    require_kernel(DTYPE, HEAD_DIM)
+    require_backward_kernel(DTYPE, HEAD_DIM)
     integration.register()
     torch.manual_seed(0)
     build = transformers.AutoModelForCausalLM.from_config

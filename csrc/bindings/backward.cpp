@@ -80,9 +80,6 @@ at::Tensor sink_gradient(const at::Tensor& sink_grad_rows, const at::Tensor& q) 
 at::Tensor run_backward(BackwardTensors& t, const BatchShape& shape,
                         const AttentionOptions& options,
                         const std::optional<at::Tensor>& rng_state) {
-    const KernelEntry<FlashBwdParams>& kernel = select_kernel<FlashBwdParams>(
-        kernel_config(t.q, shape, options), compute_capability(t.q.device()), shape.heads.head_dim,
-        "backward");
     // Zero-filled: rows the kernels do not write (past the used lengths or cu_seqlens[-1]) add 0.
     at::Tensor sink_grad_rows;
     if (options.learnable_sink.has_value()) {
@@ -90,10 +87,6 @@ at::Tensor run_backward(BackwardTensors& t, const BatchShape& shape,
                                         t.softmax_lse.options().memory_format(
                                             at::MemoryFormat::Contiguous));
     }
-    // Only a fixed-length batch can be empty (varlen needs batch >= 1), and then so are the
-    // tensors: nothing to compute, nothing to write.
-    if (shape.batch == 0) return sink_gradient(sink_grad_rows, t.q);
-
     // The per-row statistics are small; a contiguous copy (only if they are not) gives the
     // preprocess output and both inputs one layout.
     const at::Tensor lse = t.softmax_lse.contiguous();
@@ -134,7 +127,6 @@ at::Tensor run_backward(BackwardTensors& t, const BatchShape& shape,
     params.softmax_d_ptr = softmax_d.data_ptr<float>();
     params.sink_grad_rows_ptr =
         sink_grad_rows.defined() ? sink_grad_rows.data_ptr<float>() : nullptr;
-    params.total_q = shape.query_rows;
     params.deterministic = options.deterministic;
     if (is_varlen) {
         const at::Tensor* const gradients[] = {&t.dq, &t.dk, &t.dv};
@@ -148,6 +140,12 @@ at::Tensor run_backward(BackwardTensors& t, const BatchShape& shape,
     const OptionTensors option_tensors =
         set_option_params(params, options, shape.seqlen_q, shape.seqlen_k);
     use_recorded_philox_state(params, options, rng_state, t.q.device());
+    const KernelEntry<FlashBwdParams>& kernel = select_kernel<FlashBwdParams>(
+        kernel_config(t.q, shape, options), &params, compute_capability(t.q.device()),
+        shape.heads.head_dim, "backward");
+    // Only a fixed-length batch can be empty (varlen needs batch >= 1), and then so are the
+    // tensors: nothing to compute, nothing to write.
+    if (shape.batch == 0) return sink_gradient(sink_grad_rows, t.q);
     launch_kernel(kernel, params, t.q.device(), "backward");
     return sink_gradient(sink_grad_rows, t.q);
 }
@@ -217,8 +215,8 @@ BackwardResult varlen_bwd(const VarlenBwdArgs& args) {
 
     BackwardTensors t = backward_tensors(args.dout, q, args.k, args.v, args.out, args.softmax_lse,
                                          grads, args.options);
-    const BatchShape shape = varlen_shape(heads, q, args.cu_seqlens_q, args.cu_seqlens_k, batch,
-                                          args.max_seqlen_q, args.max_seqlen_k);
+    const BatchShape shape = varlen_shape(heads, q, args.k, args.cu_seqlens_q, args.cu_seqlens_k,
+                                          batch, args.max_seqlen_q, args.max_seqlen_k);
     const at::Tensor sink_grad = run_backward(t, shape, args.options, args.rng_state);
     return {t.dq, t.dk, t.dv, sink_grad};
 }

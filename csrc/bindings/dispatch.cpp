@@ -31,7 +31,8 @@ std::string archs_text(const std::vector<int>& archs) {
 // Why `family` cannot run `config` here, or "" when its kernel can (then *found is set).
 template <typename Params>
 std::string why_not(const KernelFamilyInfo& family, const KernelConfig& config,
-                    int compute_capability, const KernelEntry<Params>** found) {
+                    const Params* params, int compute_capability,
+                    const KernelEntry<Params>** found) {
     if (compute_capability < family.min_compute_capability ||
         compute_capability > family.max_compute_capability) {
         return message("serves compute capability ", capability_text(family.min_compute_capability),
@@ -41,6 +42,10 @@ std::string why_not(const KernelFamilyInfo& family, const KernelConfig& config,
     if (entry == nullptr) return "not in this build";
     if (!entry->runs_on(compute_capability)) {
         return message("compiled for ", archs_text(entry->archs), " only");
+    }
+    if (params != nullptr && entry->unsupported_option != nullptr) {
+        const char* option = entry->unsupported_option(*params);
+        if (option != nullptr) return message("does not implement ", option);
     }
     *found = entry;
     return "";
@@ -76,14 +81,15 @@ const KernelFamilyInfo* forced_family() {
 }
 
 template <typename Params>
-const KernelEntry<Params>& select_kernel(const KernelConfig& config, int compute_capability,
-                                         int head_dim, const char* direction) {
+const KernelEntry<Params>& select_kernel(const KernelConfig& config, const Params* params,
+                                         int compute_capability, int head_dim,
+                                         const char* direction) {
     const KernelFamilyInfo* forced = forced_family();
     std::string reasons;
     for (const KernelFamilyInfo& family : kKernelFamilies) {
         if (forced != nullptr && forced != &family) continue;
         const KernelEntry<Params>* entry = nullptr;
-        const std::string reason = why_not(family, config, compute_capability, &entry);
+        const std::string reason = why_not(family, config, params, compute_capability, &entry);
         if (entry != nullptr) return *entry;
         reasons += message(reasons.empty() ? "" : "; ", family.name, ": ", reason);
     }
@@ -100,9 +106,9 @@ const KernelEntry<Params>& select_kernel(const KernelConfig& config, int compute
                 "FLASH_VARLEN_ARCHS covering it (unset them for the full build)."));
 }
 
-template const KernelEntry<FlashFwdParams>& select_kernel<FlashFwdParams>(const KernelConfig&, int,
-                                                                          int, const char*);
-template const KernelEntry<FlashBwdParams>& select_kernel<FlashBwdParams>(const KernelConfig&, int,
-                                                                          int, const char*);
+template const KernelEntry<FlashFwdParams>& select_kernel<FlashFwdParams>(
+    const KernelConfig&, const FlashFwdParams*, int, int, const char*);
+template const KernelEntry<FlashBwdParams>& select_kernel<FlashBwdParams>(
+    const KernelConfig&, const FlashBwdParams*, int, int, const char*);
 
 }  // namespace flash_varlen

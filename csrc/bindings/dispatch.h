@@ -25,12 +25,14 @@ int compute_capability(const at::Device& device);
 const KernelFamilyInfo* forced_family();
 
 // The kernel of `direction` ("forward" or "backward") for `config` on a device of
-// `compute_capability`, as described above. Raises NotImplementedError naming the call and why
-// each family does not apply, and the build variables that would cover it; head_dim is the
-// call's, for the message.
+// `compute_capability`, as described above, skipping a family whose kernels do not implement an
+// option the call's `params` set (nullptr: options not considered). Raises NotImplementedError
+// naming the call and why each family does not apply, and the build variables that would cover
+// it; head_dim is the call's, for the message.
 template <typename Params>
-const KernelEntry<Params>& select_kernel(const KernelConfig& config, int compute_capability,
-                                         int head_dim, const char* direction);
+const KernelEntry<Params>& select_kernel(const KernelConfig& config, const Params* params,
+                                         int compute_capability, int head_dim,
+                                         const char* direction);
 
 // Allocates the workspace the kernel asks for (through PyTorch's caching allocator, so it is
 // stream-ordered and graph-capturable) and launches it on the device's current stream.

@@ -23,10 +23,6 @@ std::pair<at::Tensor, at::Tensor> run_forward(const at::Tensor& q, const at::Ten
                                               const at::Tensor& v, at::Tensor& out, at::Tensor& lse,
                                               const BatchShape& shape,
                                               const AttentionOptions& options) {
-    const KernelEntry<FlashFwdParams>& kernel = select_kernel<FlashFwdParams>(
-        kernel_config(q, shape, options), compute_capability(q.device()), shape.heads.head_dim,
-        "forward");
-
     const bool has_batch = q.dim() == 4;
     FlashFwdParams params{};
     params.q_ptr = q.data_ptr();
@@ -45,6 +41,9 @@ std::pair<at::Tensor, at::Tensor> run_forward(const at::Tensor& q, const at::Ten
     set_batch_params(params, shape);
     const OptionTensors option_tensors =
         set_option_params(params, options, shape.seqlen_q, shape.seqlen_k);
+    const KernelEntry<FlashFwdParams>& kernel = select_kernel<FlashFwdParams>(
+        kernel_config(q, shape, options), &params, compute_capability(q.device()),
+        shape.heads.head_dim, "forward");
 
     at::Tensor dropout_mask = at::empty({0}, q.options());
     if (options.return_dropout_mask && options.dropout_p > 0.0) {
@@ -88,8 +87,8 @@ ForwardResult varlen_fwd(const VarlenFwdArgs& args) {
 
     at::Tensor out = at::empty_like(q, q.options().memory_format(at::MemoryFormat::Contiguous));
     at::Tensor lse = at::empty({heads.nheads, q.size(0)}, q.options().dtype(at::kFloat));
-    const BatchShape shape = varlen_shape(heads, q, args.cu_seqlens_q, args.cu_seqlens_k, batch,
-                                          args.max_seqlen_q, args.max_seqlen_k);
+    const BatchShape shape = varlen_shape(heads, q, args.k, args.cu_seqlens_q, args.cu_seqlens_k,
+                                          batch, args.max_seqlen_q, args.max_seqlen_k);
     auto [dropout_mask, rng_state] = run_forward(q, args.k, args.v, out, lse, shape, args.options);
     return {out, lse, dropout_mask, rng_state};
 }

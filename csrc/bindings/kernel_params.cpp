@@ -42,16 +42,17 @@ uint32_t dropout_threshold(double dropout_p) {
 
 }  // namespace
 
-BatchShape varlen_shape(const HeadShape& heads, const at::Tensor& q, const at::Tensor& cu_seqlens_q,
-                        const at::Tensor& cu_seqlens_k, int64_t batch, int64_t max_seqlen_q,
-                        int64_t max_seqlen_k) {
+BatchShape varlen_shape(const HeadShape& heads, const at::Tensor& q, const at::Tensor& k,
+                        const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
+                        int64_t batch, int64_t max_seqlen_q, int64_t max_seqlen_k) {
     return {heads,
             cu_seqlens_q.data_ptr<int>(),
             cu_seqlens_k.data_ptr<int>(),
             static_cast<int>(batch),
             static_cast<int>(max_seqlen_q),
             static_cast<int>(max_seqlen_k),
-            q.size(0)};
+            q.size(0),
+            k.size(0)};
 }
 
 BatchShape fixed_shape(const HeadShape& heads, const at::Tensor& q, const at::Tensor& k) {
@@ -61,7 +62,8 @@ BatchShape fixed_shape(const HeadShape& heads, const at::Tensor& q, const at::Te
             static_cast<int>(q.size(0)),
             static_cast<int>(q.size(1)),
             static_cast<int>(k.size(1)),
-            q.size(0) * q.size(1)};
+            q.size(0) * q.size(1),
+            k.size(0) * k.size(1)};
 }
 
 KernelConfig kernel_config(const at::Tensor& q, const BatchShape& shape,
@@ -79,6 +81,8 @@ void set_batch_params(FlashFwdParams& params, const BatchShape& shape) {
     params.head_dim = shape.heads.head_dim;
     params.seqlen_q = shape.seqlen_q;
     params.seqlen_k = shape.seqlen_k;
+    params.total_q = shape.query_rows;
+    params.total_k = shape.key_rows;
 }
 
 bool needs_local_mask(const AttentionOptions& options, int64_t max_seqlen_q, int64_t max_seqlen_k) {

@@ -23,19 +23,20 @@ struct BatchShape {
     int seqlen_q;  // fixed length: the lengths; varlen: upper bounds
     int seqlen_k;
     int64_t query_rows;  // total_q, or batch * seqlen_q
+    int64_t key_rows;    // total_k, or batch * seqlen_k
 };
 
 // The batch of a varlen call (lengths bounded by max_seqlen_q/k) and of a fixed-length one.
-BatchShape varlen_shape(const HeadShape& heads, const at::Tensor& q, const at::Tensor& cu_seqlens_q,
-                        const at::Tensor& cu_seqlens_k, int64_t batch, int64_t max_seqlen_q,
-                        int64_t max_seqlen_k);
+BatchShape varlen_shape(const HeadShape& heads, const at::Tensor& q, const at::Tensor& k,
+                        const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
+                        int64_t batch, int64_t max_seqlen_q, int64_t max_seqlen_k);
 BatchShape fixed_shape(const HeadShape& heads, const at::Tensor& q, const at::Tensor& k);
 
 // The kernel a call needs: q's dtype, its head dim's bucket, and whether the mask is local.
 KernelConfig kernel_config(const at::Tensor& q, const BatchShape& shape,
                            const AttentionOptions& options);
 
-// Fills the batch's fields of params: cu_seqlens, batch, heads, head dim and lengths.
+// Fills the batch's fields of params: cu_seqlens, batch, heads, head dim, lengths and rows.
 void set_batch_params(FlashFwdParams& params, const BatchShape& shape);
 
 // The device tensors the params point into, kept alive until the launch.

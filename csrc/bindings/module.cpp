@@ -87,14 +87,16 @@ std::string select_kernel_family(const std::string& direction, const std::string
     const KernelConfig config{element_type_named(dtype), head_dim_bucket(head_dim), local};
     if (direction == "forward") {
         return family_info(
-                   select_kernel<FlashFwdParams>(config, compute_capability, head_dim, "forward")
+                   select_kernel<FlashFwdParams>(config, nullptr, compute_capability, head_dim,
+                                                 "forward")
                        .key.family)
             .name;
     }
     TORCH_CHECK_VALUE(direction == "backward",
                       message("direction must be 'forward' or 'backward', got '", direction, "'"));
     return family_info(
-               select_kernel<FlashBwdParams>(config, compute_capability, head_dim, "backward")
+               select_kernel<FlashBwdParams>(config, nullptr, compute_capability, head_dim,
+                                             "backward")
                    .key.family)
         .name;
 }

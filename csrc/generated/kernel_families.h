@@ -4,7 +4,7 @@
 
 namespace flash_varlen {
 
-enum class KernelFamily { kSm80 };
+enum class KernelFamily { kSm90, kSm80 };
 
 struct KernelFamilyInfo {
     KernelFamily family;
@@ -16,6 +16,7 @@ struct KernelFamilyInfo {
 };
 
 constexpr KernelFamilyInfo kKernelFamilies[] = {
+    {KernelFamily::kSm90, "sm90", 90, 90, "wgmma, TMA and warp specialization (Hopper)"},
     {KernelFamily::kSm80, "sm80", 80, 90, "mma.sync and cp.async (Ampere, Ada, Hopper)"},
 };
 

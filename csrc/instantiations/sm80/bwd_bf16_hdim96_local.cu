@@ -13,7 +13,8 @@ const KernelRegistration<FlashBwdParams> kRegistration(
     KernelKey{KernelFamily::kSm80, {ElementType::kBFloat16, 96, /*is_local=*/true}},
     {__CUDA_ARCH_LIST__},
     &sm80::launch_flash_bwd<cutlass::bfloat16_t, 96, /*kIsLocal=*/true>,
-    &sm80::flash_bwd_workspace_size<cutlass::bfloat16_t, 96>);
+    &sm80::flash_bwd_workspace_size<cutlass::bfloat16_t, 96>,
+    nullptr);
 
 }  // namespace
 }  // namespace flash_varlen

@@ -13,7 +13,8 @@ const KernelRegistration<FlashBwdParams> kRegistration(
     KernelKey{KernelFamily::kSm80, {ElementType::kFloat16, 64, /*is_local=*/false}},
     {__CUDA_ARCH_LIST__},
     &sm80::launch_flash_bwd<cutlass::half_t, 64, /*kIsLocal=*/false>,
-    &sm80::flash_bwd_workspace_size<cutlass::half_t, 64>);
+    &sm80::flash_bwd_workspace_size<cutlass::half_t, 64>,
+    nullptr);
 
 }  // namespace
 }  // namespace flash_varlen

@@ -13,7 +13,8 @@ const KernelRegistration<FlashFwdParams> kRegistration(
     KernelKey{KernelFamily::kSm80, {ElementType::kBFloat16, 192, /*is_local=*/false}},
     {__CUDA_ARCH_LIST__},
     &sm80::launch_flash_fwd<cutlass::bfloat16_t, 192, /*kIsLocal=*/false>,
-    &no_workspace<FlashFwdParams>);
+    &no_workspace<FlashFwdParams>,
+    nullptr);
 
 }  // namespace
 }  // namespace flash_varlen

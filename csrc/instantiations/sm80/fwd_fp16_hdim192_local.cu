@@ -13,7 +13,8 @@ const KernelRegistration<FlashFwdParams> kRegistration(
     KernelKey{KernelFamily::kSm80, {ElementType::kFloat16, 192, /*is_local=*/true}},
     {__CUDA_ARCH_LIST__},
     &sm80::launch_flash_fwd<cutlass::half_t, 192, /*kIsLocal=*/true>,
-    &no_workspace<FlashFwdParams>);
+    &no_workspace<FlashFwdParams>,
+    nullptr);
 
 }  // namespace
 }  // namespace flash_varlen

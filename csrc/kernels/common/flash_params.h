@@ -89,6 +89,13 @@ struct FlashFwdParams {
     // denominator (and LSE), with no value vector; nullptr: none. A row that sees no key gets
     // output 0 and LSE = sink[head].
     const float* __restrict__ learnable_sink;
+
+    // Rows of q (and o) and of k (and v): total_q / total_k (varlen) or batch * seqlen
+    // (fixed length). For the launchers: the sm80 backward sizes its workspace from total_q; the
+    // sm90 forward's TMA descriptors end where the buffers end, so that a tile running past the
+    // last sequence reads zeros instead of memory past the allocation.
+    int64_t total_q;
+    int64_t total_k;
 };
 
 // Backward: the forward's tensors (q, k, v, o, softmax_lse, read only) plus the gradients.
@@ -132,9 +139,8 @@ struct FlashBwdParams : FlashFwdParams {
     int* __restrict__ dq_semaphore;
     int dq_semaphore_head_stride;  // counters per head
 
-    // For the launchers, which size their workspace from them; no kernel reads these. (Kept
-    // last: fields before them keep their offsets in the kernels' parameter space.)
-    int64_t total_q;     // rows of q: total_q (varlen) or batch * seqlen_q (fixed length)
+    // For the launchers, which size their workspace from it; no kernel reads it. (Kept last:
+    // fields before it keep their offsets in the kernels' parameter space.)
     bool deterministic;  // order the dQ accumulation (bitwise reproducible dq)
 };
 

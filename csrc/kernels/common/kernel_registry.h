@@ -45,6 +45,10 @@ using Launcher = cudaError_t (*)(const Params&, const Workspace&, cudaStream_t);
 // The workspace one call needs (params are filled, workspace pointers excepted).
 template <typename Params>
 using WorkspaceSizer = WorkspaceSize (*)(const Params&);
+// The first option of a call that a family's kernels do not implement, in words ("ALiBi"), or
+// nullptr when they implement the call.
+template <typename Params>
+using OptionCheck = const char* (*)(const Params&);
 
 template <typename Params>
 struct KernelEntry {
@@ -53,6 +57,8 @@ struct KernelEntry {
     std::vector<int> archs;
     Launcher<Params> launch;
     WorkspaceSizer<Params> workspace_size;
+    // nullptr: the kernels implement every option.
+    OptionCheck<Params> unsupported_option;
 
     // Whether the compiled code runs on a device of this compute capability (major * 10 +
     // minor): machine code for sm_XY runs on compute capability X.Z with Z >= Y.
@@ -88,8 +94,9 @@ const KernelEntry<Params>* find_kernel(const KernelKey& key) {
 template <typename Params>
 struct KernelRegistration {
     KernelRegistration(const KernelKey& key, std::initializer_list<int> archs,
-                       Launcher<Params> launch, WorkspaceSizer<Params> workspace_size) {
-        kernel_table<Params>().push_back({key, archs, launch, workspace_size});
+                       Launcher<Params> launch, WorkspaceSizer<Params> workspace_size,
+                       OptionCheck<Params> unsupported_option) {
+        kernel_table<Params>().push_back({key, archs, launch, workspace_size, unsupported_option});
     }
 };
 

@@ -1,0 +1,484 @@
+// The sm90-family forward kernel (Hopper: wgmma, TMA, warp specialization; built for sm_90a).
+//
+// One thread block computes one row block (kBlockM query rows) of one head of one sequence, with
+// the structure of FlashAttention-3 (Shah et al. 2024; Dao-AILab/flash-attention hopper/):
+// - warpgroup 0, the producer, gives its registers back (setmaxnreg) and one of its threads issues
+//   every TMA load: Q once, then K and V of the visible key blocks from the last one down, into
+//   kStages shared-memory buffers each (PipelineTmaAsync: a "full" mbarrier per buffer that the
+//   TMA completes by byte count, an "empty" one that every consumer thread arrives on when done);
+// - warpgroups 1.., the consumers, take the registers and own 64 query rows each: S = Q K^T
+//   (wgmma, both operands in shared memory), mask, online softmax in registers, O += P V (wgmma,
+//   P from registers). Inside a warpgroup the softmax of block n runs while the tensor cores do
+//   S of block n - 1 and P V of block n + 1 ("intra-warpgroup overlap"), and the warpgroups take
+//   turns issuing their GEMMs (named barriers), so that one's softmax overlaps the other's GEMMs.
+//
+// Varlen and what lies past a sequence. The TMA descriptors cover the whole packed buffers,
+// (total rows, d, heads, 1) (fixed length: (seqlen, d, heads, batch)), and a tile's row coordinate
+// is its sequence's first row plus the tile's offset. A box that runs past the sequence end reads
+// the next sequence's rows (or zeros past the buffer end, which TMA fills itself):
+// - Q rows past the end produce garbage rows of S and O; rows are independent in every step
+//   (row max, row sum and O row r depend only on Q row r), and the epilogue never writes them.
+// - K rows past the end give scores in columns >= seqlen_k, which the mask replaces by -inf
+//   whatever they held (NaN and inf included: the mask selects, it does not add). The highest
+//   visited key block is always in the masked range (MaskPolicy::unmasked_block_end rounds down).
+// - V rows past the end meet P = 0 in O += P V. 0 * x = 0 only for finite x, and those rows need
+//   not be finite: the next sequence's values are the user's (a NaN in one document must not
+//   poison another; the sm80 family zero-fills them), and rows past cu_seqlens[-1] or past
+//   seqused_k are unused memory (torch.empty, CUDA graph buffers with fewer tokens) that may hold
+//   any bit pattern. So the consumers zero those rows of the one V tile that straddles the end
+//   before its first use (zero_rows_past_end below); it is the first tile loaded, once per row
+//   block, only in the varlen layout (fixed length reads zeros there from TMA's bounds).
+//
+// The mask (causal with either alignment, sliding windows, the sequence tail) is the common
+// MaskPolicy; kIsLocal selects the instantiation, as in the sm80 family. Not here yet (the
+// launcher refuses them): soft-capping, ALiBi, dropout. Attention sinks are in the finalize.
+#pragma once
+
+#include <cutlass/arch/barrier.h>
+#include <cutlass/arch/reg_reconfig.h>
+#include <cutlass/cutlass.h>
+
+#include <cute/tensor.hpp>
+
+#include "kernels/common/flash_params.h"
+#include "kernels/common/mask_policy.h"
+#include "kernels/common/seqlen_info.h"
+#include "kernels/sm90/fragment_layouts.h"
+#include "kernels/sm90/fwd_kernel_traits.h"
+#include "kernels/sm90/named_barriers.h"
+#include "kernels/sm90/online_softmax.h"
+#include "kernels/sm90/warpgroup_gemm.h"
+
+namespace flash_varlen {
+namespace sm90 {
+
+using namespace cute;
+
+// What the launcher passes: the host's params plus the TMA descriptors built from them (and the
+// global shapes the descriptors were built with, which the device needs to rebuild their
+// coordinate tensors). A __grid_constant__ kernel parameter: TMA reads the descriptors from
+// parameter space.
+template <typename Traits>
+struct FwdKernelParams {
+    FlashFwdParams params;
+    typename Traits::TmaQ tma_q;
+    typename Traits::TmaK tma_k;
+    typename Traits::TmaV tma_v;
+    typename Traits::GmemShape shape_q;   // (rows, d, heads, batch)
+    typename Traits::GmemShape shape_k;   // (rows, d, heads_k, batch)
+    typename Traits::GmemShape shape_vt;  // (d, rows, heads_k, batch)
+};
+
+template <typename Traits, bool kIsLocal>
+struct FlashFwdRowBlock {
+    using Element = typename Traits::Element;
+    static constexpr int kBlockM = Traits::kBlockM;
+    static constexpr int kBlockN = Traits::kBlockN;
+    static constexpr int kHeadDim = Traits::kHeadDim;
+    static constexpr int kNumMmaWarpgroups = Traits::kNumMmaWarpgroups;
+    static constexpr int kNumMmaThreads = Traits::kNumMmaThreads;
+    using Mask = MaskPolicy<kIsLocal, /*kHasAlibi=*/false>;
+    using SharedStorage = typename Traits::SharedStorage;
+    using PipelineKV = typename Traits::PipelineKV;
+    using PipelineState = typename Traits::PipelineState;
+    // Rows of S (and O) per consumer thread: two per 64-row wgmma atom.
+    static constexpr int kRowsPerThread = 2;
+    using Softmax = OnlineSoftmax<kRowsPerThread>;
+    using RowValues = typename Softmax::RowValues;
+    // Whether the consumer warpgroups take turns issuing their GEMMs. FlashAttention-3 does for
+    // head dims up to 128 with the intra-warpgroup overlap (mainloop_fwd_sm90_tma_gmma_ws.hpp,
+    // UseSchedulerBarrier); to be measured here.
+    static constexpr bool kMmaTurns = kHeadDim <= 128;
+
+    // The key blocks one row block visits, in the order it visits them: [begin, end), from the
+    // last down. The producer and the consumers derive every loop bound from this, so they agree
+    // on the number of loads.
+    struct KeyBlocks {
+        int begin;
+        int end;
+        int unmasked_begin;  // blocks in [unmasked_begin, unmasked_end) need no masking
+        int unmasked_end;
+
+        __device__ KeyBlocks(const Mask& mask, int m_block)
+            : begin(mask.template key_block_begin<kBlockM, kBlockN>(m_block)),
+              end(mask.template key_block_end<kBlockM, kBlockN>(m_block)),
+              unmasked_begin(mask.template unmasked_block_begin<kBlockM, kBlockN>(m_block)),
+              unmasked_end(mask.template unmasked_block_end<kBlockM, kBlockN>(m_block)) {}
+
+        __device__ bool empty() const { return begin >= end; }
+        __device__ bool needs_mask(int n_block) const {
+            return n_block >= unmasked_end || (kIsLocal && n_block < unmasked_begin);
+        }
+    };
+
+    __device__ static void run(const FwdKernelParams<Traits>& kp, char* smem) {
+        const FlashFwdParams& params = kp.params;
+        const int m_block = blockIdx.x;
+        const int batch = blockIdx.y;
+        const int head = blockIdx.z;
+        const SeqlenInfo seq(params, batch);
+        // Uniform over the block, before any barrier exists.
+        if (m_block * kBlockM >= seq.seqlen_q) return;  // this row block lies past the sequence end
+        const Mask mask(params, seq, batch, head);
+        const KeyBlocks blocks(mask, m_block);
+
+        SharedStorage& shared = *reinterpret_cast<SharedStorage*>(smem);
+        const int warpgroup = cutlass::canonical_warp_group_idx();
+        constexpr int kProducerWarpgroup = 0;
+
+        if (threadIdx.x == 0) {
+            // The swizzle the consumers compute (V's tail rows, O) matches the one TMA and wgmma
+            // apply to addresses only on an aligned base (fwd_kernel_traits.h): fail loudly.
+            if (cute::cast_smem_ptr_to_uint(smem) % Traits::kSmemAlignment != 0) __trap();
+            cute::prefetch_tma_descriptor(kp.tma_q.get_tma_descriptor());
+            cute::prefetch_tma_descriptor(kp.tma_k.get_tma_descriptor());
+            cute::prefetch_tma_descriptor(kp.tma_v.get_tma_descriptor());
+            shared.q_full.init(/*arrive_count=*/1);
+        }
+        typename PipelineKV::Params pipeline_params;
+        pipeline_params.transaction_bytes = Traits::kTmaBytesKV;
+        pipeline_params.role = warpgroup == kProducerWarpgroup
+                                   ? PipelineKV::ThreadCategory::Producer
+                                   : PipelineKV::ThreadCategory::Consumer;
+        pipeline_params.is_leader = threadIdx.x == 0;  // the one thread that issues the loads
+        pipeline_params.num_consumers = kNumMmaThreads;
+        // Without a cluster every consumer thread arrives on the empty barrier itself (the
+        // arrival count is kNumMmaThreads), so a release needs no warpgroup-wide sync first.
+        PipelineKV pipeline_k(shared.pipeline_k, pipeline_params, Shape<_1, _1, _1>{});
+        PipelineKV pipeline_v(shared.pipeline_v, pipeline_params, Shape<_1, _1, _1>{});
+        __syncthreads();  // the barrier initialisations (fenced by the pipelines) are visible
+
+        if (warpgroup == kProducerWarpgroup) {
+            cutlass::arch::warpgroup_reg_dealloc<Traits::kProducerRegisters>();
+            if (threadIdx.x == 0 && !blocks.empty()) {
+                load(kp, shared, pipeline_k, pipeline_v, seq, blocks, m_block, batch, head);
+            }
+            return;
+        }
+        cutlass::arch::warpgroup_reg_alloc<Traits::kConsumerRegisters>();
+        compute(params, shared, pipeline_k, pipeline_v, seq, mask, blocks, m_block, batch, head,
+                warpgroup - 1);
+    }
+
+    // The producer thread: Q, then K and V of every visited key block, last block first. V lags
+    // K by one block because the consumers use V(n) one step after K(n) (the overlap above).
+    __device__ static void load(const FwdKernelParams<Traits>& kp, SharedStorage& shared,
+                                PipelineKV& pipeline_k, PipelineKV& pipeline_v,
+                                const SeqlenInfo& seq, const KeyBlocks& blocks, int m_block,
+                                int batch, int head) {
+        const FlashFwdParams& params = kp.params;
+        const int head_k = head / (params.nheads / params.nheads_k);
+        const int batch_coord = seq.is_varlen ? 0 : batch;  // varlen buffers are one batch
+        Tensor sQ = make_tensor(make_smem_ptr(shared.q.data()), typename Traits::SmemLayoutQ{});
+        Tensor sK = make_tensor(make_smem_ptr(shared.k.data()), typename Traits::SmemLayoutK{});
+        Tensor sVt = make_tensor(make_smem_ptr(shared.v.data()), typename Traits::SmemLayoutVt{});
+
+        // Coordinate tensors of the descriptors, shifted to the sequence's first row.
+        Tensor mQ = kp.tma_q.get_tma_tensor(kp.shape_q)(_, _, head, batch_coord);  // (rows, D)
+        Tensor gQ = local_tile(domain_offset(make_coord(seq.q_start, _0{}), mQ),
+                               Shape<Int<kBlockM>, Int<kHeadDim>>{},
+                               make_coord(m_block, _0{}));  // (BM, D)
+        Tensor mK = kp.tma_k.get_tma_tensor(kp.shape_k)(_, _, head_k, batch_coord);  // (rows, D)
+        Tensor gK = local_tile(domain_offset(make_coord(seq.k_start, _0{}), mK),
+                               Shape<Int<kBlockN>, Int<kHeadDim>>{},
+                               make_coord(_, _0{}));  // (BN, D, n)
+        Tensor mVt = kp.tma_v.get_tma_tensor(kp.shape_vt)(_, _, head_k, batch_coord);  // (D, rows)
+        Tensor gVt = local_tile(domain_offset(make_coord(_0{}, seq.k_start), mVt),
+                                Shape<Int<kHeadDim>, Int<kBlockN>>{},
+                                make_coord(_0{}, _));  // (D, BN, n)
+
+        auto tma_q = kp.tma_q.get_slice(_0{});
+        Tensor tQgQ = tma_q.partition_S(gQ);  // (TMA, TMA_M, TMA_D)
+        Tensor tQsQ = tma_q.partition_D(sQ);
+        auto tma_k = kp.tma_k.get_slice(_0{});
+        Tensor tKgK = group_modes<0, 3>(tma_k.partition_S(gK));  // (TMA, n)
+        Tensor tKsK = group_modes<0, 3>(tma_k.partition_D(sK));  // (TMA, stage)
+        auto tma_v = kp.tma_v.get_slice(_0{});
+        Tensor tVgVt = group_modes<0, 3>(tma_v.partition_S(gVt));  // (TMA, n)
+        Tensor tVsVt = group_modes<0, 3>(tma_v.partition_D(sVt));  // (TMA, stage)
+
+        // K and V are read by every row block of the head (and every head of a GQA group):
+        // keep them in L2; Q is read once.
+        auto load_k = [&](int n_block, const PipelineState& state) {
+            pipeline_k.producer_acquire(state);  // also arms the full barrier with the byte count
+            copy(kp.tma_k.with(*pipeline_k.producer_get_barrier(state), 0,
+                               TMA::CacheHintSm90::EVICT_LAST),
+                 tKgK(_, n_block), tKsK(_, state.index()));
+        };
+        auto load_v = [&](int n_block, const PipelineState& state) {
+            pipeline_v.producer_acquire(state);
+            copy(kp.tma_v.with(*pipeline_v.producer_get_barrier(state), 0,
+                               TMA::CacheHintSm90::EVICT_LAST),
+                 tVgVt(_, n_block), tVsVt(_, state.index()));
+        };
+
+        PipelineState write = cutlass::make_producer_start_state<PipelineKV>();
+        int n_block = blocks.end - 1;
+        load_k(n_block, write);
+        shared.q_full.arrive_and_expect_tx(Traits::kTmaBytesQ);
+        copy(kp.tma_q.with(reinterpret_cast<uint64_t&>(shared.q_full), 0,
+                           TMA::CacheHintSm90::EVICT_FIRST),
+             tQgQ, tQsQ);
+        for (--n_block; n_block >= blocks.begin; --n_block) {
+            const PipelineState write_v = write;  // V(n + 1) goes where K(n + 1) went
+            ++write;
+            load_k(n_block, write);
+            load_v(n_block + 1, write_v);
+        }
+        load_v(blocks.begin, write);
+        // No producer_tail: without a cluster no other block waits on this one's barriers, and
+        // the block cannot retire before its consumers, which wait for every load.
+    }
+
+    // A consumer warpgroup: its 64 rows of the row block, then its part of the epilogue.
+    __device__ static void compute(const FlashFwdParams& params, SharedStorage& shared,
+                                   PipelineKV& pipeline_k, PipelineKV& pipeline_v,
+                                   const SeqlenInfo& seq, const Mask& mask,
+                                   const KeyBlocks& blocks, int m_block, int batch, int head,
+                                   int mma_warpgroup) {
+        const int thread = threadIdx.x - kThreadsPerWarpgroup;  // among the consumer threads
+        typename Traits::TiledMmaPV tiled_mma_pv;
+        auto thr_mma_pv = tiled_mma_pv.get_thread_slice(thread);
+        Tensor acc_o = partition_fragment_C(
+            tiled_mma_pv, select<0, 1>(typename Traits::TileShapePV{}));  // ((2, 2, D/8), 1, 1)
+        Softmax softmax;
+        RowValues lse;
+        const float sink = params.learnable_sink == nullptr ? -INFINITY : params.learnable_sink[head];
+        constexpr float kNoDropoutScale = 1.f;
+
+        if (blocks.empty()) {  // a row block that sees no key: output 0, LSE = sink
+            clear(acc_o);
+            softmax.finalize(params.logit_scale, kNoDropoutScale, sink, lse);
+        } else {
+            main_loop(params, shared, pipeline_k, pipeline_v, seq, mask, blocks, m_block,
+                      mma_warpgroup, thread, tiled_mma_pv, acc_o, softmax, lse, sink);
+        }
+        store_output(params, shared, seq, tiled_mma_pv, acc_o, lse, m_block, batch, head,
+                     mma_warpgroup, thread);
+    }
+
+    template <typename TiledMmaPV, typename AccO>
+    __device__ static void main_loop(const FlashFwdParams& params, SharedStorage& shared,
+                                     PipelineKV& pipeline_k, PipelineKV& pipeline_v,
+                                     const SeqlenInfo& seq, const Mask& mask,
+                                     const KeyBlocks& blocks, int m_block, int mma_warpgroup,
+                                     int thread, TiledMmaPV& tiled_mma_pv, AccO& acc_o,
+                                     Softmax& softmax, RowValues& lse, float sink) {
+        Tensor sQ = make_tensor(make_smem_ptr(shared.q.data()), typename Traits::SmemLayoutQ{});
+        Tensor sK = make_tensor(make_smem_ptr(shared.k.data()), typename Traits::SmemLayoutK{});
+        Tensor sVt = make_tensor(make_smem_ptr(shared.v.data()), typename Traits::SmemLayoutVt{});
+
+        typename Traits::TiledMmaQK tiled_mma_qk;
+        auto thr_mma_qk = tiled_mma_qk.get_thread_slice(thread);
+        auto thr_mma_pv = tiled_mma_pv.get_thread_slice(thread);
+        // Shared-memory descriptors; a warpgroup's A descriptors cover its own 64 rows of Q.
+        Tensor tSrQ = thr_mma_qk.partition_fragment_A(sQ);   // (MMA, MMA_M, MMA_D)
+        Tensor tSrK = thr_mma_qk.partition_fragment_B(sK);   // (MMA, MMA_N, MMA_D, stage)
+        Tensor tOrV = thr_mma_pv.partition_fragment_B(sVt);  // (MMA, MMA_D, MMA_N, stage)
+        // (row, col) of each of this thread's scores within the tile, for the mask.
+        Tensor tScS = thr_mma_qk.partition_C(
+            make_identity_tensor(Shape<Int<kBlockM>, Int<kBlockN>>{}));  // ((2, 2, N/8), 1, 1)
+        const int row0 = m_block * kBlockM;
+        const float scale_log2 = params.logit_scale_log2;
+
+        auto mask_scores = [&](auto& acc_s, int n_block) {
+            mask.apply_by_coordinates(acc_s, tScS, row0, n_block * kBlockN);
+        };
+        auto wait_turn = [&] {
+            if constexpr (kMmaTurns) {
+                cutlass::arch::NamedBarrier::sync(2 * kThreadsPerWarpgroup,
+                                                  kBarrierMmaTurn + mma_warpgroup);
+            }
+        };
+        auto pass_turn = [&] {
+            if constexpr (kMmaTurns) {
+                cutlass::arch::NamedBarrier::arrive(
+                    2 * kThreadsPerWarpgroup,
+                    kBarrierMmaTurn + (mma_warpgroup + 1) % kNumMmaWarpgroups);
+            }
+        };
+        // Warpgroup 0 starts with the turn: its own arrival plus its first wait fill the barrier.
+        if constexpr (kMmaTurns) {
+            if (mma_warpgroup == 0) {
+                cutlass::arch::NamedBarrier::arrive(2 * kThreadsPerWarpgroup, kBarrierMmaTurn);
+            }
+        }
+
+        shared.q_full.wait(/*phase=*/0);
+
+        // The first (highest) key block: S, mask, softmax; its P V waits for the next step.
+        PipelineState read;
+        int n_block = blocks.end - 1;
+        Tensor acc_s = partition_fragment_C(
+            tiled_mma_qk, select<0, 1>(typename Traits::TileShapeQK{}));  // ((2, 2, N/8), 1, 1)
+        pipeline_k.consumer_wait(read);
+        warpgroup_gemm</*kZeroInit=*/true>(tiled_mma_qk, tSrQ, tSrK(_, _, _, read.index()), acc_s);
+        warpgroup_wait<0>();
+        pipeline_k.consumer_release(read);
+        if (blocks.needs_mask(n_block)) mask_scores(acc_s, n_block);
+        softmax.fold_block(acc_s, scale_log2);  // nothing accumulated yet: no rescale
+        // P, in the register layout of the A operand of P V; lives until the next step's P V.
+        Tensor rP = make_tensor<Element>(acc_s.layout());
+        convert_fragment(acc_s, rP);
+        Tensor tOrP = make_tensor(rP.data(), accumulator_as_a_operand(rP.layout()));
+
+        if (seq.is_varlen && blocks.end * kBlockN > seq.seqlen_k) {  // uniform over the block
+            pipeline_v.consumer_wait(read);
+            zero_rows_past_end(sVt(_, _, read.index()), seq.seqlen_k - n_block * kBlockN, thread);
+            // The zeros were written through the generic proxy; wgmma reads through the async
+            // one. Fence, then make sure every consumer's share is written before any P V.
+            cutlass::arch::fence_view_async_shared();
+            cutlass::arch::NamedBarrier::sync(kNumMmaThreads, kBarrierVTailZeroed);
+        }
+        clear(acc_o);
+
+        // One step: S of block n_block and P V of block n_block + 1 in flight together, then the
+        // softmax of n_block while P V finishes. Always inlined (three call sites; the sm80
+        // family saw its equivalent outlined with a stack frame).
+        auto step = [&](int n_block, auto apply_mask) CUTLASS_LAMBDA_FUNC_INLINE {
+            const PipelineState read_v = read;  // V(n_block + 1) sits where K(n_block + 1) did
+            ++read;
+            Tensor acc_s = partition_fragment_C(
+                tiled_mma_qk, select<0, 1>(typename Traits::TileShapeQK{}));
+            pipeline_k.consumer_wait(read);
+            wait_turn();
+            warpgroup_gemm</*kZeroInit=*/true>(tiled_mma_qk, tSrQ, tSrK(_, _, _, read.index()),
+                                               acc_s);
+            pipeline_v.consumer_wait(read_v);
+            warpgroup_gemm</*kZeroInit=*/false>(tiled_mma_pv, tOrP,
+                                                tOrV(_, _, _, read_v.index()), acc_o);
+            pass_turn();
+            warpgroup_wait<1>();  // S landed; P V may still run
+            pipeline_k.consumer_release(read);
+            if constexpr (decltype(apply_mask)::value) mask_scores(acc_s, n_block);
+            const RowValues correction = softmax.fold_block(acc_s, scale_log2);
+            warpgroup_wait<0>();  // P V landed: P may be overwritten and O rescaled
+            pipeline_v.consumer_release(read_v);
+            convert_fragment(acc_s, rP);
+            Softmax::rescale(acc_o, correction);
+        };
+
+        // The highest blocks may hold masked pairs (sequence tail, causal diagonal, the window's
+        // right edge) and, with a local mask, the lowest ones too (the window's left edge).
+        for (--n_block; n_block >= blocks.begin && n_block >= blocks.unmasked_end; --n_block) {
+            step(n_block, cute::true_type{});
+        }
+        for (; n_block >= blocks.begin && n_block >= blocks.unmasked_begin; --n_block) {
+            step(n_block, cute::false_type{});
+        }
+        if constexpr (kIsLocal) {
+            for (; n_block >= blocks.begin; --n_block) step(n_block, cute::true_type{});
+        }
+
+        // The last P V, with the normalisation computed while it runs.
+        pipeline_v.consumer_wait(read);
+        warpgroup_gemm</*kZeroInit=*/false>(tiled_mma_pv, tOrP, tOrV(_, _, _, read.index()),
+                                            acc_o);
+        constexpr float kNoDropoutScale = 1.f;
+        const RowValues normalise = softmax.finalize(params.logit_scale, kNoDropoutScale, sink, lse);
+        warpgroup_wait<0>();
+        pipeline_v.consumer_release(read);
+        Softmax::rescale(acc_o, normalise);
+    }
+
+    // Zeroes key rows [first_row, kBlockN) of one V buffer (D, BN), 16 bytes per store, spread
+    // over every consumer thread. The caller fences and synchronises.
+    template <typename SmemVt>
+    __device__ static void zero_rows_past_end(SmemVt sVt, int first_row, int thread) {
+        constexpr int kElemsPerChunk = 16 / sizeof(Element);
+        constexpr int kChunksPerRow = kHeadDim / kElemsPerChunk;
+        const int chunks = (kBlockN - first_row) * kChunksPerRow;
+        for (int i = thread; i < chunks; i += kNumMmaThreads) {
+            const int row = first_row + i / kChunksPerRow;
+            const int col = (i % kChunksPerRow) * kElemsPerChunk;
+            // The swizzle moves whole 16-byte chunks: 8 consecutive head-dim elements of one key
+            // starting at a multiple of 8 stay contiguous.
+            *reinterpret_cast<uint4*>(&sVt(col, row)) = make_uint4(0, 0, 0, 0);
+        }
+    }
+
+    // Normalised O to global memory through shared memory (Q's, this warpgroup's rows only), and
+    // the LSE. Staging gives 16-byte stores of whole row segments, where the accumulator layout
+    // would give 4-byte stores scattered over 8 rows per instruction.
+    template <typename TiledMmaPV, typename AccO>
+    __device__ static void store_output(const FlashFwdParams& params, SharedStorage& shared,
+                                        const SeqlenInfo& seq, TiledMmaPV& tiled_mma_pv,
+                                        AccO& acc_o, const RowValues& lse, int m_block, int batch,
+                                        int head, int mma_warpgroup, int thread) {
+        const int row0 = m_block * kBlockM;
+        const int rows_left = seq.seqlen_q - row0;
+
+        // LSE: the four threads of a quad hold the same rows; the one holding column 0 writes.
+        auto thr_mma_pv = tiled_mma_pv.get_thread_slice(thread);
+        Tensor tOcO = thr_mma_pv.partition_C(
+            make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{}));  // ((2, 2, D/8), 1, 1)
+        Tensor tOcO_rc = make_tensor(tOcO.data(), accumulator_as_rows_cols(tOcO.layout()));
+        if (get<1>(tOcO_rc(0, 0)) == 0) {
+            float* lse_base = params.softmax_lse_ptr + head * params.lse_head_stride +
+                              seq.lse_offset(params.lse_batch_stride, batch) + row0;
+            CUTE_UNROLL
+            for (int r = 0; r < kRowsPerThread; ++r) {
+                const int row = get<0>(tOcO_rc(r, 0));
+                if (row < rows_left) lse_base[row] = lse(r);
+            }
+        }
+
+        // This warpgroup's last wgmma that read its rows of Q has completed (main_loop waited
+        // for all of them), and no other warpgroup reads those rows: overwrite them with O.
+        Tensor rO = make_tensor<Element>(acc_o.layout());
+        convert_fragment(acc_o, rO);
+        Tensor sO = make_tensor(make_smem_ptr(shared.q.data()), typename Traits::SmemLayoutO{});
+        auto smem_tiled_copy_o = make_tiled_copy_C(typename Traits::SmemCopyAtomO{}, tiled_mma_pv);
+        auto smem_thr_copy_o = smem_tiled_copy_o.get_thread_slice(thread);
+        copy(smem_tiled_copy_o, smem_thr_copy_o.retile_S(rO), smem_thr_copy_o.partition_D(sO));
+        cutlass::arch::NamedBarrier::sync(kThreadsPerWarpgroup, kBarrierOStaged + mma_warpgroup);
+
+        const int wg_row0 = mma_warpgroup * kRowsPerMmaWarpgroup;
+        Tensor sO_wg = local_tile(sO, Shape<Int<kRowsPerMmaWarpgroup>, Int<kHeadDim>>{},
+                                  make_coord(mma_warpgroup, _0{}));  // (64, D)
+        Element* o_base = static_cast<Element*>(params.o_ptr) +
+                          seq.q_offset(params.o_batch_stride, params.o_row_stride, batch) +
+                          head * params.o_head_stride +
+                          int64_t(row0 + wg_row0) * params.o_row_stride;
+        Tensor gO = make_tensor(make_gmem_ptr(o_base),
+                                Shape<Int<kRowsPerMmaWarpgroup>, Int<kHeadDim>>{},
+                                make_stride(params.o_row_stride, _1{}));  // (64, D)
+        typename Traits::GmemTiledCopyO gmem_tiled_copy_o;
+        auto gmem_thr_copy_o = gmem_tiled_copy_o.get_thread_slice(thread % kThreadsPerWarpgroup);
+        Tensor tOsO = gmem_thr_copy_o.partition_S(sO_wg);  // (CPY, CPY_M, CPY_D)
+        Tensor tOgO = gmem_thr_copy_o.partition_D(gO);
+        Tensor tOcO_g = gmem_thr_copy_o.partition_D(
+            make_identity_tensor(Shape<Int<kRowsPerMmaWarpgroup>, Int<kHeadDim>>{}));
+        Tensor tOrO = make_fragment_like(tOsO);
+        copy(gmem_tiled_copy_o, tOsO, tOrO);
+        // Rows past the sequence end belong to the next sequence, and columns past the real head
+        // dim to the next head: neither is written. (head_dim is a multiple of 8: a 16-byte chunk
+        // is wholly inside or outside.)
+        const int wg_rows_left = rows_left - wg_row0;
+        CUTE_UNROLL
+        for (int m = 0; m < size<1>(tOgO); ++m) {
+            CUTE_UNROLL
+            for (int k = 0; k < size<2>(tOgO); ++k) {
+                if (get<0>(tOcO_g(0, m, k)) < wg_rows_left &&
+                    get<1>(tOcO_g(0, m, k)) < params.head_dim) {
+                    copy(gmem_tiled_copy_o, tOrO(_, m, k), tOgO(_, m, k));
+                }
+            }
+        }
+    }
+};
+
+template <typename Traits, bool kIsLocal>
+__global__ void __launch_bounds__(Traits::kNumThreads, 1)
+    flash_fwd_kernel(const __grid_constant__ FwdKernelParams<Traits> kp) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    extern __shared__ __align__(Traits::kSmemAlignment) char smem[];
+    FlashFwdRowBlock<Traits, kIsLocal>::run(kp, smem);
+#else
+    // wgmma and setmaxnreg exist only in sm_90a code; the family is built for nothing else.
+    __trap();
+#endif
+}
+
+}  // namespace sm90
+}  // namespace flash_varlen

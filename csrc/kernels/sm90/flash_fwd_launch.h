@@ -1,0 +1,94 @@
+// Host-side launch of the sm90-family forward for one (element type, head-dim bucket, local mask)
+// instantiation: builds the TMA descriptors and launches one thread block per (row block, batch,
+// head). The same interface as sm80/flash_fwd_launch.h, so that the registry calls it alike.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include <cute/tensor.hpp>
+
+#include "kernels/common/flash_params.h"
+#include "kernels/common/workspace.h"
+#include "kernels/sm90/flash_fwd_kernel.h"
+#include "kernels/sm90/fwd_tile_config.h"
+
+namespace flash_varlen {
+namespace sm90 {
+
+// The first option of a call that this family's forward does not implement yet, or nullptr:
+// dispatch then runs the call on the next family (sm80), which implements every option.
+inline const char* fwd_unsupported_option(const FlashFwdParams& params) {
+    if (params.softcap_prescale != 0.f) return "soft-capping";
+    if (params.alibi_slopes != nullptr) return "ALiBi";
+    if (params.dropout_threshold != 0) return "dropout";
+    return nullptr;
+}
+
+// TMA descriptors take 32-bit extents of at least 1: an empty buffer (every key sequence empty)
+// still gets a valid descriptor, which no load then uses (every row block sees no key block).
+inline int32_t tma_extent(int64_t extent) {
+    return int32_t(std::max<int64_t>(extent, 1));
+}
+
+// Grid: (row blocks of the longest sequence, batch, heads), as the sm80 family: the row blocks of
+// one (sequence, head) are adjacent in launch order, so blocks that share K and V run together
+// and read them from L2. Row blocks past a shorter sequence's end exit at once. A persistent,
+// varlen-aware scheduler (issue 14, part 2) replaces this later. No workspace.
+template <typename Element, int kHeadDim, bool kIsLocal>
+cudaError_t launch_flash_fwd(const FlashFwdParams& params, const Workspace&, cudaStream_t stream) {
+    using Traits = typename FwdTileConfig<Element, kHeadDim, kIsLocal>::Traits;
+    if (fwd_unsupported_option(params) != nullptr) return cudaErrorNotSupported;
+
+    // Varlen: one batch of all rows, each sequence found by its first row (flash_fwd_kernel.h).
+    // Fixed length: (seqlen, d, heads, batch). The host has checked that every stride and the
+    // base addresses are multiples of 16 bytes, which TMA requires (bindings/input_checks.cpp).
+    const bool is_varlen = params.cu_seqlens_q != nullptr;
+    const int32_t rows_q = tma_extent(is_varlen ? params.total_q : params.seqlen_q);
+    const int32_t rows_k = tma_extent(is_varlen ? params.total_k : params.seqlen_k);
+    const int32_t batches = is_varlen ? 1 : tma_extent(params.batch);
+    // The batch stride of a one-batch varlen buffer is never used, but TMA wants a valid one.
+    auto batch_stride = [&](int64_t stride, int64_t row_stride) {
+        return is_varlen ? row_stride : stride;
+    };
+
+    using namespace cute;
+    FwdKernelParams<Traits> kp{};
+    kp.params = params;
+    kp.shape_q = make_shape(rows_q, int32_t(params.head_dim), int32_t(params.nheads), batches);
+    kp.shape_k = make_shape(rows_k, int32_t(params.head_dim), int32_t(params.nheads_k), batches);
+    kp.shape_vt = make_shape(int32_t(params.head_dim), rows_k, int32_t(params.nheads_k), batches);
+    // The real head dim is the descriptors' extent: columns of the tile past it read zeros.
+    Tensor mQ = make_tensor(
+        make_gmem_ptr(static_cast<const Element*>(params.q_ptr)), kp.shape_q,
+        make_stride(params.q_row_stride, _1{}, params.q_head_stride,
+                    batch_stride(params.q_batch_stride, params.q_row_stride)));
+    Tensor mK = make_tensor(
+        make_gmem_ptr(static_cast<const Element*>(params.k_ptr)), kp.shape_k,
+        make_stride(params.k_row_stride, _1{}, params.k_head_stride,
+                    batch_stride(params.k_batch_stride, params.k_row_stride)));
+    Tensor mVt = make_tensor(
+        make_gmem_ptr(static_cast<const Element*>(params.v_ptr)), kp.shape_vt,
+        make_stride(_1{}, params.v_row_stride, params.v_head_stride,
+                    batch_stride(params.v_batch_stride, params.v_row_stride)));
+    kp.tma_q = make_tma_copy(SM90_TMA_LOAD{}, mQ, typename Traits::SmemLayoutQ{},
+                             Shape<Int<Traits::kBlockM>, Int<kHeadDim>>{}, _1{});
+    kp.tma_k = make_tma_copy(SM90_TMA_LOAD{}, mK, take<0, 2>(typename Traits::SmemLayoutK{}),
+                             Shape<Int<Traits::kBlockN>, Int<kHeadDim>>{}, _1{});
+    kp.tma_v = make_tma_copy(SM90_TMA_LOAD{}, mVt, take<0, 2>(typename Traits::SmemLayoutVt{}),
+                             Shape<Int<kHeadDim>, Int<Traits::kBlockN>>{}, _1{});
+
+    auto kernel = &flash_fwd_kernel<Traits, kIsLocal>;
+    constexpr int kSmemBytes = Traits::kSmemBytes;
+    const cudaError_t err =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
+    if (err != cudaSuccess) return err;
+    const dim3 grid(cute::ceil_div(params.seqlen_q, Traits::kBlockM), params.batch, params.nheads);
+    kernel<<<grid, Traits::kNumThreads, kSmemBytes, stream>>>(kp);
+    return cudaGetLastError();
+}
+
+}  // namespace sm90
+}  // namespace flash_varlen

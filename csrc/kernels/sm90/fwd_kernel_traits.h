@@ -1,0 +1,167 @@
+// Compile-time shape of the sm90-family forward kernel: tile sizes, warpgroup roles and their
+// register budgets, wgmma tiled MMAs, shared-memory layouts, TMA copy types and the pipelines.
+#pragma once
+
+// wgmma atoms whose N is not a multiple of 64 (64x176x16, 64x144x16, ...) are declared by CUTLASS
+// only under this macro; without it cute's op selector silently falls back to 64x16x16 atoms
+// (11 instructions instead of one for kBlockN = 176). It must be seen before the first cute
+// header of the translation unit, so the family's nvcc flags should define it too
+// (kernel_families.py); the static_asserts on the atom shapes below catch a miss.
+#ifndef CUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED
+#define CUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED
+#endif
+
+#include <cutlass/arch/barrier.h>
+#include <cutlass/numeric_types.h>
+#include <cutlass/pipeline/sm90_pipeline.hpp>
+
+#include <cute/arch/copy_sm90_tma.hpp>
+#include <cute/atom/copy_traits_sm90_tma.hpp>
+#include <cute/atom/mma_atom.hpp>
+#include <cute/tensor.hpp>
+#include <cutlass/gemm/collective/builders/sm90_common.inl>  // ss_smem_selector
+
+namespace flash_varlen {
+namespace sm90 {
+
+using namespace cute;
+
+constexpr int kThreadsPerWarpgroup = 128;
+constexpr int kRowsPerMmaWarpgroup = 64;  // one wgmma atom is 64 rows tall
+
+template <typename Element_, int kHeadDim_, int kBlockM_, int kBlockN_, int kStages_>
+struct FwdKernelTraits {
+    using Element = Element_;
+    static constexpr int kHeadDim = kHeadDim_;
+    static constexpr int kBlockM = kBlockM_;
+    static constexpr int kBlockN = kBlockN_;
+    static constexpr int kStages = kStages_;
+
+    // Warpgroup 0 is the producer (one thread of it issues every TMA load); warpgroups 1.. are
+    // the consumers, each owning 64 query rows of the tile (FlashAttention-3's layout,
+    // Dao-AILab/flash-attention hopper/flash_fwd_kernel_sm90.h).
+    static constexpr int kNumMmaWarpgroups = kBlockM / kRowsPerMmaWarpgroup;
+    static_assert(kBlockM % kRowsPerMmaWarpgroup == 0, "consumers own whole 64-row slices");
+    static_assert(kNumMmaWarpgroups == 2 || kNumMmaWarpgroups == 3, "2 or 3 consumer warpgroups");
+    static constexpr int kNumMmaThreads = kNumMmaWarpgroups * kThreadsPerWarpgroup;
+    static constexpr int kNumThreads = kNumMmaThreads + kThreadsPerWarpgroup;
+
+    // setmaxnreg budgets: the 64K registers of an SM split between the roles so that
+    // 128 * (producer + consumers * consumer) <= 65536. A TMA producer needs almost nothing; the
+    // consumers hold S, P and O of their rows. The values are FlashAttention-3's (same file).
+    static constexpr int kProducerRegisters = kNumMmaWarpgroups == 2 ? 24 : 32;
+    static constexpr int kConsumerRegisters = kNumMmaWarpgroups == 2 ? 240 : 160;
+    static_assert(kThreadsPerWarpgroup *
+                          (kProducerRegisters + kNumMmaWarpgroups * kConsumerRegisters) <=
+                      64 * 1024,
+                  "register file");
+
+    using TileShapeQK = Shape<Int<kBlockM>, Int<kBlockN>, Int<kHeadDim>>;  // S = Q K^T: (M, N, K)
+    using TileShapePV = Shape<Int<kBlockM>, Int<kHeadDim>, Int<kBlockN>>;  // O = P V:   (M, N, K)
+
+    // Consumer warpgroups are stacked along M: every row of S lives in one warpgroup, so the
+    // softmax needs only shuffles among the 4 threads of a row, never shared memory.
+    using MmaWarpgroupLayout = Layout<Shape<Int<kNumMmaWarpgroups>, _1, _1>>;
+    // S = Q K^T with both operands in shared memory (K-major: the head dim is contiguous).
+    using TiledMmaQK = decltype(make_tiled_mma(
+        GMMA::ss_op_selector<Element, Element, float, TileShapeQK>(), MmaWarpgroupLayout{}));
+    // O += P V with P from registers (the accumulator of S, converted) and V in shared memory.
+    // V is stored as loaded, a key per row with the head dim contiguous, which for the B
+    // operand (N = head dim, K = key) is MN-major; wgmma reads it transposed for 16-bit types.
+    using TiledMmaPV = decltype(make_tiled_mma(
+        GMMA::rs_op_selector<Element, Element, float, TileShapePV, GMMA::Major::K,
+                             GMMA::Major::MN>(),
+        MmaWarpgroupLayout{}));
+    static_assert(size<1>(typename TiledMmaQK::AtomShape_MNK{}) == kBlockN,
+                  "one wgmma atom spans kBlockN (CUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED missing?)");
+    static_assert(size<1>(typename TiledMmaPV::AtomShape_MNK{}) == kHeadDim,
+                  "one wgmma atom spans the head dim");
+    static_assert(size(TiledMmaQK{}) == kNumMmaThreads && size(TiledMmaPV{}) == kNumMmaThreads);
+
+    // Shared memory: the widest swizzle the tile allows (128 B rows for head dims that are
+    // multiples of 64), in the canonical GMMA layouts, which TMA writes and wgmma reads directly.
+    using SmemLayoutAtomQ = decltype(cutlass::gemm::collective::detail::ss_smem_selector<
+                                     GMMA::Major::K, Element, Int<kBlockM>, Int<kHeadDim>>());
+    using SmemLayoutQ =
+        decltype(tile_to_shape(SmemLayoutAtomQ{}, Shape<Int<kBlockM>, Int<kHeadDim>>{}));
+    using SmemLayoutAtomK = decltype(cutlass::gemm::collective::detail::ss_smem_selector<
+                                     GMMA::Major::K, Element, Int<kBlockN>, Int<kHeadDim>>());
+    using SmemLayoutK = decltype(tile_to_shape(
+        SmemLayoutAtomK{}, Shape<Int<kBlockN>, Int<kHeadDim>, Int<kStages>>{}));  // (N, D, stage)
+    // V as the B operand of P V: (head dim, key, stage), head dim contiguous. Atoms are laid
+    // along the key first (Step<_2, _1, _3>), CUTLASS's order for MN-major operands
+    // (cutlass/gemm/collective/builders/sm90_gmma_builder.inl).
+    using SmemLayoutAtomVt = decltype(cutlass::gemm::collective::detail::ss_smem_selector<
+                                      GMMA::Major::MN, Element, Int<kHeadDim>, Int<kBlockN>>());
+    using SmemLayoutVt = decltype(tile_to_shape(
+        SmemLayoutAtomVt{}, Shape<Int<kHeadDim>, Int<kBlockN>, Int<kStages>>{},
+        Step<_2, _1, _3>{}));  // (D, N, stage)
+    // The output tile is staged in the shared memory of Q, with Q's layout: a consumer
+    // warpgroup's rows of O then cover exactly the bytes of its own rows of Q, which no other
+    // warpgroup reads, so each warpgroup stores its O as soon as its own last S = Q K^T is done,
+    // with a barrier among its own 128 threads only.
+    using SmemLayoutO = SmemLayoutQ;
+
+    // Global tensors as the TMA descriptors see them: (rows, head dim, heads, batch). Varlen
+    // buffers are one batch of total rows; a tile's row coordinate is its sequence's first row
+    // plus its offset in the sequence (flash_fwd_kernel.h explains what lies past a sequence).
+    using GmemShape = Shape<int32_t, int32_t, int32_t, int32_t>;
+    using GmemStride = Stride<int64_t, _1, int64_t, int64_t>;
+    // V for the MN-major operand: (head dim, rows, heads, batch).
+    using GmemStrideVt = Stride<_1, int64_t, int64_t, int64_t>;
+    using TmaQ = decltype(make_tma_copy(
+        SM90_TMA_LOAD{},
+        make_tensor(make_gmem_ptr(static_cast<const Element*>(nullptr)), GmemShape{},
+                    GmemStride{}),
+        SmemLayoutQ{}, Shape<Int<kBlockM>, Int<kHeadDim>>{}, _1{}));
+    using TmaK = decltype(make_tma_copy(
+        SM90_TMA_LOAD{},
+        make_tensor(make_gmem_ptr(static_cast<const Element*>(nullptr)), GmemShape{},
+                    GmemStride{}),
+        take<0, 2>(SmemLayoutK{}), Shape<Int<kBlockN>, Int<kHeadDim>>{}, _1{}));
+    using TmaV = decltype(make_tma_copy(
+        SM90_TMA_LOAD{},
+        make_tensor(make_gmem_ptr(static_cast<const Element*>(nullptr)), GmemShape{},
+                    GmemStrideVt{}),
+        take<0, 2>(SmemLayoutVt{}), Shape<Int<kHeadDim>, Int<kBlockN>>{}, _1{}));
+
+    static constexpr uint32_t kTmaBytesQ = kBlockM * kHeadDim * sizeof(Element);
+    static constexpr uint32_t kTmaBytesKV = kBlockN * kHeadDim * sizeof(Element);
+
+    // K and V stream through kStages buffers each, one mbarrier pair (full, empty) per buffer.
+    using PipelineKV = cutlass::PipelineTmaAsync<kStages>;
+    using PipelineState = typename cutlass::PipelineState<kStages>;
+
+    // 1024-byte alignment: the 128-byte swizzle repeats every 8 rows of 128 bytes, and the
+    // threads that write shared memory themselves (V's tail rows, the O staging) compute the
+    // swizzle from offsets, which match the hardware's address-based swizzle only on a
+    // 1024-byte-aligned base.
+    static constexpr int kSmemAlignment = 1024;
+    struct SharedStorage {
+        cute::array_aligned<Element, cosize_v<SmemLayoutQ>, kSmemAlignment> q;
+        cute::array_aligned<Element, cosize_v<SmemLayoutK>, kSmemAlignment> k;
+        cute::array_aligned<Element, cosize_v<SmemLayoutVt>, kSmemAlignment> v;
+        alignas(16) cutlass::arch::ClusterTransactionBarrier q_full;
+        alignas(16) typename PipelineKV::SharedStorage pipeline_k;
+        alignas(16) typename PipelineKV::SharedStorage pipeline_v;
+    };
+    static constexpr int kSmemBytes = int(sizeof(SharedStorage));
+    static constexpr int kMaxSmemBytes = 227 * 1024;  // H100 / H200 opt-in limit per block
+    static_assert(kSmemBytes <= kMaxSmemBytes, "tile does not fit shared memory");
+
+    // Epilogue: 16-byte reads of the staged O and 16-byte row-contiguous global stores, one
+    // warpgroup per 64 rows: kHeadDim / 8 threads cover a row.
+    static constexpr int kGmemElemsPerAccess = 16 / sizeof(Element);
+    static constexpr int kGmemThreadsPerRow = kHeadDim / kGmemElemsPerAccess;
+    static_assert(kThreadsPerWarpgroup % kGmemThreadsPerRow == 0, "threads must tile the rows");
+    using GmemTiledCopyO = decltype(make_tiled_copy(
+        Copy_Atom<AutoVectorizingCopyWithAssumedAlignment<128>, Element>{},
+        Layout<Shape<Int<kThreadsPerWarpgroup / kGmemThreadsPerRow>, Int<kGmemThreadsPerRow>>,
+               Stride<Int<kGmemThreadsPerRow>, _1>>{},
+        Layout<Shape<_1, Int<kGmemElemsPerAccess>>>{}));
+    // Accumulator to shared memory: stmatrix, 8x8 16-bit tiles per instruction.
+    using SmemCopyAtomO = Copy_Atom<SM90_U32x4_STSM_N, Element>;
+};
+
+}  // namespace sm90
+}  // namespace flash_varlen
