@@ -1,10 +1,12 @@
 """Backward attention benchmark: flash_varlen vs PyTorch varlen_attn vs FlexAttention.
 
-    python benchmarks/bench_backward.py --out results.json [--workloads docs,short,equal2k]
-        [--layouts mha,gqa] [--causal both|on|off] [--impl ours,ours_det,varlen_attn,flex]
+    python benchmarks/bench_backward.py --out results.json
+        [--workloads docs,short,equal2k,skewed] [--layouts mha,gqa,mha_32x64,mha_8x256]
+        [--causal both|on|off] [--impl ours,ours_det,varlen_attn,flex]
 
-For every workload x head layout x causal row (workloads.py, targets.md): fresh bf16 randn
-q/k/v and output gradient dout, one float64 reference for the output and the gradients. Per
+For every workload x head layout x causal row (the rows of targets.md by default, as in
+bench_forward.py; --layouts measures the named layouts on every selected workload): fresh bf16
+randn q/k/v and output gradient dout, one float64 reference for the output and the gradients. Per
 implementation, the forward exactly as bench_forward.py measures it (checked, then timed), then
 the backward alone: one forward with q/k/v requiring grad, a warm-up backward, two checked
 backward calls on a NaN-poisoned allocator (dq, dk, dv against the reference; the two compared
@@ -35,13 +37,14 @@ if __package__ in (None, ""):
 
 from benchmarks import bench_forward, chart, report  # noqa: E402
 from benchmarks.bench_forward import (  # noqa: E402
-    CAUSAL_CHOICES,
     EXIT_NO_GPU,
     REP_MS,
     WARMUP_MS,
-    failure_reason,
+    failure_record,
     json_float,
+    row_cases,
     synchronize,
+    tflops,
 )
 from benchmarks.checks import (  # noqa: E402
     GRAD_NAMES,
@@ -57,9 +60,9 @@ from benchmarks.impls import (  # noqa: E402
     Case,
     FlexRunner,
     Prepared,
+    environment_set,
     prepare_ours_deterministic,
 )
-from benchmarks.workloads import make_workload  # noqa: E402
 
 SCRIPT = "benchmarks/bench_backward.py"
 DOUT_SEED = 4321
@@ -126,37 +129,41 @@ def grad_check_record(checked: dict[str, tuple[bool, float]], reference: GradRef
 def _check_and_time_backward(prepare: Callable[[Case], Prepared], case: Case,
                              dout: torch.Tensor, reference: GradReference, flops: float,
                              require_repeatable: bool) -> tuple[dict[str, Any], Grads]:
-    """measure_backward without the error handling: raises on any failure."""
+    """measure_backward without the error handling: raises on any failure. The
+    implementation's environment (Prepared.environment) is set around all its calls."""
     from triton.testing import do_bench
 
     prepared = prepare(case)
-    out = prepared.run()
-    # dout in out's own layout and strides: a compiled backward (Flex) would otherwise copy it to
-    # the strides it was traced with, inside the timed region.
-    dout_own = torch.empty_like(out).copy_(prepared.from_packed(dout))
+    with environment_set(prepared.environment):
+        out = prepared.run()
+        # dout in out's own layout and strides: a compiled backward (Flex) would otherwise copy
+        # it to the strides it was traced with, inside the timed region.
+        dout_own = torch.empty_like(out).copy_(prepared.from_packed(dout))
 
-    def backward() -> Grads:
-        return torch.autograd.grad(out, prepared.inputs, dout_own, retain_graph=True)
+        def backward() -> Grads:
+            return torch.autograd.grad(out, prepared.inputs, dout_own, retain_graph=True)
 
-    def packed(grads: Grads) -> Grads:
-        return tuple(prepared.to_packed(grad) for grad in grads)
+        def packed(grads: Grads) -> Grads:
+            return tuple(prepared.to_packed(grad) for grad in grads)
 
-    backward()  # warm-up: compilation (Flex compiles its backward on first use), lazy set-up
-    synchronize(out.device)
-    poison_allocator(*prepared.inputs)  # the gradients have the inputs' shapes and dtypes
-    grads = packed(backward())
-    again = packed(backward())
-    synchronize(out.device)
-    repeatable = all(torch.equal(first, second) for first, second in zip(grads, again))
-    del again
-    check = grad_check_record(reference.check(grads), reference, repeatable, require_repeatable)
-    record: dict[str, Any] = {"check": check}
-    if prepared.note:
-        record["note"] = prepared.note
-    if not check["passed"]:
-        return {"status": "wrong", **record}, grads
-    ms = do_bench(backward, warmup=WARMUP_MS, rep=REP_MS, return_mode="median")
-    return {"status": "ok", "time_ms": ms, "tflops": flops / (ms * 1e-3) / 1e12, **record}, grads
+        # Warm-up: compilation (Flex compiles its backward on first use), lazy set-up.
+        backward()
+        synchronize(out.device)
+        poison_allocator(*prepared.inputs)  # the gradients have the inputs' shapes and dtypes
+        grads = packed(backward())
+        again = packed(backward())
+        synchronize(out.device)
+        repeatable = all(torch.equal(first, second) for first, second in zip(grads, again))
+        del again
+        check = grad_check_record(reference.check(grads), reference, repeatable,
+                                  require_repeatable)
+        record: dict[str, Any] = {"check": check}
+        if prepared.note:
+            record["note"] = prepared.note
+        if not check["passed"]:
+            return {"status": "wrong", **record}, grads
+        ms = do_bench(backward, warmup=WARMUP_MS, rep=REP_MS, return_mode="median")
+        return {"status": "ok", "time_ms": ms, "tflops": tflops(flops, ms), **record}, grads
 
 
 def measure_backward(prepare: Callable[[Case], Prepared], case: Case, dout: torch.Tensor,
@@ -167,19 +174,19 @@ def measure_backward(prepare: Callable[[Case], Prepared], case: Case, dout: torc
 
     case: q, k, v require grad; dout: (total, nheads_q, d), packed. Returns the result record and
     the checked gradients (packed, GRAD_NAMES order), or None if it did not run. Any exception
-    becomes status "n/a" with its reason: a peer that cannot run this case (missing, unsupported,
-    out of memory) must not stop the benchmark.
+    becomes a failure_record ("n/a" or "unsupported") with its reason: a peer that cannot run this
+    case (missing, unsupported, out of memory) must not stop the benchmark.
     """
     try:
         return _check_and_time_backward(prepare, case, dout, reference, flops,
                                         require_repeatable)
     except Exception as error:  # noqa: BLE001 - reported per implementation, see docstring
-        reason = failure_reason(error)
+        failure = failure_record(error)
     # Out here the traceback is gone; collect the graph and tensors its frames held, so that
     # the next implementation gets the memory back.
     gc.collect()
     torch.cuda.empty_cache()
-    return {"status": "n/a", "reason": reason}, None
+    return failure, None
 
 
 def backward_results(case: Case, impls: list[str],
@@ -249,17 +256,12 @@ def main(argv: list[str] | None = None) -> int:
     meta = run_metadata(argv)
     preparers = backward_preparers(FlexRunner())
     rows = []
-    for workload_name in args.workloads:
-        workload = make_workload(workload_name)
-        cu_seqlens = workload.cu_seqlens("cuda")
-        for layout_name in args.layouts:
-            for causal in CAUSAL_CHOICES[args.causal]:
-                case = bench_forward.make_case(workload, layout_name, causal, cu_seqlens)
-                row = bench_row(case, args.impl, preparers)
-                del case  # free this row's inputs before the next row allocates its own
-                torch.cuda.empty_cache()
-                rows.append(row)
-                print(report.backward_progress_line(row, args.impl), file=sys.stderr, flush=True)
+    for case in row_cases(args):
+        row = bench_row(case, args.impl, preparers)
+        del case  # free this row's inputs before the next row allocates its own
+        torch.cuda.empty_cache()
+        rows.append(row)
+        print(report.backward_progress_line(row, args.impl), file=sys.stderr, flush=True)
     markdown_path = report.write_backward_outputs(args.out, meta, rows, args.impl)
     print(chart.chart_beside(args.out, meta, rows))
     header, body = report.backward_table(rows, args.impl)

@@ -1,12 +1,21 @@
-"""Forward attention benchmark: flash_varlen vs PyTorch varlen_attn vs FlexAttention.
+"""Forward attention benchmark: flash_varlen vs FlashAttention-4, PyTorch varlen_attn and
+FlexAttention.
 
-    python benchmarks/bench_forward.py --out results.json [--workloads docs,short,equal2k]
-        [--layouts mha,gqa] [--causal both|on|off] [--impl ours,varlen_attn,flex]
+    python benchmarks/bench_forward.py --out results.json
+        [--workloads docs,short,equal2k,skewed] [--layouts mha,gqa,mha_32x64,mha_8x256]
+        [--causal both|on|off] [--impl ours,varlen_attn,flex,fa4] [--families auto,sm80,sm90]
 
-For every workload x head layout x causal row (workloads.py, targets.md): fresh bf16 randn
-q/k/v, one float64 reference; per implementation a warm-up call, one checked call on a NaN-poisoned
-allocator, and only if that passes, the median time of triton.testing.do_bench. Writes the JSON to
---out, a Markdown table next to it (same stem, .md) and prints the table. Needs a CUDA GPU.
+Rows: every workload x head layout x causal of targets.md (workloads.py: MHA and GQA on every
+workload, mha_32x64 and mha_8x256 on docs and skewed); --layouts measures the named layouts on
+every selected workload instead. Per row: fresh bf16 randn q/k/v, one float64 reference; per
+implementation a warm-up call (FA4 compiles there), one checked call on a NaN-poisoned allocator,
+and only if that passes, the median time of triton.testing.do_bench. "ours" is timed once per
+--families entry: `auto` lets flash_varlen pick its kernel family per call, a family name forces
+it (FLASH_VARLEN_KERNEL_FAMILY, set around that implementation's calls only); a family that
+cannot serve a row shows "—". FA4 (`flash_attn.cute`) is skipped with a note when it does not
+import. Once per run, the dense bf16 matrix-product rate (torch.mm, 8192^3) is measured as the
+ceiling of targets.md's rule. Writes the JSON to --out and a Markdown table next to it (same stem,
+.md) after every row, then prints the table. Needs a CUDA GPU.
 """
 
 from __future__ import annotations
@@ -18,7 +27,7 @@ import os
 import shlex
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,28 +47,42 @@ from benchmarks.checks import (  # noqa: E402
     poison_allocator,
 )
 from benchmarks.impls import (  # noqa: E402
+    AUTO_FAMILY,
+    FA4_IMPL,
+    FA4_MODULE,
+    FAMILY_OVERRIDE_VARIABLE,
     IMPL_NAMES,
     Case,
     FlexRunner,
     Prepared,
-    prepare_ours,
+    environment_set,
+    fa4_import_error,
+    ours_family_preparers,
+    prepare_fa4,
     prepare_varlen_attn,
+    with_families,
 )
 from benchmarks.workloads import (  # noqa: E402
     HEAD_LAYOUTS,
-    TARGET_LAYOUTS,
+    TARGET_LAYOUT_WORKLOADS,
     WORKLOAD_NAMES,
     Workload,
+    layouts_for,
     make_workload,
 )
 
 EXIT_NO_GPU = 2
+EXIT_USAGE = 2  # argparse's status for a bad command line
 INPUT_SEED = 1234
 WARMUP_MS = 25
 REP_MS = 100
 # Compile errors can run to pages; the table only needs the gist.
 REASON_MAX_CHARS = 300
 CAUSAL_CHOICES = {"both": (False, True), "on": (True,), "off": (False,)}
+# The dense ceiling of targets.md: a bf16 matrix product of DENSE_MATMUL_SIZE^3, large enough to
+# run at the GPU's peak tensor-core rate (targets.md measured 769-798 TFLOP/s on an H200 so).
+DENSE_MATMUL_SIZE = 8192
+FLOPS_PER_MULTIPLY_ADD = 2
 
 
 def name_list(choices: tuple[str, ...]) -> Callable[[str], list[str]]:
@@ -83,10 +106,12 @@ def build_parser(description: str, impl_names: tuple[str, ...]) -> argparse.Argu
     parser.add_argument("--workloads", type=name_list(WORKLOAD_NAMES),
                         default=list(WORKLOAD_NAMES),
                         help=f"comma-separated subset of {','.join(WORKLOAD_NAMES)} (default: all)")
-    parser.add_argument("--layouts", type=name_list(tuple(HEAD_LAYOUTS)),
-                        default=list(TARGET_LAYOUTS),
-                        help=f"comma-separated subset of {','.join(HEAD_LAYOUTS)} "
-                        f"(default: {','.join(TARGET_LAYOUTS)}, the layouts of targets.md)")
+    target_rows = "; ".join(f"{layout} on {','.join(workloads)}"
+                            for layout, workloads in TARGET_LAYOUT_WORKLOADS.items())
+    parser.add_argument("--layouts", type=name_list(tuple(HEAD_LAYOUTS)), default=None,
+                        help=f"comma-separated subset of {','.join(HEAD_LAYOUTS)}, each measured "
+                        "on every selected workload (default: the rows of targets.md: "
+                        f"{target_rows}; intersected with --workloads)")
     parser.add_argument("--causal", choices=tuple(CAUSAL_CHOICES), default="both",
                         help="causal masking: both (default), on or off")
     parser.add_argument("--impl", type=name_list(impl_names), default=list(impl_names),
@@ -94,13 +119,49 @@ def build_parser(description: str, impl_names: tuple[str, ...]) -> argparse.Argu
     return parser
 
 
+def family_list(text: str) -> list[str]:
+    """argparse type of --families: comma-separated kernel family names and/or AUTO_FAMILY, the
+    first occurrence kept, in the order given. Whether a name is a family of this build is
+    checked against the extension in main (the names are not known without it)."""
+    families: list[str] = []
+    for name in (part.strip() for part in text.split(",")):
+        if not name.isidentifier():
+            raise argparse.ArgumentTypeError(
+                f"comma-separated kernel family names (e.g. sm80) or {AUTO_FAMILY}; got {text!r}"
+            )
+        if name not in families:
+            families.append(name)
+    return families
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = build_parser(
         "Forward attention TFLOP/s of flash_varlen and its peers on the fixed workloads of "
-        "targets.md (needs a CUDA GPU).",
+        f"targets.md, with the dense bf16 matrix-product rate of the same run (needs a CUDA GPU). "
+        f"{FA4_IMPL} is FlashAttention-4 ({FA4_MODULE}), skipped with a note when it does not "
+        "import.",
         IMPL_NAMES,
     )
+    parser.add_argument("--families", type=family_list, default=None,
+                        help="kernel families to time ours with, comma-separated, one column "
+                        f"each: {AUTO_FAMILY} (flash_varlen picks per call; column 'ours') or a "
+                        f"family name such as sm80 or sm90 ({FAMILY_OVERRIDE_VARIABLE} set during "
+                        "that column's calls; column 'ours_<family>'; a row the family cannot "
+                        f"serve shows '—') (default: {AUTO_FAMILY} and every family this build "
+                        "compiled for the GPU)")
     return parser.parse_args(argv)
+
+
+def row_cases(args: argparse.Namespace) -> Iterator[Case]:
+    """The cases of the selected rows: workload by workload (its lengths built once), its head
+    layouts (workloads.layouts_for), then causal off / on. Each case is yielded without a name
+    kept here, so the caller's `del` frees its inputs before the next case allocates."""
+    for workload_name in args.workloads:
+        workload = make_workload(workload_name)
+        cu_seqlens = workload.cu_seqlens("cuda")
+        for layout_name in layouts_for(workload_name, args.layouts):
+            for causal in CAUSAL_CHOICES[args.causal]:
+                yield make_case(workload, layout_name, causal, cu_seqlens)
 
 
 def _git(*args: str) -> str | None:
@@ -144,6 +205,19 @@ def failure_reason(error: BaseException) -> str:
     return text if len(text) <= REASON_MAX_CHARS else text[: REASON_MAX_CHARS - 3] + "..."
 
 
+def failure_record(error: BaseException) -> dict[str, str]:
+    """The result of an implementation that raised: status report.UNSUPPORTED for
+    NotImplementedError (it does not serve this case, e.g. a forced kernel family without this
+    head dim), "n/a" for anything else; the reason either way."""
+    status = report.UNSUPPORTED if isinstance(error, NotImplementedError) else "n/a"
+    return {"status": status, "reason": failure_reason(error)}
+
+
+def tflops(flops: float, ms: float) -> float:
+    """TFLOP/s of `flops` done in `ms` milliseconds."""
+    return flops / (ms * 1e-3) / 1e12
+
+
 def make_case(workload: Workload, layout_name: str, causal: bool,
               cu_seqlens: torch.Tensor) -> Case:
     """Fresh randn bf16 inputs for one row (never zeros: zeros would hide softmax errors)."""
@@ -169,37 +243,96 @@ def measure(prepare: Callable[[Case], Prepared], case: Case, reference: Referenc
     """Checks one implementation on `case` and, only if its output is right, times it.
 
     Returns the result record and the checked output (total, nheads_q, d), or None if it did not
-    run. Any exception becomes status "n/a" with its reason: a peer that cannot run this case
-    (missing, unsupported, out of memory) must not stop the benchmark.
+    run. Any exception becomes a failure_record ("n/a" or unsupported) with its reason: a peer
+    that cannot run this case (missing, unsupported, out of memory) must not stop the benchmark.
+    The implementation's environment (Prepared.environment) is set around all its calls.
     """
     from triton.testing import do_bench
 
     try:
         prepared = prepare(case)
-        prepared.run()  # warm-up: compilation, lazy initialization
-        synchronize(case.q.device)
-        poison_allocator(case.q)  # the output has q's shape and dtype
-        out = prepared.to_packed(prepared.run())
-        synchronize(case.q.device)
-        passed, err = reference.passes(out)
-        record: dict[str, Any] = {
-            "check": {"max_abs_err": json_float(err), "tolerance": reference.tolerance,
-                      "passed": passed},
-        }
-        if prepared.note:
-            record["note"] = prepared.note
-        if not passed:
-            return {"status": "wrong", **record}, out
-        ms = do_bench(prepared.run, warmup=WARMUP_MS, rep=REP_MS, return_mode="median")
+        with environment_set(prepared.environment):
+            prepared.run()  # warm-up: compilation, lazy initialization
+            synchronize(case.q.device)
+            poison_allocator(case.q)  # the output has q's shape and dtype
+            out = prepared.to_packed(prepared.run())
+            synchronize(case.q.device)
+            passed, err = reference.passes(out)
+            record: dict[str, Any] = {
+                "check": {"max_abs_err": json_float(err), "tolerance": reference.tolerance,
+                          "passed": passed},
+            }
+            if prepared.note:
+                record["note"] = prepared.note
+            if not passed:
+                return {"status": "wrong", **record}, out
+            ms = do_bench(prepared.run, warmup=WARMUP_MS, rep=REP_MS, return_mode="median")
     except Exception as error:  # noqa: BLE001 - reported per implementation, see docstring
         torch.cuda.empty_cache()
-        return {"status": "n/a", "reason": failure_reason(error)}, None
-    return {"status": "ok", "time_ms": ms, "tflops": flops / (ms * 1e-3) / 1e12, **record}, out
+        return failure_record(error), None
+    return {"status": "ok", "time_ms": ms, "tflops": tflops(flops, ms), **record}, out
 
 
-def forward_preparers(flex: FlexRunner) -> dict[str, Callable[[Case], Prepared]]:
-    """How to set up each implementation of IMPL_NAMES."""
-    return {"ours": prepare_ours, "varlen_attn": prepare_varlen_attn, "flex": flex.prepare}
+def forward_preparers(flex: FlexRunner,
+                      families: tuple[str, ...] = (AUTO_FAMILY,)
+                      ) -> dict[str, Callable[[Case], Prepared]]:
+    """How to set up each implementation: ours once per kernel family of `families` (keyed by
+    impls.family_impl), and the peers of IMPL_NAMES."""
+    return {**ours_family_preparers(families), "varlen_attn": prepare_varlen_attn,
+            "flex": flex.prepare, FA4_IMPL: prepare_fa4}
+
+
+def dense_matmul_rate(device: torch.device | str = "cuda",
+                      size: int = DENSE_MATMUL_SIZE) -> dict[str, Any]:
+    """The dense bf16 matrix-product rate: median do_bench time of torch.mm on (size x size)
+    randn operands into a preallocated output, as TFLOP/s (2 * size^3 FLOPs per product)."""
+    from triton.testing import do_bench
+
+    generator = torch.Generator(device=device).manual_seed(INPUT_SEED)
+    a, b = (torch.randn(size, size, generator=generator, device=device, dtype=torch.bfloat16)
+            for _ in range(2))
+    out = torch.empty(size, size, device=device, dtype=torch.bfloat16)
+    ms = do_bench(lambda: torch.mm(a, b, out=out), warmup=WARMUP_MS, rep=REP_MS,
+                  return_mode="median")
+    return {"op": "torch.mm", "dtype": "bfloat16", "m_n_k": [size, size, size], "time_ms": ms,
+            "tflops": tflops(FLOPS_PER_MULTIPLY_ADD * size**3, ms)}
+
+
+def resolve_families(requested: list[str] | None,
+                     extension: Any | None) -> tuple[list[str], str | None]:
+    """The --families to run and an error message (None when fine).
+
+    `extension`: flash_varlen's compiled module, or None when it does not load. Default (None
+    requested): AUTO_FAMILY and every family the build compiled for this GPU's compute
+    capability. Names the extension does not know are an error; without the extension nothing
+    can be checked, and ours fails in every row with the load error.
+    """
+    if extension is None:
+        return requested or [AUTO_FAMILY], None
+    families = extension.kernel_families()
+    if requested is None:
+        major, minor = torch.cuda.get_device_capability()
+        capability = major * 10 + minor
+        return [AUTO_FAMILY] + [f["name"] for f in families if capability in f["built_for"]], None
+    known = [f["name"] for f in families]
+    unknown = [name for name in requested if name != AUTO_FAMILY and name not in known]
+    if unknown:
+        return requested, (f"--families: {','.join(unknown)} is no kernel family of this build; "
+                           f"known: {AUTO_FAMILY},{','.join(known)}")
+    return requested, None
+
+
+def auto_family(extension: Any | None, head_dim: int) -> str | None:
+    """The kernel family flash_varlen picks for a bf16 forward of `head_dim` on this GPU (what
+    the column 'ours' runs), or None where it picks none (the ours cell says why)."""
+    if extension is None:
+        return None
+    major, minor = torch.cuda.get_device_capability()
+    try:
+        return extension.select_kernel_family("forward", "bfloat16", head_dim, False,
+                                              major * 10 + minor)
+    except (NotImplementedError, ValueError):
+        return None
 
 
 def bench_row(case: Case, impls: list[str], preparers: dict[str, Callable[[Case], Prepared]],
@@ -236,13 +369,18 @@ def bench_row(case: Case, impls: list[str], preparers: dict[str, Callable[[Case]
         "reference": {"lowp_max_abs_err": reference.lowp_max_abs_err,
                       "tolerance": reference.tolerance},
         "results": results,
-        "ratios": _ratios(results),
+        "ratios": report.speed_ratios(results, report.forward_ratio_pairs(impls)),
     }
 
 
-def _ratios(results: dict[str, dict[str, Any]]) -> dict[str, float | None]:
-    """ours TFLOP/s divided by each peer's; None where either was not timed."""
-    return report.speed_ratios(results, report.FORWARD_RATIO_PAIRS)
+def _load_extension() -> Any | None:
+    """flash_varlen's compiled module, or None when it does not load (ours is then n/a)."""
+    try:
+        from flash_varlen._extension import load_extension
+
+        return load_extension()
+    except Exception:  # noqa: BLE001 - measure() reports the same error in every ours cell
+        return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -252,24 +390,36 @@ def main(argv: list[str] | None = None) -> int:
         print("bench_forward.py: no CUDA GPU is visible (torch.cuda.is_available() is False); "
               "this benchmark runs only on the GPU machine.", file=sys.stderr)
         return EXIT_NO_GPU
+    extension = _load_extension()
+    families, error = resolve_families(args.families, extension)
+    if error is not None:
+        print(f"bench_forward.py: {error}", file=sys.stderr)
+        return EXIT_USAGE
     meta = run_metadata(argv)
-    preparers = forward_preparers(FlexRunner())
+    meta["families"] = families
+    meta["family_override_in_environment"] = os.environ.get(FAMILY_OVERRIDE_VARIABLE)
+    impls = with_families(args.impl, families)
+    if FA4_IMPL in impls and (fa4_error := fa4_import_error()) is not None:
+        impls.remove(FA4_IMPL)
+        meta["skipped"] = {FA4_IMPL: f"{FA4_MODULE} does not import ({failure_reason(fa4_error)})"}
+        print(f"{FA4_IMPL} skipped: {meta['skipped'][FA4_IMPL]}", file=sys.stderr)
+    meta["dense_matmul"] = dense_matmul_rate()
+    print(report.dense_line(meta["dense_matmul"]), file=sys.stderr, flush=True)
+    preparers = forward_preparers(FlexRunner(), tuple(families))
     rows = []
-    for workload_name in args.workloads:
-        workload = make_workload(workload_name)
-        cu_seqlens = workload.cu_seqlens("cuda")
-        for layout_name in args.layouts:
-            for causal in CAUSAL_CHOICES[args.causal]:
-                case = make_case(workload, layout_name, causal, cu_seqlens)
-                row = bench_row(case, args.impl, preparers)
-                del case  # free this row's inputs before the next row allocates its own
-                rows.append(row)
-                print(report.progress_line(row, args.impl), file=sys.stderr, flush=True)
-    markdown_path = report.write_outputs(args.out, meta, rows, args.impl)
+    for case in row_cases(args):
+        row = bench_row(case, impls, preparers)
+        if "ours" in impls:
+            row["ours_family"] = auto_family(extension, case.layout.head_dim)
+        del case  # free this row's inputs before the next row allocates its own
+        rows.append(row)
+        print(report.progress_line(row, impls), file=sys.stderr, flush=True)
+        # Written after every row, so that a run stopped early leaves its finished rows.
+        markdown_path = report.write_outputs(args.out, meta, rows, impls)
     print(chart.chart_beside(args.out, meta, rows))
-    header, body = report.table(rows, args.impl)
+    header, body = report.table(rows, impls, report.measured_dense_tflops(meta))
     print(report.format_text(header, body))
-    for line in report.notes(rows, args.impl):
+    for line in report.run_notes(meta) + report.notes(rows, impls):
         print(line)
     print(f"wrote {args.out} and {markdown_path}")
     return 0

@@ -19,9 +19,12 @@ from typing import Any
 # Implementations in a fixed order and colour, so charts of different runs read the same way.
 IMPL_STYLE = {
     "ours": ("flash_varlen", "#1f77b4"),
+    "ours_sm80": ("flash_varlen, sm80 family", "#9467bd"),
+    "ours_sm90": ("flash_varlen, sm90 family", "#17becf"),
     "ours_det": ("flash_varlen deterministic", "#aec7e8"),
     "varlen_attn": ("PyTorch varlen_attn", "#ff7f0e"),
     "flex": ("FlexAttention", "#2ca02c"),
+    "fa4": ("FlashAttention-4", "#d62728"),
 }
 FIGURE_WIDTH_PER_ROW = 0.9  # inches per group of bars
 FIGURE_HEIGHT_PER_PANEL = 3.2

@@ -5,19 +5,36 @@ GPU), does all set-up outside the timed region (layout copies, block masks, comp
 on the first call), and returns a `Prepared` whose `run` is exactly what the forward benchmark
 times. The backward benchmark passes a case whose q, k, v require grad and differentiates `run`'s
 output with respect to `Prepared.inputs`. Any failure to set up or run raises; the benchmarks
-record it as "n/a" with the reason.
+record it as "n/a" with the reason ("unsupported" for NotImplementedError: the implementation
+does not serve this case).
+
+"ours" runs flash_varlen as it picks its kernel family per call; "ours_<family>" forces one family
+through FLASH_VARLEN_KERNEL_FAMILY, set (in `Prepared.environment`) only while that
+implementation's calls run. "fa4" is FlashAttention-4 (`flash_attn.cute`), when installed.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+import contextlib
+import functools
+import importlib
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 
 import torch
 
 from benchmarks.workloads import HeadLayout, Workload
 
-IMPL_NAMES = ("ours", "varlen_attn", "flex")
+FA4_IMPL = "fa4"
+IMPL_NAMES = ("ours", "varlen_attn", "flex", FA4_IMPL)
+# FlashAttention-4's import name (the flash-attn-4 package, CuTe DSL; shared/peers/fa4.md).
+FA4_MODULE = "flash_attn.cute"
+
+# The extension reads this variable at every call; a family name forces that kernel family.
+FAMILY_OVERRIDE_VARIABLE = "FLASH_VARLEN_KERNEL_FAMILY"
+# The --families entry for flash_varlen's own per-call choice (the variable left as it is).
+AUTO_FAMILY = "auto"
 # The backward benchmark also times ours with deterministic=True (bitwise reproducible dq).
 DETERMINISTIC_IMPL = "ours_det"
 BACKWARD_IMPL_NAMES = ("ours", DETERMINISTIC_IMPL, "varlen_attn", "flex")
@@ -63,11 +80,47 @@ class Prepared:
     to_packed: Callable[[torch.Tensor], torch.Tensor] = _already_packed
     from_packed: Callable[[torch.Tensor], torch.Tensor] = _already_packed
     note: str = ""
+    # Environment variables the benchmarks set around every call of `run` (warm-up, checks and
+    # timing alike) and restore afterwards; set once around them, so the timed calls pay nothing.
+    environment: dict[str, str] = field(default_factory=dict)
 
 
-def prepare_ours(case: Case, deterministic: bool = False) -> Prepared:
+@contextlib.contextmanager
+def environment_set(changes: Mapping[str, str]) -> Iterator[None]:
+    """Sets the variables of `changes` in os.environ and restores every one afterwards (removed
+    again where it was not set before), however the block ends."""
+    saved = {name: os.environ.get(name) for name in changes}
+    os.environ.update(changes)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def family_impl(family: str) -> str:
+    """The implementation name of ours run with kernel family `family`: "ours" for AUTO_FAMILY,
+    else "ours_<family>"."""
+    return "ours" if family == AUTO_FAMILY else f"ours_{family}"
+
+
+def with_families(impls: Sequence[str], families: Sequence[str]) -> list[str]:
+    """`impls` with "ours" replaced by one implementation per kernel family (family_impl), in
+    the order of `families`; the other implementations keep their places."""
+    expanded: list[str] = []
+    for impl in impls:
+        expanded += [family_impl(family) for family in families] if impl == "ours" else [impl]
+    return expanded
+
+
+def prepare_ours(case: Case, deterministic: bool = False, family: str = AUTO_FAMILY) -> Prepared:
     """flash_varlen.flash_attn_varlen_func on the packed layout. `deterministic` selects the
-    backward that makes dq bitwise reproducible (the forward does not depend on it)."""
+    backward that makes dq bitwise reproducible (the forward does not depend on it). `family`
+    other than AUTO_FAMILY is forced through FAMILY_OVERRIDE_VARIABLE while the calls run; a
+    family that cannot serve the case makes the call raise NotImplementedError."""
     import flash_varlen
 
     max_seqlen = case.workload.max_seqlen
@@ -78,7 +131,14 @@ def prepare_ours(case: Case, deterministic: bool = False) -> Prepared:
             softmax_scale=case.scale, causal=case.causal, deterministic=deterministic,
         )
 
-    return Prepared(run, inputs=(case.q, case.k, case.v))
+    environment = {} if family == AUTO_FAMILY else {FAMILY_OVERRIDE_VARIABLE: family}
+    return Prepared(run, inputs=(case.q, case.k, case.v), environment=environment)
+
+
+def ours_family_preparers(families: Sequence[str]) -> dict[str, Callable[[Case], Prepared]]:
+    """A preparer per kernel family, keyed by its implementation name (family_impl)."""
+    return {family_impl(family): functools.partial(prepare_ours, family=family)
+            for family in families}
 
 
 def prepare_ours_deterministic(case: Case) -> Prepared:
@@ -118,6 +178,37 @@ def prepare_varlen_attn(case: Case) -> Prepared:
         v_full = case.v.repeat_interleave(group, dim=1)
         note = f"no native GQA ({error}); k/v repeated to {case.layout.nheads_q} heads"
         return Prepared(lambda: call(k_full, v_full), inputs, note=note)
+
+
+def fa4_import_error() -> Exception | None:
+    """None when FlashAttention-4 (FA4_MODULE) imports, else the error. Any error counts: a
+    broken install must not stop the benchmark, which then runs without the peer."""
+    try:
+        importlib.import_module(FA4_MODULE)
+    except Exception as error:  # noqa: BLE001 - returned: the reason the peer is skipped
+        return error
+    return None
+
+
+def _output_of(result: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """The attention output of a call that returns either `out` or `(out, lse)`."""
+    return result[0] if isinstance(result, tuple) else result
+
+
+def prepare_fa4(case: Case) -> Prepared:
+    """FlashAttention-4's flash_attn_varlen_func on the packed layout (native GQA). It compiles
+    each configuration at its first call, which the benchmarks' warm-up call absorbs."""
+    fa4 = importlib.import_module(FA4_MODULE)
+    max_seqlen = case.workload.max_seqlen
+
+    def run() -> torch.Tensor:
+        return _output_of(fa4.flash_attn_varlen_func(
+            case.q, case.k, case.v, cu_seqlens_q=case.cu_seqlens, cu_seqlens_k=case.cu_seqlens,
+            max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen, softmax_scale=case.scale,
+            causal=case.causal,
+        ))
+
+    return Prepared(run, inputs=(case.q, case.k, case.v))
 
 
 def _document_mask_mod(doc_id: torch.Tensor, causal: bool) -> Callable:

@@ -1,9 +1,11 @@
 """Tables (console text and Markdown) and the JSON files of the forward and backward benchmarks.
 
 A forward row is the dict that bench_forward.py builds: workload, layout, causal, and per
-implementation a result with "status" ("ok", "n/a" or "wrong"), "tflops" when ok, "reason"/"note"
-when any. A backward row (bench_backward.py) has the same keys, except that the results and
-ratios sit under "forward" and "backward", one {"results", "ratios"} dict per direction.
+implementation a result with "status" ("ok", "n/a", UNSUPPORTED or "wrong"), "tflops" when ok,
+"reason"/"note" when any. A backward row (bench_backward.py) has the same keys, except that the
+results and ratios sit under "forward" and "backward", one {"results", "ratios"} dict per
+direction. The forward table also derives, from FA4's TFLOP/s and the dense bf16 matrix-product
+rate of the run's metadata, the speed-up over FA4 that targets.md asks of the sm90 family.
 """
 
 from __future__ import annotations
@@ -13,27 +15,46 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from benchmarks.impls import DETERMINISTIC_IMPL
+from benchmarks.impls import DETERMINISTIC_IMPL, FA4_IMPL, FAMILY_OVERRIDE_VARIABLE
 
-RATIO_PEERS = ("varlen_attn", "flex")
+# The peers; every other implementation of a forward run is ours (one per kernel family).
+RATIO_PEERS = ("varlen_attn", "flex", FA4_IMPL)
 # (numerator, denominator) of the TFLOP/s ratios: how ours compares with each peer, and (backward
 # only) what bitwise reproducible dq costs.
 FORWARD_RATIO_PAIRS = tuple(("ours", peer) for peer in RATIO_PEERS)
 BACKWARD_RATIO_PAIRS = (*FORWARD_RATIO_PAIRS, (DETERMINISTIC_IMPL, "ours"))
 DIRECTIONS = ("forward", "backward")
 MISSING_CELL = "-"  # not measured in this direction (ours_det's forward) or ratio not available
+# The status of an implementation that raised NotImplementedError (it does not serve the case,
+# e.g. a forced kernel family without this head dim), and its cell.
+UNSUPPORTED = "unsupported"
+UNSUPPORTED_CELL = "—"
 
+# targets.md, target 2 (sm90 family, forward): at least FA4 on every row, at least FA4_MARGIN x
+# FA4 wherever that stays under DENSE_CEILING_FRACTION of the dense bf16 matrix-product rate
+# measured in the same run, and SHORT_FA4_MARGIN x FA4 on the `short` workload.
+FA4_MARGIN = 1.1
+DENSE_CEILING_FRACTION = 0.95
+SHORT_FA4_MARGIN = 1.5
+SHORT_WORKLOAD = "short"
+
+LAYOUTS_METHOD = (
+    "- bf16, 32,768 packed tokens; mha = 16/16 heads d = 128, gqa = 32/8 heads d = 128, "
+    "mha_HxD = H/H heads d = D, mha_dN = 16/16 heads d = N; TFLOP/s of useful work (targets.md"
+)
 FORWARD_TITLE = "Forward benchmark"
 FORWARD_METHOD = (
-    "- bf16, 32,768 packed tokens; mha = 16/16 heads d = 128, gqa = 32/8 heads d = 128, "
-    "mha_dN = 16/16 heads d = N; TFLOP/s of useful work (targets.md), median of "
-    "triton.testing.do_bench after a warm-up; every output checked against a float64 "
-    "reference before timing."
+    f"{LAYOUTS_METHOD}), median of triton.testing.do_bench after a warm-up; every output "
+    "checked against a float64 reference before timing. ours = flash_varlen's own kernel-family "
+    "choice (its family in 'ours family'), ours_<family> = that family forced; "
+    f"{UNSUPPORTED_CELL} = the family does not serve the row. 'target ours/fa4' is what "
+    f"targets.md asks of the sm90 family: {FA4_MARGIN:.2f} where {FA4_MARGIN} x FA4 stays under "
+    f"{DENSE_CEILING_FRACTION:.0%} of the dense rate (column '{FA4_MARGIN}x fa4 / dense'), else "
+    f"1.00; {SHORT_FA4_MARGIN:.2f} on {SHORT_WORKLOAD}."
 )
 BACKWARD_TITLE = "Backward benchmark"
 BACKWARD_METHOD = (
-    "- bf16, 32,768 packed tokens; mha = 16/16 heads d = 128, gqa = 32/8 heads d = 128, "
-    "mha_dN = 16/16 heads d = N; TFLOP/s of useful work (targets.md; backward = 2.5x the "
+    f"{LAYOUTS_METHOD}; backward = 2.5x the "
     "forward count), median of triton.testing.do_bench after a warm-up. Forward timed as in "
     "the forward benchmark; backward timed alone: torch.autograd.grad(out, (q, k, v), dout, "
     "retain_graph=True) on one forward's graph, dout = seeded randn. Every output and every "
@@ -60,6 +81,8 @@ def _impl_cell(result: dict[str, Any] | None) -> str:
         return f"{cell}*" if result.get("note") else cell
     if result["status"] == "wrong":
         return "WRONG"
+    if result["status"] == UNSUPPORTED:
+        return UNSUPPORTED_CELL
     return "n/a"
 
 
@@ -100,10 +123,19 @@ def _ratio_cell(ratio: float | None) -> str:
     return MISSING_CELL if ratio is None else f"{ratio:.2f}"
 
 
-def _ratio_columns(impls: list[str]) -> list[str]:
-    if "ours" not in impls:
-        return []
-    return [peer for peer in RATIO_PEERS if peer in impls]
+def forward_ratio_pairs(impls: list[str]) -> tuple[tuple[str, str], ...]:
+    """(ours, peer) for every implementation of `impls` that is ours (any kernel family: every
+    one not in RATIO_PEERS) and every peer of RATIO_PEERS in `impls`, in `impls` order."""
+    ours = [impl for impl in impls if impl not in RATIO_PEERS]
+    return tuple((mine, peer) for mine in ours for peer in RATIO_PEERS if peer in impls)
+
+
+def _forward_ratio_columns(impls: list[str]) -> list[str]:
+    """The "num/den" ratio keys the forward table shows: ours (flash_varlen's own family
+    choice) against every peer, and every ours_<family> against FA4, the peer of targets.md's
+    sm90 rule. The JSON keeps every pair of forward_ratio_pairs."""
+    return [f"{mine}/{peer}" for mine, peer in forward_ratio_pairs(impls)
+            if mine == "ours" or peer == FA4_IMPL]
 
 
 def _backward_ratio_columns(impls: list[str]) -> list[str]:
@@ -115,17 +147,45 @@ def _row_start(row: dict[str, Any]) -> list[str]:
     return [row["workload"], row["layout"], "yes" if row["causal"] else "no"]
 
 
-def table(rows: list[dict[str, Any]], impls: list[str]) -> tuple[list[str], list[list[str]]]:
-    """Header and body: one line per row, TFLOP/s per implementation, then ours/peer ratios."""
-    peers = _ratio_columns(impls)
-    header = ["workload", "layout", "causal"]
+def fa4_target(row: dict[str, Any], dense_tflops: float | None) -> tuple[float, float] | None:
+    """What targets.md asks of the sm90 family's forward on this row, against FA4: (FA4_MARGIN
+    x FA4's TFLOP/s as a share of the dense matrix-product rate, the ours/FA4 ratio required).
+    The ratio is SHORT_FA4_MARGIN on SHORT_WORKLOAD, else FA4_MARGIN where that share is under
+    DENSE_CEILING_FRACTION, else 1 (at least FA4). None when FA4 was not timed or no dense rate
+    was measured."""
+    fa4 = row["results"].get(FA4_IMPL)
+    if fa4 is None or fa4["status"] != "ok" or dense_tflops is None:
+        return None
+    share = FA4_MARGIN * fa4["tflops"] / dense_tflops
+    if row["workload"] == SHORT_WORKLOAD:
+        return share, SHORT_FA4_MARGIN
+    return share, FA4_MARGIN if share < DENSE_CEILING_FRACTION else 1.0
+
+
+def table(rows: list[dict[str, Any]], impls: list[str],
+          dense_tflops: float | None = None) -> tuple[list[str], list[list[str]]]:
+    """Header and body: one line per row; the family ours ran (when recorded), TFLOP/s per
+    implementation, the ratios of _forward_ratio_columns, then (with FA4 and a dense rate) the
+    columns of fa4_target."""
+    ratio_keys = _forward_ratio_columns(impls)
+    with_family = any("ours_family" in row for row in rows)
+    with_target = FA4_IMPL in impls and dense_tflops is not None
+    header = ["workload", "layout", "causal"] + (["ours family"] if with_family else [])
     header += [f"{impl} TFLOP/s" for impl in impls]
-    header += [f"ours/{peer}" for peer in peers]
+    header += ratio_keys
+    if with_target:
+        header += [f"{FA4_MARGIN}x {FA4_IMPL} / dense", f"target ours/{FA4_IMPL}"]
     body = []
     for row in rows:
         line = _row_start(row)
+        if with_family:
+            line.append(row.get("ours_family") or MISSING_CELL)
         line += [_impl_cell(row["results"][impl]) for impl in impls]
-        line += [_ratio_cell(row["ratios"].get(f"ours/{peer}")) for peer in peers]
+        line += [_ratio_cell(row["ratios"].get(key)) for key in ratio_keys]
+        if with_target:
+            target = fa4_target(row, dense_tflops)
+            line += ([MISSING_CELL] * 2 if target is None
+                     else [f"{target[0]:.0%}", f"{target[1]:.2f}"])
         body.append(line)
     return header, body
 
@@ -167,9 +227,12 @@ def _backward_wrong_detail(check: dict[str, Any]) -> str:
 
 def _result_note(label: str, result: dict[str, Any],
                  wrong_detail: Callable[[dict[str, Any]], str]) -> str | None:
-    """The note line of one result that is not a plain number (n/a, WRONG, `*`), or None."""
+    """The note line of one result that is not a plain number (n/a, unsupported, WRONG, `*`), or
+    None."""
     if result["status"] == "n/a":
         return f"{label}: n/a, {result['reason']}"
+    if result["status"] == UNSUPPORTED:
+        return f"{label}: {UNSUPPORTED_CELL} ({UNSUPPORTED}), {result['reason']}"
     if result["status"] == "wrong":
         return f"{label}: WRONG, {wrong_detail(result['check'])}; not timed"
     if result.get("note"):
@@ -177,8 +240,32 @@ def _result_note(label: str, result: dict[str, Any],
     return None
 
 
+def measured_dense_tflops(meta: dict[str, Any]) -> float | None:
+    """The dense bf16 matrix-product rate a forward run measured, or None (older JSON files)."""
+    return meta.get("dense_matmul", {}).get("tflops")
+
+
+def dense_line(dense: dict[str, Any]) -> str:
+    """The run's dense matrix-product ceiling (bench_forward.dense_matmul_rate) in one line."""
+    shape = " x ".join(map(str, dense["m_n_k"]))
+    return (f"dense {dense['dtype']} matrix product ({dense['op']}, {shape}): "
+            f"{dense['tflops']:.1f} TFLOP/s ({dense['time_ms']:.3f} ms, median), this run")
+
+
+def run_notes(meta: dict[str, Any]) -> list[str]:
+    """Notes on the run as a whole: implementations skipped (and why), and a kernel-family
+    override found in the environment (then 'ours' ran that family, not its own choice)."""
+    lines = [f"{impl} skipped: {reason}" for impl, reason in meta.get("skipped", {}).items()]
+    override = meta.get("family_override_in_environment")
+    if override:
+        lines.append(f"{FAMILY_OVERRIDE_VARIABLE}={override} was set for the whole run: "
+                     "'ours' ran that family")
+    return lines
+
+
 def notes(rows: list[dict[str, Any]], impls: list[str]) -> list[str]:
-    """One line per result that is not a plain number: why n/a or WRONG, or what `*` means."""
+    """One line per result that is not a plain number: why n/a, unsupported or WRONG, or what `*`
+    means."""
     lines = []
     for row in rows:
         for impl in impls:
@@ -233,6 +320,7 @@ def format_markdown(meta: dict[str, Any], header: list[str], body: list[list[str
         f"- torch {meta['torch']}, triton {meta['triton']}",
         f"- commit: {meta['git_commit']}{dirty}",
         f"- command: `{meta['command']}`",
+        *([f"- {dense_line(meta['dense_matmul'])}"] if "dense_matmul" in meta else []),
         method,
         "",
         "| " + " | ".join(header) + " |",
@@ -257,8 +345,9 @@ def _write(path: Path, meta: dict[str, Any], rows: list[dict[str, Any]], markdow
 def write_outputs(path: Path, meta: dict[str, Any], rows: list[dict[str, Any]],
                   impls: list[str]) -> Path:
     """Writes the JSON of a forward run to `path` and the Markdown table next to it (.md)."""
-    header, body = table(rows, impls)
-    return _write(path, meta, rows, format_markdown(meta, header, body, notes(rows, impls)))
+    header, body = table(rows, impls, measured_dense_tflops(meta))
+    note_lines = run_notes(meta) + notes(rows, impls)
+    return _write(path, meta, rows, format_markdown(meta, header, body, note_lines))
 
 
 def write_backward_outputs(path: Path, meta: dict[str, Any], rows: list[dict[str, Any]],

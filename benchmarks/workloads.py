@@ -2,12 +2,13 @@
 
 Every number the project reports is measured on these workloads, so that results compare across
 time: 32,768 packed tokens, seqlen_q == seqlen_k per sequence, sequence lengths drawn one after
-another from a CPU generator seeded with 0, the last sequence cut so the total is exact.
+another from a CPU generator seeded with 0, the last sequence cut so the total is exact (`skewed`
+starts with one fixed long sequence and draws the rest).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -28,13 +29,19 @@ SHORT_MAX_LEN = 512
 # `equal2k`: the fixed-length case.
 EQUAL_LEN = 2048
 
+# `skewed`: one long document among many tiny ones (load balance is the problem): one sequence
+# of SKEWED_LONG_LEN, then lengths uniform in [SKEWED_MIN_LEN, SKEWED_MAX_LEN] up to the total.
+SKEWED_LONG_LEN = 16_384
+SKEWED_MIN_LEN = 1
+SKEWED_MAX_LEN = 128
+
 # Two matrix products per (query, key) pair and head dim element (Q K^T and P V), two FLOPs
 # (multiply and add) each.
 FLOPS_PER_PAIR_AND_DIM = 4
 # Backward is counted, by convention, as 2.5x the forward work (five matrix products vs two).
 BACKWARD_FLOP_FACTOR = 2.5
 
-WORKLOAD_NAMES = ("docs", "short", "equal2k")
+WORKLOAD_NAMES = ("docs", "short", "equal2k", "skewed")
 
 
 @dataclass(frozen=True)
@@ -50,13 +57,31 @@ class HeadLayout:
 HEAD_LAYOUTS = {
     "mha": HeadLayout("mha", nheads_q=16, nheads_kv=16, head_dim=128),
     "gqa": HeadLayout("gqa", nheads_q=32, nheads_kv=8, head_dim=128),
+    # targets.md's other head dims, measured on docs and skewed only (TARGET_LAYOUT_WORKLOADS).
+    "mha_32x64": HeadLayout("mha_32x64", nheads_q=32, nheads_kv=32, head_dim=64),
+    "mha_8x256": HeadLayout("mha_8x256", nheads_q=8, nheads_kv=8, head_dim=256),
     # Not in targets.md: the other head-dim buckets, 16 heads each, run only when asked for.
     "mha_d64": HeadLayout("mha_d64", nheads_q=16, nheads_kv=16, head_dim=64),
     "mha_d96": HeadLayout("mha_d96", nheads_q=16, nheads_kv=16, head_dim=96),
     "mha_d192": HeadLayout("mha_d192", nheads_q=16, nheads_kv=16, head_dim=192),
     "mha_d256": HeadLayout("mha_d256", nheads_q=16, nheads_kv=16, head_dim=256),
 }
-TARGET_LAYOUTS = ("mha", "gqa")  # the head layouts of targets.md: the default rows
+# The head layouts of targets.md and the workloads it measures each on: the default rows.
+TARGET_LAYOUT_WORKLOADS = {
+    "mha": WORKLOAD_NAMES,
+    "gqa": WORKLOAD_NAMES,
+    "mha_32x64": ("docs", "skewed"),
+    "mha_8x256": ("docs", "skewed"),
+}
+
+
+def layouts_for(workload: str, layouts: Sequence[str] | None) -> list[str]:
+    """The head layouts to measure on `workload`: every one of `layouts` when the caller chose
+    them, else (None) the layouts targets.md measures on that workload, in the order of
+    TARGET_LAYOUT_WORKLOADS."""
+    if layouts is not None:
+        return list(layouts)
+    return [name for name, on in TARGET_LAYOUT_WORKLOADS.items() if workload in on]
 
 
 def unmasked_pairs(lengths: tuple[int, ...], causal: bool) -> int:
@@ -132,9 +157,14 @@ def _draw_doc_length(generator: torch.Generator) -> int:
     return int(length.item())
 
 
-def _draw_short_length(generator: torch.Generator) -> int:
-    # randint's upper bound is exclusive.
-    return int(torch.randint(SHORT_MIN_LEN, SHORT_MAX_LEN + 1, (1,), generator=generator).item())
+def _uniform_length(low: int, high: int) -> Callable[[torch.Generator], int]:
+    """One draw of a length uniform in [low, high], both included: torch.randint(low, high + 1,
+    (1,), generator=g), as targets.md writes it (randint's upper bound is exclusive)."""
+
+    def draw(generator: torch.Generator) -> int:
+        return int(torch.randint(low, high + 1, (1,), generator=generator).item())
+
+    return draw
 
 
 def make_workload(name: str) -> Workload:
@@ -142,7 +172,13 @@ def make_workload(name: str) -> Workload:
     if name == "docs":
         return Workload(name, draw_lengths(_draw_doc_length, TOTAL_TOKENS))
     if name == "short":
-        return Workload(name, draw_lengths(_draw_short_length, TOTAL_TOKENS))
+        draw_short = _uniform_length(SHORT_MIN_LEN, SHORT_MAX_LEN)
+        return Workload(name, draw_lengths(draw_short, TOTAL_TOKENS))
     if name == "equal2k":
         return Workload(name, (EQUAL_LEN,) * (TOTAL_TOKENS // EQUAL_LEN))
+    if name == "skewed":
+        # The long sequence is fixed, not drawn: the generator's first draw is the first tiny one.
+        draw_tiny = _uniform_length(SKEWED_MIN_LEN, SKEWED_MAX_LEN)
+        tiny = draw_lengths(draw_tiny, TOTAL_TOKENS - SKEWED_LONG_LEN)
+        return Workload(name, (SKEWED_LONG_LEN, *tiny))
     raise ValueError(f"unknown workload {name!r}; expected one of {WORKLOAD_NAMES}")

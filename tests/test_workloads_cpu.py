@@ -13,15 +13,20 @@ if str(REPO_ROOT) not in sys.path:
 
 from benchmarks.workloads import (  # noqa: E402
     HEAD_LAYOUTS,
+    TARGET_LAYOUT_WORKLOADS,
+    HeadLayout,
     TOTAL_TOKENS,
     WORKLOAD_NAMES,
     backward_flops,
     forward_flops,
+    layouts_for,
     make_workload,
 )
 
 # What seed 0 gives, recorded once: a change here means benchmark numbers no longer compare.
-EXPECTED_NUM_SEQUENCES = {"docs": 26, "short": 115, "equal2k": 16}
+EXPECTED_NUM_SEQUENCES = {"docs": 26, "short": 115, "equal2k": 16, "skewed": 259}
+EXPECTED_SKEWED_PREFIX = (16_384, 45, 48, 118, 65)
+EXPECTED_SKEWED_LAST = 51
 EXPECTED_DOCS_PREFIX = (4192, 669, 101, 1585, 303)
 EXPECTED_DOCS_LAST = 2409  # cut so the total is exact
 EXPECTED_SHORT_LAST = 246
@@ -64,6 +69,42 @@ def test_short_lengths() -> None:
 
 def test_equal2k_lengths() -> None:
     assert make_workload("equal2k").lengths == (2048,) * 16
+
+
+def test_skewed_lengths_follow_targets_md() -> None:
+    # targets.md's rule written out on its own: one sequence of 16,384, then
+    # torch.randint(1, 129, (1,), generator=g) per sequence (g seeded 0) up to 32,768 tokens, the
+    # last one cut so the total is exact.
+    generator = torch.Generator().manual_seed(0)
+    expected = [16_384]
+    while sum(expected) < 32_768:
+        drawn = int(torch.randint(1, 129, (1,), generator=generator).item())
+        expected.append(min(drawn, 32_768 - sum(expected)))
+    lengths = make_workload("skewed").lengths
+    assert lengths == tuple(expected)
+    assert sum(lengths) == 32_768
+    assert lengths[: len(EXPECTED_SKEWED_PREFIX)] == EXPECTED_SKEWED_PREFIX
+    assert lengths[-1] == EXPECTED_SKEWED_LAST
+    assert lengths.count(16_384) == 1 and all(1 <= s <= 128 for s in lengths[1:])
+    # Uniform in [1, 128]: both ends are reachable and the mean is near 64.5.
+    assert min(lengths[1:-1]) <= 2 and max(lengths[1:]) >= 126
+    assert 58 < sum(lengths[1:]) / len(lengths[1:]) < 71
+
+
+def test_default_rows_are_those_of_targets_md() -> None:
+    # MHA and GQA at d = 128 everywhere; 32/32 at d = 64 and 8/8 at d = 256 on docs and skewed.
+    assert HEAD_LAYOUTS["mha_32x64"] == HeadLayout("mha_32x64", 32, 32, 64)
+    assert HEAD_LAYOUTS["mha_8x256"] == HeadLayout("mha_8x256", 8, 8, 256)
+    rows = [(w, layout) for w in WORKLOAD_NAMES for layout in layouts_for(w, None)]
+    assert rows == [
+        ("docs", "mha"), ("docs", "gqa"), ("docs", "mha_32x64"), ("docs", "mha_8x256"),
+        ("short", "mha"), ("short", "gqa"),
+        ("equal2k", "mha"), ("equal2k", "gqa"),
+        ("skewed", "mha"), ("skewed", "gqa"), ("skewed", "mha_32x64"), ("skewed", "mha_8x256"),
+    ]
+    assert set(TARGET_LAYOUT_WORKLOADS) == {layout for _, layout in rows}
+    # Layouts named on the command line run on every workload, in the order given.
+    assert layouts_for("short", ["mha_d96", "mha_8x256"]) == ["mha_d96", "mha_8x256"]
 
 
 @pytest.mark.parametrize("name", WORKLOAD_NAMES)
@@ -111,7 +152,7 @@ import triton.testing  # noqa: E402
 
 from benchmarks import bench_backward, checks, report  # noqa: E402
 from benchmarks.impls import Case, Prepared  # noqa: E402
-from benchmarks.workloads import HeadLayout, Workload  # noqa: E402
+from benchmarks.workloads import Workload  # noqa: E402
 
 # Lengths that do not divide the (shrunk) chunk, one shorter than a chunk, one of a single token.
 TINY_LENGTHS = (5, 17, 9, 1)
@@ -328,3 +369,228 @@ def test_forward_row_and_table_on_cpu_stand_ins(monkeypatch: pytest.MonkeyPatch)
     assert report.notes([row], impls) == [
         "tiny/tiny_gqa/full varlen_attn: n/a, RuntimeError: this build has no such kernel"
     ]
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward benchmark: kernel families, the FA4 peer, the dense ceiling and the target columns
+# ----------------------------------------------------------------------------------------------
+
+import argparse  # noqa: E402
+import os  # noqa: E402
+import types  # noqa: E402
+
+from benchmarks import bench_forward, impls  # noqa: E402
+
+OVERRIDE = impls.FAMILY_OVERRIDE_VARIABLE
+
+
+def test_families_option_is_parsed_in_order_without_repeats() -> None:
+    assert bench_forward.family_list("auto,sm80,sm90") == ["auto", "sm80", "sm90"]
+    assert bench_forward.family_list(" sm90 , auto,sm90") == ["sm90", "auto"]
+    for bad in ("", "sm80,,auto", "sm-80", "auto;sm80"):
+        with pytest.raises(argparse.ArgumentTypeError, match="kernel family names"):
+            bench_forward.family_list(bad)
+    args = bench_forward.parse_args(["--out", "x.json", "--families", "sm90,auto"])
+    assert args.families == ["sm90", "auto"]
+    defaults = bench_forward.parse_args(["--out", "x.json"])
+    assert defaults.families is None and defaults.layouts is None
+    assert defaults.impl == ["ours", "varlen_attn", "flex", "fa4"]
+    assert defaults.workloads == ["docs", "short", "equal2k", "skewed"]
+    with pytest.raises(SystemExit):
+        bench_forward.parse_args(["--out", "x.json", "--families", "sm 80"])
+
+
+def test_ours_is_timed_once_per_family() -> None:
+    expanded = impls.with_families(["ours", "varlen_attn", "flex", "fa4"], ["auto", "sm80", "sm90"])
+    assert expanded == ["ours", "ours_sm80", "ours_sm90", "varlen_attn", "flex", "fa4"]
+    assert impls.with_families(["varlen_attn"], ["sm80"]) == ["varlen_attn"]
+    preparers = impls.ours_family_preparers(["auto", "sm90"])
+    case = _tiny_case(causal=False)
+    # Forced families carry the override; auto leaves the environment as it is.
+    assert preparers["ours"](case).environment == {}
+    assert preparers["ours_sm90"](case).environment == {OVERRIDE: "sm90"}
+
+
+def _fake_extension(built_for: dict[str, list[int]]) -> types.SimpleNamespace:
+    """A stand-in for flash_varlen's compiled module: kernel_families() only."""
+    families = [{"name": name, "built_for": caps} for name, caps in built_for.items()]
+    return types.SimpleNamespace(kernel_families=lambda: families)
+
+
+def test_default_families_are_those_built_for_the_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda: (9, 0))
+    extension = _fake_extension({"sm90": [90], "sm80": [80, 90], "sm100": [100]})
+    assert bench_forward.resolve_families(None, extension) == (["auto", "sm90", "sm80"], None)
+    assert bench_forward.resolve_families(["sm80"], extension) == (["sm80"], None)
+    families, error = bench_forward.resolve_families(["auto", "sm70"], extension)
+    assert error == ("--families: sm70 is no kernel family of this build; "
+                     "known: auto,sm90,sm80,sm100")
+    # Without the extension nothing can be checked: auto by default, else as asked.
+    assert bench_forward.resolve_families(None, None) == (["auto"], None)
+    assert bench_forward.resolve_families(["sm90"], None) == (["sm90"], None)
+
+
+def test_environment_is_restored_however_the_block_ends(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(OVERRIDE, "sm80")
+    with impls.environment_set({OVERRIDE: "sm90"}):
+        assert os.environ[OVERRIDE] == "sm90"
+    assert os.environ[OVERRIDE] == "sm80"
+    monkeypatch.delenv(OVERRIDE)
+    with pytest.raises(RuntimeError):
+        with impls.environment_set({OVERRIDE: "sm90"}):
+            raise RuntimeError("a failing call")
+    assert OVERRIDE not in os.environ
+
+
+def _family_preparer(family: str, serves: bool):
+    """A CPU stand-in of ours forced to `family`: the reference when the override names the family
+    at call time (so it must be set during the warm-up, check and timing), NotImplementedError
+    when it does not serve the case."""
+    plain = _plain_preparer()
+
+    def prepare(case: Case) -> Prepared:
+        prepared = plain(case)
+
+        def run() -> torch.Tensor:
+            assert os.environ.get(OVERRIDE) == family
+            if not serves:
+                raise NotImplementedError(f"no {family} kernel for this head dim")
+            return prepared.run()
+
+        return Prepared(run, prepared.inputs, environment={OVERRIDE: family})
+
+    return prepare
+
+
+def _fake_fa4(returns_lse: bool, error: float = 0.0) -> types.SimpleNamespace:
+    """A stand-in for flash_attn.cute: the float32 reference (plus `error`), returned as out or
+    (out, lse); it checks that the call passes the packed batch as FA4's keywords."""
+
+    def flash_attn_varlen_func(q, k, v, *, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                               max_seqlen_k, softmax_scale, causal):
+        assert torch.equal(cu_seqlens_q, cu_seqlens_k)
+        lengths = tuple(cu_seqlens_q.diff().tolist())
+        assert max_seqlen_q == max_seqlen_k == max(lengths)
+        out = checks.reference_attention(q, k, v, lengths, causal, softmax_scale, torch.float32)
+        out = (out + error).to(q.dtype)
+        return (out, torch.zeros(q.shape[1], q.shape[0])) if returns_lse else out
+
+    return types.SimpleNamespace(flash_attn_varlen_func=flash_attn_varlen_func)
+
+
+@pytest.mark.parametrize("returns_lse", [False, True])
+def test_forward_row_with_families_and_fa4(monkeypatch: pytest.MonkeyPatch,
+                                           returns_lse: bool) -> None:
+    monkeypatch.setattr(triton.testing, "do_bench", _fake_do_bench)
+    monkeypatch.setitem(sys.modules, impls.FA4_MODULE, _fake_fa4(returns_lse))
+    monkeypatch.delenv(OVERRIDE, raising=False)
+    names = ["ours", "ours_sm80", "ours_sm90", "varlen_attn", "fa4"]
+    preparers = {"ours": _plain_preparer(), "ours_sm80": _family_preparer("sm80", serves=True),
+                 "ours_sm90": _family_preparer("sm90", serves=False),
+                 "varlen_attn": _unavailable, "fa4": impls.prepare_fa4}
+    row = bench_forward.bench_row(_tiny_case(causal=True), names, preparers)
+    assert OVERRIDE not in os.environ  # restored after every implementation
+    results = row["results"]
+    assert [results[name]["status"] for name in names] == [
+        "ok", "ok", report.UNSUPPORTED, "n/a", "ok"]
+    assert "no sm90 kernel" in results["ours_sm90"]["reason"]
+    # FA4's output is checked like any other and compared with ours.
+    assert results["fa4"]["check"]["passed"]
+    assert results["fa4"]["check"]["max_abs_diff_vs_ours"] == 0.0
+    assert row["ratios"] == {
+        "ours/varlen_attn": None, "ours/fa4": 1.0, "ours_sm80/varlen_attn": None,
+        "ours_sm80/fa4": 1.0, "ours_sm90/varlen_attn": None, "ours_sm90/fa4": None,
+    }
+    # A dense rate at which 1.1 x FA4 is half of it: the 1.1x target applies.
+    fa4_tflops = results["fa4"]["tflops"]
+    row["ours_family"] = "sm80"
+    header, body = report.table([row], names, dense_tflops=2.2 * fa4_tflops)
+    assert header[3:] == [
+        "ours family", "ours TFLOP/s", "ours_sm80 TFLOP/s", "ours_sm90 TFLOP/s",
+        "varlen_attn TFLOP/s", "fa4 TFLOP/s", "ours/varlen_attn", "ours/fa4", "ours_sm80/fa4",
+        "ours_sm90/fa4", "1.1x fa4 / dense", "target ours/fa4",
+    ]
+    cell = f"{fa4_tflops:.1f}"
+    assert body == [["tiny", "tiny_gqa", "yes", "sm80", cell, cell, "—", "n/a", cell, "-",
+                     "1.00", "1.00", "-", "50%", "1.10"]]
+    assert report.notes([row], names) == [
+        "tiny/tiny_gqa/causal ours_sm90: — (unsupported), NotImplementedError: no sm90 kernel "
+        "for this head dim",
+        "tiny/tiny_gqa/causal varlen_attn: n/a, RuntimeError: this build has no such kernel",
+    ]
+
+
+def test_a_wrong_fa4_is_noticed_and_not_timed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(triton.testing, "do_bench", _fake_do_bench)
+    monkeypatch.setitem(sys.modules, impls.FA4_MODULE, _fake_fa4(returns_lse=True, error=0.5))
+    row = bench_forward.bench_row(_tiny_case(causal=False), ["fa4"], {"fa4": impls.prepare_fa4})
+    assert row["results"]["fa4"]["status"] == "wrong"
+    assert "tflops" not in row["results"]["fa4"]
+
+
+def test_fa4_import_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, impls.FA4_MODULE, _fake_fa4(returns_lse=False))
+    assert impls.fa4_import_error() is None
+    monkeypatch.setitem(sys.modules, impls.FA4_MODULE, None)  # what a missing module raises
+    assert isinstance(impls.fa4_import_error(), ImportError)
+
+
+def _fa4_row(workload: str, fa4: dict) -> dict:
+    return {"workload": workload, "layout": "mha", "causal": False, "results": {"fa4": fa4},
+            "ratios": {}}
+
+
+def test_fa4_target_follows_targets_md() -> None:
+    dense = 800.0
+    # 1.1 x 500 = 550 is 69% of the dense rate: under 95%, so 1.1x FA4 is required.
+    assert report.fa4_target(_fa4_row("docs", _result_ok(500.0)), dense) == (
+        pytest.approx(0.6875), 1.1)
+    # 1.1 x 700 = 770 is 96%: only "at least FA4" remains.
+    assert report.fa4_target(_fa4_row("docs", _result_ok(700.0)), dense)[1] == 1.0
+    # Exactly 95% is not under it.
+    at_ceiling = 0.95 * dense / 1.1
+    assert report.fa4_target(_fa4_row("equal2k", _result_ok(at_ceiling)), dense)[1] == 1.0
+    # short: 1.5x FA4.
+    assert report.fa4_target(_fa4_row("short", _result_ok(250.0)), dense)[1] == 1.5
+    # Nothing to say without FA4's time or the dense rate.
+    assert report.fa4_target(_fa4_row("docs", {"status": "n/a", "reason": "x"}), dense) is None
+    assert report.fa4_target(_fa4_row("docs", _result_ok(500.0)), None) is None
+
+
+def _result_ok(tflops: float) -> dict:
+    return {"status": "ok", "tflops": tflops}
+
+
+def test_dense_matmul_rate_on_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+
+    def fake_do_bench(fn, warmup: int, rep: int, return_mode: str) -> float:
+        calls.append(fn())
+        return FAKE_BENCH_MS
+
+    monkeypatch.setattr(triton.testing, "do_bench", fake_do_bench)
+    dense = bench_forward.dense_matmul_rate("cpu", size=4)
+    assert dense == {"op": "torch.mm", "dtype": "bfloat16", "m_n_k": [4, 4, 4],
+                     "time_ms": FAKE_BENCH_MS,
+                     "tflops": pytest.approx(2 * 4**3 / (FAKE_BENCH_MS * 1e-3) / 1e12)}
+    assert calls[0].shape == (4, 4) and calls[0].dtype == torch.bfloat16
+    assert report.dense_line(dense).startswith(
+        "dense bfloat16 matrix product (torch.mm, 4 x 4 x 4): 0.0 TFLOP/s (2.000 ms, median)")
+
+
+def test_forward_outputs_keep_the_ceiling_and_the_skipped_peer(tmp_path: Path) -> None:
+    meta = {"date": "today", "gpu": "cpu", "torch": "t", "triton": "t", "git_commit": "abc",
+            "git_dirty": False, "command": "python benchmarks/bench_forward.py",
+            "dense_matmul": {"op": "torch.mm", "dtype": "bfloat16", "m_n_k": [8192] * 3,
+                             "time_ms": 1.4, "tflops": 785.4},
+            "skipped": {"fa4": "flash_attn.cute does not import (ModuleNotFoundError: x)"},
+            "family_override_in_environment": "sm80"}
+    row = {**_fa4_row("docs", _result_ok(500.0)), "results": {"ours": _result_ok(400.0)}}
+    markdown = report.write_outputs(tmp_path / "fwd.json", meta, [row], ["ours"]).read_text()
+    dense = "- dense bfloat16 matrix product (torch.mm, 8192 x 8192 x 8192): 785.4 TFLOP/s"
+    assert dense in markdown
+    assert "- fa4 skipped: flash_attn.cute does not import (ModuleNotFoundError: x)" in markdown
+    assert f"- {OVERRIDE}=sm80 was set for the whole run: 'ours' ran that family" in markdown
+    saved = json.loads((tmp_path / "fwd.json").read_text())
+    assert saved["dense_matmul"]["tflops"] == 785.4
+    assert saved["rows"][0]["results"] == row["results"]
