@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: build the extension with all cores, run the tests, run the
 # benchmark, and leave logs and JSON in the folder given as $1. Stages are picked with $2, a comma
-# list of build, test, families, bench, bench_backward, bench_head_dims, memcheck, narrowed
-# (default build,test,bench), so that a call fits the device's time limit. The build targets the
-# GPU it sees (sm_90 on an H200; setup.py says so); FLASH_VARLEN_ARCHS=80,90 builds the full set.
+# list of build, test, families, bench, bench_backward, bench_head_dims, memcheck, racecheck,
+# narrowed (default build,test,bench), so that a call fits the device's time limit. The build
+# targets the GPU it sees (sm_90 on an H200; setup.py says so); FLASH_VARLEN_ARCHS=80,90 builds the full set.
 #
 #   bash scripts/gpu_check.sh "$OUT"                 # build, tests, targets.md benchmark
 #   bash scripts/gpu_check.sh "$OUT" build,test      # no benchmark
@@ -103,16 +103,24 @@ if has_stage bench_head_dims; then
     [ $rc -ne 0 ] && status=$rc
 fi
 
+sanitize() {  # tool, direction
+    compute-sanitizer --tool "$1" --error-exitcode 1 \
+        python3 "scripts/memcheck_$2.py" > "$out_dir/$1_$2.log" 2>&1
+    local rc=$?
+    echo "$1 $2 rc=$rc: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|memcheck cases' \
+        "$out_dir/$1_$2.log" | tr '\n' ' ')" | tee -a "$out_dir/summary.txt"
+    [ $rc -ne 0 ] && status=$rc
+}
+
 if has_stage memcheck; then
     # Tiles that hang past the ends of exactly-sized tensors, under the memory checker.
-    for direction in forward backward; do
-        compute-sanitizer --tool memcheck --error-exitcode 1 \
-            python3 "scripts/memcheck_$direction.py" > "$out_dir/memcheck_$direction.log" 2>&1
-        rc=$?
-        echo "memcheck $direction rc=$rc: $(grep -E 'ERROR SUMMARY|memcheck cases' \
-            "$out_dir/memcheck_$direction.log" | tr '\n' ' ')" | tee -a "$out_dir/summary.txt"
-        [ $rc -ne 0 ] && status=$rc
-    done
+    for direction in forward backward; do sanitize memcheck $direction; done
+fi
+
+if has_stage racecheck; then
+    # The forward's shared-memory hazards and barrier use (warp-specialized sm90 kernels: TMA,
+    # named barriers, O staged over Q).
+    for tool in racecheck synccheck; do sanitize $tool forward; done
 fi
 
 if has_stage narrowed; then

@@ -1,10 +1,14 @@
 """Small forward calls whose tiles hang past the ends of their tensors, meant to run under
-compute-sanitizer (memcheck, racecheck):
+compute-sanitizer (memcheck, racecheck, synccheck):
 
     compute-sanitizer --tool memcheck --error-exitcode 1 python scripts/memcheck_forward.py
 
-The kernels never read rows past a sequence's end or columns past the head dim: those copies
-are issued with a zero source size (cp.async zero-fill). Each tensor here is allocated exactly,
+On a Hopper GPU the head dims up to 128 run the sm90 family (TMA loads of whole tiles, warp
+specialization, named barriers), the others the sm80 family; FLASH_VARLEN_KERNEL_FAMILY forces one.
+
+The kernels never read rows past a sequence's end or columns past the head dim (the sm80
+family issues those copies with a zero source size; the sm90 family's TMA boxes stop at the
+buffer's end). Each tensor here is allocated exactly,
 with lengths and head dims that are not tile multiples, so any stray access leaves the
 allocation and the sanitizer reports it. Exits non-zero if an output is wrong or not finite.
 """
@@ -27,6 +31,8 @@ CASES = [
     ([1, 70, 0, 129], [65, 3, 9, 0], 2, 1, 72),
     ([200], [131], 3, 3, 40),
     ([5, 77], [300, 1], 4, 2, 256),
+    ([130, 1, 64], [257, 77, 0], 2, 2, 128),
+    ([193, 7], [129, 450], 3, 1, 64),
 ]
 TOLERANCE = 5e-2  # bf16 outputs of randn inputs; this script hunts memory errors, not ulps
 
@@ -53,10 +59,12 @@ def main() -> int:
     for case in CASES:
         for causal in (False, True):
             ok &= run_case(*case, causal=causal)
-    q = torch.randn(2, 33, 2, 96, device="cuda", dtype=torch.float16)
-    k = torch.randn(2, 17, 1, 96, device="cuda", dtype=torch.float16)
-    out = flash_attn_func(q, k, k, causal=True)
-    ok &= bool(torch.isfinite(out).all())
+    for head_dim in (64, 96, 128):
+        q = torch.randn(2, 33, 2, head_dim, device="cuda", dtype=torch.float16)
+        k = torch.randn(2, 17, 1, head_dim, device="cuda", dtype=torch.float16)
+        for causal in (False, True):
+            out = flash_attn_func(q, k, k, causal=causal)
+            ok &= bool(torch.isfinite(out).all())
     torch.cuda.synchronize()
     print("memcheck cases", "passed" if ok else "FAILED")
     return 0 if ok else 1
