@@ -84,7 +84,6 @@ SM90 = KernelFamily(
             "flash_fwd_launch.h", "launch_flash_fwd", unsupported_option="fwd_unsupported_option"
         ),
     },
-    head_dim_buckets=(64, 128),
     nvcc_flags=(
         # wgmma atoms with N = 176 (the d128 tile: csrc/kernels/sm90/fwd_tile_config.h).
         "-DCUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED",

@@ -59,7 +59,7 @@ def main() -> int:
     for case in CASES:
         for causal in (False, True):
             ok &= run_case(*case, causal=causal)
-    for head_dim in (64, 96, 128):
+    for head_dim in (64, 96, 128, 192, 256):
         q = torch.randn(2, 33, 2, head_dim, device="cuda", dtype=torch.float16)
         k = torch.randn(2, 17, 1, head_dim, device="cuda", dtype=torch.float16)
         for causal in (False, True):

@@ -187,9 +187,9 @@ def test_collected_record_describes_this_torch_and_the_selection(monkeypatch, tm
     [
         ("sm80", "80,90", {"sm80": 20}),
         ("sm80", "90", {"sm80": 20}),
-        ("", "", {"sm80": 20, "sm90": 4}),
+        ("", "", {"sm80": 20, "sm90": 10}),
         ("", "80", {"sm80": 20}),
-        ("sm90", "90", {"sm90": 4}),
+        ("sm90", "90", {"sm90": 10}),
     ],
 )
 def test_kernel_sources_are_grouped_by_family_with_its_targets(

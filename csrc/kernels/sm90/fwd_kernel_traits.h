@@ -152,8 +152,15 @@ struct FwdKernelTraits {
     // Epilogue: 16-byte reads of the staged O and 16-byte row-contiguous global stores, one
     // warpgroup per 64 rows: kHeadDim / 8 threads cover a row.
     static constexpr int kGmemElemsPerAccess = 16 / sizeof(Element);
-    static constexpr int kGmemThreadsPerRow = kHeadDim / kGmemElemsPerAccess;
-    static_assert(kThreadsPerWarpgroup % kGmemThreadsPerRow == 0, "threads must tile the rows");
+    static constexpr int kGmemChunksPerRow = kHeadDim / kGmemElemsPerAccess;
+    // A whole row per group of threads where the chunk count is a power of two (64, 128, 256:
+    // one 16-byte store each); else the largest power of two dividing it (96 -> 4 threads of
+    // 3 stores, 192 -> 8 of 3), so that the threads of a warpgroup tile whole rows.
+    static constexpr int kGmemThreadsPerRow =
+        kGmemChunksPerRow % 16 == 0 ? 16 : (kGmemChunksPerRow % 8 == 0 ? 8 : 4);
+    static_assert(kGmemChunksPerRow % kGmemThreadsPerRow == 0 &&
+                      kThreadsPerWarpgroup % kGmemThreadsPerRow == 0,
+                  "threads must tile the rows");
     using GmemTiledCopyO = decltype(make_tiled_copy(
         Copy_Atom<AutoVectorizingCopyWithAssumedAlignment<128>, Element>{},
         Layout<Shape<Int<kThreadsPerWarpgroup / kGmemThreadsPerRow>, Int<kGmemThreadsPerRow>>,

@@ -16,6 +16,13 @@
 //   (12 bytes of spills, one register in the left-edge loop of the local kernel). FA3 also notes
 //   that 192-row tiles lose at short sequences to tile quantisation; the varlen scheduler is
 //   where that gets measured.
+// - d = 96: FA3 runs 192 x 144 with P through shared memory, which this kernel does not have; with
+//   P in registers, d = 128's tiles fit (per thread S 88 + P 44 + O 48 registers; 156 KB of
+//   shared memory).
+// - d = 192: 128 x 112 (128 x 96 with a local mask); d = 256: 128 x 80 (128 x 64 local). O grows
+//   with the head dim (96 and 128 floats per thread), so kBlockN shrinks until S, P and O fit
+//   240 registers, and Q plus two stages of K and V fit shared memory (216 KB and 224 KB). FA3
+//   does not take turns between the warpgroups at these head dims (flash_fwd_kernel.h).
 // Stages: 2 for K and 2 for V (FA3's choice on sm90: a third stage does not fit d = 128 x 176).
 // These are FA3's measured choices on H100, not ours: they must be re-measured on the H200 with
 // our kernel (the issue asks for a table chosen by measurement).
@@ -37,8 +44,23 @@ struct FwdTileConfig<Element, 64, kIsLocal> {
 };
 
 template <typename Element, bool kIsLocal>
+struct FwdTileConfig<Element, 96, kIsLocal> {
+    using Traits = FwdKernelTraits<Element, 96, 128, kIsLocal ? 128 : 176, kFwdStages>;
+};
+
+template <typename Element, bool kIsLocal>
 struct FwdTileConfig<Element, 128, kIsLocal> {
     using Traits = FwdKernelTraits<Element, 128, 128, kIsLocal ? 128 : 176, kFwdStages>;
+};
+
+template <typename Element, bool kIsLocal>
+struct FwdTileConfig<Element, 192, kIsLocal> {
+    using Traits = FwdKernelTraits<Element, 192, 128, kIsLocal ? 96 : 112, kFwdStages>;
+};
+
+template <typename Element, bool kIsLocal>
+struct FwdTileConfig<Element, 256, kIsLocal> {
+    using Traits = FwdKernelTraits<Element, 256, 128, kIsLocal ? 64 : 80, kFwdStages>;
 };
 
 }  // namespace sm90
