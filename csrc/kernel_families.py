@@ -81,7 +81,10 @@ SM90 = KernelFamily(
     targets={"90": "-gencode=arch=compute_90a,code=sm_90a"},
     directions={
         "fwd": Direction(
-            "flash_fwd_launch.h", "launch_flash_fwd", unsupported_option="fwd_unsupported_option"
+            "flash_fwd_launch.h",
+            "launch_flash_fwd",
+            "fwd_workspace_size",
+            unsupported_option="fwd_unsupported_option",
         ),
     },
     nvcc_flags=(

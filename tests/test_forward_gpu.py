@@ -323,6 +323,25 @@ def test_varlen_long_sequence(causal: bool) -> None:
     check_varlen(batch, out, lse, causal, "16k sequence")
 
 
+# One long document among many tiny (and some empty) sequences: the varlen tile schedule's
+# longest-first order and its upper-bound grid (kernels/common/varlen_tile_schedule.h).
+SKEWED_LONG_LENGTH = 3000
+SKEWED_TINY_COUNT = 2500
+SKEWED_TINY_MAX = 9
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_varlen_one_long_sequence_among_thousands(causal: bool) -> None:
+    tiny_q = random_lengths(SKEWED_TINY_COUNT, 0, SKEWED_TINY_MAX, seed=5)
+    tiny_k = random_lengths(SKEWED_TINY_COUNT, 0, SKEWED_TINY_MAX, seed=6)
+    middle = SKEWED_TINY_COUNT // 2
+    seqlens_q = [*tiny_q[:middle], SKEWED_LONG_LENGTH, *tiny_q[middle:]]
+    seqlens_k = [*tiny_k[:middle], SKEWED_LONG_LENGTH - 1, *tiny_k[middle:]]
+    batch = default_batch(seqlens_q, seqlens_k)
+    out, lse = varlen_forward(batch, causal=causal)
+    check_varlen(batch, out, lse, causal, "one long sequence among thousands")
+
+
 UNEVEN_LENGTHS = {
     "q_longer": ([100, 257, 300, 64], [37, 250, 1, 63]),
     "k_longer": ([37, 7, 250, 1], [100, 250, 300, 64]),

@@ -13,7 +13,7 @@ const KernelRegistration<FlashFwdParams> kRegistration(
     KernelKey{KernelFamily::kSm90, {ElementType::kBFloat16, 192, /*is_local=*/true}},
     {__CUDA_ARCH_LIST__},
     &sm90::launch_flash_fwd<cutlass::bfloat16_t, 192, /*kIsLocal=*/true>,
-    &no_workspace<FlashFwdParams>,
+    &sm90::fwd_workspace_size<cutlass::bfloat16_t, 192>,
     &sm90::fwd_unsupported_option);
 
 }  // namespace

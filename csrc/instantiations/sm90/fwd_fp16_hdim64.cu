@@ -13,7 +13,7 @@ const KernelRegistration<FlashFwdParams> kRegistration(
     KernelKey{KernelFamily::kSm90, {ElementType::kFloat16, 64, /*is_local=*/false}},
     {__CUDA_ARCH_LIST__},
     &sm90::launch_flash_fwd<cutlass::half_t, 64, /*kIsLocal=*/false>,
-    &no_workspace<FlashFwdParams>,
+    &sm90::fwd_workspace_size<cutlass::half_t, 64>,
     &sm90::fwd_unsupported_option);
 
 }  // namespace

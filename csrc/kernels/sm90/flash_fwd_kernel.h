@@ -1,7 +1,8 @@
 // The sm90-family forward kernel (Hopper: wgmma, TMA, warp specialization; built for sm_90a).
 //
-// One thread block computes one row block (kBlockM query rows) of one head of one sequence, with
-// the structure of FlashAttention-3 (Shah et al. 2024; Dao-AILab/flash-attention hopper/):
+// One thread block computes one row block (kBlockM query rows) of one head of one sequence (in
+// the varlen layout in the order of kernels/common/varlen_tile_schedule.h), with the structure
+// of FlashAttention-3 (Shah et al. 2024; Dao-AILab/flash-attention hopper/):
 // - warpgroup 0, the producer, gives its registers back (setmaxnreg) and one of its threads issues
 //   every TMA load: Q once, then K and V of the visible key blocks from the last one down, into
 //   kStages shared-memory buffers each (PipelineTmaAsync: a "full" mbarrier per buffer that the
@@ -43,6 +44,7 @@
 #include "kernels/common/flash_params.h"
 #include "kernels/common/mask_policy.h"
 #include "kernels/common/seqlen_info.h"
+#include "kernels/common/varlen_tile_schedule.h"
 #include "kernels/sm90/fragment_layouts.h"
 #include "kernels/sm90/fwd_kernel_traits.h"
 #include "kernels/sm90/named_barriers.h"
@@ -67,6 +69,10 @@ struct FwdKernelParams {
     typename Traits::GmemShape shape_q;   // (rows, d, heads, batch)
     typename Traits::GmemShape shape_k;   // (rows, d, heads_k, batch)
     typename Traits::GmemShape shape_vt;  // (d, rows, heads_k, batch)
+    // Varlen: the launch order of the tiles (kernels/common/varlen_tile_schedule.h), one thread
+    // block per tile on a 1-D grid. Fixed length: null, and the grid is (row blocks, batch,
+    // heads).
+    VarlenTileSchedule schedule;
 };
 
 template <typename Traits, bool kIsLocal>
@@ -113,9 +119,14 @@ struct FlashFwdRowBlock {
 
     __device__ static void run(const FwdKernelParams<Traits>& kp, char* smem) {
         const FlashFwdParams& params = kp.params;
-        const int m_block = blockIdx.x;
-        const int batch = blockIdx.y;
-        const int head = blockIdx.z;
+        TileCoordinates tile{int(blockIdx.x), int(blockIdx.y), int(blockIdx.z)};
+        if (kp.schedule.tile_start != nullptr &&
+            !varlen_tile(kp.schedule, params.batch, params.nheads, blockIdx.x, kIsLocal, tile)) {
+            return;  // past the last tile (the grid is an upper bound)
+        }
+        const int m_block = tile.m_block;
+        const int batch = tile.batch;
+        const int head = tile.head;
         const SeqlenInfo seq(params, batch);
         // Uniform over the block, before any barrier exists.
         if (m_block * kBlockM >= seq.seqlen_q) return;  // this row block lies past the sequence end

@@ -7,10 +7,12 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <limits>
 
 #include <cute/tensor.hpp>
 
 #include "kernels/common/flash_params.h"
+#include "kernels/common/varlen_tile_schedule.h"
 #include "kernels/common/workspace.h"
 #include "kernels/sm90/flash_fwd_kernel.h"
 #include "kernels/sm90/fwd_tile_config.h"
@@ -33,12 +35,22 @@ inline int32_t tma_extent(int64_t extent) {
     return int32_t(std::max<int64_t>(extent, 1));
 }
 
-// Grid: (row blocks of the longest sequence, batch, heads), as the sm80 family: the row blocks of
-// one (sequence, head) are adjacent in launch order, so blocks that share K and V run together
-// and read them from L2. Row blocks past a shorter sequence's end exit at once. A persistent,
-// varlen-aware scheduler (issue 14, part 2) replaces this later. No workspace.
+// Varlen calls need the tile schedule's workspace (kernels/common/varlen_tile_schedule.h);
+// fixed-length calls need none.
+template <typename Element, int kHeadDim>
+WorkspaceSize fwd_workspace_size(const FlashFwdParams& params) {
+    WorkspaceSize size;
+    if (params.cu_seqlens_q != nullptr) size.scratch_bytes = VarlenTileSchedule::bytes(params.batch);
+    return size;
+}
+
+// Varlen: a one-block kernel orders the tiles (longest sequences first) and the main kernel runs
+// one thread block per tile on a 1-D grid sized by an upper bound of the tiles. Fixed length:
+// grid (row blocks, batch, heads), the row blocks of one (sequence, head) adjacent in launch order
+// so that blocks sharing K and V run together and read them from L2.
 template <typename Element, int kHeadDim, bool kIsLocal>
-cudaError_t launch_flash_fwd(const FlashFwdParams& params, const Workspace&, cudaStream_t stream) {
+cudaError_t launch_flash_fwd(const FlashFwdParams& params, const Workspace& workspace,
+                             cudaStream_t stream) {
     using Traits = typename FwdTileConfig<Element, kHeadDim, kIsLocal>::Traits;
     if (fwd_unsupported_option(params) != nullptr) return cudaErrorNotSupported;
 
@@ -80,12 +92,26 @@ cudaError_t launch_flash_fwd(const FlashFwdParams& params, const Workspace&, cud
     kp.tma_v = make_tma_copy(SM90_TMA_LOAD{}, mVt, take<0, 2>(typename Traits::SmemLayoutVt{}),
                              Shape<Int<kHeadDim>, Int<Traits::kBlockN>>{}, _1{});
 
+    dim3 grid(cute::ceil_div(params.seqlen_q, Traits::kBlockM), params.batch, params.nheads);
+    if (is_varlen) {
+        int* order = static_cast<int*>(workspace.scratch);
+        int* tile_start = order + params.batch;
+        prepare_varlen_tile_schedule<Traits::kBlockM>
+            <<<1, varlen_schedule_detail::kThreads, 0, stream>>>(params, order, tile_start);
+        const cudaError_t err = cudaGetLastError();
+        if (err != cudaSuccess) return err;
+        kp.schedule = VarlenTileSchedule{order, tile_start};
+        const int64_t tiles = VarlenTileSchedule::grid_bound(params.total_q, params.batch,
+                                                             Traits::kBlockM, params.nheads);
+        if (tiles > std::numeric_limits<int32_t>::max()) return cudaErrorInvalidConfiguration;
+        grid = dim3(uint32_t(tiles));
+    }
+
     auto kernel = &flash_fwd_kernel<Traits, kIsLocal>;
     constexpr int kSmemBytes = Traits::kSmemBytes;
     const cudaError_t err =
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
     if (err != cudaSuccess) return err;
-    const dim3 grid(cute::ceil_div(params.seqlen_q, Traits::kBlockM), params.batch, params.nheads);
     kernel<<<grid, Traits::kNumThreads, kSmemBytes, stream>>>(kp);
     return cudaGetLastError();
 }

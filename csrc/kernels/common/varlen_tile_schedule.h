@@ -1,0 +1,151 @@
+// Launch order of a varlen forward's tiles (one row block of one head of one sequence each), so
+// that a packed batch launches only the tiles it has, longest sequences first.
+//
+// A grid of (row blocks of the longest sequence, batch, heads) launches max_seqlen_q / kBlockM
+// thread blocks for every sequence: with one 16k-token document among 258 tiny ones that is
+// 530k blocks per call, of which 6k have work, and the long document's blocks run wherever the
+// launch order happens to put them. Instead, a one-block prepare kernel (no host sync: it reads
+// cu_seqlens and seqused on the device) writes
+// - sequence_order: the sequences by decreasing work (rows x keys, in power-of-two classes:
+//   longest-processing-time-first order, the classic greedy bound for list scheduling), and
+// - tile_start: where each sequence's tiles start in launch order (an exclusive prefix sum of
+//   row blocks x heads),
+// and the main kernel's 1-D grid has an upper bound of tiles that the host knows without reading
+// the device (total_q / kBlockM + batch per head); each thread block finds its tile by binary
+// search, and the few blocks past the last tile exit. Within a sequence the row blocks of one
+// head are adjacent (they share K and V in L2; so do the heads of a GQA group, which follow each
+// other), with the causal row blocks that see the most keys first.
+//
+// Only the order of execution depends on the schedule: every tile computes the same values
+// wherever it runs, so outputs stay bitwise reproducible.
+#pragma once
+
+#include <cub/block/block_scan.cuh>
+
+#include <cstdint>
+
+#include "kernels/common/flash_params.h"
+#include "kernels/common/seqlen_info.h"
+
+namespace flash_varlen {
+
+// The workspace of one schedule, int32: sequence_order (batch) then tile_start (batch + 1).
+struct VarlenTileSchedule {
+    const int* sequence_order;
+    const int* tile_start;
+
+    static int64_t bytes(int batch) { return (2 * int64_t(batch) + 1) * int64_t(sizeof(int)); }
+
+    // The launch's thread blocks: an upper bound of the tiles, known on the host. A sequence of
+    // length n has ceil(n / block_m) <= n / block_m + 1 row blocks, and the lengths (or used
+    // lengths) sum to at most total_q.
+    static int64_t grid_bound(int64_t total_q, int batch, int block_m, int nheads) {
+        return ((total_q + block_m - 1) / block_m + batch) * nheads;
+    }
+};
+
+// What one thread block computes.
+struct TileCoordinates {
+    int m_block;
+    int batch;
+    int head;
+};
+
+namespace varlen_schedule_detail {
+
+constexpr int kThreads = 1024;
+// Work classes: floor(log2(rows x keys)) + 1, 0 for no work; rows and keys are below 2^31.
+constexpr int kWorkClasses = 64;
+
+__device__ __forceinline__ int work_class(const SeqlenInfo& seq) {
+    const uint64_t work = uint64_t(max(seq.seqlen_q, 0)) * uint64_t(max(seq.seqlen_k, 0));
+    return work == 0 ? 0 : 64 - __clzll(work);
+}
+
+__device__ __forceinline__ int row_blocks(const SeqlenInfo& seq, int block_m) {
+    return (max(seq.seqlen_q, 0) + block_m - 1) / block_m;
+}
+
+}  // namespace varlen_schedule_detail
+
+// One thread block of varlen_schedule_detail::kThreads threads. `order` and `tile_start` are the
+// two arrays of VarlenTileSchedule, writable here.
+template <int kBlockM>
+__global__ void __launch_bounds__(varlen_schedule_detail::kThreads)
+    prepare_varlen_tile_schedule(const __grid_constant__ FlashFwdParams params, int* order,
+                                 int* tile_start) {
+    using namespace varlen_schedule_detail;
+    using BlockScan = cub::BlockScan<int, kThreads>;
+    __shared__ typename BlockScan::TempStorage scan_storage;
+    __shared__ int class_count[kWorkClasses];
+    __shared__ int class_cursor[kWorkClasses];
+    const int batch = params.batch;
+    const int tid = threadIdx.x;
+
+    // A counting sort by work class, largest class first. The order inside a class follows the
+    // shared-memory atomics (it may differ between calls; the results do not).
+    if (tid < kWorkClasses) class_count[tid] = 0;
+    __syncthreads();
+    for (int b = tid; b < batch; b += kThreads) {
+        atomicAdd(&class_count[work_class(SeqlenInfo(params, b))], 1);
+    }
+    __syncthreads();
+    if (tid == 0) {
+        int running = 0;
+        for (int c = kWorkClasses - 1; c >= 0; --c) {
+            class_cursor[c] = running;
+            running += class_count[c];
+        }
+    }
+    __syncthreads();
+    for (int b = tid; b < batch; b += kThreads) {
+        order[atomicAdd(&class_cursor[work_class(SeqlenInfo(params, b))], 1)] = b;
+    }
+    __syncthreads();  // the order, written to global memory by other threads, is visible
+
+    // tile_start: exclusive prefix sum of row blocks x heads in launch order, kThreads at a time.
+    int carry = 0;
+    for (int first = 0; first < batch; first += kThreads) {
+        const int slot = first + tid;
+        const int tiles =
+            slot < batch ? row_blocks(SeqlenInfo(params, order[slot]), kBlockM) * params.nheads
+                         : 0;
+        int before = 0;
+        int chunk_total = 0;
+        BlockScan(scan_storage).ExclusiveSum(tiles, before, chunk_total);
+        if (slot < batch) tile_start[slot] = carry + before;
+        carry += chunk_total;
+        __syncthreads();  // scan_storage is reused by the next chunk
+    }
+    if (tid == 0) tile_start[batch] = carry;
+}
+
+// The tile of thread block `tile` (blockIdx.x), or false past the last one. reverse_row_blocks:
+// the row blocks of a head in decreasing order (causal: the later rows see more keys).
+__device__ __forceinline__ bool varlen_tile(const VarlenTileSchedule& schedule, int batch,
+                                            int nheads, int tile, bool reverse_row_blocks,
+                                            TileCoordinates& coordinates) {
+    if (tile >= schedule.tile_start[batch]) return false;
+    // The last slot whose tiles start at or before `tile` (slots without tiles start where the
+    // next one does, so the search skips them): tile_start[lo] <= tile < tile_start[hi].
+    int lo = 0;
+    int hi = batch;
+    while (hi - lo > 1) {
+        const int mid = (lo + hi) / 2;
+        if (schedule.tile_start[mid] <= tile) {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    const int first = schedule.tile_start[lo];
+    const int row_blocks = (schedule.tile_start[lo + 1] - first) / nheads;
+    const int local = tile - first;
+    const int m = local % row_blocks;
+    coordinates.head = local / row_blocks;
+    coordinates.m_block = reverse_row_blocks ? row_blocks - 1 - m : m;
+    coordinates.batch = schedule.sequence_order[lo];
+    return true;
+}
+
+}  // namespace flash_varlen
