@@ -11,23 +11,13 @@
 
 #include <cute/tensor.hpp>
 
+#include "kernels/common/softmax_rows.h"
 #include "kernels/sm90/fragment_layouts.h"
 
 namespace flash_varlen {
 namespace sm90 {
 
 using namespace cute;
-
-// The four threads of a quad (lanes 4g .. 4g + 3) hold the columns of the same rows.
-__device__ __forceinline__ float quad_allreduce_max(float x) {
-    x = fmaxf(x, __shfl_xor_sync(0xffffffff, x, 2));
-    return fmaxf(x, __shfl_xor_sync(0xffffffff, x, 1));
-}
-
-__device__ __forceinline__ float quad_allreduce_sum(float x) {
-    x += __shfl_xor_sync(0xffffffff, x, 2);
-    return x + __shfl_xor_sync(0xffffffff, x, 1);
-}
 
 template <int kRows>
 struct OnlineSoftmax {
@@ -86,26 +76,17 @@ struct OnlineSoftmax {
         }
     }
 
-    // The per-row factor that normalises O (times out_scale: dropout's 1 / (1 - p)), and each
-    // row's natural-log LSE in `lse`. logit_scale turns the raw scores the state holds into
-    // logits; sink is one more logit in every row's sum, with no value (attention sinks), or -inf.
-    // A row that saw no visible key gets factor 0 and LSE = sink. The same arithmetic as the sm80
-    // family's finalize, so the two families agree on the LSE to the last bit of the formula.
+    // The per-row factor that normalises O and each row's LSE in `lse` (common/softmax_rows.h,
+    // the arithmetic of every family).
     __device__ __forceinline__ RowValues finalize(float logit_scale, float out_scale, float sink,
                                                   RowValues& lse) {
         RowValues factor;
         CUTE_UNROLL
         for (int r = 0; r < kRows; ++r) {
-            const float sum = quad_allreduce_sum(row_sum(r));
-            const bool saw_no_key = !(sum > 0.f);
-            // sum is relative to the largest logit; the sink's term is added relative to the
-            // larger of the two, so that neither exponential overflows whatever the sink's size.
-            const float max_logit = row_max(r) * logit_scale;
-            const float top = fmaxf(max_logit, sink);
-            const float keys_share = expf(max_logit - top);
-            const float total = sum * keys_share + expf(sink - top);
-            lse(r) = saw_no_key ? sink : top + __logf(total);
-            factor(r) = saw_no_key ? 0.f : out_scale * keys_share / total;
+            const RowNormalisation row = normalise_row(quad_allreduce_sum(row_sum(r)), row_max(r),
+                                                       logit_scale, out_scale, sink);
+            lse(r) = row.lse;
+            factor(r) = row.factor;
         }
         return factor;
     }
