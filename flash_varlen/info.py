@@ -226,14 +226,15 @@ def _format_buckets(every_bucket: list[int], built: list[int]) -> str:
 
 
 def _format_families(families: Sequence[dict]) -> str:
-    """'sm80 (compute capability 8.0 to 9.0; built for 8.0, 9.0)' per family, best first."""
+    """'sm80 (compute capability 8.0 to 9.0; built for 8.0, 9.0)' per family, best first ('not
+    built' for a family this build has no kernel of)."""
     parts = []
     for family in families:
         low, high = family["compute_capabilities"]
-        built = ", ".join(map(_capability_text, family["built_for"])) or "not built"
+        built = ", ".join(map(_capability_text, family["built_for"]))
         parts.append(
             f"{family['name']} (compute capability {_capability_text(low)} to "
-            f"{_capability_text(high)}; built for {built})"
+            f"{_capability_text(high)}; {'built for ' + built if built else 'not built'})"
         )
     return "; ".join(parts)
 

@@ -314,3 +314,14 @@ def test_buckets_line_tells_a_narrowed_build_from_a_full_one():
     narrowed = info._format_buckets(every, [128])
     assert narrowed.startswith("128 built, of 64, 96, 128, 192, 256")
     assert info._format_buckets(every, []).startswith("none built")
+
+
+def test_kernel_families_line_names_a_family_without_kernels_as_not_built():
+    from flash_varlen import info
+
+    sm90_absent = {"name": "sm90", "summary": "wgmma", "compute_capabilities": (90, 90),
+                   "built_for": []}
+    assert info._format_families([sm90_absent, *FAKE_FAMILIES]) == (
+        "sm90 (compute capability 9.0 to 9.0; not built); "
+        "sm80 (compute capability 8.0 to 9.0; built for 8.0, 9.0)"
+    )
