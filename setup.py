@@ -440,9 +440,19 @@ def torch_requirement(commands: list[str], torch_version: str | None) -> str:
     return f"torch=={torch_version.split('+')[0]}"
 
 
+# setup.py commands that compile (or install) the extension.
+BUILD_COMMANDS = ("build", "build_ext", "bdist_wheel", "install", "develop", "editable_wheel")
+
+
+def compiles_extension(commands: list[str]) -> bool:
+    """False for a source distribution alone: it ships the sources (MANIFEST.in) and compiles
+    nothing, so it needs neither torch nor a CUDA toolkit."""
+    return "sdist" not in commands or any(command in BUILD_COMMANDS for command in commands)
+
+
 def main() -> None:
     try:
-        ext_modules, cmdclass = extensions()
+        ext_modules, cmdclass = extensions() if compiles_extension(sys.argv[1:]) else ([], {})
     except TOOLCHAIN.BuildEnvironmentError as error:
         # One line that says what to fix, instead of a traceback (pip shows the last lines).
         sys.exit(f"{TOOLCHAIN.MESSAGE_PREFIX}cannot build the CUDA extension: {error}")

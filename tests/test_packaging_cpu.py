@@ -16,6 +16,7 @@ import os
 import re
 import subprocess
 import sys
+import tarfile
 import types
 import warnings
 from importlib import metadata
@@ -477,3 +478,42 @@ def test_wheel_metadata_pins_the_torch_it_was_built_against():
     project = pyproject()["project"]
     # setup.py gives the requirement: pyproject must leave it dynamic and not state its own.
     assert "dependencies" in project["dynamic"] and "dependencies" not in project
+
+
+@pytest.mark.parametrize(
+    ("commands", "compiles"),
+    [
+        (["sdist"], False),
+        (["sdist", "--formats", "gztar"], False),
+        (["sdist", "bdist_wheel"], True),
+        (["build_ext", "--inplace"], True),
+        (["bdist_wheel"], True),
+        (["egg_info"], True),
+        ([], True),
+    ],
+)
+def test_only_a_source_distribution_skips_the_extension(commands, compiles):
+    assert load_setup().compiles_extension(commands) is compiles
+
+
+def test_sdist_carries_every_file_the_build_reads(tmp_path):
+    """An sdist (built without touching torch or a toolkit) holds every file git tracks under
+    csrc/ (sources, headers, the generator and the kernel-family declarations), so that it
+    builds on its own."""
+    tracked = subprocess.run(
+        ["git", "ls-files", "csrc"], cwd=ROOT, capture_output=True, text=True, check=False
+    )
+    if tracked.returncode != 0 or not tracked.stdout:
+        pytest.skip("not a git checkout: no list of the tracked files to compare with")
+    result = subprocess.run(
+        [sys.executable, "setup.py", "-q", "egg_info", "--egg-base", str(tmp_path),
+         "sdist", "--dist-dir", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    (archive,) = tmp_path.glob("flash_varlen-*.tar.gz")
+    with tarfile.open(archive) as sdist:
+        shipped = {name.split("/", 1)[1] for name in sdist.getnames() if "/" in name}
+    missing = set(tracked.stdout.split()) - shipped
+    assert not missing, f"the sdist lacks {sorted(missing)[:10]}"
+    assert {"setup.py", "pyproject.toml", "README.md", "flash_varlen/__init__.py"} <= shipped
