@@ -1,6 +1,7 @@
-// The per-row arithmetic that ends an online softmax: the normalisation of a finished row, with
-// attention sinks. The sm80 family's finalize (sm80/online_softmax.h) computes the same
-// expressions, so that the families agree on the output and the LSE.
+// The per-row arithmetic of the online softmax that the kernel families share: the quad
+// reductions (both families) and the normalisation of a finished row, with attention sinks (sm90;
+// the sm80 family's finalize in sm80/online_softmax.h computes the same expressions inline, which
+// keeps its SASS as measured), so that the families agree on the output and the LSE.
 //
 // Both mma.sync (sm80) and wgmma (sm90) accumulators give the columns of a row to the four
 // threads of a quad (lanes 4g .. 4g + 3): the quad reductions below combine a row's partial

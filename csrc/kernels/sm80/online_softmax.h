@@ -5,23 +5,13 @@
 
 #include <cute/tensor.hpp>
 
+#include "kernels/common/softmax_rows.h"
 #include "kernels/sm80/fragment_layouts.h"
 
 namespace flash_varlen {
 namespace sm80 {
 
 using namespace cute;
-
-// The four threads of an MMA quad (lanes 4g .. 4g + 3) hold the columns of the same rows.
-__device__ __forceinline__ float quad_allreduce_max(float x) {
-    x = fmaxf(x, __shfl_xor_sync(0xffffffff, x, 2));
-    return fmaxf(x, __shfl_xor_sync(0xffffffff, x, 1));
-}
-
-__device__ __forceinline__ float quad_allreduce_sum(float x) {
-    x += __shfl_xor_sync(0xffffffff, x, 2);
-    return x + __shfl_xor_sync(0xffffffff, x, 1);
-}
 
 template <int kRows>
 struct OnlineSoftmax {
