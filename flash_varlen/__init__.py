@@ -14,6 +14,7 @@ from flash_varlen.interface import (
     flash_attn_varlen_kvpacked_func,
     flash_attn_varlen_qkvpacked_func,
 )
+from flash_varlen.kvcache import flash_attn_with_kvcache
 from flash_varlen.padding import (
     cu_seqlens_from_attention_mask,
     cu_seqlens_from_lengths,
@@ -35,6 +36,7 @@ __all__ = [
     "flash_attn_varlen_func",
     "flash_attn_varlen_kvpacked_func",
     "flash_attn_varlen_qkvpacked_func",
+    "flash_attn_with_kvcache",
     "pad_input",
     "reference",
     "unpad_input",

@@ -62,6 +62,11 @@ by positions within each sequence, where a dropped entry has its sign bit set. T
 therefore takes a boolean keep mask of that padded form (sizes at least the sequence lengths;
 extra rows and columns are ignored), and ``dropout_keep_mask`` turns an ``S_dmask`` into one.
 
+``attention_ref_kvcache`` is the reference of ``flash_attn_with_kvcache``: it appends the new
+keys and values (rotated keys first) to copies of the caches, gathers each sequence's keys from
+its cache entry or pages, rotates the queries, and runs ``attention_one_sequence``; its
+docstring gives flash-attn 2's conventions for positions, cache_leftpad and cache_batch_idx.
+
 Known differences from flash-attn 2 (the reference follows the documented formulas instead):
 - with causal=True and ALiBi (and no window), flash-attn 2 adds +slope * j rather than
   -slope * |i + offset - j|; on visible keys the two differ by a per-row constant, so out is the
@@ -77,7 +82,7 @@ Known differences from flash-attn 2 (the reference follows the documented formul
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 
@@ -526,3 +531,171 @@ def _mask_of(
 ) -> torch.Tensor | None:
     """Sequence b's (nheads, seqlen_q, seqlen_k) keep mask from the padded batch form."""
     return None if dropout_mask is None else dropout_mask[b, :, :seqlen_q, :seqlen_k]
+
+
+# --------------------------------------------------------------------------------------------
+# KV cache (flash_attn_with_kvcache)
+
+
+class KVCacheReference(NamedTuple):
+    """What ``attention_ref_kvcache`` returns: out (batch, seqlen_q, nheads, d) in the compute
+    dtype, softmax_lse (batch, nheads, seqlen_q) float32, and copies of the caches after the
+    append (the caller's caches are not modified)."""
+
+    out: torch.Tensor
+    softmax_lse: torch.Tensor
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+
+
+def rotary_ref(
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    positions: Sequence[int],
+    interleaved: bool,
+    compute_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Rotary embedding of x (seqlen, nheads, d), row i at position positions[i].
+
+    cos, sin: (seqlen_ro, rotary_dim / 2). Each pair of dims (x0, x1) among the first rotary_dim
+    ((2i, 2i + 1) when interleaved, else (i, i + rotary_dim / 2)) is multiplied by the rotation
+    matrix [[cos, -sin], [sin, cos]] of its position and pair index; the other dims are kept.
+    Returns (seqlen, nheads, d) in ``compute_dtype``.
+    """
+    half = cos.shape[1]
+    rotary_dim = 2 * half
+    index = torch.as_tensor(list(positions), dtype=torch.long, device=cos.device)
+    c = cos[index].to(device=x.device, dtype=compute_dtype)  # (seqlen, half)
+    s = sin[index].to(device=x.device, dtype=compute_dtype)
+    rotation = torch.stack((torch.stack((c, -s), dim=-1), torch.stack((s, c), dim=-1)), dim=-2)
+    head = x[..., :rotary_dim].to(compute_dtype)
+    # (seqlen, nheads, half, 2): pair i of each head, as (x0, x1).
+    pairs = head.unflatten(-1, (half, 2)) if interleaved else head.unflatten(-1, (2, half)).mT
+    rotated = torch.einsum("sirc,shic->shir", rotation, pairs)
+    rotated = rotated.flatten(-2) if interleaved else rotated.mT.flatten(-2)
+    return torch.cat((rotated, x[..., rotary_dim:].to(compute_dtype)), dim=-1)
+
+
+def attention_ref_kvcache(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k: torch.Tensor | None = None,
+    v: torch.Tensor | None = None,
+    rotary_cos: torch.Tensor | None = None,
+    rotary_sin: torch.Tensor | None = None,
+    cache_seqlens: int | torch.Tensor | None = None,
+    cache_batch_idx: torch.Tensor | None = None,
+    cache_leftpad: torch.Tensor | None = None,
+    block_table: torch.Tensor | None = None,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    window_size: Sequence[int] = NO_WINDOW,
+    softcap: float = 0.0,
+    rotary_interleaved: bool = True,
+    alibi_slopes: torch.Tensor | None = None,
+    learnable_sink: torch.Tensor | None = None,
+    compute_dtype: torch.dtype = torch.float32,
+) -> KVCacheReference:
+    """Reference of ``flash_attn_with_kvcache`` (same arguments; flash-attn 2.x's semantics).
+
+    Sequence b owns cache entry cache_batch_idx[b] (default b) of a contiguous cache
+    (batch_cache, seqlen_cache, nheads_k, d), or the pages block_table[b] of a paged cache
+    (num_pages, page_size, nheads_k, d), read one after the other (capacity max_pages *
+    page_size). With L = cache_seqlens[b] (the capacity when None) and n = seqlen_new:
+
+    1. append: new keys k[b] rotated at positions L .. L + n - 1 (when rotary tables are
+       given), then stored in the cache's dtype at those positions, with v[b];
+    2. queries: q[b] rotated at positions L + i (causal or a window other than (-1, -1)), or
+       all at L (otherwise);
+    3. attention (``attention_one_sequence``) over the keys at positions cache_leftpad[b]
+       (default 0) .. L + n - 1 of the cache after every sequence's append, as one sequence:
+       causal bottom-right, window, softcap, ALiBi (alibi_slopes (nheads,) or (batch, nheads))
+       and learnable_sink as for the other functions; no key: out 0, LSE -inf (or the sink).
+
+    Rotary positions count from the start of the cache (cache_leftpad does not shift them),
+    as in flash-attn 2's kernel. Values are read on the host; a position past the capacity
+    raises ValueError.
+    """
+    batch, seqlen_q, nheads, head_dim = q.shape
+    scale = default_softmax_scale(head_dim) if softmax_scale is None else softmax_scale
+    _check_batched_slopes(alibi_slopes, batch, nheads)
+    capacity = k_cache.shape[1] * (1 if block_table is None else block_table.shape[1])
+    seqlen_new = 0 if k is None else k.shape[1]
+    lengths = _cache_lengths(cache_seqlens, batch, capacity, seqlen_new)
+    entries = list(range(batch)) if cache_batch_idx is None else cache_batch_idx.tolist()
+    starts = [0] * batch if cache_leftpad is None else cache_leftpad.tolist()
+    pages = None if block_table is None else block_table.tolist()
+    consecutive = effective_window(causal, window_size) != NO_WINDOW
+
+    def cells(b: int, positions: range) -> tuple[torch.Tensor, torch.Tensor]:
+        """Indices of dims 0 and 1 of the cache cells holding sequence b's positions."""
+        if pages is None:
+            dim0, dim1 = [entries[b]] * len(positions), list(positions)
+        else:
+            page_size = k_cache.shape[1]
+            dim0 = [pages[b][p // page_size] for p in positions]
+            dim1 = [p % page_size for p in positions]
+        return (
+            torch.tensor(dim0, dtype=torch.long, device=k_cache.device),
+            torch.tensor(dim1, dtype=torch.long, device=k_cache.device),
+        )
+
+    new_k_cache, new_v_cache = k_cache.clone(), v_cache.clone()
+    if k is not None:
+        for b in range(batch):
+            written = range(lengths[b], lengths[b] + seqlen_new)
+            new_keys = k[b]
+            if rotary_cos is not None:
+                new_keys = rotary_ref(
+                    new_keys, rotary_cos, rotary_sin, written, rotary_interleaved, compute_dtype
+                )
+            dim0, dim1 = cells(b, written)
+            new_k_cache[dim0, dim1] = new_keys.to(k_cache.dtype)
+            new_v_cache[dim0, dim1] = v[b]
+
+    out_shape = (batch, seqlen_q, nheads, v_cache.shape[-1])
+    out = torch.zeros(out_shape, dtype=compute_dtype, device=q.device)
+    lse = torch.full((batch, nheads, seqlen_q), -math.inf, dtype=LSE_DTYPE, device=q.device)
+    for b in range(batch):
+        end = lengths[b] + seqlen_new
+        dim0, dim1 = cells(b, range(starts[b], end))
+        queries = q[b]
+        if rotary_cos is not None:
+            offsets = range(seqlen_q) if consecutive else [0] * seqlen_q
+            positions = [lengths[b] + i for i in offsets]
+            queries = rotary_ref(
+                queries, rotary_cos, rotary_sin, positions, rotary_interleaved, compute_dtype
+            )
+        out[b], lse[b] = attention_one_sequence(
+            queries,
+            new_k_cache[dim0, dim1],
+            new_v_cache[dim0, dim1],
+            scale,
+            causal,
+            compute_dtype,
+            window_size=window_size,
+            softcap=softcap,
+            alibi_slopes=_slopes_of(alibi_slopes, b),
+            learnable_sink=learnable_sink,
+        )
+    return KVCacheReference(out, lse, new_k_cache, new_v_cache)
+
+
+def _cache_lengths(
+    cache_seqlens: int | torch.Tensor | None, batch: int, capacity: int, seqlen_new: int
+) -> list[int]:
+    """Each sequence's keys before the append, checked to leave room for the new ones."""
+    if cache_seqlens is None:
+        lengths = [capacity] * batch
+    elif isinstance(cache_seqlens, int):
+        lengths = [cache_seqlens] * batch
+    else:
+        lengths = [int(length) for length in cache_seqlens.tolist()]
+    if any(not 0 <= length <= capacity - seqlen_new for length in lengths):
+        raise ValueError(
+            f"cache_seqlens must leave room for {seqlen_new} new keys in a capacity of "
+            f"{capacity}, got {lengths}"
+        )
+    return lengths

@@ -1,0 +1,364 @@
+"""GPU tests of flash_attn_with_kvcache on contiguous caches, against the float32 reference.
+
+Each call is compared with ``reference.attention_ref_kvcache`` by the tolerance rule of
+design.md (tests/accuracy.py: at most FORWARD_FACTOR times the error of the same PyTorch math in
+the input dtype): out, softmax_lse, and the caches after the in-place append (values exact,
+rotated keys within one rounding). Outputs are NaN-poisoned through the caching allocator and
+checked to be fully written. Covered: both dtypes, head dims 64 and 128, seqlen_q 1 to 16,
+MHA/GQA/MQA, cache_batch_idx, cache_leftpad, rotary in both styles, causal, window, softcap,
+ALiBi, sinks, empty caches, no copy of the cache, and a CUDA-graph capture replayed with new
+cache lengths. A paged cache raises NotImplementedError until the paged kernel exists.
+
+Runs only where CUDA is available; elsewhere every test is skipped.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+import torch
+
+from accuracy import (
+    FORWARD_FACTOR,
+    assert_all_written,
+    assert_bitwise_equal,
+    assert_lse_within_tolerance,
+    assert_within_tolerance,
+    device_generator,
+    output_nbytes,
+    poison_freed_blocks,
+    require_kernel,
+    seeded_randn,
+)
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+DEVICE = "cuda"
+DTYPES = [torch.float16, torch.bfloat16]
+HEAD_DIMS = [64, 128]
+SEQLENS_Q = [1, 2, 5, 16]
+HEAD_LAYOUTS = {"mha": (8, 8), "gqa": (8, 2), "mqa": (8, 1)}
+DEFAULT_DTYPE = torch.bfloat16  # in every (even narrowed) development build
+DEFAULT_HEAD_DIM = 128
+BATCH = 4
+# Not a multiple of any tile: the last key block of a full cache is partial.
+SEQLEN_CACHE = 333
+# Extra cache entries beyond the batch, for cache_batch_idx to pick from.
+SPARE_ENTRIES = 2
+ALIBI_SLOPE_SCALE = 0.3
+SOFTCAP = 20.0
+WINDOW = (37, 0)
+# Static buffers of the CUDA-graph test and the cache lengths written before each replay
+# (an empty cache, a full one, lengths that change by more than a tile).
+GRAPH_SEQLEN_NEW = 2
+GRAPH_LENGTHS = [[0, 17, 200, SEQLEN_CACHE - GRAPH_SEQLEN_NEW], [5, 0, 64, 128], [0, 0, 0, 0]]
+WARMUP_STEPS = 3  # side-stream calls before capture (PyTorch's CUDA-graph guidance)
+# The call may allocate its small index tensors and rotated q, never a copy of the cache
+# (16 MiB per cache at this length with BATCH entries of GQA heads).
+NO_COPY_CACHE_SEQLEN = 8192
+NO_COPY_FRACTION = 0.05
+
+
+def _flash_varlen() -> Any:
+    import flash_varlen
+
+    return flash_varlen
+
+
+def rotary_tables(seqlen_ro: int, rotary_dim: int, dtype: torch.dtype, seed: int):
+    generator = torch.Generator().manual_seed(seed)
+    angles = torch.rand(seqlen_ro, rotary_dim // 2, generator=generator) * 2 * math.pi
+    return torch.cos(angles).to(DEVICE, dtype), torch.sin(angles).to(DEVICE, dtype)
+
+
+def make_call(
+    *,
+    dtype: torch.dtype = DEFAULT_DTYPE,
+    head_dim: int = DEFAULT_HEAD_DIM,
+    seqlen_q: int = 1,
+    seqlen_new: int | None = None,
+    layout: str = "gqa",
+    lengths: list[int] | None = None,
+    rotary_dim: int = 0,
+    batch_idx: bool = False,
+    leftpad: bool = False,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Arguments of one call: a contiguous cache of SEQLEN_CACHE keys per entry holding random
+    lengths (one empty), seqlen_new (default seqlen_q) keys to append."""
+    seqlen_new = seqlen_q if seqlen_new is None else seqlen_new
+    nheads, nheads_k = HEAD_LAYOUTS[layout]
+    generator = device_generator(DEVICE, seed)
+    entries = BATCH + SPARE_ENTRIES if batch_idx else BATCH
+    if lengths is None:
+        cpu = torch.Generator().manual_seed(seed)
+        lengths = torch.randint(0, SEQLEN_CACHE - seqlen_new + 1, (BATCH,), generator=cpu).tolist()
+        lengths[0] = 0  # an empty cache
+    args: dict[str, Any] = {
+        "q": seeded_randn((BATCH, seqlen_q, nheads, head_dim), dtype, DEVICE, generator),
+        "k_cache": seeded_randn(
+            (entries, SEQLEN_CACHE, nheads_k, head_dim), dtype, DEVICE, generator
+        ),
+        "v_cache": seeded_randn(
+            (entries, SEQLEN_CACHE, nheads_k, head_dim), dtype, DEVICE, generator
+        ),
+        "cache_seqlens": torch.tensor(lengths, dtype=torch.int32, device=DEVICE),
+    }
+    if seqlen_new > 0:
+        shape = (BATCH, seqlen_new, nheads_k, head_dim)
+        args["k"] = seeded_randn(shape, dtype, DEVICE, generator)
+        args["v"] = seeded_randn(shape, dtype, DEVICE, generator)
+    if rotary_dim:
+        args["rotary_cos"], args["rotary_sin"] = rotary_tables(
+            SEQLEN_CACHE, rotary_dim, dtype, seed
+        )
+    if batch_idx:
+        order = torch.randperm(entries, generator=torch.Generator().manual_seed(seed))[:BATCH]
+        args["cache_batch_idx"] = order.to(DEVICE, torch.int32)
+    if leftpad:
+        pads = [length // 3 for length in lengths]
+        args["cache_leftpad"] = torch.tensor(pads, dtype=torch.int32, device=DEVICE)
+    return args
+
+
+def run_and_check(args: dict[str, Any], name: str, **options: Any) -> None:
+    """One poisoned call against the float32 reference (out, softmax_lse, appended caches)."""
+    require_kernel(args["q"].dtype, args["q"].shape[-1])
+    reference = _flash_varlen().reference
+    expected = reference.attention_ref_kvcache(**args, **options)
+    lowp = reference.attention_ref_kvcache(**args, **options, compute_dtype=args["q"].dtype)
+    k_cache, v_cache = args["k_cache"].clone(), args["v_cache"].clone()
+    q = args["q"]
+    lse_numel = q.shape[0] * q.shape[1] * q.shape[2]
+    poison_freed_blocks(output_nbytes(q, lse_numel), DEVICE)
+    out, lse = _flash_varlen().flash_attn_with_kvcache(
+        **{**args, "k_cache": k_cache, "v_cache": v_cache}, return_softmax_lse=True, **options
+    )
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert lse.shape == (q.shape[0], q.shape[2], q.shape[1]) and lse.dtype == torch.float32
+    assert_all_written(out, lse, name)
+    assert_within_tolerance(out, expected.out, lowp.out, FORWARD_FACTOR, f"{name} out")
+    assert_lse_within_tolerance(
+        lse, expected.softmax_lse, lowp.softmax_lse, FORWARD_FACTOR, f"{name} lse"
+    )
+    assert_bitwise_equal(v_cache, expected.v_cache, f"{name} v_cache")
+    # Rotated keys: the same float32 rotation rounded once, up to the order of its two products.
+    eps = torch.finfo(q.dtype).eps
+    torch.testing.assert_close(k_cache, expected.k_cache, atol=eps, rtol=eps)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("seqlen_q", SEQLENS_Q)
+@pytest.mark.parametrize("layout", list(HEAD_LAYOUTS))
+def test_decode_with_append_and_rotary(dtype, head_dim, seqlen_q, layout) -> None:
+    args = make_call(
+        dtype=dtype, head_dim=head_dim, seqlen_q=seqlen_q, layout=layout, rotary_dim=head_dim // 2
+    )
+    run_and_check(args, f"{dtype} d{head_dim} q{seqlen_q} {layout}", causal=True)
+
+
+@pytest.mark.parametrize("interleaved", [True, False])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("rotary_dim", [32, DEFAULT_HEAD_DIM])
+@pytest.mark.parametrize("float32_tables", [False, True])
+def test_rotary_styles(interleaved, causal, rotary_dim, float32_tables) -> None:
+    """Queries at consecutive positions (causal) or all at cache_seqlens (not causal); tables
+    in q's dtype or float32."""
+    args = make_call(seqlen_q=4, rotary_dim=rotary_dim)
+    if float32_tables:
+        args["rotary_cos"], args["rotary_sin"] = rotary_tables(
+            SEQLEN_CACHE, rotary_dim, torch.float32, seed=0
+        )
+    run_and_check(args, "rotary", causal=causal, rotary_interleaved=interleaved)
+
+
+@pytest.mark.parametrize("batch_idx", [False, True])
+@pytest.mark.parametrize("leftpad", [False, True])
+@pytest.mark.parametrize("seqlen_new", [0, 1, 3])
+def test_cache_batch_idx_and_leftpad(batch_idx, leftpad, seqlen_new) -> None:
+    args = make_call(
+        seqlen_q=3,
+        seqlen_new=seqlen_new,
+        batch_idx=batch_idx,
+        leftpad=leftpad,
+        rotary_dim=64 if seqlen_new else 0,
+    )
+    run_and_check(args, f"batch_idx={batch_idx} leftpad={leftpad}", causal=True)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"causal": True},
+        {"window_size": WINDOW},
+        {"window_size": WINDOW, "causal": True},
+        {"softcap": SOFTCAP},
+        {"softmax_scale": 0.05},
+    ],
+    ids=["full", "causal", "window", "causal_window", "softcap", "scale"],
+)
+def test_options(options) -> None:
+    run_and_check(make_call(seqlen_q=7, rotary_dim=64), "options", **options)
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_alibi(batched) -> None:
+    args = make_call(seqlen_q=5)
+    nheads = args["q"].shape[2]
+    shape = (BATCH, nheads) if batched else (nheads,)
+    slopes = torch.rand(shape, generator=torch.Generator().manual_seed(3)) * ALIBI_SLOPE_SCALE
+    run_and_check(args, "alibi", causal=True, alibi_slopes=slopes.to(DEVICE))
+
+
+def test_learnable_sink() -> None:
+    args = make_call(seqlen_q=2)
+    sink = torch.randn(args["q"].shape[2], generator=torch.Generator().manual_seed(4))
+    run_and_check(args, "sink", causal=True, learnable_sink=sink.to(DEVICE))
+
+
+def test_empty_caches() -> None:
+    """No key anywhere: out exactly 0, softmax_lse -inf, nothing NaN."""
+    args = make_call(seqlen_q=3, seqlen_new=0, lengths=[0] * BATCH)
+    run_and_check(args, "empty")
+    out, lse = _flash_varlen().flash_attn_with_kvcache(**args, return_softmax_lse=True)
+    assert bool((out == 0).all()) and bool(torch.isneginf(lse).all())
+
+
+def test_full_caches_without_cache_seqlens() -> None:
+    args = make_call(seqlen_q=2, seqlen_new=0)
+    del args["cache_seqlens"]
+    run_and_check(args, "full caches", causal=True)
+
+
+def test_int_cache_seqlens() -> None:
+    args = make_call(seqlen_q=2, rotary_dim=64)
+    args["cache_seqlens"] = 100
+    run_and_check(args, "int cache_seqlens", causal=True)
+
+
+def sliced(cache: torch.Tensor, buffer_seqlen: int) -> torch.Tensor:
+    """``cache`` copied into the first keys of a longer (entries, buffer_seqlen, ...) buffer and
+    returned as that slice (entries buffer_seqlen rows apart)."""
+    buffer = torch.zeros(
+        cache.shape[0], buffer_seqlen, *cache.shape[2:], dtype=cache.dtype, device=DEVICE
+    )
+    buffer[:, : cache.shape[1]] = cache
+    return buffer[:, : cache.shape[1]]
+
+
+def test_sliced_cache_is_read_in_place() -> None:
+    """A (batch, seqlen_cache) slice of a longer buffer: written and read where it is."""
+    args = make_call(seqlen_q=1, rotary_dim=64)
+    for name in ("k_cache", "v_cache"):
+        args[name] = sliced(args[name], 2 * SEQLEN_CACHE)
+    run_and_check(args, "sliced cache", causal=True)
+
+
+def test_no_copy_of_the_cache() -> None:
+    """The call's peak memory stays a small fraction of one cache: what it allocates is q-sized
+    (rotated q, out) or (batch,)-sized (the index tensors), never cache-sized."""
+    require_kernel(DEFAULT_DTYPE, DEFAULT_HEAD_DIM)
+    args = make_call(seqlen_q=1, rotary_dim=64)
+    long_cache = NO_COPY_CACHE_SEQLEN
+    for name in ("k_cache", "v_cache"):
+        entries, _, nheads_k, head_dim = args[name].shape
+        cache = torch.zeros(
+            entries, long_cache, nheads_k, head_dim, dtype=DEFAULT_DTYPE, device=DEVICE
+        )
+        args[name] = sliced(cache, long_cache + 1)
+    args["rotary_cos"], args["rotary_sin"] = rotary_tables(long_cache, 64, DEFAULT_DTYPE, 0)
+    cache_bytes = args["k_cache"].numel() * args["k_cache"].element_size()
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    _flash_varlen().flash_attn_with_kvcache(**args, causal=True)
+    torch.cuda.synchronize()
+    assert torch.cuda.max_memory_allocated() - before < NO_COPY_FRACTION * cache_bytes
+
+
+def test_paged_cache_raises_not_implemented() -> None:
+    args = make_call(seqlen_q=1, seqlen_new=0)
+    pages_per_entry = 3
+    page_size = SEQLEN_CACHE // pages_per_entry
+    pages = args["k_cache"].view(-1, page_size, *args["k_cache"].shape[2:])
+    table = torch.arange(BATCH * pages_per_entry, dtype=torch.int32, device=DEVICE)
+    table = table.view(BATCH, pages_per_entry)
+    with pytest.raises(NotImplementedError, match="block_table.*paged kernel"):
+        _flash_varlen().flash_attn_with_kvcache(
+            args["q"], pages, pages, cache_seqlens=args["cache_seqlens"], block_table=table
+        )
+
+
+def test_index_tensor_on_another_device() -> None:
+    args = make_call(seqlen_q=1)
+    args["cache_seqlens"] = args["cache_seqlens"].cpu()
+    with pytest.raises(ValueError, match="cache_seqlens must be on the same device as q"):
+        _flash_varlen().flash_attn_with_kvcache(**args)
+
+
+def test_eager_call_does_not_synchronize() -> None:
+    require_kernel(DEFAULT_DTYPE, DEFAULT_HEAD_DIM)
+    args = make_call(seqlen_q=2, rotary_dim=64, batch_idx=True, leftpad=True)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        _flash_varlen().flash_attn_with_kvcache(**args, causal=True, return_softmax_lse=True)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def test_cuda_graph_replays_with_new_cache_lengths() -> None:
+    """A decode step (append + rotary + attention) captured once, replayed after writing new
+    queries, keys, values and cache lengths into its static buffers: each replay equals an eager
+    call on the same contents bitwise (out, lse and both caches) and the reference within the
+    tolerance rule."""
+    require_kernel(DEFAULT_DTYPE, DEFAULT_HEAD_DIM)
+    static = make_call(
+        seqlen_q=GRAPH_SEQLEN_NEW, rotary_dim=64, batch_idx=True, lengths=GRAPH_LENGTHS[0]
+    )
+    options = {"causal": True, "return_softmax_lse": True}
+
+    def step() -> tuple[torch.Tensor, torch.Tensor]:
+        return _flash_varlen().flash_attn_with_kvcache(**static, **options)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(WARMUP_STEPS):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out, static_lse = step()
+
+    for seed, lengths in enumerate(GRAPH_LENGTHS, start=1):
+        fresh = make_call(
+            seqlen_q=GRAPH_SEQLEN_NEW, rotary_dim=64, batch_idx=True, lengths=lengths, seed=seed
+        )
+        for name in ("q", "k", "v", "k_cache", "v_cache", "cache_seqlens", "cache_batch_idx"):
+            static[name].copy_(fresh[name])
+        eager_args = {
+            **fresh,
+            "k_cache": fresh["k_cache"].clone(),
+            "v_cache": fresh["v_cache"].clone(),
+        }
+        graph.replay()
+        eager_out, eager_lse = _flash_varlen().flash_attn_with_kvcache(**eager_args, **options)
+        torch.cuda.synchronize()
+        assert_bitwise_equal(static_out, eager_out, f"replay {seed} out")
+        assert_bitwise_equal(static_lse, eager_lse, f"replay {seed} lse")
+        assert_bitwise_equal(static["k_cache"], eager_args["k_cache"], f"replay {seed} k_cache")
+        assert_bitwise_equal(static["v_cache"], eager_args["v_cache"], f"replay {seed} v_cache")
+        reference = _flash_varlen().reference
+        expected = reference.attention_ref_kvcache(**fresh, causal=True)
+        lowp = reference.attention_ref_kvcache(**fresh, causal=True, compute_dtype=DEFAULT_DTYPE)
+        assert_within_tolerance(
+            static_out, expected.out, lowp.out, FORWARD_FACTOR, f"replay {seed}"
+        )
