@@ -8,7 +8,9 @@
 - ``csrc/generated/``: the constants of ``flash_varlen/contract.py`` (``contract.h``), the
   families (``kernel_families.h``), the options struct with the checks of every declared rule
   (``attention_options.h/.cpp``, from ``flash_varlen/options.py``) and the extension's four
-  entry points (``entry_points.h/.cpp``, from ``flash_varlen/signatures.py``).
+  entry points (``entry_points.h/.cpp``, from ``flash_varlen/signatures.py``), and the few
+  extended wgmma atoms the sm90 family uses (``sm90_wgmma_atoms.h``, copied from the CUTLASS
+  headers the build uses, which must be installed).
 
 Run ``python csrc/generate.py`` after changing a declaration; ``--check`` exits non-zero when the
 checked-in files are stale (a CPU test runs it). Generated files include no torch header unless
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import re
 import sys
 import textwrap
 from pathlib import Path
@@ -41,6 +44,7 @@ def _load(path: Path, name: str) -> ModuleType:
 
 
 kernel_families = _load(CSRC / "kernel_families.py", "flash_varlen_kernel_families")
+toolchain = _load(CSRC / "toolchain.py", "flash_varlen_toolchain")
 contract = _load(ROOT / "flash_varlen" / "contract.py", "flash_varlen_contract")
 
 ELEMENT_TYPES = {
@@ -200,6 +204,122 @@ constexpr KernelFamilyInfo kKernelFamilies[] = {{
 
 
 # --------------------------------------------------------------------------------------------
+# The sm90 family's extended wgmma atoms
+#
+# CUTLASS declares the wgmma atoms whose N is not a multiple of 64 (64x176x16, ...) only under
+# CUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED, which pulls in two headers of 76,000 lines with every
+# such atom for every type. Parsing them cost about 30 of the 53 s that one sm90 file took to
+# compile (nvcc 13.0, 1 core: cudafe++ 18.1 s of which 15 s for them, cicc 9 s, host g++ 3 s;
+# an empty file that includes cute/tensor.hpp takes 37.1 s with the macro, 6.1 s without),
+# about 300 s of the 2-core full build. sm90_wgmma_atoms.h holds only the atoms the tiles use,
+# copied verbatim from the same headers, and the selector that picks them, so the kernels get
+# the same types (and the same SASS) without the macro.
+
+# N of the Q K^T tiles (kBlockN in kernels/sm90/fwd_tile_config.h) that CUTLASS has only as
+# extended atoms; the other N the tiles use (64, 96, 128, and the head dims of P V) are standard
+# atoms. A tile with a new N fails the "one wgmma atom spans kBlockN" static_assert of
+# fwd_kernel_traits.h until it is added here.
+SM90_EXTENDED_WGMMA_N = (80, 112, 176)
+# The accumulator and operand types of those atoms per element type: (CUTLASS's name part, the
+# comment CUTLASS writes above the atom).
+SM90_WGMMA_TYPES = {
+    "cutlass::bfloat16_t": ("F32BF16BF16", "F32+=BF16*BF16"),
+    "cutlass::half_t": ("F32F16F16", "F32+=F16*F16"),
+}
+CUTLASS_ATOMS = Path("cute") / "arch" / "mma_sm90_gmma_ext.hpp"
+CUTLASS_ATOM_TRAITS = Path("cute") / "atom" / "mma_traits_sm90_gmma_ext.hpp"
+# CUTLASS separates the definitions of those headers with this line.
+CUTLASS_SEPARATOR = "/" * 100 + "\n"
+
+
+def _cutlass_chunk(text: str, marker: str, path: Path) -> str:
+    """The one definition (text between two separator lines) of a CUTLASS header that holds
+    ``marker``."""
+    chunks = [chunk.strip("\n") for chunk in text.split(CUTLASS_SEPARATOR) if marker in chunk]
+    if len(chunks) != 1:
+        raise SystemExit(f"{path}: {len(chunks)} definitions hold {marker!r}, expected one")
+    return chunks[0]
+
+
+def sm90_wgmma_atoms_header(cutlass_include: Path) -> str:
+    atoms_text = (cutlass_include / CUTLASS_ATOMS).read_text()
+    traits_text = (cutlass_include / CUTLASS_ATOM_TRAITS).read_text()
+    atoms, traits, layouts, choices = [], [], [], []
+    for n in SM90_EXTENDED_WGMMA_N:
+        layout = re.search(rf"^using CLayout_64x{n} += CLayout_64xN< *{n}>;$", traits_text, re.M)
+        if layout is None:
+            raise SystemExit(f"{cutlass_include / CUTLASS_ATOM_TRAITS}: no CLayout_64x{n}")
+        layouts.append(layout.group(0))
+        for element, (types, comment) in SM90_WGMMA_TYPES.items():
+            name = f"MMA_64x{n}x16_{types}_SS"
+            atom = _cutlass_chunk(atoms_text, f"\nstruct {name}\n", CUTLASS_ATOMS)
+            if not atom.startswith(f"// GMMA 64x{n}x16 {comment}\n"):
+                raise SystemExit(f"{cutlass_include / CUTLASS_ATOMS}: unexpected {name}")
+            atoms.append(atom)
+            traits.append(
+                _cutlass_chunk(traits_text, f"\nusing SM90_{name[4:]} = ", CUTLASS_ATOM_TRAITS)
+            )
+            choices.append(
+                f"if constexpr (is_same_v<Element, {element}> && kN == {n}) {{\n"
+                f"        return SM90::GMMA::{name}<GMMA::Major::K, GMMA::Major::K>{{}};\n"
+                "    }"
+            )
+    separator = "\n\n" + CUTLASS_SEPARATOR.rstrip("\n") + "\n\n"
+    layouts_text = "\n".join(layouts)
+    choices_text = " else ".join(choices)
+    return (
+        HEADER.format(source="the CUTLASS headers (SM90_EXTENDED_WGMMA_N)")
+        + f"""\
+// The extended wgmma atoms (N not a multiple of 64) of the sm90 family's tiles, copied from
+// CUTLASS's {CUTLASS_ATOMS} and
+// {CUTLASS_ATOM_TRAITS} (BSD-3-Clause, NVIDIA), so that the family
+// compiles without CUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED and its 76,000 lines
+// (csrc/generate.py says what they cost).
+#pragma once
+
+#include <cute/arch/mma_sm90.hpp>
+#include <cute/atom/mma_traits_sm90_gmma.hpp>
+
+#ifdef CUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED
+#error "sm90_wgmma_atoms.h repeats atoms of CUTLASS's extended set: do not define the macro"
+#endif
+
+namespace cute {{
+
+namespace SM90::GMMA {{
+
+{layouts_text}
+
+{separator.join(atoms)}
+
+}}  // namespace SM90::GMMA
+
+{separator.join(traits)}
+
+}}  // namespace cute
+
+namespace flash_varlen {{
+namespace sm90 {{
+
+// GMMA::ss_op_selector<Element, Element, float, TileShape_MNK>() as CUTLASS's selector returns it
+// with CUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED: for an N of SM90_EXTENDED_WGMMA_N the one atom
+// that spans N (no larger atom divides it), otherwise the standard atom.
+template <typename Element, typename TileShape_MNK>
+CUTE_HOST_DEVICE constexpr auto ss_op_selector_extended() {{
+    using namespace cute;
+    constexpr int kN = size<1>(TileShape_MNK{{}});
+    {choices_text} else {{
+        return GMMA::ss_op_selector<Element, Element, float, TileShape_MNK>();
+    }}
+}}
+
+}}  // namespace sm90
+}}  // namespace flash_varlen
+"""
+    )
+
+
+# --------------------------------------------------------------------------------------------
 # Host code from the option declaration and the entry-point signatures
 
 
@@ -272,7 +392,7 @@ def attention_options_header(options) -> str:
 // those the backward reads; the others keep their defaults.
 #pragma once
 
-#include <torch/extension.h>
+#include <ATen/core/Tensor.h>
 
 #include <optional>
 
@@ -410,7 +530,7 @@ def entry_points_header(options, signatures) -> str:
 // pybind11 functions that fill these structs.
 #pragma once
 
-#include <torch/extension.h>
+#include <ATen/core/Tensor.h>
 
 #include <optional>
 #include <tuple>
@@ -466,7 +586,7 @@ def entry_points_source(options, signatures) -> str:
         + """\
 #include "generated/entry_points.h"
 
-#include <pybind11/pybind11.h>
+#include <torch/csrc/utils/pybind.h>  // pybind11 and its casters of torch types
 
 namespace flash_varlen {
 
@@ -494,6 +614,9 @@ def expected_files() -> dict[Path, str]:
     files[GENERATED_DIR / "attention_options.cpp"] = attention_options_source(options)
     files[GENERATED_DIR / "entry_points.h"] = entry_points_header(options, signatures)
     files[GENERATED_DIR / "entry_points.cpp"] = entry_points_source(options, signatures)
+    files[GENERATED_DIR / "sm90_wgmma_atoms.h"] = sm90_wgmma_atoms_header(
+        toolchain.cutlass_include_dir(ROOT)
+    )
     return files
 
 
