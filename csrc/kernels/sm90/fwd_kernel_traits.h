@@ -12,11 +12,12 @@
 #include <cute/tensor.hpp>
 #include <cutlass/gemm/collective/builders/sm90_common.inl>  // ss_smem_selector
 
-// wgmma atoms whose N is not a multiple of 64 (64x176x16, ...) and ss_op_selector_extended, which
-// picks them: CUTLASS declares them only under CUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED, whose
-// headers would double this file's compile time (csrc/generate.py); without them cute's
-// ss_op_selector silently falls back to 64x16x16 atoms (11 instructions instead of one for
-// kBlockN = 176). The static_asserts on the atom shapes below catch a miss.
+// Our wgmma atoms for the kBlockN that CuTe's base header lacks (64x176x16, ...) and
+// ss_op_selector_extended, which picks them (csrc/generate.py writes them from the PTX ISA).
+// CUTLASS declares such atoms only under CUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED, whose headers
+// would double this file's compile time; without an atom of its N, cute's ss_op_selector
+// silently falls back to 64x16x16 atoms (11 instructions instead of one for kBlockN = 176). The
+// static_asserts on the atom shapes below catch a miss.
 #include "generated/sm90_wgmma_atoms.h"
 
 namespace flash_varlen {
@@ -71,7 +72,7 @@ struct FwdKernelTraits {
                              GMMA::Major::MN>(),
         MmaWarpgroupLayout{}));
     static_assert(size<1>(typename TiledMmaQK::AtomShape_MNK{}) == kBlockN,
-                  "one wgmma atom spans kBlockN (add it to SM90_EXTENDED_WGMMA_N?)");
+                  "one wgmma atom spans kBlockN (add it to SM90_OWN_WGMMA_N?)");
     static_assert(size<1>(typename TiledMmaPV::AtomShape_MNK{}) == kHeadDim,
                   "one wgmma atom spans the head dim");
     static_assert(size(TiledMmaQK{}) == kNumMmaThreads && size(TiledMmaPV{}) == kNumMmaThreads);
