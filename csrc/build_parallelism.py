@@ -5,7 +5,9 @@ Every kernel file is compiled by one nvcc job that runs NVCC_THREADS device comp
 PEAK_GIB_PER_NVCC_THREAD of memory per such thread at its peak; ninja's default parallelism
 (cores + 2 jobs) ignores memory, and on a 2-core / 24 GB machine three jobs of two threads ran
 out of memory. The default here is the most jobs such that jobs x threads x the peak, with a
-margin, fits the memory available when the build starts, and no more jobs than cores.
+margin, fits the memory available when the build starts, and no more jobs than cores; each job
+gets one nvcc thread when the jobs alone keep every core busy, and more (up to one per
+architecture a file compiles for) only to use cores that memory leaves without a job.
 MAX_JOBS and NVCC_THREADS, when set, are taken as they are.
 
 setup.py loads this module by path (no torch or package import).
@@ -25,7 +27,13 @@ PEAK_GIB_PER_NVCC_THREAD = 3.8
 # Memory the rest of the machine may claim while the build runs (the linker, the desktop, other
 # jobs): the estimate must fit in this fraction of what is available at the start.
 MEMORY_MARGIN = 0.8
-DEFAULT_NVCC_THREADS = 2
+# More nvcc threads than the architectures a file compiles for (two at most: the sm80 family's
+# sm_80 and sm_90) have nothing to do.
+MAX_USEFUL_NVCC_THREADS = 2
+# Why one thread per job when jobs fill the cores: the README's install command on the 2-core
+# machine (full default build, fresh clone of commit 2abcca9) took 1578 s with 2 jobs x 2
+# threads and 1459 s with 2 jobs x 1 thread (at most 17.1 against 9.4 GiB used): a second
+# thread per job only time-shares the cores, at a cost.
 MEMINFO = Path("/proc/meminfo")
 GIB = 1024**3
 
@@ -55,28 +63,41 @@ def choose(
 ) -> Parallelism:
     """The jobs and nvcc threads for a machine with ``cores`` and ``available_bytes`` of free
     memory (None: unknown), unless MAX_JOBS / NVCC_THREADS in ``environ`` set them."""
-    threads_set = environ.get("NVCC_THREADS", "").strip()
-    jobs_set = environ.get("MAX_JOBS", "").strip()
-    nvcc_threads = int(threads_set) if threads_set else DEFAULT_NVCC_THREADS
-    if nvcc_threads < 1:
-        raise ValueError(f"NVCC_THREADS must be >= 1, got {threads_set!r}")
-    if jobs_set:
-        jobs = int(jobs_set)
-        if jobs < 1:
-            raise ValueError(f"MAX_JOBS must be >= 1, got {jobs_set!r}")
-        return Parallelism(jobs, nvcc_threads, "MAX_JOBS set")
-    if available_bytes is None:
-        return Parallelism(max(1, cores), nvcc_threads, f"{cores} cores, memory unknown")
-    per_job = PEAK_GIB_PER_NVCC_THREAD * GIB * nvcc_threads
-    fit = int(available_bytes * MEMORY_MARGIN // per_job)
-    jobs = max(1, min(cores, fit))
-    reason = (
-        f"{cores} cores, {available_bytes / GIB:.1f} GiB available, "
-        f"~{PEAK_GIB_PER_NVCC_THREAD:g} GiB per nvcc thread at peak"
-    )
-    if fit < 1:
-        reason += "; even one job may not fit: close other programs or add swap"
-    return Parallelism(jobs, nvcc_threads, reason)
+    threads_set = _positive(environ, "NVCC_THREADS")
+    jobs_set = _positive(environ, "MAX_JOBS")
+    per_thread = PEAK_GIB_PER_NVCC_THREAD * GIB
+    budget = None if available_bytes is None else available_bytes * MEMORY_MARGIN
+    if jobs_set is not None:
+        jobs, reason = jobs_set, "MAX_JOBS set"
+    elif budget is None:
+        jobs, reason = max(1, cores), f"{cores} cores, memory unknown"
+    else:
+        fit = int(budget // (per_thread * (threads_set or 1)))
+        jobs = max(1, min(cores, fit))
+        reason = (
+            f"{cores} cores, {available_bytes / GIB:.1f} GiB available, "
+            f"~{PEAK_GIB_PER_NVCC_THREAD:g} GiB per nvcc thread at peak"
+        )
+        if fit < 1:
+            reason += "; even one job may not fit: close other programs or add swap"
+    if threads_set is not None:
+        return Parallelism(jobs, threads_set, reason)
+    # Threads only for cores the jobs leave idle, within the memory left for them.
+    threads = min(MAX_USEFUL_NVCC_THREADS, max(1, cores // jobs))
+    if budget is not None:
+        threads = max(1, min(threads, int(budget // (per_thread * jobs))))
+    return Parallelism(jobs, threads, reason)
+
+
+def _positive(environ: dict[str, str] | os._Environ, name: str) -> int | None:
+    """The variable as a positive int, or None when it is not set."""
+    raw = environ.get(name, "").strip()
+    if not raw:
+        return None
+    value = int(raw)
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {raw!r}")
+    return value
 
 
 def describe(parallelism: Parallelism) -> str:

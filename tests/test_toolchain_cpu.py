@@ -176,6 +176,37 @@ def test_jobs_fit_cores_and_memory(cores, available_gib, threads, expected_jobs)
     assert fits or (chosen.jobs == 1 and "may not fit" in chosen.reason)
 
 
+@pytest.mark.parametrize(
+    ("cores", "available_gib", "expected"),
+    [
+        (2, 21.0, (2, 1)),  # the 2-core machine: the jobs fill the cores, one thread each
+        (16, 120.0, (16, 1)),  # the GPU machine: 16 x 3.8 GiB fits
+        (8, 20.0, (4, 1)),  # memory allows 4 jobs; a second thread each would not fit
+        (8, 40.0, (8, 1)),
+        (4, 18.0, (3, 1)),  # 3 jobs, one idle core, but no room for 6 threads
+        (4, 10.0, (2, 1)),
+        (8, 13.0, (2, 1)),  # 2 jobs fit, and not 4 threads
+        (16, 35.0, (7, 1)),
+        (8, 16.0, (3, 1)),
+    ],
+)
+def test_default_threads_only_for_cores_that_jobs_leave_idle(cores, available_gib, expected):
+    chosen = parallelism.choose(cores, int(available_gib * GIB), {})
+    assert (chosen.jobs, chosen.nvcc_threads) == expected
+    estimate = chosen.jobs * chosen.nvcc_threads * parallelism.PEAK_GIB_PER_NVCC_THREAD * GIB
+    assert estimate <= available_gib * GIB * parallelism.MEMORY_MARGIN
+
+
+def test_spare_cores_get_a_second_thread_when_memory_allows():
+    # MAX_JOBS leaves cores idle: a second thread per job uses them where memory allows.
+    chosen = parallelism.choose(8, int(10.0 * GIB), {"MAX_JOBS": "2"})
+    assert (chosen.jobs, chosen.nvcc_threads) == (2, 1)  # 2 x 2 x 3.8 GiB > 8 GiB
+    chosen = parallelism.choose(8, int(40.0 * GIB), {"MAX_JOBS": "2"})
+    assert (chosen.jobs, chosen.nvcc_threads) == (2, 2)  # 4 idle cores, room for 4 threads
+    chosen = parallelism.choose(16, int(120.0 * GIB), {"MAX_JOBS": "16"})
+    assert (chosen.jobs, chosen.nvcc_threads) == (16, 1)  # scripts/gpu_check.sh's setting
+
+
 def test_environment_overrides_are_taken_as_they_are():
     chosen = parallelism.choose(2, 4 * GIB, {"MAX_JOBS": "6", "NVCC_THREADS": "3"})
     assert (chosen.jobs, chosen.nvcc_threads, chosen.reason) == (6, 3, "MAX_JOBS set")
