@@ -157,8 +157,8 @@ def use_toolkit(toolkit: CudaToolkit, cpp_extension) -> None:
 
 def cutlass_include_dir(root: Path) -> Path:
     """CuTe/CUTLASS headers: $CUTLASS_PATH, else ``root``/third_party/cutlass, else the pinned
-    wheel. Raises BuildEnvironmentError when none has them. setup.py compiles with them and
-    csrc/generate.py copies the extended wgmma atoms the sm90 family uses from them."""
+    wheel. Raises BuildEnvironmentError when none has them. setup.py and
+    scripts/compile_kernel.py compile with them."""
     candidates = []
     if os.environ.get("CUTLASS_PATH"):
         candidates.append(Path(os.environ["CUTLASS_PATH"]) / "include")
