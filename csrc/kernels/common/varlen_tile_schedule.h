@@ -11,8 +11,8 @@
 // - tile_start: where each sequence's tiles start in launch order (an exclusive prefix sum of
 //   row blocks x heads),
 // and the main kernel's 1-D grid has an upper bound of tiles that the host knows without reading
-// the device (total_q / kBlockM + batch per head); each thread block finds its tile by binary
-// search, and the few blocks past the last tile exit. Within a sequence the row blocks of one
+// the device (total_q / kBlockM + batch per head); each thread block finds its tile by a
+// 32-way search, and the few blocks past the last tile exit. Within a sequence the row blocks of one
 // head are adjacent (they share K and V in L2; so do the heads of a GQA group, which follow each
 // other), with the causal row blocks that see the most keys first.
 //
@@ -120,31 +120,45 @@ __global__ void __launch_bounds__(varlen_schedule_detail::kThreads)
     if (tid == 0) tile_start[batch] = carry;
 }
 
+// The last slot whose tiles start at or before `tile` (slots without tiles start where the next
+// one does, so it is always a slot with tiles), for tile < tile_start[batch]. Every warp searches
+// on its own (all threads need the answer; the warps search in parallel): its 32 lanes probe 32
+// evenly spaced slots of the range left, and a ballot keeps the last probe at or before the
+// tile, so that the search takes ceil(log32(batch)) rounds of one read each (2 up to 1024
+// sequences) where a binary search takes log2(batch) dependent reads before the block's first
+// load. Needs the whole warp.
+__device__ __forceinline__ int slot_of_tile(const int* tile_start, int batch, int tile) {
+    constexpr int kWarpSize = 32;
+    const int lane = threadIdx.x % kWarpSize;
+    int lo = 0;  // tile_start[lo] <= tile < tile_start[hi]
+    int hi = batch;
+    while (hi - lo > 1) {
+        const int step = (hi - lo + kWarpSize - 1) / kWarpSize;
+        const int probe = lo + lane * step;
+        const bool at_or_before = probe < hi && tile_start[probe] <= tile;
+        // Lane 0 probes lo, which is at or before: the ballot is a non-empty prefix of lanes.
+        const unsigned probes_before = __ballot_sync(0xffffffffu, at_or_before);
+        lo += (kWarpSize - 1 - __clz(probes_before)) * step;
+        hi = min(lo + step, hi);
+    }
+    return lo;
+}
+
 // The tile of thread block `tile` (blockIdx.x), or false past the last one. reverse_row_blocks:
 // the row blocks of a head in decreasing order (causal: the later rows see more keys).
+// Called by every thread of the block (slot_of_tile needs whole warps).
 __device__ __forceinline__ bool varlen_tile(const VarlenTileSchedule& schedule, int batch,
                                             int nheads, int tile, bool reverse_row_blocks,
                                             TileCoordinates& coordinates) {
     if (tile >= schedule.tile_start[batch]) return false;
-    // The last slot whose tiles start at or before `tile` (slots without tiles start where the
-    // next one does, so the search skips them): tile_start[lo] <= tile < tile_start[hi].
-    int lo = 0;
-    int hi = batch;
-    while (hi - lo > 1) {
-        const int mid = (lo + hi) / 2;
-        if (schedule.tile_start[mid] <= tile) {
-            lo = mid;
-        } else {
-            hi = mid;
-        }
-    }
-    const int first = schedule.tile_start[lo];
-    const int row_blocks = (schedule.tile_start[lo + 1] - first) / nheads;
+    const int slot = slot_of_tile(schedule.tile_start, batch, tile);
+    const int first = schedule.tile_start[slot];
+    const int row_blocks = (schedule.tile_start[slot + 1] - first) / nheads;
     const int local = tile - first;
     const int m = local % row_blocks;
     coordinates.head = local / row_blocks;
     coordinates.m_block = reverse_row_blocks ? row_blocks - 1 - m : m;
-    coordinates.batch = schedule.sequence_order[lo];
+    coordinates.batch = schedule.sequence_order[slot];
     return true;
 }
 

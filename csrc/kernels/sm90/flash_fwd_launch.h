@@ -93,7 +93,18 @@ cudaError_t launch_flash_fwd(const FlashFwdParams& params, const Workspace& work
                              Shape<Int<kHeadDim>, Int<Traits::kBlockN>>{}, _1{});
 
     dim3 grid(cute::ceil_div(params.seqlen_q, Traits::kBlockM), params.batch, params.nheads);
-    if (is_varlen) {
+    const int64_t tiles = VarlenTileSchedule::grid_bound(params.total_q, params.batch,
+                                                         Traits::kBlockM, params.nheads);
+    // The schedule pays a prepare launch and a lookup per block; it wins where the 3-D grid
+    // would launch many empty blocks (measured on the H200, 7cec657's record: skewed, 64x the
+    // tiles, +31 to +68%; docs, 5.9x, +1 to +3%; short, 1.25x, -9 to -10%). With this rule
+    // short takes the 3-D grid again: +9 to +11% over the schedule in one run
+    // (benchmarks/results/2026-12-05_h200_sm90_bisect.md). A batch past the 3-D grid's y limit
+    // takes the schedule whatever the ratio.
+    constexpr int64_t kScheduleGridRatio = 2;
+    constexpr int kMaxGridY = 65535;
+    if (is_varlen && (params.batch > kMaxGridY ||
+                      int64_t(grid.x) * grid.y * grid.z > kScheduleGridRatio * tiles)) {
         int* order = static_cast<int*>(workspace.scratch);
         int* tile_start = order + params.batch;
         prepare_varlen_tile_schedule<Traits::kBlockM>
@@ -101,8 +112,6 @@ cudaError_t launch_flash_fwd(const FlashFwdParams& params, const Workspace& work
         const cudaError_t err = cudaGetLastError();
         if (err != cudaSuccess) return err;
         kp.schedule = VarlenTileSchedule{order, tile_start};
-        const int64_t tiles = VarlenTileSchedule::grid_bound(params.total_q, params.batch,
-                                                             Traits::kBlockM, params.nheads);
         if (tiles > std::numeric_limits<int32_t>::max()) return cudaErrorInvalidConfiguration;
         grid = dim3(uint32_t(tiles));
     }
