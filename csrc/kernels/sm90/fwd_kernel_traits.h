@@ -143,8 +143,6 @@ struct FwdKernelTraits {
         alignas(16) cutlass::arch::ClusterTransactionBarrier q_full;
         alignas(16) typename PipelineKV::SharedStorage pipeline_k;
         alignas(16) typename PipelineKV::SharedStorage pipeline_v;
-        // One word per consumer thread that nothing reads (wait_anchor.h).
-        float wait_anchor[kNumMmaThreads];
     };
     static constexpr int kSmemBytes = int(sizeof(SharedStorage));
     static constexpr int kMaxSmemBytes = 227 * 1024;  // H100 / H200 opt-in limit per block
