@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Forward speed of several commits in one GPU run: the way to tell which change moved a number,
+# since two runs on two machines differ by up to ~2.5% on the same tree.
+#
+# Here (no GPU needed):  bash scripts/compare_trees_forward.sh pack DIR REV...
+#   writes DIR/<rev>.tar (the build inputs of each commit, git archive) for the device call.
+# On the GPU machine:    bash scripts/compare_trees_forward.sh run DIR OUT [BENCH ARGS...]
+#   builds every DIR/*.tar in parallel, narrowed to the sm90 family, bf16, head dim 128 (about
+#   three minutes on 16 cores), then runs benchmarks/bench_forward.py of each tree with that
+#   family forced, one tree after the other, and prints one table (TFLOP/s, a column per tree).
+#   BENCH ARGS default to: --layouts mha,gqa --workloads docs,short,equal2k
+#
+# The CUTLASS headers come from .whl/ as in scripts/gpu_check.sh.
+set -uo pipefail
+
+mode=${1:?usage: compare_trees_forward.sh pack DIR REV... | run DIR OUT [BENCH ARGS...]}
+dir=${2:?missing DIR}
+shift 2
+
+if [ "$mode" = pack ]; then
+    mkdir -p "$dir"
+    for rev in "$@"; do
+        git archive --format=tar -o "$dir/${rev//\//_}.tar" "$rev" -- setup.py pyproject.toml csrc flash_varlen benchmarks
+        echo "$dir/${rev//\//_}.tar: $(git log -1 --format='%h %s' "$rev" | cut -c1-90)"
+    done
+    exit 0
+fi
+
+out=${1:?missing OUT}
+shift
+bench_args=("$@")
+[ ${#bench_args[@]} -eq 0 ] && bench_args=(--layouts mha,gqa --workloads docs,short,equal2k)
+
+if ! python3 -c "import cutlass_library" 2>/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/cutlass_site .whl/nvidia_cutlass-*.whl
+    export PYTHONPATH=/tmp/cutlass_site${PYTHONPATH:+:$PYTHONPATH}
+fi
+mkdir -p "$out"
+trees=()
+for tar in "$dir"/*.tar; do
+    name=$(basename "$tar" .tar)
+    trees+=("$name")
+    tree=/tmp/compare_trees/$name
+    rm -rf "$tree" && mkdir -p "$tree" && tar xf "$tar" -C "$tree"
+    (cd "$tree" && FLASH_VARLEN_FAMILIES=sm90 FLASH_VARLEN_DTYPES=bf16 FLASH_VARLEN_HEAD_DIMS=128 \
+        FLASH_VARLEN_ARCHS=90 MAX_JOBS=4 NVCC_THREADS=1 python3 setup.py build_ext --inplace \
+        > "$out/build_$name.log" 2>&1; echo "build $name rc=$?") &
+done
+wait
+# One benchmark at a time: the trees share the GPU.
+for name in "${trees[@]}"; do
+    (cd "/tmp/compare_trees/$name" && FLASH_VARLEN_KERNEL_FAMILY=sm90 python3 benchmarks/bench_forward.py \
+        --out "$out/forward_$name.json" --impl ours --families sm90 "${bench_args[@]}" \
+        > "$out/bench_$name.log" 2>&1; echo "bench $name rc=$?")
+done
+python3 - "$out" "${trees[@]}" <<'PY'
+import json
+import sys
+
+out, names = sys.argv[1], sys.argv[2:]
+table: dict[str, dict[str, float]] = {}
+for name in names:
+    try:
+        rows = json.load(open(f"{out}/forward_{name}.json"))["rows"]
+    except (OSError, KeyError, ValueError) as error:
+        print(f"{name}: no benchmark ({error})")
+        continue
+    for row in rows:
+        key = f"{row['workload']}/{row['layout']}/{'causal' if row['causal'] else 'full'}"
+        table.setdefault(key, {})[name] = row["results"].get("ours_sm90", {}).get("tflops")
+print("| row | " + " | ".join(names) + " |")
+print("| --- |" + " --- |" * len(names))
+for key, values in table.items():
+    cells = [f"{values[n]:.1f}" if values.get(n) else "—" for n in names]
+    print(f"| {key} | " + " | ".join(cells) + " |")
+PY
