@@ -52,7 +52,7 @@ def sample_values(**overrides: object) -> dict[str, object]:
         "NVCC_VERSION": "13.0.88",
         "CUTLASS_VERSION": "4.2.0",
         "ARCHS": ("80",),
-        "FAMILIES": ("sm80",),
+        "FAMILIES": ("sm80", "decode"),
         "DTYPES": ("bf16",),
         "HEAD_DIMS": (64,),
     }
@@ -175,7 +175,7 @@ def test_collected_record_describes_this_torch_and_the_selection(monkeypatch, tm
         "NVCC_VERSION": "13.0.88",
         "CUTLASS_VERSION": "unknown",  # tmp_path has no cutlass/version.h
         "ARCHS": ("80",),
-        "FAMILIES": ("sm80",),
+        "FAMILIES": ("sm80", "decode"),
         "DTYPES": ("bf16",),
         "HEAD_DIMS": (64, 128),
     }
@@ -188,9 +188,11 @@ def test_collected_record_describes_this_torch_and_the_selection(monkeypatch, tm
     [
         ("sm80", "80,90", {"sm80": 20}),
         ("sm80", "90", {"sm80": 20}),
-        ("", "", {"sm80": 20, "sm90": 10}),
-        ("", "80", {"sm80": 20}),
+        # decode: buckets 64 and 128, no local variant.
+        ("", "", {"sm80": 20, "sm90": 10, "decode": 2}),
+        ("", "80", {"sm80": 20, "decode": 2}),
         ("sm90", "90", {"sm90": 10}),
+        ("decode", "90", {"decode": 2}),
     ],
 )
 def test_kernel_sources_are_grouped_by_family_with_its_targets(
