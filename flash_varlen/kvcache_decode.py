@@ -14,7 +14,9 @@ query heads of a KV group sharing one read of K/V and long caches split across C
   that runs on the device, and the two caches share their strides (one row offset serves both).
 
 Nothing here reads device memory: the lengths and the block table stay on the device, so a
-decode step can be captured in a CUDA graph and replayed with new lengths and tables.
+decode step can be captured in a CUDA graph and replayed with new lengths and tables. The call
+goes through the registered op ``flash_varlen::kvcache_fwd`` (``ops.py``), whose fake lets
+``torch.compile`` trace it.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Any
 
 import torch
 
+from flash_varlen import ops
 from flash_varlen._extension import load_extension
 from flash_varlen.kvcache_validation import KVCacheCall
 from flash_varlen.signatures import EXTENSION_ENTRY_POINT_BY_NAME
@@ -96,7 +99,5 @@ def decode_attention(
         "cache_leftpad": call.cache_leftpad,
         "num_splits": call.num_splits,
     }
-    out, softmax_lse, _, _ = load_extension().kvcache_fwd(
-        q, call.k_cache, call.v_cache, key_ends, **arguments
-    )
+    out, softmax_lse, _, _ = ops.kvcache_fwd(q, call.k_cache, call.v_cache, key_ends, **arguments)
     return out, softmax_lse

@@ -184,8 +184,8 @@ SHARED_OPTION_DEFAULTS = {
 
 
 def checked(args: dict):
-    """The KVCacheCall of flash_attn_with_kvcache's arguments (default options)."""
-    options = dict(SHARED_OPTION_DEFAULTS)
+    """The KVCacheCall of flash_attn_with_kvcache's arguments (options not given: defaults)."""
+    options = {name: args.get(name, default) for name, default in SHARED_OPTION_DEFAULTS.items()}
     fields = (
         "q k_cache v_cache k v rotary_cos rotary_sin cache_seqlens cache_batch_idx cache_leftpad "
         "block_table"
@@ -356,3 +356,137 @@ def test_a_paged_call_the_decode_kernels_refuse_writes_nothing(monkeypatch) -> N
     with raises(NotImplementedError, "block_table", "not in this build"):
         flash_varlen.flash_attn_with_kvcache(**{**args, "k_cache": k_cache, "v_cache": v_cache})
     assert torch.equal(k_cache, args["k_cache"]) and torch.equal(v_cache, args["v_cache"])
+
+
+# ----------------------------------------------------------------------------------------------
+# The registered op
+
+
+def test_kvcache_op_fake_gives_the_output_shapes() -> None:
+    """flash_varlen::kvcache_fwd's fake (what torch.compile traces): out like q, lse (batch,
+    nheads, seqlen_q) float32, two empty tensors."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from flash_varlen import ops
+
+    with FakeTensorMode():
+        q = torch.empty(3, 5, 8, 64, dtype=torch.bfloat16)
+        pool = torch.empty(20, 16, 2, 64, dtype=torch.bfloat16)
+        lengths = torch.empty(3, dtype=torch.int32)
+        table = torch.empty(3, 4, dtype=torch.int32)
+        out, lse, first, second = ops.kvcache_fwd(
+            q, pool, pool, lengths, 0.125, True, block_table=table, num_splits=2
+        )
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert lse.shape == (3, 8, 5) and lse.dtype == torch.float32
+    assert first.shape == second.shape == (0,)
+
+
+def test_decode_attention_hands_the_call_to_the_op(monkeypatch) -> None:
+    """Every part of the call reaches the op: the caches in place, the key ends, the block
+    table, the split count and the options."""
+    from flash_varlen import ops
+
+    recorded = {}
+
+    def op(q, k_cache, v_cache, cache_seqlens, **kwargs):
+        recorded.update(kwargs, q=q, k_cache=k_cache, v_cache=v_cache, ends=cache_seqlens)
+        return q, torch.zeros(1), torch.empty(0), torch.empty(0)
+
+    monkeypatch.setattr(ops, "kvcache_fwd", op)
+    args = paged_args()
+    call = checked({**args, "causal": True, "softcap": 2.0})
+    call = type(call)(**{**call.__dict__, "num_splits": 5})
+    ends = int32([4, 5, 6])
+    kvcache_decode.decode_attention(call.q, call, ends, call.options)
+    assert recorded["k_cache"] is call.k_cache and recorded["v_cache"] is call.v_cache
+    assert recorded["ends"] is ends and recorded["block_table"] is call.block_table
+    assert recorded["num_splits"] == 5
+    assert recorded["causal"] is True and recorded["softcap"] == 2.0
+    assert recorded["cache_batch_idx"] is None and recorded["cache_leftpad"] is None
+
+
+# ----------------------------------------------------------------------------------------------
+# The extension's entry point (skipped with an extension built before the decode family)
+
+
+def decode_extension():
+    """The compiled module when it has the decode entry point, else a skip."""
+    from flash_varlen import _extension
+
+    if not _extension.is_available():
+        pytest.skip(f"extension not built: {_extension.unavailable_reason()}")
+    extension = _extension.load_extension()
+    if not hasattr(extension, "kvcache_fwd"):
+        pytest.skip("this build of the extension predates the decode family")
+    return extension
+
+
+def entry_args(**changes) -> dict:
+    """Valid kvcache_fwd arguments but for the device (CPU tensors): a paged cache."""
+    args = {
+        "q": torch.zeros(2, 1, 8, 64, dtype=torch.bfloat16),
+        "k_cache": torch.zeros(10, 16, 2, 64, dtype=torch.bfloat16),
+        "v_cache": torch.zeros(10, 16, 2, 64, dtype=torch.bfloat16),
+        "cache_seqlens": int32([3, 20]),
+        "softmax_scale": 0.125,
+        "causal": True,
+        "block_table": int32([[0, 1], [2, 3]]),
+    }
+    args.update(changes)
+    return args
+
+
+ENTRY_ERRORS = {
+    "table_dtype": (
+        {"block_table": torch.zeros(2, 2, dtype=torch.int64)},
+        TypeError,
+        "block_table must have dtype torch.int32",
+    ),
+    "table_batch": (
+        {"block_table": int32([[0, 1]])},
+        ValueError,
+        "block_table must have shape (batch, max_pages)",
+    ),
+    "lengths_shape": (
+        {"cache_seqlens": int32([3])},
+        ValueError,
+        "cache_seqlens must have shape (batch,)",
+    ),
+    "strides": (
+        {"v_cache": torch.zeros(10, 16, 2, 128, dtype=torch.bfloat16)[..., :64]},
+        ValueError,
+        "k_cache and v_cache must have the same shape and strides",
+    ),
+    "leftpad_with_table": (
+        {"cache_leftpad": int32([0, 0])},
+        ValueError,
+        "cannot be combined with block_table",
+    ),
+    "splits": ({"num_splits": -1}, ValueError, "num_splits must be >= 0"),
+    "valid_but_cpu": ({}, RuntimeError, "q must be a CUDA tensor"),
+}
+
+
+@pytest.mark.parametrize("case", list(ENTRY_ERRORS))
+def test_entry_point_checks_name_the_argument(case: str) -> None:
+    """_C.kvcache_fwd refuses bad shapes, dtypes and strides by name before the device check
+    (the last rule), reading no device memory."""
+    extension = decode_extension()
+    changes, kind, fragment = ENTRY_ERRORS[case]
+    with raises(kind, fragment):
+        extension.kvcache_fwd(**entry_args(**changes))
+
+
+def test_dispatch_names_the_decode_family_where_it_is_built() -> None:
+    """Each decode kernel of the build is dispatch's choice on the architectures it was
+    compiled for, and refused below sm_80."""
+    extension = decode_extension()
+    family = next(f for f in extension.kernel_families() if f["name"] == "decode")
+    for name, dtype, bucket in extension.compiled_decode_kernels():
+        assert name == "decode"
+        for capability in family["built_for"]:
+            chosen = extension.select_kernel_family("decode", dtype, bucket, False, capability)
+            assert chosen == "decode"
+        with raises(NotImplementedError, "decode", "compute capability 7.5"):
+            extension.select_kernel_family("decode", dtype, bucket, False, 75)

@@ -296,12 +296,12 @@ void define_entry_points(py::module_& m) {
            const at::Tensor& k_cache,
            const at::Tensor& v_cache,
            const at::Tensor& cache_seqlens,
+           double softmax_scale,
+           bool causal,
            const std::optional<at::Tensor>& block_table,
            const std::optional<at::Tensor>& cache_batch_idx,
            const std::optional<at::Tensor>& cache_leftpad,
            int64_t num_splits,
-           double softmax_scale,
-           bool causal,
            int64_t window_left,
            int64_t window_right,
            double softcap,
@@ -315,12 +315,12 @@ void define_entry_points(py::module_& m) {
             args.k_cache = k_cache;
             args.v_cache = v_cache;
             args.cache_seqlens = cache_seqlens;
+            args.options.softmax_scale = softmax_scale;
+            args.options.causal = causal;
             args.block_table = block_table;
             args.cache_batch_idx = cache_batch_idx;
             args.cache_leftpad = cache_leftpad;
             args.num_splits = num_splits;
-            args.options.softmax_scale = softmax_scale;
-            args.options.causal = causal;
             args.options.window_left = window_left;
             args.options.window_right = window_right;
             args.options.softcap = softcap;
@@ -343,12 +343,12 @@ void define_entry_points(py::module_& m) {
           py::arg("k_cache"),
           py::arg("v_cache"),
           py::arg("cache_seqlens"),
+          py::arg("softmax_scale"),
+          py::arg("causal"),
           py::arg("block_table") = py::none(),
           py::arg("cache_batch_idx") = py::none(),
           py::arg("cache_leftpad") = py::none(),
           py::arg("num_splits") = 0,
-          py::arg("softmax_scale"),
-          py::arg("causal"),
           py::arg("window_left") = -1,
           py::arg("window_right") = -1,
           py::arg("softcap") = 0.0,

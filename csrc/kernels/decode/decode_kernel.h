@@ -154,15 +154,21 @@ __global__ void __launch_bounds__(Traits::kNThreads)
         }
     }
 
-    // K and V of one block: this thread's kKeyPasses rows, through the cache addressing. The
-    // pages of a block are found one block ahead (fetch_pages) so that a paged cache's table
-    // reads hide behind the previous block's math.
+    // K and V of one block: this thread's kKeyPasses rows, through the cache addressing. A paged
+    // cache's pages are looked up one block ahead (fetch_pages) so that the table reads hide
+    // behind the previous block's math; a row past the last key looks up the last key's page
+    // (a block exists only when there is a key), so the reads need no branch, and load_block
+    // zero-fills that row anyway. A contiguous cache's rows all lie in its entry: one uniform
+    // branch per block instead of one per row.
     int pages[Traits::kKeyPasses];
+    CUTE_UNROLL
+    for (int i = 0; i < Traits::kKeyPasses; ++i) pages[i] = cache.entry();
     auto fetch_pages = [&](int block) {
+        if (!cache.paged()) return;
         CUTE_UNROLL
         for (int i = 0; i < Traits::kKeyPasses; ++i) {
             const int key = block * kBlockN + pass_row + i * Traits::kRowsPerPass;
-            pages[i] = key < seqlen_k ? cache.page_of(key) : 0;
+            pages[i] = cache.page_of(min(key, seqlen_k - 1));
         }
     };
     auto load_block = [&](int block, int stage) {
@@ -171,9 +177,11 @@ __global__ void __launch_bounds__(Traits::kNThreads)
             const int r = pass_row + i * Traits::kRowsPerPass;
             const int key = block * kBlockN + r;
             // Keys past the end are zero-filled, never left stale: P is 0 there, and 0 times a
-            // stale NaN would still be NaN.
+            // stale NaN would still be NaN. Their source address is the last key's row (no
+            // branch; a zero-fill reads nothing), and columns past head_dim its first vector.
             const bool valid = key < seqlen_k && col_in_head;
-            const int64_t offset = valid ? cache.row_offset(key, pages[i]) + vector_col : 0;
+            const int64_t offset =
+                cache.row_offset(min(key, seqlen_k - 1), pages[i]) + (col_in_head ? vector_col : 0);
             copy_vector(k_base + offset, &sK(r, vector_col, stage), valid);
             copy_vector(v_base + offset, &sV(r, vector_col, stage), valid);
         }
@@ -192,7 +200,6 @@ __global__ void __launch_bounds__(Traits::kNThreads)
 
     // ---- Per-warp MMA partitions.
     typename Traits::WarpMma mma;
-    auto thr_mma = mma.get_slice(lane);
     auto q_copy = make_tiled_copy_A(typename Traits::SmemCopyAtom{}, mma);
     auto k_copy = make_tiled_copy_B(typename Traits::SmemCopyAtom{}, mma);
     auto v_copy = make_tiled_copy_B(typename Traits::SmemCopyAtomTransposed{}, mma);

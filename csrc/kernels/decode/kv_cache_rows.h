@@ -46,10 +46,12 @@ public:
 
     __device__ bool paged() const { return block_table_ != nullptr; }
 
-    // The page holding key position p; a table read for a paged cache (issue it ahead of
-    // row_offset so that its latency overlaps other work), the entry for a contiguous one.
+    // The page of every key of a contiguous cache: its entry.
+    __device__ int entry() const { return entry_; }
+
+    // The page holding key position p of a paged cache: a table read (issue it ahead of
+    // row_offset so that its latency overlaps other work).
     __device__ int page_of(int position) const {
-        if (!paged()) return entry_;
         int page = 0;
         int slot = 0;
         page_size_(page, slot, start_ + position);
@@ -57,7 +59,7 @@ public:
     }
 
     // Element offset (from the cache's base and KV head) of key position p's row, in `page`
-    // (page_of(p)).
+    // (page_of(p), or entry() for a contiguous cache).
     __device__ int64_t row_offset(int position, int page) const {
         int page_index = 0;
         int slot = 0;
