@@ -8,7 +8,9 @@
 - ``csrc/generated/``: the constants of ``flash_varlen/contract.py`` (``contract.h``), the
   families (``kernel_families.h``), the options struct with the checks of every declared rule
   (``attention_options.h/.cpp``, from ``flash_varlen/options.py``) and the extension's four
-  entry points (``entry_points.h/.cpp``, from ``flash_varlen/signatures.py``).
+  entry points (``entry_points.h/.cpp``, from ``flash_varlen/signatures.py``), and the few
+  wgmma atoms the sm90 family needs beyond CuTe's base set (``sm90_wgmma_atoms.h``, from
+  ``SM90_OWN_WGMMA_N``).
 
 Run ``python csrc/generate.py`` after changing a declaration; ``--check`` exits non-zero when the
 checked-in files are stale (a CPU test runs it). Generated files include no torch header unless
@@ -200,6 +202,182 @@ constexpr KernelFamilyInfo kKernelFamilies[] = {{
 
 
 # --------------------------------------------------------------------------------------------
+# The sm90 family's own wgmma atoms
+#
+# CuTe's base header (cute/arch/mma_sm90_gmma.hpp) has the 16-bit wgmma atoms for N = 8, 16, 32,
+# 64, 96, 128, 192 and 256 only; CUTLASS declares the others (64x176x16, ...) only under
+# CUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED, which pulls in two headers of 76,000 lines with every
+# such atom for every type. Parsing them cost about 30 of the 53 s that one sm90 file took to
+# compile (nvcc 13.0, 1 core: cudafe++ 18.1 s of which 15 s for them, cicc 9 s, host g++ 3 s;
+# an empty file that includes cute/tensor.hpp takes 37.1 s with the macro, 6.1 s without),
+# about 300 s of the 2-core full build. sm90_wgmma_atoms.h defines the few atoms the tiles need,
+# written here from the PTX ISA's wgmma.mma_async (the form with both operands in shared memory,
+# given by matrix descriptors), and plugs them into CuTe through MMA_Traits, with CuTe's own
+# accumulator and operand layouts.
+
+# N of the Q K^T tiles (kBlockN in kernels/sm90/fwd_tile_config.h) that CuTe's base header lacks:
+# the S = Q K^T atoms (both operands in shared memory, K-major) of those tiles. The other kBlockN
+# (64, 96, 128) and every N of O += P V (the head dims 64, 96, 128, 192, 256; P from registers)
+# are base atoms. A tile with a new N fails the "one wgmma atom spans kBlockN" static_assert of
+# fwd_kernel_traits.h until it is added here.
+SM90_OWN_WGMMA_N = (80, 112, 176)
+# N of CuTe's base 16-bit wgmma atoms (cute/arch/mma_sm90.hpp's ss_op_selector and
+# rs_op_selector without the macro).
+CUTE_BASE_WGMMA_N = (8, 16, 32, 64, 96, 128, 192, 256)
+# The PTX type of A and B per element type (the accumulator is f32).
+SM90_WGMMA_TYPES = {"cutlass::bfloat16_t": "bf16", "cutlass::half_t": "f16"}
+GMMA = "cute::SM90::GMMA"
+
+
+def _packed(items: list[str], indent: str, width: int = 100) -> list[str]:
+    """``items`` separated by ", " in lines of at most ``width`` characters, each starting with
+    ``indent`` and ending with "," but the last."""
+    lines = [indent + items[0]]
+    for item in items[1:]:
+        if len(lines[-1]) + len(", ") + len(item) + len(",") > width:
+            lines[-1] += ","
+            lines.append(indent + item)
+        else:
+            lines[-1] += ", " + item
+    return lines
+
+
+def wgmma_ss_atom(n: int, element: str, ptx_type: str) -> str:
+    """The atom D (64 x n, f32) = A (64 x 16) * B (n x 16) [+ D] with A and B in shared memory:
+    one wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{ptx_type}.{ptx_type}. Each of the 128
+    threads holds n / 2 accumulators, the instruction's d operand {%0, ..., %(n/2 - 1)}; then come
+    the descriptors of A and B, scale-d (a predicate: 0 gives D = A * B), and the immediates
+    imm-scale-a/b (1, or -1 to negate) and imm-trans-a/b (0 for K-major, 1 for MN-major)."""
+    registers = n // 2
+    accumulators = [f"d{i:02d}" for i in range(registers)]
+    desc_a, desc_b, scale_d, scale_a, scale_b, trans_a, trans_b = range(registers, registers + 7)
+    parameter_lines = "\n".join(_packed([f"float& {d}" for d in accumulators], " " * 8))
+    # The d operand, in string literals: "{%0, %1, ... " "%k, ..." ... "%(n/2 - 1)}".
+    operands = _packed([f"%{i}" for i in range(registers)], " " * 12 + '"', 97)
+    operands[0] = operands[0].replace('"', '"{', 1)
+    operand_lines = "\n".join(f'{line} "' for line in operands[:-1])
+    operand_lines += ("\n" if operand_lines else "") + operands[-1] + '}"'
+    output_lines = "\n".join(_packed([f'"+f"({d})' for d in accumulators], " " * 14)).lstrip()
+    return f"""\
+template <{GMMA}::Major tnspA, {GMMA}::Major tnspB,
+          {GMMA}::ScaleIn scaleA, {GMMA}::ScaleIn scaleB>
+struct WgmmaSS<{n}, {element}, tnspA, tnspB, scaleA, scaleB> {{
+    using DRegisters = void;
+    using ARegisters = uint64_t[1];
+    using BRegisters = uint64_t[1];
+    using CRegisters = float[{registers}];
+
+    CUTE_HOST_DEVICE static void fma(
+        uint64_t const& desc_a, uint64_t const& desc_b,
+{parameter_lines},
+        {GMMA}::ScaleOut const scale_D = {GMMA}::ScaleOut::One) {{
+#if defined(CUTE_ARCH_MMA_SM90A_ENABLED)
+        asm volatile(
+            "{{\\n"
+            ".reg .pred p;\\n"
+            "setp.ne.b32 p, %{scale_d}, 0;\\n"
+            "wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{ptx_type}.{ptx_type}\\n"
+{operand_lines}
+            ", %{desc_a}, %{desc_b}, p, %{scale_a}, %{scale_b}, %{trans_a}, %{trans_b};\\n"
+            "}}\\n"
+            : {output_lines}
+            : "l"(desc_a), "l"(desc_b), "r"(int32_t(scale_D)), "n"(int32_t(scaleA)),
+              "n"(int32_t(scaleB)), "n"(int32_t(tnspA)), "n"(int32_t(tnspB)));
+#else
+        CUTE_INVALID_CONTROL_PATH("wgmma.mma_async needs sm_90a (CUTE_ARCH_MMA_SM90A_ENABLED)");
+#endif
+    }}
+}};"""
+
+
+def sm90_wgmma_atoms_header() -> str:
+    atoms = [
+        f"// 64x{n}x16, F32 += {ptx_type.upper()} * {ptx_type.upper()}\n"
+        + wgmma_ss_atom(n, element, ptx_type)
+        for n in SM90_OWN_WGMMA_N
+        for element, ptx_type in SM90_WGMMA_TYPES.items()
+    ]
+    own_n = " || ".join(f"kN == {n}" for n in SM90_OWN_WGMMA_N)
+    atoms_text = "\n\n".join(atoms)
+    n_text = ", ".join(map(str, SM90_OWN_WGMMA_N))
+    return (
+        HEADER.format(source="SM90_OWN_WGMMA_N")
+        + f"""\
+// The wgmma atoms of the sm90 family's S = Q K^T tiles that CuTe's base header lacks:
+// 64 x N x 16 for N = {n_text}, bf16 and fp16 operands in shared memory, f32 accumulators;
+// and ss_op_selector_extended, which picks them. csrc/generate.py writes them from the PTX ISA's
+// wgmma.mma_async and plugs them into CuTe through MMA_Traits, with CuTe's GMMA layouts and
+// descriptors. CUTLASS has such atoms only under CUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED, whose
+// 76,000 lines of headers took about 30 of the 53 CPU seconds of each sm90 file (an empty file
+// that includes cute/tensor.hpp: 37.1 s with the macro, 6.1 s without; about 300 s of the
+// 2-core full build); the family does not define it.
+#pragma once
+
+#include <cstdint>
+
+#include <cute/arch/mma_sm90.hpp>
+#include <cute/atom/mma_traits_sm90_gmma.hpp>
+#include <cutlass/numeric_types.h>
+
+namespace flash_varlen {{
+namespace sm90 {{
+
+// D (64 x N, f32) = A (64 x 16) * B (N x 16) [+ D] with A and B in shared memory.
+template <int N, typename Element, {GMMA}::Major tnspA, {GMMA}::Major tnspB,
+          {GMMA}::ScaleIn scaleA = {GMMA}::ScaleIn::One,
+          {GMMA}::ScaleIn scaleB = {GMMA}::ScaleIn::One>
+struct WgmmaSS;
+
+{atoms_text}
+
+// Whether N is one of the atoms above.
+template <int kN>
+inline constexpr bool kOwnWgmmaN = {own_n};
+
+// The atom of a (M, N, K) tile with K-major operands in shared memory: ours when N is one of
+// SM90_OWN_WGMMA_N (the one atom that spans N), otherwise CuTe's
+// GMMA::ss_op_selector<Element, Element, float, TileShape_MNK>().
+template <typename Element, typename TileShape_MNK>
+CUTE_HOST_DEVICE constexpr auto ss_op_selector_extended() {{
+    constexpr int kN = cute::size<1>(TileShape_MNK{{}});
+    if constexpr (kOwnWgmmaN<kN>) {{
+        return WgmmaSS<kN, Element, {GMMA}::Major::K, {GMMA}::Major::K>{{}};
+    }} else {{
+        return {GMMA}::ss_op_selector<Element, Element, float, TileShape_MNK>();
+    }}
+}}
+
+}}  // namespace sm90
+}}  // namespace flash_varlen
+
+namespace cute {{
+
+template <int N, typename Element, GMMA::Major tnspA, GMMA::Major tnspB, GMMA::ScaleIn scaleA,
+          GMMA::ScaleIn scaleB>
+struct MMA_Traits<flash_varlen::sm90::WgmmaSS<N, Element, tnspA, tnspB, scaleA, scaleB>> {{
+    using ValTypeD = float;
+    using ValTypeA = Element;
+    using ValTypeB = Element;
+    using ValTypeC = float;
+
+    using FrgTypeA = GMMA::smem_desc<tnspA>;
+    using FrgTypeB = GMMA::smem_desc<tnspB>;
+
+    using Shape_MNK = Shape<_64, Int<N>, _16>;
+    using ThrID = Layout<_128>;
+    using ALayout = GMMA::ABLayout<64, 16>;
+    using BLayout = GMMA::ABLayout<N, 16>;
+    using CLayout = GMMA::CLayout_64xN<N>;
+
+    GMMA::ScaleOut accumulate_ = GMMA::ScaleOut::One;
+}};
+
+}}  // namespace cute
+"""
+    )
+
+
+# --------------------------------------------------------------------------------------------
 # Host code from the option declaration and the entry-point signatures
 
 
@@ -272,7 +450,7 @@ def attention_options_header(options) -> str:
 // those the backward reads; the others keep their defaults.
 #pragma once
 
-#include <torch/extension.h>
+#include <ATen/core/Tensor.h>
 
 #include <optional>
 
@@ -410,7 +588,7 @@ def entry_points_header(options, signatures) -> str:
 // pybind11 functions that fill these structs.
 #pragma once
 
-#include <torch/extension.h>
+#include <ATen/core/Tensor.h>
 
 #include <optional>
 #include <tuple>
@@ -466,7 +644,7 @@ def entry_points_source(options, signatures) -> str:
         + """\
 #include "generated/entry_points.h"
 
-#include <pybind11/pybind11.h>
+#include <torch/csrc/utils/pybind.h>  // pybind11 and its casters of torch types
 
 namespace flash_varlen {
 
@@ -494,6 +672,7 @@ def expected_files() -> dict[Path, str]:
     files[GENERATED_DIR / "attention_options.cpp"] = attention_options_source(options)
     files[GENERATED_DIR / "entry_points.h"] = entry_points_header(options, signatures)
     files[GENERATED_DIR / "entry_points.cpp"] = entry_points_source(options, signatures)
+    files[GENERATED_DIR / "sm90_wgmma_atoms.h"] = sm90_wgmma_atoms_header()
     return files
 
 

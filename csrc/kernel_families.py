@@ -91,8 +91,6 @@ SM90 = KernelFamily(
         ),
     },
     nvcc_flags=(
-        # wgmma atoms with N = 176 (the d128 tile: csrc/kernels/sm90/fwd_tile_config.h).
-        "-DCUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED",
         # Without it CUTLASS's pipelines check each thread's role with a trap branch inside the
         # main loop (seen in the SASS as BPT.TRAP).
         "-DNDEBUG",

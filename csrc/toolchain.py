@@ -17,6 +17,7 @@ A candidate is usable when it has ``bin/nvcc`` and ``include/cuda_runtime.h``.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import shutil
@@ -29,6 +30,7 @@ RUNTIME_HEADER = Path("include") / "cuda_runtime.h"
 NVCC = Path("bin") / "nvcc"
 UNKNOWN = "unknown"
 MESSAGE_PREFIX = "flash_varlen: "
+CUTLASS_PIN = "nvidia-cutlass==4.2.0.0"
 
 
 class BuildEnvironmentError(Exception):
@@ -151,3 +153,25 @@ def use_toolkit(toolkit: CudaToolkit, cpp_extension) -> None:
     CUDA_HOME when imported) and every process it starts at ``toolkit``."""
     cpp_extension.CUDA_HOME = str(toolkit.home)
     os.environ["CUDA_HOME"] = str(toolkit.home)
+
+
+def cutlass_include_dir(root: Path) -> Path:
+    """CuTe/CUTLASS headers: $CUTLASS_PATH, else ``root``/third_party/cutlass, else the pinned
+    wheel. Raises BuildEnvironmentError when none has them. setup.py compiles with them and
+    csrc/generate.py copies the extended wgmma atoms the sm90 family uses from them."""
+    candidates = []
+    if os.environ.get("CUTLASS_PATH"):
+        candidates.append(Path(os.environ["CUTLASS_PATH"]) / "include")
+    candidates.append(root / "third_party" / "cutlass" / "include")
+    spec = importlib.util.find_spec("cutlass_library")  # locates the package without importing it
+    if spec is not None and spec.submodule_search_locations:
+        for location in spec.submodule_search_locations:
+            candidates.append(Path(location) / "source" / "include")
+    for candidate in candidates:
+        if (candidate / "cute" / "tensor.hpp").exists():
+            return candidate
+    raise BuildEnvironmentError(
+        f"the CUTLASS/CuTe headers were not found. Install them with `pip install --no-deps "
+        f"{CUTLASS_PIN}` (headers only; the README's install command does), or set CUTLASS_PATH "
+        "to a CUTLASS checkout, or check one out into third_party/cutlass."
+    )

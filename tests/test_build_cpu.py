@@ -72,11 +72,93 @@ def test_kernel_sources_include_no_torch_headers():
     """Kernel code (and the generated headers it includes) never includes torch or Python."""
     kernel_files = list((ROOT / "csrc" / "kernels").glob("*/*.h"))
     kernel_files += list((ROOT / "csrc" / "instantiations").glob("*/*.cu"))
-    kernel_files += [ROOT / "csrc" / "generated" / n for n in ("contract.h", "kernel_families.h")]
+    kernel_files += [
+        ROOT / "csrc" / "generated" / name
+        for name in ("contract.h", "kernel_families.h", "sm90_wgmma_atoms.h")
+    ]
     assert len(kernel_files) > 40
     for path in kernel_files:
         text = path.read_text()
         assert "torch/" not in text and "Python.h" not in text and "pybind11" not in text, path
+
+
+def test_host_sources_include_no_whole_torch_api():
+    """The host sources include the ATen and pybind11 headers they use, not <torch/extension.h>
+    (all of libtorch's C++ API and pybind11): compiling that header alone takes 36 CPU seconds,
+    and the 8 host files took about 35 s each with it, 2 to 13 s each (54 s in all) without it."""
+    host_files = [
+        path
+        for folder in ("bindings", "generated")
+        for path in (ROOT / "csrc" / folder).iterdir()
+        if path.suffix in (".h", ".cpp")
+    ]
+    assert len(host_files) > 10
+    for path in host_files:
+        text = path.read_text()
+        for header in ("torch/extension.h", "torch/all.h", "torch/torch.h", "ATen/ATen.h"):
+            assert f"#include <{header}>" not in text, (path, header)
+
+
+def test_sm90_family_compiles_without_cutlass_extended_atoms():
+    """CUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED pulls 76,000 lines of wgmma atoms into every sm90
+    file (about 25 of its 53 CPU seconds); the family takes the atoms its tiles need beyond CuTe's
+    base set from generated/sm90_wgmma_atoms.h instead, which csrc/generate.py writes itself (it
+    reads no CUTLASS header)."""
+    gen = load_generator()
+    sm90 = next(family for family in gen.kernel_families.FAMILIES if family.name == "sm90")
+    assert not any("CUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED" in flag for flag in sm90.nvcc_flags)
+    for path in (ROOT / "csrc" / "kernels").glob("*/*.h"):
+        assert "#define CUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED" not in path.read_text(), path
+    atoms = (ROOT / "csrc" / "generated" / "sm90_wgmma_atoms.h").read_text()
+    assert atoms == gen.sm90_wgmma_atoms_header()
+    for cutlass_name in ("_ext.hpp", "SM90::GMMA::MMA_64x", "SM90_64x"):
+        assert cutlass_name not in atoms
+    assert "_ext.hpp" not in GENERATOR.read_text()
+
+
+@pytest.mark.parametrize("element", ["cutlass::bfloat16_t", "cutlass::half_t"])
+@pytest.mark.parametrize("n", [80, 112, 176])
+def test_sm90_own_wgmma_atom_has_n_over_2_accumulators(n, element):
+    """One atom per (N, element type): a specialisation of WgmmaSS whose single wgmma takes the
+    N / 2 accumulators of a thread ({%0, ..., %(N/2 - 1)}), both descriptors, scale-d and the
+    four immediates, and whose fma takes as many floats (CuTe's mma_unpack passes one per
+    register of CRegisters)."""
+    gen = load_generator()
+    assert n in gen.SM90_OWN_WGMMA_N
+    ptx_type = gen.SM90_WGMMA_TYPES[element]
+    atom = gen.wgmma_ss_atom(n, element, ptx_type)
+    assert f"struct WgmmaSS<{n}, {element}, tnspA, tnspB, scaleA, scaleB> {{" in atom
+    assert f"using CRegisters = float[{n // 2}];" in atom
+    assert atom.count("wgmma.mma_async.sync") == 1
+    assert f'"wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{ptx_type}.{ptx_type}\\n"' in atom
+    # The operand list of the asm statement, string literals joined.
+    literals = "".join(re.findall(r'^\s*"(.*)"$', atom, re.MULTILINE))
+    d_operand = re.search(r"\{(%\d+(?:, %\d+)*)\}", literals).group(1)
+    assert d_operand.split(", ") == [f"%{i}" for i in range(n // 2)]
+    m = n // 2
+    assert f"setp.ne.b32 p, %{m + 2}, 0;" in literals
+    assert f", %{m}, %{m + 1}, p, %{m + 3}, %{m + 4}, %{m + 5}, %{m + 6};" in literals
+    assert atom.count('"+f"(') == m and atom.count("float& d") == m
+    assert f"%{m + 7}" not in literals
+    assert atom in (ROOT / "csrc" / "generated" / "sm90_wgmma_atoms.h").read_text()
+
+
+def test_sm90_tiles_have_one_wgmma_atom_per_gemm():
+    """Every tile of kernels/sm90/fwd_tile_config.h finds an atom that spans it: kBlockN (the N of
+    S = Q K^T, both operands in shared memory) among CuTe's base atoms or ours, the head dim (the
+    N of O += P V, P from registers) among CuTe's base atoms, for which we have no own RS atom."""
+    gen = load_generator()
+    config = (ROOT / "csrc" / "kernels" / "sm90" / "fwd_tile_config.h").read_text()
+    block_n = r"(?:kIsLocal \? (\d+) : (\d+)|(\d+))"
+    tiles = re.findall(rf"FwdKernelTraits<Element, (\d+), (\d+), {block_n}, kFwdStages>", config)
+    assert len(tiles) == 5
+    block_ns = {int(n) for tile in tiles for n in tile[2:] if n}
+    head_dims = {int(tile[0]) for tile in tiles}
+    assert head_dims == set(gen.HEAD_DIM_BUCKETS)
+    assert head_dims <= set(gen.CUTE_BASE_WGMMA_N)
+    own = block_ns - set(gen.CUTE_BASE_WGMMA_N)
+    assert own == set(gen.SM90_OWN_WGMMA_N), "SM90_OWN_WGMMA_N lists exactly the N CuTe lacks"
+    assert set(gen.SM90_WGMMA_TYPES) == {cpp for cpp, _ in gen.ELEMENT_TYPES.values()}
 
 
 def test_no_family_includes_another_familys_headers():

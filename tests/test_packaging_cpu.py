@@ -220,10 +220,29 @@ def test_kernel_sources_are_grouped_by_family_with_its_targets(
     if "90" in selected:
         assert setup.family_targets("sm90") == [
             "-gencode=arch=compute_90a,code=sm_90a",
-            "-DCUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED",
             "-DNDEBUG",
         ]
     assert not any("gencode" in flag for flag in setup.nvcc_flags(nvcc_threads=2))
+
+
+def test_ninja_starts_the_heaviest_files_first(monkeypatch):
+    """Each family's backward files come before its forward files, and the host sources after
+    the first family's kernels (setup.DIRECTIONS_HEAVIEST_FIRST gives the measurements): a run
+    that ended on a long file would leave the other cores idle."""
+    setup = load_setup()
+    monkeypatch.setattr(setup, "visible_gpu_capabilities", lambda: [])
+    for name in ("TORCH_CUDA_ARCH_LIST", "FLASH_VARLEN_ARCHS", "FLASH_VARLEN_FAMILIES",
+                 "FLASH_VARLEN_DTYPES", "FLASH_VARLEN_HEAD_DIMS"):
+        monkeypatch.delenv(name, raising=False)
+    sources = setup.kernel_sources()
+    assert list(sources) == ["sm90", "sm80"]
+    sm80_directions = [Path(path).name.split("_")[0] for path in sources["sm80"]]
+    assert sm80_directions == ["bwd"] * 20 + ["fwd"] * 20
+    host = ["csrc/bindings/module.cpp", "csrc/kernels/common/kernel_registry.cpp"]
+    runs = setup.build_runs(sources, host)
+    assert [family for family, _ in runs] == ["sm90", "sm80"]
+    assert runs[0][1] == sources["sm90"] + host
+    assert runs[1][1] == sources["sm80"]
 
 
 @pytest.mark.parametrize(
@@ -519,3 +538,18 @@ def test_sdist_carries_every_file_the_build_reads(tmp_path):
     missing = set(tracked.stdout.split()) - shipped
     assert not missing, f"the sdist lacks {sorted(missing)[:10]}"
     assert {"setup.py", "pyproject.toml", "README.md", "flash_varlen/__init__.py"} <= shipped
+
+
+def test_readme_install_command_installs_the_tested_torch():
+    """The README's install command pins torch: in a fresh virtual environment an unpinned
+    `pip install torch` installed 2.14.1, whose headers need C++20 while the extension compiles
+    as C++17. The pin is the torch the build was tested with, and within setup.TORCH_RANGE."""
+    setup = load_setup()
+    readme = (ROOT / "README.md").read_text()
+    command = next(line for line in readme.splitlines() if "--no-build-isolation -v -e ." in line)
+    pinned = re.search(r"\btorch==(\d+\.\d+\.\d+)\b", command)
+    assert pinned is not None, command
+    minimum = setup.TORCH_RANGE.removeprefix("torch>=")
+    version = tuple(int(part) for part in pinned.group(1).split("."))
+    assert version >= tuple(int(part) for part in minimum.split("."))
+    assert f"torch {pinned.group(1)}+cu" in readme  # the versions the README says were used

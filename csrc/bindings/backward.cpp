@@ -1,6 +1,10 @@
 // Backward entry points: check inputs on the host (never reading device memory), allocate the
 // gradients, fill the params struct and dispatch to a registered kernel (dispatch.h), which
 // brings its own workspace, on the current stream. Both layouts run one path, run_backward.
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros_like.h>
+
 #include <utility>
 #include <vector>
 

@@ -6,9 +6,11 @@
 // is allocated as its launcher asks, and the kernel launched on the current stream.
 #pragma once
 
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <torch/extension.h>
 
 #include "bindings/error_message.h"
 #include "kernels/common/kernel_registry.h"

@@ -1,6 +1,10 @@
 // Forward entry points: check inputs on the host (never reading device memory), fill the params
 // struct, and dispatch to a registered kernel (dispatch.h) on the current stream. Both layouts
 // run one path, run_forward: fixed length is varlen with cu_seqlens = nullptr and a batch stride.
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
+
 #include <utility>
 
 #include "bindings/dispatch.h"

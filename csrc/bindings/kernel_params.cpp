@@ -1,6 +1,7 @@
 #include "bindings/kernel_params.h"
 
 #include <ATen/cuda/CUDAGeneratorImpl.h>
+#include <ATen/ops/empty.h>
 
 #include <cmath>
 #include <limits>

@@ -3,7 +3,7 @@
 // instantiation. No option adds a template instantiation besides the local-mask one.
 #pragma once
 
-#include <torch/extension.h>
+#include <ATen/core/Tensor.h>
 
 #include <optional>
 

@@ -1,6 +1,6 @@
 // The pybind11 module: the four entry points (generated/entry_points.cpp, implemented in
 // forward.cpp and backward.cpp) and what this build contains.
-#include <torch/extension.h>
+#include <torch/csrc/utils/pybind.h>  // pybind11 and its casters of torch types
 
 #include <iterator>
 #include <set>

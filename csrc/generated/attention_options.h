@@ -4,7 +4,7 @@
 // those the backward reads; the others keep their defaults.
 #pragma once
 
-#include <torch/extension.h>
+#include <ATen/core/Tensor.h>
 
 #include <optional>
 

@@ -4,7 +4,7 @@
 // pybind11 functions that fill these structs.
 #pragma once
 
-#include <torch/extension.h>
+#include <ATen/core/Tensor.h>
 
 #include <optional>
 #include <tuple>

@@ -49,6 +49,7 @@
 #include "kernels/sm90/fwd_kernel_traits.h"
 #include "kernels/sm90/named_barriers.h"
 #include "kernels/sm90/online_softmax.h"
+#include "kernels/sm90/wait_anchor.h"
 #include "kernels/sm90/warpgroup_gemm.h"
 
 namespace flash_varlen {
@@ -363,6 +364,7 @@ struct FlashFwdRowBlock {
             pipeline_k.consumer_release(read);
             if constexpr (decltype(apply_mask)::value) mask_scores(acc_s, n_block);
             const RowValues correction = softmax.fold_block(acc_s, scale_log2);
+            anchor_softmax_before_wait(&shared.wait_anchor[thread], softmax.row_sum);
             warpgroup_wait<0>();  // P V landed: P may be overwritten and O rescaled
             pipeline_v.consumer_release(read_v);
             convert_fragment(acc_s, rP);

@@ -2,15 +2,6 @@
 // register budgets, wgmma tiled MMAs, shared-memory layouts, TMA copy types and the pipelines.
 #pragma once
 
-// wgmma atoms whose N is not a multiple of 64 (64x176x16, 64x144x16, ...) are declared by CUTLASS
-// only under this macro; without it cute's op selector silently falls back to 64x16x16 atoms
-// (11 instructions instead of one for kBlockN = 176). It must be seen before the first cute
-// header of the translation unit, so the family's nvcc flags should define it too
-// (kernel_families.py); the static_asserts on the atom shapes below catch a miss.
-#ifndef CUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED
-#define CUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED
-#endif
-
 #include <cutlass/arch/barrier.h>
 #include <cutlass/numeric_types.h>
 #include <cutlass/pipeline/sm90_pipeline.hpp>
@@ -20,6 +11,14 @@
 #include <cute/atom/mma_atom.hpp>
 #include <cute/tensor.hpp>
 #include <cutlass/gemm/collective/builders/sm90_common.inl>  // ss_smem_selector
+
+// Our wgmma atoms for the kBlockN that CuTe's base header lacks (64x176x16, ...) and
+// ss_op_selector_extended, which picks them (csrc/generate.py writes them from the PTX ISA).
+// CUTLASS declares such atoms only under CUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED, whose headers
+// would double this file's compile time; without an atom of its N, cute's ss_op_selector
+// silently falls back to 64x16x16 atoms (11 instructions instead of one for kBlockN = 176). The
+// static_asserts on the atom shapes below catch a miss.
+#include "generated/sm90_wgmma_atoms.h"
 
 namespace flash_varlen {
 namespace sm90 {
@@ -64,7 +63,7 @@ struct FwdKernelTraits {
     using MmaWarpgroupLayout = Layout<Shape<Int<kNumMmaWarpgroups>, _1, _1>>;
     // S = Q K^T with both operands in shared memory (K-major: the head dim is contiguous).
     using TiledMmaQK = decltype(make_tiled_mma(
-        GMMA::ss_op_selector<Element, Element, float, TileShapeQK>(), MmaWarpgroupLayout{}));
+        ss_op_selector_extended<Element, TileShapeQK>(), MmaWarpgroupLayout{}));
     // O += P V with P from registers (the accumulator of S, converted) and V in shared memory.
     // V is stored as loaded, a key per row with the head dim contiguous, which for the B
     // operand (N = head dim, K = key) is MN-major; wgmma reads it transposed for 16-bit types.
@@ -73,7 +72,7 @@ struct FwdKernelTraits {
                              GMMA::Major::MN>(),
         MmaWarpgroupLayout{}));
     static_assert(size<1>(typename TiledMmaQK::AtomShape_MNK{}) == kBlockN,
-                  "one wgmma atom spans kBlockN (CUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED missing?)");
+                  "one wgmma atom spans kBlockN (add it to SM90_OWN_WGMMA_N?)");
     static_assert(size<1>(typename TiledMmaPV::AtomShape_MNK{}) == kHeadDim,
                   "one wgmma atom spans the head dim");
     static_assert(size(TiledMmaQK{}) == kNumMmaThreads && size(TiledMmaPV{}) == kNumMmaThreads);
@@ -144,6 +143,8 @@ struct FwdKernelTraits {
         alignas(16) cutlass::arch::ClusterTransactionBarrier q_full;
         alignas(16) typename PipelineKV::SharedStorage pipeline_k;
         alignas(16) typename PipelineKV::SharedStorage pipeline_v;
+        // One word per consumer thread that nothing reads (wait_anchor.h).
+        float wait_anchor[kNumMmaThreads];
     };
     static constexpr int kSmemBytes = int(sizeof(SharedStorage));
     static constexpr int kMaxSmemBytes = 227 * 1024;  // H100 / H200 opt-in limit per block
