@@ -235,14 +235,15 @@ def test_ninja_starts_the_heaviest_files_first(monkeypatch):
                  "FLASH_VARLEN_DTYPES", "FLASH_VARLEN_HEAD_DIMS"):
         monkeypatch.delenv(name, raising=False)
     sources = setup.kernel_sources()
-    assert list(sources) == ["sm90", "sm80"]
+    assert list(sources) == ["sm90", "sm80", "decode"]
     sm80_directions = [Path(path).name.split("_")[0] for path in sources["sm80"]]
     assert sm80_directions == ["bwd"] * 20 + ["fwd"] * 20
     host = ["csrc/bindings/module.cpp", "csrc/kernels/common/kernel_registry.cpp"]
     runs = setup.build_runs(sources, host)
-    assert [family for family, _ in runs] == ["sm90", "sm80"]
+    assert [family for family, _ in runs] == ["sm90", "sm80", "decode"]
     assert runs[0][1] == sources["sm90"] + host
     assert runs[1][1] == sources["sm80"]
+    assert runs[2][1] == sources["decode"]
 
 
 @pytest.mark.parametrize(
