@@ -92,8 +92,9 @@ UNKNOWN = "unknown"
 # while the other cores wait. The backward files are the heaviest: 58 to 87 s each against 47 to
 # 60 s for the forward in the 2-core full build at 6e065ca (its .ninja_log; 62 against 49 CPU
 # seconds for the d128 bf16 pair compiled alone by nvcc 13.0). The host sources, 2 to 13 s each,
-# come last (build_runs) and fill the cores while the last kernels finish.
-DIRECTIONS_HEAVIEST_FIRST = ("bwd", "fwd")
+# come last (build_runs) and fill the cores while the last kernels finish. The decode family
+# (its own direction) has no backward; its files come in their family's run, after any forward.
+DIRECTIONS_HEAVIEST_FIRST = ("bwd", "fwd", "decode")
 # The torch versions the package supports (the pure-Python package and an sdist say this).
 TORCH_RANGE = "torch>=2.11"
 

@@ -51,7 +51,7 @@ ELEMENT_TYPES = {
     "bf16": ("cutlass::bfloat16_t", "ElementType::kBFloat16"),
 }
 HEAD_DIM_BUCKETS = contract.HEAD_DIM_BUCKETS
-PARAMS = {"fwd": "FlashFwdParams", "bwd": "FlashBwdParams"}
+PARAMS = {"fwd": "FlashFwdParams", "bwd": "FlashBwdParams", "decode": "FlashDecodeParams"}
 
 # --------------------------------------------------------------------------------------------
 # Kernel instantiations

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Direction:
-    """How a family builds one direction ("fwd" or "bwd").
+    """How a family builds one direction ("fwd", "bwd" or "decode").
 
     ``header``: the launch header under csrc/kernels/<family>/. ``launcher``: the launch
     function, a template on (element type, head-dim bucket, local mask). ``workspace_size``: the
@@ -59,14 +59,17 @@ class KernelFamily:
         return "k" + self.name[0].upper() + self.name[1:]
 
 
+# Machine code for Ampere and Hopper from one mma.sync / cp.async source (Ada runs the sm_80 code).
+MMA_SYNC_TARGETS = {
+    "80": "-gencode=arch=compute_80,code=sm_80",
+    "90": "-gencode=arch=compute_90,code=sm_90",
+}
+
 SM80 = KernelFamily(
     name="sm80",
     summary="mma.sync and cp.async (Ampere, Ada, Hopper)",
     compute_capabilities=(80, 90),
-    targets={
-        "80": "-gencode=arch=compute_80,code=sm_80",
-        "90": "-gencode=arch=compute_90,code=sm_90",
-    },
+    targets=MMA_SYNC_TARGETS,
     directions={
         "fwd": Direction("flash_fwd_launch.h", "launch_flash_fwd"),
         "bwd": Direction("flash_bwd_launch.h", "launch_flash_bwd", "flash_bwd_workspace_size"),
@@ -94,5 +97,36 @@ SM90 = KernelFamily(
     ),
 )
 
-# Best first.
-FAMILIES: tuple[KernelFamily, ...] = (SM90, SM80)
+DECODE = KernelFamily(
+    name="decode",
+    summary="split-KV decode over contiguous and paged KV caches (mma.sync, cp.async)",
+    compute_capabilities=(80, 90),
+    # mma.sync m16n8k16 and cp.async only: the kernel is bound by HBM, not by the tensor cores
+    # (csrc/kernels/decode/decode_kernel_traits.h has the arithmetic), so one code for Ampere,
+    # Ada and Hopper.
+    targets=MMA_SYNC_TARGETS,
+    # A direction of its own rather than "fwd": a decode call is not a varlen forward. Its
+    # params name a cache (block table, page size, cache lengths, entries, leftpad) and a split
+    # count, it needs a split workspace, and it has no backward; registering it under "fwd" would
+    # put it among the forward kernels that flash_attn_varlen_func's dispatch picks from, where
+    # it cannot serve packed keys. Its own direction (FlashDecodeParams, its own registry table)
+    # is reached only by the KV-cache entry point, which knows the call is a decode
+    # (flash_varlen/kvcache.py decides which calls go there).
+    directions={
+        "decode": Direction(
+            "decode_launch.h",
+            "launch_decode",
+            "decode_workspace_size",
+            unsupported_option="decode_unsupported_option",
+        ),
+    },
+    # The mask is a run-time test (decode_kernel.h): no local-mask variant.
+    local_variants=(False,),
+    # The serving head dims; others fall back to the varlen kernels (contiguous caches) or are
+    # refused (paged caches).
+    head_dim_buckets=(64, 128),
+)
+
+# Best first. The decode family serves only its own direction, so its place does not compete
+# with the others.
+FAMILIES: tuple[KernelFamily, ...] = (SM90, SM80, DECODE)

@@ -315,17 +315,23 @@ def collect() -> tuple[list[tuple[str, str]], SelfCheckResult | None]:
             ("kernel families", not_loaded),
             ("forward kernels", not_loaded),
             ("backward kernels", not_loaded),
+            ("decode kernels", not_loaded),
             ("head-dim buckets", not_loaded),
         ]
     else:
         forward = [(str(f), str(n), int(b)) for f, n, b in module.compiled_kernels()]
         backward = [(str(f), str(n), int(b)) for f, n, b in module.compiled_backward_kernels()]
+        # The KV-cache kernels (flash_attn_with_kvcache); absent from builds that predate them.
+        decode = [
+            (str(f), str(n), int(b)) for f, n, b in getattr(module, "compiled_decode_kernels", list)()
+        ]
         buckets = _format_buckets(module.head_dim_buckets(), [b for _, _, b in forward])
         rows += [
             ("extension", f"loaded from {module.__file__}"),
             ("kernel families", _format_families(module.kernel_families())),
             ("forward kernels", _format_kernels(forward)),
             ("backward kernels", _format_kernels(backward)),
+            ("decode kernels", _format_kernels(decode)),
             ("head-dim buckets", buckets),
         ]
     config = self_check_config(

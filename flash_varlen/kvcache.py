@@ -12,14 +12,17 @@ a decode step can be captured in a CUDA graph and replayed with new cache length
    bounds.
 2. The queries are rotated (:func:`apply_rotary`) at positions ``cache_seqlens[b] + i`` for
    causal or local attention, else all at ``cache_seqlens[b]`` (flash-attn's rule).
-3. :func:`contiguous_cache_as_varlen` describes the cache to the existing varlen forward kernel
-   without copying it: the cache is read in place as rows of keys, sequence b's keys start at
-   row ``entry * rows_per_entry + cache_leftpad[b]`` (``cu_seqlens_k[b]``) and number
-   ``cache_seqlens[b] + seqlen_new - cache_leftpad[b]`` (``seqused_k[b]``).
+3. The attention, by one of two kernels (:mod:`flash_varlen.kvcache_decode` decides which):
+   the decode kernel family reads the cache in place, contiguous or paged, with split-KV
+   (``num_splits``) for long caches; it serves every paged cache and contiguous calls of up to
+   16 query tokens. Other contiguous calls go to the varlen forward kernel:
+   :func:`contiguous_cache_as_varlen` describes the cache to it without copying it: the cache is
+   read in place as rows of keys, sequence b's keys start at row ``entry * rows_per_entry +
+   cache_leftpad[b]`` (``cu_seqlens_k[b]``) and number ``cache_seqlens[b] + seqlen_new -
+   cache_leftpad[b]`` (``seqused_k[b]``).
 
-Paged caches (``block_table``) are checked, and :func:`append_to_cache` writes into them, but the
-kernels cannot read pages yet: ``flash_attn_with_kvcache`` raises NotImplementedError for them.
-Split-KV does not exist yet either; ``num_splits`` is accepted and ignored.
+The append and the rotary embedding run as separate torch operations before the kernel; fusing
+them into the decode kernel is a later step (issue 16).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import torch
 from flash_varlen import ops, validation
 from flash_varlen.contract import UNBOUNDED_WINDOW_SIDE
 from flash_varlen.errors import error
+from flash_varlen.kvcache_decode import build_kernel_check, decode_attention, decode_kernel_refusal
 from flash_varlen.kvcache_validation import (
     KVCacheCall,
     cache_capacity,
@@ -130,7 +134,7 @@ def flash_attn_with_kvcache(
             nheads_k, headdim), read in place; its entry stride must be a whole number of rows
             (stride(0) a multiple of stride(1)), the same for k_cache and v_cache, as for any
             slice of a (batch_cache, max_seqlen, ...) buffer. Paged: (num_pages, page_size,
-            nheads_k, headdim) with block_table (not supported yet, see Raises).
+            nheads_k, headdim) with block_table, any page size >= 1.
         k, v: None, or (batch, seqlen_new, nheads_k, headdim) new keys and values, written into
             the cache in place at positions cache_seqlens[b] .. cache_seqlens[b] + seqlen_new
             - 1 before attending (k rotated first when rotary tables are given). With duplicate
@@ -156,7 +160,10 @@ def flash_attn_with_kvcache(
         rotary_interleaved: bool. Pairs (2i, 2i + 1) (True) or (i, i + rotary_dim / 2).
         alibi_slopes: None, or float32 (nheads,) or (batch, nheads): bias
             -slope * |i + seqlen_k - seqlen_q - j|.
-        num_splits: int >= 0, flash-attn's split-KV hint; ignored until split-KV exists.
+        num_splits: int >= 0: how many parts each sequence's keys are split into, computed in
+            parallel and merged by their LSE (0: a heuristic from the batch, the KV heads, the
+            cache capacity and the SM count). Read by the decode kernels; the varlen path
+            (contiguous caches with more than 16 query tokens) ignores it.
         return_softmax_lse: bool. Also return softmax_lse.
         learnable_sink: None, or float32 (nheads,), keyword-only: one more logit per row
             without a value vector (as in ``flash_attn_varlen_func``).
@@ -174,8 +181,8 @@ def flash_attn_with_kvcache(
 
     Raises:
         TypeError, ValueError: invalid inputs; the message names the argument and the rule.
-        NotImplementedError: block_table (the kernels cannot read a paged cache yet), or a
-            (dtype, headdim) this build lacks.
+        NotImplementedError: a (dtype, headdim) this build lacks (for a paged cache: one the
+            decode kernels lack, they have head-dim buckets 64 and 128).
         RuntimeError: the compiled extension is not available (the message says why).
     """
     call = check_kvcache_inputs(
@@ -204,23 +211,20 @@ def flash_attn_with_kvcache(
     )
     if validation.debug_enabled():
         check_kvcache_values(call)
-    if call.paged:
-        raise NotImplementedError(
-            error(
-                "block_table (a paged KV cache) is not supported by flash_attn_with_kvcache yet: "
-                "the kernels cannot read pages; it arrives with the paged kernel. Pass a "
-                "contiguous cache (batch_cache, seqlen_cache, nheads_k, headdim) and "
-                "block_table=None."
-            )
-        )
     check_kvcache_devices(call)
+    decode_refusal = decode_kernel_refusal(call, build_kernel_check)
+    if call.paged and decode_refusal is not None:
+        # Before the append: nothing is written when the call cannot run.
+        raise NotImplementedError(
+            error(f"block_table (a paged KV cache) cannot be served here: {decode_refusal}.")
+        )
     # Inference only, as flash-attn's: the cache is written in place, which autograd could not
     # differentiate through anyway.
     with torch.no_grad():
-        return _attend_contiguous_cache(call)
+        return _attend_cache(call, use_decode_kernel=decode_refusal is None)
 
 
-def _attend_contiguous_cache(call: KVCacheCall) -> KVCacheResult:
+def _attend_cache(call: KVCacheCall, *, use_decode_kernel: bool) -> KVCacheResult:
     q = call.q
     batch, seqlen_q, nheads, _ = q.shape
     cache_seqlens = cache_seqlens_tensor(call.cache_seqlens, batch, q.device)
@@ -237,11 +241,17 @@ def _attend_contiguous_cache(call: KVCacheCall) -> KVCacheResult:
             call.v,
             cache_seqlens,
             cache_batch_idx=call.cache_batch_idx,
+            block_table=call.block_table,
             rotary=rotary,
         )
     if rotary is not None:
         q = apply_rotary(q, rotary, query_positions(cache_seqlens, seqlen_q, call.options))
     key_ends = None if cache_seqlens is None else cache_seqlens + call.seqlen_new
+    if use_decode_kernel:
+        out, softmax_lse = _decode_attention(
+            q, call, decode_key_ends(key_ends, batch, call.capacity, q.device), call.options
+        )
+        return (out, softmax_lse) if call.return_softmax_lse else out
     view = contiguous_cache_as_varlen(
         q, call.k_cache, call.v_cache, key_ends, call.cache_batch_idx, call.cache_leftpad
     )
@@ -253,6 +263,20 @@ def _attend_contiguous_cache(call: KVCacheCall) -> KVCacheResult:
     # batch * nheads * seqlen_q floats).
     softmax_lse = softmax_lse.view(nheads, batch, seqlen_q).transpose(0, 1).contiguous()
     return out, softmax_lse
+
+
+# The decode kernel call (a module attribute, so that CPU tests can put the reference in its place).
+_decode_attention = decode_attention
+
+
+def decode_key_ends(
+    key_ends: torch.Tensor | None, batch: int, capacity: int, device: torch.device
+) -> torch.Tensor:
+    """int32 (batch,) one past each sequence's last key position, as the decode kernels take it:
+    ``key_ends`` (cache_seqlens + seqlen_new), or the capacity for full caches (None)."""
+    if key_ends is None:
+        return torch.full((batch,), capacity, dtype=INDEX_DTYPE, device=device)
+    return key_ends.to(INDEX_DTYPE)
 
 
 def _varlen_forward(

@@ -1,7 +1,8 @@
 """Registered operators around the compiled kernels.
 
-``flash_varlen::varlen_fwd`` and ``flash_varlen::fwd`` (forward) and ``flash_varlen::varlen_bwd``
-and ``flash_varlen::bwd`` (backward) are ``torch.library`` custom ops so that
+``flash_varlen::varlen_fwd`` and ``flash_varlen::fwd`` (forward), ``flash_varlen::varlen_bwd``
+and ``flash_varlen::bwd`` (backward) and ``flash_varlen::kvcache_fwd`` (the decode kernels on a
+KV cache, inference only: no autograd) are ``torch.library`` custom ops so that
 ``torch.compile(fullgraph=True)`` traces through forward and backward: their fake
 implementations give output shapes and dtypes without running anything. Their parameters are
 ``signatures.py``'s lists, which place the options declared in ``options.py``; this module writes
@@ -308,9 +309,9 @@ def _forward_op(layout: Layout, backward_op: Any) -> tuple[Any, Callable[..., Ou
     """The forward op of ``layout`` with its fake and autograd; returns (op, fake)."""
     signature = FORWARD_OPS[layout]
     returns = "tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]"
-    op = torch.library.custom_op(
-        f"flash_varlen::{signature.name}", mutates_args=(), tags=_RANDOM
-    )(_implementation(signature, returns))
+    op = torch.library.custom_op(f"flash_varlen::{signature.name}", mutates_args=(), tags=_RANDOM)(
+        _implementation(signature, returns)
+    )
     fake = _function(f"_{signature.name}_fake", signature, _FORWARD_FAKES[layout], returns, None)
     op.register_fake(fake)
     formula = _Autograd(signature, BACKWARD_OPS[layout], backward_op)
@@ -322,3 +323,25 @@ varlen_bwd = _backward_op(Layout.VARLEN)
 bwd = _backward_op(Layout.FIXED)
 varlen_fwd, _varlen_fwd_fake = _forward_op(Layout.VARLEN, varlen_bwd)
 fwd, _fwd_fake = _forward_op(Layout.FIXED, bwd)
+
+
+def _kvcache_forward_fake(arguments: Arguments) -> Outputs:
+    q = arguments["q"]
+    batch, seqlen_q, nheads, _ = q.shape
+    softmax_lse = q.new_empty((batch, nheads, seqlen_q), dtype=LSE_DTYPE)
+    return q.new_empty(q.shape), softmax_lse, q.new_empty((0,)), q.new_empty((0,))
+
+
+def _kvcache_op() -> Any:
+    """The decode op with its fake; no autograd (flash_attn_with_kvcache is forward only)."""
+    signature = EXTENSION_ENTRY_POINT_BY_NAME["kvcache_fwd"]
+    returns = "tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]"
+    op = torch.library.custom_op(f"flash_varlen::{signature.name}", mutates_args=())(
+        _implementation(signature, returns)
+    )
+    fake = _function(f"_{signature.name}_fake", signature, _kvcache_forward_fake, returns, None)
+    op.register_fake(fake)
+    return op
+
+
+kvcache_fwd = _kvcache_op()

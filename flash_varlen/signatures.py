@@ -55,6 +55,16 @@ INPUTS: dict[str, Input] = {
         Input("dv", Kind.OPTIONAL_TENSOR, None),
         # The forward's dropout RNG state, for the backward to regenerate the mask.
         Input("rng_state", Kind.OPTIONAL_TENSOR, None),
+        # A KV cache (kvcache_fwd): contiguous (batch_cache, seqlen_cache, nheads_k, d) or paged
+        # (num_pages, page_size, nheads_k, d) with block_table; cache_seqlens: int32 (batch,)
+        # one past each request's last key position (after any append).
+        Input("k_cache", Kind.TENSOR),
+        Input("v_cache", Kind.TENSOR),
+        Input("cache_seqlens", Kind.TENSOR),
+        Input("block_table", Kind.OPTIONAL_TENSOR, None),
+        Input("cache_batch_idx", Kind.OPTIONAL_TENSOR, None),
+        Input("cache_leftpad", Kind.OPTIONAL_TENSOR, None),
+        Input("num_splits", Kind.INT, 0),
     )
 }
 
@@ -159,6 +169,14 @@ Gradients of varlen_fwd: (dq, dk, dv, dlearnable_sink), the last float32 (nheads
 without learnable_sink. dout, out like q; softmax_lse and softmax_lse_grad
 (nheads, total_q) float32. The options must be the forward's, and rng_state its fourth output
 when dropout_p > 0."""
+KVCACHE_FORWARD_DOC = """\
+Decode attention over a KV cache (the decode kernel family). q: (batch, seqlen_q, nheads, d);
+k_cache, v_cache: contiguous (batch_cache, seqlen_cache, nheads_k, d) or, with block_table int32
+(batch, max_pages), paged (num_pages, page_size, nheads_k, d), with equal strides; cache_seqlens:
+int32 (batch,), request b's keys are cache positions cache_leftpad[b] (or 0) to
+cache_seqlens[b] - 1; cache_batch_idx, cache_leftpad: int32 (batch,), contiguous caches only; num_splits: key splits (0: heuristic). Returns out
+(batch, seqlen_q, nheads, d), softmax_lse (batch, nheads, seqlen_q) float32, and two empty
+tensors."""
 FIXED_BACKWARD_DOC = """\
 Gradients of fwd: (dq, dk, dv, dlearnable_sink). softmax_lse and softmax_lse_grad (batch,
 nheads, seqlen_q)."""
@@ -243,6 +261,26 @@ EXTENSION_ENTRY_POINTS: tuple[Signature, ...] = (
         (*_BACKWARD_TENSORS, *_BACKWARD_CONTROLS, *_GRADIENT_BUFFERS, OTHER_OPTIONS, "rng_state"),
         Direction.BACKWARD,
         FIXED_BACKWARD_DOC,
+    ),
+    # Inference only: no op, no autograd; flash_varlen/kvcache.py calls it.
+    Signature(
+        "kvcache_fwd",
+        Layout.FIXED,
+        Direction.FORWARD,
+        (
+            "q",
+            "k_cache",
+            "v_cache",
+            "cache_seqlens",
+            *_SCALE_AND_MASK,
+            "block_table",
+            "cache_batch_idx",
+            "cache_leftpad",
+            "num_splits",
+            OTHER_OPTIONS,
+        ),
+        Direction.FORWARD,
+        KVCACHE_FORWARD_DOC,
     ),
 )
 EXTENSION_ENTRY_POINT_BY_NAME: dict[str, Signature] = {

@@ -450,6 +450,22 @@ def require_kernel(dtype: torch.dtype, head_dim: int) -> None:
         )
 
 
+def require_decode_kernel(dtype: torch.dtype, head_dim: int) -> None:
+    """Skip the calling test when this build has no decode-family kernel (paged KV caches,
+    split-KV) for (dtype, bucket of head_dim), or FLASH_VARLEN_KERNEL_FAMILY forces another
+    family. Fails when the extension does not load (see require_kernel)."""
+    from flash_varlen._extension import load_extension
+
+    extension = load_extension()
+    bucket = head_dim_bucket(head_dim)
+    built = getattr(extension, "compiled_decode_kernels", list)()
+    if (dtype_name(dtype), bucket) not in _compiled_configs(built):
+        pytest.skip(
+            f"no {dtype_name(dtype)} decode kernel for head-dim bucket {bucket} (head dim "
+            f"{head_dim}) in this build or under FLASH_VARLEN_KERNEL_FAMILY"
+        )
+
+
 def require_backward_kernel(dtype: torch.dtype, head_dim: int) -> None:
     """`require_kernel`, and also skip when this build has no backward kernel for (dtype,
     bucket of head_dim): a test that checks gradients needs both directions.

@@ -36,6 +36,7 @@ KEYS = (
     "kernel families",
     "forward kernels",
     "backward kernels",
+    "decode kernels",
     "head-dim buckets",
     "GPU",
     "family on this GPU",
@@ -87,6 +88,7 @@ def fake_extension(
     module.__file__ = "/fake/flash_varlen/_C.so"
     module.compiled_kernels = lambda: list(kernels)
     module.compiled_backward_kernels = lambda: list(kernels)
+    module.compiled_decode_kernels = lambda: [("decode", "bfloat16", 128)]
     module.head_dim_buckets = lambda: [64, 96, 128, 192, 256]
     module.kernel_families = lambda: FAKE_FAMILIES
     module.select_kernel_family = lambda direction, dtype, head_dim, local, capability: "sm80"
@@ -159,8 +161,8 @@ def test_report_without_extension_says_why_and_exits_0(monkeypatch, fresh_state,
     assert "not built" in values["extension"]
     assert values["built with torch"].startswith("unknown (no build record")
     for key in (
-        "kernel families", "forward kernels", "backward kernels", "head-dim buckets",
-        "family on this GPU",
+        "kernel families", "forward kernels", "backward kernels", "decode kernels",
+        "head-dim buckets", "family on this GPU",
     ):
         assert values[key] == "unknown (extension not loaded)"
     assert values["self-check"] == "skipped: the extension is not loaded (see above)"
@@ -203,6 +205,7 @@ def test_report_of_a_loaded_build(loaded_on_gpu, monkeypatch, capsys):
     assert values["kernel families"] == "sm80 (compute capability 8.0 to 9.0; built for 8.0, 9.0)"
     assert values["forward kernels"] == "sm80: bfloat16 (64); float16 (128)"
     assert values["backward kernels"] == "sm80: bfloat16 (64); float16 (128)"
+    assert values["decode kernels"] == "decode: bfloat16 (128)"
     assert values["head-dim buckets"].startswith("64, 128 built, of 64, 96, 128, 192, 256")
     assert "this narrowed build refuses the others" in values["head-dim buckets"]
     assert values["GPU"] == FAKE_GPU

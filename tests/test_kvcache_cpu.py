@@ -344,8 +344,9 @@ def test_valid_cpu_call_reaches_the_device_check() -> None:
         flash_varlen.flash_attn_with_kvcache(**call_args())
 
 
-def test_paged_cache_is_not_supported_yet() -> None:
-    with raises(NotImplementedError, "block_table", "paged kernel"):
+def test_valid_paged_cpu_call_reaches_the_device_check() -> None:
+    """A paged cache passes every other rule too (the decode kernels read it)."""
+    with raises(ValueError, "q must be a CUDA tensor"):
         flash_varlen.flash_attn_with_kvcache(**paged_args())
 
 
@@ -905,6 +906,26 @@ def test_append_outside_the_cache_raises(lengths, idx, table) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
+def reference_sequence(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, b: int, options: dict
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sequence b of a kernel call in float32: q (seqlen_q, nheads, d), its keys and values
+    (seqlen_k, nheads_k, d), the options as the ops name them. Returns out (seqlen_q, nheads,
+    d) and softmax_lse (nheads, seqlen_q)."""
+    return reference.attention_one_sequence(
+        q,
+        k,
+        v,
+        options["softmax_scale"],
+        options["causal"],
+        torch.float32,
+        window_size=(options["window_left"], options["window_right"]),
+        softcap=options["softcap"],
+        alibi_slopes=reference._slopes_of(options["alibi_slopes"], b),
+        learnable_sink=options["learnable_sink"],
+    )
+
+
 class ReferenceKernel:
     """Stands in for the varlen forward op: checks what it is handed, as the kernel's
     SeqlenInfo reads it, and computes each sequence with the float32 reference."""
@@ -929,17 +950,12 @@ class ReferenceKernel:
             rows_q = slice(int(view.cu_seqlens_q[b]), int(view.cu_seqlens_q[b + 1]))
             start, used = int(view.cu_seqlens_k[b]), int(view.seqused_k[b])
             assert used <= view.max_seqlen_k and start + used <= view.k.shape[0]
-            out, lse = reference.attention_one_sequence(
+            out, lse = reference_sequence(
                 view.q[rows_q],
                 view.k[start : start + used],
                 view.v[start : start + used],
-                options["softmax_scale"],
-                options["causal"],
-                torch.float32,
-                window_size=(options["window_left"], options["window_right"]),
-                softcap=options["softcap"],
-                alibi_slopes=reference._slopes_of(options["alibi_slopes"], b),
-                learnable_sink=options["learnable_sink"],
+                b,
+                options,
             )
             outs.append(out)
             lses.append(lse)

@@ -7,7 +7,10 @@ rotated keys within one rounding). Outputs are NaN-poisoned through the caching 
 checked to be fully written. Covered: both dtypes, head dims 64 and 128, seqlen_q 1 to 16,
 MHA/GQA/MQA, cache_batch_idx, cache_leftpad, rotary in both styles, causal, window, softcap,
 ALiBi, sinks, empty caches, no copy of the cache, and a CUDA-graph capture replayed with new
-cache lengths. A paged cache raises NotImplementedError until the paged kernel exists.
+cache lengths. Contiguous calls of up to 16 query tokens run the decode kernels where the build
+has them (the varlen forward otherwise); the paged tests (page sizes 1, 16, 64, 256, random
+block tables, appends across page boundaries, num_splits 1 / 2 / many, the row-split kernel for
+more than 16 query rows, options, a CUDA graph replayed with new lengths and tables) need them.
 
 Runs only where CUDA is available; elsewhere every test is skipped.
 """
@@ -15,6 +18,7 @@ Runs only where CUDA is available; elsewhere every test is skipped.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -29,6 +33,7 @@ from accuracy import (
     device_generator,
     output_nbytes,
     poison_freed_blocks,
+    require_decode_kernel,
     require_kernel,
     seeded_randn,
 )
@@ -130,8 +135,10 @@ def run_and_check(args: dict[str, Any], name: str, **options: Any) -> None:
     """One poisoned call against the float32 reference (out, softmax_lse, appended caches)."""
     require_kernel(args["q"].dtype, args["q"].shape[-1])
     reference = _flash_varlen().reference
-    expected = reference.attention_ref_kvcache(**args, **options)
-    lowp = reference.attention_ref_kvcache(**args, **options, compute_dtype=args["q"].dtype)
+    # num_splits changes how the kernels compute, not what: the reference has no such argument.
+    exact = {name: value for name, value in options.items() if name != "num_splits"}
+    expected = reference.attention_ref_kvcache(**args, **exact)
+    lowp = reference.attention_ref_kvcache(**args, **exact, compute_dtype=args["q"].dtype)
     k_cache, v_cache = args["k_cache"].clone(), args["v_cache"].clone()
     q = args["q"]
     lse_numel = q.shape[0] * q.shape[1] * q.shape[2]
@@ -283,19 +290,6 @@ def test_no_copy_of_the_cache() -> None:
     assert torch.cuda.max_memory_allocated() - before < NO_COPY_FRACTION * cache_bytes
 
 
-def test_paged_cache_raises_not_implemented() -> None:
-    args = make_call(seqlen_q=1, seqlen_new=0)
-    pages_per_entry = 3
-    page_size = SEQLEN_CACHE // pages_per_entry
-    pages = args["k_cache"].view(-1, page_size, *args["k_cache"].shape[2:])
-    table = torch.arange(BATCH * pages_per_entry, dtype=torch.int32, device=DEVICE)
-    table = table.view(BATCH, pages_per_entry)
-    with pytest.raises(NotImplementedError, match="block_table.*paged kernel"):
-        _flash_varlen().flash_attn_with_kvcache(
-            args["q"], pages, pages, cache_seqlens=args["cache_seqlens"], block_table=table
-        )
-
-
 def test_index_tensor_on_another_device() -> None:
     args = make_call(seqlen_q=1)
     args["cache_seqlens"] = args["cache_seqlens"].cpu()
@@ -314,6 +308,51 @@ def test_eager_call_does_not_synchronize() -> None:
         torch.cuda.set_sync_debug_mode("default")
 
 
+def capture(step: Callable[[], Any]) -> tuple[torch.cuda.CUDAGraph, Any]:
+    """``step`` warmed up on a side stream (PyTorch's CUDA-graph guidance), then captured:
+    returns the graph and the outputs of the captured call (its static outputs)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(WARMUP_STEPS):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = step()
+    return graph, outputs
+
+
+def check_replay(
+    graph: torch.cuda.CUDAGraph,
+    static: dict[str, Any],
+    outputs: tuple[torch.Tensor, torch.Tensor],
+    fresh: dict[str, Any],
+    names: tuple[str, ...],
+    options: dict[str, Any],
+    label: str,
+) -> None:
+    """Copies ``fresh``'s tensors ``names`` into the static buffers, replays ``graph`` and
+    checks its outputs (out, lse) and both caches: bitwise against an eager call on the same
+    contents, and out against the reference within the tolerance rule."""
+    for name in names:
+        static[name].copy_(fresh[name])
+    eager_args = {**fresh, "k_cache": fresh["k_cache"].clone(), "v_cache": fresh["v_cache"].clone()}
+    graph.replay()
+    eager_out, eager_lse = _flash_varlen().flash_attn_with_kvcache(**eager_args, **options)
+    torch.cuda.synchronize()
+    static_out, static_lse = outputs
+    assert_bitwise_equal(static_out, eager_out, f"{label} out")
+    assert_bitwise_equal(static_lse, eager_lse, f"{label} lse")
+    assert_bitwise_equal(static["k_cache"], eager_args["k_cache"], f"{label} k_cache")
+    assert_bitwise_equal(static["v_cache"], eager_args["v_cache"], f"{label} v_cache")
+    reference = _flash_varlen().reference
+    causal = options["causal"]
+    expected = reference.attention_ref_kvcache(**fresh, causal=causal)
+    lowp = reference.attention_ref_kvcache(**fresh, causal=causal, compute_dtype=DEFAULT_DTYPE)
+    assert_within_tolerance(static_out, expected.out, lowp.out, FORWARD_FACTOR, label)
+
+
 def test_cuda_graph_replays_with_new_cache_lengths() -> None:
     """A decode step (append + rotary + attention) captured once, replayed after writing new
     queries, keys, values and cache lengths into its static buffers: each replay equals an eager
@@ -328,37 +367,171 @@ def test_cuda_graph_replays_with_new_cache_lengths() -> None:
     def step() -> tuple[torch.Tensor, torch.Tensor]:
         return _flash_varlen().flash_attn_with_kvcache(**static, **options)
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(WARMUP_STEPS):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_out, static_lse = step()
+    graph, (static_out, static_lse) = capture(step)
 
     for seed, lengths in enumerate(GRAPH_LENGTHS, start=1):
         fresh = make_call(
             seqlen_q=GRAPH_SEQLEN_NEW, rotary_dim=64, batch_idx=True, lengths=lengths, seed=seed
         )
-        for name in ("q", "k", "v", "k_cache", "v_cache", "cache_seqlens", "cache_batch_idx"):
-            static[name].copy_(fresh[name])
-        eager_args = {
-            **fresh,
-            "k_cache": fresh["k_cache"].clone(),
-            "v_cache": fresh["v_cache"].clone(),
-        }
-        graph.replay()
-        eager_out, eager_lse = _flash_varlen().flash_attn_with_kvcache(**eager_args, **options)
-        torch.cuda.synchronize()
-        assert_bitwise_equal(static_out, eager_out, f"replay {seed} out")
-        assert_bitwise_equal(static_lse, eager_lse, f"replay {seed} lse")
-        assert_bitwise_equal(static["k_cache"], eager_args["k_cache"], f"replay {seed} k_cache")
-        assert_bitwise_equal(static["v_cache"], eager_args["v_cache"], f"replay {seed} v_cache")
-        reference = _flash_varlen().reference
-        expected = reference.attention_ref_kvcache(**fresh, causal=True)
-        lowp = reference.attention_ref_kvcache(**fresh, causal=True, compute_dtype=DEFAULT_DTYPE)
-        assert_within_tolerance(
-            static_out, expected.out, lowp.out, FORWARD_FACTOR, f"replay {seed}"
+        names = ("q", "k", "v", "k_cache", "v_cache", "cache_seqlens", "cache_batch_idx")
+        check_replay(
+            graph, static, (static_out, static_lse), fresh, names, options, f"replay {seed}"
         )
+
+
+# ----------------------------------------------------------------------------------------------
+# Paged caches and split-KV (the decode kernel family)
+
+PAGE_SIZES = [1, 16, 64, 256]
+SPARE_PAGES = 3  # pages no request owns, so that the table's pages are a random subset
+# num_splits: 1 (the output written directly), 2, a count with empty splits (SEQLEN_CACHE is 6
+# key blocks), and 0 (the heuristic).
+NUM_SPLITS = [1, 2, 7, 0]
+
+
+def paged(args: dict[str, Any], page_size: int, seed: int = 0) -> dict[str, Any]:
+    """``args`` (a contiguous-cache call of make_call, without cache_batch_idx or leftpad) with
+    the same cache contents in a paged pool: each request's pages drawn at random from the
+    pool, the pool's other pages random values; rotary tables as long as the paged capacity."""
+    k_cache, v_cache = args["k_cache"], args["v_cache"]
+    batch, capacity, nheads_k, head_dim = k_cache.shape
+    max_pages = -(-capacity // page_size)
+    num_pages = batch * max_pages + SPARE_PAGES
+    order = torch.randperm(num_pages, generator=torch.Generator().manual_seed(seed))
+    table = order[: batch * max_pages].view(batch, max_pages).to(DEVICE, torch.int32)
+    generator = device_generator(DEVICE, seed + 1)
+    result = dict(args)
+    positions = torch.arange(capacity, device=DEVICE)
+    pages = table.long()[:, positions // page_size]  # (batch, capacity)
+    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+        pool = seeded_randn(
+            (num_pages, page_size, nheads_k, head_dim), cache.dtype, DEVICE, generator
+        )
+        pool[pages, positions % page_size] = cache
+        result[name] = pool
+    result["block_table"] = table
+    if "rotary_cos" in args:  # the tables cover the paged capacity (max_pages * page_size)
+        rotary_dim = 2 * args["rotary_cos"].shape[1]
+        result["rotary_cos"], result["rotary_sin"] = rotary_tables(
+            max_pages * page_size, rotary_dim, args["rotary_cos"].dtype, seed
+        )
+    return result
+
+
+def run_paged(args: dict[str, Any], name: str, **options: Any) -> None:
+    require_decode_kernel(args["q"].dtype, args["q"].shape[-1])
+    run_and_check(args, name, **options)
+
+
+@pytest.mark.parametrize("page_size", PAGE_SIZES)
+@pytest.mark.parametrize("seqlen_q", [1, 5, 16])
+@pytest.mark.parametrize("layout", list(HEAD_LAYOUTS))
+def test_paged_decode_with_append_and_rotary(page_size, seqlen_q, layout) -> None:
+    """Appends of seqlen_q keys at random lengths cross page boundaries for every page size
+    below SEQLEN_CACHE; GQA at 5 and 16 tokens and MQA run the row-split kernel (> 16 rows)."""
+    args = paged(make_call(seqlen_q=seqlen_q, layout=layout, rotary_dim=64), page_size)
+    run_paged(args, f"paged {page_size} q{seqlen_q} {layout}", causal=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+def test_paged_dtypes_and_head_dims(dtype, head_dim) -> None:
+    args = paged(make_call(dtype=dtype, head_dim=head_dim, seqlen_q=2), 16)
+    run_paged(args, f"paged {dtype} d{head_dim}", causal=True)
+
+
+@pytest.mark.parametrize("num_splits", NUM_SPLITS)
+@pytest.mark.parametrize("page_size", [16, None], ids=["paged", "contiguous"])
+@pytest.mark.parametrize("seqlen_q", [1, 16])
+def test_num_splits(num_splits, page_size, seqlen_q) -> None:
+    args = make_call(seqlen_q=seqlen_q, rotary_dim=64)
+    if page_size is not None:
+        args = paged(args, page_size)
+    run_paged(args, f"splits {num_splits}", causal=True, num_splits=num_splits)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"window_size": WINDOW},
+        {"window_size": WINDOW, "causal": True},
+        {"softcap": SOFTCAP, "causal": True},
+        {"softmax_scale": 0.05},
+        {"causal": True, "num_splits": 3},
+    ],
+    ids=["full", "window", "causal_window", "softcap", "scale", "causal_splits"],
+)
+def test_paged_options(options) -> None:
+    run_paged(paged(make_call(seqlen_q=7, rotary_dim=64), 16), "paged options", **options)
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_paged_alibi_and_sink(num_splits) -> None:
+    """The sink joins the softmax once: in the kernel's output with one split, in the combine
+    with several."""
+    args = paged(make_call(seqlen_q=3), 16)
+    nheads = args["q"].shape[2]
+    slopes = torch.rand(BATCH, nheads, generator=torch.Generator().manual_seed(3))
+    sink = torch.randn(nheads, generator=torch.Generator().manual_seed(4))
+    run_paged(
+        args,
+        "paged alibi sink",
+        causal=True,
+        num_splits=num_splits,
+        alibi_slopes=(slopes * ALIBI_SLOPE_SCALE).to(DEVICE),
+        learnable_sink=sink.to(DEVICE),
+    )
+
+
+@pytest.mark.parametrize("num_splits", [1, 4])
+def test_paged_empty_caches(num_splits) -> None:
+    """No key anywhere, split or not: out exactly 0, softmax_lse -inf, nothing NaN."""
+    args = paged(make_call(seqlen_q=3, seqlen_new=0, lengths=[0] * BATCH), 16)
+    run_paged(args, "paged empty", num_splits=num_splits)
+    out, lse = _flash_varlen().flash_attn_with_kvcache(
+        **args, return_softmax_lse=True, num_splits=num_splits
+    )
+    assert bool((out == 0).all()) and bool(torch.isneginf(lse).all())
+
+
+def test_paged_long_query_chunk() -> None:
+    """More than 16 query tokens over a paged cache: several row blocks, causal."""
+    args = paged(make_call(seqlen_q=40, seqlen_new=40, lengths=[0, 50, 200, 293]), 64)
+    run_paged(args, "paged 40 tokens", causal=True)
+
+
+def test_contiguous_decode_runs_the_decode_kernels(monkeypatch) -> None:
+    """A contiguous call of up to 16 tokens does not reach the varlen forward when the decode
+    kernels are built."""
+    require_decode_kernel(DEFAULT_DTYPE, DEFAULT_HEAD_DIM)
+    from flash_varlen import kvcache
+
+    def varlen_must_not_run(*args):
+        raise AssertionError("the varlen forward ran a decode call")
+
+    monkeypatch.setattr(kvcache, "_varlen_forward", varlen_must_not_run)
+    run_and_check(make_call(seqlen_q=4, rotary_dim=64), "decode path", causal=True)
+
+
+def test_paged_cuda_graph_replays_with_new_lengths_and_tables() -> None:
+    """A paged decode step with split-KV captured once and replayed after writing new queries,
+    keys, values, lengths and block tables into its static buffers: each replay equals an eager
+    call bitwise and the reference within the tolerance rule."""
+    require_decode_kernel(DEFAULT_DTYPE, DEFAULT_HEAD_DIM)
+    page_size = 16
+    static = paged(make_call(seqlen_q=GRAPH_SEQLEN_NEW, lengths=GRAPH_LENGTHS[0]), page_size)
+    options = {"causal": True, "return_softmax_lse": True, "num_splits": 3}
+
+    def step() -> tuple[torch.Tensor, torch.Tensor]:
+        return _flash_varlen().flash_attn_with_kvcache(**static, **options)
+
+    graph, (static_out, static_lse) = capture(step)
+
+    for seed, lengths in enumerate(GRAPH_LENGTHS, start=1):
+        fresh = paged(
+            make_call(seqlen_q=GRAPH_SEQLEN_NEW, lengths=lengths, seed=seed), page_size, seed
+        )
+        names = ("q", "k", "v", "k_cache", "v_cache", "cache_seqlens", "block_table")
+        label = f"paged replay {seed}"
+        check_replay(graph, static, (static_out, static_lse), fresh, names, options, label)

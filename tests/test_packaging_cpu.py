@@ -52,7 +52,7 @@ def sample_values(**overrides: object) -> dict[str, object]:
         "NVCC_VERSION": "13.0.88",
         "CUTLASS_VERSION": "4.2.0",
         "ARCHS": ("80",),
-        "FAMILIES": ("sm80",),
+        "FAMILIES": ("sm80", "decode"),
         "DTYPES": ("bf16",),
         "HEAD_DIMS": (64,),
     }
@@ -175,7 +175,7 @@ def test_collected_record_describes_this_torch_and_the_selection(monkeypatch, tm
         "NVCC_VERSION": "13.0.88",
         "CUTLASS_VERSION": "unknown",  # tmp_path has no cutlass/version.h
         "ARCHS": ("80",),
-        "FAMILIES": ("sm80",),
+        "FAMILIES": ("sm80", "decode"),
         "DTYPES": ("bf16",),
         "HEAD_DIMS": (64, 128),
     }
@@ -188,9 +188,11 @@ def test_collected_record_describes_this_torch_and_the_selection(monkeypatch, tm
     [
         ("sm80", "80,90", {"sm80": 20}),
         ("sm80", "90", {"sm80": 20}),
-        ("", "", {"sm80": 20, "sm90": 10}),
-        ("", "80", {"sm80": 20}),
+        # decode: buckets 64 and 128, no local variant.
+        ("", "", {"sm80": 20, "sm90": 10, "decode": 2}),
+        ("", "80", {"sm80": 20, "decode": 2}),
         ("sm90", "90", {"sm90": 10}),
+        ("decode", "90", {"decode": 2}),
     ],
 )
 def test_kernel_sources_are_grouped_by_family_with_its_targets(
@@ -233,14 +235,15 @@ def test_ninja_starts_the_heaviest_files_first(monkeypatch):
                  "FLASH_VARLEN_DTYPES", "FLASH_VARLEN_HEAD_DIMS"):
         monkeypatch.delenv(name, raising=False)
     sources = setup.kernel_sources()
-    assert list(sources) == ["sm90", "sm80"]
+    assert list(sources) == ["sm90", "sm80", "decode"]
     sm80_directions = [Path(path).name.split("_")[0] for path in sources["sm80"]]
     assert sm80_directions == ["bwd"] * 20 + ["fwd"] * 20
     host = ["csrc/bindings/module.cpp", "csrc/kernels/common/kernel_registry.cpp"]
     runs = setup.build_runs(sources, host)
-    assert [family for family, _ in runs] == ["sm90", "sm80"]
+    assert [family for family, _ in runs] == ["sm90", "sm80", "decode"]
     assert runs[0][1] == sources["sm90"] + host
     assert runs[1][1] == sources["sm80"]
+    assert runs[2][1] == sources["decode"]
 
 
 @pytest.mark.parametrize(

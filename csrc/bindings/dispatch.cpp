@@ -110,5 +110,7 @@ template const KernelEntry<FlashFwdParams>& select_kernel<FlashFwdParams>(
     const KernelConfig&, const FlashFwdParams*, int, int, const char*);
 template const KernelEntry<FlashBwdParams>& select_kernel<FlashBwdParams>(
     const KernelConfig&, const FlashBwdParams*, int, int, const char*);
+template const KernelEntry<FlashDecodeParams>& select_kernel<FlashDecodeParams>(
+    const KernelConfig&, const FlashDecodeParams*, int, int, const char*);
 
 }  // namespace flash_varlen

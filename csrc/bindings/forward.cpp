@@ -27,21 +27,8 @@ std::pair<at::Tensor, at::Tensor> run_forward(const at::Tensor& q, const at::Ten
                                               const at::Tensor& v, at::Tensor& out, at::Tensor& lse,
                                               const BatchShape& shape,
                                               const AttentionOptions& options) {
-    const bool has_batch = q.dim() == 4;
     FlashFwdParams params{};
-    params.q_ptr = q.data_ptr();
-    params.k_ptr = k.data_ptr();
-    params.v_ptr = v.data_ptr();
-    params.o_ptr = out.data_ptr();
-    params.softmax_lse_ptr = lse.data_ptr<float>();
-    set_strides(&params.q_batch_stride, &params.q_row_stride, &params.q_head_stride, q, has_batch);
-    set_strides(&params.k_batch_stride, &params.k_row_stride, &params.k_head_stride, k, has_batch);
-    set_strides(&params.v_batch_stride, &params.v_row_stride, &params.v_head_stride, v, has_batch);
-    set_strides(&params.o_batch_stride, &params.o_row_stride, &params.o_head_stride, out,
-                has_batch);
-    // lse: (nheads, total_q) varlen or (batch, nheads, seqlen_q) fixed; rows of a head contiguous.
-    params.lse_batch_stride = has_batch ? lse.stride(0) : 0;
-    params.lse_head_stride = lse.stride(-2);
+    set_tensor_params(params, q, k, v, out, lse);
     set_batch_params(params, shape);
     const OptionTensors option_tensors =
         set_option_params(params, options, shape.seqlen_q, shape.seqlen_k);

@@ -73,6 +73,24 @@ KernelConfig kernel_config(const at::Tensor& q, const BatchShape& shape,
             needs_local_mask(options, shape.seqlen_q, shape.seqlen_k)};
 }
 
+void set_tensor_params(FlashFwdParams& params, const at::Tensor& q, const at::Tensor& k,
+                       const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse) {
+    const bool has_batch = q.dim() == 4;
+    params.q_ptr = q.data_ptr();
+    params.k_ptr = k.data_ptr();
+    params.v_ptr = v.data_ptr();
+    params.o_ptr = out.data_ptr();
+    params.softmax_lse_ptr = lse.data_ptr<float>();
+    set_strides(&params.q_batch_stride, &params.q_row_stride, &params.q_head_stride, q, has_batch);
+    set_strides(&params.k_batch_stride, &params.k_row_stride, &params.k_head_stride, k, has_batch);
+    set_strides(&params.v_batch_stride, &params.v_row_stride, &params.v_head_stride, v, has_batch);
+    set_strides(&params.o_batch_stride, &params.o_row_stride, &params.o_head_stride, out,
+                has_batch);
+    // Rows of one head are contiguous in both lse layouts.
+    params.lse_batch_stride = has_batch ? lse.stride(0) : 0;
+    params.lse_head_stride = lse.stride(-2);
+}
+
 void set_batch_params(FlashFwdParams& params, const BatchShape& shape) {
     params.cu_seqlens_q = shape.cu_seqlens_q;
     params.cu_seqlens_k = shape.cu_seqlens_k;

@@ -36,6 +36,13 @@ BatchShape fixed_shape(const HeadShape& heads, const at::Tensor& q, const at::Te
 KernelConfig kernel_config(const at::Tensor& q, const BatchShape& shape,
                            const AttentionOptions& options);
 
+// Fills the pointers and strides of q, k, v, out and softmax_lse: (tokens, heads, d) tensors and
+// an (nheads, total_q) lse (varlen), or (batch, seqlen, heads, d) tensors and a (batch, nheads,
+// seqlen_q) lse (q has 4 dims: fixed length, and the KV-cache call, whose k and v are the cache
+// with a page or entry stride in place of the batch stride).
+void set_tensor_params(FlashFwdParams& params, const at::Tensor& q, const at::Tensor& k,
+                       const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse);
+
 // Fills the batch's fields of params: cu_seqlens, batch, heads, head dim, lengths and rows.
 void set_batch_params(FlashFwdParams& params, const BatchShape& shape);
 

@@ -62,6 +62,7 @@ py::list kernel_families() {
         std::set<int> built;
         add_built_capabilities<FlashFwdParams>(info.family, built);
         add_built_capabilities<FlashBwdParams>(info.family, built);
+        add_built_capabilities<FlashDecodeParams>(info.family, built);
         py::dict family;
         family["name"] = info.name;
         family["summary"] = info.summary;
@@ -79,26 +80,32 @@ ElementType element_type_named(const std::string& name) {
     C10_THROW_ERROR(ValueError, message("dtype must be 'float16' or 'bfloat16', got '", name, "'"));
 }
 
-// The family that would run a call of `direction` ("forward" or "backward") with this dtype,
-// head dim and mask on a device of `compute_capability` (major * 10 + minor), honouring
+// The name of the family dispatch picks for one direction's params.
+template <typename Params>
+std::string family_of(const KernelConfig& config, int compute_capability, int head_dim,
+                      const char* direction) {
+    return family_info(
+               select_kernel<Params>(config, nullptr, compute_capability, head_dim, direction)
+                   .key.family)
+        .name;
+}
+
+// The family that would run a call of `direction` ("forward", "backward" or "decode") with this
+// dtype, head dim and mask on a device of `compute_capability` (major * 10 + minor), honouring
 // FLASH_VARLEN_KERNEL_FAMILY; the same errors as the call itself.
 std::string select_kernel_family(const std::string& direction, const std::string& dtype,
                                  int head_dim, bool local, int compute_capability) {
     const KernelConfig config{element_type_named(dtype), head_dim_bucket(head_dim), local};
     if (direction == "forward") {
-        return family_info(
-                   select_kernel<FlashFwdParams>(config, nullptr, compute_capability, head_dim,
-                                                 "forward")
-                       .key.family)
-            .name;
+        return family_of<FlashFwdParams>(config, compute_capability, head_dim, "forward");
     }
-    TORCH_CHECK_VALUE(direction == "backward",
-                      message("direction must be 'forward' or 'backward', got '", direction, "'"));
-    return family_info(
-               select_kernel<FlashBwdParams>(config, nullptr, compute_capability, head_dim,
-                                             "backward")
-                   .key.family)
-        .name;
+    if (direction == "backward") {
+        return family_of<FlashBwdParams>(config, compute_capability, head_dim, "backward");
+    }
+    TORCH_CHECK_VALUE(
+        direction == "decode",
+        message("direction must be 'forward', 'backward' or 'decode', got '", direction, "'"));
+    return family_of<FlashDecodeParams>(config, compute_capability, head_dim, "decode");
 }
 
 std::vector<int> head_dim_buckets() {
@@ -118,6 +125,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("compiled_backward_kernels", &configs_of<FlashBwdParams>,
           "(kernel family, dtype name, head-dim bucket) triples this build has backward kernels "
           "for");
+    m.def("compiled_decode_kernels", &configs_of<FlashDecodeParams>,
+          "(kernel family, dtype name, head-dim bucket) triples this build has decode (KV-cache) "
+          "kernels for");
     m.def("kernel_families", &kernel_families,
           "The kernel families, best first: name, summary, compute_capabilities served (lowest, "
           "highest, as major * 10 + minor) and built_for (the compute capabilities this build "

@@ -289,6 +289,74 @@ void define_entry_points(py::module_& m) {
           py::arg("dropout_p") = 0.0,
           py::arg("learnable_sink") = py::none(),
           py::arg("rng_state") = py::none());
+    m.def(
+        "kvcache_fwd",
+        [](
+           const at::Tensor& q,
+           const at::Tensor& k_cache,
+           const at::Tensor& v_cache,
+           const at::Tensor& cache_seqlens,
+           double softmax_scale,
+           bool causal,
+           const std::optional<at::Tensor>& block_table,
+           const std::optional<at::Tensor>& cache_batch_idx,
+           const std::optional<at::Tensor>& cache_leftpad,
+           int64_t num_splits,
+           int64_t window_left,
+           int64_t window_right,
+           double softcap,
+           const std::optional<at::Tensor>& alibi_slopes,
+           bool causal_top_left,
+           double dropout_p,
+           bool return_dropout_mask,
+           const std::optional<at::Tensor>& learnable_sink) {
+            KvcacheFwdArgs args;
+            args.q = q;
+            args.k_cache = k_cache;
+            args.v_cache = v_cache;
+            args.cache_seqlens = cache_seqlens;
+            args.options.softmax_scale = softmax_scale;
+            args.options.causal = causal;
+            args.block_table = block_table;
+            args.cache_batch_idx = cache_batch_idx;
+            args.cache_leftpad = cache_leftpad;
+            args.num_splits = num_splits;
+            args.options.window_left = window_left;
+            args.options.window_right = window_right;
+            args.options.softcap = softcap;
+            args.options.alibi_slopes = alibi_slopes;
+            args.options.causal_top_left = causal_top_left;
+            args.options.dropout_p = dropout_p;
+            args.options.return_dropout_mask = return_dropout_mask;
+            args.options.learnable_sink = learnable_sink;
+            return kvcache_fwd(args);
+        },
+        "Decode attention over a KV cache (the decode kernel family). q: (batch, seqlen_q, "
+        "nheads, d); k_cache, v_cache: contiguous (batch_cache, seqlen_cache, nheads_k, d) or, "
+        "with block_table int32 (batch, max_pages), paged (num_pages, page_size, nheads_k, d), "
+        "with equal strides; cache_seqlens: int32 (batch,), request b's keys are cache positions "
+        "cache_leftpad[b] (or 0) to cache_seqlens[b] - 1; cache_batch_idx, cache_leftpad: int32 "
+        "(batch,), contiguous caches only; num_splits: key splits (0: heuristic). Returns out "
+        "(batch, seqlen_q, nheads, d), softmax_lse (batch, nheads, seqlen_q) float32, and two "
+        "empty tensors.",
+          py::arg("q"),
+          py::arg("k_cache"),
+          py::arg("v_cache"),
+          py::arg("cache_seqlens"),
+          py::arg("softmax_scale"),
+          py::arg("causal"),
+          py::arg("block_table") = py::none(),
+          py::arg("cache_batch_idx") = py::none(),
+          py::arg("cache_leftpad") = py::none(),
+          py::arg("num_splits") = 0,
+          py::arg("window_left") = -1,
+          py::arg("window_right") = -1,
+          py::arg("softcap") = 0.0,
+          py::arg("alibi_slopes") = py::none(),
+          py::arg("causal_top_left") = false,
+          py::arg("dropout_p") = 0.0,
+          py::arg("return_dropout_mask") = false,
+          py::arg("learnable_sink") = py::none());
 }
 
 }  // namespace flash_varlen

@@ -85,9 +85,29 @@ struct BwdArgs {
     AttentionOptions options;
 };
 
+// Decode attention over a KV cache (the decode kernel family). q: (batch, seqlen_q, nheads, d);
+// k_cache, v_cache: contiguous (batch_cache, seqlen_cache, nheads_k, d) or, with block_table int32
+// (batch, max_pages), paged (num_pages, page_size, nheads_k, d), with equal strides; cache_seqlens:
+// int32 (batch,), request b's keys are cache positions cache_leftpad[b] (or 0) to cache_seqlens[b]
+// - 1; cache_batch_idx, cache_leftpad: int32 (batch,), contiguous caches only; num_splits: key
+// splits (0: heuristic). Returns out (batch, seqlen_q, nheads, d), softmax_lse (batch, nheads,
+// seqlen_q) float32, and two empty tensors.
+struct KvcacheFwdArgs {
+    at::Tensor q;
+    at::Tensor k_cache;
+    at::Tensor v_cache;
+    at::Tensor cache_seqlens;
+    std::optional<at::Tensor> block_table;
+    std::optional<at::Tensor> cache_batch_idx;
+    std::optional<at::Tensor> cache_leftpad;
+    int64_t num_splits;
+    AttentionOptions options;
+};
+
 ForwardResult varlen_fwd(const VarlenFwdArgs& args);
 ForwardResult fwd(const FwdArgs& args);
 BackwardResult varlen_bwd(const VarlenBwdArgs& args);
 BackwardResult bwd(const BwdArgs& args);
+ForwardResult kvcache_fwd(const KvcacheFwdArgs& args);
 
 }  // namespace flash_varlen

@@ -4,7 +4,7 @@
 
 namespace flash_varlen {
 
-enum class KernelFamily { kSm90, kSm80 };
+enum class KernelFamily { kSm90, kSm80, kDecode };
 
 struct KernelFamilyInfo {
     KernelFamily family;
@@ -18,6 +18,7 @@ struct KernelFamilyInfo {
 constexpr KernelFamilyInfo kKernelFamilies[] = {
     {KernelFamily::kSm90, "sm90", 90, 90, "wgmma, TMA and warp specialization (Hopper)"},
     {KernelFamily::kSm80, "sm80", 80, 90, "mma.sync and cp.async (Ampere, Ada, Hopper)"},
+    {KernelFamily::kDecode, "decode", 80, 90, "split-KV decode over contiguous and paged KV caches (mma.sync, cp.async)"},
 };
 
 }  // namespace flash_varlen

@@ -144,6 +144,40 @@ struct FlashBwdParams : FlashFwdParams {
     bool deterministic;  // order the dQ accumulation (bitwise reproducible dq)
 };
 
+// Decode over a KV cache (the decode family): a few query tokens per request (q is the
+// fixed-length layout: (batch, seqlen_q, nheads, d), o and softmax_lse likewise) against each
+// request's keys in a cache, contiguous or paged. k_ptr / v_ptr point at the cache; its rows are
+// addressed per key position (the decode family's kv_cache_rows.h), so the forward's fields for
+// packed keys (cu_seqlens_k, seqused_k) are unused and k_batch_stride means a page or an entry.
+// seqlen_k is the capacity of one request's cache (max_pages * page_size, or the entry length): the
+// upper bound of every cache_seqlens, read on the host only by the split heuristic, and the clamp
+// of the lengths on the device.
+struct FlashDecodeParams : FlashFwdParams {
+    // (batch,) one past the last key position of request b in its cache (after any append):
+    // its keys are positions cache_leftpad[b] (or 0) .. cache_seqlens[b] - 1.
+    const int* __restrict__ cache_seqlens;
+    // Paged: (batch, max_pages) page of each page_size keys of a request; nullptr: contiguous
+    // cache, where request b reads entry cache_batch_idx[b] (or b) from position
+    // cache_leftpad[b] (or 0).
+    const int* __restrict__ block_table;
+    int64_t block_table_batch_stride;
+    int page_size;
+    const int* __restrict__ cache_batch_idx;
+    const int* __restrict__ cache_leftpad;
+    // Pages (paged) or entries (contiguous) of the cache: indices read from block_table or
+    // cache_batch_idx are clamped into [0, cache_entries), so no read leaves the cache.
+    int cache_entries;
+
+    // Key splits per (request, KV head); 0: the launcher's heuristic (decode/split_heuristic.h).
+    int num_splits;
+    // Set by the launcher from its workspace when a call runs more than one split: per split,
+    // the float32 output of each query row normalised over the split's keys,
+    // (splits, batch, nheads, seqlen_q, head-dim bucket), and its natural-log LSE,
+    // (splits, batch, nheads, seqlen_q). The combine kernel merges them.
+    float* __restrict__ partial_out;
+    float* __restrict__ partial_lse;
+};
+
 // PyTorch's CUDA generator hands out Philox offsets in multiples of 4 (philox_cuda_state rounds
 // the increment up): each launch takes this much, and philox.h divides offsets by it.
 constexpr uint64_t kPhiloxOffsetGranularity = 4;

@@ -10,5 +10,6 @@ std::vector<KernelEntry<Params>>& kernel_table() {
 
 template std::vector<KernelEntry<FlashFwdParams>>& kernel_table<FlashFwdParams>();
 template std::vector<KernelEntry<FlashBwdParams>>& kernel_table<FlashBwdParams>();
+template std::vector<KernelEntry<FlashDecodeParams>>& kernel_table<FlashDecodeParams>();
 
 }  // namespace flash_varlen
