@@ -2,6 +2,9 @@
 // host (shapes, dtypes, strides and devices only: the lengths and tables stay on the device, so
 // a decode step is CUDA-graph safe), fills FlashDecodeParams and runs the decode family
 // (kernels/decode/) through the same dispatch and workspace path as the other directions.
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+
 #include <limits>
 #include <utility>
 
