@@ -116,10 +116,11 @@ ForwardResult kvcache_fwd(const KvcacheFwdArgs& args) {
                               /*is_local=*/false};
     const KernelEntry<FlashDecodeParams>& kernel = select_kernel<FlashDecodeParams>(
         config, &params, compute_capability(q.device()), heads.head_dim, "decode");
-    const at::Tensor empty = at::empty({0}, q.options());
-    if (batch == 0 || q.numel() == 0) return {out, lse, empty, empty};
-    launch_kernel(kernel, params, q.device(), "decode");
-    return {out, lse, empty, empty};
+    // The two unused outputs (the forward's layout of returns) are distinct tensors: a custom
+    // op's returns may not alias one another (torch.library checks it at every call).
+    auto unused = [&] { return at::empty({0}, q.options()); };
+    if (batch != 0 && q.numel() != 0) launch_kernel(kernel, params, q.device(), "decode");
+    return {out, lse, unused(), unused()};
 }
 
 }  // namespace flash_varlen
