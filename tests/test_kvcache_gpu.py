@@ -373,7 +373,10 @@ def test_cuda_graph_replays_with_new_cache_lengths() -> None:
         fresh = make_call(
             seqlen_q=GRAPH_SEQLEN_NEW, rotary_dim=64, batch_idx=True, lengths=lengths, seed=seed
         )
+        # The rotary tables too: make_call draws them from the seed, and a replay reads the
+        # captured buffers while the eager call reads fresh's.
         names = ("q", "k", "v", "k_cache", "v_cache", "cache_seqlens", "cache_batch_idx")
+        names += ("rotary_cos", "rotary_sin")
         check_replay(
             graph, static, (static_out, static_lse), fresh, names, options, f"replay {seed}"
         )
