@@ -18,6 +18,8 @@
 #include <cute/atom/mma_atom.hpp>
 #include <cute/tensor.hpp>
 
+#include "kernels/common/swizzled_rows.h"
+
 namespace flash_varlen {
 namespace decode {
 
@@ -59,14 +61,8 @@ struct DecodeKernelTraits {
     // One warp's MMA over 16 rows; N = 16 so that one ldmatrix.x4 feeds two n8 atoms.
     using WarpMma = TiledMMA<MmaAtom, Layout<Shape<_1, _1, _1>>, Tile<_16, _16, _16>>;
 
-    // Rows stored in 64-element (128-byte) chunks, XOR-swizzled in 16-byte units so that the
-    // 16-byte cp.async writes along a row and the ldmatrix reads down a column are both free of
-    // bank conflicts (the layout CUTLASS's sm80 attention examples use).
-    static constexpr int kSmemRowChunk = kHeadDim % 64 == 0 ? 64 : 32;
-    static constexpr int kSwizzleBits = kSmemRowChunk == 64 ? 3 : 2;
-    using SmemLayoutAtom = decltype(composition(
-        Swizzle<kSwizzleBits, 3, 3>{},
-        Layout<Shape<_8, Int<kSmemRowChunk>>, Stride<Int<kSmemRowChunk>, _1>>{}));
+    // Shared-memory rows in swizzled chunks, as in the sm80 family (common/swizzled_rows.h).
+    using SmemLayoutAtom = typename SwizzledRows<kHeadDim>::Atom;
     using SmemLayoutQ =
         decltype(tile_to_shape(SmemLayoutAtom{}, Shape<Int<kBlockM>, Int<kHeadDim>>{}));
     using SmemLayoutKV = decltype(tile_to_shape(

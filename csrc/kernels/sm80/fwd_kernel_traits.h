@@ -8,6 +8,8 @@
 #include <cute/atom/mma_atom.hpp>
 #include <cute/tensor.hpp>
 
+#include "kernels/common/swizzled_rows.h"
+
 namespace flash_varlen {
 namespace sm80 {
 
@@ -32,14 +34,9 @@ struct FwdKernelTraits {
     using TiledMma =
         TiledMMA<MmaAtom, Layout<Shape<Int<kNWarps>, _1, _1>>, Tile<Int<16 * kNWarps>, _16, _16>>;
 
-    // Shared-memory rows are stored in chunks of 64 elements (128 bytes) when the head dim allows,
-    // XOR-swizzled in 16-byte units so that both the 16-byte cp.async writes of a row and the
-    // 8x8 ldmatrix reads down a column hit distinct banks (no conflicts).
-    static constexpr int kSmemRowChunk = kHeadDim % 64 == 0 ? 64 : 32;
-    static constexpr int kSwizzleBits = kSmemRowChunk == 64 ? 3 : 2;
-    using SmemLayoutAtom = decltype(composition(
-        Swizzle<kSwizzleBits, 3, 3>{},
-        Layout<Shape<_8, Int<kSmemRowChunk>>, Stride<Int<kSmemRowChunk>, _1>>{}));
+    // Shared-memory rows in swizzled chunks (common/swizzled_rows.h).
+    static constexpr int kSmemRowChunk = SwizzledRows<kHeadDim>::kRowChunk;
+    using SmemLayoutAtom = typename SwizzledRows<kHeadDim>::Atom;
     using SmemLayoutQ =
         decltype(tile_to_shape(SmemLayoutAtom{}, Shape<Int<kBlockM>, Int<kHeadDim>>{}));
     using SmemLayoutKV =
