@@ -1,16 +1,19 @@
-"""Shared by the serving demo's CPU and GPU tests: makes examples/serving importable, builds the
-tests' requests, and recomputes a run's logits."""
+"""Shared by the serving demo's CPU and GPU tests: makes examples/serving importable, loads
+examples/generate_paged.py, builds the tests' requests, and recomputes a run's logits."""
 
 from __future__ import annotations
 
 import copy
+import importlib.util
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO_ROOT / "examples"
+SCRIPT = EXAMPLES / "generate_paged.py"
 
 # The demo's package sits in examples/; tests find it there (first on the path, so that no
 # installed package of the same name can shadow it).
@@ -20,6 +23,15 @@ if str(EXAMPLES) not in sys.path:
 from serving.model import DecoderModel  # noqa: E402
 from serving.padded_baseline import teacher_forced_logits  # noqa: E402
 from serving.requests import GenerationResult, Request  # noqa: E402
+
+
+def load_script() -> ModuleType:
+    """Imports the example as a module (it is a script, not part of the package)."""
+    spec = importlib.util.spec_from_file_location("generate_paged", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def make_requests(

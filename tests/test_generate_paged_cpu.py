@@ -18,6 +18,7 @@
   rotary) in bf16, only the decode kernel replaced by the reference: the engine's calls pass its
   checks and its logits meet the GPU test's tolerance rule (a rehearsal of
   tests/test_generate_paged_gpu.py).
+- The script: its --cpu-reference run, its --help, its refusal of an oversized request.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import random
 import pytest
 import torch
 from accuracy import FORWARD_FACTOR, assert_within_tolerance
-from serving_demo import make_requests, recomputed_logits
+from serving_demo import load_script, make_requests, recomputed_logits
 
 # isort: split
 # serving_demo puts examples/ on sys.path: the demo's package imports after it.
@@ -386,3 +387,46 @@ def test_a_request_exactly_as_large_as_the_pool_is_served(model) -> None:
     baseline = generate_padded(model, [request], batch_size=1)
     result = make_engine(model, reference_attention, page_size=4, num_pages=4).generate([request])
     assert result.tokens == baseline.tokens
+
+
+# ----------------------------------------------------------------------------------------------
+# The script
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def script():
+    return load_script()
+
+
+def test_script_cpu_reference_run_reports_identical_tokens(script, capsys) -> None:
+    assert script.main(["--cpu-reference", "--requests", "5"]) == 0
+    captured = capsys.readouterr()
+    assert "greedy tokens identical: 5/5 requests" in captured.out
+    for line in ("[paged: continuous batching, flash_varlen.reference", "tokens/s", "[padded:"):
+        assert line in captured.out
+    # The status line (stderr is not a terminal here: its final state on a line of its own).
+    assert "paged: done 5/5, running 0, waiting 0, pages 0/48" in captured.err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without a GPU")
+def test_script_without_gpu_says_so_and_runs_the_cpu_reference(script, capsys) -> None:
+    assert script.main(["--requests", "2", "--no-progress", "--no-baseline"]) == 0
+    captured = capsys.readouterr()
+    assert "no CUDA GPU is available" in captured.err
+    assert "flash_varlen.reference" in captured.out
+
+
+def test_script_refuses_a_request_larger_than_the_pool(script, capsys) -> None:
+    code = script.main(["--cpu-reference", "--num-pages", "2", "--no-progress"])
+    assert code == script.REQUEST_TOO_LARGE_EXIT_CODE
+    assert "more than the whole pool of 2 pages" in capsys.readouterr().err
+
+
+def test_script_help_documents_the_options(script, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        script.parse_args(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for option in ("--requests", "--prompt-len", "--output-len", "--page-size", "--seed"):
+        assert option in text
