@@ -375,10 +375,12 @@ def test_a_request_larger_than_the_pool_is_refused_naming_the_limit(model, reque
     with pytest.raises(RequestTooLarge, match="more than the model's 64 positions"):
         scheduler.submit(Request(8, (1,) * 60, 5))
 
-    # Through the engine: refused before any work (nothing was written into the pools).
+    # Through the engine: refused before any work (nothing queued, nothing written into the
+    # pools), although the first requests would fit.
     engine = make_engine(model, reference_attention, page_size=16, num_pages=1)
-    with pytest.raises(RequestTooLarge, match="whole pool of 1 pages"):
+    with pytest.raises(RequestTooLarge, match="request 3 needs 2 pages .* whole pool of 1 pages"):
         engine.generate(requests)
+    assert not engine.scheduler.waiting and not engine.scheduler.running
     assert not any(pool.any() for pool in engine.k_pools)
 
 

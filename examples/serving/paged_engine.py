@@ -94,6 +94,8 @@ class PagedEngine:
         status after every step. Raises RequestTooLarge, before any work, for a request the
         pool or the model could never hold."""
         for request in requests:
+            self.scheduler.check_fits(request)  # all of them first: refuse before queueing any
+        for request in requests:
             self.scheduler.submit(request)
         device = self.model.embed.weight.device
         self._logits = {request.request_id: [] for request in requests}
@@ -121,6 +123,8 @@ class PagedEngine:
         )
 
     def step(self) -> None:
+        """Admission, a prefill chunk for each request still reading its prompt, then one
+        decode step for all the others (the module docstring's steps 1-3)."""
         self.scheduler.admit()
         for running in self.scheduler.running:
             if not running.prefilled:

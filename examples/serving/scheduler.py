@@ -22,6 +22,8 @@ class RequestTooLarge(ValueError):
 
 @dataclass
 class RunningRequest:
+    """An admitted request: how much of it is cached, and what it has generated."""
+
     request: Request
     cached: int = 0  # tokens whose keys and values are in the cache
     output: list[int] = field(default_factory=list)
@@ -40,6 +42,8 @@ class RunningRequest:
 
 
 class Scheduler:
+    """The waiting queue and the running list over one page allocator (module docstring)."""
+
     def __init__(self, allocator: PageAllocator, max_running: int, max_positions: int) -> None:
         if max_running < 1:
             raise ValueError(f"max_running must be >= 1, got {max_running}")
@@ -48,11 +52,16 @@ class Scheduler:
         self.max_positions = max_positions
         self.waiting: deque[Request] = deque()
         self.running: list[RunningRequest] = []
-        self.done = 0
+        self.done = 0  # requests retired so far
 
     def submit(self, request: Request) -> None:
-        """Queues ``request``; raises RequestTooLarge if no state of the pool could ever admit
-        it (more pages than the whole pool, or more positions than the model has)."""
+        """Queues ``request`` (RequestTooLarge if it could never be admitted: ``check_fits``)."""
+        self.check_fits(request)
+        self.waiting.append(request)
+
+    def check_fits(self, request: Request) -> None:
+        """Raises RequestTooLarge if no state of the pool could ever admit ``request``: it needs
+        more pages than the whole pool, or more positions than the model has."""
         if request.total_tokens > self.max_positions:
             raise RequestTooLarge(
                 f"request {request.request_id} has {request.total_tokens} tokens (prompt "
@@ -68,7 +77,6 @@ class Scheduler:
                 f"fed back), more than the whole pool of {self.allocator.num_pages} pages: it "
                 f"could never be admitted"
             )
-        self.waiting.append(request)
 
     def admit(self) -> list[RunningRequest]:
         """Moves requests from the head of the queue to the running list while they fit;
