@@ -11,8 +11,11 @@ count it). Before timing, the output of the first CHECKED_REQUESTS requests is c
 flash_varlen.reference within the tolerance rule of benchmarks/checks.py. Reported: the median
 time of triton.testing.do_bench and the achieved K/V read bandwidth, bytes of K and V read
 (2 * cache length * nheads_k * d * 2 bytes per request) / time, in TB/s; ``--splits 0,1,2,4``
-times each split count (0: the heuristic) to tune the rule. Prints a Markdown table; with --out
-also writes the JSON. Needs a CUDA GPU and a build with the decode kernels.
+times each split count (0: the heuristic) to tune the rule. Each row is timed twice: as eager
+calls, and as the replay of the call captured once in a CUDA graph (what a server that captures
+its decode step pays; the difference is the host's share: the Python checks, the op dispatch
+and the launches, which a short call cannot hide behind the GPU's work). Prints a Markdown
+table; with --out also writes the JSON. Needs a CUDA GPU and a build with the decode kernels.
 """
 
 from __future__ import annotations
@@ -43,6 +46,9 @@ CHECKED_REQUESTS = 2
 BYTES_PER_ELEMENT = 2
 TERA = 1e12
 SEED = 0
+# Calls on a side stream before the capture (PyTorch's CUDA-graph guidance: the first calls may
+# allocate or pick kernels).
+GRAPH_WARMUP_CALLS = 3
 
 
 def make_call(batch: int, length: int, page_size: int | None, seqlen_q: int) -> dict:
@@ -97,6 +103,20 @@ def decode_step(function: Callable[..., torch.Tensor], args: dict, num_splits: i
     return lambda: function(**args, num_splits=num_splits)
 
 
+def graph_replay(step: Callable[[], torch.Tensor]) -> Callable[[], None]:
+    """``step`` captured once in a CUDA graph (after warm-up calls on a side stream): its replay."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(GRAPH_WARMUP_CALLS):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
 def run(seqlen_q: int, splits: list[int]) -> list[dict]:
     from triton.testing import do_bench
 
@@ -108,12 +128,13 @@ def run(seqlen_q: int, splits: list[int]) -> list[dict]:
             args = make_call(batch, length, page_size, seqlen_q)
             check(args, flash_attn_with_kvcache(**args))
             for num_splits in splits:
-                ms = do_bench(
-                    decode_step(flash_attn_with_kvcache, args, num_splits),
-                    warmup=WARMUP_MS,
-                    rep=REP_MS,
-                    return_mode="median",
-                )
+                step = decode_step(flash_attn_with_kvcache, args, num_splits)
+
+                def median_ms(function: Callable[[], object]) -> float:
+                    return do_bench(function, warmup=WARMUP_MS, rep=REP_MS, return_mode="median")
+
+                ms = median_ms(step)
+                graph_ms = median_ms(graph_replay(step))
                 rows.append(
                     {
                         "batch": batch,
@@ -123,6 +144,8 @@ def run(seqlen_q: int, splits: list[int]) -> list[dict]:
                         "num_splits": num_splits,
                         "ms": ms,
                         "tb_per_s": kv_bytes(batch, length) / (ms * 1e-3) / TERA,
+                        "graph_ms": graph_ms,
+                        "graph_tb_per_s": kv_bytes(batch, length) / (graph_ms * 1e-3) / TERA,
                     }
                 )
     return rows
@@ -130,15 +153,16 @@ def run(seqlen_q: int, splits: list[int]) -> list[dict]:
 
 def table(rows: list[dict]) -> str:
     lines = [
-        "| batch x cache | pages | seqlen_q | num_splits | ms | K/V TB/s |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| batch x cache | pages | seqlen_q | num_splits | ms | K/V TB/s | graph ms | graph TB/s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in rows:
         pages = "contiguous" if row["page_size"] is None else str(row["page_size"])
         splits = "heuristic" if row["num_splits"] == 0 else str(row["num_splits"])
         lines.append(
             f"| {row['batch']} x {row['cache_length']} | {pages} | {row['seqlen_q']} | {splits} "
-            f"| {row['ms']:.4f} | {row['tb_per_s']:.2f} |"
+            f"| {row['ms']:.4f} | {row['tb_per_s']:.2f} | {row['graph_ms']:.4f} "
+            f"| {row['graph_tb_per_s']:.2f} |"
         )
     return "\n".join(lines)
 
