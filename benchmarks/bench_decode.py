@@ -122,6 +122,9 @@ def run(seqlen_q: int, splits: list[int]) -> list[dict]:
 
     from flash_varlen import flash_attn_with_kvcache
 
+    def median_ms(function: Callable[[], object]) -> float:
+        return do_bench(function, warmup=WARMUP_MS, rep=REP_MS, return_mode="median")
+
     rows = []
     for batch, length in WORKLOADS:
         for page_size in PAGE_SIZES:
@@ -129,10 +132,6 @@ def run(seqlen_q: int, splits: list[int]) -> list[dict]:
             check(args, flash_attn_with_kvcache(**args))
             for num_splits in splits:
                 step = decode_step(flash_attn_with_kvcache, args, num_splits)
-
-                def median_ms(function: Callable[[], object]) -> float:
-                    return do_bench(function, warmup=WARMUP_MS, rep=REP_MS, return_mode="median")
-
                 ms = median_ms(step)
                 graph_ms = median_ms(graph_replay(step))
                 rows.append(

@@ -11,8 +11,8 @@
 // - tile_start: where each sequence's tiles start in launch order (an exclusive prefix sum of
 //   row blocks x heads),
 // and the main kernel's 1-D grid has an upper bound of tiles that the host knows without reading
-// the device (total_q / kBlockM + batch per head); each thread block finds its tile by a
-// 32-way search, and the few blocks past the last tile exit. Within a sequence the row blocks of one
+// the device (total_q / kBlockM + batch per head); each thread block finds its tile by a 32-way
+// search, and the few blocks past the last tile exit. Within a sequence the row blocks of one
 // head are adjacent (they share K and V in L2; so do the heads of a GQA group, which follow each
 // other), with the causal row blocks that see the most keys first.
 //
