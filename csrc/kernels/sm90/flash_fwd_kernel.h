@@ -31,8 +31,10 @@
 //   block, only in the varlen layout (fixed length reads zeros there from TMA's bounds).
 //
 // The mask (causal with either alignment, sliding windows, the sequence tail) is the common
-// MaskPolicy; kIsLocal selects the instantiation, as in the sm80 family. Not here yet (the
-// launcher refuses them): soft-capping, ALiBi, dropout. Attention sinks are in the finalize.
+// MaskPolicy; kIsLocal selects the instantiation, as in the sm80 family. Soft-capping is a
+// runtime switch (tanh of each score before the mask; the same one in every step, so the branch
+// is uniform and predictable). Not here yet (dispatch passes them to the sm80 family): ALiBi,
+// dropout. Attention sinks are in the finalize.
 #pragma once
 
 #include <cutlass/arch/barrier.h>
@@ -43,6 +45,7 @@
 
 #include "kernels/common/flash_params.h"
 #include "kernels/common/mask_policy.h"
+#include "kernels/common/score_transforms.h"
 #include "kernels/common/seqlen_info.h"
 #include "kernels/common/varlen_tile_schedule.h"
 #include "kernels/sm90/fragment_layouts.h"
@@ -291,6 +294,12 @@ struct FlashFwdRowBlock {
             make_identity_tensor(Shape<Int<kBlockM>, Int<kBlockN>>{}));  // ((2, 2, N/8), 1, 1)
         const int row0 = m_block * kBlockM;
         const float scale_log2 = params.logit_scale_log2;
+        const bool softcap = params.softcap_prescale != 0.f;
+        // Raw scores -> tanh(score * prescale) when soft-capping (before the mask, which then
+        // replaces whatever the cap made of a masked score).
+        auto transform_scores = [&](auto& acc_s) {
+            if (softcap) apply_softcap(acc_s, params.softcap_prescale);
+        };
 
         auto mask_scores = [&](auto& acc_s, int n_block) {
             mask.apply_by_coordinates(acc_s, tScS, row0, n_block * kBlockN);
@@ -326,6 +335,7 @@ struct FlashFwdRowBlock {
         warpgroup_gemm</*kZeroInit=*/true>(tiled_mma_qk, tSrQ, tSrK(_, _, _, read.index()), acc_s);
         warpgroup_wait<0>();
         pipeline_k.consumer_release(read);
+        transform_scores(acc_s);
         if (blocks.needs_mask(n_block)) mask_scores(acc_s, n_block);
         softmax.fold_block(acc_s, scale_log2);  // nothing accumulated yet: no rescale
         // P, in the register layout of the A operand of P V; lives until the next step's P V.
@@ -361,6 +371,7 @@ struct FlashFwdRowBlock {
             pass_turn();
             warpgroup_wait<1>();  // S landed; P V may still run
             pipeline_k.consumer_release(read);
+            transform_scores(acc_s);
             if constexpr (decltype(apply_mask)::value) mask_scores(acc_s, n_block);
             const RowValues correction = softmax.fold_block(acc_s, scale_log2);
             warpgroup_wait<0>();  // P V landed: P may be overwritten and O rescaled

@@ -23,7 +23,6 @@ namespace sm90 {
 // The first option of a call that this family's forward does not implement yet, or nullptr:
 // dispatch then runs the call on the next family (sm80), which implements every option.
 inline const char* fwd_unsupported_option(const FlashFwdParams& params) {
-    if (params.softcap_prescale != 0.f) return "soft-capping";
     if (params.alibi_slopes != nullptr) return "ALiBi";
     if (params.dropout_threshold != 0) return "dropout";
     return nullptr;
