@@ -57,6 +57,9 @@ __device__ __forceinline__ uint64_t philox_offset(const FlashFwdParams& params) 
 }
 
 struct Dropout {
+    static constexpr int kRowsPerGroup = 16;  // an MMA tile's rows; r and r + 8 share a call
+    static constexpr int kRowHalf = 8;
+
     uint2 key;
     uint32_t stream;  // batch * nheads + head
     uint32_t offset_word;
@@ -70,18 +73,31 @@ struct Dropout {
         offset_word = uint32_t(philox_offset(params) / kPhiloxOffsetGranularity);
     }
 
+    // The four draws of the group that holds pair (row, col) of the sequence, in the order
+    // (r, c), (r, c + 1), (r + 8, c), (r + 8, c + 1) for the group's first pair (r, c).
+    __device__ uint4 group_draws(int row, int col) const {
+        const uint32_t row_code =
+            uint32_t(row / kRowsPerGroup) * kRowHalf + uint32_t(row % kRowHalf);
+        return philox4x32_10(make_uint4(uint32_t(col) / 2, row_code, stream, offset_word), key);
+    }
+
     // Keep bits of the four scores of the MMA fragment whose first score is (row, col) of the
     // sequence: bit v for fragment value v (value order (r, c), (r, c + 1), (r + 8, c),
     // (r + 8, c + 1), the m16n8 accumulator layout).
     __device__ uint32_t keep_bits(int row, int col) const {
-        constexpr int kRowsPerGroup = 16;  // an MMA tile's rows; r and r + 8 share a call
-        constexpr int kRowHalf = 8;
-        const uint32_t row_code =
-            uint32_t(row / kRowsPerGroup) * kRowHalf + uint32_t(row % kRowHalf);
-        const uint4 draws =
-            philox4x32_10(make_uint4(uint32_t(col) / 2, row_code, stream, offset_word), key);
+        const uint4 draws = group_draws(row, col);
         return uint32_t(draws.x >= threshold) | uint32_t(draws.y >= threshold) << 1 |
                uint32_t(draws.z >= threshold) << 2 | uint32_t(draws.w >= threshold) << 3;
+    }
+
+    // Keep bits of the two scores (row, col), (row, col + 1) of any row, col even: bit 0 and
+    // bit 1. One call, of which the row's half of its group's draws is used, for fragments
+    // whose rows r and r + 8 need not be one group's (the sm90 forward's packed GQA tiles).
+    __device__ uint32_t keep_bits_of_row(int row, int col) const {
+        const uint4 draws = group_draws(row, col);
+        const bool second_half = row % kRowsPerGroup >= kRowHalf;
+        return uint32_t((second_half ? draws.z : draws.x) >= threshold) |
+               uint32_t((second_half ? draws.w : draws.y) >= threshold) << 1;
     }
 };
 
