@@ -13,7 +13,8 @@
 // counter's last word wraps. The grouping is part of the mask's definition, shared by every
 // kernel family: a family whose register fragments group pairs differently still draws pair
 // (i, j) from the call of the group that holds it, so all families see the same mask. The
-// per-tile helpers of the sm80 family are in sm80/dropout_tiles.h.
+// per-tile helpers of the sm80 family are in sm80/dropout_tiles.h, those of the sm90 forward
+// in sm90/dropout_fragment.h.
 #pragma once
 
 #include <cstdint>
