@@ -93,7 +93,9 @@ struct Dropout {
 
     // Keep bits of the two scores (row, col), (row, col + 1) of any row, col even: bit 0 and
     // bit 1. One call, of which the row's half of its group's draws is used, for fragments
-    // whose rows r and r + 8 need not be one group's (the sm90 forward's packed GQA tiles).
+    // whose rows r and r + 8 need not be one group's. No caller on main: written for the GQA-packed
+    // tiles of the sm90 forward on branch next-gpu (main's tiles are one head, one row block,
+    // whose rows r and r + 8 always are one group's).
     __device__ uint32_t keep_bits_of_row(int row, int col) const {
         const uint4 draws = group_draws(row, col);
         const bool second_half = row % kRowsPerGroup >= kRowHalf;
