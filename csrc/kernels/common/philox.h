@@ -90,18 +90,6 @@ struct Dropout {
         return uint32_t(draws.x >= threshold) | uint32_t(draws.y >= threshold) << 1 |
                uint32_t(draws.z >= threshold) << 2 | uint32_t(draws.w >= threshold) << 3;
     }
-
-    // Keep bits of the two scores (row, col), (row, col + 1) of any row, col even: bit 0 and
-    // bit 1. One call, of which the row's half of its group's draws is used, for fragments
-    // whose rows r and r + 8 need not be one group's. No caller on main: written for the GQA-packed
-    // tiles of the sm90 forward on branch next-gpu (main's tiles are one head, one row block,
-    // whose rows r and r + 8 always are one group's).
-    __device__ uint32_t keep_bits_of_row(int row, int col) const {
-        const uint4 draws = group_draws(row, col);
-        const bool second_half = row % kRowsPerGroup >= kRowHalf;
-        return uint32_t((second_half ? draws.z : draws.x) >= threshold) |
-               uint32_t((second_half ? draws.w : draws.y) >= threshold) << 1;
-    }
 };
 
 }  // namespace flash_varlen
