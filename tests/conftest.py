@@ -29,9 +29,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_call(item: pytest.Item):
     """Under FLASH_VARLEN_KERNEL_FAMILY=<family>, a test whose call needs an option that the family
-    does not implement (soft-capping in the sm90 forward, say) is skipped with dispatch's message,
-    so that a forced run checks the family on everything it does implement. Without the override
-    dispatch falls back to the next family and never raises this."""
+    does not implement (a direction's unsupported_option in csrc/kernel_families.py names it) is
+    skipped with dispatch's message, so that a forced run checks the family on everything it does
+    implement. Without the override dispatch falls back to the next family and never raises
+    this."""
     try:
         return (yield)
     except NotImplementedError as error:

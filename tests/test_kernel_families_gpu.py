@@ -1,7 +1,9 @@
 """GPU tests of kernel-family dispatch: every family this build contains that runs on this GPU,
 forced with FLASH_VARLEN_KERNEL_FAMILY, gives forward and backward within the tolerance rule of
 the float32 reference; without the override the best runnable family is chosen; an override
-naming no family is refused before any kernel runs.
+naming no family is refused before any kernel runs. Dropout's keep mask is part of the contract
+between families (the sm80 backward regenerates the mask of whichever forward ran): every
+family's forward draws the same one, bit for bit.
 
 The whole suite runs under one family with ``FLASH_VARLEN_KERNEL_FAMILY=<name> python -m pytest
 tests -m gpu`` (scripts/gpu_check.sh does this for each family); these tests check the
@@ -15,7 +17,7 @@ import torch
 
 import flash_varlen
 from flash_varlen._extension import load_extension
-from flash_varlen.reference import attention_ref_varlen
+from flash_varlen.reference import attention_ref_varlen, dropout_keep_mask, visible_keys
 
 from accuracy import (
     FORWARD_FACTOR,
@@ -26,6 +28,7 @@ from accuracy import (
     dtype_name,
     make_varlen_batch,
     require_backward_kernel,
+    require_kernel,
     seeded_randn,
 )
 
@@ -48,16 +51,18 @@ def capability() -> int:
     return major * 10 + minor
 
 
-def runnable_families(monkeypatch, direction: str) -> list[str]:
-    """The families whose kernels of `direction` ("forward" or "backward") for (DTYPE, HEAD_DIM)
-    run on this GPU, best first (a family may have no backward: sm90 today)."""
+def runnable_families(
+    monkeypatch, direction: str, head_dim: int = HEAD_DIM, local: bool = True
+) -> list[str]:
+    """The families whose kernels of `direction` ("forward" or "backward") for (DTYPE, head_dim,
+    local mask) run on this GPU, best first (a family may have no backward: sm90 today)."""
     extension = load_extension()
     runnable = []
     for family in extension.kernel_families():
         monkeypatch.setenv(OVERRIDE, family["name"])
         try:
             extension.select_kernel_family(
-                direction, dtype_name(DTYPE), HEAD_DIM, True, capability()
+                direction, dtype_name(DTYPE), head_dim, local, capability()
             )
         except NotImplementedError:
             continue
@@ -124,4 +129,91 @@ def test_override_naming_no_family_is_refused(monkeypatch) -> None:
     with pytest.raises(ValueError, match=f"{OVERRIDE}=sm75 names no kernel family"):
         flash_varlen.flash_attn_varlen_func(
             batch.q, batch.k, batch.v, batch.cu_seqlens_q, batch.cu_seqlens_k, 5, 5
+        )
+
+
+# Dropout (with ALiBi) in every family: lengths that are not tile multiples, empty sequences on
+# either side, short sequences; one MHA layout and one GQA layout (8 query heads per key/value
+# head: each query head its own tiles, its own slope and Philox stream).
+VARIANT_SEQLENS_Q = (1, 5, 17, 40, 0, 77, 130, 203)
+VARIANT_SEQLENS_K = (9, 5, 33, 40, 13, 0, 203, 130)
+VARIANT_LAYOUTS = {"mha": (4, 4), "gqa": (32, 4)}
+VARIANT_HEAD_DIMS = (64, 128, 256)
+DROPOUT_P = 0.17
+DROPOUT_SEED = 3
+
+
+def visible_pairs(batch, nheads: int, causal: bool, shape: tuple[int, ...]) -> torch.Tensor:
+    """Bool of S_dmask's shape (batch, nheads, rows, cols): True on each sequence's visible
+    (query, key) pairs, the only ones whose keep bit a kernel must decide (the rest of S_dmask
+    depends on which key blocks a family's tiles visit)."""
+    visible = torch.zeros(shape, dtype=torch.bool, device=DEVICE)
+    for b, (length_q, length_k) in enumerate(zip(batch.seqlens_q, batch.seqlens_k)):
+        pairs = visible_keys(length_q, length_k, causal, DEVICE)
+        visible[b, :, :length_q, :length_k] = pairs.expand(nheads, -1, -1)
+    return visible
+
+
+@pytest.mark.parametrize("causal", (False, True), ids=("full", "causal"))
+@pytest.mark.parametrize("layout", list(VARIANT_LAYOUTS))
+@pytest.mark.parametrize("head_dim", VARIANT_HEAD_DIMS, ids=lambda d: f"d{d}")
+def test_dropout_keep_mask_is_the_same_in_every_family(
+    monkeypatch, head_dim: int, layout: str, causal: bool
+) -> None:
+    """Each family that runs this forward here, forced in turn, on a varlen batch with dropout
+    and per-head ALiBi slopes after the same torch.manual_seed: S_dmask's keep bits (its sign
+    bits) are identical on every visible pair, and out and softmax_lse are within the forward
+    tolerance of the reference given that mask.
+
+    Fails if a family keys a pair's Philox draw by its place in a tile instead of its (batch,
+    head, token, key), takes another of the group's four draws, rescales the kept probabilities
+    differently, or biases a row with another head's slope."""
+    require_kernel(DTYPE, head_dim)
+    families = runnable_families(monkeypatch, "forward", head_dim, causal)
+    if len(families) < 2:
+        pytest.skip(f"only {families} runs this forward here: nothing to compare")
+    nheads, nheads_k = VARIANT_LAYOUTS[layout]
+    batch = make_varlen_batch(
+        VARIANT_SEQLENS_Q, VARIANT_SEQLENS_K, nheads, nheads_k, head_dim, DTYPE, DEVICE, seed=13
+    )
+    exponents = torch.arange(1, nheads + 1, dtype=torch.float32, device=DEVICE)
+    slopes = torch.exp2(-8.0 * exponents / nheads)  # ALiBi's geometric slopes
+    options = {"causal": causal, "alibi_slopes": slopes, "dropout_p": DROPOUT_P}
+    reference_inputs = {
+        compute_dtype: [x.to(compute_dtype) for x in (batch.q, batch.k, batch.v)]
+        for compute_dtype in (torch.float32, DTYPE)
+    }
+
+    keeps = {}
+    for family in families:
+        monkeypatch.setenv(OVERRIDE, family)
+        with torch.random.fork_rng(devices=[torch.cuda.current_device()]):
+            torch.manual_seed(DROPOUT_SEED)
+            out, lse, s_dmask = flash_varlen.flash_attn_varlen_func(
+                batch.q, batch.k, batch.v, batch.cu_seqlens_q, batch.cu_seqlens_k,
+                batch.max_seqlen_q, batch.max_seqlen_k, return_attn_probs=True, **options,
+            )
+        keep = dropout_keep_mask(s_dmask)
+        keeps[family] = keep
+        (ref_out, ref_lse), (low_out, low_lse) = (
+            attention_ref_varlen(
+                *reference_inputs[compute_dtype], batch.cu_seqlens_q, batch.cu_seqlens_k,
+                compute_dtype=compute_dtype, dropout_mask=keep, **options,
+            )
+            for compute_dtype in (torch.float32, DTYPE)
+        )
+        assert_within_tolerance(out, ref_out, low_out, FORWARD_FACTOR, f"{family} out")
+        assert_lse_within_tolerance(lse, ref_lse, low_lse, FORWARD_FACTOR, f"{family} lse")
+    monkeypatch.delenv(OVERRIDE)
+
+    first = families[0]
+    visible = visible_pairs(batch, nheads, causal, tuple(keeps[first].shape))
+    assert bool((~keeps[first][visible]).any()), f"{first} dropped no visible pair"
+    for family in families[1:]:
+        assert keeps[family].shape == keeps[first].shape, f"{family} S_dmask shape"
+        differ = (keeps[family] != keeps[first]) & visible
+        assert not bool(differ.any()), (
+            f"{family} and {first} keep {int(differ.sum())} of {int(visible.sum())} visible "
+            f"pairs differently, first at (batch, head, row, key) "
+            f"{tuple(differ.nonzero()[0].tolist())}"
         )

@@ -21,6 +21,20 @@
 
 namespace flash_varlen {
 
+// ALiBi's slope of one (sequence, head) in raw-score units: the logit bias divided by
+// logit_scale, so that it is added to raw scores. Every family takes it from here, and the bias
+// from alibi_bias, so that all compute one formula.
+__device__ __forceinline__ float alibi_raw_slope(const FlashFwdParams& params, int batch,
+                                                 int head) {
+    return params.alibi_slopes[batch * params.alibi_batch_stride + head] / params.logit_scale;
+}
+
+// ALiBi's bias of pair (row, col) in raw-score units: -slope * |row + diagonal - col|, the
+// distance from the key aligned with the query (the causal alignment's diagonal).
+__device__ __forceinline__ float alibi_bias(float raw_slope, int row, int col, int diagonal) {
+    return -raw_slope * fabsf(float(row + diagonal - col));
+}
+
 // kHasAlibi: the launch passes ALiBi slopes (a variant kernel; see flash_fwd_kernel.h). The
 // plain kernels hold only the lengths (and, local, the window): the main loops run at the
 // register limit, and a reference to the params here cost the backward 4% (more register moves
@@ -43,8 +57,7 @@ struct MaskPolicy {
           window_left(kIsLocal ? params.window_left : 0),
           window_right(kIsLocal ? params.window_right : 0),
           alibi_slope(kHasAlibi && params.alibi_slopes != nullptr
-                          ? params.alibi_slopes[batch * params.alibi_batch_stride + head] /
-                                params.logit_scale
+                          ? alibi_raw_slope(params, batch, head)
                           : 0.f) {}
 
     // The first key query `row` may see; may be negative (then 0) or past the end.
@@ -125,7 +138,7 @@ struct MaskPolicy {
 
     // ALiBi's bias of pair (row, col) in raw-score units; 0 without ALiBi.
     __device__ float alibi_bias(int row, int col) const {
-        if constexpr (kHasAlibi) return -alibi_slope * fabsf(float(row + diagonal - col));
+        if constexpr (kHasAlibi) return flash_varlen::alibi_bias(alibi_slope, row, col, diagonal);
         return 0.f;
     }
 

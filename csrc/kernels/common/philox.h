@@ -13,7 +13,8 @@
 // counter's last word wraps. The grouping is part of the mask's definition, shared by every
 // kernel family: a family whose register fragments group pairs differently still draws pair
 // (i, j) from the call of the group that holds it, so all families see the same mask. The
-// per-tile helpers of the sm80 family are in sm80/dropout_tiles.h.
+// per-tile helpers of the sm80 family are in sm80/dropout_tiles.h, those of the sm90 forward
+// in sm90/dropout_fragment.h.
 #pragma once
 
 #include <cstdint>
@@ -57,6 +58,9 @@ __device__ __forceinline__ uint64_t philox_offset(const FlashFwdParams& params) 
 }
 
 struct Dropout {
+    static constexpr int kRowsPerGroup = 16;  // an MMA tile's rows; r and r + 8 share a call
+    static constexpr int kRowHalf = 8;
+
     uint2 key;
     uint32_t stream;  // batch * nheads + head
     uint32_t offset_word;
@@ -70,16 +74,19 @@ struct Dropout {
         offset_word = uint32_t(philox_offset(params) / kPhiloxOffsetGranularity);
     }
 
+    // The four draws of the group that holds pair (row, col) of the sequence, in the order
+    // (r, c), (r, c + 1), (r + 8, c), (r + 8, c + 1) for the group's first pair (r, c).
+    __device__ uint4 group_draws(int row, int col) const {
+        const uint32_t row_code =
+            uint32_t(row / kRowsPerGroup) * kRowHalf + uint32_t(row % kRowHalf);
+        return philox4x32_10(make_uint4(uint32_t(col) / 2, row_code, stream, offset_word), key);
+    }
+
     // Keep bits of the four scores of the MMA fragment whose first score is (row, col) of the
     // sequence: bit v for fragment value v (value order (r, c), (r, c + 1), (r + 8, c),
     // (r + 8, c + 1), the m16n8 accumulator layout).
     __device__ uint32_t keep_bits(int row, int col) const {
-        constexpr int kRowsPerGroup = 16;  // an MMA tile's rows; r and r + 8 share a call
-        constexpr int kRowHalf = 8;
-        const uint32_t row_code =
-            uint32_t(row / kRowsPerGroup) * kRowHalf + uint32_t(row % kRowHalf);
-        const uint4 draws =
-            philox4x32_10(make_uint4(uint32_t(col) / 2, row_code, stream, offset_word), key);
+        const uint4 draws = group_draws(row, col);
         return uint32_t(draws.x >= threshold) | uint32_t(draws.y >= threshold) << 1 |
                uint32_t(draws.z >= threshold) << 2 | uint32_t(draws.w >= threshold) << 3;
     }

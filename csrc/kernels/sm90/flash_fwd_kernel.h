@@ -31,10 +31,16 @@
 //   block, only in the varlen layout (fixed length reads zeros there from TMA's bounds).
 //
 // The mask (causal with either alignment, sliding windows, the sequence tail) is the common
-// MaskPolicy; kIsLocal selects the instantiation, as in the sm80 family. Soft-capping is a
-// runtime switch (tanh of each score before the mask; the same one in every step, so the branch
-// is uniform and predictable). Not here yet (dispatch passes them to the sm80 family): ALiBi,
-// dropout. Attention sinks are in the finalize.
+// MaskPolicy; kIsLocal selects the instantiation, as in the sm80 family. ALiBi (its bias before
+// the mask, alibi_fragment.h) and dropout (dropout_fragment.h: the sm80 family's keep mask and
+// pattern output; 1 / (1 - p) in the finalize) run in a second kernel of each instantiation,
+// kHasVariants, that the launcher picks at run time, as the sm80 family's variants do. As
+// runtime switches in one kernel they cost the plain path registers (measured on the branch
+// these were written on: with dropout's code the bf16 d128 kernel spilled and its masked loop
+// grew by some 60 instructions per step; with ALiBi's alone d256's spills grew). Soft-capping is
+// a runtime switch in both kernels (tanh of each score before ALiBi and the mask, the sm80
+// family's order; the same branch in every step, so it is uniform and predictable). Attention
+// sinks are in the finalize.
 #pragma once
 
 #include <cutlass/arch/barrier.h>
@@ -45,9 +51,12 @@
 
 #include "kernels/common/flash_params.h"
 #include "kernels/common/mask_policy.h"
+#include "kernels/common/philox.h"
 #include "kernels/common/score_transforms.h"
 #include "kernels/common/seqlen_info.h"
 #include "kernels/common/varlen_tile_schedule.h"
+#include "kernels/sm90/alibi_fragment.h"
+#include "kernels/sm90/dropout_fragment.h"
 #include "kernels/sm90/fragment_layouts.h"
 #include "kernels/sm90/fwd_kernel_traits.h"
 #include "kernels/sm90/named_barriers.h"
@@ -78,7 +87,8 @@ struct FwdKernelParams {
     VarlenTileSchedule schedule;
 };
 
-template <typename Traits, bool kIsLocal>
+// kHasVariants: the launch has ALiBi or dropout (see the top of the file).
+template <typename Traits, bool kIsLocal, bool kHasVariants>
 struct FlashFwdRowBlock {
     using Element = typename Traits::Element;
     static constexpr int kBlockM = Traits::kBlockM;
@@ -94,6 +104,7 @@ struct FlashFwdRowBlock {
     static constexpr int kRowsPerThread = 2;
     using Softmax = OnlineSoftmax<kRowsPerThread>;
     using RowValues = typename Softmax::RowValues;
+    using ThreadRows = cute::array<int, kRowsPerThread>;
     // Whether the consumer warpgroups take turns issuing their GEMMs. FlashAttention-3 does for
     // head dims up to 128 with the intra-warpgroup overlap (mainloop_fwd_sm90_tma_gmma_ws.hpp,
     // UseSchedulerBarrier); to be measured here.
@@ -262,21 +273,37 @@ struct FlashFwdRowBlock {
 
         if (blocks.empty()) {  // a row block that sees no key: output 0, LSE = sink
             clear(acc_o);
-            softmax.finalize(params.logit_scale, kNoDropoutScale, sink, lse);
+            constexpr float kAnyOutputScale = 1.f;  // every row's factor is 0
+            softmax.finalize(params.logit_scale, kAnyOutputScale, sink, lse);
         } else {
-            main_loop(params, shared, pipeline_k, pipeline_v, seq, mask, blocks, m_block,
-                      mma_warpgroup, thread, tiled_mma_pv, acc_o, softmax, lse, sink);
+            main_loop(params, shared, pipeline_k, pipeline_v, seq, mask, blocks, m_block, batch,
+                      head, mma_warpgroup, thread, tiled_mma_pv, acc_o, softmax, lse, sink);
         }
         store_output(params, shared, seq, tiled_mma_pv, acc_o, lse, m_block, batch, head,
                      mma_warpgroup, thread);
+    }
+
+    // The sequence rows (tokens) of this thread's rows of the row block starting at row0: S and
+    // O, both wgmma accumulators, share the row layout. Derived where they are needed rather
+    // than held through the loop.
+    __device__ static ThreadRows thread_tokens(int thread, int row0) {
+        typename Traits::TiledMmaPV tiled_mma_pv;
+        Tensor tOcO = tiled_mma_pv.get_thread_slice(thread).partition_C(
+            make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{}));  // ((2, 2, D/8), 1, 1)
+        Tensor tOcO_rc = make_tensor(tOcO.data(), accumulator_as_rows_cols(tOcO.layout()));
+        ThreadRows rows;
+        CUTE_UNROLL
+        for (int r = 0; r < kRowsPerThread; ++r) rows[r] = row0 + get<0>(tOcO_rc(r, 0));
+        return rows;
     }
 
     template <typename TiledMmaPV, typename AccO>
     __device__ static void main_loop(const FlashFwdParams& params, SharedStorage& shared,
                                      PipelineKV& pipeline_k, PipelineKV& pipeline_v,
                                      const SeqlenInfo& seq, const Mask& mask,
-                                     const KeyBlocks& blocks, int m_block, int mma_warpgroup,
-                                     int thread, TiledMmaPV& tiled_mma_pv, AccO& acc_o,
+                                     const KeyBlocks& blocks, int m_block, int batch, int head,
+                                     int mma_warpgroup, int thread, TiledMmaPV& tiled_mma_pv,
+                                     AccO& acc_o,
                                      Softmax& softmax, RowValues& lse, float sink) {
         Tensor sQ = make_tensor(make_smem_ptr(shared.q.data()), typename Traits::SmemLayoutQ{});
         Tensor sK = make_tensor(make_smem_ptr(shared.k.data()), typename Traits::SmemLayoutK{});
@@ -295,10 +322,45 @@ struct FlashFwdRowBlock {
         const int row0 = m_block * kBlockM;
         const float scale_log2 = params.logit_scale_log2;
         const bool softcap = params.softcap_prescale != 0.f;
-        // Raw scores -> tanh(score * prescale) when soft-capping (before the mask, which then
-        // replaces whatever the cap made of a masked score).
-        auto transform_scores = [&](auto& acc_s) {
+        // The sequence row (token) of each of this thread's rows, and the key of each of its
+        // columns within a block: the coordinates ALiBi and dropout need. A tile is one head,
+        // one row block: row r of the tile is token row0 + r.
+        Tensor tScS_rc = make_tensor(tScS.data(), accumulator_as_rows_cols(tScS.layout()));
+
+        // ALiBi and dropout exist in the variants kernel only (see the top of the file), where
+        // they are uniform runtime switches.
+        const bool alibi = kHasVariants && params.alibi_slopes != nullptr;
+        const bool dropout = kHasVariants && params.dropout_threshold != 0;
+        // The tile's head's ALiBi slope, read once.
+        const float alibi_slope = alibi ? alibi_raw_slope(params, batch, head) : 0.f;
+        // Raw scores -> tanh(score * prescale) when soft-capping, then + ALiBi's bias, both
+        // before the mask, which replaces whatever they made of a masked score (the sm80
+        // family's order).
+        auto transform_scores = [&](auto& acc_s, int n_block) CUTLASS_LAMBDA_FUNC_INLINE {
             if (softcap) apply_softcap(acc_s, params.softcap_prescale);
+            if (alibi) {
+                Tensor scores = make_tensor(acc_s.data(), accumulator_as_rows_cols(acc_s.layout()));
+                add_alibi_bias(scores, tScS_rc, alibi_slope, thread_tokens(thread, row0),
+                               n_block * kBlockN, mask.diagonal);
+            }
+        };
+        // The dropped probabilities of P become 0 before its P V; the output is scaled by
+        // 1 / (1 - p) in the finalize. Applied to P once converted, after the previous P V has
+        // landed, where the fewest registers are live. The row sums were taken before, over
+        // every probability, as in the sm80 family.
+        auto drop_probabilities = [&](auto& rP, int n_block) CUTLASS_LAMBDA_FUNC_INLINE {
+            Tensor probs = make_tensor(rP.data(), accumulator_as_rows_cols(rP.layout()));
+            const ThreadRows tokens = thread_tokens(thread, row0);
+            const int col0 = n_block * kBlockN;
+            const auto keep =
+                fragment_keep_bits(DropoutRows(params, batch, head, tokens), tScS_rc, col0);
+            if (params.dropout_mask_ptr != nullptr) {
+                write_dropout_pattern(
+                    probs, keep, tScS_rc,
+                    dropout_pattern_rows<Element>(params, batch, head, tokens, seq.seqlen_q),
+                    col0, seq.seqlen_k);
+            }
+            zero_dropped(probs, keep);
         };
 
         auto mask_scores = [&](auto& acc_s, int n_block) {
@@ -335,12 +397,13 @@ struct FlashFwdRowBlock {
         warpgroup_gemm</*kZeroInit=*/true>(tiled_mma_qk, tSrQ, tSrK(_, _, _, read.index()), acc_s);
         warpgroup_wait<0>();
         pipeline_k.consumer_release(read);
-        transform_scores(acc_s);
+        transform_scores(acc_s, n_block);
         if (blocks.needs_mask(n_block)) mask_scores(acc_s, n_block);
         softmax.fold_block(acc_s, scale_log2);  // nothing accumulated yet: no rescale
         // P, in the register layout of the A operand of P V; lives until the next step's P V.
         Tensor rP = make_tensor<Element>(acc_s.layout());
         convert_fragment(acc_s, rP);
+        if (dropout) drop_probabilities(rP, n_block);
         Tensor tOrP = make_tensor(rP.data(), accumulator_as_a_operand(rP.layout()));
 
         if (seq.is_varlen && blocks.end * kBlockN > seq.seqlen_k) {  // uniform over the block
@@ -371,33 +434,45 @@ struct FlashFwdRowBlock {
             pass_turn();
             warpgroup_wait<1>();  // S landed; P V may still run
             pipeline_k.consumer_release(read);
-            transform_scores(acc_s);
+            transform_scores(acc_s, n_block);
             if constexpr (decltype(apply_mask)::value) mask_scores(acc_s, n_block);
             const RowValues correction = softmax.fold_block(acc_s, scale_log2);
             warpgroup_wait<0>();  // P V landed: P may be overwritten and O rescaled
             pipeline_v.consumer_release(read_v);
             convert_fragment(acc_s, rP);
+            if (dropout) drop_probabilities(rP, n_block);
             Softmax::rescale(acc_o, correction);
         };
 
-        // The highest blocks may hold masked pairs (sequence tail, causal diagonal, the window's
-        // right edge) and, with a local mask, the lowest ones too (the window's left edge).
-        for (--n_block; n_block >= blocks.begin && n_block >= blocks.unmasked_end; --n_block) {
-            step(n_block, cute::true_type{});
-        }
-        for (; n_block >= blocks.begin && n_block >= blocks.unmasked_begin; --n_block) {
-            step(n_block, cute::false_type{});
-        }
-        if constexpr (kIsLocal) {
-            for (; n_block >= blocks.begin; --n_block) step(n_block, cute::true_type{});
+        if constexpr (kHasVariants) {
+            // Every block through the masking pass, as in the sm80 family's variants kernel: one
+            // copy of the step instead of two or three. The variants' own work per score
+            // outweighs the mask's, and with three copies the inliner left main_loop out of line
+            // (bf16 d128), where ptxas serializes its wgmmas and keeps the accumulators in local
+            // memory (scripts/check_overlap.py then finds no step in the kernel).
+            for (--n_block; n_block >= blocks.begin; --n_block) step(n_block, cute::true_type{});
+        } else {
+            // The highest blocks may hold masked pairs (sequence tail, causal diagonal, the
+            // window's right edge) and, with a local mask, the lowest ones too (the window's
+            // left edge).
+            for (--n_block; n_block >= blocks.begin && n_block >= blocks.unmasked_end;
+                 --n_block) {
+                step(n_block, cute::true_type{});
+            }
+            for (; n_block >= blocks.begin && n_block >= blocks.unmasked_begin; --n_block) {
+                step(n_block, cute::false_type{});
+            }
+            if constexpr (kIsLocal) {
+                for (; n_block >= blocks.begin; --n_block) step(n_block, cute::true_type{});
+            }
         }
 
         // The last P V, with the normalisation computed while it runs.
         pipeline_v.consumer_wait(read);
         warpgroup_gemm</*kZeroInit=*/false>(tiled_mma_pv, tOrP, tOrV(_, _, _, read.index()),
                                             acc_o);
-        constexpr float kNoDropoutScale = 1.f;
-        const RowValues normalise = softmax.finalize(params.logit_scale, kNoDropoutScale, sink, lse);
+        const RowValues normalise = softmax.finalize(
+            params.logit_scale, dropout ? params.dropout_rescale : 1.f, sink, lse);
         warpgroup_wait<0>();
         pipeline_v.consumer_release(read);
         Softmax::rescale(acc_o, normalise);
@@ -490,12 +565,21 @@ struct FlashFwdRowBlock {
     }
 };
 
-template <typename Traits, bool kIsLocal>
+template <typename Traits, bool kIsLocal, bool kHasVariants>
 __global__ void __launch_bounds__(Traits::kNumThreads, 1)
     flash_fwd_kernel(const __grid_constant__ FwdKernelParams<Traits> kp) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
     extern __shared__ __align__(Traits::kSmemAlignment) char smem[];
-    FlashFwdRowBlock<Traits, kIsLocal>::run(kp, smem);
+    // The generator state this launch used, for the backward (one thread of the grid writes it,
+    // before any early exit), as in the sm80 family. The host asks for it only with dropout,
+    // which runs in the variants kernel.
+    const FlashFwdParams& params = kp.params;
+    if (kHasVariants && params.rng_state_out != nullptr && blockIdx.x == 0 && blockIdx.y == 0 &&
+        blockIdx.z == 0 && threadIdx.x == 0) {
+        params.rng_state_out[0] = int64_t(philox_seed(params));
+        params.rng_state_out[1] = int64_t(philox_offset(params));
+    }
+    FlashFwdRowBlock<Traits, kIsLocal, kHasVariants>::run(kp, smem);
 #else
     // wgmma and setmaxnreg exist only in sm_90a code; the family is built for nothing else.
     __trap();

@@ -22,9 +22,7 @@ namespace sm90 {
 
 // The first option of a call that this family's forward does not implement yet, or nullptr:
 // dispatch then runs the call on the next family (sm80), which implements every option.
-inline const char* fwd_unsupported_option(const FlashFwdParams& params) {
-    if (params.alibi_slopes != nullptr) return "ALiBi";
-    if (params.dropout_threshold != 0) return "dropout";
+inline const char* fwd_unsupported_option(const FlashFwdParams& /*params*/) {
     return nullptr;
 }
 
@@ -115,7 +113,10 @@ cudaError_t launch_flash_fwd(const FlashFwdParams& params, const Workspace& work
         grid = dim3(uint32_t(tiles));
     }
 
-    auto kernel = &flash_fwd_kernel<Traits, kIsLocal>;
+    // ALiBi and dropout run in a kernel of their own (flash_fwd_kernel.h).
+    const bool has_variants = params.alibi_slopes != nullptr || params.dropout_threshold != 0;
+    auto kernel = has_variants ? &flash_fwd_kernel<Traits, kIsLocal, true>
+                               : &flash_fwd_kernel<Traits, kIsLocal, false>;
     constexpr int kSmemBytes = Traits::kSmemBytes;
     const cudaError_t err =
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
