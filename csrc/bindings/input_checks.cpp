@@ -113,6 +113,22 @@ void check_fixed_batch(const at::Tensor& q, const at::Tensor& k, const at::Tenso
                                                 k.size(1), " and ", v.size(1)));
 }
 
+void check_index_tensor(const at::Tensor& t, const char* name, std::initializer_list<int64_t> sizes,
+                        const char* shape_text) {
+    TORCH_CHECK_TYPE(t.scalar_type() == at::kInt,
+                     message(name, " must have dtype torch.int32, got ", t.scalar_type()));
+    bool shape_ok = t.dim() == int64_t(sizes.size());
+    int dim = 0;
+    for (const int64_t size : sizes) {
+        shape_ok = shape_ok && (size < 0 || t.size(dim) == size);
+        ++dim;
+    }
+    TORCH_CHECK_VALUE(shape_ok,
+                      message(name, " must have shape ", shape_text, ", got ", t.sizes()));
+    TORCH_CHECK_VALUE(t.stride(-1) == 1 || t.size(-1) == 1,
+                      message(name, " must have a contiguous last dim"));
+}
+
 void check_option_tensor(const at::Tensor& t, const char* name, at::ScalarType dtype,
                          const char* dtype_name, std::initializer_list<OptionShape> shapes,
                          const char* note) {

@@ -59,6 +59,11 @@ int64_t check_varlen_batch(const at::Tensor& q, const at::Tensor& k, const at::T
 // Fixed length: q, k, v agree on the batch size and k, v on seqlen_k.
 void check_fixed_batch(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v);
 
+// An int32 index tensor (cache lengths, a block table) of sizes.size() dims with the given sizes
+// (-1: any), last dim contiguous; shape_text names the dims in the message ("(batch,)").
+void check_index_tensor(const at::Tensor& t, const char* name, std::initializer_list<int64_t> sizes,
+                        const char* shape_text);
+
 // One shape a tensor option may have: its sizes, and how messages name them ("(batch, nheads)").
 struct OptionShape {
     const char* names;
