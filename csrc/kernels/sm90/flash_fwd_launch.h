@@ -26,6 +26,8 @@ inline const char* fwd_unsupported_option(const FlashFwdParams& params) {
     if (params.softcap_prescale != 0.f) return "soft-capping";
     if (params.alibi_slopes != nullptr) return "ALiBi";
     if (params.dropout_threshold != 0) return "dropout";
+    // Its TMA loads read K and V as one strided tensor; the sm80 family gathers paged rows.
+    if (params.block_table != nullptr) return "paged KV cache";
     return nullptr;
 }
 
