@@ -64,6 +64,12 @@ void check_fixed_batch(const at::Tensor& q, const at::Tensor& k, const at::Tenso
 void check_index_tensor(const at::Tensor& t, const char* name, std::initializer_list<int64_t> sizes,
                         const char* shape_text);
 
+// Paged K/V in the varlen forward: k and v are (num_pages, page_size, nheads_k, d) pools of one
+// shape (their other rules are check_qkv_tensor's), block_table an int32 (batch, max_pages)
+// index tensor with max_pages * page_size >= max_seqlen_k.
+void check_paged_kv(const at::Tensor& k, const at::Tensor& v, const at::Tensor& block_table,
+                    int64_t batch, int64_t max_seqlen_k);
+
 // One shape a tensor option may have: its sizes, and how messages name them ("(batch, nheads)").
 struct OptionShape {
     const char* names;
