@@ -195,6 +195,7 @@ def _attention(
                 names,
                 seqused_q=arguments.get("seqused_q"),
                 seqused_k=arguments.get("seqused_k"),
+                block_table=arguments.get("block_table"),
             )
     else:
         validation.check_fixed_inputs(q, k, v, names, arguments)
@@ -271,14 +272,17 @@ FUNCTIONS: tuple[PublicFunction, ...] = (
 
     Sequence b is rows cu_seqlens_q[b]:cu_seqlens_q[b + 1] of q and
     cu_seqlens_k[b]:cu_seqlens_k[b + 1] of k and v; sequences are stored back to back and no
-    padding is ever computed. A sequence may be empty (two equal cu_seqlens entries).
+    padding is ever computed. A sequence may be empty (two equal cu_seqlens entries). With
+    block_table (paged prefill, forward only) k and v are page pools instead: sequence b's
+    cu_seqlens_k[b + 1] - cu_seqlens_k[b] keys are read through its row of the block table.
 
 {causal}
 
     Arguments:
         q: (total_q, nheads, headdim).
-        k: (total_k, nheads_k, headdim); nheads must be a multiple of nheads_k.
-        v: (total_k, nheads_k, headdim).
+        k: (total_k, nheads_k, headdim); nheads must be a multiple of nheads_k. With
+            block_table: (num_pages, page_size, nheads_k, headdim), a pool of pages.
+        v: (total_k, nheads_k, headdim), or with block_table a pool of k's shape.
         cu_seqlens_q: (batch + 1,) int32, on q's device. Prefix sums of the query lengths,
             starting at 0 and ending at total_q.
         cu_seqlens_k: (batch + 1,) int32, on q's device. Prefix sums of the key lengths.

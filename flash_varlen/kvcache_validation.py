@@ -31,6 +31,7 @@ from flash_varlen.contract import INDEX_DTYPE, UNBOUNDED_WINDOW_SIDE
 from flash_varlen.errors import error
 from flash_varlen.options import PUBLIC_OPTIONS, host_int
 from flash_varlen.validation import (
+    PAGED_KV_LAYOUT,
     ArgNames,
     _check_head_dims,
     _check_heads,
@@ -40,13 +41,14 @@ from flash_varlen.validation import (
     _check_qkv_dtypes,
     _check_rank,
     _check_tensor_options,
+    check_block_table,
+    check_page_numbers,
     option_arguments,
     resolve_softmax_scale,
 )
 
 CACHE_NAMES = ArgNames(q="q", k="k_cache", v="v_cache")
 CONTIGUOUS_CACHE_LAYOUT = "(batch_cache, seqlen_cache, nheads_k, headdim)"
-PAGED_CACHE_LAYOUT = "(num_pages, page_size, nheads_k, headdim)"
 # The varlen kernels take each sequence's first cache row as an int32 entry of cu_seqlens_k.
 MAX_CACHE_ROWS = torch.iinfo(getattr(torch, INDEX_DTYPE)).max
 # Rotary tables may be in q's dtype (flash-attn's rule) or in float32 (more precise; the
@@ -167,9 +169,10 @@ def check_kvcache_inputs(
     arguments = option_arguments(shared_options, SHARED_OPTIONS)
     _check_qkv_dtypes(q, k_cache, v_cache, CACHE_NAMES)
     _check_rank(q, "q", "(batch, seqlen_q, nheads, headdim)")
-    _check_block_table(block_table, q)
     paged = block_table is not None
-    cache_layout = PAGED_CACHE_LAYOUT if paged else CONTIGUOUS_CACHE_LAYOUT
+    if paged:
+        check_block_table(block_table, q.shape[0], "q.shape[0]")
+    cache_layout = PAGED_KV_LAYOUT if paged else CONTIGUOUS_CACHE_LAYOUT
     _check_rank(k_cache, "k_cache", cache_layout)
     _check_rank(v_cache, "v_cache", cache_layout)
     _check_head_dims(q, k_cache, v_cache, CACHE_NAMES)
@@ -257,21 +260,6 @@ def _check_positive(tensor: torch.Tensor, dim: int, name: str, what: str) -> Non
     if tensor.shape[dim] < 1:
         raise ValueError(
             error(f"{name}.shape[{dim}] ({what}) must be positive, got {tensor.shape[dim]}.")
-        )
-
-
-def _check_block_table(block_table: Any, q: torch.Tensor) -> None:
-    if block_table is None:
-        return
-    _check_is_tensor(block_table, "block_table")
-    if block_table.dtype != torch.int32:
-        raise TypeError(error(f"block_table must have dtype torch.int32, got {block_table.dtype}."))
-    if block_table.dim() != 2 or block_table.shape[0] != q.shape[0] or block_table.shape[1] < 1:
-        raise ValueError(
-            error(
-                f"block_table must have shape (batch, max_pages) with batch = q.shape[0] = "
-                f"{q.shape[0]} and max_pages >= 1, got {tuple(block_table.shape)}."
-            )
         )
 
 
@@ -508,7 +496,8 @@ def check_kvcache_values(call: KVCacheCall) -> None:
                     )
                 )
     if call.block_table is not None:
-        _check_page_numbers(call.block_table, call.k_cache, lengths, seqlen_new)
+        keys = [length + seqlen_new for length in lengths]
+        check_page_numbers(call.block_table, call.k_cache, keys, "k_cache")
     if call.rotary_cos is not None and rotates_q_consecutively(call.options):
         seqlen_q, seqlen_ro = call.q.shape[1], call.rotary_cos.shape[0]
         for b, length in enumerate(lengths):
@@ -528,21 +517,3 @@ def rotates_q_consecutively(options: Mapping[str, Any]) -> bool:
     unbounded = (UNBOUNDED_WINDOW_SIDE, UNBOUNDED_WINDOW_SIDE)
     bounded = (options["window_left"], options["window_right"]) != unbounded
     return bool(options["causal"]) or bounded
-
-
-def _check_page_numbers(
-    block_table: torch.Tensor, k_cache: torch.Tensor, lengths: list[int], seqlen_new: int
-) -> None:
-    num_pages, page_size = k_cache.shape[:2]
-    rows = block_table.tolist()
-    for b, (row, length) in enumerate(zip(rows, lengths)):
-        used_pages = -(-(length + seqlen_new) // page_size)  # ceiling division
-        for index, page in enumerate(row[:used_pages]):
-            if not 0 <= page < num_pages:
-                raise ValueError(
-                    error(
-                        f"block_table[{b}, {index}] = {page} must be in [0, {num_pages}) "
-                        f"(k_cache.shape[0], num_pages): sequence {b} uses its first "
-                        f"{used_pages} pages."
-                    )
-                )

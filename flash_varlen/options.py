@@ -275,12 +275,13 @@ Converter = Callable[[Any, Mapping[str, Any]], tuple[Any, ...]]
 class PublicOption:
     """An option parameter of the public functions.
 
-    ``sets``: the op arguments (``OPTIONS`` names) that ``convert`` gives values to, after
-    checking the value (it raises TypeError / ValueError / NotImplementedError naming the
-    parameter). ``flash_attn``: one of flash-attn 2.x's positional parameters, declared in its
-    order; otherwise keyword-only. ``doc``: the docstring entry (indented by the functions).
-    Tensor values pass through unchanged here: their rules need the call's sizes and are
-    checked with the tensors (``validation.check_tensor_option``).
+    ``sets``: the op arguments (``OPTIONS`` names, or an op input: block_table) that ``convert``
+    gives values to, after checking the value (it raises TypeError / ValueError /
+    NotImplementedError naming the parameter). ``flash_attn``: one of flash-attn 2.x's
+    positional parameters, declared in its order; otherwise keyword-only. ``doc``: the
+    docstring entry (indented by the functions). Tensor values pass through unchanged here:
+    their rules need the call's sizes and are checked with the tensors
+    (``validation.check_tensor_option``).
     """
 
     name: str
@@ -444,14 +445,6 @@ def _return_attn_probs(value: Any, _: Mapping[str, Any]) -> tuple[bool]:
     return (_flag(value, "return_attn_probs"),)
 
 
-def _block_table(value: Any, _: Mapping[str, Any]) -> tuple[()]:
-    if value is not None:
-        raise NotImplementedError(
-            error("block_table (paged KV cache) is not supported yet; pass None.")
-        )
-    return ()
-
-
 def _causal_alignment(value: Any, _: Mapping[str, Any]) -> tuple[bool]:
     if value not in CAUSAL_ALIGNMENTS:
         raise ValueError(
@@ -556,9 +549,19 @@ deterministic: bool. Whether the backward pass is bitwise reproducible run to ru
         "block_table",
         "torch.Tensor | None",
         None,
-        (),
-        _block_table,
-        "block_table: Must be None: a paged KV cache is not supported yet.",
+        ("block_table",),
+        _tensor,
+        """\
+block_table: None, or int32 (batch, max_pages) on q's device: paged K/V (paged
+    prefill, flash-attn's meaning). k and v are then page pools (num_pages, page_size,
+    nheads_k, headdim) of one shape, any page_size >= 1, and key j of sequence b is row
+    j % page_size of page block_table[b, j // page_size]; sequence b has
+    cu_seqlens_k[b + 1] - cu_seqlens_k[b] keys (seqused_k[b] when given): cu_seqlens_k
+    only counts keys, it places none. max_pages * page_size must be at least
+    max_seqlen_k; entries past a sequence's used pages are never read, the others
+    must lie in [0, num_pages) (FLASH_VARLEN_DEBUG=1 checks it; otherwise a page out
+    of range is clamped into the pool, never read outside it). Forward only: a call
+    whose inputs need gradients raises NotImplementedError.""",
         scope=Scope.VARLEN_UNPACKED,
     ),
     PublicOption(

@@ -62,6 +62,10 @@ by positions within each sequence, where a dropped entry has its sign bit set. T
 therefore takes a boolean keep mask of that padded form (sizes at least the sequence lengths;
 extra rows and columns are ignored), and ``dropout_keep_mask`` turns an ``S_dmask`` into one.
 
+``attention_ref_varlen_paged`` is the reference of ``flash_attn_varlen_func`` with a
+``block_table`` (paged K/V): ``gather_paged_kv`` copies each sequence's keys and values out of
+its pages into packed tensors, which ``attention_ref_varlen`` then attends to.
+
 ``attention_ref_kvcache`` is the reference of ``flash_attn_with_kvcache``: it appends the new
 keys and values (rotated keys first) to copies of the caches, gathers each sequence's keys from
 its cache entry or pages, rotates the queries, and runs ``attention_one_sequence``; its
@@ -89,6 +93,8 @@ import torch
 from flash_varlen import contract
 from flash_varlen.contract import UNBOUNDED_WINDOW_SIDE as UNBOUNDED
 from flash_varlen.options import BOTTOM_RIGHT, CAUSAL_ALIGNMENTS, TOP_LEFT
+from flash_varlen.padding import cu_seqlens_from_lengths
+from flash_varlen.validation import check_page_numbers
 
 LSE_DTYPE = getattr(torch, contract.LSE_DTYPE)
 
@@ -531,6 +537,73 @@ def _mask_of(
 ) -> torch.Tensor | None:
     """Sequence b's (nheads, seqlen_q, seqlen_k) keep mask from the padded batch form."""
     return None if dropout_mask is None else dropout_mask[b, :, :seqlen_q, :seqlen_k]
+
+
+# --------------------------------------------------------------------------------------------
+# Paged K/V (flash_attn_varlen_func with block_table)
+
+
+def gather_paged_kv(
+    k_pages: torch.Tensor,
+    v_pages: torch.Tensor,
+    block_table: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    seqused_k: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The packed keys and values that a paged call names (flash-attn 2.x's block_table).
+
+    k_pages, v_pages: (num_pages, page_size, nheads_k, d) page pools; block_table:
+    (batch, max_pages) integers; cu_seqlens_k: (batch + 1,) prefix sums that only count each
+    sequence's keys: sequence b has L_b = cu_seqlens_k[b + 1] - cu_seqlens_k[b] keys, or
+    seqused_k[b] (at most that) when given. Key j < L_b of sequence b is row j % page_size of
+    page block_table[b, j // page_size]. Values are read on the host; pages past a sequence's
+    first ceil(L_b / page_size) are never read, and the page numbers of those must lie in
+    [0, num_pages) (ValueError naming the entry otherwise).
+
+    Returns:
+        k, v: (sum of L_b, nheads_k, d), the pools' dtype and device, the sequences back to back;
+        cu_seqlens: (batch + 1,) int32 prefix sums of the L_b, on cu_seqlens_k's device.
+    """
+    page_size = k_pages.shape[1]
+    lengths = _used_lengths(cu_seqlens_k.tolist(), seqused_k, "seqused_k")
+    check_page_numbers(block_table, k_pages, lengths, "k_pages")
+    pages = block_table.to(device=k_pages.device, dtype=torch.long)
+    # Position j of every sequence, back to back (an empty tensor first: a batch may be empty).
+    positions = [torch.zeros(0, dtype=torch.long, device=k_pages.device)]
+    positions += [torch.arange(length, device=k_pages.device) for length in lengths]
+    page_index = torch.cat(
+        [positions[0]] + [pages[b, p // page_size] for b, p in enumerate(positions[1:])]
+    )
+    slot_index = torch.cat(positions) % page_size
+    cu_seqlens, _ = cu_seqlens_from_lengths(lengths, device=cu_seqlens_k.device)
+    return k_pages[page_index, slot_index], v_pages[page_index, slot_index], cu_seqlens
+
+
+def attention_ref_varlen_paged(
+    q: torch.Tensor,
+    k_pages: torch.Tensor,
+    v_pages: torch.Tensor,
+    block_table: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    compute_dtype: torch.dtype = torch.float32,
+    *,
+    seqused_k: torch.Tensor | None = None,
+    **options: object,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference of ``flash_attn_varlen_func(q, k_pages, v_pages, ..., block_table=...)``.
+
+    The keys of the call (``gather_paged_kv``: sequence b's L_b keys, L_b from cu_seqlens_k or
+    seqused_k) gathered into packed k and v, then ``attention_ref_varlen`` over them with the
+    other arguments unchanged (``options``: its keyword arguments, seqused_q among them).
+    Returns (out, softmax_lse) as ``attention_ref_varlen`` does.
+    """
+    k, v, cu_seqlens = gather_paged_kv(k_pages, v_pages, block_table, cu_seqlens_k, seqused_k)
+    return attention_ref_varlen(
+        q, k, v, cu_seqlens_q, cu_seqlens, softmax_scale, causal, compute_dtype, **options
+    )
 
 
 # --------------------------------------------------------------------------------------------

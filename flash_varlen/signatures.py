@@ -57,7 +57,9 @@ INPUTS: dict[str, Input] = {
         Input("rng_state", Kind.OPTIONAL_TENSOR, None),
         # A KV cache (kvcache_fwd): contiguous (batch_cache, seqlen_cache, nheads_k, d) or paged
         # (num_pages, page_size, nheads_k, d) with block_table; cache_seqlens: int32 (batch,)
-        # one past each request's last key position (after any append).
+        # one past each request's last key position (after any append). block_table: int32
+        # (batch, max_pages), also the varlen forward's (paged prefill: k and v are then page
+        # pools); forward only, so no backward entry takes it.
         Input("k_cache", Kind.TENSOR),
         Input("v_cache", Kind.TENSOR),
         Input("cache_seqlens", Kind.TENSOR),
@@ -156,10 +158,13 @@ _GRADIENT_BUFFERS = ("dq", "dk", "dv")
 
 VARLEN_FORWARD_DOC = """\
 Attention over packed sequences. q: (total_q, nheads, d); k, v: (total_k, nheads_k, d);
-cu_seqlens_q, cu_seqlens_k: (batch + 1,) int32. Returns out (total_q, nheads, d) in q's dtype,
-softmax_lse (nheads, total_q) float32, the dropout pattern (testing only; empty unless
-return_dropout_mask and dropout_p > 0) and rng_state (the (2,) int64 Philox (seed, offset) with
-dropout, else empty)."""
+cu_seqlens_q, cu_seqlens_k: (batch + 1,) int32. With block_table, int32 (batch, max_pages), k and
+v are page pools (num_pages, page_size, nheads_k, d) of one shape: key j of sequence b is row
+j % page_size of page block_table[b, j // page_size], and cu_seqlens_k (or seqused_k) only count
+each sequence's keys (forward only). Returns out (total_q, nheads, d) in q's dtype, softmax_lse
+(nheads, total_q) float32, the dropout pattern (testing only; empty unless return_dropout_mask
+and dropout_p > 0) and rng_state (the (2,) int64 Philox (seed, offset) with dropout, else
+empty)."""
 FIXED_FORWARD_DOC = """\
 Attention over a batch of equal-length sequences. q: (batch, seqlen_q, nheads, d); k, v:
 (batch, seqlen_k, nheads_k, d). Returns out (batch, seqlen_q, nheads, d) in q's dtype,
@@ -186,7 +191,9 @@ FORWARD_OPS: dict[Layout, Signature] = {
         "varlen_fwd",
         Layout.VARLEN,
         Direction.FORWARD,
-        (*_VARLEN_INPUTS, *_SCALE_AND_MASK, OTHER_OPTIONS),
+        # block_table last: after the options, so that the positional contract (leading) and
+        # the options' places are those of the unpaged call.
+        (*_VARLEN_INPUTS, *_SCALE_AND_MASK, OTHER_OPTIONS, "block_table"),
         None,
         VARLEN_FORWARD_DOC,
     ),

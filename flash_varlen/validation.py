@@ -13,6 +13,10 @@ tracing is baked into the graph, and the value checks break the graph).
 
 Device checks come last on purpose: every other rule can then be exercised with CPU tensors on
 machines without a GPU.
+
+Paged K/V (``block_table``, in ``flash_attn_varlen_func`` and ``flash_attn_with_kvcache``): the
+rules of the block table and of the page pools are here, shared by both; the page numbers are
+values in a tensor, checked in debug mode (``check_page_numbers``).
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ MAX_HEAD_DIM = contract.MAX_HEAD_DIM
 VECTOR_BYTES = contract.VECTOR_BYTES
 CU_SEQLENS_DTYPE = getattr(torch, contract.INDEX_DTYPE)
 DEBUG_ENV_VAR = "FLASH_VARLEN_DEBUG"
+PAGED_KV_LAYOUT = "(num_pages, page_size, nheads_k, headdim)"
 _DEBUG_ON_VALUES = frozenset({"1", "true", "yes", "on"})
 
 IntLike = int | torch.SymInt
@@ -178,16 +183,23 @@ def check_varlen_inputs(
     q: (total_q, nheads, d); k, v: (total_k, nheads_k, d); cu_seqlens_q, cu_seqlens_k:
     (batch + 1,) int32, contiguous; max_seqlen_q, max_seqlen_k: positive ints read on the host
     (``options.host_int``); ``options``: op arguments whose tensor options (alibi_slopes,
-    seqused_q/k) are checked against their rules. All tensors on q's (CUDA) device. Returns
-    (max_seqlen_q, max_seqlen_k) as ints.
+    seqused_q/k) are checked against their rules. With ``options["block_table"]`` (paged K/V:
+    :func:`check_page_pools`, :func:`check_block_table`) k and v are page pools instead. All
+    tensors on q's (CUDA) device. Returns (max_seqlen_q, max_seqlen_k) as ints.
     """
+    options = options or {}
+    block_table = options.get("block_table")
     _check_qkv_dtypes(q, k, v, names)
     _check_rank(q, names.q, "(total_q, nheads, headdim)")
-    _check_rank(k, names.k, "(total_k, nheads_k, headdim)")
-    _check_rank(v, names.v, "(total_k, nheads_k, headdim)")
+    kv_layout = "(total_k, nheads_k, headdim)" if block_table is None else PAGED_KV_LAYOUT
+    _check_rank(k, names.k, kv_layout)
+    _check_rank(v, names.v, kv_layout)
     _check_head_dims(q, k, v, names)
     _check_heads(q, k, v, names)
-    _check_same_size(k, v, dim=0, names=(names.k, names.v), what="total_k")
+    if block_table is None:
+        _check_same_size(k, v, dim=0, names=(names.k, names.v), what="total_k")
+    else:
+        check_page_pools(k, v, (names.k, names.v))
     _check_layouts(q, k, v, names)
     _check_cu_seqlens(cu_seqlens_q, names.cu_seqlens_q)
     _check_cu_seqlens(cu_seqlens_k, names.cu_seqlens_k)
@@ -202,8 +214,13 @@ def check_varlen_inputs(
         check_max_seqlen(max_seqlen_q, names.max_seqlen_q),
         check_max_seqlen(max_seqlen_k, names.max_seqlen_k),
     )
-    sizes = {"batch": cu_seqlens_q.shape[0] - 1, "nheads": q.shape[1]}
-    tensor_options = _check_tensor_options(options or {}, sizes, varlen=True)
+    batch = cu_seqlens_q.shape[0] - 1
+    sizes = {"batch": batch, "nheads": q.shape[1]}
+    tensor_options = _check_tensor_options(options, sizes, varlen=True)
+    if block_table is not None:
+        check_block_table(block_table, batch, f"len({names.cu_seqlens_k}) - 1")
+        _check_paged_capacity(block_table, k, max_seqlens[1], names)
+        _check_forward_only(q, k, v, options, names)
     _check_devices(
         q,
         names.q,
@@ -213,9 +230,91 @@ def check_varlen_inputs(
             (cu_seqlens_q, names.cu_seqlens_q),
             (cu_seqlens_k, names.cu_seqlens_k),
             *tensor_options,
+            (block_table, "block_table"),
         ],
     )
     return max_seqlens
+
+
+def check_page_pools(k: torch.Tensor, v: torch.Tensor, names: tuple[str, str]) -> None:
+    """Paged K/V: k and v are pools of the same shape (num_pages, page_size, nheads_k, d) with at
+    least one page of at least one row (``PAGED_KV_LAYOUT``; ranks checked before)."""
+    k_name, v_name = names
+    if v.shape != k.shape:
+        raise ValueError(
+            _error(
+                f"{v_name} must have the shape of {k_name} {tuple(k.shape)}, got {tuple(v.shape)}."
+            )
+        )
+    for dim, what in ((0, "num_pages"), (1, "page_size")):
+        if k.shape[dim] < 1:
+            raise ValueError(
+                _error(f"{k_name}.shape[{dim}] ({what}) must be positive, got {k.shape[dim]}.")
+            )
+
+
+def check_block_table(block_table: Any, batch: IntLike, batch_source: str) -> None:
+    """An int32 (batch, max_pages) tensor with max_pages >= 1 and a contiguous last dim (the
+    kernels read a sequence's pages as one row). ``batch_source`` says where batch comes from
+    ("q.shape[0]")."""
+    _check_is_tensor(block_table, "block_table")
+    if block_table.dtype != CU_SEQLENS_DTYPE:
+        raise TypeError(
+            _error(f"block_table must have dtype torch.int32, got {block_table.dtype}.")
+        )
+    if block_table.dim() != 2 or block_table.shape[0] != batch or block_table.shape[1] < 1:
+        raise ValueError(
+            _error(
+                f"block_table must have shape (batch, max_pages) with batch = {batch_source} = "
+                f"{batch} and max_pages >= 1, got {tuple(block_table.shape)}."
+            )
+        )
+    if block_table.stride(1) != 1 and block_table.shape[1] > 1:
+        raise ValueError(
+            _error(
+                f"block_table must be contiguous in its last dim (stride(-1) == 1), got strides "
+                f"{tuple(block_table.stride())}."
+            )
+        )
+
+
+def _check_paged_capacity(
+    block_table: torch.Tensor, k: torch.Tensor, max_seqlen_k: IntLike, names: ArgNames
+) -> None:
+    """A sequence's table holds max_pages * page_size keys, at least max_seqlen_k."""
+    max_pages, page_size = block_table.shape[1], k.shape[1]
+    if max_pages * page_size < max_seqlen_k:
+        raise ValueError(
+            _error(
+                f"block_table holds max_pages * page_size = {max_pages} * {page_size} = "
+                f"{max_pages * page_size} keys per sequence (block_table.shape[1] * "
+                f"{names.k}.shape[1]), fewer than {names.max_seqlen_k} = {max_seqlen_k}."
+            )
+        )
+
+
+def _check_forward_only(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options: Mapping[str, Any], names: ArgNames
+) -> None:
+    """Paged K/V has no backward: refuse a call whose result would need one (an input that
+    requires grad, with grad mode on), instead of running a backward on the wrong layout."""
+    if not torch.is_grad_enabled():
+        return
+    differentiable = [(q, names.q), (k, names.k), (v, names.v)]
+    differentiable += [
+        (options.get(option.name), option.name) for option in OPTIONS if option.differentiable
+    ]
+    needing = [
+        name for tensor, name in differentiable if tensor is not None and tensor.requires_grad
+    ]
+    if needing:
+        raise NotImplementedError(
+            _error(
+                f"block_table (paged K/V) is forward only, but {', '.join(needing)} "
+                f"require{'s' if len(needing) == 1 else ''} grad: pass tensors that do not "
+                f"require grad, or run under torch.no_grad() / torch.inference_mode()."
+            )
+        )
 
 
 def check_fixed_inputs(
@@ -426,15 +525,16 @@ def check_cu_seqlens_values(
     cu_seqlens: torch.Tensor,
     *,
     name: str,
-    total: int,
+    total: int | None,
     total_name: str,
     max_seqlen: int,
     max_seqlen_name: str,
 ) -> None:
     """Checks the contents of ``cu_seqlens`` (debug mode only: copies it to the host).
 
-    Rules: starts at 0, non-decreasing, ends at ``total`` (the packed tensor's dim 0), and no
-    sequence is longer than ``max_seqlen``. Works on any device.
+    Rules: starts at 0, non-decreasing, ends at ``total`` (the packed tensor's dim 0; None when
+    nothing is packed: paged keys), and no sequence is longer than ``max_seqlen``. Works on any
+    device.
     """
     bounds = [int(value) for value in cu_seqlens.tolist()]
     if bounds[0] != 0:
@@ -448,7 +548,7 @@ def check_cu_seqlens_values(
                     f"{bounds[index + 1]} < {name}[{index}] = {bounds[index]}."
                 )
             )
-    if bounds[-1] != total:
+    if total is not None and bounds[-1] != total:
         raise ValueError(_error(f"{name}[-1] must equal {total_name} = {total}, got {bounds[-1]}."))
     longest = max(lengths)
     if longest > max_seqlen:
@@ -488,9 +588,12 @@ def check_varlen_values(
     *,
     seqused_q: torch.Tensor | None = None,
     seqused_k: torch.Tensor | None = None,
+    block_table: torch.Tensor | None = None,
 ) -> None:
-    """Debug-mode value checks of both ``cu_seqlens`` against the packed q and k, and of
-    ``seqused_q/k`` (when given) against the slots of their ``cu_seqlens``."""
+    """Debug-mode value checks of both ``cu_seqlens`` against the packed q and k, of
+    ``seqused_q/k`` (when given) against the slots of their ``cu_seqlens``, and, with a
+    ``block_table`` (k a page pool, so cu_seqlens_k only counts keys), of the page numbers of
+    each sequence's used keys (``check_page_numbers``)."""
     check_cu_seqlens_values(
         cu_seqlens_q,
         name=names.cu_seqlens_q,
@@ -502,7 +605,7 @@ def check_varlen_values(
     check_cu_seqlens_values(
         cu_seqlens_k,
         name=names.cu_seqlens_k,
-        total=k.shape[0],
+        total=k.shape[0] if block_table is None else None,
         total_name=f"{names.k}.shape[0]",
         max_seqlen=max_seqlen_k,
         max_seqlen_name=names.max_seqlen_k,
@@ -515,3 +618,28 @@ def check_varlen_values(
             check_seqused_values(
                 seqused, name=name, cu_seqlens=cu_seqlens, cu_seqlens_name=cu_seqlens_name
             )
+    if block_table is not None:
+        bounds = cu_seqlens_k.tolist()
+        slots = [end - start for start, end in zip(bounds[:-1], bounds[1:])]
+        used = slots if seqused_k is None else seqused_k.tolist()
+        check_page_numbers(block_table, k, used, names.k)
+
+
+def check_page_numbers(
+    block_table: torch.Tensor, pool: torch.Tensor, keys: Sequence[int], pool_name: str
+) -> None:
+    """Debug mode only (copies the table to the host): the entries of ``block_table`` that hold
+    sequence b's first keys[b] keys lie in [0, num_pages) of ``pool`` (num_pages, page_size,
+    ...); entries past them are never read and may hold anything."""
+    num_pages, page_size = pool.shape[:2]
+    for b, (row, count) in enumerate(zip(block_table.tolist(), keys)):
+        used_pages = -(-count // page_size)  # ceiling division
+        for index, page in enumerate(row[:used_pages]):
+            if not 0 <= page < num_pages:
+                raise ValueError(
+                    _error(
+                        f"block_table[{b}, {index}] = {page} must be in [0, {num_pages}) "
+                        f"({pool_name}.shape[0], num_pages): sequence {b} uses its first "
+                        f"{used_pages} pages."
+                    )
+                )

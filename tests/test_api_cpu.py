@@ -18,6 +18,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 import flash_varlen
 from flash_varlen import ops
 
+from cpu_checks import needs_fake_cuda
+
 EMPTY = inspect.Parameter.empty
 KEYWORD_ONLY = inspect.Parameter.KEYWORD_ONLY
 NHEADS, NHEADS_K, HEAD_DIM = 4, 2, 64
@@ -120,20 +122,6 @@ def public(name: str) -> Callable:
     return getattr(flash_varlen, name)
 
 
-def fake_cuda_supported() -> bool:
-    try:
-        with FakeTensorMode():
-            torch.empty(1, device="cuda")
-    except (RuntimeError, AssertionError):
-        return False
-    return True
-
-
-needs_fake_cuda = pytest.mark.skipif(
-    not fake_cuda_supported(), reason="this torch cannot create fake CUDA tensors"
-)
-
-
 # --------------------------------------------------------------------------------------------
 # Signatures and exports
 
@@ -207,12 +195,6 @@ def test_every_variant_option_passes_validation(name: str) -> None:
     """Supported values of every option reach the device check (the last rule)."""
     with pytest.raises(ValueError, match="must be a CUDA tensor, got device cpu"):
         public(name)(*positional_args(name), causal=True, **variant_options(name))
-
-
-def test_block_table_raises_not_implemented() -> None:
-    args = positional_args("flash_attn_varlen_func")
-    with pytest.raises(NotImplementedError, match="block_table"):
-        flash_varlen.flash_attn_varlen_func(*args, block_table=torch.zeros(2, 1, dtype=torch.int32))
 
 
 @pytest.mark.parametrize("name", [n for n in FUNCTION_NAMES if n not in SEQUSED_NAMES])

@@ -235,7 +235,13 @@ FORWARD_OPTIONS = {
     "return_dropout_mask": False,
     "learnable_sink": None,
 }
-VARLEN_FORWARD_OPTIONS = {**FORWARD_OPTIONS, "seqused_q": None, "seqused_k": None}
+# The varlen entry's keywords: its own options, and block_table (paged K/V), an input after them.
+VARLEN_FORWARD_OPTIONS = {
+    **FORWARD_OPTIONS,
+    "seqused_q": None,
+    "seqused_k": None,
+    "block_table": None,
+}
 DQ, DK, DV, DSINK = 1.0, 2.0, 3.0, 4.0  # values of the stand-in's gradients
 SEED, OFFSET = 1234, 56  # the stand-in's dropout RNG state
 MASK_BLOCK = 128  # the contract rounds s_dmask's sequence dims up to a multiple of this

@@ -699,19 +699,6 @@ def test_nheads_not_multiple_of_nheads_k_rejected_before_any_kernel() -> None:
     assert torch.cuda.memory_allocated() == allocated
 
 
-def test_block_table_raises_not_implemented() -> None:
-    """The paged KV cache is the one flash-attn option not built; the other variants are
-    tested in test_variants_gpu.py."""
-    lengths = [17, 30]
-    batch = default_batch(lengths, lengths)
-    block_table = torch.zeros((2, 1), dtype=torch.int32, device=DEVICE)
-    torch.cuda.synchronize()
-    allocated = torch.cuda.memory_allocated()
-    with pytest.raises(NotImplementedError, match="block_table"):
-        _api().flash_attn_varlen_func(*varlen_args(batch), block_table=block_table)
-    assert torch.cuda.memory_allocated() == allocated, "memory was allocated before the error"
-
-
 def test_missing_kernels_raise_not_implemented() -> None:
     """A narrowed build refuses (dtype, bucket) pairs it lacks instead of returning garbage."""
     from flash_varlen._extension import compiled_kernels, load_extension

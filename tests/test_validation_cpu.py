@@ -7,7 +7,6 @@ check would; the exception type and the argument named in the message are both a
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable
 
 import numpy as np
@@ -18,6 +17,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 import flash_varlen
 from flash_varlen import interface, validation
 from flash_varlen.options import PUBLIC_OPTIONS
+
+from cpu_checks import needs_fake_cuda, raises
 
 NHEADS, NHEADS_K, HEAD_DIM = 4, 2, 64
 SEQLENS_Q, SEQLENS_K = (5, 7), (4, 6)
@@ -47,11 +48,6 @@ def fixed_args(device: str = "cpu") -> dict:
         "k": torch.zeros(2, 7, NHEADS_K, HEAD_DIM, dtype=torch.float16, device=device),
         "v": torch.zeros(2, 7, NHEADS_K, HEAD_DIM, dtype=torch.float16, device=device),
     }
-
-
-def raises(kind: type[Exception], *fragments: str):
-    """pytest.raises whose message must contain every fragment (literally)."""
-    return pytest.raises(kind, match="(?s)" + "".join(f"(?=.*{re.escape(f)})" for f in fragments))
 
 
 def misaligned_stride(shape: tuple[int, ...], pad: int) -> torch.Tensor:
@@ -523,20 +519,6 @@ def test_packed_views_with_aligned_head_dims_pass_layout_checks() -> None:
 # Devices (fake CUDA tensors: no GPU needed)
 
 
-def fake_cuda_supported() -> bool:
-    try:
-        with FakeTensorMode():
-            torch.empty(1, device="cuda")
-    except (RuntimeError, AssertionError):
-        return False
-    return True
-
-
-needs_fake_cuda = pytest.mark.skipif(
-    not fake_cuda_supported(), reason="this torch cannot create fake CUDA tensors"
-)
-
-
 @needs_fake_cuda
 @pytest.mark.parametrize("name", ["k", "v", "cu_seqlens_q", "cu_seqlens_k"])
 def test_tensor_on_another_device_than_q(name: str) -> None:
@@ -640,6 +622,7 @@ def test_option_arguments_are_every_option_in_the_ops_form() -> None:
         "seqused_q": None,
         "seqused_k": None,
         "learnable_sink": None,
+        "block_table": None,  # paged K/V: an input of the varlen op, passed as given
     }
     assert type(options["softcap"]) is float and type(options["dropout_p"]) is float
     default = op_arguments()

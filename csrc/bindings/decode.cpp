@@ -18,23 +18,6 @@
 namespace flash_varlen {
 namespace {
 
-// An int32 index tensor of `rank` dims with the given sizes (-1: any), last dim contiguous.
-void check_index_tensor(const at::Tensor& t, const char* name, std::initializer_list<int64_t> sizes,
-                        const char* shape_text) {
-    TORCH_CHECK_TYPE(t.scalar_type() == at::kInt,
-                     message(name, " must have dtype torch.int32, got ", t.scalar_type()));
-    bool shape_ok = t.dim() == int64_t(sizes.size());
-    int dim = 0;
-    for (const int64_t size : sizes) {
-        shape_ok = shape_ok && (size < 0 || t.size(dim) == size);
-        ++dim;
-    }
-    TORCH_CHECK_VALUE(shape_ok,
-                      message(name, " must have shape ", shape_text, ", got ", t.sizes()));
-    TORCH_CHECK_VALUE(t.stride(-1) == 1 || t.size(-1) == 1,
-                      message(name, " must have a contiguous last dim"));
-}
-
 const int* index_ptr(const std::optional<at::Tensor>& t) {
     return t.has_value() ? t->data_ptr<int>() : nullptr;
 }
@@ -104,12 +87,9 @@ ForwardResult kvcache_fwd(const KvcacheFwdArgs& args) {
     const OptionTensors option_tensors =
         set_option_params(params, args.options, shape.seqlen_q, shape.seqlen_k);
     params.cache_seqlens = args.cache_seqlens.data_ptr<int>();
-    params.block_table = index_ptr(args.block_table);
-    params.block_table_batch_stride = paged ? args.block_table->stride(0) : 0;
-    params.page_size = int(page_size);
+    set_paged_kv_params(params, k_cache, args.block_table);
     params.cache_batch_idx = index_ptr(args.cache_batch_idx);
     params.cache_leftpad = index_ptr(args.cache_leftpad);
-    params.cache_entries = int(k_cache.size(0));
     params.num_splits = int(args.num_splits);
 
     const KernelConfig config{element_type_of(q), head_dim_bucket(heads.head_dim),

@@ -1,6 +1,7 @@
 #include "input_checks.h"
 
 #include <cmath>
+#include <limits>
 
 #include "bindings/error_message.h"
 
@@ -111,6 +112,42 @@ void check_fixed_batch(const at::Tensor& q, const at::Tensor& k, const at::Tenso
                         k.size(0), " and ", v.size(0)));
     TORCH_CHECK(k.size(1) == v.size(1), message("k and v must have the same seqlen_k, got ",
                                                 k.size(1), " and ", v.size(1)));
+}
+
+void check_index_tensor(const at::Tensor& t, const char* name, std::initializer_list<int64_t> sizes,
+                        const char* shape_text) {
+    TORCH_CHECK_TYPE(t.scalar_type() == at::kInt,
+                     message(name, " must have dtype torch.int32, got ", t.scalar_type()));
+    bool shape_ok = t.dim() == int64_t(sizes.size());
+    int dim = 0;
+    for (const int64_t size : sizes) {
+        shape_ok = shape_ok && (size < 0 || t.size(dim) == size);
+        ++dim;
+    }
+    TORCH_CHECK_VALUE(shape_ok,
+                      message(name, " must have shape ", shape_text, ", got ", t.sizes()));
+    TORCH_CHECK_VALUE(t.stride(-1) == 1 || t.size(-1) == 1,
+                      message(name, " must have a contiguous last dim"));
+}
+
+void check_paged_kv(const at::Tensor& k, const at::Tensor& v, const at::Tensor& block_table,
+                    int64_t batch, int64_t max_seqlen_k) {
+    TORCH_CHECK_VALUE(k.sizes() == v.sizes(),
+                      message("v must have the shape of k ", k.sizes(), " (page pools), got ",
+                              v.sizes()));
+    const int64_t num_pages = k.size(0);
+    const int64_t page_size = k.size(1);
+    constexpr int64_t kMaxInt = std::numeric_limits<int>::max();
+    TORCH_CHECK_VALUE(num_pages >= 1 && num_pages <= kMaxInt && page_size >= 1 &&
+                          page_size <= kMaxInt,
+                      message("k.shape[0] (num_pages) and k.shape[1] (page_size) must be in [1, ",
+                              kMaxInt, "], got ", num_pages, " and ", page_size));
+    check_index_tensor(block_table, "block_table", {batch, -1}, "(batch, max_pages)");
+    TORCH_CHECK_VALUE(block_table.size(1) >= 1, "block_table must name at least one page");
+    TORCH_CHECK_VALUE(block_table.size(1) * page_size >= max_seqlen_k,
+                      message("block_table holds max_pages * page_size = ",
+                              block_table.size(1) * page_size,
+                              " keys per sequence, fewer than max_seqlen_k = ", max_seqlen_k));
 }
 
 void check_option_tensor(const at::Tensor& t, const char* name, at::ScalarType dtype,

@@ -59,6 +59,17 @@ int64_t check_varlen_batch(const at::Tensor& q, const at::Tensor& k, const at::T
 // Fixed length: q, k, v agree on the batch size and k, v on seqlen_k.
 void check_fixed_batch(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v);
 
+// An int32 index tensor (cache lengths, a block table) of sizes.size() dims with the given sizes
+// (-1: any), last dim contiguous; shape_text names the dims in the message ("(batch,)").
+void check_index_tensor(const at::Tensor& t, const char* name, std::initializer_list<int64_t> sizes,
+                        const char* shape_text);
+
+// Paged K/V in the varlen forward: k and v are (num_pages, page_size, nheads_k, d) pools of one
+// shape (their other rules are check_qkv_tensor's), block_table an int32 (batch, max_pages)
+// index tensor with max_pages * page_size >= max_seqlen_k.
+void check_paged_kv(const at::Tensor& k, const at::Tensor& v, const at::Tensor& block_table,
+                    int64_t batch, int64_t max_seqlen_k);
+
 // One shape a tensor option may have: its sizes, and how messages name them ("(batch, nheads)").
 struct OptionShape {
     const char* names;

@@ -53,7 +53,8 @@ BatchShape varlen_shape(const HeadShape& heads, const at::Tensor& q, const at::T
             static_cast<int>(max_seqlen_q),
             static_cast<int>(max_seqlen_k),
             q.size(0),
-            k.size(0)};
+            // A page pool's rows: every page's.
+            k.dim() == 4 ? k.size(0) * k.size(1) : k.size(0)};
 }
 
 BatchShape fixed_shape(const HeadShape& heads, const at::Tensor& q, const at::Tensor& k) {
@@ -76,14 +77,17 @@ KernelConfig kernel_config(const at::Tensor& q, const BatchShape& shape,
 void set_tensor_params(FlashFwdParams& params, const at::Tensor& q, const at::Tensor& k,
                        const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse) {
     const bool has_batch = q.dim() == 4;
+    const bool kv_has_batch = k.dim() == 4;
     params.q_ptr = q.data_ptr();
     params.k_ptr = k.data_ptr();
     params.v_ptr = v.data_ptr();
     params.o_ptr = out.data_ptr();
     params.softmax_lse_ptr = lse.data_ptr<float>();
     set_strides(&params.q_batch_stride, &params.q_row_stride, &params.q_head_stride, q, has_batch);
-    set_strides(&params.k_batch_stride, &params.k_row_stride, &params.k_head_stride, k, has_batch);
-    set_strides(&params.v_batch_stride, &params.v_row_stride, &params.v_head_stride, v, has_batch);
+    set_strides(&params.k_batch_stride, &params.k_row_stride, &params.k_head_stride, k,
+                kv_has_batch);
+    set_strides(&params.v_batch_stride, &params.v_row_stride, &params.v_head_stride, v,
+                kv_has_batch);
     set_strides(&params.o_batch_stride, &params.o_row_stride, &params.o_head_stride, out,
                 has_batch);
     // Rows of one head are contiguous in both lse layouts.
@@ -102,6 +106,14 @@ void set_batch_params(FlashFwdParams& params, const BatchShape& shape) {
     params.seqlen_k = shape.seqlen_k;
     params.total_q = shape.query_rows;
     params.total_k = shape.key_rows;
+}
+
+void set_paged_kv_params(FlashFwdParams& params, const at::Tensor& k,
+                         const std::optional<at::Tensor>& block_table) {
+    params.block_table = block_table.has_value() ? block_table->data_ptr<int>() : nullptr;
+    params.block_table_batch_stride = block_table.has_value() ? block_table->stride(0) : 0;
+    params.page_size = static_cast<int>(k.size(1));
+    params.num_pages = static_cast<int>(k.size(0));
 }
 
 bool needs_local_mask(const AttentionOptions& options, int64_t max_seqlen_q, int64_t max_seqlen_k) {

@@ -38,13 +38,20 @@ KernelConfig kernel_config(const at::Tensor& q, const BatchShape& shape,
 
 // Fills the pointers and strides of q, k, v, out and softmax_lse: (tokens, heads, d) tensors and
 // an (nheads, total_q) lse (varlen), or (batch, seqlen, heads, d) tensors and a (batch, nheads,
-// seqlen_q) lse (q has 4 dims: fixed length, and the KV-cache call, whose k and v are the cache
-// with a page or entry stride in place of the batch stride).
+// seqlen_q) lse (q has 4 dims: fixed length, and the KV-cache call). k and v of 4 dims have a
+// batch stride: fixed length, or a page or entry stride for page pools (paged varlen, whose q
+// has 3 dims) and KV caches.
 void set_tensor_params(FlashFwdParams& params, const at::Tensor& q, const at::Tensor& k,
                        const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse);
 
 // Fills the batch's fields of params: cu_seqlens, batch, heads, head dim, lengths and rows.
 void set_batch_params(FlashFwdParams& params, const BatchShape& shape);
+
+// Fills the paged K/V fields of params (flash_params.h) for k, a pool of (num_pages, page_size,
+// nheads_k, d), and an int32 (batch, max_pages) block table, or none: the decode family's
+// contiguous cache (batch_cache, seqlen_cache, ...), whose entries count as pages.
+void set_paged_kv_params(FlashFwdParams& params, const at::Tensor& k,
+                         const std::optional<at::Tensor>& block_table);
 
 // The device tensors the params point into, kept alive until the launch.
 struct OptionTensors {

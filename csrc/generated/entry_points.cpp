@@ -30,7 +30,8 @@ void define_entry_points(py::module_& m) {
            bool causal_top_left,
            double dropout_p,
            bool return_dropout_mask,
-           const std::optional<at::Tensor>& learnable_sink) {
+           const std::optional<at::Tensor>& learnable_sink,
+           const std::optional<at::Tensor>& block_table) {
             VarlenFwdArgs args;
             args.q = q;
             args.k = k;
@@ -51,13 +52,17 @@ void define_entry_points(py::module_& m) {
             args.options.dropout_p = dropout_p;
             args.options.return_dropout_mask = return_dropout_mask;
             args.options.learnable_sink = learnable_sink;
+            args.block_table = block_table;
             return varlen_fwd(args);
         },
         "Attention over packed sequences. q: (total_q, nheads, d); k, v: (total_k, nheads_k, d); "
-        "cu_seqlens_q, cu_seqlens_k: (batch + 1,) int32. Returns out (total_q, nheads, d) in q's "
-        "dtype, softmax_lse (nheads, total_q) float32, the dropout pattern (testing only; empty "
-        "unless return_dropout_mask and dropout_p > 0) and rng_state (the (2,) int64 Philox "
-        "(seed, offset) with dropout, else empty).",
+        "cu_seqlens_q, cu_seqlens_k: (batch + 1,) int32. With block_table, int32 (batch, "
+        "max_pages), k and v are page pools (num_pages, page_size, nheads_k, d) of one shape: key"
+        " j of sequence b is row j % page_size of page block_table[b, j // page_size], and "
+        "cu_seqlens_k (or seqused_k) only count each sequence's keys (forward only). Returns out "
+        "(total_q, nheads, d) in q's dtype, softmax_lse (nheads, total_q) float32, the dropout "
+        "pattern (testing only; empty unless return_dropout_mask and dropout_p > 0) and rng_state"
+        " (the (2,) int64 Philox (seed, offset) with dropout, else empty).",
           py::arg("q"),
           py::arg("k"),
           py::arg("v"),
@@ -76,7 +81,8 @@ void define_entry_points(py::module_& m) {
           py::arg("causal_top_left") = false,
           py::arg("dropout_p") = 0.0,
           py::arg("return_dropout_mask") = false,
-          py::arg("learnable_sink") = py::none());
+          py::arg("learnable_sink") = py::none(),
+          py::arg("block_table") = py::none());
     m.def(
         "fwd",
         [](

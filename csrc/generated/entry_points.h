@@ -19,10 +19,12 @@ using ForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 using BackwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 // Attention over packed sequences. q: (total_q, nheads, d); k, v: (total_k, nheads_k, d);
-// cu_seqlens_q, cu_seqlens_k: (batch + 1,) int32. Returns out (total_q, nheads, d) in q's dtype,
-// softmax_lse (nheads, total_q) float32, the dropout pattern (testing only; empty unless
-// return_dropout_mask and dropout_p > 0) and rng_state (the (2,) int64 Philox (seed, offset) with
-// dropout, else empty).
+// cu_seqlens_q, cu_seqlens_k: (batch + 1,) int32. With block_table, int32 (batch, max_pages), k and
+// v are page pools (num_pages, page_size, nheads_k, d) of one shape: key j of sequence b is row j %
+// page_size of page block_table[b, j // page_size], and cu_seqlens_k (or seqused_k) only count each
+// sequence's keys (forward only). Returns out (total_q, nheads, d) in q's dtype, softmax_lse
+// (nheads, total_q) float32, the dropout pattern (testing only; empty unless return_dropout_mask
+// and dropout_p > 0) and rng_state (the (2,) int64 Philox (seed, offset) with dropout, else empty).
 struct VarlenFwdArgs {
     at::Tensor q;
     at::Tensor k;
@@ -31,6 +33,7 @@ struct VarlenFwdArgs {
     at::Tensor cu_seqlens_k;
     int64_t max_seqlen_q;
     int64_t max_seqlen_k;
+    std::optional<at::Tensor> block_table;
     AttentionOptions options;
 };
 

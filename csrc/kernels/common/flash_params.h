@@ -96,6 +96,19 @@ struct FlashFwdParams {
     // last sequence reads zeros instead of memory past the allocation.
     int64_t total_q;
     int64_t total_k;
+
+    // Paged K/V (kernels/common/paged_rows.h): k_ptr and v_ptr are pools of num_pages pages of
+    // page_size rows, (num_pages, page_size, nheads_k, head_dim), k/v_batch_stride being the
+    // page strides, and key position j of sequence b is row j % page_size of page
+    // block_table[b * block_table_batch_stride + j / page_size]; page numbers read from the
+    // table are clamped into [0, num_pages), so no read leaves the pool. Read by the sm80
+    // forward (the varlen layout's paged prefill: sequence b's keys are counted by cu_seqlens_k
+    // or seqused_k but do not live at cu_seqlens_k[b]) and by the decode family (FlashDecodeParams,
+    // whose contiguous cache addresses each entry as one page). nullptr: keys are rows of k and v.
+    const int* __restrict__ block_table;
+    int64_t block_table_batch_stride;
+    int page_size;
+    int num_pages;
 };
 
 // Backward: the forward's tensors (q, k, v, o, softmax_lse, read only) plus the gradients.
@@ -149,6 +162,9 @@ struct FlashBwdParams : FlashFwdParams {
 // request's keys in a cache, contiguous or paged. k_ptr / v_ptr point at the cache; its rows are
 // addressed per key position (the decode family's kv_cache_rows.h), so the forward's fields for
 // packed keys (cu_seqlens_k, seqused_k) are unused and k_batch_stride means a page or an entry.
+// The paged fields are FlashFwdParams's: block_table nullptr means a contiguous cache, where
+// request b reads entry cache_batch_idx[b] (or b) from position cache_leftpad[b] (or 0), and
+// num_pages counts its entries (cache_batch_idx values are clamped into [0, num_pages)).
 // seqlen_k is the capacity of one request's cache (max_pages * page_size, or the entry length): the
 // upper bound of every cache_seqlens, read on the host only by the split heuristic, and the clamp
 // of the lengths on the device.
@@ -156,17 +172,8 @@ struct FlashDecodeParams : FlashFwdParams {
     // (batch,) one past the last key position of request b in its cache (after any append):
     // its keys are positions cache_leftpad[b] (or 0) .. cache_seqlens[b] - 1.
     const int* __restrict__ cache_seqlens;
-    // Paged: (batch, max_pages) page of each page_size keys of a request; nullptr: contiguous
-    // cache, where request b reads entry cache_batch_idx[b] (or b) from position
-    // cache_leftpad[b] (or 0).
-    const int* __restrict__ block_table;
-    int64_t block_table_batch_stride;
-    int page_size;
     const int* __restrict__ cache_batch_idx;
     const int* __restrict__ cache_leftpad;
-    // Pages (paged) or entries (contiguous) of the cache: indices read from block_table or
-    // cache_batch_idx are clamped into [0, cache_entries), so no read leaves the cache.
-    int cache_entries;
 
     // Key splits per (request, KV head); 0: the launcher's heuristic (decode/split_heuristic.h).
     int num_splits;

@@ -4,14 +4,21 @@
 // S = Q K^T in registers, online softmax, O += P V with P kept in registers. The variants are
 // runtime fields of the params (flash_params.h). Two template booleans choose the kernel: a local
 // mask (causal and/or a window; it changes the loop structure) is one generated instantiation,
-// and soft-capping, ALiBi and dropout run in a second kernel of each instantiation (the launcher
-// picks it at run time), so that their code never costs the plain kernel registers.
+// and soft-capping, ALiBi, dropout and paged K/V (params.block_table, the varlen layout's paged
+// prefill) run in a second kernel of each instantiation, the general one (the launcher picks it at
+// run time), so that their code never costs the plain kernel registers. For paged K/V that was
+// measured: the same run-time branch in the plain kernel too (ptxas, bf16 d = 128, not local)
+// took its spills from 92 to 116 bytes (sm_80) and from 136 to 200 (sm_90) and its SASS from 3408
+// to 5032 instructions; a third kernel per instantiation would cost build time instead.
 #pragma once
+
+#include <cutlass/fast_math.h>
 
 #include <cute/tensor.hpp>
 
 #include "kernels/common/flash_params.h"
 #include "kernels/common/mask_policy.h"
+#include "kernels/common/paged_rows.h"
 #include "kernels/common/philox.h"
 #include "kernels/common/score_transforms.h"
 #include "kernels/common/seqlen_info.h"
@@ -27,7 +34,8 @@ namespace sm80 {
 
 using namespace cute;
 
-// kHasVariants: soft-capping, ALiBi or dropout is on (see the top of the file).
+// kHasVariants: the general kernel, where soft-capping, ALiBi, dropout or paged K/V may be on
+// (see the top of the file).
 template <typename Traits, bool kIsLocal, bool kHasVariants>
 struct FlashFwdRowBlock {
     using Element = typename Traits::Element;
@@ -36,8 +44,10 @@ struct FlashFwdRowBlock {
     static constexpr int kHeadDim = Traits::kHeadDim;
     using Mask = MaskPolicy<kIsLocal, kHasVariants>;
 
-    __device__ static void run(const FlashFwdParams& params, char* smem, int m_block, int batch,
-                               int head) {
+    // page_size: params.page_size as a FastDivmod (the launcher builds it; unused without a
+    // block table).
+    __device__ static void run(const FlashFwdParams& params, const cutlass::FastDivmod& page_size,
+                               char* smem, int m_block, int batch, int head) {
         const int tidx = threadIdx.x;
         const SeqlenInfo seq(params, batch);
         if (m_block * kBlockM >= seq.seqlen_q) return;  // this row block lies past the sequence end
@@ -47,16 +57,21 @@ struct FlashFwdRowBlock {
         const int key_block_end = mask.template key_block_end<kBlockM, kBlockN>(m_block);
         const int head_k = head / (params.nheads / params.nheads_k);
 
-        // Dense per-sequence, per-head views: (seqlen, kHeadDim) with the real row stride.
+        // Dense per-sequence, per-head views: (seqlen, kHeadDim) with the real row stride. A
+        // paged cache has no per-sequence view: k_base and v_base are then the pools' bases at
+        // the KV head, and each key row is found through the block table (load_key_block).
+        const bool paged = kHasVariants && params.block_table != nullptr;
         const Element* q_base = static_cast<const Element*>(params.q_ptr) +
                                 seq.q_offset(params.q_batch_stride, params.q_row_stride, batch) +
                                 head * params.q_head_stride;
-        const Element* k_base = static_cast<const Element*>(params.k_ptr) +
-                                seq.k_offset(params.k_batch_stride, params.k_row_stride, batch) +
-                                head_k * params.k_head_stride;
-        const Element* v_base = static_cast<const Element*>(params.v_ptr) +
-                                seq.k_offset(params.v_batch_stride, params.v_row_stride, batch) +
-                                head_k * params.v_head_stride;
+        const Element* k_base =
+            static_cast<const Element*>(params.k_ptr) +
+            (paged ? 0 : seq.k_offset(params.k_batch_stride, params.k_row_stride, batch)) +
+            head_k * params.k_head_stride;
+        const Element* v_base =
+            static_cast<const Element*>(params.v_ptr) +
+            (paged ? 0 : seq.k_offset(params.v_batch_stride, params.v_row_stride, batch)) +
+            head_k * params.v_head_stride;
         // In-tile offsets use 32-bit strides (the host checks row strides fit) so that a copy's
         // addresses cost one 64-bit base per tile instead of one 64-bit register per row.
         Tensor gQ = row_tile<kBlockM, kHeadDim>(q_base, m_block, params.q_row_stride);  // (BM, D)
@@ -93,18 +108,45 @@ struct FlashFwdRowBlock {
             const int rows_left_q = seq.seqlen_q - m_block * kBlockM;
             Tensor tKsK = gmem_thr_copy.partition_D(sK);  // (CPY, CPY_N, CPY_D)
             Tensor tVsV = gmem_thr_copy.partition_D(sV);
-            // Key block n_block of K or V (base, row_stride) into its shared-memory tile.
-            auto load_key_block = [&](const Element* base, int64_t row_stride, auto& smem_tile,
-                                      int n_block) {
+            // Key block n_block of K or V (base, row and page strides) into its shared-memory
+            // tile: a strided tile of the sequence's rows, or, paged, its rows gathered from the
+            // pages the block table names (FlashAttention-2 and -3 load paged K/V the same way,
+            // one page lookup per row). Rows past the sequence's keys are zero-filled and never
+            // read: a partial last tile reads nothing of the next sequence's rows nor of the
+            // pages past the used keys, and P V sees zeros there (P is 0 too: masked).
+            auto load_key_block = [&](const Element* base, int64_t row_stride, int64_t page_stride,
+                                      auto& smem_tile, int n_block) {
+                if constexpr (kHasVariants) {
+                    if (paged) {
+                        // Made at each load, not once per CTA, and the table read again for V:
+                        // no paged value stays live across the main loop, whose registers the
+                        // unpaged calls of this kernel share.
+                        const PagedRows pages(
+                            page_size,
+                            params.block_table + batch * params.block_table_batch_stride,
+                            params.num_pages, page_stride, row_stride);
+                        const int first_key = n_block * kBlockN;
+                        // Keys past max_seqlen_k (params.seqlen_k), which the host checked the
+                        // table covers, are not read: a sequence longer than that (a caller
+                        // error that FLASH_VARLEN_DEBUG=1 reports) never makes a table read
+                        // leave the sequence's row.
+                        const int rows_in_table = min(seq.seqlen_k, params.seqlen_k) - first_key;
+                        gather_tile_zero_fill(
+                            gmem_tiled_copy,
+                            [&](int row) { return base + pages.row_offset(first_key + row); },
+                            base, smem_tile, tKVcKV, col_valid, rows_in_table);
+                        return;
+                    }
+                }
                 Tensor g_tile = row_tile<kBlockN, kHeadDim>(base, n_block, row_stride);  // (BN, D)
                 copy_tile_zero_fill(gmem_tiled_copy, gmem_thr_copy.partition_S(g_tile), smem_tile,
                                     tKVcKV, col_valid, seq.seqlen_k - n_block * kBlockN);
             };
             auto load_k = [&](int n_block) {
-                load_key_block(k_base, params.k_row_stride, tKsK, n_block);
+                load_key_block(k_base, params.k_row_stride, params.k_batch_stride, tKsK, n_block);
             };
             auto load_v = [&](int n_block) {
-                load_key_block(v_base, params.v_row_stride, tVsV, n_block);
+                load_key_block(v_base, params.v_row_stride, params.v_batch_stride, tVsV, n_block);
             };
 
             Tensor tSrQ = thr_mma.partition_fragment_A(sQ);             // (MMA, MMA_M, MMA_D)
@@ -274,9 +316,11 @@ struct FlashFwdRowBlock {
     }
 };
 
+// page_size: params.page_size as a FastDivmod (FlashFwdRowBlock::run).
 template <typename Traits, bool kIsLocal, bool kHasVariants>
 __global__ void __launch_bounds__(Traits::kNThreads)
-    flash_fwd_kernel(const __grid_constant__ FlashFwdParams params) {
+    flash_fwd_kernel(const __grid_constant__ FlashFwdParams params,
+                     const __grid_constant__ cutlass::FastDivmod page_size) {
     extern __shared__ __align__(128) char smem[];
     // The generator state this launch used, for the backward (one thread of the grid writes it,
     // before any early exit).
@@ -287,8 +331,8 @@ __global__ void __launch_bounds__(Traits::kNThreads)
     }
     // Row blocks run in natural order. Launching the longest causal row blocks first was tried
     // and measured (benchmarks/NOTES.md): no gain on docs or equal2k, 1.5-2% slower on short.
-    FlashFwdRowBlock<Traits, kIsLocal, kHasVariants>::run(params, smem, blockIdx.x, blockIdx.y,
-                                                          blockIdx.z);
+    FlashFwdRowBlock<Traits, kIsLocal, kHasVariants>::run(params, page_size, smem, blockIdx.x,
+                                                          blockIdx.y, blockIdx.z);
 }
 
 }  // namespace sm80

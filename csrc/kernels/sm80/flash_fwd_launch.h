@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cuda_runtime_api.h>
+#include <cutlass/fast_math.h>
 
 #include <cute/tensor.hpp>
 
@@ -20,11 +21,12 @@ namespace sm80 {
 template <typename Element, int kHeadDim, bool kIsLocal>
 cudaError_t launch_flash_fwd(const FlashFwdParams& params, const Workspace&, cudaStream_t stream) {
     using Traits = typename FwdTileConfig<Element, kHeadDim>::Traits;
-    // Soft-capping, ALiBi and dropout run in a kernel of their own (flash_fwd_kernel.h).
-    const bool has_variants = params.dropout_threshold != 0 || params.softcap_prescale != 0.f ||
-                              params.alibi_slopes != nullptr;
-    auto kernel = has_variants ? &flash_fwd_kernel<Traits, kIsLocal, true>
-                               : &flash_fwd_kernel<Traits, kIsLocal, false>;
+    // Soft-capping, ALiBi, dropout and paged K/V run in a kernel of their own, the general one
+    // (flash_fwd_kernel.h).
+    const bool general = params.dropout_threshold != 0 || params.softcap_prescale != 0.f ||
+                         params.alibi_slopes != nullptr || params.block_table != nullptr;
+    auto kernel = general ? &flash_fwd_kernel<Traits, kIsLocal, true>
+                          : &flash_fwd_kernel<Traits, kIsLocal, false>;
     constexpr int kSmemBytes = Traits::kSmemBytes;
     constexpr int kDefaultSmemLimit = 48 * 1024;  // above this a kernel must opt in
     if constexpr (kSmemBytes > kDefaultSmemLimit) {
@@ -33,7 +35,9 @@ cudaError_t launch_flash_fwd(const FlashFwdParams& params, const Workspace&, cud
         if (err != cudaSuccess) return err;
     }
     const dim3 grid(cute::ceil_div(params.seqlen_q, Traits::kBlockM), params.batch, params.nheads);
-    kernel<<<grid, Traits::kNThreads, kSmemBytes, stream>>>(params);
+    // FastDivmod divides by its argument when built: 1 stands in for "not paged".
+    const cutlass::FastDivmod page_size(params.block_table == nullptr ? 1 : params.page_size);
+    kernel<<<grid, Traits::kNThreads, kSmemBytes, stream>>>(params, page_size);
     return cudaGetLastError();
 }
 

@@ -1,6 +1,6 @@
 // Moving (rows, head_dim) tiles between global and shared memory, shared by the forward and the
-// backward kernels: predicated 16-byte cp.async loads that zero-fill what lies past the ends, and
-// 16-byte stores that skip it.
+// backward kernels: predicated 16-byte cp.async loads that zero-fill what lies past the ends (of
+// strided tiles, or of rows gathered from a paged cache), and 16-byte stores that skip it.
 #pragma once
 
 #include <cute/tensor.hpp>
@@ -24,6 +24,33 @@ __device__ void copy_tile_zero_fill(const TiledCopy& tiled_copy, const Src& src,
         CUTE_UNROLL
         for (int k = 0; k < size<2>(src); ++k) {
             copy(tiled_copy.with(row_valid && col_valid(k)), src(_, m, k), dst(_, m, k));
+        }
+    }
+}
+
+// Copies a (rows, head_dim) tile whose rows lie anywhere in global memory (the pages of a paged
+// KV cache) from global to shared memory, as copy_tile_zero_fill does a strided one: row r of
+// the tile starts at row_start(r), which is called only for rows below row_limit (a gather may
+// not even compute the address of a row past the end: its page may lie outside the table).
+// Rows at or past row_limit and columns at or past the real head dim are not read and are
+// zero-filled; their copies name `fallback`, an address that is never read.
+// dst: a (CPY, CPY_ROWS, CPY_COLS) partition; coords: the same partition of an identity tensor.
+template <typename TiledCopy, typename RowStart, typename Element, typename Dst, typename Coords,
+          typename ColValid>
+__device__ void gather_tile_zero_fill(const TiledCopy& tiled_copy, const RowStart& row_start,
+                                      const Element* fallback, Dst&& dst, const Coords& coords,
+                                      const ColValid& col_valid, int row_limit) {
+    CUTE_UNROLL
+    for (int m = 0; m < size<1>(dst); ++m) {
+        const int row = get<0>(coords(0, m, 0));
+        const bool row_valid = row < row_limit;
+        const Element* start = row_valid ? row_start(row) : fallback;
+        CUTE_UNROLL
+        for (int k = 0; k < size<2>(dst); ++k) {
+            // One copy's contiguous elements of the row, shaped like its shared-memory side.
+            Tensor src = make_tensor(make_gmem_ptr(start + get<1>(coords(0, m, k))),
+                                     make_layout(shape(dst(_, m, k))));
+            copy(tiled_copy.with(row_valid && col_valid(k)), src, dst(_, m, k));
         }
     }
 }

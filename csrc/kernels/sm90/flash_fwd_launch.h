@@ -22,7 +22,9 @@ namespace sm90 {
 
 // The first option of a call that this family's forward does not implement yet, or nullptr:
 // dispatch then runs the call on the next family (sm80), which implements every option.
-inline const char* fwd_unsupported_option(const FlashFwdParams& /*params*/) {
+inline const char* fwd_unsupported_option(const FlashFwdParams& params) {
+    // Its TMA loads read K and V as one strided tensor; the sm80 family gathers paged rows.
+    if (params.block_table != nullptr) return "paged KV cache";
     return nullptr;
 }
 
