@@ -406,6 +406,30 @@ def test_causal_rows_without_keys_varlen() -> None:
     check_varlen(batch, out, lse, True, "causal rows without keys")
 
 
+# Far more tiles than SMs, so that each thread block of a persistent grid (the sm90 family) runs
+# many: row blocks that see no key (seqlen_q > seqlen_k under causal; seqlen_k == 0) between
+# ones that do. Lengths close together take the grid order (which also skips row blocks past a
+# sequence's end); one long sequence among short ones takes the longest-first schedule.
+BLIND_TILE_SEQUENCES = 400
+BLIND_TILE_LENGTHS = {"close": (200, 390, None), "one_long": (0, 300, 4000)}
+
+
+@pytest.mark.parametrize("lengths", list(BLIND_TILE_LENGTHS))
+def test_many_tiles_per_block_with_blind_row_blocks(lengths: str) -> None:
+    low, high, long_length = BLIND_TILE_LENGTHS[lengths]
+    seqlens_q = random_lengths(BLIND_TILE_SEQUENCES, low, high, seed=7)
+    if long_length is not None:
+        seqlens_q[BLIND_TILE_SEQUENCES // 3] = long_length
+    # Keys: a third of the queries, every tenth sequence none at all.
+    seqlens_k = [0 if i % 10 == 0 else n // 3 for i, n in enumerate(seqlens_q)]
+    batch = default_batch(seqlens_q, seqlens_k)
+    out, lse = varlen_forward(batch, causal=True)
+    empty = rows_without_keys(batch.seqlens_q, batch.seqlens_k, True, DEVICE)
+    assert int(empty.sum()) > 0
+    assert_empty_rows_exact(out, lse, empty, f"blind row blocks ({lengths})")
+    check_varlen(batch, out, lse, True, f"many tiles per block ({lengths})")
+
+
 def test_causal_rows_without_keys_fixed() -> None:
     require_kernel(DEFAULT_DTYPE, DEFAULT_HEAD_DIM)
     seqlen_q, seqlen_k = 10, 4

@@ -1,12 +1,19 @@
 // The sm90-family forward kernel (Hopper: wgmma, TMA, warp specialization; built for sm_90a).
 //
-// One thread block computes one row block (kBlockM query rows) of one head of one sequence (in
-// the varlen layout in the order of kernels/common/varlen_tile_schedule.h), with the structure
-// of FlashAttention-3 (Shah et al. 2024; Dao-AILab/flash-attention hopper/):
-// - warpgroup 0, the producer, gives its registers back (setmaxnreg) and one of its threads issues
-//   every TMA load: Q once, then K and V of the visible key blocks from the last one down, into
-//   kStages shared-memory buffers each (PipelineTmaAsync: a "full" mbarrier per buffer that the
-//   TMA completes by byte count, an "empty" one that every consumer thread arrives on when done);
+// A tile is one row block (kBlockM query rows) of one head of one sequence. The grid is
+// persistent: one thread block per SM computes tile after tile, drawn from a counter in launch
+// order (kernels/common/persistent_tiles.h), so that the loads of a block's next tile run while
+// it finishes the last one (the cost a launch of one block per tile pays in full at every tile:
+// an idle SM while a new block starts, loads Q and its first K block, and, at the end, while it
+// writes O). The structure is FlashAttention-3's (Shah et al. 2024; Dao-AILab/flash-attention
+// hopper/):
+// - warpgroup 0, the producer, gives its registers back (setmaxnreg); its first warp finds the
+//   tiles and one of its threads issues every TMA load: per tile Q once, then K and V of the
+//   visible key blocks from the last one down, into kStages shared-memory buffers each
+//   (PipelineTmaAsync: a "full" mbarrier per buffer that the TMA completes by byte count, an
+//   "empty" one that every consumer thread arrives on when done). The K and V stages carry on
+//   from one tile to the next; Q has one buffer, which the next tile's Q takes once the
+//   consumers have staged and read back this tile's O there (q_empty);
 // - warpgroups 1.., the consumers, take the registers and own 64 query rows each: S = Q K^T
 //   (wgmma, both operands in shared memory), mask, online softmax in registers, O += P V (wgmma,
 //   P from registers). Inside a warpgroup the softmax of block n runs while the tensor cores do
@@ -51,10 +58,10 @@
 
 #include "kernels/common/flash_params.h"
 #include "kernels/common/mask_policy.h"
+#include "kernels/common/persistent_tiles.h"
 #include "kernels/common/philox.h"
 #include "kernels/common/score_transforms.h"
 #include "kernels/common/seqlen_info.h"
-#include "kernels/common/varlen_tile_schedule.h"
 #include "kernels/sm90/alibi_fragment.h"
 #include "kernels/sm90/dropout_fragment.h"
 #include "kernels/sm90/fragment_layouts.h"
@@ -81,10 +88,9 @@ struct FwdKernelParams {
     typename Traits::GmemShape shape_q;   // (rows, d, heads, batch)
     typename Traits::GmemShape shape_k;   // (rows, d, heads_k, batch)
     typename Traits::GmemShape shape_vt;  // (d, rows, heads_k, batch)
-    // Varlen: the launch order of the tiles (kernels/common/varlen_tile_schedule.h), one thread
-    // block per tile on a 1-D grid. Fixed length: null, and the grid is (row blocks, batch,
-    // heads).
-    VarlenTileSchedule schedule;
+    // The launch order of the tiles and the counter that hands them out (zero at the launch).
+    TileOrder tiles;
+    int* tile_counter;
 };
 
 // kHasVariants: the launch has ALiBi or dropout (see the top of the file).
@@ -131,22 +137,22 @@ struct FlashFwdRowBlock {
         }
     };
 
-    __device__ static void run(const FwdKernelParams<Traits>& kp, char* smem) {
-        const FlashFwdParams& params = kp.params;
-        TileCoordinates tile{int(blockIdx.x), int(blockIdx.y), int(blockIdx.z)};
-        if (kp.schedule.tile_start != nullptr &&
-            !varlen_tile(kp.schedule, params.batch, params.nheads, blockIdx.x, kIsLocal, tile)) {
-            return;  // past the last tile (the grid is an upper bound)
-        }
-        const int m_block = tile.m_block;
-        const int batch = tile.batch;
-        const int head = tile.head;
-        const SeqlenInfo seq(params, batch);
-        // Uniform over the block, before any barrier exists.
-        if (m_block * kBlockM >= seq.seqlen_q) return;  // this row block lies past the sequence end
-        const Mask mask(params, seq, batch, head);
-        const KeyBlocks blocks(mask, m_block);
+    // A tile's sequence, mask and key blocks, which the producer and the consumers derive alike
+    // from its coordinates.
+    struct Tile {
+        TileCoordinates coordinates;
+        SeqlenInfo seq;
+        Mask mask;
+        KeyBlocks blocks;
 
+        __device__ Tile(const FlashFwdParams& params, const TileCoordinates& coordinates)
+            : coordinates(coordinates),
+              seq(params, coordinates.batch),
+              mask(params, seq, coordinates.batch, coordinates.head),
+              blocks(mask, coordinates.m_block) {}
+    };
+
+    __device__ static void run(const FwdKernelParams<Traits>& kp, char* smem) {
         SharedStorage& shared = *reinterpret_cast<SharedStorage*>(smem);
         const int warpgroup = cutlass::canonical_warp_group_idx();
         constexpr int kProducerWarpgroup = 0;
@@ -159,6 +165,7 @@ struct FlashFwdRowBlock {
             cute::prefetch_tma_descriptor(kp.tma_k.get_tma_descriptor());
             cute::prefetch_tma_descriptor(kp.tma_v.get_tma_descriptor());
             shared.q_full.init(/*arrive_count=*/1);
+            shared.q_empty.init(/*arrive_count=*/kNumMmaThreads);
         }
         typename PipelineKV::Params pipeline_params;
         pipeline_params.transaction_bytes = Traits::kTmaBytesKV;
@@ -175,23 +182,70 @@ struct FlashFwdRowBlock {
 
         if (warpgroup == kProducerWarpgroup) {
             cutlass::arch::warpgroup_reg_dealloc<Traits::kProducerRegisters>();
-            if (threadIdx.x == 0 && !blocks.empty()) {
-                load(kp, shared, pipeline_k, pipeline_v, seq, blocks, m_block, batch, head);
-            }
+            if (threadIdx.x < cutlass::NumThreadsPerWarp) produce(kp, shared, pipeline_k, pipeline_v);
             return;
         }
         cutlass::arch::warpgroup_reg_alloc<Traits::kConsumerRegisters>();
-        compute(params, shared, pipeline_k, pipeline_v, seq, mask, blocks, m_block, batch, head,
-                warpgroup - 1);
+        consume(kp.params, shared, pipeline_k, pipeline_v, warpgroup - 1);
     }
 
-    // The producer thread: Q, then K and V of every visited key block, last block first. V lags
-    // K by one block because the consumers use V(n) one step after K(n) (the overlap above).
-    __device__ static void load(const FwdKernelParams<Traits>& kp, SharedStorage& shared,
-                                PipelineKV& pipeline_k, PipelineKV& pipeline_v,
-                                const SeqlenInfo& seq, const KeyBlocks& blocks, int m_block,
-                                int batch, int head) {
+    // The producer's first warp: finds each tile (the schedule's search needs the whole warp),
+    // publishes it to the consumers and, in one thread, issues its loads. A tile of a row block
+    // past its sequence's end (grid order) is skipped; the consumers never see it.
+    __device__ static void produce(const FwdKernelParams<Traits>& kp, SharedStorage& shared,
+                                   PipelineKV& pipeline_k, PipelineKV& pipeline_v) {
         const FlashFwdParams& params = kp.params;
+        const bool leader = threadIdx.x == 0;
+        PipelineState write = cutlass::make_producer_start_state<PipelineKV>();
+        int published = 0;  // tiles handed to the consumers so far
+        // Waits until the consumers are done with the last published tile's Q buffer (and its
+        // slot in shared memory). At most one q_empty phase is ever pending: the consumers learn
+        // a tile only after this wait for the one before.
+        auto wait_q_empty = [&] {
+            if (published > 0) shared.q_empty.wait((published - 1) % 2);
+        };
+        TileCoordinates coordinates;
+        for (int index = blockIdx.x; kp.tiles.lookup(index, kIsLocal, coordinates);) {
+            // The next index, drawn now; its atomic's latency hides behind this tile's loads.
+            int next_index = 0;
+            if (leader) next_index = next_tile_index(kp.tile_counter);
+            next_index = __shfl_sync(0xffffffffu, next_index, 0);
+            const Tile tile(params, coordinates);
+            if (coordinates.m_block * kBlockM < tile.seq.seqlen_q && leader) {
+                load(kp, shared, pipeline_k, pipeline_v, tile, write, wait_q_empty);
+                ++published;
+            }
+            __syncwarp();
+            index = next_index;
+        }
+        if (leader) {  // no tile left: tell the consumers
+            wait_q_empty();
+            shared.tile.m_block = -1;
+            shared.q_full.arrive();
+        }
+    }
+
+    // The producer thread, one tile: publishes it, then loads Q, and K and V of every visited key
+    // block, last block first. V lags K by one block because the consumers use V(n) one step
+    // after K(n) (the overlap above). The first K block goes before anything that waits for the
+    // consumers' previous tile: its stage is free as soon as they have done that tile's last
+    // S = Q K^T.
+    template <typename WaitQEmpty>
+    __device__ static void load(const FwdKernelParams<Traits>& kp, SharedStorage& shared,
+                                PipelineKV& pipeline_k, PipelineKV& pipeline_v, const Tile& tile,
+                                PipelineState& write, WaitQEmpty& wait_q_empty) {
+        const FlashFwdParams& params = kp.params;
+        const SeqlenInfo& seq = tile.seq;
+        const KeyBlocks& blocks = tile.blocks;
+        const int m_block = tile.coordinates.m_block;
+        const int batch = tile.coordinates.batch;
+        const int head = tile.coordinates.head;
+        if (blocks.empty()) {  // nothing to load: publish the tile alone
+            wait_q_empty();
+            shared.tile = tile.coordinates;
+            shared.q_full.arrive();
+            return;
+        }
         const int head_k = head / (params.nheads / params.nheads_k);
         const int batch_coord = seq.is_varlen ? 0 : batch;  // varlen buffers are one batch
         Tensor sQ = make_tensor(make_smem_ptr(shared.q.data()), typename Traits::SmemLayoutQ{});
@@ -237,9 +291,11 @@ struct FlashFwdRowBlock {
                  tVgVt(_, n_block), tVsVt(_, state.index()));
         };
 
-        PipelineState write = cutlass::make_producer_start_state<PipelineKV>();
         int n_block = blocks.end - 1;
         load_k(n_block, write);
+        wait_q_empty();
+        shared.tile = tile.coordinates;
+        // The arrival (release) also publishes the tile written just before.
         shared.q_full.arrive_and_expect_tx(Traits::kTmaBytesQ);
         copy(kp.tma_q.with(reinterpret_cast<uint64_t&>(shared.q_full), 0,
                            TMA::CacheHintSm90::EVICT_FIRST),
@@ -251,16 +307,42 @@ struct FlashFwdRowBlock {
             load_v(n_block + 1, write_v);
         }
         load_v(blocks.begin, write);
+        ++write;  // the next tile's first K and V take the next stage
         // No producer_tail: without a cluster no other block waits on this one's barriers, and
         // the block cannot retire before its consumers, which wait for every load.
     }
 
-    // A consumer warpgroup: its 64 rows of the row block, then its part of the epilogue.
+    // A consumer warpgroup: the tiles the producer publishes, until it says none is left.
+    __device__ static void consume(const FlashFwdParams& params, SharedStorage& shared,
+                                   PipelineKV& pipeline_k, PipelineKV& pipeline_v,
+                                   int mma_warpgroup) {
+        // Warpgroup 0 starts with the GEMM turn (main_loop): its own arrival plus its first wait
+        // fill the barrier. The turns then alternate across tiles: every tile gives both
+        // warpgroups the same number of steps.
+        if constexpr (kMmaTurns) {
+            if (mma_warpgroup == 0) {
+                cutlass::arch::NamedBarrier::arrive(2 * kThreadsPerWarpgroup, kBarrierMmaTurn);
+            }
+        }
+        PipelineState read;  // the K and V stages carry on from tile to tile, as the producer's
+        for (int consumed = 0;; ++consumed) {
+            shared.q_full.wait(consumed % 2);
+            const TileCoordinates coordinates = shared.tile;
+            if (coordinates.m_block < 0) return;
+            compute(params, shared, pipeline_k, pipeline_v, Tile(params, coordinates), read,
+                    mma_warpgroup);
+        }
+    }
+
+    // A consumer warpgroup, one tile: its 64 rows of the row block, then its part of the
+    // epilogue.
     __device__ static void compute(const FlashFwdParams& params, SharedStorage& shared,
                                    PipelineKV& pipeline_k, PipelineKV& pipeline_v,
-                                   const SeqlenInfo& seq, const Mask& mask,
-                                   const KeyBlocks& blocks, int m_block, int batch, int head,
-                                   int mma_warpgroup) {
+                                   const Tile& tile, PipelineState& read, int mma_warpgroup) {
+        const SeqlenInfo& seq = tile.seq;
+        const int m_block = tile.coordinates.m_block;
+        const int batch = tile.coordinates.batch;
+        const int head = tile.coordinates.head;
         const int thread = threadIdx.x - kThreadsPerWarpgroup;  // among the consumer threads
         typename Traits::TiledMmaPV tiled_mma_pv;
         auto thr_mma_pv = tiled_mma_pv.get_thread_slice(thread);
@@ -269,15 +351,15 @@ struct FlashFwdRowBlock {
         Softmax softmax;
         RowValues lse;
         const float sink = params.learnable_sink == nullptr ? -INFINITY : params.learnable_sink[head];
-        constexpr float kNoDropoutScale = 1.f;
 
-        if (blocks.empty()) {  // a row block that sees no key: output 0, LSE = sink
+        if (tile.blocks.empty()) {  // a row block that sees no key: output 0, LSE = sink
             clear(acc_o);
             constexpr float kAnyOutputScale = 1.f;  // every row's factor is 0
             softmax.finalize(params.logit_scale, kAnyOutputScale, sink, lse);
         } else {
-            main_loop(params, shared, pipeline_k, pipeline_v, seq, mask, blocks, m_block, batch,
-                      head, mma_warpgroup, thread, tiled_mma_pv, acc_o, softmax, lse, sink);
+            main_loop(params, shared, pipeline_k, pipeline_v, seq, tile.mask, tile.blocks, m_block,
+                      batch, head, mma_warpgroup, thread, tiled_mma_pv, read, acc_o, softmax, lse,
+                      sink);
         }
         store_output(params, shared, seq, tiled_mma_pv, acc_o, lse, m_block, batch, head,
                      mma_warpgroup, thread);
@@ -303,7 +385,7 @@ struct FlashFwdRowBlock {
                                      const SeqlenInfo& seq, const Mask& mask,
                                      const KeyBlocks& blocks, int m_block, int batch, int head,
                                      int mma_warpgroup, int thread, TiledMmaPV& tiled_mma_pv,
-                                     AccO& acc_o,
+                                     PipelineState& read, AccO& acc_o,
                                      Softmax& softmax, RowValues& lse, float sink) {
         Tensor sQ = make_tensor(make_smem_ptr(shared.q.data()), typename Traits::SmemLayoutQ{});
         Tensor sK = make_tensor(make_smem_ptr(shared.k.data()), typename Traits::SmemLayoutK{});
@@ -379,17 +461,7 @@ struct FlashFwdRowBlock {
                     kBarrierMmaTurn + (mma_warpgroup + 1) % kNumMmaWarpgroups);
             }
         };
-        // Warpgroup 0 starts with the turn: its own arrival plus its first wait fill the barrier.
-        if constexpr (kMmaTurns) {
-            if (mma_warpgroup == 0) {
-                cutlass::arch::NamedBarrier::arrive(2 * kThreadsPerWarpgroup, kBarrierMmaTurn);
-            }
-        }
-
-        shared.q_full.wait(/*phase=*/0);
-
         // The first (highest) key block: S, mask, softmax; its P V waits for the next step.
-        PipelineState read;
         int n_block = blocks.end - 1;
         Tensor acc_s = partition_fragment_C(
             tiled_mma_qk, select<0, 1>(typename Traits::TileShapeQK{}));  // ((2, 2, N/8), 1, 1)
@@ -475,6 +547,7 @@ struct FlashFwdRowBlock {
             params.logit_scale, dropout ? params.dropout_rescale : 1.f, sink, lse);
         warpgroup_wait<0>();
         pipeline_v.consumer_release(read);
+        ++read;  // the next tile's first K and V come in the next stage
         Softmax::rescale(acc_o, normalise);
     }
 
@@ -521,7 +594,8 @@ struct FlashFwdRowBlock {
         }
 
         // This warpgroup's last wgmma that read its rows of Q has completed (main_loop waited
-        // for all of them), and no other warpgroup reads those rows: overwrite them with O.
+        // for all of them), no other warpgroup reads those rows, and the producer loads the next
+        // tile's Q only after q_empty: overwrite them with O.
         Tensor rO = make_tensor<Element>(acc_o.layout());
         convert_fragment(acc_o, rO);
         Tensor sO = make_tensor(make_smem_ptr(shared.q.data()), typename Traits::SmemLayoutO{});
@@ -548,6 +622,10 @@ struct FlashFwdRowBlock {
             make_identity_tensor(Shape<Int<kRowsPerMmaWarpgroup>, Int<kHeadDim>>{}));
         Tensor tOrO = make_fragment_like(tOsO);
         copy(gmem_tiled_copy_o, tOsO, tOrO);
+        // Q's buffer is free for the next tile's Q once both warpgroups have read their O back.
+        // The fence orders these generic-proxy reads before the TMA's async-proxy writes.
+        cutlass::arch::fence_view_async_shared();
+        shared.q_empty.arrive();
         // Rows past the sequence end belong to the next sequence, and columns past the real head
         // dim to the next head: neither is written. (head_dim is a multiple of 8: a 16-byte chunk
         // is wholly inside or outside.)

@@ -34,19 +34,31 @@ inline int32_t tma_extent(int64_t extent) {
     return int32_t(std::max<int64_t>(extent, 1));
 }
 
-// Varlen calls need the tile schedule's workspace (kernels/common/varlen_tile_schedule.h);
-// fixed-length calls need none.
+// Every call needs the persistent grid's tile counter, zeroed (kernels/common/persistent_tiles.h);
+// varlen calls the tile schedule's workspace too (kernels/common/varlen_tile_schedule.h).
 template <typename Element, int kHeadDim>
 WorkspaceSize fwd_workspace_size(const FlashFwdParams& params) {
     WorkspaceSize size;
     if (params.cu_seqlens_q != nullptr) size.scratch_bytes = VarlenTileSchedule::bytes(params.batch);
+    size.zeroed_bytes = sizeof(int);
     return size;
 }
 
-// Varlen: a one-block kernel orders the tiles (longest sequences first) and the main kernel runs
-// one thread block per tile on a 1-D grid sized by an upper bound of the tiles. Fixed length:
-// grid (row blocks, batch, heads), the row blocks of one (sequence, head) adjacent in launch order
-// so that blocks sharing K and V run together and read them from L2.
+// The SMs of the current device (an attribute query: no sync).
+inline int device_sm_count() {
+    int device = 0;
+    int sm_count = 1;
+    if (cudaGetDevice(&device) == cudaSuccess) {
+        cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device);
+    }
+    return sm_count;
+}
+
+// A persistent grid of one thread block per SM (the shared memory of one tile fills an SM) walks
+// the tiles in launch order (kernels/common/persistent_tiles.h). Varlen: a one-block kernel
+// orders them (longest sequences first); fixed length, and varlen batches of about equal
+// lengths: the order of a (row blocks, batch, heads) grid, the row blocks of one (sequence, head)
+// adjacent so that the tiles sharing K and V run together and read them from L2.
 template <typename Element, int kHeadDim, bool kIsLocal>
 cudaError_t launch_flash_fwd(const FlashFwdParams& params, const Workspace& workspace,
                              cudaStream_t stream) {
@@ -91,29 +103,34 @@ cudaError_t launch_flash_fwd(const FlashFwdParams& params, const Workspace& work
     kp.tma_v = make_tma_copy(SM90_TMA_LOAD{}, mVt, take<0, 2>(typename Traits::SmemLayoutVt{}),
                              Shape<Int<kHeadDim>, Int<Traits::kBlockN>>{}, _1{});
 
-    dim3 grid(cute::ceil_div(params.seqlen_q, Traits::kBlockM), params.batch, params.nheads);
-    const int64_t tiles = VarlenTileSchedule::grid_bound(params.total_q, params.batch,
-                                                         Traits::kBlockM, params.nheads);
-    // The schedule pays a prepare launch and a lookup per block; it wins where the 3-D grid
-    // would launch many empty blocks (measured on the H200, 7cec657's record: skewed, 64x the
-    // tiles, +31 to +68%; docs, 5.9x, +1 to +3%; short, 1.25x, -9 to -10%). With this rule
-    // short takes the 3-D grid again: +9 to +11% over the schedule in one run
-    // (benchmarks/results/2026-12-05_h200_sm90_bisect.md). A batch past the 3-D grid's y limit
-    // takes the schedule whatever the ratio.
+    const int row_blocks = cute::ceil_div(params.seqlen_q, Traits::kBlockM);
+    const int64_t grid_order_tiles = int64_t(row_blocks) * params.batch * params.nheads;
+    const int64_t schedule_tiles = VarlenTileSchedule::grid_bound(params.total_q, params.batch,
+                                                                  Traits::kBlockM, params.nheads);
+    // The schedule pays a prepare launch and a lookup per tile; it wins where the grid order has
+    // many indices past their sequence's end (measured on the H200 with one thread block per
+    // index, 7cec657's record: skewed, 64x the tiles, +31 to +68%; docs, 5.9x, +1 to +3%; short,
+    // 1.25x, -9 to -10%; with this rule short takes the grid order: +9 to +11%,
+    // benchmarks/results/2026-12-05_h200_sm90_bisect.md).
     constexpr int64_t kScheduleGridRatio = 2;
-    constexpr int kMaxGridY = 65535;
-    if (is_varlen && (params.batch > kMaxGridY ||
-                      int64_t(grid.x) * grid.y * grid.z > kScheduleGridRatio * tiles)) {
+    const bool use_schedule = is_varlen && grid_order_tiles > kScheduleGridRatio * schedule_tiles;
+    int64_t tiles = grid_order_tiles;
+    kp.tiles = TileOrder{VarlenTileSchedule{nullptr, nullptr}, row_blocks, params.batch,
+                         params.nheads, 0};
+    if (use_schedule) {
         int* order = static_cast<int*>(workspace.scratch);
         int* tile_start = order + params.batch;
         prepare_varlen_tile_schedule<Traits::kBlockM>
             <<<1, varlen_schedule_detail::kThreads, 0, stream>>>(params, order, tile_start);
         const cudaError_t err = cudaGetLastError();
         if (err != cudaSuccess) return err;
-        kp.schedule = VarlenTileSchedule{order, tile_start};
-        if (tiles > std::numeric_limits<int32_t>::max()) return cudaErrorInvalidConfiguration;
-        grid = dim3(uint32_t(tiles));
+        kp.tiles.schedule = VarlenTileSchedule{order, tile_start};
+        tiles = schedule_tiles;
     }
+    if (tiles > std::numeric_limits<int32_t>::max()) return cudaErrorInvalidConfiguration;
+    kp.tiles.tiles = int(tiles);
+    kp.tile_counter = static_cast<int*>(workspace.zeroed);
+    const dim3 grid(uint32_t(std::max<int64_t>(std::min<int64_t>(tiles, device_sm_count()), 1)));
 
     // ALiBi and dropout run in a kernel of their own (flash_fwd_kernel.h).
     const bool has_variants = params.alibi_slopes != nullptr || params.dropout_threshold != 0;

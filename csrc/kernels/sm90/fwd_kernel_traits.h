@@ -19,6 +19,7 @@
 // silently falls back to 64x16x16 atoms (11 instructions instead of one for kBlockN = 176). The
 // static_asserts on the atom shapes below catch a miss.
 #include "generated/sm90_wgmma_atoms.h"
+#include "kernels/common/varlen_tile_schedule.h"  // TileCoordinates
 
 namespace flash_varlen {
 namespace sm90 {
@@ -140,7 +141,13 @@ struct FwdKernelTraits {
         cute::array_aligned<Element, cosize_v<SmemLayoutQ>, kSmemAlignment> q;
         cute::array_aligned<Element, cosize_v<SmemLayoutK>, kSmemAlignment> k;
         cute::array_aligned<Element, cosize_v<SmemLayoutVt>, kSmemAlignment> v;
+        // Q (and the tile's coordinates) landed; Q's buffer may take the next tile's Q (its
+        // readers, the GEMMs and the O staging of the epilogue, are done).
         alignas(16) cutlass::arch::ClusterTransactionBarrier q_full;
+        alignas(16) cutlass::arch::ClusterBarrier q_empty;
+        // The tile the consumers compute next, written by the producer before it arrives on
+        // q_full; m_block < 0: no tile is left.
+        TileCoordinates tile;
         alignas(16) typename PipelineKV::SharedStorage pipeline_k;
         alignas(16) typename PipelineKV::SharedStorage pipeline_v;
     };

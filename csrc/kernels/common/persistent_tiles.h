@@ -1,0 +1,57 @@
+// The tiles of a persistent forward launch (one thread block per SM that computes tile after
+// tile), handed out in launch order by a counter in device memory.
+//
+// Launch order is an index -> (row block, sequence, head) map, the TileOrder:
+// - varlen launches with a VarlenTileSchedule: longest sequences first
+//   (kernels/common/varlen_tile_schedule.h);
+// - otherwise the order of a (row blocks, batch, heads) grid, row blocks fastest, so that the row
+//   blocks sharing one sequence's K and V run together and read them from L2. Varlen launches
+//   take it where their sequences are about equally long (the launcher's rule), and skip the
+//   indices past a sequence's end.
+//
+// Each thread block takes index blockIdx.x first, then gridDim.x + (the counter's value before
+// its increment): a block asks for its next tile only when it is about to start it, so the
+// blocks that drew cheap tiles take more (greedy list scheduling, as the hardware does for a
+// non-persistent grid). A fixed assignment (block b takes b, b + G, ...) would give some blocks
+// only expensive causal row blocks: with 16 row blocks per head on 132 SMs, blocks with
+// b % 4 == 3 draw row blocks {3, 7, 11, 15} (40 key blocks) against {0, 4, 8, 12} (28).
+// FlashAttention-3 hands out its causal and varlen tiles the same way (hopper/tile_scheduler.hpp,
+// DynamicPersistentTileScheduler).
+//
+// The counter must be 0 when the launch starts: it lives in the launch's zero-filled workspace.
+#pragma once
+
+#include "kernels/common/varlen_tile_schedule.h"
+
+namespace flash_varlen {
+
+struct TileOrder {
+    VarlenTileSchedule schedule;  // tile_start == nullptr: the grid order
+    int row_blocks;               // grid order: row blocks of the longest sequence
+    int batch;
+    int nheads;
+    int tiles;  // indices in the order (the schedule's is an upper bound: see lookup)
+
+    // The tile at `index`, or false past the last one. Grid order: coordinates of a row block that
+    // may lie past its sequence's end (the caller checks against the sequence's length). Called
+    // by a whole warp (the schedule's search needs one).
+    __device__ __forceinline__ bool lookup(int index, bool reverse_row_blocks,
+                                           TileCoordinates& tile) const {
+        if (index >= tiles) return false;
+        if (schedule.tile_start != nullptr) {
+            return varlen_tile(schedule, batch, nheads, index, reverse_row_blocks, tile);
+        }
+        tile.m_block = index % row_blocks;
+        const int sequence_and_head = index / row_blocks;
+        tile.batch = sequence_and_head % batch;
+        tile.head = sequence_and_head / batch;
+        return true;
+    }
+};
+
+// The index of a thread block's next tile after its first (blockIdx.x). One thread calls it.
+__device__ __forceinline__ int next_tile_index(int* counter) {
+    return int(gridDim.x) + atomicAdd(counter, 1);
+}
+
+}  // namespace flash_varlen
