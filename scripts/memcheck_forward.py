@@ -34,6 +34,14 @@ CASES = [
     ([130, 1, 64], [257, 77, 0], 2, 2, 128),
     ([193, 7], [129, 450], 3, 1, 64),
 ]
+# More tiles than a GPU has SMs, so that each thread block of a persistent grid (the sm90 family)
+# runs several and reuses its Q buffer and K/V stages from one tile to the next; every seventh
+# sequence has no key.
+MANY_TILES_SEQUENCES = 160
+MANY_TILES_LENGTHS = torch.randint(1, 260, (MANY_TILES_SEQUENCES,),
+                                   generator=torch.Generator().manual_seed(0)).tolist()
+CASES.append((MANY_TILES_LENGTHS,
+              [0 if i % 7 == 0 else n for i, n in enumerate(MANY_TILES_LENGTHS)], 2, 1, 128))
 TOLERANCE = 5e-2  # bf16 outputs of randn inputs; this script hunts memory errors, not ulps
 
 
