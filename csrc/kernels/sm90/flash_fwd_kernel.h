@@ -12,9 +12,8 @@
 //   visible key blocks from the last one down, into kStages shared-memory buffers each
 //   (PipelineTmaAsync: a "full" mbarrier per buffer that the TMA completes by byte count, an
 //   "empty" one that every consumer thread arrives on when done). The K and V stages carry on
-//   from one tile to the next; Q has one buffer, which the next tile's Q takes as soon as the
-//   consumers have done the last S = Q K^T of the tile before (q_empty), under its last P V and
-//   its epilogue;
+//   from one tile to the next; Q has one buffer, which the next tile's Q takes once the
+//   consumers have staged and read back this tile's O there (q_empty);
 // - warpgroups 1.., the consumers, take the registers and own 64 query rows each: S = Q K^T
 //   (wgmma, both operands in shared memory), mask, online softmax in registers, O += P V (wgmma,
 //   P from registers). Inside a warpgroup the softmax of block n runs while the tensor cores do
@@ -159,7 +158,7 @@ struct FlashFwdRowBlock {
         constexpr int kProducerWarpgroup = 0;
 
         if (threadIdx.x == 0) {
-            // The swizzle the consumers compute (V's tail rows) matches the one TMA and wgmma
+            // The swizzle the consumers compute (V's tail rows, O) matches the one TMA and wgmma
             // apply to addresses only on an aligned base (fwd_kernel_traits.h): fail loudly.
             if (cute::cast_smem_ptr_to_uint(smem) % Traits::kSmemAlignment != 0) __trap();
             cute::prefetch_tma_descriptor(kp.tma_q.get_tma_descriptor());
@@ -354,7 +353,6 @@ struct FlashFwdRowBlock {
         const float sink = params.learnable_sink == nullptr ? -INFINITY : params.learnable_sink[head];
 
         if (tile.blocks.empty()) {  // a row block that sees no key: output 0, LSE = sink
-            shared.q_empty.arrive();  // its Q was not loaded
             clear(acc_o);
             constexpr float kAnyOutputScale = 1.f;  // every row's factor is 0
             softmax.finalize(params.logit_scale, kAnyOutputScale, sink, lse);
@@ -363,7 +361,8 @@ struct FlashFwdRowBlock {
                       batch, head, mma_warpgroup, thread, tiled_mma_pv, read, acc_o, softmax, lse,
                       sink);
         }
-        store_output(params, seq, tiled_mma_pv, acc_o, lse, m_block, batch, head, thread);
+        store_output(params, shared, seq, tiled_mma_pv, acc_o, lse, m_block, batch, head,
+                     mma_warpgroup, thread);
     }
 
     // The sequence rows (tokens) of this thread's rows of the row block starting at row0: S and
@@ -540,10 +539,6 @@ struct FlashFwdRowBlock {
             }
         }
 
-        // Every S = Q K^T of this tile is done (the last step waited for it): the next tile's Q
-        // may take Q's buffer while the last P V and the epilogue run.
-        shared.q_empty.arrive();
-
         // The last P V, with the normalisation computed while it runs.
         pipeline_v.consumer_wait(read);
         warpgroup_gemm</*kZeroInit=*/false>(tiled_mma_pv, tOrP, tOrV(_, _, _, read.index()),
@@ -572,25 +567,22 @@ struct FlashFwdRowBlock {
         }
     }
 
-    // Normalised O and the LSE to global memory, straight from the accumulator: each thread
-    // holds pairs of adjacent columns of two rows, stored 4 bytes at a time (a quad of threads
-    // writes 16 contiguous bytes of a row). Staging O through shared memory would give 16-byte
-    // stores, but Q's buffer, the only one free at this point, is then busy until the epilogue
-    // ends, and the next tile's Q load would wait for it instead of running under this tile's
-    // last P V (main_loop frees the buffer as soon as the last S = Q K^T is done).
+    // Normalised O to global memory through shared memory (Q's, this warpgroup's rows only), and
+    // the LSE. Staging gives 16-byte stores of whole row segments, where the accumulator layout
+    // would give 4-byte stores scattered over 8 rows per instruction.
     template <typename TiledMmaPV, typename AccO>
-    __device__ static void store_output(const FlashFwdParams& params, const SeqlenInfo& seq,
-                                        TiledMmaPV& tiled_mma_pv, AccO& acc_o,
-                                        const RowValues& lse, int m_block, int batch, int head,
-                                        int thread) {
+    __device__ static void store_output(const FlashFwdParams& params, SharedStorage& shared,
+                                        const SeqlenInfo& seq, TiledMmaPV& tiled_mma_pv,
+                                        AccO& acc_o, const RowValues& lse, int m_block, int batch,
+                                        int head, int mma_warpgroup, int thread) {
         const int row0 = m_block * kBlockM;
         const int rows_left = seq.seqlen_q - row0;
+
+        // LSE: the four threads of a quad hold the same rows; the one holding column 0 writes.
         auto thr_mma_pv = tiled_mma_pv.get_thread_slice(thread);
         Tensor tOcO = thr_mma_pv.partition_C(
             make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{}));  // ((2, 2, D/8), 1, 1)
         Tensor tOcO_rc = make_tensor(tOcO.data(), accumulator_as_rows_cols(tOcO.layout()));
-
-        // LSE: the four threads of a quad hold the same rows; the one holding column 0 writes.
         if (get<1>(tOcO_rc(0, 0)) == 0) {
             float* lse_base = params.softmax_lse_ptr + head * params.lse_head_stride +
                               seq.lse_offset(params.lse_batch_stride, batch) + row0;
@@ -601,27 +593,50 @@ struct FlashFwdRowBlock {
             }
         }
 
+        // This warpgroup's last wgmma that read its rows of Q has completed (main_loop waited
+        // for all of them), no other warpgroup reads those rows, and the producer loads the next
+        // tile's Q only after q_empty: overwrite them with O.
         Tensor rO = make_tensor<Element>(acc_o.layout());
         convert_fragment(acc_o, rO);
-        Tensor rO_rc = make_tensor(rO.data(), accumulator_as_rows_cols(rO.layout()));
+        Tensor sO = make_tensor(make_smem_ptr(shared.q.data()), typename Traits::SmemLayoutO{});
+        auto smem_tiled_copy_o = make_tiled_copy_C(typename Traits::SmemCopyAtomO{}, tiled_mma_pv);
+        auto smem_thr_copy_o = smem_tiled_copy_o.get_thread_slice(thread);
+        copy(smem_tiled_copy_o, smem_thr_copy_o.retile_S(rO), smem_thr_copy_o.partition_D(sO));
+        cutlass::arch::NamedBarrier::sync(kThreadsPerWarpgroup, kBarrierOStaged + mma_warpgroup);
+
+        const int wg_row0 = mma_warpgroup * kRowsPerMmaWarpgroup;
+        Tensor sO_wg = local_tile(sO, Shape<Int<kRowsPerMmaWarpgroup>, Int<kHeadDim>>{},
+                                  make_coord(mma_warpgroup, _0{}));  // (64, D)
         Element* o_base = static_cast<Element*>(params.o_ptr) +
                           seq.q_offset(params.o_batch_stride, params.o_row_stride, batch) +
-                          head * params.o_head_stride + int64_t(row0) * params.o_row_stride;
-        // Columns 2c and 2c + 1 of a row are adjacent (fragment_layouts.h); the row stride and the
-        // head dim are multiples of 8 elements, so a pair is 4-byte aligned and wholly inside or
-        // outside the head dim. Rows past the sequence end belong to the next sequence, columns
-        // past the real head dim to the next head: neither is written.
-        using Pair = cute::array<Element, 2>;
+                          head * params.o_head_stride +
+                          int64_t(row0 + wg_row0) * params.o_row_stride;
+        Tensor gO = make_tensor(make_gmem_ptr(o_base),
+                                Shape<Int<kRowsPerMmaWarpgroup>, Int<kHeadDim>>{},
+                                make_stride(params.o_row_stride, _1{}));  // (64, D)
+        typename Traits::GmemTiledCopyO gmem_tiled_copy_o;
+        auto gmem_thr_copy_o = gmem_tiled_copy_o.get_thread_slice(thread % kThreadsPerWarpgroup);
+        Tensor tOsO = gmem_thr_copy_o.partition_S(sO_wg);  // (CPY, CPY_M, CPY_D)
+        Tensor tOgO = gmem_thr_copy_o.partition_D(gO);
+        Tensor tOcO_g = gmem_thr_copy_o.partition_D(
+            make_identity_tensor(Shape<Int<kRowsPerMmaWarpgroup>, Int<kHeadDim>>{}));
+        Tensor tOrO = make_fragment_like(tOsO);
+        copy(gmem_tiled_copy_o, tOsO, tOrO);
+        // Q's buffer is free for the next tile's Q once both warpgroups have read their O back.
+        // The fence orders these generic-proxy reads before the TMA's async-proxy writes.
+        cutlass::arch::fence_view_async_shared();
+        shared.q_empty.arrive();
+        // Rows past the sequence end belong to the next sequence, and columns past the real head
+        // dim to the next head: neither is written. (head_dim is a multiple of 8: a 16-byte chunk
+        // is wholly inside or outside.)
+        const int wg_rows_left = rows_left - wg_row0;
         CUTE_UNROLL
-        for (int r = 0; r < kRowsPerThread; ++r) {
-            const int row = get<0>(tOcO_rc(r, 0));
-            if (row >= rows_left) continue;
-            Element* o_row = o_base + int64_t(row) * params.o_row_stride;
+        for (int m = 0; m < size<1>(tOgO); ++m) {
             CUTE_UNROLL
-            for (int c = 0; c < size<1>(rO_rc); c += 2) {
-                const int col = get<1>(tOcO_rc(r, c));
-                if (col < params.head_dim) {
-                    *reinterpret_cast<Pair*>(o_row + col) = Pair{rO_rc(r, c), rO_rc(r, c + 1)};
+            for (int k = 0; k < size<2>(tOgO); ++k) {
+                if (get<0>(tOcO_g(0, m, k)) < wg_rows_left &&
+                    get<1>(tOcO_g(0, m, k)) < params.head_dim) {
+                    copy(gmem_tiled_copy_o, tOrO(_, m, k), tOgO(_, m, k));
                 }
             }
         }

@@ -96,6 +96,11 @@ struct FwdKernelTraits {
     using SmemLayoutVt = decltype(tile_to_shape(
         SmemLayoutAtomVt{}, Shape<Int<kHeadDim>, Int<kBlockN>, Int<kStages>>{},
         Step<_2, _1, _3>{}));  // (D, N, stage)
+    // The output tile is staged in the shared memory of Q, with Q's layout: a consumer
+    // warpgroup's rows of O then cover exactly the bytes of its own rows of Q, which no other
+    // warpgroup reads, so each warpgroup stores its O as soon as its own last S = Q K^T is done,
+    // with a barrier among its own 128 threads only.
+    using SmemLayoutO = SmemLayoutQ;
 
     // Global tensors as the TMA descriptors see them: (rows, head dim, heads, batch). Varlen
     // buffers are one batch of total rows; a tile's row coordinate is its sequence's first row
@@ -128,15 +133,16 @@ struct FwdKernelTraits {
     using PipelineState = typename cutlass::PipelineState<kStages>;
 
     // 1024-byte alignment: the 128-byte swizzle repeats every 8 rows of 128 bytes, and the
-    // threads that write shared memory themselves (V's tail rows) compute the swizzle from
-    // offsets, which match the hardware's address-based swizzle only on a 1024-byte-aligned base.
+    // threads that write shared memory themselves (V's tail rows, the O staging) compute the
+    // swizzle from offsets, which match the hardware's address-based swizzle only on a
+    // 1024-byte-aligned base.
     static constexpr int kSmemAlignment = 1024;
     struct SharedStorage {
         cute::array_aligned<Element, cosize_v<SmemLayoutQ>, kSmemAlignment> q;
         cute::array_aligned<Element, cosize_v<SmemLayoutK>, kSmemAlignment> k;
         cute::array_aligned<Element, cosize_v<SmemLayoutVt>, kSmemAlignment> v;
-        // Q (and the tile's coordinates) landed; Q's buffer may take the next tile's Q (every
-        // S = Q K^T of the last tile is done).
+        // Q (and the tile's coordinates) landed; Q's buffer may take the next tile's Q (its
+        // readers, the GEMMs and the O staging of the epilogue, are done).
         alignas(16) cutlass::arch::ClusterTransactionBarrier q_full;
         alignas(16) cutlass::arch::ClusterBarrier q_empty;
         // The tile the consumers compute next, written by the producer before it arrives on
@@ -148,6 +154,26 @@ struct FwdKernelTraits {
     static constexpr int kSmemBytes = int(sizeof(SharedStorage));
     static constexpr int kMaxSmemBytes = 227 * 1024;  // H100 / H200 opt-in limit per block
     static_assert(kSmemBytes <= kMaxSmemBytes, "tile does not fit shared memory");
+
+    // Epilogue: 16-byte reads of the staged O and 16-byte row-contiguous global stores, one
+    // warpgroup per 64 rows: kHeadDim / 8 threads cover a row.
+    static constexpr int kGmemElemsPerAccess = 16 / sizeof(Element);
+    static constexpr int kGmemChunksPerRow = kHeadDim / kGmemElemsPerAccess;
+    // A whole row per group of threads where the chunk count is a power of two (64, 128, 256:
+    // one 16-byte store each); else the largest power of two dividing it (96 -> 4 threads of
+    // 3 stores, 192 -> 8 of 3), so that the threads of a warpgroup tile whole rows.
+    static constexpr int kGmemThreadsPerRow =
+        kGmemChunksPerRow % 16 == 0 ? 16 : (kGmemChunksPerRow % 8 == 0 ? 8 : 4);
+    static_assert(kGmemChunksPerRow % kGmemThreadsPerRow == 0 &&
+                      kThreadsPerWarpgroup % kGmemThreadsPerRow == 0,
+                  "threads must tile the rows");
+    using GmemTiledCopyO = decltype(make_tiled_copy(
+        Copy_Atom<AutoVectorizingCopyWithAssumedAlignment<128>, Element>{},
+        Layout<Shape<Int<kThreadsPerWarpgroup / kGmemThreadsPerRow>, Int<kGmemThreadsPerRow>>,
+               Stride<Int<kGmemThreadsPerRow>, _1>>{},
+        Layout<Shape<_1, Int<kGmemElemsPerAccess>>>{}));
+    // Accumulator to shared memory: stmatrix, 8x8 16-bit tiles per instruction.
+    using SmemCopyAtomO = Copy_Atom<SM90_U32x4_STSM_N, Element>;
 };
 
 }  // namespace sm90

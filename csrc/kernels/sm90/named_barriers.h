@@ -13,8 +13,12 @@ namespace sm90 {
 constexpr uint32_t kBarrierMmaTurn = 0;
 // Every consumer thread: the rows of the first V tile that lie past the sequence end are zero.
 constexpr uint32_t kBarrierVTailZeroed = 3;
+// + consumer warpgroup index (ids 4..6): that warpgroup's O rows are staged in shared memory.
+// One id per warpgroup: the warpgroups reach the epilogue at different times, and a barrier
+// shared by two groups of 128 threads would let one group's arrivals release the other.
+constexpr uint32_t kBarrierOStaged = 4;
 constexpr uint32_t kNumUserBarriers = 8;
-static_assert(kBarrierVTailZeroed < kNumUserBarriers, "16 hardware barriers, 8 reserved");
+static_assert(kBarrierOStaged + 3 <= kNumUserBarriers, "16 hardware barriers, 8 reserved");
 
 }  // namespace sm90
 }  // namespace flash_varlen
