@@ -46,11 +46,18 @@ struct FwdKernelTraits {
     static constexpr int kNumMmaThreads = kNumMmaWarpgroups * kThreadsPerWarpgroup;
     static constexpr int kNumThreads = kNumMmaThreads + kThreadsPerWarpgroup;
 
-    // setmaxnreg budgets: the 64K registers of an SM split between the roles so that
-    // 128 * (producer + consumers * consumer) <= 65536. A TMA producer needs almost nothing; the
-    // consumers hold S, P and O of their rows. The values are FlashAttention-3's (same file).
-    static constexpr int kProducerRegisters = kNumMmaWarpgroups == 2 ? 24 : 32;
-    static constexpr int kConsumerRegisters = kNumMmaWarpgroups == 2 ? 240 : 160;
+    // setmaxnreg budgets: the registers the launch gives the block (168 per thread, the most
+    // ptxas may use with 384 threads and one block per SM: 168 x 384 = 64512) split between the
+    // roles, 128 * (producer + consumers * consumer) <= 64512, or the consumers' increase would
+    // wait forever. The consumers hold S, P and O of their rows. FlashAttention-3 takes 24 / 240
+    // with two consumer warpgroups; here the producer also walks the persistent grid's tiles,
+    // and at 24 registers its loop spilled (ptxas, bf16 d = 128: 208 bytes of spill stores; d =
+    // 256 local: 368), so it takes 40 and the consumers 232, where the consumer code of d = 128
+    // spills nothing (d = 256 local: 4 bytes, in the variants kernel). Three consumer warpgroups
+    // (d = 64) keep 32 / 160, FlashAttention-3's: their S, P and O fill 160 (the producer spills
+    // 48 bytes around its TMA issues there).
+    static constexpr int kProducerRegisters = kNumMmaWarpgroups == 2 ? 40 : 32;
+    static constexpr int kConsumerRegisters = kNumMmaWarpgroups == 2 ? 232 : 160;
     static_assert(kThreadsPerWarpgroup *
                           (kProducerRegisters + kNumMmaWarpgroups * kConsumerRegisters) <=
                       64 * 1024,
