@@ -5,8 +5,8 @@
         python3 scripts/profile_forward.py --workload equal2k --layout mha
 
 (`--clock-control none`: the device README asks that the clocks be left alone.) The calls are
-the benchmark's (benchmarks/workloads.py: the same lengths, heads and dtype); FLASH_VARLEN_KERNEL_FAMILY
-picks the family as everywhere else. Prints the median time of the calls, so that a run without a
+the benchmark's (benchmarks/workloads.py: the same lengths, heads and dtype);
+FLASH_VARLEN_KERNEL_FAMILY picks the family as everywhere else. Prints the median time of the calls, so that a run without a
 profiler says what one call costs.
 """
 

@@ -14,9 +14,9 @@ namespace flash_varlen {
 namespace sm90 {
 
 // Adds the bias to `scores`, a (kRows, cols) view of the accumulator whose row r is query
-// tokens[r], with the tile's head's slope (raw-score units); cols(0, c) holds the block column of column c (the same view
-// of an identity tensor), col0 the block's first key, diagonal the sequence's
-// (MaskPolicy::diagonal).
+// tokens[r], with the tile's head's slope (raw-score units); cols(0, c) holds the block column
+// of column c (the same view of an identity tensor), col0 the block's first key, diagonal the
+// sequence's (MaskPolicy::diagonal).
 template <size_t kRows, typename Scores, typename Cols>
 __device__ __forceinline__ void add_alibi_bias(Scores& scores, const Cols& cols,
                                                float slope,

@@ -182,7 +182,9 @@ struct FlashFwdRowBlock {
 
         if (warpgroup == kProducerWarpgroup) {
             cutlass::arch::warpgroup_reg_dealloc<Traits::kProducerRegisters>();
-            if (threadIdx.x < cutlass::NumThreadsPerWarp) produce(kp, shared, pipeline_k, pipeline_v);
+            if (threadIdx.x < cutlass::NumThreadsPerWarp) {
+                produce(kp, shared, pipeline_k, pipeline_v);
+            }
             return;
         }
         cutlass::arch::warpgroup_reg_alloc<Traits::kConsumerRegisters>();
