@@ -1,0 +1,38 @@
+"""The profiling scripts without a GPU (scripts/profile_forward.py, profile_decode_host.py): they
+say so and exit 2, and profile_forward.py's options name only the benchmark's workloads (the
+profiler's calls are the benchmark's)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+def run(script: str, *arguments: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPTS / script), *arguments],
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the behaviour without a GPU")
+@pytest.mark.parametrize(
+    "command",
+    [
+        ("profile_forward.py", "--workload", "short", "--layout", "gqa", "--causal"),
+        ("profile_decode_host.py", "--batch", "4", "--length", "100", "--page-size", "16"),
+    ],
+    ids=["forward", "decode"],
+)
+def test_without_a_gpu_they_say_so_and_exit_2(command: tuple[str, ...]) -> None:
+    result = run(*command)
+    assert result.returncode == 2
+    assert "needs a CUDA GPU" in result.stderr
+
+
+def test_an_unknown_workload_is_refused() -> None:
+    result = run("profile_forward.py", "--workload", "long")
+    assert result.returncode == 2
+    assert "invalid choice: 'long'" in result.stderr
