@@ -10,11 +10,12 @@
 //   longest-processing-time-first order, the classic greedy bound for list scheduling), and
 // - tile_start: where each sequence's tiles start in launch order (an exclusive prefix sum of
 //   row blocks x heads),
-// and the main kernel's 1-D grid has an upper bound of tiles that the host knows without reading
-// the device (total_q / kBlockM + batch per head); each thread block finds its tile by a 32-way
-// search, and the few blocks past the last tile exit. Within a sequence the row blocks of one
-// head are adjacent (they share K and V in L2; so do the heads of a GQA group, which follow each
-// other), with the causal row blocks that see the most keys first.
+// and the main kernel's tiles are the indices of that order, up to a bound the host knows without
+// reading the device (total_q / kBlockM + batch per head): a thread block finds the tile of an
+// index by a 32-way search, and stops at the first index past the last tile (the persistent
+// grid of kernels/common/persistent_tiles.h hands the indices out). Within a sequence the row
+// blocks of one head are adjacent (they share K and V in L2; so do the heads of a GQA group,
+// which follow each other), with the causal row blocks that see the most keys first.
 //
 // Only the order of execution depends on the schedule: every tile computes the same values
 // wherever it runs, so outputs stay bitwise reproducible.
@@ -36,10 +37,10 @@ struct VarlenTileSchedule {
 
     static int64_t bytes(int batch) { return (2 * int64_t(batch) + 1) * int64_t(sizeof(int)); }
 
-    // The launch's thread blocks: an upper bound of the tiles, known on the host. A sequence of
-    // length n has ceil(n / block_m) <= n / block_m + 1 row blocks, and the lengths (or used
-    // lengths) sum to at most total_q.
-    static int64_t grid_bound(int64_t total_q, int batch, int block_m, int nheads) {
+    // An upper bound of the tiles, known on the host. A sequence of length n has
+    // ceil(n / block_m) <= n / block_m + 1 row blocks, and the lengths (or used lengths) sum to
+    // at most total_q.
+    static int64_t tile_bound(int64_t total_q, int batch, int block_m, int nheads) {
         return ((total_q + block_m - 1) / block_m + batch) * nheads;
     }
 };
@@ -144,7 +145,7 @@ __device__ __forceinline__ int slot_of_tile(const int* tile_start, int batch, in
     return lo;
 }
 
-// The tile of thread block `tile` (blockIdx.x), or false past the last one. reverse_row_blocks:
+// The tile at index `tile` of the launch order, or false past the last one. reverse_row_blocks:
 // the row blocks of a head in decreasing order (causal: the later rows see more keys).
 // Called by every thread of the block (slot_of_tile needs whole warps).
 __device__ __forceinline__ bool varlen_tile(const VarlenTileSchedule& schedule, int batch,

@@ -105,7 +105,7 @@ cudaError_t launch_flash_fwd(const FlashFwdParams& params, const Workspace& work
 
     const int row_blocks = cute::ceil_div(params.seqlen_q, Traits::kBlockM);
     const int64_t grid_order_tiles = int64_t(row_blocks) * params.batch * params.nheads;
-    const int64_t schedule_tiles = VarlenTileSchedule::grid_bound(params.total_q, params.batch,
+    const int64_t schedule_tiles = VarlenTileSchedule::tile_bound(params.total_q, params.batch,
                                                                   Traits::kBlockM, params.nheads);
     // The schedule pays a prepare launch and a lookup per tile; it wins where the grid order has
     // many indices past their sequence's end (measured on the H200 with one thread block per
