@@ -10,12 +10,30 @@
 #   family forced, one tree after the other, and prints one table (TFLOP/s, a column per tree).
 #   BENCH ARGS default to: --layouts mha,gqa --workloads docs,short,equal2k
 #
+# Builds made here instead (no device time spent compiling): build each commit's worktree with
+# the GPU machine's Python (3.12) and the same narrowing, then
+#   bash scripts/compare_trees_forward.sh pack-built DIR NAME WORKTREE
+# writes DIR/NAME.tar.xz (the extension and its build record), and on the GPU machine
+#   bash scripts/compare_trees_forward.sh run-built DIR OUT [BENCH ARGS...]
+# benchmarks each NAME with the checkout's Python package and that extension (the trees must
+# differ in csrc/ only).
+#
 # The CUTLASS headers come from .whl/ as in scripts/gpu_check.sh.
 set -uo pipefail
 
 mode=${1:?usage: compare_trees_forward.sh pack DIR REV... | run DIR OUT [BENCH ARGS...]}
 dir=${2:?missing DIR}
 shift 2
+
+if [ "$mode" = pack-built ]; then
+    name=${1:?missing NAME}
+    worktree=${2:?missing WORKTREE}
+    mkdir -p "$dir"
+    tar cJf "$dir/$name.tar.xz" -C "$worktree/flash_varlen" \
+        $(cd "$worktree/flash_varlen" && ls _C.cpython-*.so) _build_info.py
+    echo "$dir/$name.tar.xz: $(git -C "$worktree" log -1 --format='%h %s' | cut -c1-90)"
+    exit 0
+fi
 
 if [ "$mode" = pack ]; then
     mkdir -p "$dir"
@@ -31,13 +49,23 @@ shift
 bench_args=("$@")
 [ ${#bench_args[@]} -eq 0 ] && bench_args=(--layouts mha,gqa --workloads docs,short,equal2k)
 
-if ! python3 -c "import cutlass_library" 2>/dev/null; then
+if [ "$mode" = run ] && ! python3 -c "import cutlass_library" 2>/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/cutlass_site .whl/nvidia_cutlass-*.whl
     export PYTHONPATH=/tmp/cutlass_site${PYTHONPATH:+:$PYTHONPATH}
 fi
 mkdir -p "$out"
 trees=()
-for tar in "$dir"/*.tar; do
+if [ "$mode" = run-built ]; then
+    for tar in "$dir"/*.tar.xz; do
+        name=$(basename "$tar" .tar.xz)
+        trees+=("$name")
+        tree=/tmp/compare_trees/$name
+        rm -rf "$tree" && mkdir -p "$tree" && cp -r flash_varlen benchmarks "$tree"/
+        rm -f "$tree"/flash_varlen/_C*.so "$tree"/flash_varlen/_build_info.py
+        tar xJf "$tar" -C "$tree/flash_varlen"
+    done
+fi
+for tar in $([ "$mode" = run ] && ls "$dir"/*.tar); do
     name=$(basename "$tar" .tar)
     trees+=("$name")
     tree=/tmp/compare_trees/$name
