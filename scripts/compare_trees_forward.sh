@@ -18,6 +18,9 @@
 # benchmarks each NAME with the checkout's Python package and that extension (the trees must
 # differ in csrc/ only).
 #
+# COMPARE_FAMILY (default sm90): the kernel family forced in the benchmarks (for run-built trees
+# of another family; `run` builds the sm90 family only).
+#
 # The CUTLASS headers come from .whl/ as in scripts/gpu_check.sh.
 set -uo pipefail
 
@@ -46,6 +49,7 @@ fi
 
 out=${1:?missing OUT}
 shift
+family=${COMPARE_FAMILY:-sm90}
 bench_args=("$@")
 [ ${#bench_args[@]} -eq 0 ] && bench_args=(--layouts mha,gqa --workloads docs,short,equal2k)
 
@@ -77,15 +81,15 @@ done
 wait
 # One benchmark at a time: the trees share the GPU.
 for name in "${trees[@]}"; do
-    (cd "/tmp/compare_trees/$name" && FLASH_VARLEN_KERNEL_FAMILY=sm90 python3 benchmarks/bench_forward.py \
-        --out "$out/forward_$name.json" --impl ours --families sm90 "${bench_args[@]}" \
+    (cd "/tmp/compare_trees/$name" && FLASH_VARLEN_KERNEL_FAMILY=$family python3 benchmarks/bench_forward.py \
+        --out "$out/forward_$name.json" --impl ours --families "$family" "${bench_args[@]}" \
         > "$out/bench_$name.log" 2>&1; echo "bench $name rc=$?")
 done
-python3 - "$out" "${trees[@]}" <<'PY'
+python3 - "$out" "$family" "${trees[@]}" <<'PY'
 import json
 import sys
 
-out, names = sys.argv[1], sys.argv[2:]
+out, family, names = sys.argv[1], sys.argv[2], sys.argv[3:]
 table: dict[str, dict[str, float]] = {}
 for name in names:
     try:
@@ -95,7 +99,7 @@ for name in names:
         continue
     for row in rows:
         key = f"{row['workload']}/{row['layout']}/{'causal' if row['causal'] else 'full'}"
-        table.setdefault(key, {})[name] = row["results"].get("ours_sm90", {}).get("tflops")
+        table.setdefault(key, {})[name] = row["results"].get(f"ours_{family}", {}).get("tflops")
 print("| row | " + " | ".join(names) + " |")
 print("| --- |" + " --- |" * len(names))
 for key, values in table.items():
