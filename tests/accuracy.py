@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import pytest
 import torch
@@ -484,3 +484,22 @@ def require_backward_kernel(dtype: torch.dtype, head_dim: int) -> None:
             f"narrowed build: no {dtype_name(dtype)} backward kernel for head-dim bucket "
             f"{bucket} (head dim {head_dim})"
         )
+
+
+# Side-stream calls before a CUDA-graph capture (PyTorch's CUDA-graph guidance).
+GRAPH_WARMUP_STEPS = 3
+
+
+def capture_graph(step: Callable[[], Any]) -> tuple[torch.cuda.CUDAGraph, Any]:
+    """``step`` warmed up on a side stream (PyTorch's CUDA-graph guidance), then captured:
+    returns the graph and the outputs of the captured call (its static outputs)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(GRAPH_WARMUP_STEPS):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = step()
+    return graph, outputs

@@ -18,7 +18,6 @@ Runs only where CUDA is available; elsewhere every test is skipped.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -30,6 +29,7 @@ from accuracy import (
     assert_bitwise_equal,
     assert_lse_within_tolerance,
     assert_within_tolerance,
+    capture_graph,
     device_generator,
     output_nbytes,
     poison_freed_blocks,
@@ -62,7 +62,6 @@ WINDOW = (37, 0)
 # (an empty cache, a full one, lengths that change by more than a tile).
 GRAPH_SEQLEN_NEW = 2
 GRAPH_LENGTHS = [[0, 17, 200, SEQLEN_CACHE - GRAPH_SEQLEN_NEW], [5, 0, 64, 128], [0, 0, 0, 0]]
-WARMUP_STEPS = 3  # side-stream calls before capture (PyTorch's CUDA-graph guidance)
 # The call may allocate its small index tensors and rotated q, never a copy of the cache
 # (16 MiB per cache at this length with BATCH entries of GQA heads).
 NO_COPY_CACHE_SEQLEN = 8192
@@ -308,21 +307,6 @@ def test_eager_call_does_not_synchronize() -> None:
         torch.cuda.set_sync_debug_mode("default")
 
 
-def capture(step: Callable[[], Any]) -> tuple[torch.cuda.CUDAGraph, Any]:
-    """``step`` warmed up on a side stream (PyTorch's CUDA-graph guidance), then captured:
-    returns the graph and the outputs of the captured call (its static outputs)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(WARMUP_STEPS):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outputs = step()
-    return graph, outputs
-
-
 def check_replay(
     graph: torch.cuda.CUDAGraph,
     static: dict[str, Any],
@@ -367,7 +351,7 @@ def test_cuda_graph_replays_with_new_cache_lengths() -> None:
     def step() -> tuple[torch.Tensor, torch.Tensor]:
         return _flash_varlen().flash_attn_with_kvcache(**static, **options)
 
-    graph, (static_out, static_lse) = capture(step)
+    graph, (static_out, static_lse) = capture_graph(step)
 
     for seed, lengths in enumerate(GRAPH_LENGTHS, start=1):
         fresh = make_call(
@@ -529,7 +513,7 @@ def test_paged_cuda_graph_replays_with_new_lengths_and_tables() -> None:
     def step() -> tuple[torch.Tensor, torch.Tensor]:
         return _flash_varlen().flash_attn_with_kvcache(**static, **options)
 
-    graph, (static_out, static_lse) = capture(step)
+    graph, (static_out, static_lse) = capture_graph(step)
 
     for seed, lengths in enumerate(GRAPH_LENGTHS, start=1):
         fresh = paged(

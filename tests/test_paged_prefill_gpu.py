@@ -31,6 +31,7 @@ from accuracy import (
     assert_bitwise_equal,
     assert_lse_within_tolerance,
     assert_within_tolerance,
+    capture_graph,
     cu_seqlens_from_lengths,
     device_generator,
     dtype_name,
@@ -62,7 +63,6 @@ SEQLENS_K = (9, 77, 203, 40, 0, 129)
 WINDOW = (37, 5)
 SOFTCAP = 20.0
 ALIBI_SLOPE_SCALE = 0.3
-WARMUP_STEPS = 3  # side-stream calls before capture (PyTorch's CUDA-graph guidance)
 
 
 def _flash_varlen() -> Any:
@@ -385,15 +385,7 @@ def test_cuda_graph_replays_with_a_new_block_table() -> None:
     def step() -> torch.Tensor:
         return api.flash_attn_varlen_func(**static.arguments(), causal=True)
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(WARMUP_STEPS):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_out = step()
+    graph, static_out = capture_graph(step)
 
     for seed, used in enumerate([(200, 0, 100, 40), (1, 64, 129, 17), (0, 0, 0, 0)], start=20):
         fresh = make_paged_batch(seqlens_q, slots, 16, seqused_k=used, seed=seed)
