@@ -10,6 +10,7 @@
 
 #include <cute/tensor.hpp>
 
+#include "kernels/common/device_sm_count.h"
 #include "kernels/common/flash_params.h"
 #include "kernels/common/workspace.h"
 #include "kernels/decode/combine_kernel.h"
@@ -46,12 +47,8 @@ struct DecodeLaunch {
     // The split count of a call: params.num_splits when given, else the heuristic on this
     // device's SM count and the kernel's occupancy (attribute queries: no sync, no launch).
     static int num_splits(const FlashDecodeParams& params) {
-        int device = 0;
-        int sm_count = 1;
+        const int sm_count = device_sm_count();
         int ctas_per_sm = 1;
-        if (cudaGetDevice(&device) == cudaSuccess) {
-            cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device);
-        }
         if (allow_smem() == cudaSuccess) {
             cudaOccupancyMaxActiveBlocksPerMultiprocessor(&ctas_per_sm, decode_kernel<Traits>,
                                                           Traits::kNThreads, Traits::kSmemBytes);

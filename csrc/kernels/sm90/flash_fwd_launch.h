@@ -11,6 +11,7 @@
 
 #include <cute/tensor.hpp>
 
+#include "kernels/common/device_sm_count.h"
 #include "kernels/common/flash_params.h"
 #include "kernels/common/varlen_tile_schedule.h"
 #include "kernels/common/workspace.h"
@@ -42,16 +43,6 @@ WorkspaceSize fwd_workspace_size(const FlashFwdParams& params) {
     if (params.cu_seqlens_q != nullptr) size.scratch_bytes = VarlenTileSchedule::bytes(params.batch);
     size.zeroed_bytes = sizeof(int);
     return size;
-}
-
-// The SMs of the current device (an attribute query: no sync).
-inline int device_sm_count() {
-    int device = 0;
-    int sm_count = 1;
-    if (cudaGetDevice(&device) == cudaSuccess) {
-        cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device);
-    }
-    return sm_count;
 }
 
 // A persistent grid of one thread block per SM (the shared memory of one tile fills an SM) walks
