@@ -39,6 +39,7 @@ import re
 import sys
 import sysconfig
 from pathlib import Path
+from typing import NamedTuple
 
 from setuptools import setup
 
@@ -71,7 +72,7 @@ FAMILIES = {family.name: family for family in GENERATOR.kernel_families.FAMILIES
 ALL_DTYPES = tuple(GENERATOR.ELEMENT_TYPES)
 ALL_HEAD_DIMS = tuple(GENERATOR.HEAD_DIM_BUCKETS)
 ALL_FAMILIES = tuple(FAMILIES)
-ALL_ARCHS = tuple(sorted({arch for family in FAMILIES.values() for arch in family.targets}))
+ALL_ARCHS = GENERATOR.kernel_families.TARGET_ARCHS
 
 # The fields of flash_varlen/_build_info.py, in file order, each with the comment written above
 # it. flash_varlen._extension and flash_varlen.info read these names.
@@ -146,18 +147,48 @@ def kernel_sources() -> dict[str, list[str]]:
     return selected
 
 
-def build_runs(
-    family_sources: dict[str, list[str]], host_sources: list[str]
-) -> list[tuple[str, list[str]]]:
-    """The ninja runs of the compile step, (family, files in the order ninja starts them): one run
-    per family, since torch's extension builder gives every file of a run the same nvcc flags.
-    The host sources join the first family's run, after its kernel files (nvcc flags do not touch
-    .cpp files), so that they compile while kernels do: compiled after them, they added about a
-    minute to the full build on the 16-core GPU machine (293 s against 204 s)."""
-    return [
-        (family, files + (host_sources if index == 0 else []))
-        for index, (family, files) in enumerate(family_sources.items())
-    ]
+class CompileRun(NamedTuple):
+    """One ninja run of the compile step: files that share their nvcc target flags."""
+
+    parts: list[tuple[str, str]]  # the (family, direction) pairs of its kernel files
+    target_flags: list[str]
+    files: list[str]  # kernel files, then any host sources
+
+    @property
+    def label(self) -> str:
+        """The parts in words: "sm80 fwd, decode" (a family named after its one direction alone)."""
+        return ", ".join(
+            family if direction == family else f"{family} {direction}"
+            for family, direction in self.parts
+        )
+
+
+def instantiation_direction(path: str) -> str:
+    """The direction of a generated instantiation file (<family>/<direction>_<dtype>_...cu)."""
+    return Path(path).name.split("_")[0]
+
+
+def build_runs(family_sources: dict[str, list[str]], host_sources: list[str]) -> list[CompileRun]:
+    """The ninja runs of the compile step, each with its files in the order ninja starts them:
+    torch's extension builder gives every file of a run the same nvcc flags, so there is one run
+    per set of target flags (a family's directions differ where one shares_ptx; the sm80
+    forward's flags and the decode family's are the same), in the order of the families and
+    their directions. The host sources join the first run, after its kernel files (nvcc flags do
+    not touch .cpp files), so that they compile while kernels do: compiled after them, they added
+    about a minute to the full build on the 16-core GPU machine (293 s against 204 s)."""
+    runs: dict[tuple[str, ...], CompileRun] = {}
+    for family, files in family_sources.items():
+        for path in files:
+            direction = instantiation_direction(path)
+            flags = target_flags(family, direction)
+            run = runs.setdefault(tuple(flags), CompileRun([], flags, []))
+            if (family, direction) not in run.parts:
+                run.parts.append((family, direction))
+            run.files.append(path)
+    ordered = list(runs.values())
+    if ordered:
+        ordered[0].files.extend(host_sources)
+    return ordered
 
 
 def capability_arch(capability: tuple[int, int]) -> str | None:
@@ -229,7 +260,7 @@ def family_archs(family: str) -> list[str]:
 
 
 def nvcc_flags(nvcc_threads: int) -> list[str]:
-    """The nvcc flags every family shares; family_targets adds each family's own."""
+    """The nvcc flags every family shares; target_flags adds each family's own."""
     return [
         "-O3",
         "-std=c++17",
@@ -245,13 +276,22 @@ def nvcc_flags(nvcc_threads: int) -> list[str]:
     ]
 
 
-def family_targets(family: str) -> list[str]:
-    """A family's own nvcc flags: the -gencode flags of its selected architectures, then the
-    flags its code needs (KernelFamily.nvcc_flags)."""
-    return [
-        *(FAMILIES[family].targets[arch] for arch in family_archs(family)),
-        *FAMILIES[family].nvcc_flags,
-    ]
+def target_flags(family: str, direction: str) -> list[str]:
+    """nvcc's flags for the files of one direction of a family: the -gencode flags of the
+    family's selected architectures (one for all of them, from the lowest's PTX, where the
+    direction shares_ptx), FLASH_VARLEN_MACHINE_ARCHS (a bit per TARGET_ARCHS entry the file has
+    machine code for, which its kernel registration reads: __CUDA_ARCH_LIST__ names only the
+    virtual architectures), then the flags the family's code needs (KernelFamily.nvcc_flags)."""
+    declared = FAMILIES[family]
+    archs = family_archs(family)
+    targets = [declared.targets[arch] for arch in archs]
+    if declared.directions[direction].shares_ptx and len(targets) > 1:
+        reals = ",".join(target.real for target in targets)
+        gencode = [f"-gencode=arch={targets[0].virtual},code=[{reals}]"]
+    else:
+        gencode = [target.gencode() for target in targets]
+    machine_archs = sum(1 << ALL_ARCHS.index(arch) for arch in archs)
+    return [*gencode, f"-DFLASH_VARLEN_MACHINE_ARCHS={machine_archs}", *declared.nvcc_flags]
 
 
 def cutlass_version(include_dir: Path) -> str:
@@ -330,20 +370,20 @@ def build_ext_command(
         def build_extension(self, ext) -> None:
             # torch's extension builder gives every source the same flags, so the compile step
             # is split into build_runs: each family's kernel files are compiled with its own
-            # targets. The link step is setuptools' own.
+            # target flags. The link step is setuptools' own.
             compile_with_shared_flags = self.compiler.compile
             kernel_files = {path for files in family_sources.values() for path in files}
 
             def compile_by_family(sources: list[str], *, extra_postargs: dict, **kwargs) -> list:
                 host = [path for path in sources if path not in kernel_files]
                 objects = []
-                for family, files in build_runs(family_sources, host):
-                    targets = ", ".join(f"sm_{arch}" for arch in family_archs(family))
-                    print(f"flash_varlen: compiling the {family} family "
-                          f"({len(family_sources[family])} files) for {targets}")
-                    nvcc = extra_postargs["nvcc"] + family_targets(family)
+                for run in build_runs(family_sources, host):
+                    kernels = [path for path in run.files if path in kernel_files]
+                    print(f"flash_varlen: compiling {len(kernels)} kernel files ({run.label}): "
+                          + " ".join(run.target_flags))
+                    nvcc = extra_postargs["nvcc"] + run.target_flags
                     flags = {**extra_postargs, "nvcc": nvcc}
-                    objects += compile_with_shared_flags(files, extra_postargs=flags, **kwargs)
+                    objects += compile_with_shared_flags(run.files, extra_postargs=flags, **kwargs)
                 return objects
 
             self.compiler.compile = compile_by_family

@@ -66,11 +66,15 @@ INSTANTIATION = """\
 namespace flash_varlen {{
 namespace {{
 
-// __CUDA_ARCH_LIST__: the architectures nvcc compiles this file for (the family's targets that
-// the build selected), so that dispatch knows which devices this code runs on.
+// The architectures this file holds machine code for (the family's targets that the build
+// selected; setup.py's target_flags defines the mask), so that dispatch knows which devices this
+// code runs on.
+#ifndef FLASH_VARLEN_MACHINE_ARCHS
+#error "compile with setup.py's target flags (-DFLASH_VARLEN_MACHINE_ARCHS=...)"
+#endif
 const KernelRegistration<{params}> kRegistration(
     KernelKey{{KernelFamily::{enum}, {{{element_enum}, {head_dim}, /*is_local=*/{local}}}}},
-    {{__CUDA_ARCH_LIST__}},
+    machine_archs(FLASH_VARLEN_MACHINE_ARCHS),
     &{family}::{launcher}<{element}, {head_dim}, /*kIsLocal=*/{local}>,
     &{workspace},
     {unsupported_option});
@@ -173,6 +177,7 @@ def kernel_families_header() -> str:
         f'"{family.summary}"}},'
         for family in families
     )
+    arch_values = ", ".join(f"{arch}0" for arch in kernel_families.TARGET_ARCHS)
     return (
         HEADER.format(source="csrc/kernel_families.py")
         + f"""\
@@ -195,6 +200,10 @@ struct KernelFamilyInfo {{
 constexpr KernelFamilyInfo kKernelFamilies[] = {{
 {rows}
 }};
+
+// Every architecture some family targets, as __CUDA_ARCH__ values: bit i of an instantiation
+// file's FLASH_VARLEN_MACHINE_ARCHS stands for kTargetArchs[i] (kernel_registry.h).
+constexpr int kTargetArchs[] = {{{arch_values}}};
 
 }}  // namespace flash_varlen
 """

@@ -37,8 +37,9 @@ def load_module(relative_path: str, name: str):
 
 
 def nvcc_command(setup, source: Path, output: Path, nvcc: Path) -> list[str]:
-    """nvcc's command line for one instantiation file: the shared flags, the family's targets
-    (all of them) and flags, the include folders, and ptxas's report."""
+    """nvcc's command line for one instantiation file: the shared flags, the target flags of its
+    family and direction (every target of the family), the include folders, and ptxas's
+    report."""
     family = source.parent.name
     if family not in setup.FAMILIES:
         raise SystemExit(f"{source}: not under csrc/instantiations/<family>/")
@@ -48,7 +49,7 @@ def nvcc_command(setup, source: Path, output: Path, nvcc: Path) -> list[str]:
         str(nvcc), "-c", str(source), "-o", str(output),
         *(f"-I{folder}" for folder in includes),
         *setup.nvcc_flags(nvcc_threads=1),
-        *setup.family_targets(family),
+        *setup.target_flags(family, setup.instantiation_direction(str(source))),
         "--ptxas-options=-v", "-Xcompiler", "-fPIC",
     ]  # fmt: skip
 

@@ -213,16 +213,70 @@ def test_kernel_sources_are_grouped_by_family_with_its_targets(
     for family, files in sources.items():
         assert all(path.startswith(f"csrc/instantiations/{family}/") for path in files)
     selected = archs.split(",") if archs else ["80", "90"]
-    assert setup.family_targets("sm80") == [
-        f"-gencode=arch=compute_{arch},code=sm_{arch}" for arch in selected
+    mask = {"80": 1, "90": 2}
+    machine_archs = f"-DFLASH_VARLEN_MACHINE_ARCHS={sum(mask[arch] for arch in selected)}"
+    assert setup.target_flags("sm80", "bwd") == [
+        *(f"-gencode=arch=compute_{arch},code=sm_{arch}" for arch in selected), machine_archs
     ]
+    # The forward shares one PTX among the targets: one front-end pass for both.
+    shared = (
+        "-gencode=arch=compute_80,code=[sm_80,sm_90]"
+        if len(selected) == 2
+        else f"-gencode=arch=compute_{selected[0]},code=sm_{selected[0]}"
+    )
+    assert setup.target_flags("sm80", "fwd") == [shared, machine_archs]
+    assert setup.target_flags("decode", "decode") == [shared, machine_archs]
     # sm90 code is architecture-specific (sm_90a: wgmma, setmaxnreg) and needs its own defines.
     if "90" in selected:
-        assert setup.family_targets("sm90") == [
+        assert setup.target_flags("sm90", "fwd") == [
             "-gencode=arch=compute_90a,code=sm_90a",
+            "-DFLASH_VARLEN_MACHINE_ARCHS=2",
             "-DNDEBUG",
         ]
     assert not any("gencode" in flag for flag in setup.nvcc_flags(nvcc_threads=2))
+
+
+def own_headers(source: Path) -> set[Path]:
+    """The files of csrc/ that `source` includes, directly or not ("..." includes, resolved
+    against csrc/ as the build's include path does)."""
+    seen: set[Path] = set()
+    pending = [source]
+    while pending:
+        path = pending.pop()
+        for name in re.findall(r'^\s*#include\s+"([^"]+)"', path.read_text(), re.MULTILINE):
+            header = ROOT / "csrc" / name
+            if header.is_file() and header not in seen:
+                seen.add(header)
+                pending.append(header)
+    return seen
+
+
+def arch_dependent_files(files: set[Path]) -> list[str]:
+    """The files with code (not a comment) that tests __CUDA_ARCH__."""
+    return sorted(
+        str(path.relative_to(ROOT))
+        for path in files
+        if any("__CUDA_ARCH__" in line.split("//")[0] for line in path.read_text().splitlines())
+    )
+
+
+def test_directions_that_share_ptx_have_no_architecture_dependent_code():
+    """A direction that shares_ptx gets its sm_90 machine code from sm_80's PTX, so code of ours
+    that tests __CUDA_ARCH__ would silently take its sm_80 path on Hopper. The sm80 backward,
+    which does (bulk dQ adds on sm_90), shows that the scan finds such code."""
+    setup = load_setup()
+    for family in setup.FAMILIES.values():
+        for name, direction in family.directions.items():
+            source = next(
+                setup.GENERATOR.INSTANTIATION_DIR / inst.relative_path
+                for inst in setup.GENERATOR.all_instantiations()
+                if inst.family == family.name and inst.direction == name
+            )
+            found = arch_dependent_files(own_headers(source))
+            if direction.shares_ptx:
+                assert found == [], f"{family.name} {name} shares_ptx but tests __CUDA_ARCH__"
+    sm80_backward = setup.GENERATOR.INSTANTIATION_DIR / "sm80" / "bwd_bf16_hdim128.cu"
+    assert arch_dependent_files(own_headers(sm80_backward)) == ["csrc/kernels/sm80/dq_accum.h"]
 
 
 def test_ninja_starts_the_heaviest_files_first(monkeypatch):
@@ -240,10 +294,11 @@ def test_ninja_starts_the_heaviest_files_first(monkeypatch):
     assert sm80_directions == ["bwd"] * 20 + ["fwd"] * 20
     host = ["csrc/bindings/module.cpp", "csrc/kernels/common/kernel_registry.cpp"]
     runs = setup.build_runs(sources, host)
-    assert [family for family, _ in runs] == ["sm90", "sm80", "decode"]
-    assert runs[0][1] == sources["sm90"] + host
-    assert runs[1][1] == sources["sm80"]
-    assert runs[2][1] == sources["decode"]
+    # One run per set of target flags: the sm80 forward and the decode family share theirs.
+    assert [run.label for run in runs] == ["sm90 fwd", "sm80 bwd", "sm80 fwd, decode"]
+    assert runs[0].files == sources["sm90"] + host
+    assert runs[1].files == sources["sm80"][:20]
+    assert runs[2].files == sources["sm80"][20:] + sources["decode"]
 
 
 @pytest.mark.parametrize(

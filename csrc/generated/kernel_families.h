@@ -21,4 +21,8 @@ constexpr KernelFamilyInfo kKernelFamilies[] = {
     {KernelFamily::kDecode, "decode", 80, 90, "split-KV decode over contiguous and paged KV caches (mma.sync, cp.async)"},
 };
 
+// Every architecture some family targets, as __CUDA_ARCH__ values: bit i of an instantiation
+// file's FLASH_VARLEN_MACHINE_ARCHS stands for kTargetArchs[i] (kernel_registry.h).
+constexpr int kTargetArchs[] = {800, 900};
+
 }  // namespace flash_varlen

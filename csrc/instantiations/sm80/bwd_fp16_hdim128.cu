@@ -7,11 +7,15 @@
 namespace flash_varlen {
 namespace {
 
-// __CUDA_ARCH_LIST__: the architectures nvcc compiles this file for (the family's targets that
-// the build selected), so that dispatch knows which devices this code runs on.
+// The architectures this file holds machine code for (the family's targets that the build
+// selected; setup.py's target_flags defines the mask), so that dispatch knows which devices this
+// code runs on.
+#ifndef FLASH_VARLEN_MACHINE_ARCHS
+#error "compile with setup.py's target flags (-DFLASH_VARLEN_MACHINE_ARCHS=...)"
+#endif
 const KernelRegistration<FlashBwdParams> kRegistration(
     KernelKey{KernelFamily::kSm80, {ElementType::kFloat16, 128, /*is_local=*/false}},
-    {__CUDA_ARCH_LIST__},
+    machine_archs(FLASH_VARLEN_MACHINE_ARCHS),
     &sm80::launch_flash_bwd<cutlass::half_t, 128, /*kIsLocal=*/false>,
     &sm80::flash_bwd_workspace_size<cutlass::half_t, 128>,
     nullptr);

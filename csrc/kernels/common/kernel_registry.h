@@ -7,7 +7,7 @@
 
 #include <cuda_runtime_api.h>
 
-#include <initializer_list>
+#include <utility>
 #include <vector>
 
 #include "generated/kernel_families.h"
@@ -90,13 +90,24 @@ const KernelEntry<Params>* find_kernel(const KernelKey& key) {
     return nullptr;
 }
 
+// The architectures (__CUDA_ARCH__ values) of a FLASH_VARLEN_MACHINE_ARCHS mask: bit i stands
+// for kTargetArchs[i].
+inline std::vector<int> machine_archs(unsigned mask) {
+    std::vector<int> archs;
+    for (unsigned i = 0; i < sizeof(kTargetArchs) / sizeof(kTargetArchs[0]); ++i) {
+        if (mask & (1u << i)) archs.push_back(kTargetArchs[i]);
+    }
+    return archs;
+}
+
 // A static instance of this in an instantiation file registers its kernel when the library loads.
 template <typename Params>
 struct KernelRegistration {
-    KernelRegistration(const KernelKey& key, std::initializer_list<int> archs,
+    KernelRegistration(const KernelKey& key, std::vector<int> archs,
                        Launcher<Params> launch, WorkspaceSizer<Params> workspace_size,
                        OptionCheck<Params> unsupported_option) {
-        kernel_table<Params>().push_back({key, archs, launch, workspace_size, unsupported_option});
+        kernel_table<Params>().push_back(
+            {key, std::move(archs), launch, workspace_size, unsupported_option});
     }
 };
 
