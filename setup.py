@@ -230,7 +230,10 @@ def arch_selection() -> tuple[list[str], str]:
     those that run the GPUs of TORCH_CUDA_ARCH_LIST, else those of the GPUs visible at build time
     (as torch builds its extensions), else every architecture the kernel families target."""
     if os.environ.get("FLASH_VARLEN_ARCHS", "").strip():
-        return env_list("FLASH_VARLEN_ARCHS", ALL_ARCHS), "FLASH_VARLEN_ARCHS"
+        # In ascending order whatever order the variable lists them in: a family that shares
+        # one PTX among its targets compiles it for the lowest (target_flags).
+        named = set(env_list("FLASH_VARLEN_ARCHS", ALL_ARCHS))
+        return [arch for arch in ALL_ARCHS if arch in named], "FLASH_VARLEN_ARCHS"
     if os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip():
         source = "TORCH_CUDA_ARCH_LIST"
         capabilities = parse_torch_arch_list(os.environ["TORCH_CUDA_ARCH_LIST"])
