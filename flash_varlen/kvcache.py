@@ -246,7 +246,11 @@ def _attend_cache(call: KVCacheCall, *, use_decode_kernel: bool) -> KVCacheResul
         )
     if rotary is not None:
         q = apply_rotary(q, rotary, query_positions(cache_seqlens, seqlen_q, call.options))
-    key_ends = None if cache_seqlens is None else cache_seqlens + call.seqlen_new
+    # Without new keys the lengths are the key ends as they are (no elementwise launch).
+    if cache_seqlens is None or call.seqlen_new == 0:
+        key_ends = cache_seqlens
+    else:
+        key_ends = cache_seqlens + call.seqlen_new
     if use_decode_kernel:
         out, softmax_lse = _decode_attention(
             q, call, decode_key_ends(key_ends, batch, call.capacity, q.device), call.options

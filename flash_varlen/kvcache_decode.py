@@ -21,6 +21,7 @@ goes through the registered op ``flash_varlen::kvcache_fwd`` (``ops.py``), whose
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -69,7 +70,7 @@ def build_kernel_check(q: torch.Tensor) -> str | None:
     extension = load_extension()
     if not hasattr(extension, DECODE_ENTRY.name):
         return "this build of the extension predates the decode kernels"
-    major, minor = torch.cuda.get_device_capability(q.device)
+    major, minor = _device_capability(q.device.index)
     try:
         extension.select_kernel_family(
             "decode", _DTYPE_NAMES[q.dtype], q.shape[-1], False, major * 10 + minor
@@ -77,6 +78,13 @@ def build_kernel_check(q: torch.Tensor) -> str | None:
     except NotImplementedError as refusal:
         return str(refusal)
     return None
+
+
+@functools.lru_cache(maxsize=None)
+def _device_capability(index: int | None) -> tuple[int, int]:
+    """torch.cuda.get_device_capability, asked once per device: it cannot change, and asking on
+    every decode step cost a few microseconds of host time."""
+    return torch.cuda.get_device_capability(index)
 
 
 def decode_attention(
@@ -99,5 +107,8 @@ def decode_attention(
         "cache_leftpad": call.cache_leftpad,
         "num_splits": call.num_splits,
     }
-    out, softmax_lse, _, _ = ops.kvcache_fwd(q, call.k_cache, call.v_cache, key_ends, **arguments)
+    # The registered op where torch.compile traces (its fake gives the shapes); eagerly the same
+    # call without the op's dispatch layers (ops.py).
+    kernel = ops.kvcache_fwd if torch.compiler.is_compiling() else ops.kvcache_fwd_eager
+    out, softmax_lse, _, _ = kernel(q, call.k_cache, call.v_cache, key_ends, **arguments)
     return out, softmax_lse

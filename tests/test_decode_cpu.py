@@ -382,9 +382,11 @@ def test_kvcache_op_fake_gives_the_output_shapes() -> None:
     assert first.shape == second.shape == (0,)
 
 
-def test_decode_attention_hands_the_call_to_the_op(monkeypatch) -> None:
-    """Every part of the call reaches the op: the caches in place, the key ends, the block
-    table, the split count and the options."""
+@pytest.mark.parametrize("compiling", [False, True], ids=["eager", "compiling"])
+def test_decode_attention_hands_the_call_to_the_op(monkeypatch, compiling: bool) -> None:
+    """Every part of the call reaches the kernel: the caches in place, the key ends, the block
+    table, the split count and the options; through the registered op while torch.compile
+    traces, straight to the op's implementation eagerly (no dispatch layers)."""
     from flash_varlen import ops
 
     recorded = {}
@@ -393,7 +395,12 @@ def test_decode_attention_hands_the_call_to_the_op(monkeypatch) -> None:
         recorded.update(kwargs, q=q, k_cache=k_cache, v_cache=v_cache, ends=cache_seqlens)
         return q, torch.zeros(1), torch.empty(0), torch.empty(0)
 
-    monkeypatch.setattr(ops, "kvcache_fwd", op)
+    def not_this_one(*args, **kwargs):
+        raise AssertionError("the other entry ran")
+
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling)
+    monkeypatch.setattr(ops, "kvcache_fwd", op if compiling else not_this_one)
+    monkeypatch.setattr(ops, "kvcache_fwd_eager", not_this_one if compiling else op)
     args = paged_args()
     call = checked({**args, "causal": True, "softcap": 2.0})
     call = type(call)(**{**call.__dict__, "num_splits": 5})
