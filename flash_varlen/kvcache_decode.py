@@ -87,28 +87,38 @@ def _device_capability(index: int | None) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
 
-def decode_attention(
-    q: torch.Tensor,
-    call: KVCacheCall,
-    key_ends: torch.Tensor,
-    options: Mapping[str, Any],
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The decode kernels on ``call``'s cache: out (batch, seqlen_q, nheads, d) and softmax_lse
-    (batch, nheads, seqlen_q) float32.
+def decode_attention(call: KVCacheCall, cache_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The decode op on ``call``: appends its new keys and values to the cache (rotated with its
+    rotary tables), rotates its queries, attends; returns out (batch, seqlen_q, nheads, d) and
+    softmax_lse (batch, nheads, seqlen_q) float32.
 
-    q: the (rotated) queries; key_ends: int32 (batch,) one past each request's last key position
-    (cache_seqlens + seqlen_new, or the capacity for full caches; keys start at cache_leftpad);
-    options: the attention options as the op arguments name them.
+    cache_lengths: int32 (batch,) each request's cache length before the append (the capacity
+    for full caches); keys start at cache_leftpad.
     """
+    rotary = call.rotary_cos is not None
     arguments = {
-        **{name: value for name, value in options.items() if name in DECODE_ENTRY.names},
+        **{name: value for name, value in call.options.items() if name in DECODE_ENTRY.names},
         "block_table": call.block_table,
         "cache_batch_idx": call.cache_batch_idx,
         "cache_leftpad": call.cache_leftpad,
         "num_splits": call.num_splits,
+        "k_new": _last_dim_contiguous(call.k),
+        "v_new": _last_dim_contiguous(call.v),
+        "rotary_cos": _last_dim_contiguous(call.rotary_cos) if rotary else None,
+        "rotary_sin": _last_dim_contiguous(call.rotary_sin) if rotary else None,
+        "rotary_interleaved": call.rotary_interleaved,
     }
     # The registered op where torch.compile traces (its fake gives the shapes); eagerly the same
     # call without the op's dispatch layers (ops.py).
     kernel = ops.kvcache_fwd if torch.compiler.is_compiling() else ops.kvcache_fwd_eager
-    out, softmax_lse, _, _ = kernel(q, call.k_cache, call.v_cache, key_ends, **arguments)
+    out, softmax_lse, _, _ = kernel(
+        call.q, call.k_cache, call.v_cache, cache_lengths, **arguments
+    )
     return out, softmax_lse
+
+
+def _last_dim_contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
+    """t, copied only when its last dim is strided (the append kernel reads rows of d)."""
+    if t is None or t.stride(-1) == 1 or t.shape[-1] == 1:
+        return t
+    return t.contiguous()

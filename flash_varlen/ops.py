@@ -338,9 +338,10 @@ def _kvcache_op() -> tuple[Any, Callable[..., Outputs]]:
     signature = EXTENSION_ENTRY_POINT_BY_NAME["kvcache_fwd"]
     returns = "tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]"
     implementation = _implementation(signature, returns)
-    op = torch.library.custom_op(f"flash_varlen::{signature.name}", mutates_args=())(
-        implementation
-    )
+    # The append step writes the new keys and values into the caches in place.
+    op = torch.library.custom_op(
+        f"flash_varlen::{signature.name}", mutates_args=("k_cache", "v_cache")
+    )(implementation)
     fake = _function(f"_{signature.name}_fake", signature, _kvcache_forward_fake, returns, None)
     op.register_fake(fake)
     return op, implementation

@@ -236,10 +236,10 @@ def test_cpu_tensors_are_refused_without_loading_the_extension(monkeypatch) -> N
     assert refusal is not None and "CUDA" in refusal
 
 
-def test_key_ends_of_full_caches_are_the_capacity() -> None:
-    ends = kvcache.decode_key_ends(None, 3, 48, torch.device("cpu"))
-    assert ends.dtype == torch.int32 and ends.tolist() == [48, 48, 48]
-    given = kvcache.decode_key_ends(torch.tensor([1, 2, 3]), 3, 48, torch.device("cpu"))
+def test_cache_lengths_of_full_caches_are_the_capacity() -> None:
+    lengths = kvcache.decode_cache_lengths(None, 3, 48, torch.device("cpu"))
+    assert lengths.dtype == torch.int32 and lengths.tolist() == [48, 48, 48]
+    given = kvcache.decode_cache_lengths(torch.tensor([1, 2, 3]), 3, 48, torch.device("cpu"))
     assert given.dtype == torch.int32 and given.tolist() == [1, 2, 3]
 
 
@@ -248,17 +248,20 @@ def test_key_ends_of_full_caches_are_the_capacity() -> None:
 
 
 class ReferenceDecode:
-    """Stands in for the decode kernel call: reads each request's keys from the cache as the
-    kernel's KvCacheRows addresses them (page block_table[b, c // page_size], slot c %
-    page_size; or entry cache_batch_idx[b], row c; c from cache_leftpad[b] to key_ends[b]) and
-    computes it with the float32 reference."""
+    """Stands in for the decode op: the append and rotary steps as torch operations
+    (kvcache.append_and_rotate, which the op's kernel matches bit for bit on the GPU), then
+    each request's keys read from the cache as the kernel's KvCacheRows addresses them (page
+    block_table[b, c // page_size], slot c % page_size; or entry cache_batch_idx[b], row c; c
+    from cache_leftpad[b] to the key end) and the float32 reference."""
 
     def __init__(self) -> None:
         self.calls = 0
 
-    def __call__(self, q, call, key_ends, options):
+    def __call__(self, call, cache_lengths):
         self.calls += 1
-        assert key_ends.dtype == torch.int32 and key_ends.shape == (q.shape[0],)
+        assert cache_lengths.dtype == torch.int32 and cache_lengths.shape == (call.q.shape[0],)
+        q, key_ends = kvcache.append_and_rotate(call, cache_lengths)
+        options = call.options
         outs, lses = [], []
         for b in range(q.shape[0]):
             start = 0 if call.cache_leftpad is None else int(call.cache_leftpad[b])
@@ -384,15 +387,16 @@ def test_kvcache_op_fake_gives_the_output_shapes() -> None:
 
 @pytest.mark.parametrize("compiling", [False, True], ids=["eager", "compiling"])
 def test_decode_attention_hands_the_call_to_the_op(monkeypatch, compiling: bool) -> None:
-    """Every part of the call reaches the kernel: the caches in place, the key ends, the block
-    table, the split count and the options; through the registered op while torch.compile
-    traces, straight to the op's implementation eagerly (no dispatch layers)."""
+    """Every part of the call reaches the kernel: q as given, the caches in place, the cache
+    lengths, the block table, the split count, the new keys and values, the rotary tables and
+    the options; through the registered op while torch.compile traces, straight to the op's
+    implementation eagerly (no dispatch layers)."""
     from flash_varlen import ops
 
     recorded = {}
 
     def op(q, k_cache, v_cache, cache_seqlens, **kwargs):
-        recorded.update(kwargs, q=q, k_cache=k_cache, v_cache=v_cache, ends=cache_seqlens)
+        recorded.update(kwargs, q=q, k_cache=k_cache, v_cache=v_cache, lengths=cache_seqlens)
         return q, torch.zeros(1), torch.empty(0), torch.empty(0)
 
     def not_this_one(*args, **kwargs):
@@ -404,10 +408,15 @@ def test_decode_attention_hands_the_call_to_the_op(monkeypatch, compiling: bool)
     args = paged_args()
     call = checked({**args, "causal": True, "softcap": 2.0})
     call = type(call)(**{**call.__dict__, "num_splits": 5})
-    ends = int32([4, 5, 6])
-    kvcache_decode.decode_attention(call.q, call, ends, call.options)
+    lengths = int32([4, 5, 6])
+    kvcache_decode.decode_attention(call, lengths)
+    assert recorded["q"] is call.q
     assert recorded["k_cache"] is call.k_cache and recorded["v_cache"] is call.v_cache
-    assert recorded["ends"] is ends and recorded["block_table"] is call.block_table
+    assert recorded["lengths"] is lengths and recorded["block_table"] is call.block_table
+    assert recorded["k_new"] is call.k and recorded["v_new"] is call.v
+    assert recorded["rotary_cos"] is call.rotary_cos and recorded["rotary_sin"] is call.rotary_sin
+    assert call.rotary_cos is not None
+    assert recorded["rotary_interleaved"] is call.rotary_interleaved
     assert recorded["num_splits"] == 5
     assert recorded["causal"] is True and recorded["softcap"] == 2.0
     assert recorded["cache_batch_idx"] is None and recorded["cache_leftpad"] is None

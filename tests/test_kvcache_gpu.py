@@ -10,13 +10,16 @@ ALiBi, sinks, empty caches, no copy of the cache, and a CUDA-graph capture repla
 cache lengths. Contiguous calls of up to 16 query tokens run the decode kernels where the build
 has them (the varlen forward otherwise); the paged tests (page sizes 1, 16, 64, 256, random
 block tables, appends across page boundaries, num_splits 1 / 2 / many, the row-split kernel for
-more than 16 query rows, options, a CUDA graph replayed with new lengths and tables) need them.
+more than 16 query rows, options, a CUDA graph replayed with new lengths and tables) need them,
+as does the check of the decode op's append kernel against the torch steps it replaces (caches
+and output bit for bit, paged and contiguous, both rotary styles and table dtypes, strided k, v).
 
 Runs only where CUDA is available; elsewhere every test is skipped.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -522,3 +525,61 @@ def test_paged_cuda_graph_replays_with_new_lengths_and_tables() -> None:
         names = ("q", "k", "v", "k_cache", "v_cache", "cache_seqlens", "block_table")
         label = f"paged replay {seed}"
         check_replay(graph, static, (static_out, static_lse), fresh, names, options, label)
+
+
+# ----------------------------------------------------------------------------------------------
+# The decode op's append kernel against the torch steps it replaces, bit for bit
+
+
+@pytest.mark.parametrize(
+    ("page_size", "rotary_dim", "interleaved", "float32_tables", "causal"),
+    [
+        (None, 64, True, False, True),  # contiguous, cache_batch_idx
+        (None, 10, False, True, False),  # rotary_dim not a multiple of 8; q all at one position
+        (16, 128, False, False, True),  # the whole head rotated, GPT-NeoX pairs
+        (1, 64, True, True, True),  # every appended key on its own page
+        (64, 0, True, False, True),  # append without rotary
+    ],
+)
+@pytest.mark.parametrize("seqlen_q", [1, 5])
+def test_append_kernel_matches_the_torch_steps(
+    monkeypatch, page_size, rotary_dim, interleaved, float32_tables, causal, seqlen_q
+) -> None:
+    """The caches after the decode op's append kernel, and its output, equal bit for bit those
+    of the torch steps (kvcache.append_and_rotate) followed by the same op without new keys:
+    the same cells written with the same rotated bits, and the same rotated queries (an
+    attention over different query bits would give different output bits). k and v are
+    non-contiguous views."""
+    from flash_varlen import kvcache, kvcache_decode
+
+    require_decode_kernel(DEFAULT_DTYPE, DEFAULT_HEAD_DIM)
+    args = make_call(seqlen_q=seqlen_q, rotary_dim=rotary_dim, batch_idx=page_size is None)
+    if page_size is not None:
+        args = paged(args, page_size)
+    if float32_tables and rotary_dim:
+        args["rotary_cos"] = args["rotary_cos"].float()
+        args["rotary_sin"] = args["rotary_sin"].float()
+    # Views with a head stride of twice d: every other head of a wider tensor.
+    for name in ("k", "v"):
+        args[name] = torch.repeat_interleave(args[name], 2, dim=2)[:, :, ::2]
+        assert not args[name].is_contiguous()
+    options = {"causal": causal, "rotary_interleaved": interleaved}
+    fused_caches = {name: args[name].clone() for name in ("k_cache", "v_cache")}
+    torch_caches = {name: args[name].clone() for name in ("k_cache", "v_cache")}
+
+    fused = _flash_varlen().flash_attn_with_kvcache(**{**args, **fused_caches}, **options)
+
+    # The same call, checked by the public function, its op replaced by the torch steps.
+    def torch_steps(call, cache_lengths):
+        q, key_ends = kvcache.append_and_rotate(call, cache_lengths)
+        appended = dataclasses.replace(
+            call, q=q, k=None, v=None, rotary_cos=None, rotary_sin=None
+        )
+        return kvcache_decode.decode_attention(appended, key_ends.to(torch.int32))
+
+    monkeypatch.setattr(kvcache, "_decode_attention", torch_steps)
+    expected = _flash_varlen().flash_attn_with_kvcache(**{**args, **torch_caches}, **options)
+
+    for name in ("k_cache", "v_cache"):
+        assert_bitwise_equal(fused_caches[name], torch_caches[name], name)
+    assert_bitwise_equal(fused, expected, "out")
