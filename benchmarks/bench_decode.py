@@ -186,7 +186,9 @@ def run(seqlen_q: int, splits: list[int], append: bool) -> list[dict]:
 
 def table(rows: list[dict]) -> str:
     append = bool(rows) and "append_ms" in rows[0]
-    header = "| batch x cache | pages | seqlen_q | num_splits | ms | K/V TB/s | graph ms | graph TB/s |"
+    header = (
+        "| batch x cache | pages | seqlen_q | num_splits | ms | K/V TB/s | graph ms | graph TB/s |"
+    )
     if append:
         header += " append ms | append graph ms | append / plain (graph) |"
     lines = [header, "|" + " --- |" * (header.count("|") - 1)]

@@ -176,9 +176,10 @@ def flash_attn_with_kvcache(
 
     Bad values held in tensors (cache_seqlens beyond the capacity, a page or cache index out of
     range) are caller errors that FLASH_VARLEN_DEBUG=1 reports by name (it reads them from the
-    device). Without it, an append outside the cache still fails (an index error on the CPU, a
-    device-side assertion on the GPU) and never writes out of bounds, and the kernel never reads
-    outside the cache: its lengths and cache indices are clamped into it.
+    device). Without it, an append outside the cache still fails (an index error on the CPU; on
+    the GPU a device-side assertion, or a CUDA error from the decode op's append kernel, which
+    stops) and never writes out of bounds, and the kernel never reads outside the cache: its
+    lengths and cache indices are clamped into it.
 
     Raises:
         TypeError, ValueError: invalid inputs; the message names the argument and the rule.
@@ -259,7 +260,7 @@ def append_and_rotate(
     """The append and rotary steps as torch operations (what the decode op's first kernel does):
     writes the call's new keys (rotated) and values into its cache at cache_seqlens[b] + i and
     returns its queries, rotated when it has rotary tables, and the key ends, cache_seqlens +
-    seqlen_new (None for full caches, None)."""
+    seqlen_new (None when cache_seqlens is None: full caches)."""
     q = call.q
     rotary = (
         None

@@ -22,8 +22,7 @@ goes through the registered op ``flash_varlen::kvcache_fwd`` (``ops.py``), whose
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable
 
 import torch
 
@@ -87,7 +86,9 @@ def _device_capability(index: int | None) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
 
-def decode_attention(call: KVCacheCall, cache_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def decode_attention(
+    call: KVCacheCall, cache_lengths: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The decode op on ``call``: appends its new keys and values to the cache (rotated with its
     rotary tables), rotates its queries, attends; returns out (batch, seqlen_q, nheads, d) and
     softmax_lse (batch, nheads, seqlen_q) float32.
@@ -108,12 +109,22 @@ def decode_attention(call: KVCacheCall, cache_lengths: torch.Tensor) -> tuple[to
         "rotary_sin": _last_dim_contiguous(call.rotary_sin) if rotary else None,
         "rotary_interleaved": call.rotary_interleaved,
     }
-    # The registered op where torch.compile traces (its fake gives the shapes); eagerly the same
-    # call without the op's dispatch layers (ops.py).
-    kernel = ops.kvcache_fwd if torch.compiler.is_compiling() else ops.kvcache_fwd_eager
-    out, softmax_lse, _, _ = kernel(
+    appends = call.k is not None
+    if torch.compiler.is_compiling():
+        # The registered op (its fake gives the shapes); only a call that appends declares that
+        # it writes the caches (ops.py).
+        kernel = ops.kvcache_append_fwd if appends else ops.kvcache_fwd
+        out, softmax_lse, _, _ = kernel(
+            call.q, call.k_cache, call.v_cache, cache_lengths, **arguments
+        )
+        return out, softmax_lse
+    # Eagerly the same call without the op's dispatch layers, which would also have told
+    # autograd that the caches changed: said here, as an in-place torch write would.
+    out, softmax_lse, _, _ = ops.kvcache_fwd_eager(
         call.q, call.k_cache, call.v_cache, cache_lengths, **arguments
     )
+    if appends:
+        torch.autograd.graph.increment_version((call.k_cache, call.v_cache))
     return out, softmax_lse
 
 

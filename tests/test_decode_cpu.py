@@ -403,13 +403,18 @@ def test_decode_attention_hands_the_call_to_the_op(monkeypatch, compiling: bool)
         raise AssertionError("the other entry ran")
 
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling)
-    monkeypatch.setattr(ops, "kvcache_fwd", op if compiling else not_this_one)
+    # The call appends: while compiling, the op that declares its writes to the caches.
+    monkeypatch.setattr(ops, "kvcache_fwd", not_this_one)
+    monkeypatch.setattr(ops, "kvcache_append_fwd", op if compiling else not_this_one)
     monkeypatch.setattr(ops, "kvcache_fwd_eager", not_this_one if compiling else op)
     args = paged_args()
     call = checked({**args, "causal": True, "softcap": 2.0})
     call = type(call)(**{**call.__dict__, "num_splits": 5})
     lengths = int32([4, 5, 6])
+    versions = (call.k_cache._version, call.v_cache._version)
     kvcache_decode.decode_attention(call, lengths)
+    if not compiling:  # the eager call tells autograd that the caches changed
+        assert (call.k_cache._version, call.v_cache._version) == tuple(x + 1 for x in versions)
     assert recorded["q"] is call.q
     assert recorded["k_cache"] is call.k_cache and recorded["v_cache"] is call.v_cache
     assert recorded["lengths"] is lengths and recorded["block_table"] is call.block_table
@@ -420,6 +425,33 @@ def test_decode_attention_hands_the_call_to_the_op(monkeypatch, compiling: bool)
     assert recorded["num_splits"] == 5
     assert recorded["causal"] is True and recorded["softcap"] == 2.0
     assert recorded["cache_batch_idx"] is None and recorded["cache_leftpad"] is None
+
+
+@pytest.mark.parametrize("compiling", [False, True], ids=["eager", "compiling"])
+def test_a_call_without_new_keys_leaves_the_caches_alone(monkeypatch, compiling: bool) -> None:
+    """Without k and v the op that declares no writes runs while compiling (so torch.compile
+    does not functionalize the caches of a plain decode step), and eagerly the caches' versions
+    stay as they were."""
+    from flash_varlen import ops
+
+    ran = []
+
+    def op(q, k_cache, v_cache, cache_seqlens, **kwargs):
+        ran.append(kwargs["k_new"])
+        return q, torch.zeros(1), torch.empty(0), torch.empty(0)
+
+    def not_this_one(*args, **kwargs):
+        raise AssertionError("the other entry ran")
+
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling)
+    monkeypatch.setattr(ops, "kvcache_fwd", op if compiling else not_this_one)
+    monkeypatch.setattr(ops, "kvcache_append_fwd", not_this_one)
+    monkeypatch.setattr(ops, "kvcache_fwd_eager", not_this_one if compiling else op)
+    call = checked(paged_args(k=None, v=None, rotary_cos=None, rotary_sin=None))
+    versions = (call.k_cache._version, call.v_cache._version)
+    kvcache_decode.decode_attention(call, int32([4, 5, 6]))
+    assert ran == [None]
+    assert (call.k_cache._version, call.v_cache._version) == versions
 
 
 # ----------------------------------------------------------------------------------------------
@@ -480,7 +512,64 @@ ENTRY_ERRORS = {
         "cannot be combined with block_table",
     ),
     "splits": ({"num_splits": -1}, ValueError, "num_splits must be >= 0"),
+    "k_new_alone": (
+        {"k_new": torch.zeros(2, 1, 2, 64, dtype=torch.bfloat16)},
+        ValueError,
+        "k_new and v_new must be given together",
+    ),
+    "k_new_heads": (
+        {"k_new": torch.zeros(2, 1, 8, 64, dtype=torch.bfloat16),
+         "v_new": torch.zeros(2, 1, 8, 64, dtype=torch.bfloat16)},
+        ValueError,
+        "k_new must have shape (batch, seqlen_new, nheads_k, d) = (2, seqlen_new, 2, 64)",
+    ),
+    "v_new_dtype": (
+        {"k_new": torch.zeros(2, 1, 2, 64, dtype=torch.bfloat16),
+         "v_new": torch.zeros(2, 1, 2, 64, dtype=torch.float16)},
+        TypeError,
+        "v_new must have the dtype of q",
+    ),
+    "k_new_strided_last_dim": (
+        {"k_new": torch.zeros(2, 1, 2, 128, dtype=torch.bfloat16)[..., ::2],
+         "v_new": torch.zeros(2, 1, 2, 64, dtype=torch.bfloat16)},
+        ValueError,
+        "k_new must have a contiguous last dim",
+    ),
+    "rotary_without_new_keys": (
+        {"rotary_cos": torch.zeros(32, 32), "rotary_sin": torch.zeros(32, 32)},
+        ValueError,
+        "rotary_cos and rotary_sin need k_new and v_new",
+    ),
+    "rotary_dim": (
+        {"k_new": torch.zeros(2, 1, 2, 64, dtype=torch.bfloat16),
+         "v_new": torch.zeros(2, 1, 2, 64, dtype=torch.bfloat16),
+         "rotary_cos": torch.zeros(32, 33), "rotary_sin": torch.zeros(32, 33)},
+        ValueError,
+        "rotary_dim / 2) must be in [1, d / 2 = 32], got 33",
+    ),
+    "rotary_rows": (
+        {"k_new": torch.zeros(2, 1, 2, 64, dtype=torch.bfloat16),
+         "v_new": torch.zeros(2, 1, 2, 64, dtype=torch.bfloat16),
+         "rotary_cos": torch.zeros(31, 32), "rotary_sin": torch.zeros(31, 32)},
+        ValueError,
+        "rotary_cos.shape[0] must be at least the cache capacity (32), got 31",
+    ),
+    "rotary_table_dtype": (
+        {"k_new": torch.zeros(2, 1, 2, 64, dtype=torch.bfloat16),
+         "v_new": torch.zeros(2, 1, 2, 64, dtype=torch.bfloat16),
+         "rotary_cos": torch.zeros(32, 32, dtype=torch.float16),
+         "rotary_sin": torch.zeros(32, 32, dtype=torch.float16)},
+        TypeError,
+        "rotary_cos must be float32 or have the dtype of q",
+    ),
     "valid_but_cpu": ({}, RuntimeError, "q must be a CUDA tensor"),
+    "valid_append_but_cpu": (
+        {"k_new": torch.zeros(2, 3, 2, 64, dtype=torch.bfloat16),
+         "v_new": torch.zeros(2, 3, 2, 64, dtype=torch.bfloat16),
+         "rotary_cos": torch.zeros(32, 16), "rotary_sin": torch.zeros(32, 16)},
+        RuntimeError,
+        "q must be a CUDA tensor",
+    ),
 }
 
 

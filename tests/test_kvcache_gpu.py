@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 import torch
@@ -530,44 +530,85 @@ def test_paged_cuda_graph_replays_with_new_lengths_and_tables() -> None:
 # ----------------------------------------------------------------------------------------------
 # The decode op's append kernel against the torch steps it replaces, bit for bit
 
+class AppendCase(NamedTuple):
+    page_size: int | None  # None: a contiguous cache (with cache_batch_idx)
+    rotary_dim: int  # 0: no rotary tables
+    interleaved: bool
+    float32_tables: bool
+    options: dict[str, Any]
+    dtype: torch.dtype = DEFAULT_DTYPE
+    head_dim: int = DEFAULT_HEAD_DIM
+    seqlen_q: int = 5
+    seqlen_new: int = 5
 
-@pytest.mark.parametrize(
-    ("page_size", "rotary_dim", "interleaved", "float32_tables", "causal"),
-    [
-        (None, 64, True, False, True),  # contiguous, cache_batch_idx
-        (None, 10, False, True, False),  # rotary_dim not a multiple of 8; q all at one position
-        (16, 128, False, False, True),  # the whole head rotated, GPT-NeoX pairs
-        (1, 64, True, True, True),  # every appended key on its own page
-        (64, 0, True, False, True),  # append without rotary
-    ],
-)
-@pytest.mark.parametrize("seqlen_q", [1, 5])
-def test_append_kernel_matches_the_torch_steps(
-    monkeypatch, page_size, rotary_dim, interleaved, float32_tables, causal, seqlen_q
-) -> None:
+
+APPEND_CASES = {
+    "contiguous_batch_idx": AppendCase(None, 64, True, False, {"causal": True}, seqlen_q=1,
+                                       seqlen_new=1),
+    # rotary_dim not a multiple of 8; non-causal: every query at one position
+    "rotary_dim_10_one_position": AppendCase(None, 10, False, True, {}),
+    "neox_whole_head_paged_16": AppendCase(16, 128, False, False, {"causal": True}),
+    "page_size_1": AppendCase(1, 64, True, True, {"causal": True}),
+    "no_rotary": AppendCase(64, 0, True, False, {"causal": True}),
+    # a window without causal: the queries at consecutive positions
+    "local_window": AppendCase(16, 32, True, False, {"window_size": (40, 40)}),
+    "fp16_d64": AppendCase(16, 64, False, True, {"causal": True}, torch.float16, 64, 2, 2),
+    # fewer new keys than queries, and more (paged calls always take the decode kernels)
+    "fewer_new_keys": AppendCase(16, 64, True, False, {"causal": True}, seqlen_new=1),
+    "more_new_keys": AppendCase(16, 64, False, False, {}, seqlen_q=2, seqlen_new=3),
+}
+
+
+@pytest.mark.parametrize("case", list(APPEND_CASES))
+def test_append_kernel_matches_the_torch_steps(monkeypatch, case: str) -> None:
     """The caches after the decode op's append kernel, and its output, equal bit for bit those
     of the torch steps (kvcache.append_and_rotate) followed by the same op without new keys:
     the same cells written with the same rotated bits, and the same rotated queries (an
-    attention over different query bits would give different output bits). k and v are
-    non-contiguous views."""
-    from flash_varlen import kvcache, kvcache_decode
+    attention over different query bits would give different output bits). q, k and v are
+    non-contiguous views of three different layouts; the op is checked to have received the new
+    keys (the fused path ran)."""
+    from flash_varlen import kvcache, kvcache_decode, ops
 
-    require_decode_kernel(DEFAULT_DTYPE, DEFAULT_HEAD_DIM)
-    args = make_call(seqlen_q=seqlen_q, rotary_dim=rotary_dim, batch_idx=page_size is None)
-    if page_size is not None:
-        args = paged(args, page_size)
-    if float32_tables and rotary_dim:
+    spec = APPEND_CASES[case]
+    head_dim = spec.head_dim
+    require_decode_kernel(spec.dtype, head_dim)
+    # Lengths that leave room for the queries' rotary positions (cache_seqlens + seqlen_q - 1).
+    room = SEQLEN_CACHE - max(spec.seqlen_q, spec.seqlen_new)
+    args = make_call(
+        dtype=spec.dtype,
+        head_dim=head_dim,
+        seqlen_q=spec.seqlen_q,
+        seqlen_new=spec.seqlen_new,
+        rotary_dim=spec.rotary_dim,
+        batch_idx=spec.page_size is None,
+        lengths=[0, room, room // 2, 17],
+    )
+    if spec.page_size is not None:
+        args = paged(args, spec.page_size)
+    if spec.float32_tables and spec.rotary_dim:
         args["rotary_cos"] = args["rotary_cos"].float()
         args["rotary_sin"] = args["rotary_sin"].float()
-    # Views with a head stride of twice d: every other head of a wider tensor.
-    for name in ("k", "v"):
-        args[name] = torch.repeat_interleave(args[name], 2, dim=2)[:, :, ::2]
-        assert not args[name].is_contiguous()
-    options = {"causal": causal, "rotary_interleaved": interleaved}
+    # q: a padded head stride; k: a (batch, heads, seqlen, d) buffer seen transposed; v: every
+    # other head of a wider tensor.
+    args["q"] = torch.cat((args["q"], torch.zeros_like(args["q"])), dim=-1)[..., :head_dim]
+    args["k"] = args["k"].transpose(1, 2).contiguous().transpose(1, 2)
+    args["v"] = torch.repeat_interleave(args["v"], 2, dim=2)[:, :, ::2]
+    assert len({args[name].stride() for name in ("q", "k", "v")}) == 3
+    assert not any(args[name].is_contiguous() for name in ("q", "v"))
+    options = {**spec.options, "rotary_interleaved": spec.interleaved}
     fused_caches = {name: args[name].clone() for name in ("k_cache", "v_cache")}
     torch_caches = {name: args[name].clone() for name in ("k_cache", "v_cache")}
 
+    received = []
+    op = ops.kvcache_fwd_eager
+
+    def spy(*op_args, **op_kwargs):
+        received.append(op_kwargs["k_new"])
+        return op(*op_args, **op_kwargs)
+
+    monkeypatch.setattr(ops, "kvcache_fwd_eager", spy)
     fused = _flash_varlen().flash_attn_with_kvcache(**{**args, **fused_caches}, **options)
+    assert len(received) == 1 and received[0] is not None
 
     # The same call, checked by the public function, its op replaced by the torch steps.
     def torch_steps(call, cache_lengths):
@@ -581,5 +622,5 @@ def test_append_kernel_matches_the_torch_steps(
     expected = _flash_varlen().flash_attn_with_kvcache(**{**args, **torch_caches}, **options)
 
     for name in ("k_cache", "v_cache"):
-        assert_bitwise_equal(fused_caches[name], torch_caches[name], name)
-    assert_bitwise_equal(fused, expected, "out")
+        assert_bitwise_equal(fused_caches[name], torch_caches[name], f"{case} {name}")
+    assert_bitwise_equal(fused, expected, f"{case} out")

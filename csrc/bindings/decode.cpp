@@ -5,6 +5,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 
+#include <algorithm>
 #include <limits>
 #include <utility>
 
@@ -35,6 +36,11 @@ void check_append_inputs(const KvcacheFwdArgs& args, const HeadShape& heads, int
                       "rotary_cos and rotary_sin need k_new and v_new");
     if (!args.k_new.has_value()) return;
     const at::Tensor& q = args.q;
+    // One thread block per (request, row) of the longer of the two (cache_append_kernel.h).
+    const int64_t rows = std::max(args.k_new->dim() > 1 ? args.k_new->size(1) : 0, q.size(1));
+    TORCH_CHECK_VALUE(q.size(0) * rows <= std::numeric_limits<int>::max(),
+                      message("batch x max(seqlen_new, seqlen_q) must be below 2^31, got ",
+                              q.size(0), " x ", rows));
     for (const auto& [t, name] : {std::pair{&*args.k_new, "k_new"}, {&*args.v_new, "v_new"}}) {
         TORCH_CHECK_TYPE(t->scalar_type() == q.scalar_type(),
                          message(name, " must have the dtype of q (", q.scalar_type(), "), got ",
@@ -49,6 +55,9 @@ void check_append_inputs(const KvcacheFwdArgs& args, const HeadShape& heads, int
                           message(name, " must have a contiguous last dim, got strides ",
                                   t->strides()));
     }
+    TORCH_CHECK_VALUE(args.k_new->size(1) <= capacity,
+                      message("k_new holds ", args.k_new->size(1), " new keys per request, more "
+                              "than the cache holds (", capacity, ")"));
     if (!args.rotary_cos.has_value()) return;
     const at::Tensor& cos = *args.rotary_cos;
     for (const auto& [t, name] :
@@ -58,11 +67,10 @@ void check_append_inputs(const KvcacheFwdArgs& args, const HeadShape& heads, int
                                  t->scalar_type()));
         TORCH_CHECK_VALUE(t->dim() == 2 && t->sizes() == cos.sizes() &&
                               t->scalar_type() == cos.scalar_type() &&
-                              (t->stride(1) == 1 || t->size(1) == 1) &&
-                              t->stride(0) == cos.stride(0),
+                              (t->stride(1) == 1 || t->size(1) == 1),
                           message(name, " must be (seqlen_ro, rotary_dim / 2) with a contiguous "
-                                        "last dim, with rotary_cos's shape, dtype and strides, "
-                                        "got ", t->sizes(), " / ", t->strides()));
+                                        "last dim, with rotary_cos's shape and dtype, got ",
+                                  t->sizes(), " / ", t->strides(), " ", t->scalar_type()));
     }
     TORCH_CHECK_VALUE(cos.size(1) >= 1 && 2 * cos.size(1) <= heads.head_dim,
                       message("rotary_cos.shape[1] (rotary_dim / 2) must be in [1, d / 2 = ",
@@ -89,7 +97,8 @@ void set_append_params(FlashDecodeParams& params, const KvcacheFwdArgs& args,
     const at::Tensor& cos = *args.rotary_cos;
     append.rotary_cos = cos.data_ptr();
     append.rotary_sin = args.rotary_sin->data_ptr();
-    append.rotary_row_stride = cos.stride(0);
+    append.rotary_cos_row_stride = cos.stride(0);
+    append.rotary_sin_row_stride = args.rotary_sin->stride(0);
     append.rotary_rows = int(std::min<int64_t>(cos.size(0), std::numeric_limits<int>::max()));
     append.rotary_dim = int(2 * cos.size(1));
     append.rotary_tables_float = cos.scalar_type() == at::kFloat;

@@ -157,17 +157,6 @@ struct FlashBwdParams : FlashFwdParams {
     bool deterministic;  // order the dQ accumulation (bitwise reproducible dq)
 };
 
-// Decode over a KV cache (the decode family): a few query tokens per request (q is the
-// fixed-length layout: (batch, seqlen_q, nheads, d), o and softmax_lse likewise) against each
-// request's keys in a cache, contiguous or paged. k_ptr / v_ptr point at the cache; its rows are
-// addressed per key position (the decode family's kv_cache_rows.h), so the forward's fields for
-// packed keys (cu_seqlens_k, seqused_k) are unused and k_batch_stride means a page or an entry.
-// The paged fields are FlashFwdParams's: block_table nullptr means a contiguous cache, where
-// request b reads entry cache_batch_idx[b] (or b) from position cache_leftpad[b] (or 0), and
-// num_pages counts its entries (cache_batch_idx values are clamped into [0, num_pages)).
-// seqlen_k is the capacity of one request's cache (max_pages * page_size, or the entry length): the
-// upper bound of every cache_seqlens, read on the host only by the split heuristic, and the clamp
-// of the lengths on the device.
 // The append step of a decode call (decode/cache_append_kernel.h): new keys and values written
 // into the cache, the keys and queries rotated. Strides in elements; the last dim is contiguous.
 struct CacheAppend {
@@ -181,7 +170,7 @@ struct CacheAppend {
     // element type; rotary_cos == nullptr: no rotary embedding.
     const void* __restrict__ rotary_cos;
     const void* __restrict__ rotary_sin;
-    int64_t rotary_row_stride;
+    int64_t rotary_cos_row_stride, rotary_sin_row_stride;
     int rotary_rows;
     int rotary_dim;
     bool rotary_tables_float;
@@ -194,6 +183,17 @@ struct CacheAppend {
     void* __restrict__ q_rotated;
 };
 
+// Decode over a KV cache (the decode family): a few query tokens per request (q is the
+// fixed-length layout: (batch, seqlen_q, nheads, d), o and softmax_lse likewise) against each
+// request's keys in a cache, contiguous or paged. k_ptr / v_ptr point at the cache; its rows are
+// addressed per key position (the decode family's kv_cache_rows.h), so the forward's fields for
+// packed keys (cu_seqlens_k, seqused_k) are unused and k_batch_stride means a page or an entry.
+// The paged fields are FlashFwdParams's: block_table nullptr means a contiguous cache, where
+// request b reads entry cache_batch_idx[b] (or b) from position cache_leftpad[b] (or 0), and
+// num_pages counts its entries (cache_batch_idx values are clamped into [0, num_pages)).
+// seqlen_k is the capacity of one request's cache (max_pages * page_size, or the entry length): the
+// upper bound of every cache_seqlens, read on the host only by the split heuristic, and the clamp
+// of the lengths on the device.
 struct FlashDecodeParams : FlashFwdParams {
     // (batch,) request b's cache length before the append: its keys are positions
     // cache_leftpad[b] (or 0) .. cache_seqlens[b] + append.seqlen_new - 1.

@@ -12,7 +12,11 @@
 // partner too (dims 2j and 2j + 1 interleaved, j and j + rotary_dim / 2 otherwise).
 //
 // The rotation is computed as the torch path computes it, in float32 with each product rounded
-// on its own (no fused multiply-add), so that both give the same bits (tests compare them).
+// on its own (no fused multiply-add) and subnormals kept (the build's --use_fast_math flushes
+// them in compiler-generated float arithmetic, PyTorch's kernels do not), so that both give the
+// same bits (tests compare them). The new keys must not overlap the cells they are written to:
+// an element's pair partner may already have been overwritten (the torch path rotates into a
+// new tensor first).
 //
 // A position outside the cache (cache_seqlens beyond capacity - seqlen_new, or negative), a
 // cache_batch_idx outside the cache's entries, a page number outside the pool, or a position
@@ -33,6 +37,26 @@ namespace decode {
 
 constexpr int kAppendThreads = 128;
 
+// Round-to-nearest float32 arithmetic without flushing subnormals (PTX written out: nvcc's
+// -ftz=true, part of --use_fast_math, would otherwise turn __fmul_rn into mul.rn.ftz).
+__device__ __forceinline__ float multiply(float a, float b) {
+    float result;
+    asm("mul.rn.f32 %0, %1, %2;" : "=f"(result) : "f"(a), "f"(b));
+    return result;
+}
+
+__device__ __forceinline__ float add(float a, float b) {
+    float result;
+    asm("add.rn.f32 %0, %1, %2;" : "=f"(result) : "f"(a), "f"(b));
+    return result;
+}
+
+__device__ __forceinline__ float subtract(float a, float b) {
+    float result;
+    asm("sub.rn.f32 %0, %1, %2;" : "=f"(result) : "f"(a), "f"(b));
+    return result;
+}
+
 // Element `dim` of one head vector `x` after the rotary embedding at `position` (x as it is past
 // rotary_dim, or without tables).
 template <typename Element, typename Table>
@@ -44,14 +68,15 @@ __device__ __forceinline__ Element rotated_element(const Element* x, int dim, in
     const int pair = append.rotary_interleaved ? dim / 2 : (dim < half ? dim : dim - half);
     const int first_dim = append.rotary_interleaved ? 2 * pair : pair;
     const int second_dim = append.rotary_interleaved ? first_dim + 1 : pair + half;
-    const int64_t table_offset = int64_t(position) * append.rotary_row_stride + pair;
-    const float cos = float(static_cast<const Table*>(append.rotary_cos)[table_offset]);
-    const float sin = float(static_cast<const Table*>(append.rotary_sin)[table_offset]);
+    const float cos = float(static_cast<const Table*>(
+        append.rotary_cos)[int64_t(position) * append.rotary_cos_row_stride + pair]);
+    const float sin = float(static_cast<const Table*>(
+        append.rotary_sin)[int64_t(position) * append.rotary_sin_row_stride + pair]);
     const float first = float(x[first_dim]);
     const float second = float(x[second_dim]);
     const float rotated = dim == first_dim
-                              ? __fsub_rn(__fmul_rn(first, cos), __fmul_rn(second, sin))
-                              : __fadd_rn(__fmul_rn(first, sin), __fmul_rn(second, cos));
+                              ? subtract(multiply(first, cos), multiply(second, sin))
+                              : add(multiply(first, sin), multiply(second, cos));
     return Element(rotated);
 }
 
@@ -80,7 +105,7 @@ __device__ __forceinline__ int64_t cache_cell_offset(const FlashDecodeParams& pa
 template <typename Element, typename Table>
 __global__ void __launch_bounds__(kAppendThreads)
     cache_append_kernel(const __grid_constant__ FlashDecodeParams params,
-                        const cutlass::FastDivmod page_size) {
+                        const __grid_constant__ cutlass::FastDivmod page_size) {
     const CacheAppend& append = params.append;
     const bool queries = blockIdx.y == 1;
     // The grid has a block for each row of the longer of the two, per request.
@@ -94,7 +119,8 @@ __global__ void __launch_bounds__(kAppendThreads)
     if (queries) {
         const int position = length + (append.q_consecutive ? row : 0);
         const Element* q = static_cast<const Element*>(append.q) +
-                           int64_t(request) * append.q_batch_stride + int64_t(row) * append.q_row_stride;
+                           int64_t(request) * append.q_batch_stride +
+                           int64_t(row) * append.q_row_stride;
         // The rotated copy the attention reads (params.q_ptr, q_* strides).
         Element* rotated = static_cast<Element*>(append.q_rotated) +
                            int64_t(request) * params.q_batch_stride +
@@ -112,20 +138,23 @@ __global__ void __launch_bounds__(kAppendThreads)
     Element* k_cache = static_cast<Element*>(const_cast<void*>(params.k_ptr)) + cell;
     Element* v_cache = static_cast<Element*>(const_cast<void*>(params.v_ptr)) + cell;
     const Element* k = static_cast<const Element*>(append.k) +
-                       int64_t(request) * append.k_batch_stride + int64_t(row) * append.k_row_stride;
+                       int64_t(request) * append.k_batch_stride +
+                       int64_t(row) * append.k_row_stride;
     const Element* v = static_cast<const Element*>(append.v) +
-                       int64_t(request) * append.v_batch_stride + int64_t(row) * append.v_row_stride;
+                       int64_t(request) * append.v_batch_stride +
+                       int64_t(row) * append.v_row_stride;
     for (int i = threadIdx.x; i < params.nheads_k * head_dim; i += kAppendThreads) {
         const int head = i / head_dim;
         const int dim = i % head_dim;
-        k_cache[head * params.k_head_stride + dim] =
-            rotated_element<Element, Table>(k + head * append.k_head_stride, dim, position, append);
+        k_cache[head * params.k_head_stride + dim] = rotated_element<Element, Table>(
+            k + head * append.k_head_stride, dim, position, append);
         v_cache[head * params.v_head_stride + dim] = v[head * append.v_head_stride + dim];
     }
 }
 
 // Launches the append step when the call has one (new keys, or rotary tables: those come only
-// with new keys). No host-device sync: the lengths and tables are read on the device.
+// with new keys). No host-device sync: the lengths and tables are read on the device. The
+// bindings keep batch x rows below 2^31 (the grid's x limit).
 template <typename Element>
 cudaError_t launch_cache_append(const FlashDecodeParams& params, cudaStream_t stream) {
     const CacheAppend& append = params.append;
