@@ -485,6 +485,22 @@ def entry_args(**changes) -> dict:
     return args
 
 
+def new_keys(seqlen_new: int = 1, heads: int = 2) -> dict:
+    """k_new and v_new for entry_args' cache (bf16, d 64)."""
+    shape = (2, seqlen_new, heads, 64)
+    return {
+        "k_new": torch.zeros(shape, dtype=torch.bfloat16),
+        "v_new": torch.zeros(shape, dtype=torch.bfloat16),
+    }
+
+
+def rotary_tables_of(rows: int, half: int, dtype: torch.dtype = torch.float32) -> dict:
+    return {
+        "rotary_cos": torch.zeros(rows, half, dtype=dtype),
+        "rotary_sin": torch.zeros(rows, half, dtype=dtype),
+    }
+
+
 ENTRY_ERRORS = {
     "table_dtype": (
         {"block_table": torch.zeros(2, 2, dtype=torch.int64)},
@@ -518,55 +534,43 @@ ENTRY_ERRORS = {
         "k_new and v_new must be given together",
     ),
     "k_new_heads": (
-        {"k_new": torch.zeros(2, 1, 8, 64, dtype=torch.bfloat16),
-         "v_new": torch.zeros(2, 1, 8, 64, dtype=torch.bfloat16)},
+        new_keys(heads=8),
         ValueError,
         "k_new must have shape (batch, seqlen_new, nheads_k, d) = (2, seqlen_new, 2, 64)",
     ),
     "v_new_dtype": (
-        {"k_new": torch.zeros(2, 1, 2, 64, dtype=torch.bfloat16),
-         "v_new": torch.zeros(2, 1, 2, 64, dtype=torch.float16)},
+        {**new_keys(), "v_new": torch.zeros(2, 1, 2, 64, dtype=torch.float16)},
         TypeError,
         "v_new must have the dtype of q",
     ),
     "k_new_strided_last_dim": (
-        {"k_new": torch.zeros(2, 1, 2, 128, dtype=torch.bfloat16)[..., ::2],
-         "v_new": torch.zeros(2, 1, 2, 64, dtype=torch.bfloat16)},
+        {**new_keys(), "k_new": torch.zeros(2, 1, 2, 128, dtype=torch.bfloat16)[..., ::2]},
         ValueError,
         "k_new must have a contiguous last dim",
     ),
     "rotary_without_new_keys": (
-        {"rotary_cos": torch.zeros(32, 32), "rotary_sin": torch.zeros(32, 32)},
+        rotary_tables_of(32, 32),
         ValueError,
         "rotary_cos and rotary_sin need k_new and v_new",
     ),
     "rotary_dim": (
-        {"k_new": torch.zeros(2, 1, 2, 64, dtype=torch.bfloat16),
-         "v_new": torch.zeros(2, 1, 2, 64, dtype=torch.bfloat16),
-         "rotary_cos": torch.zeros(32, 33), "rotary_sin": torch.zeros(32, 33)},
+        {**new_keys(), **rotary_tables_of(32, 33)},
         ValueError,
         "rotary_dim / 2) must be in [1, d / 2 = 32], got 33",
     ),
     "rotary_rows": (
-        {"k_new": torch.zeros(2, 1, 2, 64, dtype=torch.bfloat16),
-         "v_new": torch.zeros(2, 1, 2, 64, dtype=torch.bfloat16),
-         "rotary_cos": torch.zeros(31, 32), "rotary_sin": torch.zeros(31, 32)},
+        {**new_keys(), **rotary_tables_of(31, 32)},
         ValueError,
         "rotary_cos.shape[0] must be at least the cache capacity (32), got 31",
     ),
     "rotary_table_dtype": (
-        {"k_new": torch.zeros(2, 1, 2, 64, dtype=torch.bfloat16),
-         "v_new": torch.zeros(2, 1, 2, 64, dtype=torch.bfloat16),
-         "rotary_cos": torch.zeros(32, 32, dtype=torch.float16),
-         "rotary_sin": torch.zeros(32, 32, dtype=torch.float16)},
+        {**new_keys(), **rotary_tables_of(32, 32, torch.float16)},
         TypeError,
         "rotary_cos must be float32 or have the dtype of q",
     ),
     "valid_but_cpu": ({}, RuntimeError, "q must be a CUDA tensor"),
     "valid_append_but_cpu": (
-        {"k_new": torch.zeros(2, 3, 2, 64, dtype=torch.bfloat16),
-         "v_new": torch.zeros(2, 3, 2, 64, dtype=torch.bfloat16),
-         "rotary_cos": torch.zeros(32, 16), "rotary_sin": torch.zeros(32, 16)},
+        {**new_keys(seqlen_new=3), **rotary_tables_of(32, 16)},
         RuntimeError,
         "q must be a CUDA tensor",
     ),

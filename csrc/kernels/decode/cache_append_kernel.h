@@ -101,6 +101,22 @@ __device__ __forceinline__ int64_t cache_cell_offset(const FlashDecodeParams& pa
     return int64_t(page) * params.k_batch_stride + int64_t(slot) * params.k_row_stride;
 }
 
+// Row `row` of request `request` of a (batch, rows, heads, d) tensor with these strides.
+template <typename Element>
+__device__ __forceinline__ Element* row_of(const void* base, int64_t batch_stride,
+                                           int64_t row_stride, int request, int row) {
+    return static_cast<Element*>(const_cast<void*>(base)) + int64_t(request) * batch_stride +
+           int64_t(row) * row_stride;
+}
+
+// fn(head, dim) for every element of a row of `heads` head vectors, over the block's threads.
+template <typename Fn>
+__device__ __forceinline__ void for_each_row_element(int heads, int head_dim, Fn fn) {
+    for (int i = threadIdx.x; i < heads * head_dim; i += kAppendThreads) {
+        fn(i / head_dim, i % head_dim);
+    }
+}
+
 // page_size: the pool's page size (any value for a contiguous cache, which never divides).
 template <typename Element, typename Table>
 __global__ void __launch_bounds__(kAppendThreads)
@@ -118,38 +134,30 @@ __global__ void __launch_bounds__(kAppendThreads)
 
     if (queries) {
         const int position = length + (append.q_consecutive ? row : 0);
-        const Element* q = static_cast<const Element*>(append.q) +
-                           int64_t(request) * append.q_batch_stride +
-                           int64_t(row) * append.q_row_stride;
+        const Element* q =
+            row_of<Element>(append.q, append.q_batch_stride, append.q_row_stride, request, row);
         // The rotated copy the attention reads (params.q_ptr, q_* strides).
-        Element* rotated = static_cast<Element*>(append.q_rotated) +
-                           int64_t(request) * params.q_batch_stride +
-                           int64_t(row) * params.q_row_stride;
-        for (int i = threadIdx.x; i < params.nheads * head_dim; i += kAppendThreads) {
-            const int head = i / head_dim;
-            const int dim = i % head_dim;
+        Element* rotated = row_of<Element>(append.q_rotated, params.q_batch_stride,
+                                           params.q_row_stride, request, row);
+        for_each_row_element(params.nheads, head_dim, [&](int head, int dim) {
             rotated[head * params.q_head_stride + dim] = rotated_element<Element, Table>(
                 q + head * append.q_head_stride, dim, position, append);
-        }
+        });
         return;
     }
     const int position = length + row;
     const int64_t cell = cache_cell_offset(params, page_size, request, position);
     Element* k_cache = static_cast<Element*>(const_cast<void*>(params.k_ptr)) + cell;
     Element* v_cache = static_cast<Element*>(const_cast<void*>(params.v_ptr)) + cell;
-    const Element* k = static_cast<const Element*>(append.k) +
-                       int64_t(request) * append.k_batch_stride +
-                       int64_t(row) * append.k_row_stride;
-    const Element* v = static_cast<const Element*>(append.v) +
-                       int64_t(request) * append.v_batch_stride +
-                       int64_t(row) * append.v_row_stride;
-    for (int i = threadIdx.x; i < params.nheads_k * head_dim; i += kAppendThreads) {
-        const int head = i / head_dim;
-        const int dim = i % head_dim;
+    const Element* k =
+        row_of<Element>(append.k, append.k_batch_stride, append.k_row_stride, request, row);
+    const Element* v =
+        row_of<Element>(append.v, append.v_batch_stride, append.v_row_stride, request, row);
+    for_each_row_element(params.nheads_k, head_dim, [&](int head, int dim) {
         k_cache[head * params.k_head_stride + dim] = rotated_element<Element, Table>(
             k + head * append.k_head_stride, dim, position, append);
         v_cache[head * params.v_head_stride + dim] = v[head * append.v_head_stride + dim];
-    }
+    });
 }
 
 // Launches the append step when the call has one (new keys, or rotary tables: those come only
