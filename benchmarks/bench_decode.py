@@ -1,6 +1,6 @@
 """Decode bandwidth: how fast flash_attn_with_kvcache reads a KV cache (issue 16's target).
 
-    python benchmarks/bench_decode.py [--out results.json] [--seqlen-q 1] [--splits 0]
+    python benchmarks/bench_decode.py [--out results.json] [--seqlen-q 1] [--splits 0] [--append]
 
 The decode rows of shared/targets.md: GQA 32/8, d = 128, bf16, one query token per request
 (``--seqlen-q`` for speculative decoding), batch x cache length 64 x 2048, 128 x 8192 and
@@ -14,7 +14,11 @@ time of triton.testing.do_bench and the achieved K/V read bandwidth, bytes of K 
 times each split count (0: the heuristic) to tune the rule. Each row is timed twice: as eager
 calls, and as the replay of the call captured once in a CUDA graph (what a server that captures
 its decode step pays; the difference is the host's share: the Python checks, the op dispatch
-and the launches, which a short call cannot hide behind the GPU's work). Prints a Markdown
+and the launches, which a short call cannot hide behind the GPU's work). ``--append`` also
+times each row as a full decode step: the cache holds seqlen_q keys fewer, and the call appends
+seqlen_q new keys and values rotated with rotary tables of the whole head dim (its queries
+rotated too), so that it reads the same cache; the columns "append ms" and "append / plain"
+(graph replays) give issue 16's "append + rotary fused" target, at most 1.05. Prints a Markdown
 table; with --out also writes the JSON. Needs a CUDA GPU and a build with the decode kernels.
 """
 
@@ -94,6 +98,26 @@ def check(args: dict, out: torch.Tensor) -> None:
         raise AssertionError(f"decode output off the reference: {error:.3g} > {bound:.3g}")
 
 
+def with_append(args: dict, seqlen_new: int) -> dict:
+    """``args`` as a decode step that appends: seqlen_new keys fewer in the cache, that many new
+    keys and values, rotary tables (cos, sin of random angles) over the whole head dim."""
+    batch = args["q"].shape[0]
+    generator = torch.Generator(device="cuda").manual_seed(SEED + 1)
+    shape = (batch, seqlen_new, NHEADS_K, HEAD_DIM)
+    capacity = args["k_cache"].shape[1] * (
+        args["block_table"].shape[1] if "block_table" in args else 1
+    )
+    angles = torch.rand(capacity, HEAD_DIM // 2, generator=generator, device="cuda")
+    return {
+        **args,
+        "cache_seqlens": args["cache_seqlens"] - seqlen_new,
+        "k": torch.randn(shape, generator=generator, device="cuda", dtype=DTYPE),
+        "v": torch.randn(shape, generator=generator, device="cuda", dtype=DTYPE),
+        "rotary_cos": torch.cos(angles).to(DTYPE),
+        "rotary_sin": torch.sin(angles).to(DTYPE),
+    }
+
+
 def kv_bytes(batch: int, length: int) -> int:
     return 2 * batch * length * NHEADS_K * HEAD_DIM * BYTES_PER_ELEMENT
 
@@ -117,7 +141,7 @@ def graph_replay(step: Callable[[], torch.Tensor]) -> Callable[[], None]:
     return graph.replay
 
 
-def run(seqlen_q: int, splits: list[int]) -> list[dict]:
+def run(seqlen_q: int, splits: list[int], append: bool) -> list[dict]:
     from triton.testing import do_bench
 
     from flash_varlen import flash_attn_with_kvcache
@@ -134,8 +158,18 @@ def run(seqlen_q: int, splits: list[int]) -> list[dict]:
                 step = decode_step(flash_attn_with_kvcache, args, num_splits)
                 ms = median_ms(step)
                 graph_ms = median_ms(graph_replay(step))
+                timed_append = {}
+                if append:
+                    append_step = decode_step(
+                        flash_attn_with_kvcache, with_append(args, seqlen_q), num_splits
+                    )
+                    timed_append = {
+                        "append_ms": median_ms(append_step),
+                        "append_graph_ms": median_ms(graph_replay(append_step)),
+                    }
                 rows.append(
                     {
+                        **timed_append,
                         "batch": batch,
                         "cache_length": length,
                         "page_size": page_size,
@@ -151,18 +185,27 @@ def run(seqlen_q: int, splits: list[int]) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    lines = [
-        "| batch x cache | pages | seqlen_q | num_splits | ms | K/V TB/s | graph ms | graph TB/s |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
+    append = bool(rows) and "append_ms" in rows[0]
+    header = (
+        "| batch x cache | pages | seqlen_q | num_splits | ms | K/V TB/s | graph ms | graph TB/s |"
+    )
+    if append:
+        header += " append ms | append graph ms | append / plain (graph) |"
+    lines = [header, "|" + " --- |" * (header.count("|") - 1)]
     for row in rows:
         pages = "contiguous" if row["page_size"] is None else str(row["page_size"])
         splits = "heuristic" if row["num_splits"] == 0 else str(row["num_splits"])
-        lines.append(
+        line = (
             f"| {row['batch']} x {row['cache_length']} | {pages} | {row['seqlen_q']} | {splits} "
             f"| {row['ms']:.4f} | {row['tb_per_s']:.2f} | {row['graph_ms']:.4f} "
             f"| {row['graph_tb_per_s']:.2f} |"
         )
+        if append:
+            line += (
+                f" {row['append_ms']:.4f} | {row['append_graph_ms']:.4f} "
+                f"| {row['append_graph_ms'] / row['graph_ms']:.3f} |"
+            )
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -171,11 +214,14 @@ def main() -> int:
     parser.add_argument("--out", type=Path, help="also write the rows as JSON")
     parser.add_argument("--seqlen-q", type=int, default=1, help="query tokens per request")
     parser.add_argument("--splits", default="0", help="comma list of num_splits (0: heuristic)")
+    parser.add_argument(
+        "--append", action="store_true", help="also time decode steps that append and rotate"
+    )
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("bench_decode: needs a CUDA GPU", file=sys.stderr)
         return EXIT_NO_GPU
-    rows = run(args.seqlen_q, [int(s) for s in args.splits.split(",")])
+    rows = run(args.seqlen_q, [int(s) for s in args.splits.split(",")], args.append)
     print(f"{torch.cuda.get_device_name()}, GQA {NHEADS}/{NHEADS_K}, d = {HEAD_DIM}, bf16\n")
     print(table(rows))
     if args.out is not None:

@@ -21,8 +21,9 @@ a decode step can be captured in a CUDA graph and replayed with new cache length
    cache_leftpad[b]`` (``cu_seqlens_k[b]``) and number ``cache_seqlens[b] + seqlen_new -
    cache_leftpad[b]`` (``seqused_k[b]``).
 
-The append and the rotary embedding run as separate torch operations before the kernel; fusing
-them into the decode kernel is a later step (issue 16).
+Calls the decode kernels serve run all three steps in one op: its first kernel appends and
+rotates (csrc/kernels/decode/cache_append_kernel.h), with the same results bit for bit as the
+torch functions here, which run the steps of the other calls (and of the CPU tests).
 """
 
 from __future__ import annotations
@@ -175,9 +176,10 @@ def flash_attn_with_kvcache(
 
     Bad values held in tensors (cache_seqlens beyond the capacity, a page or cache index out of
     range) are caller errors that FLASH_VARLEN_DEBUG=1 reports by name (it reads them from the
-    device). Without it, an append outside the cache still fails (an index error on the CPU, a
-    device-side assertion on the GPU) and never writes out of bounds, and the kernel never reads
-    outside the cache: its lengths and cache indices are clamped into it.
+    device). Without it, an append outside the cache still fails (an index error on the CPU; on
+    the GPU a device-side assertion, or a CUDA error from the decode op's append kernel, which
+    stops) and never writes out of bounds, and the kernel never reads outside the cache: its
+    lengths and cache indices are clamped into it.
 
     Raises:
         TypeError, ValueError: invalid inputs; the message names the argument and the rule.
@@ -228,30 +230,13 @@ def _attend_cache(call: KVCacheCall, *, use_decode_kernel: bool) -> KVCacheResul
     q = call.q
     batch, seqlen_q, nheads, _ = q.shape
     cache_seqlens = cache_seqlens_tensor(call.cache_seqlens, batch, q.device)
-    rotary = (
-        None
-        if call.rotary_cos is None
-        else RotaryTables(call.rotary_cos, call.rotary_sin, call.rotary_interleaved)
-    )
-    if call.k is not None:
-        append_to_cache(
-            call.k_cache,
-            call.v_cache,
-            call.k,
-            call.v,
-            cache_seqlens,
-            cache_batch_idx=call.cache_batch_idx,
-            block_table=call.block_table,
-            rotary=rotary,
-        )
-    if rotary is not None:
-        q = apply_rotary(q, rotary, query_positions(cache_seqlens, seqlen_q, call.options))
-    key_ends = None if cache_seqlens is None else cache_seqlens + call.seqlen_new
     if use_decode_kernel:
+        # One op: the append and the rotary embedding run in its first kernel.
         out, softmax_lse = _decode_attention(
-            q, call, decode_key_ends(key_ends, batch, call.capacity, q.device), call.options
+            call, decode_cache_lengths(cache_seqlens, batch, call.capacity, q.device)
         )
         return (out, softmax_lse) if call.return_softmax_lse else out
+    q, key_ends = append_and_rotate(call, cache_seqlens)
     view = contiguous_cache_as_varlen(
         q, call.k_cache, call.v_cache, key_ends, call.cache_batch_idx, call.cache_leftpad
     )
@@ -269,14 +254,46 @@ def _attend_cache(call: KVCacheCall, *, use_decode_kernel: bool) -> KVCacheResul
 _decode_attention = decode_attention
 
 
-def decode_key_ends(
-    key_ends: torch.Tensor | None, batch: int, capacity: int, device: torch.device
+def append_and_rotate(
+    call: KVCacheCall, cache_seqlens: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The append and rotary steps as torch operations (what the decode op's first kernel does):
+    writes the call's new keys (rotated) and values into its cache at cache_seqlens[b] + i and
+    returns its queries, rotated when it has rotary tables, and the key ends, cache_seqlens +
+    seqlen_new (None when cache_seqlens is None: full caches)."""
+    q = call.q
+    rotary = (
+        None
+        if call.rotary_cos is None
+        else RotaryTables(call.rotary_cos, call.rotary_sin, call.rotary_interleaved)
+    )
+    if call.k is not None:
+        append_to_cache(
+            call.k_cache,
+            call.v_cache,
+            call.k,
+            call.v,
+            cache_seqlens,
+            cache_batch_idx=call.cache_batch_idx,
+            block_table=call.block_table,
+            rotary=rotary,
+        )
+    if rotary is not None:
+        q = apply_rotary(q, rotary, query_positions(cache_seqlens, q.shape[1], call.options))
+    # Without new keys the lengths are the key ends as they are (no elementwise launch).
+    if cache_seqlens is None or call.seqlen_new == 0:
+        return q, cache_seqlens
+    return q, cache_seqlens + call.seqlen_new
+
+
+def decode_cache_lengths(
+    cache_seqlens: torch.Tensor | None, batch: int, capacity: int, device: torch.device
 ) -> torch.Tensor:
-    """int32 (batch,) one past each sequence's last key position, as the decode kernels take it:
-    ``key_ends`` (cache_seqlens + seqlen_new), or the capacity for full caches (None)."""
-    if key_ends is None:
+    """int32 (batch,) cache lengths before the append, as the decode op takes them:
+    ``cache_seqlens``, or the capacity for full caches (None; they take no new keys)."""
+    if cache_seqlens is None:
         return torch.full((batch,), capacity, dtype=INDEX_DTYPE, device=device)
-    return key_ends.to(INDEX_DTYPE)
+    return cache_seqlens.to(INDEX_DTYPE)
 
 
 def _varlen_forward(

@@ -21,8 +21,8 @@ goes through the registered op ``flash_varlen::kvcache_fwd`` (``ops.py``), whose
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import Any
+import functools
+from collections.abc import Callable
 
 import torch
 
@@ -69,7 +69,7 @@ def build_kernel_check(q: torch.Tensor) -> str | None:
     extension = load_extension()
     if not hasattr(extension, DECODE_ENTRY.name):
         return "this build of the extension predates the decode kernels"
-    major, minor = torch.cuda.get_device_capability(q.device)
+    major, minor = _device_capability(q.device.index)
     try:
         extension.select_kernel_family(
             "decode", _DTYPE_NAMES[q.dtype], q.shape[-1], False, major * 10 + minor
@@ -79,25 +79,57 @@ def build_kernel_check(q: torch.Tensor) -> str | None:
     return None
 
 
-def decode_attention(
-    q: torch.Tensor,
-    call: KVCacheCall,
-    key_ends: torch.Tensor,
-    options: Mapping[str, Any],
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The decode kernels on ``call``'s cache: out (batch, seqlen_q, nheads, d) and softmax_lse
-    (batch, nheads, seqlen_q) float32.
+@functools.lru_cache(maxsize=None)
+def _device_capability(index: int | None) -> tuple[int, int]:
+    """torch.cuda.get_device_capability, asked once per device: it cannot change, and asking on
+    every decode step cost a few microseconds of host time."""
+    return torch.cuda.get_device_capability(index)
 
-    q: the (rotated) queries; key_ends: int32 (batch,) one past each request's last key position
-    (cache_seqlens + seqlen_new, or the capacity for full caches; keys start at cache_leftpad);
-    options: the attention options as the op arguments name them.
+
+def decode_attention(
+    call: KVCacheCall, cache_lengths: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The decode op on ``call``: appends its new keys and values to the cache (rotated with its
+    rotary tables), rotates its queries, attends; returns out (batch, seqlen_q, nheads, d) and
+    softmax_lse (batch, nheads, seqlen_q) float32.
+
+    cache_lengths: int32 (batch,) each request's cache length before the append (the capacity
+    for full caches); keys start at cache_leftpad.
     """
+    rotary = call.rotary_cos is not None
     arguments = {
-        **{name: value for name, value in options.items() if name in DECODE_ENTRY.names},
+        **{name: value for name, value in call.options.items() if name in DECODE_ENTRY.names},
         "block_table": call.block_table,
         "cache_batch_idx": call.cache_batch_idx,
         "cache_leftpad": call.cache_leftpad,
         "num_splits": call.num_splits,
+        "k_new": _last_dim_contiguous(call.k),
+        "v_new": _last_dim_contiguous(call.v),
+        "rotary_cos": _last_dim_contiguous(call.rotary_cos) if rotary else None,
+        "rotary_sin": _last_dim_contiguous(call.rotary_sin) if rotary else None,
+        "rotary_interleaved": call.rotary_interleaved,
     }
-    out, softmax_lse, _, _ = ops.kvcache_fwd(q, call.k_cache, call.v_cache, key_ends, **arguments)
+    appends = call.k is not None
+    if torch.compiler.is_compiling():
+        # The registered op (its fake gives the shapes); only a call that appends declares that
+        # it writes the caches (ops.py).
+        kernel = ops.kvcache_append_fwd if appends else ops.kvcache_fwd
+        out, softmax_lse, _, _ = kernel(
+            call.q, call.k_cache, call.v_cache, cache_lengths, **arguments
+        )
+        return out, softmax_lse
+    # Eagerly the same call without the op's dispatch layers, which would also have told
+    # autograd that the caches changed: said here, as an in-place torch write would.
+    out, softmax_lse, _, _ = ops.kvcache_fwd_eager(
+        call.q, call.k_cache, call.v_cache, cache_lengths, **arguments
+    )
+    if appends:
+        torch.autograd.graph.increment_version((call.k_cache, call.v_cache))
     return out, softmax_lse
+
+
+def _last_dim_contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
+    """t, copied only when its last dim is strided (the append kernel reads rows of d)."""
+    if t is None or t.stride(-1) == 1 or t.shape[-1] == 1:
+        return t
+    return t.contiguous()

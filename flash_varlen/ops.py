@@ -332,16 +332,28 @@ def _kvcache_forward_fake(arguments: Arguments) -> Outputs:
     return q.new_empty(q.shape), softmax_lse, q.new_empty((0,)), q.new_empty((0,))
 
 
-def _kvcache_op() -> Any:
-    """The decode op with its fake; no autograd (flash_attn_with_kvcache is forward only)."""
+def _kvcache_op(name: str, mutates_args: tuple[str, ...]) -> tuple[Any, Callable[..., Outputs]]:
+    """A decode op named ``name`` with its fake (no autograd: flash_attn_with_kvcache is forward
+    only), and its implementation alone."""
     signature = EXTENSION_ENTRY_POINT_BY_NAME["kvcache_fwd"]
     returns = "tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]"
-    op = torch.library.custom_op(f"flash_varlen::{signature.name}", mutates_args=())(
-        _implementation(signature, returns)
+    implementation = _implementation(signature, returns)
+    op = torch.library.custom_op(f"flash_varlen::{name}", mutates_args=mutates_args)(
+        implementation
     )
-    fake = _function(f"_{signature.name}_fake", signature, _kvcache_forward_fake, returns, None)
+    fake = _function(f"_{name}_fake", signature, _kvcache_forward_fake, returns, None)
     op.register_fake(fake)
-    return op
+    return op, implementation
 
 
-kvcache_fwd = _kvcache_op()
+# Two ops over the one entry point: kvcache_fwd for calls without new keys, which leave the
+# caches alone, and kvcache_append_fwd for calls with them (k_new, v_new), which write them into
+# the caches in place. A single op declaring the mutation would make torch.compile functionalize
+# every decode step, copying or writing back whole caches that a plain step only reads.
+# kvcache_fwd_eager: the same call without the op's dispatch, for eager decode steps, whose host
+# time a small cache cannot hide (the op's layers took about a fifth of an eager call's 143 us on
+# the H200 under cProfile; benchmarks/results/2026-12-05_h200_f4e73c1_decode.md). It has no
+# autograd to skip (forward only) and returns fresh tensors as the op does; torch.compile needs
+# the ops (kvcache_decode.py picks).
+kvcache_fwd, kvcache_fwd_eager = _kvcache_op("kvcache_fwd", ())
+kvcache_append_fwd, _ = _kvcache_op("kvcache_append_fwd", ("k_cache", "v_cache"))

@@ -67,6 +67,15 @@ INPUTS: dict[str, Input] = {
         Input("cache_batch_idx", Kind.OPTIONAL_TENSOR, None),
         Input("cache_leftpad", Kind.OPTIONAL_TENSOR, None),
         Input("num_splits", Kind.INT, 0),
+        # kvcache_fwd's append step (flash_attn_with_kvcache's k and v, renamed here because k
+        # and v are the packed keys of the other entries): (batch, seqlen_new, nheads_k, d)
+        # each, written into the cache at cache_seqlens[b] + i before attending; the rotary
+        # tables (seqlen_ro, rotary_dim / 2) rotate them and q (only with k_new and v_new).
+        Input("k_new", Kind.OPTIONAL_TENSOR, None),
+        Input("v_new", Kind.OPTIONAL_TENSOR, None),
+        Input("rotary_cos", Kind.OPTIONAL_TENSOR, None),
+        Input("rotary_sin", Kind.OPTIONAL_TENSOR, None),
+        Input("rotary_interleaved", Kind.BOOL, True),
     )
 }
 
@@ -178,10 +187,14 @@ KVCACHE_FORWARD_DOC = """\
 Decode attention over a KV cache (the decode kernel family). q: (batch, seqlen_q, nheads, d);
 k_cache, v_cache: contiguous (batch_cache, seqlen_cache, nheads_k, d) or, with block_table int32
 (batch, max_pages), paged (num_pages, page_size, nheads_k, d), with equal strides; cache_seqlens:
-int32 (batch,), request b's keys are cache positions cache_leftpad[b] (or 0) to
-cache_seqlens[b] - 1; cache_batch_idx, cache_leftpad: int32 (batch,), contiguous caches only; num_splits: key splits (0: heuristic). Returns out
-(batch, seqlen_q, nheads, d), softmax_lse (batch, nheads, seqlen_q) float32, and two empty
-tensors."""
+int32 (batch,), each request's cache length before the append; cache_batch_idx, cache_leftpad:
+int32 (batch,), contiguous caches only; num_splits: key splits (0: heuristic). k_new, v_new:
+(batch, seqlen_new, nheads_k, d), written in place into the caches at positions
+cache_seqlens[b] + i first, k_new rotated there when rotary_cos, rotary_sin (seqlen_ro,
+rotary_dim / 2) are given, q then rotated too (at cache_seqlens[b] + i with a causal or local
+mask, else at cache_seqlens[b]). Request b attends to cache positions cache_leftpad[b] (or 0) to
+cache_seqlens[b] + seqlen_new - 1. Returns out (batch, seqlen_q, nheads, d), softmax_lse (batch,
+nheads, seqlen_q) float32, and two empty tensors."""
 FIXED_BACKWARD_DOC = """\
 Gradients of fwd: (dq, dk, dv, dlearnable_sink). softmax_lse and softmax_lse_grad (batch,
 nheads, seqlen_q)."""
@@ -284,6 +297,11 @@ EXTENSION_ENTRY_POINTS: tuple[Signature, ...] = (
             "cache_batch_idx",
             "cache_leftpad",
             "num_splits",
+            "k_new",
+            "v_new",
+            "rotary_cos",
+            "rotary_sin",
+            "rotary_interleaved",
             OTHER_OPTIONS,
         ),
         Direction.FORWARD,

@@ -236,10 +236,10 @@ def test_cpu_tensors_are_refused_without_loading_the_extension(monkeypatch) -> N
     assert refusal is not None and "CUDA" in refusal
 
 
-def test_key_ends_of_full_caches_are_the_capacity() -> None:
-    ends = kvcache.decode_key_ends(None, 3, 48, torch.device("cpu"))
-    assert ends.dtype == torch.int32 and ends.tolist() == [48, 48, 48]
-    given = kvcache.decode_key_ends(torch.tensor([1, 2, 3]), 3, 48, torch.device("cpu"))
+def test_cache_lengths_of_full_caches_are_the_capacity() -> None:
+    lengths = kvcache.decode_cache_lengths(None, 3, 48, torch.device("cpu"))
+    assert lengths.dtype == torch.int32 and lengths.tolist() == [48, 48, 48]
+    given = kvcache.decode_cache_lengths(torch.tensor([1, 2, 3]), 3, 48, torch.device("cpu"))
     assert given.dtype == torch.int32 and given.tolist() == [1, 2, 3]
 
 
@@ -248,17 +248,20 @@ def test_key_ends_of_full_caches_are_the_capacity() -> None:
 
 
 class ReferenceDecode:
-    """Stands in for the decode kernel call: reads each request's keys from the cache as the
-    kernel's KvCacheRows addresses them (page block_table[b, c // page_size], slot c %
-    page_size; or entry cache_batch_idx[b], row c; c from cache_leftpad[b] to key_ends[b]) and
-    computes it with the float32 reference."""
+    """Stands in for the decode op: the append and rotary steps as torch operations
+    (kvcache.append_and_rotate, which the op's kernel matches bit for bit on the GPU), then
+    each request's keys read from the cache as the kernel's KvCacheRows addresses them (page
+    block_table[b, c // page_size], slot c % page_size; or entry cache_batch_idx[b], row c; c
+    from cache_leftpad[b] to the key end) and the float32 reference."""
 
     def __init__(self) -> None:
         self.calls = 0
 
-    def __call__(self, q, call, key_ends, options):
+    def __call__(self, call, cache_lengths):
         self.calls += 1
-        assert key_ends.dtype == torch.int32 and key_ends.shape == (q.shape[0],)
+        assert cache_lengths.dtype == torch.int32 and cache_lengths.shape == (call.q.shape[0],)
+        q, key_ends = kvcache.append_and_rotate(call, cache_lengths)
+        options = call.options
         outs, lses = [], []
         for b in range(q.shape[0]):
             start = 0 if call.cache_leftpad is None else int(call.cache_leftpad[b])
@@ -382,28 +385,73 @@ def test_kvcache_op_fake_gives_the_output_shapes() -> None:
     assert first.shape == second.shape == (0,)
 
 
-def test_decode_attention_hands_the_call_to_the_op(monkeypatch) -> None:
-    """Every part of the call reaches the op: the caches in place, the key ends, the block
-    table, the split count and the options."""
+@pytest.mark.parametrize("compiling", [False, True], ids=["eager", "compiling"])
+def test_decode_attention_hands_the_call_to_the_op(monkeypatch, compiling: bool) -> None:
+    """Every part of the call reaches the kernel: q as given, the caches in place, the cache
+    lengths, the block table, the split count, the new keys and values, the rotary tables and
+    the options; through the registered op while torch.compile traces, straight to the op's
+    implementation eagerly (no dispatch layers)."""
     from flash_varlen import ops
 
     recorded = {}
 
     def op(q, k_cache, v_cache, cache_seqlens, **kwargs):
-        recorded.update(kwargs, q=q, k_cache=k_cache, v_cache=v_cache, ends=cache_seqlens)
+        recorded.update(kwargs, q=q, k_cache=k_cache, v_cache=v_cache, lengths=cache_seqlens)
         return q, torch.zeros(1), torch.empty(0), torch.empty(0)
 
-    monkeypatch.setattr(ops, "kvcache_fwd", op)
+    def not_this_one(*args, **kwargs):
+        raise AssertionError("the other entry ran")
+
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling)
+    # The call appends: while compiling, the op that declares its writes to the caches.
+    monkeypatch.setattr(ops, "kvcache_fwd", not_this_one)
+    monkeypatch.setattr(ops, "kvcache_append_fwd", op if compiling else not_this_one)
+    monkeypatch.setattr(ops, "kvcache_fwd_eager", not_this_one if compiling else op)
     args = paged_args()
     call = checked({**args, "causal": True, "softcap": 2.0})
     call = type(call)(**{**call.__dict__, "num_splits": 5})
-    ends = int32([4, 5, 6])
-    kvcache_decode.decode_attention(call.q, call, ends, call.options)
+    lengths = int32([4, 5, 6])
+    versions = (call.k_cache._version, call.v_cache._version)
+    kvcache_decode.decode_attention(call, lengths)
+    if not compiling:  # the eager call tells autograd that the caches changed
+        assert (call.k_cache._version, call.v_cache._version) == tuple(x + 1 for x in versions)
+    assert recorded["q"] is call.q
     assert recorded["k_cache"] is call.k_cache and recorded["v_cache"] is call.v_cache
-    assert recorded["ends"] is ends and recorded["block_table"] is call.block_table
+    assert recorded["lengths"] is lengths and recorded["block_table"] is call.block_table
+    assert recorded["k_new"] is call.k and recorded["v_new"] is call.v
+    assert recorded["rotary_cos"] is call.rotary_cos and recorded["rotary_sin"] is call.rotary_sin
+    assert call.rotary_cos is not None
+    assert recorded["rotary_interleaved"] is call.rotary_interleaved
     assert recorded["num_splits"] == 5
     assert recorded["causal"] is True and recorded["softcap"] == 2.0
     assert recorded["cache_batch_idx"] is None and recorded["cache_leftpad"] is None
+
+
+@pytest.mark.parametrize("compiling", [False, True], ids=["eager", "compiling"])
+def test_a_call_without_new_keys_leaves_the_caches_alone(monkeypatch, compiling: bool) -> None:
+    """Without k and v the op that declares no writes runs while compiling (so torch.compile
+    does not functionalize the caches of a plain decode step), and eagerly the caches' versions
+    stay as they were."""
+    from flash_varlen import ops
+
+    ran = []
+
+    def op(q, k_cache, v_cache, cache_seqlens, **kwargs):
+        ran.append(kwargs["k_new"])
+        return q, torch.zeros(1), torch.empty(0), torch.empty(0)
+
+    def not_this_one(*args, **kwargs):
+        raise AssertionError("the other entry ran")
+
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling)
+    monkeypatch.setattr(ops, "kvcache_fwd", op if compiling else not_this_one)
+    monkeypatch.setattr(ops, "kvcache_append_fwd", not_this_one)
+    monkeypatch.setattr(ops, "kvcache_fwd_eager", not_this_one if compiling else op)
+    call = checked(paged_args(k=None, v=None, rotary_cos=None, rotary_sin=None))
+    versions = (call.k_cache._version, call.v_cache._version)
+    kvcache_decode.decode_attention(call, int32([4, 5, 6]))
+    assert ran == [None]
+    assert (call.k_cache._version, call.v_cache._version) == versions
 
 
 # ----------------------------------------------------------------------------------------------
@@ -437,6 +485,22 @@ def entry_args(**changes) -> dict:
     return args
 
 
+def new_keys(seqlen_new: int = 1, heads: int = 2) -> dict:
+    """k_new and v_new for entry_args' cache (bf16, d 64)."""
+    shape = (2, seqlen_new, heads, 64)
+    return {
+        "k_new": torch.zeros(shape, dtype=torch.bfloat16),
+        "v_new": torch.zeros(shape, dtype=torch.bfloat16),
+    }
+
+
+def rotary_tables_of(rows: int, half: int, dtype: torch.dtype = torch.float32) -> dict:
+    return {
+        "rotary_cos": torch.zeros(rows, half, dtype=dtype),
+        "rotary_sin": torch.zeros(rows, half, dtype=dtype),
+    }
+
+
 ENTRY_ERRORS = {
     "table_dtype": (
         {"block_table": torch.zeros(2, 2, dtype=torch.int64)},
@@ -464,7 +528,52 @@ ENTRY_ERRORS = {
         "cannot be combined with block_table",
     ),
     "splits": ({"num_splits": -1}, ValueError, "num_splits must be >= 0"),
+    "k_new_alone": (
+        {"k_new": torch.zeros(2, 1, 2, 64, dtype=torch.bfloat16)},
+        ValueError,
+        "k_new and v_new must be given together",
+    ),
+    "k_new_heads": (
+        new_keys(heads=8),
+        ValueError,
+        "k_new must have shape (batch, seqlen_new, nheads_k, d) = (2, seqlen_new, 2, 64)",
+    ),
+    "v_new_dtype": (
+        {**new_keys(), "v_new": torch.zeros(2, 1, 2, 64, dtype=torch.float16)},
+        TypeError,
+        "v_new must have the dtype of q",
+    ),
+    "k_new_strided_last_dim": (
+        {**new_keys(), "k_new": torch.zeros(2, 1, 2, 128, dtype=torch.bfloat16)[..., ::2]},
+        ValueError,
+        "k_new must have a contiguous last dim",
+    ),
+    "rotary_without_new_keys": (
+        rotary_tables_of(32, 32),
+        ValueError,
+        "rotary_cos and rotary_sin need k_new and v_new",
+    ),
+    "rotary_dim": (
+        {**new_keys(), **rotary_tables_of(32, 33)},
+        ValueError,
+        "rotary_dim / 2) must be in [1, d / 2 = 32], got 33",
+    ),
+    "rotary_rows": (
+        {**new_keys(), **rotary_tables_of(31, 32)},
+        ValueError,
+        "rotary_cos.shape[0] must be at least the cache capacity (32), got 31",
+    ),
+    "rotary_table_dtype": (
+        {**new_keys(), **rotary_tables_of(32, 32, torch.float16)},
+        TypeError,
+        "rotary_cos must be float32 or have the dtype of q",
+    ),
     "valid_but_cpu": ({}, RuntimeError, "q must be a CUDA tensor"),
+    "valid_append_but_cpu": (
+        {**new_keys(seqlen_new=3), **rotary_tables_of(32, 16)},
+        RuntimeError,
+        "q must be a CUDA tensor",
+    ),
 }
 
 

@@ -249,15 +249,17 @@ def test_attention_calls_get_the_running_requests_pages_and_lengths(
 
 
 class DecodeKernelOnTheCpu:
-    """Stands in for the decode kernel call inside flash_attn_with_kvcache: the reference over
-    the cache the function hands the kernel (after its own append and rotary), all keys up to
-    key_ends visible, causal bottom-right."""
+    """Stands in for the decode op inside flash_attn_with_kvcache: its append and rotary steps
+    as torch operations (kvcache.append_and_rotate), then the reference over the cache, all keys
+    up to the key ends visible, causal bottom-right."""
 
     def __init__(self) -> None:
         self.shapes: list[tuple[int, int]] = []  # (batch, seqlen_q) of every call
 
-    def __call__(self, q, call, key_ends, options):
+    def __call__(self, call, cache_lengths):
+        options = call.options
         assert call.paged and options["causal"]
+        q, key_ends = kvcache.append_and_rotate(call, cache_lengths)
         self.shapes.append(tuple(q.shape[:2]))
         result = attention_ref_kvcache(
             q,

@@ -10,15 +10,18 @@ ALiBi, sinks, empty caches, no copy of the cache, and a CUDA-graph capture repla
 cache lengths. Contiguous calls of up to 16 query tokens run the decode kernels where the build
 has them (the varlen forward otherwise); the paged tests (page sizes 1, 16, 64, 256, random
 block tables, appends across page boundaries, num_splits 1 / 2 / many, the row-split kernel for
-more than 16 query rows, options, a CUDA graph replayed with new lengths and tables) need them.
+more than 16 query rows, options, a CUDA graph replayed with new lengths and tables) need them,
+as does the check of the decode op's append kernel against the torch steps it replaces (caches
+and output bit for bit, paged and contiguous, both rotary styles and table dtypes, strided k, v).
 
 Runs only where CUDA is available; elsewhere every test is skipped.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 import torch
@@ -522,3 +525,102 @@ def test_paged_cuda_graph_replays_with_new_lengths_and_tables() -> None:
         names = ("q", "k", "v", "k_cache", "v_cache", "cache_seqlens", "block_table")
         label = f"paged replay {seed}"
         check_replay(graph, static, (static_out, static_lse), fresh, names, options, label)
+
+
+# ----------------------------------------------------------------------------------------------
+# The decode op's append kernel against the torch steps it replaces, bit for bit
+
+class AppendCase(NamedTuple):
+    page_size: int | None  # None: a contiguous cache (with cache_batch_idx)
+    rotary_dim: int  # 0: no rotary tables
+    interleaved: bool
+    float32_tables: bool
+    options: dict[str, Any]
+    dtype: torch.dtype = DEFAULT_DTYPE
+    head_dim: int = DEFAULT_HEAD_DIM
+    seqlen_q: int = 5
+    seqlen_new: int = 5
+
+
+APPEND_CASES = {
+    "contiguous_batch_idx": AppendCase(None, 64, True, False, {"causal": True}, seqlen_q=1,
+                                       seqlen_new=1),
+    # rotary_dim not a multiple of 8; non-causal: every query at one position
+    "rotary_dim_10_one_position": AppendCase(None, 10, False, True, {}),
+    "neox_whole_head_paged_16": AppendCase(16, 128, False, False, {"causal": True}),
+    "page_size_1": AppendCase(1, 64, True, True, {"causal": True}),
+    "no_rotary": AppendCase(64, 0, True, False, {"causal": True}),
+    # a window without causal: the queries at consecutive positions
+    "local_window": AppendCase(16, 32, True, False, {"window_size": (40, 40)}),
+    "fp16_d64": AppendCase(16, 64, False, True, {"causal": True}, torch.float16, 64, 2, 2),
+    # fewer new keys than queries, and more (paged calls always take the decode kernels)
+    "fewer_new_keys": AppendCase(16, 64, True, False, {"causal": True}, seqlen_new=1),
+    "more_new_keys": AppendCase(16, 64, False, False, {}, seqlen_q=2, seqlen_new=3),
+}
+
+
+@pytest.mark.parametrize("case", list(APPEND_CASES))
+def test_append_kernel_matches_the_torch_steps(monkeypatch, case: str) -> None:
+    """The caches after the decode op's append kernel, and its output, equal bit for bit those
+    of the torch steps (kvcache.append_and_rotate) followed by the same op without new keys:
+    the same cells written with the same rotated bits, and the same rotated queries (an
+    attention over different query bits would give different output bits). q, k and v are
+    non-contiguous views of three different layouts; the op is checked to have received the new
+    keys (the fused path ran)."""
+    from flash_varlen import kvcache, kvcache_decode, ops
+
+    spec = APPEND_CASES[case]
+    head_dim = spec.head_dim
+    require_decode_kernel(spec.dtype, head_dim)
+    # Lengths that leave room for the queries' rotary positions (cache_seqlens + seqlen_q - 1).
+    room = SEQLEN_CACHE - max(spec.seqlen_q, spec.seqlen_new)
+    args = make_call(
+        dtype=spec.dtype,
+        head_dim=head_dim,
+        seqlen_q=spec.seqlen_q,
+        seqlen_new=spec.seqlen_new,
+        rotary_dim=spec.rotary_dim,
+        batch_idx=spec.page_size is None,
+        lengths=[0, room, room // 2, 17],
+    )
+    if spec.page_size is not None:
+        args = paged(args, spec.page_size)
+    if spec.float32_tables and spec.rotary_dim:
+        args["rotary_cos"] = args["rotary_cos"].float()
+        args["rotary_sin"] = args["rotary_sin"].float()
+    # q: a padded head stride; k: a (batch, heads, seqlen, d) buffer seen transposed; v: every
+    # other head of a wider tensor.
+    args["q"] = torch.cat((args["q"], torch.zeros_like(args["q"])), dim=-1)[..., :head_dim]
+    args["k"] = args["k"].transpose(1, 2).contiguous().transpose(1, 2)
+    args["v"] = torch.repeat_interleave(args["v"], 2, dim=2)[:, :, ::2]
+    assert len({args[name].stride() for name in ("q", "k", "v")}) == 3
+    assert not any(args[name].is_contiguous() for name in ("q", "v"))
+    options = {**spec.options, "rotary_interleaved": spec.interleaved}
+    fused_caches = {name: args[name].clone() for name in ("k_cache", "v_cache")}
+    torch_caches = {name: args[name].clone() for name in ("k_cache", "v_cache")}
+
+    received = []
+    op = ops.kvcache_fwd_eager
+
+    def spy(*op_args, **op_kwargs):
+        received.append(op_kwargs["k_new"])
+        return op(*op_args, **op_kwargs)
+
+    monkeypatch.setattr(ops, "kvcache_fwd_eager", spy)
+    fused = _flash_varlen().flash_attn_with_kvcache(**{**args, **fused_caches}, **options)
+    assert len(received) == 1 and received[0] is not None
+
+    # The same call, checked by the public function, its op replaced by the torch steps.
+    def torch_steps(call, cache_lengths):
+        q, key_ends = kvcache.append_and_rotate(call, cache_lengths)
+        appended = dataclasses.replace(
+            call, q=q, k=None, v=None, rotary_cos=None, rotary_sin=None
+        )
+        return kvcache_decode.decode_attention(appended, key_ends.to(torch.int32))
+
+    monkeypatch.setattr(kvcache, "_decode_attention", torch_steps)
+    expected = _flash_varlen().flash_attn_with_kvcache(**{**args, **torch_caches}, **options)
+
+    for name in ("k_cache", "v_cache"):
+        assert_bitwise_equal(fused_caches[name], torch_caches[name], f"{case} {name}")
+    assert_bitwise_equal(fused, expected, f"{case} out")

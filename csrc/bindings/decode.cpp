@@ -5,6 +5,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 
+#include <algorithm>
 #include <limits>
 #include <utility>
 
@@ -20,6 +21,99 @@ namespace {
 
 const int* index_ptr(const std::optional<at::Tensor>& t) {
     return t.has_value() ? t->data_ptr<int>() : nullptr;
+}
+
+// The append step's inputs (kernels/decode/cache_append_kernel.h reads them element by element,
+// so any strides but a contiguous last dim): k_new and v_new (batch, seqlen_new, nheads_k, d) in
+// q's dtype, the rotary tables (seqlen_ro, rotary_dim / 2) float32 or in q's dtype, with
+// 1 <= rotary_dim / 2 <= d / 2 and seqlen_ro >= the capacity.
+void check_append_inputs(const KvcacheFwdArgs& args, const HeadShape& heads, int64_t capacity) {
+    TORCH_CHECK_VALUE(args.k_new.has_value() == args.v_new.has_value(),
+                      "k_new and v_new must be given together");
+    TORCH_CHECK_VALUE(args.rotary_cos.has_value() == args.rotary_sin.has_value(),
+                      "rotary_cos and rotary_sin must be given together");
+    TORCH_CHECK_VALUE(!args.rotary_cos.has_value() || args.k_new.has_value(),
+                      "rotary_cos and rotary_sin need k_new and v_new");
+    if (!args.k_new.has_value()) return;
+    const at::Tensor& q = args.q;
+    // One thread block per (request, row) of the longer of the two (cache_append_kernel.h).
+    const int64_t rows = std::max(args.k_new->dim() > 1 ? args.k_new->size(1) : 0, q.size(1));
+    TORCH_CHECK_VALUE(q.size(0) * rows <= std::numeric_limits<int>::max(),
+                      message("batch x max(seqlen_new, seqlen_q) must be below 2^31, got ",
+                              q.size(0), " x ", rows));
+    for (const auto& [t, name] : {std::pair{&*args.k_new, "k_new"}, {&*args.v_new, "v_new"}}) {
+        TORCH_CHECK_TYPE(t->scalar_type() == q.scalar_type(),
+                         message(name, " must have the dtype of q (", q.scalar_type(), "), got ",
+                                 t->scalar_type()));
+        TORCH_CHECK_VALUE(
+            t->dim() == 4 && t->size(0) == q.size(0) && t->size(2) == heads.nheads_k &&
+                t->size(3) == heads.head_dim && t->sizes() == args.k_new->sizes(),
+            message(name, " must have shape (batch, seqlen_new, nheads_k, d) = (", q.size(0),
+                    ", seqlen_new, ", heads.nheads_k, ", ", heads.head_dim, ") like k_new, got ",
+                    t->sizes()));
+        TORCH_CHECK_VALUE(t->stride(3) == 1 || t->size(3) == 1,
+                          message(name, " must have a contiguous last dim, got strides ",
+                                  t->strides()));
+    }
+    TORCH_CHECK_VALUE(args.k_new->size(1) <= capacity,
+                      message("k_new holds ", args.k_new->size(1), " new keys per request, more "
+                              "than the cache holds (", capacity, ")"));
+    if (!args.rotary_cos.has_value()) return;
+    const at::Tensor& cos = *args.rotary_cos;
+    for (const auto& [t, name] :
+         {std::pair{&cos, "rotary_cos"}, {&*args.rotary_sin, "rotary_sin"}}) {
+        TORCH_CHECK_TYPE(t->scalar_type() == at::kFloat || t->scalar_type() == q.scalar_type(),
+                         message(name, " must be float32 or have the dtype of q, got ",
+                                 t->scalar_type()));
+        TORCH_CHECK_VALUE(t->dim() == 2 && t->sizes() == cos.sizes() &&
+                              t->scalar_type() == cos.scalar_type() &&
+                              (t->stride(1) == 1 || t->size(1) == 1),
+                          message(name, " must be (seqlen_ro, rotary_dim / 2) with a contiguous "
+                                        "last dim, with rotary_cos's shape and dtype, got ",
+                                  t->sizes(), " / ", t->strides(), " ", t->scalar_type()));
+    }
+    TORCH_CHECK_VALUE(cos.size(1) >= 1 && 2 * cos.size(1) <= heads.head_dim,
+                      message("rotary_cos.shape[1] (rotary_dim / 2) must be in [1, d / 2 = ",
+                              heads.head_dim / 2, "], got ", cos.size(1)));
+    TORCH_CHECK_VALUE(cos.size(0) >= capacity,
+                      message("rotary_cos.shape[0] must be at least the cache capacity (",
+                              capacity, "), got ", cos.size(0)));
+}
+
+// The append step's params. q_rotated: where the rotated queries go (with rotary tables), which
+// then become the attention's q.
+void set_append_params(FlashDecodeParams& params, const KvcacheFwdArgs& args,
+                       const at::Tensor& q_rotated) {
+    CacheAppend& append = params.append;
+    if (!args.k_new.has_value()) return;
+    const at::Tensor& k = *args.k_new;
+    const at::Tensor& v = *args.v_new;
+    append.k = k.data_ptr();
+    append.v = v.data_ptr();
+    set_strides(&append.k_batch_stride, &append.k_row_stride, &append.k_head_stride, k, true);
+    set_strides(&append.v_batch_stride, &append.v_row_stride, &append.v_head_stride, v, true);
+    append.seqlen_new = int(k.size(1));
+    if (!args.rotary_cos.has_value()) return;
+    const at::Tensor& cos = *args.rotary_cos;
+    append.rotary_cos = cos.data_ptr();
+    append.rotary_sin = args.rotary_sin->data_ptr();
+    append.rotary_cos_row_stride = cos.stride(0);
+    append.rotary_sin_row_stride = args.rotary_sin->stride(0);
+    append.rotary_rows = int(std::min<int64_t>(cos.size(0), std::numeric_limits<int>::max()));
+    append.rotary_dim = int(2 * cos.size(1));
+    append.rotary_tables_float = cos.scalar_type() == at::kFloat;
+    append.rotary_interleaved = args.rotary_interleaved;
+    // flash-attn's rule (flash_varlen/kvcache_validation.py, rotates_q_consecutively): the
+    // queries sit at consecutive positions when the mask is causal or local.
+    append.q_consecutive =
+        args.options.causal || args.options.window_left != -1 || args.options.window_right != -1;
+    append.q = args.q.data_ptr();
+    set_strides(&append.q_batch_stride, &append.q_row_stride, &append.q_head_stride, args.q,
+                true);
+    append.q_rotated = q_rotated.data_ptr();
+    params.q_ptr = q_rotated.data_ptr();
+    set_strides(&params.q_batch_stride, &params.q_row_stride, &params.q_head_stride, q_rotated,
+                true);
 }
 
 }  // namespace
@@ -53,6 +147,11 @@ ForwardResult kvcache_fwd(const KvcacheFwdArgs& args) {
     TORCH_CHECK_VALUE(args.num_splits >= 0,
                       message("num_splits must be >= 0 (0: heuristic), got ", args.num_splits));
     check_attention_options(args.options, {batch, heads.nheads});
+    const int64_t page_size = k_cache.size(1);
+    const int64_t capacity = paged ? args.block_table->size(1) * page_size : page_size;
+    TORCH_CHECK_VALUE(capacity <= std::numeric_limits<int>::max(),
+                      message("a request's cache holds at most 2^31 - 1 keys, got ", capacity));
+    check_append_inputs(args, heads, capacity);
     check_device(q, "q", q.device());
     for (const auto& [t, name] : {std::pair{&k_cache, "k_cache"},
                                   {&v_cache, "v_cache"},
@@ -64,12 +163,13 @@ ForwardResult kvcache_fwd(const KvcacheFwdArgs& args) {
                                   {&args.cache_leftpad, "cache_leftpad"}}) {
         if (t->has_value()) check_device(**t, name, q.device());
     }
+    for (const auto& [t, name] : {std::pair{&args.k_new, "k_new"},
+                                  {&args.v_new, "v_new"},
+                                  {&args.rotary_cos, "rotary_cos"},
+                                  {&args.rotary_sin, "rotary_sin"}}) {
+        if (t->has_value()) check_device(**t, name, q.device());
+    }
     check_attention_option_devices(args.options, q.device());
-
-    const int64_t page_size = k_cache.size(1);
-    const int64_t capacity = paged ? args.block_table->size(1) * page_size : page_size;
-    TORCH_CHECK_VALUE(capacity <= std::numeric_limits<int>::max(),
-                      message("a request's cache holds at most 2^31 - 1 keys, got ", capacity));
     at::Tensor out = at::empty_like(q, q.options().memory_format(at::MemoryFormat::Contiguous));
     at::Tensor lse = at::empty({batch, heads.nheads, q.size(1)}, q.options().dtype(at::kFloat));
 
@@ -91,6 +191,11 @@ ForwardResult kvcache_fwd(const KvcacheFwdArgs& args) {
     params.cache_batch_idx = index_ptr(args.cache_batch_idx);
     params.cache_leftpad = index_ptr(args.cache_leftpad);
     params.num_splits = int(args.num_splits);
+    const bool rotates = args.rotary_cos.has_value();
+    const at::Tensor q_rotated = rotates ? at::empty_like(q, q.options().memory_format(
+                                                                 at::MemoryFormat::Contiguous))
+                                         : at::Tensor();
+    set_append_params(params, args, q_rotated);
 
     const KernelConfig config{element_type_of(q), head_dim_bucket(heads.head_dim),
                               /*is_local=*/false};
@@ -99,7 +204,12 @@ ForwardResult kvcache_fwd(const KvcacheFwdArgs& args) {
     // The two unused outputs (the forward's layout of returns) are distinct tensors: a custom
     // op's returns may not alias one another (torch.library checks it at every call).
     auto unused = [&] { return at::empty({0}, q.options()); };
-    if (batch != 0 && q.numel() != 0) launch_kernel(kernel, params, q.device(), "decode");
+    // The launcher runs the append step (if any) before the attention, which it skips without
+    // query rows.
+    const bool appends = args.k_new.has_value() && args.k_new->numel() != 0;
+    if (batch != 0 && (q.numel() != 0 || appends)) {
+        launch_kernel(kernel, params, q.device(), "decode");
+    }
     return {out, lse, unused(), unused()};
 }
 

@@ -308,6 +308,11 @@ void define_entry_points(py::module_& m) {
            const std::optional<at::Tensor>& cache_batch_idx,
            const std::optional<at::Tensor>& cache_leftpad,
            int64_t num_splits,
+           const std::optional<at::Tensor>& k_new,
+           const std::optional<at::Tensor>& v_new,
+           const std::optional<at::Tensor>& rotary_cos,
+           const std::optional<at::Tensor>& rotary_sin,
+           bool rotary_interleaved,
            int64_t window_left,
            int64_t window_right,
            double softcap,
@@ -327,6 +332,11 @@ void define_entry_points(py::module_& m) {
             args.cache_batch_idx = cache_batch_idx;
             args.cache_leftpad = cache_leftpad;
             args.num_splits = num_splits;
+            args.k_new = k_new;
+            args.v_new = v_new;
+            args.rotary_cos = rotary_cos;
+            args.rotary_sin = rotary_sin;
+            args.rotary_interleaved = rotary_interleaved;
             args.options.window_left = window_left;
             args.options.window_right = window_right;
             args.options.softcap = softcap;
@@ -340,11 +350,15 @@ void define_entry_points(py::module_& m) {
         "Decode attention over a KV cache (the decode kernel family). q: (batch, seqlen_q, "
         "nheads, d); k_cache, v_cache: contiguous (batch_cache, seqlen_cache, nheads_k, d) or, "
         "with block_table int32 (batch, max_pages), paged (num_pages, page_size, nheads_k, d), "
-        "with equal strides; cache_seqlens: int32 (batch,), request b's keys are cache positions "
-        "cache_leftpad[b] (or 0) to cache_seqlens[b] - 1; cache_batch_idx, cache_leftpad: int32 "
-        "(batch,), contiguous caches only; num_splits: key splits (0: heuristic). Returns out "
-        "(batch, seqlen_q, nheads, d), softmax_lse (batch, nheads, seqlen_q) float32, and two "
-        "empty tensors.",
+        "with equal strides; cache_seqlens: int32 (batch,), each request's cache length before "
+        "the append; cache_batch_idx, cache_leftpad: int32 (batch,), contiguous caches only; "
+        "num_splits: key splits (0: heuristic). k_new, v_new: (batch, seqlen_new, nheads_k, d), "
+        "written in place into the caches at positions cache_seqlens[b] + i first, k_new rotated "
+        "there when rotary_cos, rotary_sin (seqlen_ro, rotary_dim / 2) are given, q then rotated "
+        "too (at cache_seqlens[b] + i with a causal or local mask, else at cache_seqlens[b]). "
+        "Request b attends to cache positions cache_leftpad[b] (or 0) to cache_seqlens[b] + "
+        "seqlen_new - 1. Returns out (batch, seqlen_q, nheads, d), softmax_lse (batch, nheads, "
+        "seqlen_q) float32, and two empty tensors.",
           py::arg("q"),
           py::arg("k_cache"),
           py::arg("v_cache"),
@@ -355,6 +369,11 @@ void define_entry_points(py::module_& m) {
           py::arg("cache_batch_idx") = py::none(),
           py::arg("cache_leftpad") = py::none(),
           py::arg("num_splits") = 0,
+          py::arg("k_new") = py::none(),
+          py::arg("v_new") = py::none(),
+          py::arg("rotary_cos") = py::none(),
+          py::arg("rotary_sin") = py::none(),
+          py::arg("rotary_interleaved") = true,
           py::arg("window_left") = -1,
           py::arg("window_right") = -1,
           py::arg("softcap") = 0.0,

@@ -91,10 +91,14 @@ struct BwdArgs {
 // Decode attention over a KV cache (the decode kernel family). q: (batch, seqlen_q, nheads, d);
 // k_cache, v_cache: contiguous (batch_cache, seqlen_cache, nheads_k, d) or, with block_table int32
 // (batch, max_pages), paged (num_pages, page_size, nheads_k, d), with equal strides; cache_seqlens:
-// int32 (batch,), request b's keys are cache positions cache_leftpad[b] (or 0) to cache_seqlens[b]
-// - 1; cache_batch_idx, cache_leftpad: int32 (batch,), contiguous caches only; num_splits: key
-// splits (0: heuristic). Returns out (batch, seqlen_q, nheads, d), softmax_lse (batch, nheads,
-// seqlen_q) float32, and two empty tensors.
+// int32 (batch,), each request's cache length before the append; cache_batch_idx, cache_leftpad:
+// int32 (batch,), contiguous caches only; num_splits: key splits (0: heuristic). k_new, v_new:
+// (batch, seqlen_new, nheads_k, d), written in place into the caches at positions cache_seqlens[b]
+// + i first, k_new rotated there when rotary_cos, rotary_sin (seqlen_ro, rotary_dim / 2) are given,
+// q then rotated too (at cache_seqlens[b] + i with a causal or local mask, else at
+// cache_seqlens[b]). Request b attends to cache positions cache_leftpad[b] (or 0) to
+// cache_seqlens[b] + seqlen_new - 1. Returns out (batch, seqlen_q, nheads, d), softmax_lse (batch,
+// nheads, seqlen_q) float32, and two empty tensors.
 struct KvcacheFwdArgs {
     at::Tensor q;
     at::Tensor k_cache;
@@ -104,6 +108,11 @@ struct KvcacheFwdArgs {
     std::optional<at::Tensor> cache_batch_idx;
     std::optional<at::Tensor> cache_leftpad;
     int64_t num_splits;
+    std::optional<at::Tensor> k_new;
+    std::optional<at::Tensor> v_new;
+    std::optional<at::Tensor> rotary_cos;
+    std::optional<at::Tensor> rotary_sin;
+    bool rotary_interleaved;
     AttentionOptions options;
 };
 

@@ -157,6 +157,32 @@ struct FlashBwdParams : FlashFwdParams {
     bool deterministic;  // order the dQ accumulation (bitwise reproducible dq)
 };
 
+// The append step of a decode call (decode/cache_append_kernel.h): new keys and values written
+// into the cache, the keys and queries rotated. Strides in elements; the last dim is contiguous.
+struct CacheAppend {
+    // (batch, seqlen_new, nheads_k, head_dim) each; k == nullptr: no append (and no rotary).
+    const void* __restrict__ k;
+    const void* __restrict__ v;
+    int64_t k_batch_stride, k_row_stride, k_head_stride;
+    int64_t v_batch_stride, v_row_stride, v_head_stride;
+    int seqlen_new;
+    // Rotary tables, (rotary_rows, rotary_dim / 2) each, float32 (rotary_tables_float) or the
+    // element type; rotary_cos == nullptr: no rotary embedding.
+    const void* __restrict__ rotary_cos;
+    const void* __restrict__ rotary_sin;
+    int64_t rotary_cos_row_stride, rotary_sin_row_stride;
+    int rotary_rows;
+    int rotary_dim;
+    bool rotary_tables_float;
+    bool rotary_interleaved;  // pairs (2j, 2j + 1), else (j, j + rotary_dim / 2)
+    bool q_consecutive;       // query row i at cache_seqlens[b] + i, else all at cache_seqlens[b]
+    // With rotary tables: the queries as given, (batch, seqlen_q, nheads, head_dim), and their
+    // rotated copy, which the attention reads (q_ptr and the q_* strides describe it).
+    const void* __restrict__ q;
+    int64_t q_batch_stride, q_row_stride, q_head_stride;
+    void* __restrict__ q_rotated;
+};
+
 // Decode over a KV cache (the decode family): a few query tokens per request (q is the
 // fixed-length layout: (batch, seqlen_q, nheads, d), o and softmax_lse likewise) against each
 // request's keys in a cache, contiguous or paged. k_ptr / v_ptr point at the cache; its rows are
@@ -169,8 +195,8 @@ struct FlashBwdParams : FlashFwdParams {
 // upper bound of every cache_seqlens, read on the host only by the split heuristic, and the clamp
 // of the lengths on the device.
 struct FlashDecodeParams : FlashFwdParams {
-    // (batch,) one past the last key position of request b in its cache (after any append):
-    // its keys are positions cache_leftpad[b] (or 0) .. cache_seqlens[b] - 1.
+    // (batch,) request b's cache length before the append: its keys are positions
+    // cache_leftpad[b] (or 0) .. cache_seqlens[b] + append.seqlen_new - 1.
     const int* __restrict__ cache_seqlens;
     const int* __restrict__ cache_batch_idx;
     const int* __restrict__ cache_leftpad;
@@ -183,6 +209,8 @@ struct FlashDecodeParams : FlashFwdParams {
     // (splits, batch, nheads, seqlen_q). The combine kernel merges them.
     float* __restrict__ partial_out;
     float* __restrict__ partial_lse;
+
+    CacheAppend append;
 };
 
 // PyTorch's CUDA generator hands out Philox offsets in multiples of 4 (philox_cuda_state rounds

@@ -98,8 +98,10 @@ __global__ void __launch_bounds__(Traits::kNThreads)
 
     // ---- The request's keys, and the key blocks of this split.
     const KvCacheRows cache(params, page_size, tile.request);
-    // Keys are cache positions [start, end), clamped into the cache's capacity.
-    const int key_end = min(params.cache_seqlens[tile.request], params.seqlen_k);
+    // Keys are cache positions [start, end), clamped into the cache's capacity; end counts the
+    // keys the call appended (cache_append_kernel.h, launched before this kernel).
+    const int key_end =
+        min(params.cache_seqlens[tile.request] + params.append.seqlen_new, params.seqlen_k);
     const int seqlen_k = max(key_end - cache.start(), 0);
     const int seqlen_q = params.seqlen_q;
     const DecodeMask mask{seqlen_k, params.causal_top_left ? 0 : seqlen_k - seqlen_q,

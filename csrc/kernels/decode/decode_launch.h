@@ -13,6 +13,7 @@
 #include "kernels/common/device_sm_count.h"
 #include "kernels/common/flash_params.h"
 #include "kernels/common/workspace.h"
+#include "kernels/decode/cache_append_kernel.h"
 #include "kernels/decode/combine_kernel.h"
 #include "kernels/decode/decode_kernel.h"
 #include "kernels/decode/decode_kernel_traits.h"
@@ -62,8 +63,12 @@ struct DecodeLaunch {
 
     static cudaError_t launch(FlashDecodeParams params, const Workspace& workspace,
                               cudaStream_t stream) {
-        const cudaError_t err = allow_smem();
+        cudaError_t err = allow_smem();
         if (err != cudaSuccess) return err;
+        err = launch_cache_append<Element>(params, stream);
+        if (err != cudaSuccess) return err;
+        // A call without query rows only appends (the bindings launch it for that).
+        if (params.seqlen_q == 0) return cudaSuccess;
         params.num_splits = num_splits(params);
         if (params.num_splits > 1) {
             const int64_t query_rows = int64_t(params.batch) * params.nheads * params.seqlen_q;
