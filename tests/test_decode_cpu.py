@@ -495,6 +495,7 @@ def new_keys(seqlen_new: int = 1, heads: int = 2) -> dict:
 
 
 def rotary_tables_of(rows: int, half: int, dtype: torch.dtype = torch.float32) -> dict:
+    """rotary_cos and rotary_sin of `rows` positions and `half` columns (rotary_dim / 2)."""
     return {
         "rotary_cos": torch.zeros(rows, half, dtype=dtype),
         "rotary_sin": torch.zeros(rows, half, dtype=dtype),
