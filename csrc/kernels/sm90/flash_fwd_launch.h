@@ -37,6 +37,14 @@ inline int32_t tma_extent(int64_t extent) {
     return int32_t(std::max<int64_t>(extent, 1));
 }
 
+// A TMA byte stride: TMA wants each a multiple of 16 bytes. A dimension of extent 1 never
+// multiplies a nonzero index, and the input checks skip its stride (it may be anything for a
+// view), so it gets the smallest valid one.
+inline uint64_t tma_stride_bytes(uint64_t extent, int64_t stride, uint64_t element_bytes) {
+    constexpr uint64_t kTmaStrideAlignment = 16;
+    return extent > 1 ? uint64_t(stride) * element_bytes : kTmaStrideAlignment;
+}
+
 // Q's TMA descriptor: the tensor (d, heads of a tile, rows, head units, batch), whose box
 // (columns of a chunk, heads of a tile, tokens of a tile, 1, 1) is one chunk of a tile's Q in the
 // shared-memory layout (query_rows.h; fwd_kernel_traits.h checks the chunk layout). The G heads
@@ -54,9 +62,10 @@ cudaError_t make_query_descriptor(const FlashFwdParams& params, int heads_per_ti
         uint64_t(params.nheads / heads_per_tile), uint64_t(batches)};
     // Byte strides of dimensions 1.. (dimension 0, the head dim, is contiguous).
     const cute::array<uint64_t, kRank - 1> strides = {
-        uint64_t(params.q_head_stride) * bytes, uint64_t(params.q_row_stride) * bytes,
-        uint64_t(heads_per_tile) * uint64_t(params.q_head_stride) * bytes,
-        uint64_t(batch_stride) * bytes};
+        tma_stride_bytes(extents[1], params.q_head_stride, bytes),
+        tma_stride_bytes(extents[2], params.q_row_stride, bytes),
+        tma_stride_bytes(extents[3], heads_per_tile * params.q_head_stride, bytes),
+        tma_stride_bytes(extents[4], batch_stride, bytes)};
     const cute::array<uint32_t, kRank> box = {
         uint32_t(Traits::kQChunkCols), uint32_t(heads_per_tile),
         uint32_t(QueryRows::tokens_per_tile<Traits::kBlockM>(heads_per_tile)), 1u, 1u};
