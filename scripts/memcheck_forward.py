@@ -3,8 +3,9 @@ compute-sanitizer (memcheck, racecheck, synccheck):
 
     compute-sanitizer --tool memcheck --error-exitcode 1 python scripts/memcheck_forward.py
 
-On a Hopper GPU the head dims up to 128 run the sm90 family (TMA loads of whole tiles, warp
-specialization, named barriers), the others the sm80 family; FLASH_VARLEN_KERNEL_FAMILY forces one.
+On a Hopper GPU the sm90 family runs them (TMA loads of whole tiles, warp specialization, named
+barriers; the query heads of a GQA group share a tile), elsewhere the sm80 family;
+FLASH_VARLEN_KERNEL_FAMILY forces one.
 
 The kernels never read rows past a sequence's end or columns past the head dim (the sm80
 family issues those copies with a zero source size; the sm90 family's TMA boxes stop at the
@@ -33,6 +34,11 @@ CASES = [
     ([5, 77], [300, 1], 4, 2, 256),
     ([130, 1, 64], [257, 77, 0], 2, 2, 128),
     ([193, 7], [129, 450], 3, 1, 64),
+    # Large GQA groups: packed tiles of 16 tokens of 8 heads (d128), 6 tokens of 32 (d64), and
+    # 25 tokens of 5 heads with 3 padding rows (d128).
+    ([3, 40, 17], [50, 8, 0], 16, 2, 128),
+    ([5, 33], [9, 70], 32, 1, 64),
+    ([26, 51], [30, 120], 10, 2, 128),
 ]
 # More tiles than a GPU has SMs, so that each thread block of a persistent grid (the sm90 family)
 # runs several and reuses its Q buffer and K/V stages from one tile to the next; every seventh
