@@ -64,8 +64,11 @@ cudaError_t launch_flash_fwd(const FlashFwdParams& params, const Workspace& work
     // +1 to +3% there) is not measured for this family.
     constexpr int64_t kScheduleGridRatio = 8;
     VarlenTileSchedule schedule{nullptr, nullptr};
-    if (params.cu_seqlens_q != nullptr && grid_blocks > kScheduleGridRatio * tiles &&
-        tiles <= std::numeric_limits<int32_t>::max()) {
+    // The general kernel keeps the grid (flash_fwd_kernel.h says why).
+    const bool use_schedule = !general && params.cu_seqlens_q != nullptr &&
+                              grid_blocks > kScheduleGridRatio * tiles &&
+                              tiles <= std::numeric_limits<int32_t>::max();
+    if (use_schedule) {
         int* order = static_cast<int*>(workspace.scratch);
         int* tile_start = order + params.batch;
         prepare_varlen_tile_schedule<Traits::kBlockM>
