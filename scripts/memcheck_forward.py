@@ -12,6 +12,8 @@ family issues those copies with a zero source size; the sm90 family's TMA boxes 
 buffer's end). Each tensor here is allocated exactly,
 with lengths and head dims that are not tile multiples, so any stray access leaves the
 allocation and the sanitizer reports it. Exits non-zero if an output is wrong or not finite.
+A case whose kernel a narrowed build lacks (FLASH_VARLEN_HEAD_DIMS and the like) is skipped and
+counted; the script fails if it skipped every case.
 """
 
 from __future__ import annotations
@@ -51,6 +53,11 @@ CASES.append((MANY_TILES_LENGTHS,
 TOLERANCE = 5e-2  # bf16 outputs of randn inputs; this script hunts memory errors, not ulps
 
 
+def not_in_this_build(error: NotImplementedError) -> bool:
+    """Whether the dispatcher refused the call because the build lacks its kernel."""
+    return "not in this build" in str(error)
+
+
 def run_case(seqlens_q: list[int], seqlens_k: list[int], nheads: int, nheads_k: int, d: int,
              causal: bool) -> bool:
     device = "cuda"
@@ -67,20 +74,33 @@ def run_case(seqlens_q: list[int], seqlens_k: list[int], nheads: int, nheads_k: 
     return ok
 
 
+def run_fixed_length(head_dim: int, causal: bool) -> bool:
+    q = torch.randn(2, 33, 2, head_dim, device="cuda", dtype=torch.float16)
+    k = torch.randn(2, 17, 1, head_dim, device="cuda", dtype=torch.float16)
+    out = flash_attn_func(q, k, k, causal=causal)
+    ok = bool(torch.isfinite(out).all())
+    print(f"{'ok ' if ok else 'BAD'} fixed-length q=2x33 k=2x17 d={head_dim} causal={causal}")
+    return ok
+
+
 def main() -> int:
     torch.manual_seed(0)
-    ok = True
-    for case in CASES:
+    calls = [(run_case, (*case,)) for case in CASES]
+    calls += [(run_fixed_length, (head_dim,)) for head_dim in (64, 96, 128, 192, 256)]
+    ok, ran, skipped = True, 0, 0
+    for run, args in calls:
         for causal in (False, True):
-            ok &= run_case(*case, causal=causal)
-    for head_dim in (64, 96, 128, 192, 256):
-        q = torch.randn(2, 33, 2, head_dim, device="cuda", dtype=torch.float16)
-        k = torch.randn(2, 17, 1, head_dim, device="cuda", dtype=torch.float16)
-        for causal in (False, True):
-            out = flash_attn_func(q, k, k, causal=causal)
-            ok &= bool(torch.isfinite(out).all())
+            try:
+                ok &= run(*args, causal=causal)
+                ran += 1
+            except NotImplementedError as error:
+                if not not_in_this_build(error):
+                    raise
+                skipped += 1
+                print(f"skip {run.__name__} d={args[-1]} causal={causal}: kernel not in this build")
     torch.cuda.synchronize()
-    print("memcheck cases", "passed" if ok else "FAILED")
+    ok &= ran > 0
+    print(f"memcheck cases {'passed' if ok else 'FAILED'}: {ran} ran, {skipped} skipped")
     return 0 if ok else 1
 
 
