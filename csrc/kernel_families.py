@@ -90,7 +90,9 @@ SM80 = KernelFamily(
     compute_capabilities=(80, 90),
     targets=MMA_SYNC_TARGETS,
     directions={
-        "fwd": Direction("flash_fwd_launch.h", "launch_flash_fwd", shares_ptx=True),
+        "fwd": Direction(
+            "flash_fwd_launch.h", "launch_flash_fwd", "fwd_workspace_size", shares_ptx=True
+        ),
         # Not shares_ptx: on sm_90 the backward adds dQ with the bulk-copy engine
         # (kernels/sm80/dq_accum.h), which sm_80's PTX cannot express.
         "bwd": Direction("flash_bwd_launch.h", "launch_flash_bwd", "flash_bwd_workspace_size"),

@@ -17,7 +17,7 @@ const KernelRegistration<FlashFwdParams> kRegistration(
     KernelKey{KernelFamily::kSm80, {ElementType::kBFloat16, 64, /*is_local=*/true}},
     machine_archs(FLASH_VARLEN_MACHINE_ARCHS),
     &sm80::launch_flash_fwd<cutlass::bfloat16_t, 64, /*kIsLocal=*/true>,
-    &no_workspace<FlashFwdParams>,
+    &sm80::fwd_workspace_size<cutlass::bfloat16_t, 64>,
     nullptr);
 
 }  // namespace

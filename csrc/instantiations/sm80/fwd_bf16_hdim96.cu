@@ -17,7 +17,7 @@ const KernelRegistration<FlashFwdParams> kRegistration(
     KernelKey{KernelFamily::kSm80, {ElementType::kBFloat16, 96, /*is_local=*/false}},
     machine_archs(FLASH_VARLEN_MACHINE_ARCHS),
     &sm80::launch_flash_fwd<cutlass::bfloat16_t, 96, /*kIsLocal=*/false>,
-    &no_workspace<FlashFwdParams>,
+    &sm80::fwd_workspace_size<cutlass::bfloat16_t, 96>,
     nullptr);
 
 }  // namespace

@@ -17,7 +17,7 @@ const KernelRegistration<FlashFwdParams> kRegistration(
     KernelKey{KernelFamily::kSm80, {ElementType::kFloat16, 64, /*is_local=*/false}},
     machine_archs(FLASH_VARLEN_MACHINE_ARCHS),
     &sm80::launch_flash_fwd<cutlass::half_t, 64, /*kIsLocal=*/false>,
-    &no_workspace<FlashFwdParams>,
+    &sm80::fwd_workspace_size<cutlass::half_t, 64>,
     nullptr);
 
 }  // namespace

@@ -76,34 +76,57 @@ struct MaskPolicy {
         return min((m_block + 1) * kBlockM, seqlen_q) - 1;
     }
 
-    // Forward: the key blocks [key_block_begin, key_block_end) hold every key some row of row
-    // block m_block sees; an empty range when it sees none.
-    template <int kBlockM, int kBlockN>
-    __device__ int key_block_begin(int m_block) const {
-        const int first_col = visible_col_begin(m_block * kBlockM);
+    // Forward: the key blocks [key_block_begin, key_block_end) hold every key some query row of
+    // first_row .. last_row (inside the sequence) sees; an empty range when they see none. A
+    // tile's rows are one such interval: a row block, or the same tokens of several heads when
+    // the sm90 forward packs a GQA group into one tile (sm90/query_rows.h).
+    template <int kBlockN>
+    __device__ int key_block_begin_of_rows(int first_row) const {
+        const int first_col = visible_col_begin(first_row);
         return first_col <= 0 ? 0 : first_col / kBlockN;
     }
 
-    template <int kBlockM, int kBlockN>
-    __device__ int key_block_end(int m_block) const {
-        const int col_end = visible_col_end(last_row_of<kBlockM>(m_block));
+    template <int kBlockN>
+    __device__ int key_block_end_of_rows(int last_row) const {
+        const int col_end = visible_col_end(last_row);
         return col_end <= 0 ? 0 : cute::ceil_div(col_end, kBlockN);
     }
 
     // Forward, plain kernels: key blocks in [unmasked_block_begin, unmasked_block_end) are
-    // visible to every row of the row block (inside the sequence) in full: they need no masking.
-    // The range may be empty; blocks outside it (and inside the visited range) are masked. (The
-    // variant kernels mask every block: ALiBi biases them all.)
+    // visible to every row of first_row .. last_row in full: they need no masking. The range may
+    // be empty; blocks outside it (and inside the visited range) are masked. (The variant
+    // kernels mask every block: ALiBi biases them all.)
+    template <int kBlockN>
+    __device__ int unmasked_block_begin_of_rows(int last_row) const {
+        const int first_col = visible_col_begin(last_row);
+        return first_col <= 0 ? 0 : cute::ceil_div(first_col, kBlockN);
+    }
+
+    template <int kBlockN>
+    __device__ int unmasked_block_end_of_rows(int first_row) const {
+        const int col_end = visible_col_end(first_row);
+        return col_end <= 0 ? 0 : col_end / kBlockN;
+    }
+
+    // The same ranges for row block m_block of kBlockM consecutive rows.
+    template <int kBlockM, int kBlockN>
+    __device__ int key_block_begin(int m_block) const {
+        return key_block_begin_of_rows<kBlockN>(m_block * kBlockM);
+    }
+
+    template <int kBlockM, int kBlockN>
+    __device__ int key_block_end(int m_block) const {
+        return key_block_end_of_rows<kBlockN>(last_row_of<kBlockM>(m_block));
+    }
+
     template <int kBlockM, int kBlockN>
     __device__ int unmasked_block_begin(int m_block) const {
-        const int first_col = visible_col_begin(last_row_of<kBlockM>(m_block));
-        return first_col <= 0 ? 0 : cute::ceil_div(first_col, kBlockN);
+        return unmasked_block_begin_of_rows<kBlockN>(last_row_of<kBlockM>(m_block));
     }
 
     template <int kBlockM, int kBlockN>
     __device__ int unmasked_block_end(int m_block) const {
-        const int col_end = visible_col_end(m_block * kBlockM);
-        return col_end <= 0 ? 0 : col_end / kBlockN;
+        return unmasked_block_end_of_rows<kBlockN>(m_block * kBlockM);
     }
 
     // Backward: the query row blocks [row_block_begin, row_block_end) hold every row that sees
@@ -162,6 +185,22 @@ struct MaskPolicy {
         for (int i = 0; i < cute::size(acc_s); ++i) {
             acc_s(i) = masked_score(acc_s(i), row0 + cute::get<0>(coords(i)),
                                     col0 + cute::get<1>(coords(i)));
+        }
+    }
+
+    // Masks a score tile viewed as (rows, cols) whose rows the caller names by their query row in
+    // the sequence (row_of[r] for row r of the view; a tile that packs several heads repeats a
+    // row for each), the columns by coordinates as above.
+    template <typename ScoreRowsCols, typename CoordRowsCols, typename RowOf>
+    __device__ void apply_by_rows(ScoreRowsCols& scores, const CoordRowsCols& coords,
+                                  const RowOf& row_of, int col0) const {
+        CUTE_UNROLL
+        for (int r = 0; r < cute::size<0>(scores); ++r) {
+            CUTE_UNROLL
+            for (int c = 0; c < cute::size<1>(scores); ++c) {
+                scores(r, c) =
+                    masked_score(scores(r, c), row_of[r], col0 + cute::get<1>(coords(r, c)));
+            }
         }
     }
 };

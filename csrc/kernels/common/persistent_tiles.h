@@ -1,10 +1,11 @@
 // The tiles of a persistent forward launch (one thread block per SM that computes tile after
 // tile), handed out in launch order by a counter in device memory.
 //
-// Launch order is an index -> (row block, sequence, head) map, the TileOrder:
+// Launch order is an index -> (row block, sequence, head unit) map, the TileOrder (a head unit is a
+// head, or a GQA group whose query heads share each tile: sm90/query_rows.h):
 // - varlen launches with a VarlenTileSchedule: longest sequences first
 //   (kernels/common/varlen_tile_schedule.h);
-// - otherwise the order of a (row blocks, batch, heads) grid, row blocks fastest, so that the row
+// - otherwise the order of a (row blocks, batch, head units) grid, row blocks fastest, so that the row
 //   blocks sharing one sequence's K and V run together and read them from L2. Varlen launches
 //   take it where their sequences are about equally long (the launcher's rule), and skip the
 //   indices past a sequence's end.
@@ -29,7 +30,7 @@ struct TileOrder {
     VarlenTileSchedule schedule;  // tile_start == nullptr: the grid order
     int row_blocks;               // grid order: row blocks of the longest sequence
     int batch;
-    int nheads;
+    int head_units;
     int tiles;  // indices in the order (the schedule's is an upper bound: see lookup)
 
     // The tile at `index`, or false past the last one. Grid order: coordinates of a row block that
@@ -39,7 +40,7 @@ struct TileOrder {
                                            TileCoordinates& tile) const {
         if (index >= tiles) return false;
         if (schedule.tile_start != nullptr) {
-            return varlen_tile(schedule, batch, nheads, index, reverse_row_blocks, tile);
+            return varlen_tile(schedule, batch, head_units, index, reverse_row_blocks, tile);
         }
         tile.m_block = index % row_blocks;
         const int sequence_and_head = index / row_blocks;

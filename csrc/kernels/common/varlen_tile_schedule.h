@@ -1,5 +1,7 @@
-// Launch order of a varlen forward's tiles (one row block of one head of one sequence each), so
-// that a packed batch launches only the tiles it has, longest sequences first.
+// Launch order of a varlen forward's tiles (one row block of one head unit of one sequence each:
+// a head unit is a head, or the query heads of a GQA group when the kernel packs them into one
+// tile, sm90/query_rows.h), so that a packed batch launches only the tiles it has, longest
+// sequences first.
 //
 // A grid of (row blocks of the longest sequence, batch, heads) launches max_seqlen_q / kBlockM
 // thread blocks for every sequence: with one 16k-token document among 258 tiny ones that is
@@ -9,13 +11,13 @@
 // - sequence_order: the sequences by decreasing work (rows x keys, in power-of-two classes:
 //   longest-processing-time-first order, the classic greedy bound for list scheduling), and
 // - tile_start: where each sequence's tiles start in launch order (an exclusive prefix sum of
-//   row blocks x heads),
+//   row blocks x head units),
 // and the main kernel's tiles are the indices of that order, up to a bound the host knows without
-// reading the device (total_q / kBlockM + batch per head): a thread block finds the tile of an
+// reading the device (total_q / rows + batch per head unit): a thread block finds the tile of an
 // index by a 32-way search, and stops at the first index past the last tile (the persistent
 // grid of kernels/common/persistent_tiles.h hands the indices out). Within a sequence the row
-// blocks of one head are adjacent (they share K and V in L2; so do the heads of a GQA group,
-// which follow each other), with the causal row blocks that see the most keys first.
+// blocks of one head unit are adjacent (they share K and V in L2; so do the heads of a GQA
+// group, which follow each other), with the causal row blocks that see the most keys first.
 //
 // Only the order of execution depends on the schedule: every tile computes the same values
 // wherever it runs, so outputs stay bitwise reproducible.
@@ -37,15 +39,15 @@ struct VarlenTileSchedule {
 
     static int64_t bytes(int batch) { return (2 * int64_t(batch) + 1) * int64_t(sizeof(int)); }
 
-    // An upper bound of the tiles, known on the host. A sequence of length n has
-    // ceil(n / block_m) <= n / block_m + 1 row blocks, and the lengths (or used lengths) sum to
-    // at most total_q.
-    static int64_t tile_bound(int64_t total_q, int batch, int block_m, int nheads) {
-        return ((total_q + block_m - 1) / block_m + batch) * nheads;
+    // An upper bound of the tiles, known on the host, for row blocks of `tokens` tokens each. A
+    // sequence of length n has ceil(n / tokens) <= n / tokens + 1 row blocks, and the lengths (or
+    // used lengths) sum to at most total_q.
+    static int64_t tile_bound(int64_t total_q, int batch, int tokens, int head_units) {
+        return ((total_q + tokens - 1) / tokens + batch) * head_units;
     }
 };
 
-// What one thread block computes.
+// What one tile computes: row block m_block of head unit `head` of sequence `batch`.
 struct TileCoordinates {
     int m_block;
     int batch;
@@ -63,18 +65,19 @@ __device__ __forceinline__ int work_class(const SeqlenInfo& seq) {
     return work == 0 ? 0 : 64 - __clzll(work);
 }
 
-__device__ __forceinline__ int row_blocks(const SeqlenInfo& seq, int block_m) {
-    return (max(seq.seqlen_q, 0) + block_m - 1) / block_m;
+__device__ __forceinline__ int row_blocks(const SeqlenInfo& seq, int tokens) {
+    return (max(seq.seqlen_q, 0) + tokens - 1) / tokens;
 }
 
 }  // namespace varlen_schedule_detail
 
-// One thread block of varlen_schedule_detail::kThreads threads. `order` and `tile_start` are the
-// two arrays of VarlenTileSchedule, writable here.
+// One thread block of varlen_schedule_detail::kThreads threads, for row blocks of `tokens` tokens
+// of `head_units` head units. `order` and `tile_start` are the two arrays of VarlenTileSchedule,
+// writable here. (kBlockM, the kernel's tile rows, only gives each instantiation its own copy.)
 template <int kBlockM>
 __global__ void __launch_bounds__(varlen_schedule_detail::kThreads)
-    prepare_varlen_tile_schedule(const __grid_constant__ FlashFwdParams params, int* order,
-                                 int* tile_start) {
+    prepare_varlen_tile_schedule(const __grid_constant__ FlashFwdParams params, int tokens,
+                                 int head_units, int* order, int* tile_start) {
     using namespace varlen_schedule_detail;
     using BlockScan = cub::BlockScan<int, kThreads>;
     __shared__ typename BlockScan::TempStorage scan_storage;
@@ -104,13 +107,13 @@ __global__ void __launch_bounds__(varlen_schedule_detail::kThreads)
     }
     __syncthreads();  // the order, written to global memory by other threads, is visible
 
-    // tile_start: exclusive prefix sum of row blocks x heads in launch order, kThreads at a time.
+    // tile_start: exclusive prefix sum of row blocks x head units in launch order, kThreads at a
+    // time.
     int carry = 0;
     for (int first = 0; first < batch; first += kThreads) {
         const int slot = first + tid;
         const int tiles =
-            slot < batch ? row_blocks(SeqlenInfo(params, order[slot]), kBlockM) * params.nheads
-                         : 0;
+            slot < batch ? row_blocks(SeqlenInfo(params, order[slot]), tokens) * head_units : 0;
         int before = 0;
         int chunk_total = 0;
         BlockScan(scan_storage).ExclusiveSum(tiles, before, chunk_total);
@@ -146,15 +149,15 @@ __device__ __forceinline__ int slot_of_tile(const int* tile_start, int batch, in
 }
 
 // The tile at index `tile` of the launch order, or false past the last one. reverse_row_blocks:
-// the row blocks of a head in decreasing order (causal: the later rows see more keys).
+// the row blocks of a head unit in decreasing order (causal: the later rows see more keys).
 // Called by every thread of the block (slot_of_tile needs whole warps).
 __device__ __forceinline__ bool varlen_tile(const VarlenTileSchedule& schedule, int batch,
-                                            int nheads, int tile, bool reverse_row_blocks,
+                                            int head_units, int tile, bool reverse_row_blocks,
                                             TileCoordinates& coordinates) {
     if (tile >= schedule.tile_start[batch]) return false;
     const int slot = slot_of_tile(schedule.tile_start, batch, tile);
     const int first = schedule.tile_start[slot];
-    const int row_blocks = (schedule.tile_start[slot + 1] - first) / nheads;
+    const int row_blocks = (schedule.tile_start[slot + 1] - first) / head_units;
     const int local = tile - first;
     const int m = local % row_blocks;
     coordinates.head = local / row_blocks;

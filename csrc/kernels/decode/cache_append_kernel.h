@@ -4,12 +4,16 @@
 // elementwise torch launches (flash_varlen/kvcache.py's append_to_cache and apply_rotary, which
 // stay as the reference and the path of calls the decode kernels do not serve).
 //
-// One thread block per (request, row): row i of request b's new keys and values goes to cache
-// position cache_seqlens[b] + i (the length before the append), whose cell it finds once; row i
-// of its queries is rotated at position cache_seqlens[b] + i with a causal or local mask, else at
-// cache_seqlens[b] (flash-attn's rule). blockIdx.y says which of the two a block does. The
-// threads walk the row's heads x head_dim elements; an element of the rotary part reads its pair
-// partner too (dims 2j and 2j + 1 interleaved, j and j + rotary_dim / 2 otherwise).
+// One thread block per (request, row, head): row i of request b's new keys and values goes to
+// cache position cache_seqlens[b] + i (the length before the append); row i of its queries is
+// rotated at position cache_seqlens[b] + i with a causal or local mask, else at cache_seqlens[b]
+// (flash-attn's rule). blockIdx.y says which of the two a block does. The threads walk the
+// head's head_dim elements (one or two each); an element of the rotary part reads its pair
+// partner too (dims 2j and 2j + 1 interleaved, j and j + rotary_dim / 2 otherwise). A block per
+// row instead, its threads walking every head, cost a fixed ~20 us per decode step on an H100
+// (bench_decode.py --append, the same at every cache size: 32 query heads x 128 dims are 32
+// iterations per thread, each waiting for its global loads, since the compiler cannot move the
+// next loads above a store that may alias them).
 //
 // The rotation is computed as the torch path computes it, in float32 with each product rounded
 // on its own (no fused multiply-add) and subnormals kept (the build's --use_fast_math flushes
@@ -109,12 +113,10 @@ __device__ __forceinline__ Element* row_of(const void* base, int64_t batch_strid
            int64_t(row) * row_stride;
 }
 
-// fn(head, dim) for every element of a row of `heads` head vectors, over the block's threads.
+// fn(dim) for every element of one head vector, over the block's threads.
 template <typename Fn>
-__device__ __forceinline__ void for_each_row_element(int heads, int head_dim, Fn fn) {
-    for (int i = threadIdx.x; i < heads * head_dim; i += kAppendThreads) {
-        fn(i / head_dim, i % head_dim);
-    }
+__device__ __forceinline__ void for_each_dim(int head_dim, Fn fn) {
+    for (int dim = threadIdx.x; dim < head_dim; dim += kAppendThreads) fn(dim);
 }
 
 // page_size: the pool's page size (any value for a contiguous cache, which never divides).
@@ -124,11 +126,14 @@ __global__ void __launch_bounds__(kAppendThreads)
                         const __grid_constant__ cutlass::FastDivmod page_size) {
     const CacheAppend& append = params.append;
     const bool queries = blockIdx.y == 1;
-    // The grid has a block for each row of the longer of the two, per request.
+    // The grid has a block for each row of the longer of the two, per request, and for each head
+    // of the one with more heads.
     const int grid_rows = gridDim.x / params.batch;
     const int request = blockIdx.x / grid_rows;
     const int row = blockIdx.x % grid_rows;
+    const int head = blockIdx.z;
     if (row >= (queries ? params.seqlen_q : append.seqlen_new)) return;
+    if (head >= (queries ? params.nheads : params.nheads_k)) return;
     const int length = params.cache_seqlens[request];
     const int head_dim = params.head_dim;
 
@@ -139,7 +144,7 @@ __global__ void __launch_bounds__(kAppendThreads)
         // The rotated copy the attention reads (params.q_ptr, q_* strides).
         Element* rotated = row_of<Element>(append.q_rotated, params.q_batch_stride,
                                            params.q_row_stride, request, row);
-        for_each_row_element(params.nheads, head_dim, [&](int head, int dim) {
+        for_each_dim(head_dim, [&](int dim) {
             rotated[head * params.q_head_stride + dim] = rotated_element<Element, Table>(
                 q + head * append.q_head_stride, dim, position, append);
         });
@@ -153,7 +158,7 @@ __global__ void __launch_bounds__(kAppendThreads)
         row_of<Element>(append.k, append.k_batch_stride, append.k_row_stride, request, row);
     const Element* v =
         row_of<Element>(append.v, append.v_batch_stride, append.v_row_stride, request, row);
-    for_each_row_element(params.nheads_k, head_dim, [&](int head, int dim) {
+    for_each_dim(head_dim, [&](int dim) {
         k_cache[head * params.k_head_stride + dim] = rotated_element<Element, Table>(
             k + head * append.k_head_stride, dim, position, append);
         v_cache[head * params.v_head_stride + dim] = v[head * append.v_head_stride + dim];
@@ -162,7 +167,8 @@ __global__ void __launch_bounds__(kAppendThreads)
 
 // Launches the append step when the call has one (new keys, or rotary tables: those come only
 // with new keys). No host-device sync: the lengths and tables are read on the device. The
-// bindings keep batch x rows below 2^31 (the grid's x limit).
+// bindings keep batch x rows below 2^31 (the grid's x limit); heads past 65535 (its z limit)
+// fail the launch with a CUDA error.
 template <typename Element>
 cudaError_t launch_cache_append(const FlashDecodeParams& params, cudaStream_t stream) {
     const CacheAppend& append = params.append;
@@ -170,7 +176,8 @@ cudaError_t launch_cache_append(const FlashDecodeParams& params, cudaStream_t st
     const bool rotates_q = append.rotary_cos != nullptr && params.seqlen_q > 0;
     const int rows = rotates_q ? max(append.seqlen_new, params.seqlen_q) : append.seqlen_new;
     if (rows == 0) return cudaSuccess;
-    const dim3 grid(unsigned(int64_t(params.batch) * rows), rotates_q ? 2 : 1);
+    const int heads = rotates_q ? max(params.nheads, params.nheads_k) : params.nheads_k;
+    const dim3 grid(unsigned(int64_t(params.batch) * rows), rotates_q ? 2 : 1, unsigned(heads));
     const cutlass::FastDivmod page_size(params.block_table != nullptr ? params.page_size : 1);
     auto kernel = append.rotary_tables_float ? &cache_append_kernel<Element, float>
                                              : &cache_append_kernel<Element, Element>;

@@ -22,6 +22,7 @@
 #include "kernels/common/philox.h"
 #include "kernels/common/score_transforms.h"
 #include "kernels/common/seqlen_info.h"
+#include "kernels/common/varlen_tile_schedule.h"
 #include "kernels/sm80/dropout_tiles.h"
 #include "kernels/sm80/fragment_layouts.h"
 #include "kernels/sm80/mask_fragments.h"
@@ -316,11 +317,14 @@ struct FlashFwdRowBlock {
     }
 };
 
-// page_size: params.page_size as a FastDivmod (FlashFwdRowBlock::run).
+// page_size: params.page_size as a FastDivmod (FlashFwdRowBlock::run). schedule: the varlen
+// tile schedule on a 1-D grid, or null for the (row blocks, batch, heads) grid
+// (flash_fwd_launch.h).
 template <typename Traits, bool kIsLocal, bool kHasVariants>
 __global__ void __launch_bounds__(Traits::kNThreads)
     flash_fwd_kernel(const __grid_constant__ FlashFwdParams params,
-                     const __grid_constant__ cutlass::FastDivmod page_size) {
+                     const __grid_constant__ cutlass::FastDivmod page_size,
+                     const __grid_constant__ VarlenTileSchedule schedule) {
     extern __shared__ __align__(128) char smem[];
     // The generator state this launch used, for the backward (one thread of the grid writes it,
     // before any early exit).
@@ -329,10 +333,17 @@ __global__ void __launch_bounds__(Traits::kNThreads)
         params.rng_state_out[0] = int64_t(philox_seed(params));
         params.rng_state_out[1] = int64_t(philox_offset(params));
     }
-    // Row blocks run in natural order. Launching the longest causal row blocks first was tried
-    // and measured (benchmarks/NOTES.md): no gain on docs or equal2k, 1.5-2% slower on short.
-    FlashFwdRowBlock<Traits, kIsLocal, kHasVariants>::run(params, page_size, smem, blockIdx.x,
-                                                          blockIdx.y, blockIdx.z);
+    TileCoordinates tile{int(blockIdx.x), int(blockIdx.y), int(blockIdx.z)};
+    // Only the plain kernel takes the schedule (flash_fwd_launch.h): in the general one, which
+    // spills already, its lookup added some 300 bytes of spills at sm_90 (bf16 d128 local).
+    if constexpr (!kHasVariants) {
+        if (schedule.tile_start != nullptr &&
+            !varlen_tile(schedule, params.batch, params.nheads, blockIdx.x, kIsLocal, tile)) {
+            return;  // past the last tile (the grid is an upper bound); uniform over the block
+        }
+    }
+    FlashFwdRowBlock<Traits, kIsLocal, kHasVariants>::run(params, page_size, smem, tile.m_block,
+                                                          tile.batch, tile.head);
 }
 
 }  // namespace sm80

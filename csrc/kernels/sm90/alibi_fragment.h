@@ -1,8 +1,8 @@
 // ALiBi on a consumer thread's raw scores of one key block in the sm90 forward.
 //
 // The bias is the common formula (common/mask_policy.h's alibi_raw_slope and alibi_bias), so it
-// is the sm80 family's to the bit. A tile is one head (one slope) and one row block: each row's
-// query index is its token, row0 + its tile row.
+// is the sm80 family's to the bit. A tile of the variants kernel, where ALiBi runs, is one head
+// (one slope; query_rows.h) and one row block: each row's query index is its token.
 #pragma once
 
 #include <cute/tensor.hpp>

@@ -1,6 +1,7 @@
 // The sm90-family forward kernel (Hopper: wgmma, TMA, warp specialization; built for sm_90a).
 //
-// A tile is one row block (kBlockM query rows) of one head of one sequence. The grid is
+// A tile is one row block (kBlockM query rows) of one head of one sequence, or, for GQA, of the
+// query heads of one key/value group packed together (query_rows.h). The grid is
 // persistent: one thread block per SM computes tile after tile, drawn from a counter in launch
 // order (kernels/common/persistent_tiles.h), so that the loads of a block's next tile run while
 // it finishes the last one (the cost a launch of one block per tile pays in full at every tile:
@@ -68,6 +69,7 @@
 #include "kernels/sm90/fwd_kernel_traits.h"
 #include "kernels/sm90/named_barriers.h"
 #include "kernels/sm90/online_softmax.h"
+#include "kernels/sm90/query_rows.h"
 #include "kernels/sm90/warpgroup_gemm.h"
 
 namespace flash_varlen {
@@ -76,18 +78,21 @@ namespace sm90 {
 using namespace cute;
 
 // What the launcher passes: the host's params plus the TMA descriptors built from them (and the
-// global shapes the descriptors were built with, which the device needs to rebuild their
+// global shapes the K and V descriptors were built with, which the device needs to rebuild their
 // coordinate tensors). A __grid_constant__ kernel parameter: TMA reads the descriptors from
 // parameter space.
 template <typename Traits>
 struct FwdKernelParams {
     FlashFwdParams params;
-    typename Traits::TmaQ tma_q;
+    // Q as (d, heads of a tile, rows, head units, batch): one box per tile and column chunk
+    // (flash_fwd_launch.h, make_query_descriptor).
+    TmaDescriptor tma_q;
     typename Traits::TmaK tma_k;
     typename Traits::TmaV tma_v;
-    typename Traits::GmemShape shape_q;   // (rows, d, heads, batch)
     typename Traits::GmemShape shape_k;   // (rows, d, heads_k, batch)
     typename Traits::GmemShape shape_vt;  // (d, rows, heads_k, batch)
+    // Query heads per tile: the GQA group when packed, else 1 (query_rows.h).
+    int heads_per_tile;
     // The launch order of the tiles and the counter that hands them out (zero at the launch).
     TileOrder tiles;
     int* tile_counter;
@@ -116,20 +121,20 @@ struct FlashFwdRowBlock {
     // UseSchedulerBarrier); to be measured here.
     static constexpr bool kMmaTurns = kHeadDim <= 128;
 
-    // The key blocks one row block visits, in the order it visits them: [begin, end), from the
-    // last down. The producer and the consumers derive every loop bound from this, so they agree
-    // on the number of loads.
+    // The key blocks a tile visits, in the order it visits them: [begin, end), from the last
+    // down. The producer and the consumers derive every loop bound from this, so they agree on
+    // the number of loads. A tile's rows cover the tokens first_token .. last_token.
     struct KeyBlocks {
         int begin;
         int end;
         int unmasked_begin;  // blocks in [unmasked_begin, unmasked_end) need no masking
         int unmasked_end;
 
-        __device__ KeyBlocks(const Mask& mask, int m_block)
-            : begin(mask.template key_block_begin<kBlockM, kBlockN>(m_block)),
-              end(mask.template key_block_end<kBlockM, kBlockN>(m_block)),
-              unmasked_begin(mask.template unmasked_block_begin<kBlockM, kBlockN>(m_block)),
-              unmasked_end(mask.template unmasked_block_end<kBlockM, kBlockN>(m_block)) {}
+        __device__ KeyBlocks(const Mask& mask, int first_token, int last_token)
+            : begin(mask.template key_block_begin_of_rows<kBlockN>(first_token)),
+              end(mask.template key_block_end_of_rows<kBlockN>(last_token)),
+              unmasked_begin(mask.template unmasked_block_begin_of_rows<kBlockN>(last_token)),
+              unmasked_end(mask.template unmasked_block_end_of_rows<kBlockN>(first_token)) {}
 
         __device__ bool empty() const { return begin >= end; }
         __device__ bool needs_mask(int n_block) const {
@@ -137,19 +142,23 @@ struct FlashFwdRowBlock {
         }
     };
 
-    // A tile's sequence, mask and key blocks, which the producer and the consumers derive alike
-    // from its coordinates.
+    // A tile's rows, sequence, mask and key blocks, which the producer and the consumers derive
+    // alike from its coordinates (coordinates.head is its head unit: a head, or a GQA group).
     struct Tile {
         TileCoordinates coordinates;
+        QueryRows rows;
         SeqlenInfo seq;
         Mask mask;
         KeyBlocks blocks;
 
-        __device__ Tile(const FlashFwdParams& params, const TileCoordinates& coordinates)
+        __device__ Tile(const FlashFwdParams& params, const TileCoordinates& coordinates,
+                        int heads_per_tile, const SeqlenInfo& seq)
             : coordinates(coordinates),
-              seq(params, coordinates.batch),
-              mask(params, seq, coordinates.batch, coordinates.head),
-              blocks(mask, coordinates.m_block) {}
+              rows(QueryRows::of_tile<kBlockM>(heads_per_tile, coordinates.m_block,
+                                               coordinates.head)),
+              seq(seq),
+              mask(params, seq, coordinates.batch, rows.first_head),
+              blocks(mask, rows.first_token, rows.last_token<kBlockM>(seq.seqlen_q)) {}
     };
 
     __device__ static void run(const FwdKernelParams<Traits>& kp, char* smem) {
@@ -161,7 +170,9 @@ struct FlashFwdRowBlock {
             // The swizzle the consumers compute (V's tail rows, O) matches the one TMA and wgmma
             // apply to addresses only on an aligned base (fwd_kernel_traits.h): fail loudly.
             if (cute::cast_smem_ptr_to_uint(smem) % Traits::kSmemAlignment != 0) __trap();
-            cute::prefetch_tma_descriptor(kp.tma_q.get_tma_descriptor());
+            // The variants' per-row coordinates assume one head per tile (query_rows.h).
+            if (kHasVariants && kp.heads_per_tile != 1) __trap();
+            cute::prefetch_tma_descriptor(&kp.tma_q);
             cute::prefetch_tma_descriptor(kp.tma_k.get_tma_descriptor());
             cute::prefetch_tma_descriptor(kp.tma_v.get_tma_descriptor());
             shared.q_full.init(/*arrive_count=*/1);
@@ -188,7 +199,7 @@ struct FlashFwdRowBlock {
             return;
         }
         cutlass::arch::warpgroup_reg_alloc<Traits::kConsumerRegisters>();
-        consume(kp.params, shared, pipeline_k, pipeline_v, warpgroup - 1);
+        consume(kp, shared, pipeline_k, pipeline_v, warpgroup - 1);
     }
 
     // The producer's first warp: finds each tile (the schedule's search needs the whole warp),
@@ -212,8 +223,9 @@ struct FlashFwdRowBlock {
             int next_index = 0;
             if (leader) next_index = next_tile_index(kp.tile_counter);
             next_index = __shfl_sync(0xffffffffu, next_index, 0);
-            const Tile tile(params, coordinates);
-            if (coordinates.m_block * kBlockM < tile.seq.seqlen_q && leader) {
+            const Tile tile(params, coordinates, kp.heads_per_tile,
+                            SeqlenInfo(params, coordinates.batch));
+            if (tile.rows.first_token < tile.seq.seqlen_q && leader) {
                 load(kp, shared, pipeline_k, pipeline_v, tile, write, wait_q_empty);
                 ++published;
             }
@@ -239,26 +251,22 @@ struct FlashFwdRowBlock {
         const FlashFwdParams& params = kp.params;
         const SeqlenInfo& seq = tile.seq;
         const KeyBlocks& blocks = tile.blocks;
-        const int m_block = tile.coordinates.m_block;
+        const QueryRows& rows = tile.rows;
         const int batch = tile.coordinates.batch;
-        const int head = tile.coordinates.head;
+        const int head_unit = tile.coordinates.head;
         if (blocks.empty()) {  // nothing to load: publish the tile alone
             wait_q_empty();
             shared.tile = tile.coordinates;
+            shared.tile_seq = seq;
             shared.q_full.arrive();
             return;
         }
-        const int head_k = head / (params.nheads / params.nheads_k);
+        const int head_k = rows.first_head / (params.nheads / params.nheads_k);
         const int batch_coord = seq.is_varlen ? 0 : batch;  // varlen buffers are one batch
-        Tensor sQ = make_tensor(make_smem_ptr(shared.q.data()), typename Traits::SmemLayoutQ{});
         Tensor sK = make_tensor(make_smem_ptr(shared.k.data()), typename Traits::SmemLayoutK{});
         Tensor sVt = make_tensor(make_smem_ptr(shared.v.data()), typename Traits::SmemLayoutVt{});
 
         // Coordinate tensors of the descriptors, shifted to the sequence's first row.
-        Tensor mQ = kp.tma_q.get_tma_tensor(kp.shape_q)(_, _, head, batch_coord);  // (rows, D)
-        Tensor gQ = local_tile(domain_offset(make_coord(seq.q_start, _0{}), mQ),
-                               Shape<Int<kBlockM>, Int<kHeadDim>>{},
-                               make_coord(m_block, _0{}));  // (BM, D)
         Tensor mK = kp.tma_k.get_tma_tensor(kp.shape_k)(_, _, head_k, batch_coord);  // (rows, D)
         Tensor gK = local_tile(domain_offset(make_coord(seq.k_start, _0{}), mK),
                                Shape<Int<kBlockN>, Int<kHeadDim>>{},
@@ -268,9 +276,6 @@ struct FlashFwdRowBlock {
                                 Shape<Int<kHeadDim>, Int<kBlockN>>{},
                                 make_coord(_0{}, _));  // (D, BN, n)
 
-        auto tma_q = kp.tma_q.get_slice(_0{});
-        Tensor tQgQ = tma_q.partition_S(gQ);  // (TMA, TMA_M, TMA_D)
-        Tensor tQsQ = tma_q.partition_D(sQ);
         auto tma_k = kp.tma_k.get_slice(_0{});
         Tensor tKgK = group_modes<0, 3>(tma_k.partition_S(gK));  // (TMA, n)
         Tensor tKsK = group_modes<0, 3>(tma_k.partition_D(sK));  // (TMA, stage)
@@ -297,11 +302,24 @@ struct FlashFwdRowBlock {
         load_k(n_block, write);
         wait_q_empty();
         shared.tile = tile.coordinates;
-        // The arrival (release) also publishes the tile written just before.
-        shared.q_full.arrive_and_expect_tx(Traits::kTmaBytesQ);
-        copy(kp.tma_q.with(reinterpret_cast<uint64_t&>(shared.q_full), 0,
-                           TMA::CacheHintSm90::EVICT_FIRST),
-             tQgQ, tQsQ);
+        shared.tile_seq = seq;
+        // The arrival (release) also publishes the tile written just before. Q: one box
+        // (columns, heads, tokens) per chunk of columns, into the chunk's part of the buffer
+        // (query_rows.h); the box counts its zero-filled parts too.
+        const int tokens = QueryRows::tokens_per_tile<kBlockM>(rows.heads);
+        shared.q_full.arrive_and_expect_tx(Traits::kQBytesPerRow * rows.heads * tokens);
+        const int q_row = seq.q_start + rows.first_token;  // q_start is 0 in fixed length
+        CUTE_UNROLL
+        for (int chunk = 0; chunk < Traits::kQChunks; ++chunk) {
+            SM90_TMA_LOAD_5D::copy(&kp.tma_q, reinterpret_cast<uint64_t*>(&shared.q_full),
+                                   static_cast<uint64_t>(TMA::CacheHintSm90::EVICT_FIRST),
+                                   shared.q.data() + chunk * Traits::kQChunkElems,
+                                   chunk * Traits::kQChunkCols, 0, q_row, head_unit, batch_coord);
+        }
+        // Not unrolled: each iteration waits for a free stage anyway, and unrolled copies of the
+        // issue sequence made ptxas spill around each TMA issue in the producer's 32 registers
+        // (d = 64, bf16: 164 bytes of spill stores).
+        CUTE_NO_UNROLL
         for (--n_block; n_block >= blocks.begin; --n_block) {
             const PipelineState write_v = write;  // V(n + 1) goes where K(n + 1) went
             ++write;
@@ -315,9 +333,10 @@ struct FlashFwdRowBlock {
     }
 
     // A consumer warpgroup: the tiles the producer publishes, until it says none is left.
-    __device__ static void consume(const FlashFwdParams& params, SharedStorage& shared,
+    __device__ static void consume(const FwdKernelParams<Traits>& kp, SharedStorage& shared,
                                    PipelineKV& pipeline_k, PipelineKV& pipeline_v,
                                    int mma_warpgroup) {
+        const FlashFwdParams& params = kp.params;
         // Warpgroup 0 starts with the GEMM turn (main_loop): its own arrival plus its first wait
         // fill the barrier. The turns then alternate across tiles: every tile gives both
         // warpgroups the same number of steps.
@@ -331,20 +350,21 @@ struct FlashFwdRowBlock {
             shared.q_full.wait(consumed % 2);
             const TileCoordinates coordinates = shared.tile;
             if (coordinates.m_block < 0) return;
-            compute(params, shared, pipeline_k, pipeline_v, Tile(params, coordinates), read,
+            compute(kp, shared, pipeline_k, pipeline_v,
+                    Tile(params, coordinates, kp.heads_per_tile, shared.tile_seq), read,
                     mma_warpgroup);
         }
     }
 
     // A consumer warpgroup, one tile: its 64 rows of the row block, then its part of the
     // epilogue.
-    __device__ static void compute(const FlashFwdParams& params, SharedStorage& shared,
+    __device__ static void compute(const FwdKernelParams<Traits>& kp, SharedStorage& shared,
                                    PipelineKV& pipeline_k, PipelineKV& pipeline_v,
                                    const Tile& tile, PipelineState& read, int mma_warpgroup) {
+        const FlashFwdParams& params = kp.params;
         const SeqlenInfo& seq = tile.seq;
-        const int m_block = tile.coordinates.m_block;
+        const QueryRows& rows = tile.rows;
         const int batch = tile.coordinates.batch;
-        const int head = tile.coordinates.head;
         const int thread = threadIdx.x - kThreadsPerWarpgroup;  // among the consumer threads
         typename Traits::TiledMmaPV tiled_mma_pv;
         auto thr_mma_pv = tiled_mma_pv.get_thread_slice(thread);
@@ -352,43 +372,62 @@ struct FlashFwdRowBlock {
             tiled_mma_pv, select<0, 1>(typename Traits::TileShapePV{}));  // ((2, 2, D/8), 1, 1)
         Softmax softmax;
         RowValues lse;
-        const float sink = params.learnable_sink == nullptr ? -INFINITY : params.learnable_sink[head];
 
-        if (tile.blocks.empty()) {  // a row block that sees no key: output 0, LSE = sink
+        if (tile.blocks.empty()) {  // a tile that sees no key: output 0, LSE = sink
             clear(acc_o);
             constexpr float kAnyOutputScale = 1.f;  // every row's factor is 0
-            softmax.finalize(params.logit_scale, kAnyOutputScale, sink, lse);
+            softmax.finalize(params.logit_scale, kAnyOutputScale, row_sinks(params, rows, thread),
+                             lse);
         } else {
-            main_loop(params, shared, pipeline_k, pipeline_v, seq, tile.mask, tile.blocks, m_block,
-                      batch, head, mma_warpgroup, thread, tiled_mma_pv, read, acc_o, softmax, lse,
-                      sink);
+            main_loop(params, shared, pipeline_k, pipeline_v, seq, tile.mask, tile.blocks, rows,
+                      batch, mma_warpgroup, thread, tiled_mma_pv, read, acc_o, softmax, lse);
         }
-        store_output(params, shared, seq, tiled_mma_pv, acc_o, lse, m_block, batch, head,
-                     mma_warpgroup, thread);
+        store_output(kp, shared, tiled_mma_pv, acc_o, lse, mma_warpgroup, thread);
     }
 
-    // The sequence rows (tokens) of this thread's rows of the row block starting at row0: S and
-    // O, both wgmma accumulators, share the row layout. Derived where they are needed rather
-    // than held through the loop.
-    __device__ static ThreadRows thread_tokens(int thread, int row0) {
+    // This thread's rows of the tile (0 .. kBlockM - 1): S and O, both wgmma accumulators, share
+    // the row layout. Derived where they are needed rather than held through the loop.
+    __device__ static ThreadRows thread_rows(int thread) {
         typename Traits::TiledMmaPV tiled_mma_pv;
         Tensor tOcO = tiled_mma_pv.get_thread_slice(thread).partition_C(
             make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{}));  // ((2, 2, D/8), 1, 1)
         Tensor tOcO_rc = make_tensor(tOcO.data(), accumulator_as_rows_cols(tOcO.layout()));
         ThreadRows rows;
         CUTE_UNROLL
-        for (int r = 0; r < kRowsPerThread; ++r) rows[r] = row0 + get<0>(tOcO_rc(r, 0));
+        for (int r = 0; r < kRowsPerThread; ++r) rows[r] = get<0>(tOcO_rc(r, 0));
         return rows;
+    }
+
+    // The query rows (tokens) of the sequence that this thread's rows hold.
+    __device__ static ThreadRows thread_tokens(const QueryRows& rows, int thread) {
+        ThreadRows tokens = thread_rows(thread);
+        CUTE_UNROLL
+        for (int r = 0; r < kRowsPerThread; ++r) tokens[r] = rows.token(tokens[r]);
+        return tokens;
+    }
+
+    // The attention sink of each of this thread's rows (its head's), -inf without sinks.
+    __device__ static RowValues row_sinks(const FlashFwdParams& params, const QueryRows& rows,
+                                          int thread) {
+        const ThreadRows tile_rows = thread_rows(thread);
+        RowValues sinks;
+        CUTE_UNROLL
+        for (int r = 0; r < kRowsPerThread; ++r) {
+            sinks(r) = params.learnable_sink == nullptr
+                           ? -INFINITY
+                           : params.learnable_sink[rows.head(tile_rows[r])];
+        }
+        return sinks;
     }
 
     template <typename TiledMmaPV, typename AccO>
     __device__ static void main_loop(const FlashFwdParams& params, SharedStorage& shared,
                                      PipelineKV& pipeline_k, PipelineKV& pipeline_v,
                                      const SeqlenInfo& seq, const Mask& mask,
-                                     const KeyBlocks& blocks, int m_block, int batch, int head,
+                                     const KeyBlocks& blocks, const QueryRows& rows, int batch,
                                      int mma_warpgroup, int thread, TiledMmaPV& tiled_mma_pv,
-                                     PipelineState& read, AccO& acc_o,
-                                     Softmax& softmax, RowValues& lse, float sink) {
+                                     PipelineState& read, AccO& acc_o, Softmax& softmax,
+                                     RowValues& lse) {
         Tensor sQ = make_tensor(make_smem_ptr(shared.q.data()), typename Traits::SmemLayoutQ{});
         Tensor sK = make_tensor(make_smem_ptr(shared.k.data()), typename Traits::SmemLayoutK{});
         Tensor sVt = make_tensor(make_smem_ptr(shared.v.data()), typename Traits::SmemLayoutVt{});
@@ -403,18 +442,18 @@ struct FlashFwdRowBlock {
         // (row, col) of each of this thread's scores within the tile, for the mask.
         Tensor tScS = thr_mma_qk.partition_C(
             make_identity_tensor(Shape<Int<kBlockM>, Int<kBlockN>>{}));  // ((2, 2, N/8), 1, 1)
-        const int row0 = m_block * kBlockM;
         const float scale_log2 = params.logit_scale_log2;
         const bool softcap = params.softcap_prescale != 0.f;
         // The sequence row (token) of each of this thread's rows, and the key of each of its
-        // columns within a block: the coordinates ALiBi and dropout need. A tile is one head,
-        // one row block: row r of the tile is token row0 + r.
+        // columns within a block: the coordinates of the mask, ALiBi and dropout.
+        const ThreadRows tokens = thread_tokens(rows, thread);
         Tensor tScS_rc = make_tensor(tScS.data(), accumulator_as_rows_cols(tScS.layout()));
 
         // ALiBi and dropout exist in the variants kernel only (see the top of the file), where
-        // they are uniform runtime switches.
+        // they are uniform runtime switches, and where a tile holds one head (query_rows.h).
         const bool alibi = kHasVariants && params.alibi_slopes != nullptr;
         const bool dropout = kHasVariants && params.dropout_threshold != 0;
+        const int head = rows.first_head;
         // The tile's head's ALiBi slope, read once.
         const float alibi_slope = alibi ? alibi_raw_slope(params, batch, head) : 0.f;
         // Raw scores -> tanh(score * prescale) when soft-capping, then + ALiBi's bias, both
@@ -424,8 +463,8 @@ struct FlashFwdRowBlock {
             if (softcap) apply_softcap(acc_s, params.softcap_prescale);
             if (alibi) {
                 Tensor scores = make_tensor(acc_s.data(), accumulator_as_rows_cols(acc_s.layout()));
-                add_alibi_bias(scores, tScS_rc, alibi_slope, thread_tokens(thread, row0),
-                               n_block * kBlockN, mask.diagonal);
+                add_alibi_bias(scores, tScS_rc, alibi_slope, tokens, n_block * kBlockN,
+                               mask.diagonal);
             }
         };
         // The dropped probabilities of P become 0 before its P V; the output is scaled by
@@ -434,7 +473,6 @@ struct FlashFwdRowBlock {
         // every probability, as in the sm80 family.
         auto drop_probabilities = [&](auto& rP, int n_block) CUTLASS_LAMBDA_FUNC_INLINE {
             Tensor probs = make_tensor(rP.data(), accumulator_as_rows_cols(rP.layout()));
-            const ThreadRows tokens = thread_tokens(thread, row0);
             const int col0 = n_block * kBlockN;
             const auto keep =
                 fragment_keep_bits(DropoutRows(params, batch, head, tokens), tScS_rc, col0);
@@ -448,7 +486,8 @@ struct FlashFwdRowBlock {
         };
 
         auto mask_scores = [&](auto& acc_s, int n_block) {
-            mask.apply_by_coordinates(acc_s, tScS, row0, n_block * kBlockN);
+            Tensor scores = make_tensor(acc_s.data(), accumulator_as_rows_cols(acc_s.layout()));
+            mask.apply_by_rows(scores, tScS_rc, tokens, n_block * kBlockN);
         };
         auto wait_turn = [&] {
             if constexpr (kMmaTurns) {
@@ -545,8 +584,9 @@ struct FlashFwdRowBlock {
         pipeline_v.consumer_wait(read);
         warpgroup_gemm</*kZeroInit=*/false>(tiled_mma_pv, tOrP, tOrV(_, _, _, read.index()),
                                             acc_o);
-        const RowValues normalise = softmax.finalize(
-            params.logit_scale, dropout ? params.dropout_rescale : 1.f, sink, lse);
+        const RowValues normalise =
+            softmax.finalize(params.logit_scale, dropout ? params.dropout_rescale : 1.f,
+                             row_sinks(params, rows, thread), lse);
         warpgroup_wait<0>();
         pipeline_v.consumer_release(read);
         ++read;  // the next tile's first K and V come in the next stage
@@ -570,28 +610,41 @@ struct FlashFwdRowBlock {
     }
 
     // Normalised O to global memory through shared memory (Q's, this warpgroup's rows only), and
-    // the LSE. Staging gives 16-byte stores of whole row segments, where the accumulator layout
-    // would give 4-byte stores scattered over 8 rows per instruction.
+    // the LSE, for the rows that hold a query of the sequence (query_rows.h). Staging gives
+    // 16-byte stores of whole row segments, where the accumulator layout would give 4-byte stores
+    // scattered over 8 rows per instruction.
     template <typename TiledMmaPV, typename AccO>
-    __device__ static void store_output(const FlashFwdParams& params, SharedStorage& shared,
-                                        const SeqlenInfo& seq, TiledMmaPV& tiled_mma_pv,
-                                        AccO& acc_o, const RowValues& lse, int m_block, int batch,
-                                        int head, int mma_warpgroup, int thread) {
-        const int row0 = m_block * kBlockM;
-        const int rows_left = seq.seqlen_q - row0;
-
+    __device__ static void store_output(const FwdKernelParams<Traits>& kp, SharedStorage& shared,
+                                        TiledMmaPV& tiled_mma_pv, AccO& acc_o,
+                                        const RowValues& lse, int mma_warpgroup,
+                                        int consumer_thread) {
+        const FlashFwdParams& params = kp.params;
+        // The thread's index, made opaque to the compiler: the row and shared-memory offsets
+        // derived from it are then computed here at every tile rather than hoisted out of the
+        // tile loop and held in registers (ptxas spilled them at bf16 d128).
+        int thread = consumer_thread;
+        asm volatile("" : "+r"(thread));
+        // The tile as published: it stays in shared memory until this thread arrives on q_empty
+        // below, and reading it here frees the registers that would hold it through the loop.
+        const TileCoordinates coordinates = shared.tile;
+        const SeqlenInfo seq = shared.tile_seq;
+        const int batch = coordinates.batch;
+        const QueryRows rows =
+            QueryRows::of_tile<kBlockM>(kp.heads_per_tile, coordinates.m_block, coordinates.head);
         // LSE: the four threads of a quad hold the same rows; the one holding column 0 writes.
         auto thr_mma_pv = tiled_mma_pv.get_thread_slice(thread);
         Tensor tOcO = thr_mma_pv.partition_C(
             make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{}));  // ((2, 2, D/8), 1, 1)
         Tensor tOcO_rc = make_tensor(tOcO.data(), accumulator_as_rows_cols(tOcO.layout()));
         if (get<1>(tOcO_rc(0, 0)) == 0) {
-            float* lse_base = params.softmax_lse_ptr + head * params.lse_head_stride +
-                              seq.lse_offset(params.lse_batch_stride, batch) + row0;
+            float* lse_seq =
+                params.softmax_lse_ptr + seq.lse_offset(params.lse_batch_stride, batch);
             CUTE_UNROLL
             for (int r = 0; r < kRowsPerThread; ++r) {
                 const int row = get<0>(tOcO_rc(r, 0));
-                if (row < rows_left) lse_base[row] = lse(r);
+                if (rows.holds_query<kBlockM>(row, seq.seqlen_q)) {
+                    lse_seq[rows.head(row) * params.lse_head_stride + rows.token(row)] = lse(r);
+                }
             }
         }
 
@@ -609,18 +662,10 @@ struct FlashFwdRowBlock {
         const int wg_row0 = mma_warpgroup * kRowsPerMmaWarpgroup;
         Tensor sO_wg = local_tile(sO, Shape<Int<kRowsPerMmaWarpgroup>, Int<kHeadDim>>{},
                                   make_coord(mma_warpgroup, _0{}));  // (64, D)
-        Element* o_base = static_cast<Element*>(params.o_ptr) +
-                          seq.q_offset(params.o_batch_stride, params.o_row_stride, batch) +
-                          head * params.o_head_stride +
-                          int64_t(row0 + wg_row0) * params.o_row_stride;
-        Tensor gO = make_tensor(make_gmem_ptr(o_base),
-                                Shape<Int<kRowsPerMmaWarpgroup>, Int<kHeadDim>>{},
-                                make_stride(params.o_row_stride, _1{}));  // (64, D)
         typename Traits::GmemTiledCopyO gmem_tiled_copy_o;
         auto gmem_thr_copy_o = gmem_tiled_copy_o.get_thread_slice(thread % kThreadsPerWarpgroup);
         Tensor tOsO = gmem_thr_copy_o.partition_S(sO_wg);  // (CPY, CPY_M, CPY_D)
-        Tensor tOgO = gmem_thr_copy_o.partition_D(gO);
-        Tensor tOcO_g = gmem_thr_copy_o.partition_D(
+        Tensor tOcO_g = gmem_thr_copy_o.partition_S(
             make_identity_tensor(Shape<Int<kRowsPerMmaWarpgroup>, Int<kHeadDim>>{}));
         Tensor tOrO = make_fragment_like(tOsO);
         copy(gmem_tiled_copy_o, tOsO, tOrO);
@@ -628,17 +673,24 @@ struct FlashFwdRowBlock {
         // The fence orders these generic-proxy reads before the TMA's async-proxy writes.
         cutlass::arch::fence_view_async_shared();
         shared.q_empty.arrive();
-        // Rows past the sequence end belong to the next sequence, and columns past the real head
-        // dim to the next head: neither is written. (head_dim is a multiple of 8: a 16-byte chunk
-        // is wholly inside or outside.)
-        const int wg_rows_left = rows_left - wg_row0;
+        // Each row goes to its (token, head); padding rows and rows past the sequence end are not
+        // written (the latter belong to the next sequence), nor are columns past the real head
+        // dim (the next head's; head_dim is a multiple of 8: a 16-byte chunk is wholly inside or
+        // outside).
+        Element* o_seq = static_cast<Element*>(params.o_ptr) +
+                         seq.q_offset(params.o_batch_stride, params.o_row_stride, batch);
         CUTE_UNROLL
-        for (int m = 0; m < size<1>(tOgO); ++m) {
+        for (int m = 0; m < size<1>(tOrO); ++m) {
+            const int row = wg_row0 + get<0>(tOcO_g(0, m, 0));
+            if (!rows.holds_query<kBlockM>(row, seq.seqlen_q)) continue;
+            Element* o_row = o_seq + int64_t(rows.token(row)) * params.o_row_stride +
+                             int64_t(rows.head(row)) * params.o_head_stride;
             CUTE_UNROLL
-            for (int k = 0; k < size<2>(tOgO); ++k) {
-                if (get<0>(tOcO_g(0, m, k)) < wg_rows_left &&
-                    get<1>(tOcO_g(0, m, k)) < params.head_dim) {
-                    copy(gmem_tiled_copy_o, tOrO(_, m, k), tOgO(_, m, k));
+            for (int k = 0; k < size<2>(tOrO); ++k) {
+                const int col = get<1>(tOcO_g(0, m, k));
+                if (col < params.head_dim) {
+                    copy(gmem_tiled_copy_o, tOrO(_, m, k),
+                         make_tensor(make_gmem_ptr(o_row + col), tOrO(_, m, k).layout()));
                 }
             }
         }

@@ -1,6 +1,7 @@
 // Host-side launch of the sm90-family forward for one (element type, head-dim bucket, local mask)
-// instantiation: builds the TMA descriptors and launches one thread block per (row block, batch,
-// head). The same interface as sm80/flash_fwd_launch.h, so that the registry calls it alike.
+// instantiation: builds the TMA descriptors and launches a persistent grid over the tiles (row
+// blocks of one head, or of a GQA group's heads packed together, of one sequence). The same
+// interface as sm80/flash_fwd_launch.h, so that the registry calls it alike.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -17,6 +18,7 @@
 #include "kernels/common/workspace.h"
 #include "kernels/sm90/flash_fwd_kernel.h"
 #include "kernels/sm90/fwd_tile_config.h"
+#include "kernels/sm90/query_rows.h"
 
 namespace flash_varlen {
 namespace sm90 {
@@ -35,6 +37,50 @@ inline int32_t tma_extent(int64_t extent) {
     return int32_t(std::max<int64_t>(extent, 1));
 }
 
+// A TMA byte stride: TMA wants each a multiple of 16 bytes. A dimension of extent 1 never
+// multiplies a nonzero index, and the input checks skip its stride (it may be anything for a
+// view), so it gets the smallest valid one.
+inline uint64_t tma_stride_bytes(uint64_t extent, int64_t stride, uint64_t element_bytes) {
+    constexpr uint64_t kTmaStrideAlignment = 16;
+    return extent > 1 ? uint64_t(stride) * element_bytes : kTmaStrideAlignment;
+}
+
+// Q's TMA descriptor: the tensor (d, heads of a tile, rows, head units, batch), whose box
+// (columns of a chunk, heads of a tile, tokens of a tile, 1, 1) is one chunk of a tile's Q in the
+// shared-memory layout (query_rows.h; fwd_kernel_traits.h checks the chunk layout). The G heads
+// of a token are one head stride apart, so one box loads them all. Built here rather than by
+// CuTe's make_tma_copy, which needs the box at compile time: G is known only at the call.
+template <typename Traits>
+cudaError_t make_query_descriptor(const FlashFwdParams& params, int heads_per_tile, int32_t rows,
+                                  int32_t batches, int64_t batch_stride,
+                                  cute::TmaDescriptor& desc) {
+    using Element = typename Traits::Element;
+    constexpr int kRank = 5;
+    const uint64_t bytes = sizeof(Element);
+    const cute::array<uint64_t, kRank> extents = {
+        uint64_t(params.head_dim), uint64_t(heads_per_tile), uint64_t(rows),
+        uint64_t(params.nheads / heads_per_tile), uint64_t(batches)};
+    // Byte strides of dimensions 1.. (dimension 0, the head dim, is contiguous).
+    const cute::array<uint64_t, kRank - 1> strides = {
+        tma_stride_bytes(extents[1], params.q_head_stride, bytes),
+        tma_stride_bytes(extents[2], params.q_row_stride, bytes),
+        tma_stride_bytes(extents[3], heads_per_tile * params.q_head_stride, bytes),
+        tma_stride_bytes(extents[4], batch_stride, bytes)};
+    const cute::array<uint32_t, kRank> box = {
+        uint32_t(Traits::kQChunkCols), uint32_t(heads_per_tile),
+        uint32_t(QueryRows::tokens_per_tile<Traits::kBlockM>(heads_per_tile)), 1u, 1u};
+    const cute::array<uint32_t, kRank> element_strides = {1u, 1u, 1u, 1u, 1u};
+    const auto swizzle = cute::get_swizzle_portion(typename Traits::SmemLayoutQ{});
+    const CUresult result = CUTLASS_CUDA_DRIVER_WRAPPER_CALL(cuTensorMapEncodeTiled)(
+        &desc, cute::TMA::to_CUtensorMapDataType<Element>(), kRank, const_cast<void*>(params.q_ptr),
+        extents.data(), strides.data(), box.data(), element_strides.data(),
+        CU_TENSOR_MAP_INTERLEAVE_NONE,
+        cute::TMA::to_CUtensorMapSwizzle(cute::detail::get_tma_swizzle_bits(swizzle),
+                                         cute::detail::get_tma_swizzle_base(swizzle)),
+        CU_TENSOR_MAP_L2_PROMOTION_L2_128B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+    return result == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
+}
+
 // Every call needs the persistent grid's tile counter, zeroed (kernels/common/persistent_tiles.h);
 // varlen calls the tile schedule's workspace too (kernels/common/varlen_tile_schedule.h).
 template <typename Element, int kHeadDim>
@@ -48,8 +94,8 @@ WorkspaceSize fwd_workspace_size(const FlashFwdParams& params) {
 // A persistent grid of one thread block per SM (the shared memory of one tile fills an SM) walks
 // the tiles in launch order (kernels/common/persistent_tiles.h). Varlen: a one-block kernel
 // orders them (longest sequences first); fixed length, and varlen batches of about equal
-// lengths: the order of a (row blocks, batch, heads) grid, the row blocks of one (sequence, head)
-// adjacent so that the tiles sharing K and V run together and read them from L2.
+// lengths: the order of a (row blocks, batch, head units) grid, the row blocks of one (sequence,
+// head unit) adjacent so that the tiles sharing K and V run together and read them from L2.
 template <typename Element, int kHeadDim, bool kIsLocal>
 cudaError_t launch_flash_fwd(const FlashFwdParams& params, const Workspace& workspace,
                              cudaStream_t stream) {
@@ -71,14 +117,9 @@ cudaError_t launch_flash_fwd(const FlashFwdParams& params, const Workspace& work
     using namespace cute;
     FwdKernelParams<Traits> kp{};
     kp.params = params;
-    kp.shape_q = make_shape(rows_q, int32_t(params.head_dim), int32_t(params.nheads), batches);
     kp.shape_k = make_shape(rows_k, int32_t(params.head_dim), int32_t(params.nheads_k), batches);
     kp.shape_vt = make_shape(int32_t(params.head_dim), rows_k, int32_t(params.nheads_k), batches);
     // The real head dim is the descriptors' extent: columns of the tile past it read zeros.
-    Tensor mQ = make_tensor(
-        make_gmem_ptr(static_cast<const Element*>(params.q_ptr)), kp.shape_q,
-        make_stride(params.q_row_stride, _1{}, params.q_head_stride,
-                    batch_stride(params.q_batch_stride, params.q_row_stride)));
     Tensor mK = make_tensor(
         make_gmem_ptr(static_cast<const Element*>(params.k_ptr)), kp.shape_k,
         make_stride(params.k_row_stride, _1{}, params.k_head_stride,
@@ -87,17 +128,27 @@ cudaError_t launch_flash_fwd(const FlashFwdParams& params, const Workspace& work
         make_gmem_ptr(static_cast<const Element*>(params.v_ptr)), kp.shape_vt,
         make_stride(_1{}, params.v_row_stride, params.v_head_stride,
                     batch_stride(params.v_batch_stride, params.v_row_stride)));
-    kp.tma_q = make_tma_copy(SM90_TMA_LOAD{}, mQ, typename Traits::SmemLayoutQ{},
-                             Shape<Int<Traits::kBlockM>, Int<kHeadDim>>{}, _1{});
     kp.tma_k = make_tma_copy(SM90_TMA_LOAD{}, mK, take<0, 2>(typename Traits::SmemLayoutK{}),
                              Shape<Int<Traits::kBlockN>, Int<kHeadDim>>{}, _1{});
     kp.tma_v = make_tma_copy(SM90_TMA_LOAD{}, mVt, take<0, 2>(typename Traits::SmemLayoutVt{}),
                              Shape<Int<kHeadDim>, Int<Traits::kBlockN>>{}, _1{});
 
-    const int row_blocks = cute::ceil_div(params.seqlen_q, Traits::kBlockM);
-    const int64_t grid_order_tiles = int64_t(row_blocks) * params.batch * params.nheads;
-    const int64_t schedule_tiles = VarlenTileSchedule::tile_bound(params.total_q, params.batch,
-                                                                  Traits::kBlockM, params.nheads);
+    // ALiBi and dropout run in a kernel of their own (flash_fwd_kernel.h), one head per tile.
+    const bool has_variants = params.alibi_slopes != nullptr || params.dropout_threshold != 0;
+    kp.heads_per_tile =
+        query_heads_per_tile<Traits::kBlockM>(params.nheads, params.nheads_k, has_variants);
+    const cudaError_t q_err = make_query_descriptor<Traits>(
+        params, kp.heads_per_tile, rows_q, batches,
+        batch_stride(params.q_batch_stride, params.q_row_stride), kp.tma_q);
+    if (q_err != cudaSuccess) return q_err;
+
+    // Tiles: row blocks of `tokens` tokens of each head unit (a head, or a packed GQA group).
+    const int tokens = QueryRows::tokens_per_tile<Traits::kBlockM>(kp.heads_per_tile);
+    const int head_units = params.nheads / kp.heads_per_tile;
+    const int row_blocks = cute::ceil_div(params.seqlen_q, tokens);
+    const int64_t grid_order_tiles = int64_t(row_blocks) * params.batch * head_units;
+    const int64_t schedule_tiles =
+        VarlenTileSchedule::tile_bound(params.total_q, params.batch, tokens, head_units);
     // The schedule pays a prepare launch and a lookup per tile; it wins where the grid order has
     // many indices past their sequence's end (measured on the H200 with one thread block per
     // index, 7cec657's record: skewed, 64x the tiles, +31 to +68%; docs, 5.9x, +1 to +3%; short,
@@ -107,12 +158,13 @@ cudaError_t launch_flash_fwd(const FlashFwdParams& params, const Workspace& work
     const bool use_schedule = is_varlen && grid_order_tiles > kScheduleGridRatio * schedule_tiles;
     int64_t tiles = grid_order_tiles;
     kp.tiles = TileOrder{VarlenTileSchedule{nullptr, nullptr}, row_blocks, params.batch,
-                         params.nheads, 0};
+                         head_units, 0};
     if (use_schedule) {
         int* order = static_cast<int*>(workspace.scratch);
         int* tile_start = order + params.batch;
         prepare_varlen_tile_schedule<Traits::kBlockM>
-            <<<1, varlen_schedule_detail::kThreads, 0, stream>>>(params, order, tile_start);
+            <<<1, varlen_schedule_detail::kThreads, 0, stream>>>(params, tokens, head_units,
+                                                                 order, tile_start);
         const cudaError_t err = cudaGetLastError();
         if (err != cudaSuccess) return err;
         kp.tiles.schedule = VarlenTileSchedule{order, tile_start};
@@ -123,8 +175,6 @@ cudaError_t launch_flash_fwd(const FlashFwdParams& params, const Workspace& work
     kp.tile_counter = static_cast<int*>(workspace.zeroed);
     const dim3 grid(uint32_t(std::max<int64_t>(std::min<int64_t>(tiles, device_sm_count()), 1)));
 
-    // ALiBi and dropout run in a kernel of their own (flash_fwd_kernel.h).
-    const bool has_variants = params.alibi_slopes != nullptr || params.dropout_threshold != 0;
     auto kernel = has_variants ? &flash_fwd_kernel<Traits, kIsLocal, true>
                                : &flash_fwd_kernel<Traits, kIsLocal, false>;
     constexpr int kSmemBytes = Traits::kSmemBytes;

@@ -19,6 +19,7 @@
 // silently falls back to 64x16x16 atoms (11 instructions instead of one for kBlockN = 176). The
 // static_asserts on the atom shapes below catch a miss.
 #include "generated/sm90_wgmma_atoms.h"
+#include "kernels/common/seqlen_info.h"
 #include "kernels/common/varlen_tile_schedule.h"  // TileCoordinates
 
 namespace flash_varlen {
@@ -91,6 +92,18 @@ struct FwdKernelTraits {
                                      GMMA::Major::K, Element, Int<kBlockM>, Int<kHeadDim>>());
     using SmemLayoutQ =
         decltype(tile_to_shape(SmemLayoutAtomQ{}, Shape<Int<kBlockM>, Int<kHeadDim>>{}));
+    // Q lands in chunks of the atom's columns, each chunk all kBlockM rows of those columns, rows
+    // one after another: the order in which a TMA box (columns, heads, tokens) writes them
+    // (flash_fwd_kernel.h's Q load; the swizzle applies to addresses alike).
+    static constexpr int kQChunkCols = size<1>(SmemLayoutAtomQ{});
+    static constexpr int kQChunks = kHeadDim / kQChunkCols;
+    static constexpr int kQChunkElems = kBlockM * kQChunkCols;
+    static_assert(get_nonswizzle_portion(SmemLayoutQ{})(Int<1>{}, Int<0>{}) == kQChunkCols &&
+                      (kQChunks == 1 ||
+                       get_nonswizzle_portion(SmemLayoutQ{})(Int<0>{}, Int<kQChunkCols>{}) ==
+                           kQChunkElems),
+                  "Q's chunks are not laid out as its TMA boxes write them");
+    static constexpr uint32_t kQBytesPerRow = kHeadDim * sizeof(Element);
     using SmemLayoutAtomK = decltype(cutlass::gemm::collective::detail::ss_smem_selector<
                                      GMMA::Major::K, Element, Int<kBlockN>, Int<kHeadDim>>());
     using SmemLayoutK = decltype(tile_to_shape(
@@ -109,18 +122,14 @@ struct FwdKernelTraits {
     // with a barrier among its own 128 threads only.
     using SmemLayoutO = SmemLayoutQ;
 
-    // Global tensors as the TMA descriptors see them: (rows, head dim, heads, batch). Varlen
-    // buffers are one batch of total rows; a tile's row coordinate is its sequence's first row
-    // plus its offset in the sequence (flash_fwd_kernel.h explains what lies past a sequence).
+    // Global tensors as the K and V TMA descriptors see them: (rows, head dim, heads, batch).
+    // Varlen buffers are one batch of total rows; a tile's row coordinate is its sequence's first
+    // row plus its offset in the sequence (flash_fwd_kernel.h explains what lies past a
+    // sequence). Q's descriptor is built by hand (flash_fwd_launch.h).
     using GmemShape = Shape<int32_t, int32_t, int32_t, int32_t>;
     using GmemStride = Stride<int64_t, _1, int64_t, int64_t>;
     // V for the MN-major operand: (head dim, rows, heads, batch).
     using GmemStrideVt = Stride<_1, int64_t, int64_t, int64_t>;
-    using TmaQ = decltype(make_tma_copy(
-        SM90_TMA_LOAD{},
-        make_tensor(make_gmem_ptr(static_cast<const Element*>(nullptr)), GmemShape{},
-                    GmemStride{}),
-        SmemLayoutQ{}, Shape<Int<kBlockM>, Int<kHeadDim>>{}, _1{}));
     using TmaK = decltype(make_tma_copy(
         SM90_TMA_LOAD{},
         make_tensor(make_gmem_ptr(static_cast<const Element*>(nullptr)), GmemShape{},
@@ -132,7 +141,6 @@ struct FwdKernelTraits {
                     GmemStrideVt{}),
         take<0, 2>(SmemLayoutVt{}), Shape<Int<kHeadDim>, Int<kBlockN>>{}, _1{}));
 
-    static constexpr uint32_t kTmaBytesQ = kBlockM * kHeadDim * sizeof(Element);
     static constexpr uint32_t kTmaBytesKV = kBlockN * kHeadDim * sizeof(Element);
 
     // K and V stream through kStages buffers each, one mbarrier pair (full, empty) per buffer.
@@ -152,9 +160,13 @@ struct FwdKernelTraits {
         // readers, the GEMMs and the O staging of the epilogue, are done).
         alignas(16) cutlass::arch::ClusterTransactionBarrier q_full;
         alignas(16) cutlass::arch::ClusterBarrier q_empty;
-        // The tile the consumers compute next, written by the producer before it arrives on
-        // q_full; m_block < 0: no tile is left.
+        // The tile the consumers compute next and its sequence, written by the producer before
+        // it arrives on q_full; tile.m_block < 0: no tile is left. They stay until the consumers
+        // arrive on q_empty, so the consumers read them again in the epilogue instead of holding
+        // them in registers through the main loop, and never read cu_seqlens / seqused
+        // themselves.
         TileCoordinates tile;
+        SeqlenInfo tile_seq;
         alignas(16) typename PipelineKV::SharedStorage pipeline_k;
         alignas(16) typename PipelineKV::SharedStorage pipeline_v;
     };

@@ -77,14 +77,14 @@ struct OnlineSoftmax {
     }
 
     // The per-row factor that normalises O and each row's LSE in `lse` (common/softmax_rows.h,
-    // the arithmetic of every family).
-    __device__ __forceinline__ RowValues finalize(float logit_scale, float out_scale, float sink,
-                                                  RowValues& lse) {
+    // the arithmetic of every family); sinks: each row's attention sink (-inf without).
+    __device__ __forceinline__ RowValues finalize(float logit_scale, float out_scale,
+                                                  const RowValues& sinks, RowValues& lse) {
         RowValues factor;
         CUTE_UNROLL
         for (int r = 0; r < kRows; ++r) {
             const RowNormalisation row = normalise_row(quad_allreduce_sum(row_sum(r)), row_max(r),
-                                                       logit_scale, out_scale, sink);
+                                                       logit_scale, out_scale, sinks(r));
             lse(r) = row.lse;
             factor(r) = row.factor;
         }
