@@ -6,13 +6,21 @@
 
 (`--clock-control none`: the device README asks that the clocks be left alone.) The calls are
 the benchmark's (benchmarks/workloads.py: the same lengths, heads and dtype);
-FLASH_VARLEN_KERNEL_FAMILY picks the family as everywhere else. Prints the median time of the calls, so that a run without a
-profiler says what one call costs.
+FLASH_VARLEN_KERNEL_FAMILY picks the family as everywhere else. Prints the median time of the
+calls, so that a run without a profiler says what one call costs.
+
+`--breakdown` (no outside profiler) says where a call's time goes: the calls back to back as
+benchmarks/bench_forward.py times them (triton.testing.do_bench: L2 flushed before each, no
+host sync between), each GPU kernel's time per call under torch.profiler, and the SM clock and
+power that nvidia-smi samples meanwhile. The first ncu profile of the sm90 forward (equal2k, MHA,
+H100) timed its kernel at 629 TFLOP/s of useful work at 1.74 GHz where the benchmark's median
+call gives 540: this tells launch gaps, other kernels and clocks apart.
 """
 
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 from pathlib import Path
 
@@ -34,6 +42,8 @@ def main() -> int:
     parser.add_argument("--layout", choices=sorted(HEAD_LAYOUTS), default="mha")
     parser.add_argument("--causal", action="store_true")
     parser.add_argument("--calls", type=int, default=DEFAULT_CALLS)
+    parser.add_argument("--breakdown", action="store_true",
+                        help="also time the calls as the benchmark does and list their kernels")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("profile_forward.py: needs a CUDA GPU", file=sys.stderr)
@@ -46,20 +56,74 @@ def main() -> int:
     k = torch.randn(total, layout.nheads_kv, layout.head_dim, device="cuda", dtype=DTYPE)
     v = torch.randn_like(k)
     cu_seqlens = workload.cu_seqlens("cuda")
+
+    def call() -> None:
+        flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, workload.max_seqlen,
+                               workload.max_seqlen, causal=args.causal)
+
+    flops = workload.forward_flops(layout, args.causal)
     times = []
     for _ in range(args.calls):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, workload.max_seqlen,
-                               workload.max_seqlen, causal=args.causal)
+        call()
         end.record()
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
     median = sorted(times)[len(times) // 2]
-    tflops = workload.forward_flops(layout, args.causal) / (median * 1e-3) / 1e12
     print(f"{args.workload} {args.layout} causal={args.causal}: median {median:.3f} ms over "
-          f"{args.calls} calls, {tflops:.1f} TFLOP/s")
+          f"{args.calls} calls, {flops / (median * 1e-3) / 1e12:.1f} TFLOP/s")
+    if args.breakdown:
+        print_breakdown(call, flops)
     return 0
+
+
+# nvidia-smi's sampling period (ms): tens of samples during the benchmark's timing.
+SMI_PERIOD_MS = 20
+# Calls under torch.profiler, back to back.
+BREAKDOWN_CALLS = 200
+
+
+def print_breakdown(call, flops: float) -> None:
+    """Benchmark-style median per call, GPU kernel time per call, SM clock and power."""
+    from torch.profiler import ProfilerActivity, profile
+    from triton.testing import do_bench
+
+    from benchmarks.bench_forward import REP_MS, WARMUP_MS
+
+    smi = None
+    try:
+        smi = subprocess.Popen(
+            ["nvidia-smi", "--query-gpu=clocks.sm,power.draw", "--format=csv,noheader,nounits",
+             f"-lms={SMI_PERIOD_MS}"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    except FileNotFoundError:
+        print("nvidia-smi not found: no clock samples")
+    bench_ms = do_bench(call, warmup=WARMUP_MS, rep=REP_MS, return_mode="median")
+    if smi is not None:
+        smi.terminate()
+        samples = [line.split(",") for line in smi.communicate()[0].splitlines() if "," in line]
+        clocks = sorted(float(mhz) for mhz, _ in samples)
+        powers = sorted(float(watts) for _, watts in samples)
+        if clocks:
+            print(f"during do_bench: SM clock median {clocks[len(clocks) // 2]:.0f} MHz (min "
+                  f"{clocks[0]:.0f}, max {clocks[-1]:.0f}), power median "
+                  f"{powers[len(powers) // 2]:.0f} W, {len(clocks)} samples")
+    print(f"do_bench median per call: {bench_ms:.3f} ms, {flops / (bench_ms * 1e-3) / 1e12:.1f} "
+          "TFLOP/s")
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(BREAKDOWN_CALLS):
+            call()
+        torch.cuda.synchronize()
+    kernel_ms = 0.0
+    for item in sorted(prof.key_averages(), key=lambda item: -item.device_time_total):
+        if item.device_time_total <= 0:
+            continue
+        per_call_ms = item.device_time_total / BREAKDOWN_CALLS / 1e3
+        kernel_ms += per_call_ms
+        print(f"  {per_call_ms:8.4f} ms per call, {item.count / BREAKDOWN_CALLS:g} per call: "
+              f"{item.key[:100]}")
+    print(f"GPU kernels per call: {kernel_ms:.3f} ms ({flops / (kernel_ms * 1e-3) / 1e12:.1f} "
+          f"TFLOP/s); the rest of do_bench's median: {bench_ms - kernel_ms:+.3f} ms")
 
 
 if __name__ == "__main__":

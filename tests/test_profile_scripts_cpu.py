@@ -22,9 +22,10 @@ def run(script: str, *arguments: str) -> subprocess.CompletedProcess:
     "command",
     [
         ("profile_forward.py", "--workload", "short", "--layout", "gqa", "--causal"),
+        ("profile_forward.py", "--workload", "equal2k", "--breakdown"),
         ("profile_decode_host.py", "--batch", "4", "--length", "100", "--page-size", "16"),
     ],
-    ids=["forward", "decode"],
+    ids=["forward", "forward_breakdown", "decode"],
 )
 def test_without_a_gpu_they_say_so_and_exit_2(command: tuple[str, ...]) -> None:
     result = run(*command)
