@@ -20,6 +20,10 @@
 #
 # COMPARE_FAMILY (default sm90): the kernel family forced in the benchmarks (for run-built trees
 # of another family; `run` builds the sm90 family only).
+# COMPARE_ROUNDS (default 1): benchmark every tree that many times, in turn, the order reversed
+# every other round (the machine drifts: its dense rate moved by up to 9% between the trees of
+# one call on 2026-12-05), and print the mean of the rounds with each tree's largest
+# round-to-round difference.
 #
 # The CUTLASS headers come from .whl/ as in scripts/gpu_check.sh.
 set -uo pipefail
@@ -79,30 +83,51 @@ for tar in $([ "$mode" = run ] && ls "$dir"/*.tar); do
         > "$out/build_$name.log" 2>&1; echo "build $name rc=$?") &
 done
 wait
+rounds=${COMPARE_ROUNDS:-1}
 # One benchmark at a time: the trees share the GPU.
-for name in "${trees[@]}"; do
-    (cd "/tmp/compare_trees/$name" && FLASH_VARLEN_KERNEL_FAMILY=$family python3 benchmarks/bench_forward.py \
-        --out "$out/forward_$name.json" --impl ours --families "$family" "${bench_args[@]}" \
-        > "$out/bench_$name.log" 2>&1; echo "bench $name rc=$?")
+for round in $(seq 1 "$rounds"); do
+    order=("${trees[@]}")
+    if [ $((round % 2)) -eq 0 ]; then
+        order=($(printf '%s\n' "${trees[@]}" | tac))
+    fi
+    for name in "${order[@]}"; do
+        (cd "/tmp/compare_trees/$name" && FLASH_VARLEN_KERNEL_FAMILY=$family python3 benchmarks/bench_forward.py \
+            --out "$out/forward_$name.r$round.json" --impl ours --families "$family" "${bench_args[@]}" \
+            > "$out/bench_$name.r$round.log" 2>&1; echo "bench $name round $round rc=$?")
+    done
 done
-python3 - "$out" "$family" "${trees[@]}" <<'PY'
+python3 - "$out" "$family" "$rounds" "${trees[@]}" <<'PY'
 import json
 import sys
 
-out, family, names = sys.argv[1], sys.argv[2], sys.argv[3:]
-table: dict[str, dict[str, float]] = {}
+out, family, rounds, names = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4:]
+# table[row][tree]: the TFLOP/s of each round that ran
+table: dict[str, dict[str, list[float]]] = {}
 for name in names:
-    try:
-        rows = json.load(open(f"{out}/forward_{name}.json"))["rows"]
-    except (OSError, KeyError, ValueError) as error:
-        print(f"{name}: no benchmark ({error})")
-        continue
-    for row in rows:
-        key = f"{row['workload']}/{row['layout']}/{'causal' if row['causal'] else 'full'}"
-        table.setdefault(key, {})[name] = row["results"].get(f"ours_{family}", {}).get("tflops")
+    for round_ in range(1, rounds + 1):
+        try:
+            rows = json.load(open(f"{out}/forward_{name}.r{round_}.json"))["rows"]
+        except (OSError, KeyError, ValueError) as error:
+            print(f"{name} round {round_}: no benchmark ({error})")
+            continue
+        for row in rows:
+            key = f"{row['workload']}/{row['layout']}/{'causal' if row['causal'] else 'full'}"
+            tflops = row["results"].get(f"ours_{family}", {}).get("tflops")
+            if tflops:
+                table.setdefault(key, {}).setdefault(name, []).append(tflops)
+print(f"TFLOP/s, mean of {rounds} round(s)" + (" (largest round-to-round difference)" if rounds > 1 else ""))
 print("| row | " + " | ".join(names) + " |")
 print("| --- |" + " --- |" * len(names))
 for key, values in table.items():
-    cells = [f"{values[n]:.1f}" if values.get(n) else "—" for n in names]
+    cells = []
+    for name in names:
+        runs = values.get(name, [])
+        if not runs:
+            cells.append("—")
+            continue
+        cell = f"{sum(runs) / len(runs):.1f}"
+        if len(runs) > 1:
+            cell += f" ({max(runs) - min(runs):.1f})"
+        cells.append(cell)
     print(f"| {key} | " + " | ".join(cells) + " |")
 PY
