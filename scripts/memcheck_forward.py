@@ -85,7 +85,7 @@ def run_fixed_length(head_dim: int, causal: bool) -> bool:
 
 def main() -> int:
     torch.manual_seed(0)
-    calls = [(run_case, (*case,)) for case in CASES]
+    calls = [(run_case, case) for case in CASES]
     calls += [(run_fixed_length, (head_dim,)) for head_dim in (64, 96, 128, 192, 256)]
     ok, ran, skipped = True, 0, 0
     for run, args in calls:
