@@ -24,6 +24,7 @@
 #pragma once
 
 #include <cub/block/block_scan.cuh>
+#include <cuda_runtime_api.h>
 
 #include <cstdint>
 
@@ -122,6 +123,22 @@ __global__ void __launch_bounds__(varlen_schedule_detail::kThreads)
         __syncthreads();  // scan_storage is reused by the next chunk
     }
     if (tid == 0) tile_start[batch] = carry;
+}
+
+// Orders a varlen launch's tiles on `stream` (no host sync): the prepare kernel writes the two
+// arrays into `scratch`, VarlenTileSchedule::bytes(params.batch) of the launch's workspace, and
+// `schedule` then points at them.
+template <int kBlockM>
+cudaError_t launch_varlen_tile_schedule(const FlashFwdParams& params, int tokens, int head_units,
+                                        void* scratch, cudaStream_t stream,
+                                        VarlenTileSchedule& schedule) {
+    int* order = static_cast<int*>(scratch);
+    int* tile_start = order + params.batch;
+    prepare_varlen_tile_schedule<kBlockM><<<1, varlen_schedule_detail::kThreads, 0, stream>>>(
+        params, tokens, head_units, order, tile_start);
+    const cudaError_t err = cudaGetLastError();
+    if (err == cudaSuccess) schedule = VarlenTileSchedule{order, tile_start};
+    return err;
 }
 
 // The last slot whose tiles start at or before `tile` (slots without tiles start where the next

@@ -69,14 +69,9 @@ cudaError_t launch_flash_fwd(const FlashFwdParams& params, const Workspace& work
                               grid_blocks > kScheduleGridRatio * tiles &&
                               tiles <= std::numeric_limits<int32_t>::max();
     if (use_schedule) {
-        int* order = static_cast<int*>(workspace.scratch);
-        int* tile_start = order + params.batch;
-        prepare_varlen_tile_schedule<Traits::kBlockM>
-            <<<1, varlen_schedule_detail::kThreads, 0, stream>>>(params, Traits::kBlockM,
-                                                                 params.nheads, order, tile_start);
-        const cudaError_t err = cudaGetLastError();
+        const cudaError_t err = launch_varlen_tile_schedule<Traits::kBlockM>(
+            params, Traits::kBlockM, params.nheads, workspace.scratch, stream, schedule);
         if (err != cudaSuccess) return err;
-        schedule = VarlenTileSchedule{order, tile_start};
         grid = dim3(uint32_t(tiles));
     }
     // FastDivmod divides by its argument when built: 1 stands in for "not paged".

@@ -160,14 +160,9 @@ cudaError_t launch_flash_fwd(const FlashFwdParams& params, const Workspace& work
     kp.tiles = TileOrder{VarlenTileSchedule{nullptr, nullptr}, row_blocks, params.batch,
                          head_units, 0};
     if (use_schedule) {
-        int* order = static_cast<int*>(workspace.scratch);
-        int* tile_start = order + params.batch;
-        prepare_varlen_tile_schedule<Traits::kBlockM>
-            <<<1, varlen_schedule_detail::kThreads, 0, stream>>>(params, tokens, head_units,
-                                                                 order, tile_start);
-        const cudaError_t err = cudaGetLastError();
+        const cudaError_t err = launch_varlen_tile_schedule<Traits::kBlockM>(
+            params, tokens, head_units, workspace.scratch, stream, kp.tiles.schedule);
         if (err != cudaSuccess) return err;
-        kp.tiles.schedule = VarlenTileSchedule{order, tile_start};
         tiles = schedule_tiles;
     }
     if (tiles > std::numeric_limits<int32_t>::max()) return cudaErrorInvalidConfiguration;
