@@ -598,6 +598,20 @@ def test_sdist_carries_every_file_the_build_reads(tmp_path):
     assert {"setup.py", "pyproject.toml", "README.md", "flash_varlen/__init__.py"} <= shipped
 
 
+def test_readme_install_command_uses_the_pip_of_the_python_that_builds():
+    """Every install in the README's command is `python -m pip`: on the GPU machine the `pip` on
+    PATH belongs to another Python than `python` (the system's against a virtual environment's),
+    and the command with plain `pip` installed into the wrong one (there: stopped offline looking
+    for torch). The demo at the end runs with that same `python`."""
+    readme = (ROOT / "README.md").read_text()
+    command = next(line for line in readme.splitlines() if "--no-build-isolation -v -e ." in line)
+    steps = [step.strip() for step in command.split("&&")]
+    installs = [step for step in steps if re.search(r"\bpip\b", step)]
+    assert len(installs) == 3, steps
+    assert all(step.startswith("python -m pip install ") for step in installs), installs
+    assert steps[-1].startswith("python examples/"), steps
+
+
 def test_readme_install_command_installs_the_tested_torch():
     """The README's install command pins torch: in a fresh virtual environment an unpinned
     `pip install torch` installed 2.14.1, whose headers need C++20 while the extension compiles
