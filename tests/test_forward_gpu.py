@@ -382,6 +382,38 @@ def test_large_magnitude_inputs(dtype: torch.dtype, head_dim: int, causal: bool)
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)
+@pytest.mark.parametrize("trend", ["rising", "falling"])
+def test_row_maxima_that_change_from_key_block_to_key_block(
+    trend: str, dtype: torch.dtype, causal: bool
+) -> None:
+    """Scores that rise (or fall) steadily along the keys, by a rate that differs per query row.
+
+    The kernels visit key blocks from the last down: with "rising" scores toward the first key,
+    every block raises the row maximum, by 0.25 to 4 in exp2's argument per block of 128 keys
+    depending on the row, so the running maximum and the output's rescaling change at every step
+    in some rows and stay nearly put in others of the same warp (the case a conditional rescale
+    must get right: it keeps an old maximum while the growth is small and must use that same
+    reference for the sums and the output); over 2048 keys the maximum moves by up to 64 powers
+    of two. "falling": the first visited block holds every row's maximum.
+    """
+    require_kernel(dtype, DEFAULT_HEAD_DIM)
+    lengths = [2048, 700]
+    batch = make_varlen_batch(lengths, lengths, 4, 2, DEFAULT_HEAD_DIM, dtype, DEVICE)
+    softmax_scale = 1.0 / math.sqrt(DEFAULT_HEAD_DIM)
+    exp2_growth_per_key = torch.empty(batch.q.shape[:2], device=DEVICE).uniform_(0.25, 4) / 128
+    for start, length in zip(batch.cu_seqlens_k[:-1].tolist(), lengths):
+        position = torch.arange(length, device=DEVICE, dtype=torch.float32)
+        along = length - 1 - position if trend == "rising" else position
+        # Score (natural log) of query row i and key j from component 0: q[i, 0] * k[j, 0] *
+        # scale = ln 2 * growth_i * along_j; the other components add N(0, d) noise.
+        batch.k[start : start + length, :, 0] = (along / 32).unsqueeze(1).to(dtype)
+    batch.q[:, :, 0] = (exp2_growth_per_key * 32 * math.log(2) / softmax_scale).to(dtype)
+    out, lse = varlen_forward(batch, causal=causal)
+    check_varlen(batch, out, lse, causal, f"{trend} row maxima")
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_explicit_softmax_scale(causal: bool) -> None:
     batch = default_batch([200, 33, 517], [150, 33, 600])
     out, lse = varlen_forward(batch, causal=causal, softmax_scale=EXPLICIT_SOFTMAX_SCALE)
