@@ -46,6 +46,7 @@ from benchmarks.checks import (  # noqa: E402
     max_abs_diff,
     poison_allocator,
 )
+from benchmarks.gpu_clocks import ClockSampler  # noqa: E402
 from benchmarks.impls import (  # noqa: E402
     AUTO_FAMILY,
     FA4_IMPL,
@@ -245,7 +246,8 @@ def measure(prepare: Callable[[Case], Prepared], case: Case, reference: Referenc
     Returns the result record and the checked output (total, nheads_q, d), or None if it did not
     run. Any exception becomes a failure_record ("n/a" or unsupported) with its reason: a peer
     that cannot run this case (missing, unsupported, out of memory) must not stop the benchmark.
-    The implementation's environment (Prepared.environment) is set around all its calls.
+    The implementation's environment (Prepared.environment) is set around all its calls. The
+    record holds the SM clock and power during the timing (gpu_clocks.py) where nvidia-smi runs.
     """
     from triton.testing import do_bench
 
@@ -266,7 +268,10 @@ def measure(prepare: Callable[[Case], Prepared], case: Case, reference: Referenc
                 record["note"] = prepared.note
             if not passed:
                 return {"status": "wrong", **record}, out
-            ms = do_bench(prepared.run, warmup=WARMUP_MS, rep=REP_MS, return_mode="median")
+            with ClockSampler() as clocks:
+                ms = do_bench(prepared.run, warmup=WARMUP_MS, rep=REP_MS, return_mode="median")
+            if clocks.summary is not None:
+                record["gpu_clocks"] = clocks.summary
     except Exception as error:  # noqa: BLE001 - reported per implementation, see docstring
         torch.cuda.empty_cache()
         return failure_record(error), None
@@ -292,10 +297,14 @@ def dense_matmul_rate(device: torch.device | str = "cuda",
     a, b = (torch.randn(size, size, generator=generator, device=device, dtype=torch.bfloat16)
             for _ in range(2))
     out = torch.empty(size, size, device=device, dtype=torch.bfloat16)
-    ms = do_bench(lambda: torch.mm(a, b, out=out), warmup=WARMUP_MS, rep=REP_MS,
-                  return_mode="median")
-    return {"op": "torch.mm", "dtype": "bfloat16", "m_n_k": [size, size, size], "time_ms": ms,
+    with ClockSampler() as clocks:
+        ms = do_bench(lambda: torch.mm(a, b, out=out), warmup=WARMUP_MS, rep=REP_MS,
+                      return_mode="median")
+    rate = {"op": "torch.mm", "dtype": "bfloat16", "m_n_k": [size, size, size], "time_ms": ms,
             "tflops": tflops(FLOPS_PER_MULTIPLY_ADD * size**3, ms)}
+    if clocks.summary is not None:
+        rate["gpu_clocks"] = clocks.summary
+    return rate
 
 
 def resolve_families(requested: list[str] | None,

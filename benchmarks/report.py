@@ -248,8 +248,10 @@ def measured_dense_tflops(meta: dict[str, Any]) -> float | None:
 def dense_line(dense: dict[str, Any]) -> str:
     """The run's dense matrix-product ceiling (bench_forward.dense_matmul_rate) in one line."""
     shape = " x ".join(map(str, dense["m_n_k"]))
+    clock = dense.get("gpu_clocks")
+    at = f" at an SM clock of {clock['sm_clock_mhz']['median']:.0f} MHz" if clock else ""
     return (f"dense {dense['dtype']} matrix product ({dense['op']}, {shape}): "
-            f"{dense['tflops']:.1f} TFLOP/s ({dense['time_ms']:.3f} ms, median), this run")
+            f"{dense['tflops']:.1f} TFLOP/s ({dense['time_ms']:.3f} ms, median){at}, this run")
 
 
 def run_notes(meta: dict[str, Any]) -> list[str]:
@@ -263,9 +265,22 @@ def run_notes(meta: dict[str, Any]) -> list[str]:
     return lines
 
 
+def clock_note(row: dict[str, Any], impls: list[str]) -> str | None:
+    """The median SM clock during each implementation's timing of a row (gpu_clocks.py), or None
+    where nvidia-smi gave none: two rows or two runs compare fairly only at similar clocks."""
+    cells = []
+    for impl in impls:
+        clock = row["results"].get(impl, {}).get("gpu_clocks")
+        if clock:
+            cells.append(f"{impl} {clock['sm_clock_mhz']['median']:.0f}")
+    if not cells:
+        return None
+    return f"{row_label(row)} SM clock while timed (median MHz): " + ", ".join(cells)
+
+
 def notes(rows: list[dict[str, Any]], impls: list[str]) -> list[str]:
     """One line per result that is not a plain number: why n/a, unsupported or WRONG, or what `*`
-    means."""
+    means; then each row's clocks (clock_note)."""
     lines = []
     for row in rows:
         for impl in impls:
@@ -273,6 +288,7 @@ def notes(rows: list[dict[str, Any]], impls: list[str]) -> list[str]:
                                 _forward_wrong_detail)
             if line is not None:
                 lines.append(line)
+    lines.extend(line for line in (clock_note(row, impls) for row in rows) if line is not None)
     return lines
 
 

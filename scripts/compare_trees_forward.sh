@@ -101,8 +101,10 @@ import json
 import sys
 
 out, family, rounds, names = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4:]
-# table[row][tree]: the TFLOP/s of each round that ran
+# table[row][tree]: the TFLOP/s of each round that ran; clocks[row][tree]: the median SM clock
+# (MHz) of each round's timing, where nvidia-smi gave one (benchmarks/gpu_clocks.py)
 table: dict[str, dict[str, list[float]]] = {}
+clocks: dict[str, dict[str, list[float]]] = {}
 for name in names:
     for round_ in range(1, rounds + 1):
         try:
@@ -112,10 +114,14 @@ for name in names:
             continue
         for row in rows:
             key = f"{row['workload']}/{row['layout']}/{'causal' if row['causal'] else 'full'}"
-            tflops = row["results"].get(f"ours_{family}", {}).get("tflops")
-            if tflops:
-                table.setdefault(key, {}).setdefault(name, []).append(tflops)
-print(f"TFLOP/s, mean of {rounds} round(s)" + (" (largest round-to-round difference)" if rounds > 1 else ""))
+            result = row["results"].get(f"ours_{family}", {})
+            if result.get("tflops"):
+                table.setdefault(key, {}).setdefault(name, []).append(result["tflops"])
+            if result.get("gpu_clocks"):
+                clock = result["gpu_clocks"]["sm_clock_mhz"]["median"]
+                clocks.setdefault(key, {}).setdefault(name, []).append(clock)
+print(f"TFLOP/s, mean of {rounds} round(s)" + (" (largest round-to-round difference)" if rounds > 1 else "")
+      + (", @ the mean of the median SM clocks while timed" if clocks else ""))
 print("| row | " + " | ".join(names) + " |")
 print("| --- |" + " --- |" * len(names))
 for key, values in table.items():
@@ -128,6 +134,9 @@ for key, values in table.items():
         cell = f"{sum(runs) / len(runs):.1f}"
         if len(runs) > 1:
             cell += f" ({max(runs) - min(runs):.1f})"
+        mhz = clocks.get(key, {}).get(name)
+        if mhz:
+            cell += f" @{sum(mhz) / len(mhz):.0f} MHz"
         cells.append(cell)
     print(f"| {key} | " + " | ".join(cells) + " |")
 PY

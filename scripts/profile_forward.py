@@ -20,7 +20,6 @@ call gives 540: this tells launch gaps, other kernels and clocks apart.
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 from pathlib import Path
 
@@ -78,8 +77,6 @@ def main() -> int:
     return 0
 
 
-# nvidia-smi's sampling period (ms): tens of samples during the benchmark's timing.
-SMI_PERIOD_MS = 20
 # Calls under torch.profiler, back to back.
 BREAKDOWN_CALLS = 200
 
@@ -90,24 +87,17 @@ def print_breakdown(call, flops: float) -> None:
     from triton.testing import do_bench
 
     from benchmarks.bench_forward import REP_MS, WARMUP_MS
+    from benchmarks.gpu_clocks import ClockSampler
 
-    smi = None
-    try:
-        smi = subprocess.Popen(
-            ["nvidia-smi", "--query-gpu=clocks.sm,power.draw", "--format=csv,noheader,nounits",
-             f"-lms={SMI_PERIOD_MS}"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    except FileNotFoundError:
-        print("nvidia-smi not found: no clock samples")
-    bench_ms = do_bench(call, warmup=WARMUP_MS, rep=REP_MS, return_mode="median")
-    if smi is not None:
-        smi.terminate()
-        samples = [line.split(",") for line in smi.communicate()[0].splitlines() if "," in line]
-        clocks = sorted(float(mhz) for mhz, _ in samples)
-        powers = sorted(float(watts) for _, watts in samples)
-        if clocks:
-            print(f"during do_bench: SM clock median {clocks[len(clocks) // 2]:.0f} MHz (min "
-                  f"{clocks[0]:.0f}, max {clocks[-1]:.0f}), power median "
-                  f"{powers[len(powers) // 2]:.0f} W, {len(clocks)} samples")
+    with ClockSampler() as clocks:
+        bench_ms = do_bench(call, warmup=WARMUP_MS, rep=REP_MS, return_mode="median")
+    if clocks.summary is None:
+        print("nvidia-smi gave no clock samples")
+    else:
+        clock, power = clocks.summary["sm_clock_mhz"], clocks.summary["power_w"]
+        print(f"during do_bench: SM clock median {clock['median']:.0f} MHz (min {clock['min']:.0f}, "
+              f"max {clock['max']:.0f}), power median {power['median']:.0f} W, "
+              f"{clocks.summary['samples']} samples")
     print(f"do_bench median per call: {bench_ms:.3f} ms, {flops / (bench_ms * 1e-3) / 1e12:.1f} "
           "TFLOP/s")
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
