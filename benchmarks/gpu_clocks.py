@@ -15,6 +15,7 @@ missing or prints nothing usable, summary is None and the benchmark runs as befo
 
 from __future__ import annotations
 
+import os
 import statistics
 import subprocess
 from typing import Any
@@ -52,15 +53,22 @@ def summarize(samples: list[tuple[float, float]]) -> dict[str, Any] | None:
     return {"sm_clock_mhz": spread(clocks), "power_w": spread(powers), "samples": len(samples)}
 
 
-def nvidia_smi_id(device: Any = None) -> str:
-    """nvidia-smi's name for torch's CUDA device (default: the current one): its UUID, which,
-    unlike an index, does not depend on CUDA_VISIBLE_DEVICES; index 0 if torch has none."""
-    import torch
+def nvidia_smi_id(device_index: int | None = None) -> str:
+    """nvidia-smi's id of torch's CUDA device `device_index` (default: the current one, 0 if
+    torch has none). nvidia-smi ignores CUDA_VISIBLE_DEVICES: where it is set, its entry for the
+    device (an index or a UUID, both of which nvidia-smi's --id takes) names the GPU."""
+    if device_index is None:
+        import torch
 
-    try:
-        return f"GPU-{torch.cuda.get_device_properties(device).uuid}"
-    except (AttributeError, RuntimeError, AssertionError):
-        return "0"
+        try:
+            device_index = torch.cuda.current_device()
+        except (AssertionError, RuntimeError):
+            device_index = 0
+    visible = [entry.strip() for entry in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")]
+    visible = [entry for entry in visible if entry]
+    if device_index < len(visible):
+        return visible[device_index]
+    return str(device_index)
 
 
 class ClockSampler:

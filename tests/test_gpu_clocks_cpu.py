@@ -16,7 +16,13 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.append(str(REPO_ROOT))
 
 from benchmarks import report  # noqa: E402
-from benchmarks.gpu_clocks import QUERY, ClockSampler, parse_samples, summarize  # noqa: E402
+from benchmarks.gpu_clocks import (  # noqa: E402
+    QUERY,
+    ClockSampler,
+    nvidia_smi_id,
+    parse_samples,
+    summarize,
+)
 
 # How long a test waits for the stand-in nvidia-smi to have printed its samples.
 STAND_IN_TIMEOUT_S = 20.0
@@ -86,3 +92,19 @@ def test_report_shows_the_clocks_of_a_row_and_of_the_dense_rate() -> None:
              "tflops": 700.0}
     assert "SM clock" not in report.dense_line(dense)
     assert "at an SM clock of 1755 MHz" in report.dense_line({**dense, "gpu_clocks": clock})
+
+
+@pytest.mark.parametrize(
+    ("visible", "index", "expected"),
+    [(None, 0, "0"), (None, 2, "2"), ("3,5", 1, "5"), (" 3 , 5 ", 0, "3"),
+     ("GPU-0a1b,GPU-2c3d", 1, "GPU-2c3d"), ("", 1, "1")],
+)
+def test_nvidia_smi_id_follows_cuda_visible_devices(
+    visible: str | None, index: int, expected: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """nvidia-smi numbers every GPU of the machine; torch only the visible ones, in their order."""
+    if visible is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    assert nvidia_smi_id(index) == expected
