@@ -7,7 +7,9 @@ written for flash-attn works by changing the import. Each function is written fr
 not have), so an option declared there reaches every function that takes it, with its
 documentation. A call validates its inputs first (``validation.py``: clear errors, no device
 read) and then calls one registered op (``ops.py``): ``flash_varlen::varlen_fwd`` for the packed
-variable-length layout, ``flash_varlen::fwd`` for the fixed-length layout. Gradients flow through
+variable-length layout, ``flash_varlen::fwd`` for the fixed-length layout, or, where nothing
+observes the op (no tracing, no autograd, no mode: ``ops.op_dispatch_needed``), the op's
+implementation directly, which saves the dispatch layers' host time. Gradients flow through
 those ops' registered backward. The packed variants (``qkv``, ``kv``) pass views, never copies, so
 autograd assembles the gradient of a packed input into one tensor of the packed shape.
 """
@@ -199,16 +201,17 @@ def _attention(
             )
     else:
         validation.check_fixed_inputs(q, k, v, names, arguments)
-    op = getattr(ops, FORWARD_OPS[function.layout].name)
     arguments["softmax_scale"] = validation.resolve_softmax_scale(
         arguments["softmax_scale"], q.shape[-1]
     )
     # Positionally, in the op's order: the dispatcher parses keywords more slowly (about 10 us
     # a call for all of them, bench_host_overhead.py).
     arguments.update(inputs)
-    out, softmax_lse, s_dmask, _ = op(
-        *[arguments.get(name, default) for name, default in _OP_PARAMETERS[function.layout]]
-    )
+    op_arguments = [arguments.get(name, default) for name, default in _OP_PARAMETERS[function.layout]]
+    op_name = FORWARD_OPS[function.layout].name
+    if not ops.op_dispatch_needed(op_arguments):
+        op_name += "_eager"  # the same call without the op's dispatch layers
+    out, softmax_lse, s_dmask, _ = getattr(ops, op_name)(*op_arguments)
     if not values["return_attn_probs"]:
         return out
     # Without dropout there is no pattern to return (the op's s_dmask is then empty): None, as

@@ -110,15 +110,16 @@ def decode_attention(
         "rotary_interleaved": call.rotary_interleaved,
     }
     appends = call.k is not None
-    if torch.compiler.is_compiling():
-        # The registered op (its fake gives the shapes); only a call that appends declares that
-        # it writes the caches (ops.py).
+    tensors = [call.q, call.k_cache, call.v_cache, cache_lengths, *arguments.values()]
+    if ops.op_dispatch_needed(tensors, differentiable=False):
+        # The registered op (while tracing, its fake gives the shapes); only a call that appends
+        # declares that it writes the caches (ops.py).
         kernel = ops.kvcache_append_fwd if appends else ops.kvcache_fwd
         out, softmax_lse, _, _ = kernel(
             call.q, call.k_cache, call.v_cache, cache_lengths, **arguments
         )
         return out, softmax_lse
-    # Eagerly the same call without the op's dispatch layers, which would also have told
+    # Otherwise the same call without the op's dispatch layers, which would also have told
     # autograd that the caches changed: said here, as an in-place torch write would.
     out, softmax_lse, _, _ = ops.kvcache_fwd_eager(
         call.q, call.k_cache, call.v_cache, cache_lengths, **arguments

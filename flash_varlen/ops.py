@@ -9,6 +9,11 @@ implementations give output shapes and dtypes without running anything. Their pa
 each op from its list, so an option declared there reaches the ops, their fakes, the extension
 call and the autograd context without an edit here.
 
+Calls that nothing observes (no tracing, autograd, tensor subclass, Python mode, functorch
+transform or profiler: ``op_dispatch_needed``) run the ops' implementations directly
+(``varlen_fwd_eager``, ``fwd_eager``, ``kvcache_fwd_eager``): the same extension call, without
+the dispatch layers' host time.
+
 Autograd is attached to the forward ops through ``register_autograd``: the forward saves the
 backward op's tensors that the forward has (q, k, v, out, softmax_lse, cu_seqlens, the tensor
 options the backward reads, the dropout RNG state), O(total tokens) and never O(seqlen^2), and
@@ -305,24 +310,61 @@ def _backward_op(layout: Layout) -> Any:
     return op
 
 
-def _forward_op(layout: Layout, backward_op: Any) -> tuple[Any, Callable[..., Outputs]]:
-    """The forward op of ``layout`` with its fake and autograd; returns (op, fake)."""
+def _forward_op(
+    layout: Layout, backward_op: Any
+) -> tuple[Any, Callable[..., Outputs], Callable[..., Outputs]]:
+    """The forward op of ``layout`` with its fake and autograd; returns (op, fake, and the op's
+    implementation alone)."""
     signature = FORWARD_OPS[layout]
     returns = "tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]"
+    implementation = _implementation(signature, returns)
     op = torch.library.custom_op(f"flash_varlen::{signature.name}", mutates_args=(), tags=_RANDOM)(
-        _implementation(signature, returns)
+        implementation
     )
     fake = _function(f"_{signature.name}_fake", signature, _FORWARD_FAKES[layout], returns, None)
     op.register_fake(fake)
     formula = _Autograd(signature, BACKWARD_OPS[layout], backward_op)
     op.register_autograd(formula.backward, setup_context=formula.setup_context)
-    return op, fake
+    return op, fake, implementation
 
 
 varlen_bwd = _backward_op(Layout.VARLEN)
 bwd = _backward_op(Layout.FIXED)
-varlen_fwd, _varlen_fwd_fake = _forward_op(Layout.VARLEN, varlen_bwd)
-fwd, _fwd_fake = _forward_op(Layout.FIXED, bwd)
+# varlen_fwd_eager, fwd_eager: the forward ops' implementations without the dispatch layers, for
+# calls that nothing observes (op_dispatch_needed).
+varlen_fwd, _varlen_fwd_fake, varlen_fwd_eager = _forward_op(Layout.VARLEN, varlen_bwd)
+fwd, _fwd_fake, fwd_eager = _forward_op(Layout.FIXED, bwd)
+
+
+def op_dispatch_needed(arguments: list[Any], differentiable: bool = True) -> bool:
+    """Whether a call with these op arguments must go through its registered op, or may call the
+    op's implementation directly (``*_eager``): the same extension call and outputs, without the
+    dispatch layers of ``torch.library.custom_op``, which took 29 us of a 74 us
+    flash_attn_varlen_func call on the development machine (``benchmarks/bench_host_overhead.py``
+    with its stand-in extension; the implementation alone: 1 us). An eager call pays them on every
+    layer of every step: a decode step of a model that calls the varlen functions, or anything
+    whose GPU work is shorter than its host work.
+
+    The op is needed wherever something observes it: torch.compile or export tracing (its fake
+    gives the shapes), autograd (``differentiable``: a tensor that requires grad under grad
+    mode), a tensor subclass (FakeTensor, DTensor, ...), a Python dispatch or function mode
+    (FakeTensorMode, FlopCounterMode, ...), a functorch transform (vmap, grad), or the profiler
+    (it labels the op's range in the trace)."""
+    if (
+        torch.compiler.is_compiling()
+        or torch._C._len_torch_dispatch_stack() > 0
+        or torch._C._is_torch_function_mode_enabled()
+        or torch._C._functorch.peek_interpreter_stack() is not None
+        or torch.autograd.profiler._is_profiler_enabled
+    ):
+        return True
+    grad = differentiable and torch.is_grad_enabled()
+    for argument in arguments:
+        if isinstance(argument, torch.Tensor) and (
+            type(argument) is not torch.Tensor or (grad and argument.requires_grad)
+        ):
+            return True
+    return False
 
 
 def _kvcache_forward_fake(arguments: Arguments) -> Outputs:
