@@ -53,6 +53,7 @@ from benchmarks.checks import (  # noqa: E402
     max_abs_diff,
     poison_allocator,
 )
+from benchmarks.gpu_clocks import ClockSampler  # noqa: E402
 from benchmarks.impls import (  # noqa: E402
     BACKWARD_IMPL_NAMES,
     DETERMINISTIC_IMPL,
@@ -162,7 +163,10 @@ def _check_and_time_backward(prepare: Callable[[Case], Prepared], case: Case,
             record["note"] = prepared.note
         if not check["passed"]:
             return {"status": "wrong", **record}, grads
-        ms = do_bench(backward, warmup=WARMUP_MS, rep=REP_MS, return_mode="median")
+        with ClockSampler() as clocks:
+            ms = do_bench(backward, warmup=WARMUP_MS, rep=REP_MS, return_mode="median")
+        if clocks.summary is not None:
+            record["gpu_clocks"] = clocks.summary
         return {"status": "ok", "time_ms": ms, "tflops": tflops(flops, ms), **record}, grads
 
 

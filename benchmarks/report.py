@@ -265,17 +265,18 @@ def run_notes(meta: dict[str, Any]) -> list[str]:
     return lines
 
 
-def clock_note(row: dict[str, Any], impls: list[str]) -> str | None:
-    """The median SM clock during each implementation's timing of a row (gpu_clocks.py), or None
-    where nvidia-smi gave none: two rows or two runs compare fairly only at similar clocks."""
+def clock_note(label: str, results: dict[str, Any], impls: list[str]) -> str | None:
+    """The median SM clock during each implementation's timing (gpu_clocks.py) of the results
+    of one row (and direction), or None where nvidia-smi gave none: two rows or two runs compare
+    fairly only at similar clocks."""
     cells = []
     for impl in impls:
-        clock = row["results"].get(impl, {}).get("gpu_clocks")
+        clock = (results.get(impl) or {}).get("gpu_clocks")
         if clock:
             cells.append(f"{impl} {clock['sm_clock_mhz']['median']:.0f}")
     if not cells:
         return None
-    return f"{row_label(row)} SM clock while timed (median MHz): " + ", ".join(cells)
+    return f"{label} SM clock while timed (median MHz): " + ", ".join(cells)
 
 
 def notes(rows: list[dict[str, Any]], impls: list[str]) -> list[str]:
@@ -288,13 +289,15 @@ def notes(rows: list[dict[str, Any]], impls: list[str]) -> list[str]:
                                 _forward_wrong_detail)
             if line is not None:
                 lines.append(line)
-    lines.extend(line for line in (clock_note(row, impls) for row in rows) if line is not None)
+    clocks = (clock_note(row_label(row), row["results"], impls) for row in rows)
+    lines.extend(line for line in clocks if line is not None)
     return lines
 
 
 def backward_notes(rows: list[dict[str, Any]], impls: list[str]) -> list[str]:
     """notes() for backward rows: a line per direction for n/a and WRONG, and a `*` note once
-    per implementation (it describes the set-up, which both directions share)."""
+    per implementation (it describes the set-up, which both directions share); then each row's
+    clocks per direction (clock_note)."""
     wrong_details = {"forward": _forward_wrong_detail, "backward": _backward_wrong_detail}
     lines = []
     for row in rows:
@@ -310,6 +313,11 @@ def backward_notes(rows: list[dict[str, Any]], impls: list[str]) -> list[str]:
                 elif result.get("note") and not noted:
                     lines.append(f"{row_label(row)} {impl}*: {result['note']}")
                     noted = True
+    for row in rows:
+        for direction in DIRECTIONS:
+            line = clock_note(f"{row_label(row)} {direction}", row[direction]["results"], impls)
+            if line is not None:
+                lines.append(line)
     return lines
 
 

@@ -85,9 +85,17 @@ def test_report_shows_the_clocks_of_a_row_and_of_the_dense_rate() -> None:
     row = {"workload": "docs", "layout": "mha", "causal": True,
            "results": {"ours": {"status": "ok", "tflops": 500.0, "gpu_clocks": clock},
                        "fa4": {"status": "ok", "tflops": 510.0}}}
-    assert report.clock_note(row, ["ours", "fa4"]) == (
+    assert report.clock_note("docs/mha/causal", row["results"], ["ours", "fa4"]) == (
         "docs/mha/causal SM clock while timed (median MHz): ours 1755")
-    assert report.clock_note({**row, "results": {"fa4": {"status": "ok"}}}, ["fa4"]) is None
+    assert report.clock_note("docs/mha/causal", {"fa4": {"status": "ok"}}, ["fa4"]) is None
+    assert report.notes([row], ["ours", "fa4"]) == [
+        "docs/mha/causal SM clock while timed (median MHz): ours 1755"]
+    backward_row = {**row, "forward": {"results": row["results"]},
+                    "backward": {"results": {"ours": {"status": "ok", "gpu_clocks": clock}}}}
+    assert report.backward_notes([backward_row], ["ours"]) == [
+        "docs/mha/causal forward SM clock while timed (median MHz): ours 1755",
+        "docs/mha/causal backward SM clock while timed (median MHz): ours 1755",
+    ]
     dense = {"op": "torch.mm", "dtype": "bfloat16", "m_n_k": [8, 8, 8], "time_ms": 1.0,
              "tflops": 700.0}
     assert "SM clock" not in report.dense_line(dense)
