@@ -367,7 +367,6 @@ struct FlashFwdRowBlock {
         const int batch = tile.coordinates.batch;
         const int thread = threadIdx.x - kThreadsPerWarpgroup;  // among the consumer threads
         typename Traits::TiledMmaPV tiled_mma_pv;
-        auto thr_mma_pv = tiled_mma_pv.get_thread_slice(thread);
         Tensor acc_o = partition_fragment_C(
             tiled_mma_pv, select<0, 1>(typename Traits::TileShapePV{}));  // ((2, 2, D/8), 1, 1)
         Softmax softmax;
