@@ -207,7 +207,9 @@ def _attention(
     # Positionally, in the op's order: the dispatcher parses keywords more slowly (about 10 us
     # a call for all of them, bench_host_overhead.py).
     arguments.update(inputs)
-    op_arguments = [arguments.get(name, default) for name, default in _OP_PARAMETERS[function.layout]]
+    op_arguments = [
+        arguments.get(name, default) for name, default in _OP_PARAMETERS[function.layout]
+    ]
     op_name = FORWARD_OPS[function.layout].name
     if not ops.op_dispatch_needed(op_arguments):
         op_name += "_eager"  # the same call without the op's dispatch layers

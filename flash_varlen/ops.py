@@ -345,8 +345,8 @@ def op_dispatch_needed(arguments: list[Any], differentiable: bool = True) -> boo
     layer of every step: a decode step of a model that calls the varlen functions, or anything
     whose GPU work is shorter than its host work.
 
-    The op is needed wherever something observes it: torch.compile or export tracing (its fake
-    gives the shapes), autograd (``differentiable``: a tensor that requires grad under grad
+    The op is needed wherever something observes it: torch.compile, export or torch.jit.trace
+    tracing (the op is what a trace records; its fake gives the shapes), autograd (``differentiable``: a tensor that requires grad under grad
     mode), a tensor subclass (FakeTensor, DTensor, ...), a Python dispatch or function mode
     (FakeTensorMode, FlopCounterMode, ...), a functorch transform (vmap, grad), or the profiler
     (it labels the op's range in the trace)."""
@@ -356,6 +356,7 @@ def op_dispatch_needed(arguments: list[Any], differentiable: bool = True) -> boo
         or torch._C._is_torch_function_mode_enabled()
         or torch._C._functorch.peek_interpreter_stack() is not None
         or torch.autograd.profiler._is_profiler_enabled
+        or torch._C._get_tracing_state() is not None
     ):
         return True
     grad = differentiable and torch.is_grad_enabled()

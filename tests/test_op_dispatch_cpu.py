@@ -81,6 +81,19 @@ def test_functorch_transforms_need_the_op(plain: list[torch.Tensor]) -> None:
     assert seen == [True]
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace` is deprecated")
+def test_a_torch_jit_trace_needs_the_op(plain: list[torch.Tensor]) -> None:
+    seen = []
+
+    def body(x: torch.Tensor) -> torch.Tensor:
+        seen.append(ops.op_dispatch_needed([x, plain[1]]))
+        return x * 2
+
+    torch.jit.trace(body, (torch.zeros(3),), check_trace=False)
+    assert seen == [True]
+    assert not ops.op_dispatch_needed(plain)
+
+
 @pytest.mark.filterwarnings("ignore:Warning. Profiler clears events")
 def test_the_profiler_needs_the_op(plain: list[torch.Tensor]) -> None:
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]):
