@@ -336,6 +336,28 @@ varlen_fwd, _varlen_fwd_fake, varlen_fwd_eager = _forward_op(Layout.VARLEN, varl
 fwd, _fwd_fake, fwd_eager = _forward_op(Layout.FIXED, bwd)
 
 
+def _torch_has(path: str) -> bool:
+    """Whether torch has the (possibly private) attribute at dotted ``path`` below ``torch``."""
+    target: Any = torch
+    for name in path.split("."):
+        if not hasattr(target, name):
+            return False
+        target = getattr(target, name)
+    return True
+
+
+# The private state op_dispatch_needed reads (present in the torch versions setup.TORCH_RANGE
+# admits). A torch without one of them gets the registered op for every call: slower, never wrong.
+_OBSERVER_CHECKS = (
+    "_C._len_torch_dispatch_stack",
+    "_C._is_torch_function_mode_enabled",
+    "_C._functorch.peek_interpreter_stack",
+    "autograd.profiler._is_profiler_enabled",
+    "_C._get_tracing_state",
+)
+_CAN_TELL_OBSERVERS = all(_torch_has(path) for path in _OBSERVER_CHECKS)
+
+
 def op_dispatch_needed(arguments: list[Any], differentiable: bool = True) -> bool:
     """Whether a call with these op arguments must go through its registered op, or may call the
     op's implementation directly (``*_eager``): the same extension call and outputs, without the
@@ -351,7 +373,8 @@ def op_dispatch_needed(arguments: list[Any], differentiable: bool = True) -> boo
     (FakeTensorMode, FlopCounterMode, ...), a functorch transform (vmap, grad), or the profiler
     (it labels the op's range in the trace)."""
     if (
-        torch.compiler.is_compiling()
+        not _CAN_TELL_OBSERVERS
+        or torch.compiler.is_compiling()
         or torch._C._len_torch_dispatch_stack() > 0
         or torch._C._is_torch_function_mode_enabled()
         or torch._C._functorch.peek_interpreter_stack() is not None

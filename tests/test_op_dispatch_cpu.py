@@ -31,6 +31,20 @@ def test_plain_tensors_without_autograd_skip_the_op(plain: list[torch.Tensor]) -
     assert not ops.op_dispatch_needed([*plain, None, 3, 0.5, True])
 
 
+def test_this_torch_has_what_the_check_reads() -> None:
+    """Else every call takes the op (correct, but the saving is gone): a torch upgrade that
+    removes one of these private attributes shows here."""
+    missing = [path for path in ops._OBSERVER_CHECKS if not ops._torch_has(path)]
+    assert missing == []
+
+
+def test_a_torch_without_the_checks_always_takes_the_op(
+    plain: list[torch.Tensor], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ops, "_CAN_TELL_OBSERVERS", False)
+    assert ops.op_dispatch_needed(plain)
+
+
 def test_a_tensor_that_requires_grad_needs_the_op_under_grad_mode_only(
     plain: list[torch.Tensor],
 ) -> None:
