@@ -361,11 +361,11 @@ _CAN_TELL_OBSERVERS = all(_torch_has(path) for path in _OBSERVER_CHECKS)
 def op_dispatch_needed(arguments: list[Any], differentiable: bool = True) -> bool:
     """Whether a call with these op arguments must go through its registered op, or may call the
     op's implementation directly (``*_eager``): the same extension call and outputs, without the
-    dispatch layers of ``torch.library.custom_op``, which took 29 us of a 74 us
-    flash_attn_varlen_func call on the development machine (``benchmarks/bench_host_overhead.py``
-    with its stand-in extension; the implementation alone: 1 us). An eager call pays them on every
-    layer of every step: a decode step of a model that calls the varlen functions, or anything
-    whose GPU work is shorter than its host work.
+    dispatch layers of ``torch.library.custom_op``: a flash_attn_varlen_func call took 44.2 us of
+    host time through the op and 29.8 us without (``benchmarks/bench_host_overhead.py`` with its
+    stand-in extension, idle development machine). An eager call pays them on every layer of
+    every step: a decode step of a model that calls the varlen functions, or anything whose GPU
+    work is shorter than its host work.
 
     The op is needed wherever something observes it: torch.compile, export or torch.jit.trace
     tracing (the op is what a trace records; its fake gives the shapes), autograd (``differentiable``: a tensor that requires grad under grad
