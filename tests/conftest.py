@@ -1,10 +1,19 @@
-"""Test configuration shared by every test file: the ``gpu`` marker, and what a run under a forced
-kernel family skips."""
+"""Test configuration shared by every test file: the ``gpu`` marker, what a run under a forced
+kernel family skips, and the repository root on sys.path for ``benchmarks`` (not installed with
+the package)."""
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+
+# Appended, not prepended: `benchmarks` becomes importable while an installed flash_varlen (CI
+# tests the installed wheel) still wins over the checkout's.
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.append(str(REPO_ROOT))
 
 FAMILY_OVERRIDE = "FLASH_VARLEN_KERNEL_FAMILY"
 # How dispatch (csrc/bindings/dispatch.cpp) says that a family lacks an option of the call.

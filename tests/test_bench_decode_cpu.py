@@ -5,15 +5,8 @@ caches of every request; the table shows the eager and the CUDA-graph timing of 
 side (their difference is the host's share of a call).
 """
 
-import sys
-from pathlib import Path
 
-# benchmarks/ is not installed with the package: import it from the source tree.
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.append(str(REPO_ROOT))
-
-from benchmarks.bench_decode import HEAD_DIM, NHEADS_K, kv_bytes, table  # noqa: E402
+from benchmarks.bench_decode import HEAD_DIM, NHEADS_K, kv_bytes, table
 
 
 def test_kv_bytes_counts_keys_and_values_of_every_request():

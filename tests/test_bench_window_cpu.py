@@ -5,17 +5,10 @@ flash_varlen.reference.visible_keys, the mask the kernels are tested against, so
 TFLOP/s and ideal ratios the benchmark reports count exactly the pairs the kernels compute.
 """
 
-import sys
-from pathlib import Path
 
 import pytest
 
-# benchmarks/ is not installed with the package: import it from the source tree.
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.append(str(REPO_ROOT))
-
-from benchmarks.bench_window import (  # noqa: E402
+from benchmarks.bench_window import (
     DEFAULT_WINDOWS,
     DIRECTIONS,
     UNBOUNDED,
@@ -27,8 +20,8 @@ from benchmarks.bench_window import (  # noqa: E402
     visible_pairs,
     window_list,
 )
-from benchmarks.workloads import unmasked_pairs  # noqa: E402
-from flash_varlen import reference  # noqa: E402
+from benchmarks.workloads import unmasked_pairs
+from flash_varlen import reference
 
 # Lengths around the edge cases: empty, one token, a window exactly as long as the sequence
 # (left = seqlen - 1), and lengths that are not multiples of anything.

@@ -3,18 +3,11 @@ writes a PNG when matplotlib is installed."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-# Appended, not prepended: `benchmarks` becomes importable while an installed flash_varlen (CI
-# tests the installed wheel) still wins over the checkout's.
-if str(REPO_ROOT) not in sys.path:
-    sys.path.append(str(REPO_ROOT))
-
-from benchmarks import chart  # noqa: E402
+from benchmarks import chart
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -4,19 +4,13 @@ without nvidia-smi, and the report lines that show the clocks."""
 
 import os
 import stat
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-# benchmarks/ is not installed with the package: import it from the source tree.
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.append(str(REPO_ROOT))
-
-from benchmarks import report  # noqa: E402
-from benchmarks.gpu_clocks import (  # noqa: E402
+from benchmarks import report
+from benchmarks.gpu_clocks import (
     QUERY,
     ClockSampler,
     nvidia_smi_id,
@@ -55,7 +49,9 @@ def write_stand_in(folder: Path, lines: list[str]) -> Path:
     return printed
 
 
-def test_sampler_reads_a_running_nvidia_smi(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_sampler_reads_a_running_nvidia_smi(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     printed = write_stand_in(tmp_path, ["1755, 650", "1745, 640", "[N/A], [N/A]", "1765, 660"])
     monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
     with ClockSampler(period_ms=5, gpu="GPU-test") as clocks:

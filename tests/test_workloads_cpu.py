@@ -6,12 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-# benchmarks/ is not installed with the package: import it from the source tree.
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.append(str(REPO_ROOT))
-
-from benchmarks.workloads import (  # noqa: E402
+from benchmarks.workloads import (
     HEAD_LAYOUTS,
     TARGET_LAYOUT_WORKLOADS,
     HeadLayout,
