@@ -9,6 +9,10 @@ the benchmark's (benchmarks/workloads.py: the same lengths, heads and dtype);
 FLASH_VARLEN_KERNEL_FAMILY picks the family as everywhere else. Prints the median time of the
 calls, so that a run without a profiler says what one call costs.
 
+`--impl fa4` makes the same calls through FlashAttention-4 (benchmarks/impls.py's peer; its kernel
+is named `regex:flash_fwd|FlashAttention` for ncu's filter), so that the two kernels' profiles on one
+workload can be set side by side.
+
 `--breakdown` (no outside profiler) says where a call's time goes: the calls back to back as
 benchmarks/bench_forward.py times them (triton.testing.do_bench: L2 flushed before each, no
 host sync between), each GPU kernel's time per call under torch.profiler, and the SM clock and
@@ -27,6 +31,7 @@ import torch
 
 sys.path.append(str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.impls import FA4_IMPL, Case, prepare_fa4  # noqa: E402
 from benchmarks.workloads import HEAD_LAYOUTS, WORKLOAD_NAMES, make_workload  # noqa: E402
 from flash_varlen import flash_attn_varlen_func  # noqa: E402
 
@@ -41,6 +46,8 @@ def main() -> int:
     parser.add_argument("--layout", choices=sorted(HEAD_LAYOUTS), default="mha")
     parser.add_argument("--causal", action="store_true")
     parser.add_argument("--calls", type=int, default=DEFAULT_CALLS)
+    parser.add_argument("--impl", choices=("ours", FA4_IMPL), default="ours",
+                        help="whose forward to call (fa4: FlashAttention-4, if it imports)")
     parser.add_argument("--breakdown", action="store_true",
                         help="also time the calls as the benchmark does and list their kernels")
     args = parser.parse_args()
@@ -60,6 +67,9 @@ def main() -> int:
         flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, workload.max_seqlen,
                                workload.max_seqlen, causal=args.causal)
 
+    if args.impl == FA4_IMPL:
+        call = prepare_fa4(Case(workload, layout, args.causal, q, k, v, cu_seqlens)).run
+
     flops = workload.forward_flops(layout, args.causal)
     times = []
     for _ in range(args.calls):
@@ -70,7 +80,7 @@ def main() -> int:
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
     median = sorted(times)[len(times) // 2]
-    print(f"{args.workload} {args.layout} causal={args.causal}: median {median:.3f} ms over "
+    print(f"{args.impl}: {args.workload} {args.layout} causal={args.causal}: median {median:.3f} ms over "
           f"{args.calls} calls, {flops / (median * 1e-3) / 1e12:.1f} TFLOP/s")
     if args.breakdown:
         print_breakdown(call, flops)

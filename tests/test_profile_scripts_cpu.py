@@ -23,9 +23,10 @@ def run(script: str, *arguments: str) -> subprocess.CompletedProcess:
     [
         ("profile_forward.py", "--workload", "short", "--layout", "gqa", "--causal"),
         ("profile_forward.py", "--workload", "equal2k", "--breakdown"),
+        ("profile_forward.py", "--workload", "short", "--impl", "fa4"),
         ("profile_decode_host.py", "--batch", "4", "--length", "100", "--page-size", "16"),
     ],
-    ids=["forward", "forward_breakdown", "decode"],
+    ids=["forward", "forward_breakdown", "forward_fa4", "decode"],
 )
 def test_without_a_gpu_they_say_so_and_exit_2(command: tuple[str, ...]) -> None:
     result = run(*command)
@@ -37,3 +38,9 @@ def test_an_unknown_workload_is_refused() -> None:
     result = run("profile_forward.py", "--workload", "long")
     assert result.returncode == 2
     assert "invalid choice: 'long'" in result.stderr
+
+
+def test_an_unknown_implementation_is_refused() -> None:
+    result = run("profile_forward.py", "--impl", "fa3")
+    assert result.returncode == 2
+    assert "invalid choice: 'fa3'" in result.stderr
