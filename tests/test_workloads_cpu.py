@@ -18,6 +18,17 @@ from benchmarks.workloads import (
     make_workload,
 )
 
+
+@pytest.fixture(autouse=True)
+def no_clock_sampling(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The benchmark rows here run on CPU stand-ins; on a machine with nvidia-smi the real
+    sampler would add clock notes for a GPU these rows never used (test_gpu_clocks_cpu.py tests
+    the sampler itself)."""
+    from benchmarks.gpu_clocks import ClockSampler
+
+    monkeypatch.setattr(ClockSampler, "__enter__", lambda sampler: sampler)
+
+
 # What seed 0 gives, recorded once: a change here means benchmark numbers no longer compare.
 EXPECTED_NUM_SEQUENCES = {"docs": 26, "short": 115, "equal2k": 16, "skewed": 259}
 EXPECTED_SKEWED_PREFIX = (16_384, 45, 48, 118, 65)
