@@ -2,7 +2,7 @@
 
     python benchmarks/bench_backward.py --out results.json
         [--workloads docs,short,equal2k,skewed] [--layouts mha,gqa,mha_32x64,mha_8x256]
-        [--causal both|on|off] [--impl ours,ours_det,varlen_attn,flex]
+        [--causal both|on|off] [--impl ours,ours_det,varlen_attn,flex,fa4,fa4_det]
 
 For every workload x head layout x causal row (the rows of targets.md by default, as in
 bench_forward.py; --layouts measures the named layouts on every selected workload): fresh bf16
@@ -13,7 +13,8 @@ backward calls on a NaN-poisoned allocator (dq, dk, dv against the reference; th
 bitwise), and only if those pass, the median time of
 `torch.autograd.grad(out, inputs, dout, retain_graph=True)` under triton.testing.do_bench.
 `ours_det` is ours with deterministic=True: backward only (its forward is ours'), and its
-gradients must be bitwise reproducible. Writes the JSON to --out, a Markdown table next to it
+gradients must be bitwise reproducible; `fa4` is FlashAttention-4 (skipped with a note when it
+does not import) and `fa4_det` its deterministic backward, likewise. Writes the JSON to --out, a Markdown table next to it
 (same stem, .md) and prints the table. Needs a CUDA GPU.
 """
 
@@ -57,11 +58,17 @@ from benchmarks.gpu_clocks import ClockSampler  # noqa: E402
 from benchmarks.impls import (  # noqa: E402
     BACKWARD_IMPL_NAMES,
     DETERMINISTIC_IMPL,
+    DETERMINISTIC_VARIANT_OF,
+    FA4_DETERMINISTIC_IMPL,
+    FA4_IMPL,
+    FA4_MODULE,
     IMPL_NAMES,
     Case,
     FlexRunner,
     Prepared,
     environment_set,
+    fa4_import_error,
+    prepare_fa4_deterministic,
     prepare_ours_deterministic,
 )
 
@@ -74,7 +81,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = bench_forward.build_parser(
         "Backward (and forward) attention TFLOP/s of flash_varlen and its peers on the fixed "
         f"workloads of targets.md (needs a CUDA GPU). {DETERMINISTIC_IMPL} is ours with "
-        "deterministic=True, timed for the backward only.",
+        f"deterministic=True, timed for the backward only; {FA4_IMPL} is FlashAttention-4 "
+        f"({FA4_MODULE}, skipped with a note when it does not import), {FA4_DETERMINISTIC_IMPL} "
+        "its deterministic backward.",
         BACKWARD_IMPL_NAMES,
     )
     return parser.parse_args(argv)
@@ -93,7 +102,8 @@ def run_metadata(argv: list[str]) -> dict[str, Any]:
 def backward_preparers(flex: FlexRunner) -> dict[str, Callable[[Case], Prepared]]:
     """How to set up each implementation of BACKWARD_IMPL_NAMES."""
     return {**bench_forward.forward_preparers(flex),
-            DETERMINISTIC_IMPL: prepare_ours_deterministic}
+            DETERMINISTIC_IMPL: prepare_ours_deterministic,
+            FA4_DETERMINISTIC_IMPL: prepare_fa4_deterministic}
 
 
 def make_dout(case: Case) -> torch.Tensor:
@@ -204,7 +214,7 @@ def backward_results(case: Case, impls: list[str],
     ours_grads = None
     for impl in impls:
         result, grads = measure_backward(preparers[impl], grad_case, dout, reference, flops,
-                                         require_repeatable=impl == DETERMINISTIC_IMPL)
+                                         require_repeatable=impl in DETERMINISTIC_VARIANT_OF)
         if impl == "ours":
             ours_grads = grads
         elif grads is not None and ours_grads is not None:
@@ -250,6 +260,19 @@ def bench_row(case: Case, impls: list[str],
     }
 
 
+def without_missing_fa4(impls: list[str], meta: dict[str, Any]) -> list[str]:
+    """`impls` without FA4's columns when FlashAttention-4 does not import; the reason goes into
+    meta["skipped"] and onto stderr (a missing peer must not stop the benchmark)."""
+    fa4_impls = [impl for impl in impls if impl in (FA4_IMPL, FA4_DETERMINISTIC_IMPL)]
+    if not fa4_impls or (error := fa4_import_error()) is None:
+        return impls
+    reason = f"{FA4_MODULE} does not import ({bench_forward.failure_reason(error)})"
+    meta["skipped"] = {impl: reason for impl in fa4_impls}
+    for impl in fa4_impls:
+        print(f"{impl} skipped: {reason}", file=sys.stderr)
+    return [impl for impl in impls if impl not in fa4_impls]
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
@@ -258,19 +281,20 @@ def main(argv: list[str] | None = None) -> int:
               "this benchmark runs only on the GPU machine.", file=sys.stderr)
         return EXIT_NO_GPU
     meta = run_metadata(argv)
+    impls = without_missing_fa4(args.impl, meta)
     preparers = backward_preparers(FlexRunner())
     rows = []
     for case in row_cases(args):
-        row = bench_row(case, args.impl, preparers)
+        row = bench_row(case, impls, preparers)
         del case  # free this row's inputs before the next row allocates its own
         torch.cuda.empty_cache()
         rows.append(row)
-        print(report.backward_progress_line(row, args.impl), file=sys.stderr, flush=True)
-    markdown_path = report.write_backward_outputs(args.out, meta, rows, args.impl)
+        print(report.backward_progress_line(row, impls), file=sys.stderr, flush=True)
+    markdown_path = report.write_backward_outputs(args.out, meta, rows, impls)
     print(chart.chart_beside(args.out, meta, rows))
-    header, body = report.backward_table(rows, args.impl)
+    header, body = report.backward_table(rows, impls)
     print(report.format_text(header, body))
-    for line in report.backward_notes(rows, args.impl):
+    for line in report.run_notes(meta) + report.backward_notes(rows, impls):
         print(line)
     print(f"wrote {args.out} and {markdown_path}")
     return 0

@@ -25,6 +25,7 @@ IMPL_STYLE = {
     "varlen_attn": ("PyTorch varlen_attn", "#ff7f0e"),
     "flex": ("FlexAttention", "#2ca02c"),
     "fa4": ("FlashAttention-4", "#d62728"),
+    "fa4_det": ("FlashAttention-4 deterministic", "#ff9896"),
 }
 FIGURE_WIDTH_PER_ROW = 0.9  # inches per group of bars
 FIGURE_HEIGHT_PER_PANEL = 3.2

@@ -35,9 +35,15 @@ FA4_MODULE = "flash_attn.cute"
 FAMILY_OVERRIDE_VARIABLE = "FLASH_VARLEN_KERNEL_FAMILY"
 # The --families entry for flash_varlen's own per-call choice (the variable left as it is).
 AUTO_FAMILY = "auto"
-# The backward benchmark also times ours with deterministic=True (bitwise reproducible dq).
+# The backward benchmark also times ours with deterministic=True (bitwise reproducible dq), and
+# FA4 likewise (its `deterministic` flag).
 DETERMINISTIC_IMPL = "ours_det"
-BACKWARD_IMPL_NAMES = ("ours", DETERMINISTIC_IMPL, "varlen_attn", "flex")
+FA4_DETERMINISTIC_IMPL = "fa4_det"
+BACKWARD_IMPL_NAMES = ("ours", DETERMINISTIC_IMPL, "varlen_attn", "flex", FA4_IMPL,
+                       FA4_DETERMINISTIC_IMPL)
+# Backward-only columns: the deterministic variant of an implementation (whose forward is the
+# same call) -> that implementation. Their gradients must also be bitwise reproducible.
+DETERMINISTIC_VARIANT_OF = {DETERMINISTIC_IMPL: "ours", FA4_DETERMINISTIC_IMPL: FA4_IMPL}
 
 # FlexAttention compiles once per (causal, layout); the default limit of 8 could be reached by a
 # full run and would silently fall back to the eager path, which materializes all scores.
@@ -195,9 +201,10 @@ def _output_of(result: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:
     return result[0] if isinstance(result, tuple) else result
 
 
-def prepare_fa4(case: Case) -> Prepared:
+def prepare_fa4(case: Case, deterministic: bool = False) -> Prepared:
     """FlashAttention-4's flash_attn_varlen_func on the packed layout (native GQA). It compiles
-    each configuration at its first call, which the benchmarks' warm-up call absorbs."""
+    each configuration at its first call, which the benchmarks' warm-up call absorbs.
+    `deterministic` is FA4's flag of the same name (it changes only the backward)."""
     fa4 = importlib.import_module(FA4_MODULE)
     max_seqlen = case.workload.max_seqlen
 
@@ -205,10 +212,15 @@ def prepare_fa4(case: Case) -> Prepared:
         return _output_of(fa4.flash_attn_varlen_func(
             case.q, case.k, case.v, cu_seqlens_q=case.cu_seqlens, cu_seqlens_k=case.cu_seqlens,
             max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen, softmax_scale=case.scale,
-            causal=case.causal,
+            causal=case.causal, deterministic=deterministic,
         ))
 
     return Prepared(run, inputs=(case.q, case.k, case.v))
+
+
+def prepare_fa4_deterministic(case: Case) -> Prepared:
+    """prepare_fa4 with deterministic=True."""
+    return prepare_fa4(case, deterministic=True)
 
 
 def _document_mask_mod(doc_id: torch.Tensor, causal: bool) -> Callable:

@@ -15,14 +15,24 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from benchmarks.impls import DETERMINISTIC_IMPL, FA4_IMPL, FAMILY_OVERRIDE_VARIABLE
+from benchmarks.impls import (
+    DETERMINISTIC_IMPL,
+    DETERMINISTIC_VARIANT_OF,
+    FA4_DETERMINISTIC_IMPL,
+    FA4_IMPL,
+    FAMILY_OVERRIDE_VARIABLE,
+)
 
 # The peers; every other implementation of a forward run is ours (one per kernel family).
 RATIO_PEERS = ("varlen_attn", "flex", FA4_IMPL)
 # (numerator, denominator) of the TFLOP/s ratios: how ours compares with each peer, and (backward
 # only) what bitwise reproducible dq costs.
 FORWARD_RATIO_PAIRS = tuple(("ours", peer) for peer in RATIO_PEERS)
-BACKWARD_RATIO_PAIRS = (*FORWARD_RATIO_PAIRS, (DETERMINISTIC_IMPL, "ours"))
+# Backward: ours against each peer, each deterministic backward against its own default one
+# (targets.md: ours_det at most 1.15 x ours' time), and the two deterministic backwards.
+BACKWARD_RATIO_PAIRS = (*FORWARD_RATIO_PAIRS,
+                        *((variant, base) for variant, base in DETERMINISTIC_VARIANT_OF.items()),
+                        (DETERMINISTIC_IMPL, FA4_DETERMINISTIC_IMPL))
 DIRECTIONS = ("forward", "backward")
 MISSING_CELL = "-"  # not measured in this direction (ours_det's forward) or ratio not available
 # The status of an implementation that raised NotImplementedError (it does not serve the case,
@@ -59,7 +69,8 @@ BACKWARD_METHOD = (
     "the forward benchmark; backward timed alone: torch.autograd.grad(out, (q, k, v), dout, "
     "retain_graph=True) on one forward's graph, dout = seeded randn. Every output and every "
     "gradient (dq, dk, dv) checked against a float64 reference before timing. ours_det is ours "
-    "with deterministic=True (backward only; its dq must be bitwise reproducible)."
+    "with deterministic=True, fa4_det FlashAttention-4 with deterministic=True (backward only; "
+    "their gradients must be bitwise reproducible)."
 )
 
 
@@ -378,6 +389,6 @@ def write_backward_outputs(path: Path, meta: dict[str, Any], rows: list[dict[str
                            impls: list[str]) -> Path:
     """Writes the JSON of a backward run to `path` and the Markdown table next to it (.md)."""
     header, body = backward_table(rows, impls)
-    markdown = format_markdown(meta, header, body, backward_notes(rows, impls),
+    markdown = format_markdown(meta, header, body, run_notes(meta) + backward_notes(rows, impls),
                                title=BACKWARD_TITLE, method=BACKWARD_METHOD)
     return _write(path, meta, rows, markdown)

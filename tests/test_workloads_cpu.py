@@ -470,10 +470,13 @@ def _family_preparer(family: str, serves: bool):
 
 def _fake_fa4(returns_lse: bool, error: float = 0.0) -> types.SimpleNamespace:
     """A stand-in for flash_attn.cute: the float32 reference (plus `error`), returned as out or
-    (out, lse); it checks that the call passes the packed batch as FA4's keywords."""
+    (out, lse); it checks that the call passes the packed batch as FA4's keywords and records
+    each call's `deterministic` in `deterministic_calls`."""
+    deterministic_calls: list[bool] = []
 
     def flash_attn_varlen_func(q, k, v, *, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                               max_seqlen_k, softmax_scale, causal):
+                               max_seqlen_k, softmax_scale, causal, deterministic):
+        deterministic_calls.append(deterministic)
         assert torch.equal(cu_seqlens_q, cu_seqlens_k)
         lengths = tuple(cu_seqlens_q.diff().tolist())
         assert max_seqlen_q == max_seqlen_k == max(lengths)
@@ -481,7 +484,8 @@ def _fake_fa4(returns_lse: bool, error: float = 0.0) -> types.SimpleNamespace:
         out = (out + error).to(q.dtype)
         return (out, torch.zeros(q.shape[1], q.shape[0])) if returns_lse else out
 
-    return types.SimpleNamespace(flash_attn_varlen_func=flash_attn_varlen_func)
+    return types.SimpleNamespace(flash_attn_varlen_func=flash_attn_varlen_func,
+                                 deterministic_calls=deterministic_calls)
 
 
 @pytest.mark.parametrize("returns_lse", [False, True])
@@ -539,6 +543,49 @@ def test_fa4_import_error(monkeypatch: pytest.MonkeyPatch) -> None:
     assert impls.fa4_import_error() is None
     monkeypatch.setitem(sys.modules, impls.FA4_MODULE, None)  # what a missing module raises
     assert isinstance(impls.fa4_import_error(), ImportError)
+
+
+def test_backward_row_with_fa4_and_its_deterministic_backward(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(triton.testing, "do_bench", _fake_do_bench)
+    fake = _fake_fa4(returns_lse=True)
+    monkeypatch.setitem(sys.modules, impls.FA4_MODULE, fake)
+    names = ["ours", "ours_det", "fa4", "fa4_det"]
+    preparers = {"ours": _plain_preparer(), "ours_det": _plain_preparer(),
+                 "fa4": impls.prepare_fa4, "fa4_det": impls.prepare_fa4_deterministic}
+    row = bench_backward.bench_row(_tiny_case(causal=True), names, preparers)
+
+    forward, backward = row["forward"]["results"], row["backward"]["results"]
+    assert set(forward) == {"ours", "fa4"}  # the deterministic columns time no forward
+    assert forward["fa4"]["status"] == "ok"
+    assert [backward[name]["status"] for name in names] == ["ok"] * 4
+    det = backward["fa4_det"]
+    assert det["check"]["repeatable_required"] and det["check"]["bitwise_repeatable"]
+    assert not backward["fa4"]["check"]["repeatable_required"]
+    # The fa4_det calls pass deterministic=True (FA4's flag changes only its backward).
+    assert True in fake.deterministic_calls and False in fake.deterministic_calls
+    ratios = row["backward"]["ratios"]
+    assert {"ours/fa4", "fa4_det/fa4", "ours_det/fa4_det", "ours_det/ours"} <= set(ratios)
+    assert ratios["fa4_det/fa4"] == pytest.approx(1.0)
+    header, _ = report.backward_table([row], names)
+    assert header[-4:] == ["bwd ours/fa4", "bwd ours_det/ours", "bwd fa4_det/fa4",
+                           "bwd ours_det/fa4_det"]
+
+
+def test_backward_benchmark_drops_fa4_columns_when_fa4_does_not_import(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    meta: dict = {}
+    monkeypatch.setitem(sys.modules, impls.FA4_MODULE, None)  # what a missing module raises
+    kept = bench_backward.without_missing_fa4(["ours", "fa4", "ours_det", "fa4_det"], meta)
+    assert kept == ["ours", "ours_det"]
+    assert set(meta["skipped"]) == {"fa4", "fa4_det"}
+    assert "does not import" in meta["skipped"]["fa4_det"]
+    assert report.run_notes(meta)[0].startswith("fa4 skipped: flash_attn.cute does not import")
+
+    monkeypatch.setitem(sys.modules, impls.FA4_MODULE, _fake_fa4(returns_lse=False))
+    meta = {}
+    assert bench_backward.without_missing_fa4(["ours", "fa4_det"], meta) == ["ours", "fa4_det"]
+    assert meta == {}
 
 
 def _fa4_row(workload: str, fa4: dict) -> dict:
