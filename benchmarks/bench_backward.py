@@ -10,8 +10,9 @@ randn q/k/v and output gradient dout, one float64 reference for the output and t
 implementation, the forward exactly as bench_forward.py measures it (checked, then timed), then
 the backward alone: one forward with q/k/v requiring grad, a warm-up backward, two checked
 backward calls on a NaN-poisoned allocator (dq, dk, dv against the reference; the two compared
-bitwise), and only if those pass, the median time of
-`torch.autograd.grad(out, inputs, dout, retain_graph=True)` under triton.testing.do_bench.
+bitwise); then the implementations that passed have
+`torch.autograd.grad(out, inputs, dout, retain_graph=True)` timed under triton.testing.do_bench
+in rounds of rotating order (timing_rounds.py; the median of the rounds).
 `ours_det` is ours with deterministic=True: backward only (its forward is ours'), and its
 gradients must be bitwise reproducible; `fa4` is FlashAttention-4 (skipped with a note when it
 does not import) and `fa4_det` its deterministic backward, likewise. Writes the JSON to --out, a Markdown table next to it
@@ -39,13 +40,10 @@ if __package__ in (None, ""):
 from benchmarks import bench_forward, chart, report  # noqa: E402
 from benchmarks.bench_forward import (  # noqa: E402
     EXIT_NO_GPU,
-    REP_MS,
-    WARMUP_MS,
     failure_record,
     json_float,
     row_cases,
     synchronize,
-    tflops,
 )
 from benchmarks.checks import (  # noqa: E402
     GRAD_NAMES,
@@ -54,7 +52,6 @@ from benchmarks.checks import (  # noqa: E402
     max_abs_diff,
     poison_allocator,
 )
-from benchmarks.gpu_clocks import ClockSampler  # noqa: E402
 from benchmarks.impls import (  # noqa: E402
     BACKWARD_IMPL_NAMES,
     DETERMINISTIC_IMPL,
@@ -71,6 +68,7 @@ from benchmarks.impls import (  # noqa: E402
     prepare_fa4_deterministic,
     prepare_ours_deterministic,
 )
+from benchmarks.timing_rounds import Timer, time_in_rounds  # noqa: E402
 
 SCRIPT = "benchmarks/bench_backward.py"
 DOUT_SEED = 4321
@@ -137,13 +135,11 @@ def grad_check_record(checked: dict[str, tuple[bool, float]], reference: GradRef
     return record
 
 
-def _check_and_time_backward(prepare: Callable[[Case], Prepared], case: Case,
-                             dout: torch.Tensor, reference: GradReference, flops: float,
-                             require_repeatable: bool) -> tuple[dict[str, Any], Grads]:
-    """measure_backward without the error handling: raises on any failure. The
-    implementation's environment (Prepared.environment) is set around all its calls."""
-    from triton.testing import do_bench
-
+def _check_backward(prepare: Callable[[Case], Prepared], case: Case, dout: torch.Tensor,
+                    reference: GradReference,
+                    require_repeatable: bool) -> tuple[dict[str, Any], Grads, Timer | None]:
+    """check_backward without the error handling: raises on any failure. The implementation's
+    environment (Prepared.environment) is set around all its calls."""
     prepared = prepare(case)
     with environment_set(prepared.environment):
         out = prepared.run()
@@ -164,57 +160,54 @@ def _check_and_time_backward(prepare: Callable[[Case], Prepared], case: Case,
         grads = packed(backward())
         again = packed(backward())
         synchronize(out.device)
-        repeatable = all(torch.equal(first, second) for first, second in zip(grads, again))
-        del again
-        check = grad_check_record(reference.check(grads), reference, repeatable,
-                                  require_repeatable)
-        record: dict[str, Any] = {"check": check}
-        if prepared.note:
-            record["note"] = prepared.note
-        if not check["passed"]:
-            return {"status": "wrong", **record}, grads
-        with ClockSampler() as clocks:
-            ms = do_bench(backward, warmup=WARMUP_MS, rep=REP_MS, return_mode="median")
-        if clocks.summary is not None:
-            record["gpu_clocks"] = clocks.summary
-        return {"status": "ok", "time_ms": ms, "tflops": tflops(flops, ms), **record}, grads
+    repeatable = all(torch.equal(first, second) for first, second in zip(grads, again))
+    del again
+    check = grad_check_record(reference.check(grads), reference, repeatable, require_repeatable)
+    record: dict[str, Any] = {"check": check}
+    if prepared.note:
+        record["note"] = prepared.note
+    if not check["passed"]:
+        return {"status": "wrong", **record}, grads, None
+    # The timer keeps the forward's graph (and so `out`) alive until the row is timed.
+    return record, grads, Timer(backward, prepared.environment)
 
 
-def measure_backward(prepare: Callable[[Case], Prepared], case: Case, dout: torch.Tensor,
-                     reference: GradReference, flops: float,
-                     require_repeatable: bool) -> tuple[dict[str, Any], Grads | None]:
-    """Checks one implementation's gradients on `case` and, only if they are right, times its
-    backward.
+def check_backward(prepare: Callable[[Case], Prepared], case: Case, dout: torch.Tensor,
+                   reference: GradReference,
+                   require_repeatable: bool) -> tuple[dict[str, Any], Grads | None, Timer | None]:
+    """Checks one implementation's gradients on `case`; what to time if they are right.
 
-    case: q, k, v require grad; dout: (total, nheads_q, d), packed. Returns the result record and
-    the checked gradients (packed, GRAD_NAMES order), or None if it did not run. Any exception
-    becomes a failure_record ("n/a" or "unsupported") with its reason: a peer that cannot run this
-    case (missing, unsupported, out of memory) must not stop the benchmark.
+    case: q, k, v require grad; dout: (total, nheads_q, d), packed. Returns the result record so
+    far, the checked gradients (packed, GRAD_NAMES order) or None if it did not run, and the
+    backward to time (timing_rounds.Timer) or None. Any exception becomes a failure_record
+    ("n/a" or "unsupported") with its reason: a peer that cannot run this case (missing,
+    unsupported, out of memory) must not stop the benchmark.
     """
     try:
-        return _check_and_time_backward(prepare, case, dout, reference, flops,
-                                        require_repeatable)
+        return _check_backward(prepare, case, dout, reference, require_repeatable)
     except Exception as error:  # noqa: BLE001 - reported per implementation, see docstring
         failure = failure_record(error)
     # Out here the traceback is gone; collect the graph and tensors its frames held, so that
     # the next implementation gets the memory back.
     gc.collect()
     torch.cuda.empty_cache()
-    return failure, None
+    return failure, None, None
 
 
 def backward_results(case: Case, impls: list[str],
                      preparers: dict[str, Callable[[Case], Prepared]], dout: torch.Tensor,
                      reference: GradReference) -> dict[str, dict[str, Any]]:
     """The backward of every implementation on one row (case without grad; leaves are made
-    here); peers' gradients are also compared with ours."""
+    here): all checked first (peers' gradients also compared with ours), then the ones that
+    passed timed in rounds of rotating order (timing_rounds.py)."""
     grad_case = with_grad(case)
     flops = case.workload.backward_flops(case.layout, case.causal)
     results: dict[str, dict[str, Any]] = {}
+    timers: dict[str, Timer] = {}
     ours_grads = None
     for impl in impls:
-        result, grads = measure_backward(preparers[impl], grad_case, dout, reference, flops,
-                                         require_repeatable=impl in DETERMINISTIC_VARIANT_OF)
+        result, grads, timer = check_backward(preparers[impl], grad_case, dout, reference,
+                                              require_repeatable=impl in DETERMINISTIC_VARIANT_OF)
         if impl == "ours":
             ours_grads = grads
         elif grads is not None and ours_grads is not None:
@@ -223,7 +216,12 @@ def backward_results(case: Case, impls: list[str],
                 for name, grad, ours in zip(GRAD_NAMES, grads, ours_grads)
             }
         results[impl] = result
+        if timer is not None:
+            timers[impl] = timer
         del grads  # ours' stay referenced through ours_grads; a peer's are freed here
+    del ours_grads
+    for impl, timing in time_in_rounds(timers).items():
+        results[impl] = bench_forward.timed_result(results[impl], timing, flops)
     return results
 
 

@@ -8,8 +8,9 @@ FlexAttention.
 Rows: every workload x head layout x causal of targets.md (workloads.py: MHA and GQA on every
 workload, mha_32x64 and mha_8x256 on docs and skewed); --layouts measures the named layouts on
 every selected workload instead. Per row: fresh bf16 randn q/k/v, one float64 reference; per
-implementation a warm-up call (FA4 compiles there), one checked call on a NaN-poisoned allocator,
-and only if that passes, the median time of triton.testing.do_bench. "ours" is timed once per
+implementation a warm-up call (FA4 compiles there) and one checked call on a NaN-poisoned
+allocator; then those that passed are timed in rounds of rotating order (timing_rounds.py: the
+median of each round's triton.testing.do_bench median). "ours" is timed once per
 --families entry: `auto` lets flash_varlen pick its kernel family per call, a family name forces
 it (FLASH_VARLEN_KERNEL_FAMILY, set around that implementation's calls only); a family that
 cannot serve a row shows "—". FA4 (`flash_attn.cute`) is skipped with a note when it does not
@@ -63,6 +64,13 @@ from benchmarks.impls import (  # noqa: E402
     prepare_varlen_attn,
     with_families,
 )
+from benchmarks.timing_rounds import (  # noqa: E402
+    REP_MS,
+    TIMING_ROUNDS,
+    WARMUP_MS,
+    Timer,
+    time_in_rounds,
+)
 from benchmarks.workloads import (  # noqa: E402
     HEAD_LAYOUTS,
     TARGET_LAYOUT_WORKLOADS,
@@ -75,8 +83,6 @@ from benchmarks.workloads import (  # noqa: E402
 EXIT_NO_GPU = 2
 EXIT_USAGE = 2  # argparse's status for a bad command line
 INPUT_SEED = 1234
-WARMUP_MS = 25
-REP_MS = 100
 # Compile errors can run to pages; the table only needs the gist.
 REASON_MAX_CHARS = 300
 CAUSAL_CHOICES = {"both": (False, True), "on": (True,), "off": (False,)}
@@ -191,7 +197,8 @@ def run_metadata(argv: list[str], script: str = "benchmarks/bench_forward.py") -
         "git_dirty": None if status is None else bool(status),
         "command": shlex.join(["python", script, *argv]),
         "timing": {"do_bench_warmup_ms": WARMUP_MS, "do_bench_rep_ms": REP_MS,
-                   "return_mode": "median"},
+                   "return_mode": "median", "rounds": TIMING_ROUNDS,
+                   "round_order": "rotating; the median of the rounds is reported"},
     }
 
 
@@ -239,18 +246,16 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(prepare: Callable[[Case], Prepared], case: Case, reference: Reference,
-            flops: int) -> tuple[dict[str, Any], torch.Tensor | None]:
-    """Checks one implementation on `case` and, only if its output is right, times it.
+def check(prepare: Callable[[Case], Prepared], case: Case,
+          reference: Reference) -> tuple[dict[str, Any], torch.Tensor | None, Timer | None]:
+    """Sets one implementation up on `case` and checks its output against the reference.
 
-    Returns the result record and the checked output (total, nheads_q, d), or None if it did not
-    run. Any exception becomes a failure_record ("n/a" or unsupported) with its reason: a peer
-    that cannot run this case (missing, unsupported, out of memory) must not stop the benchmark.
-    The implementation's environment (Prepared.environment) is set around all its calls. The
-    record holds the SM clock and power during the timing (gpu_clocks.py) where nvidia-smi runs.
+    Returns the result record so far, the checked output (total, nheads_q, d) or None if it did
+    not run, and what to time (timing_rounds.Timer) if the output passed, else None. Any
+    exception becomes a failure_record ("n/a" or unsupported) with its reason: a peer that cannot
+    run this case (missing, unsupported, out of memory) must not stop the benchmark. The
+    implementation's environment (Prepared.environment) is set around all its calls.
     """
-    from triton.testing import do_bench
-
     try:
         prepared = prepare(case)
         with environment_set(prepared.environment):
@@ -260,22 +265,34 @@ def measure(prepare: Callable[[Case], Prepared], case: Case, reference: Referenc
             out = prepared.to_packed(prepared.run())
             synchronize(case.q.device)
             passed, err = reference.passes(out)
-            record: dict[str, Any] = {
-                "check": {"max_abs_err": json_float(err), "tolerance": reference.tolerance,
-                          "passed": passed},
-            }
-            if prepared.note:
-                record["note"] = prepared.note
-            if not passed:
-                return {"status": "wrong", **record}, out
-            with ClockSampler() as clocks:
-                ms = do_bench(prepared.run, warmup=WARMUP_MS, rep=REP_MS, return_mode="median")
-            if clocks.summary is not None:
-                record["gpu_clocks"] = clocks.summary
     except Exception as error:  # noqa: BLE001 - reported per implementation, see docstring
         torch.cuda.empty_cache()
-        return failure_record(error), None
-    return {"status": "ok", "time_ms": ms, "tflops": tflops(flops, ms), **record}, out
+        return failure_record(error), None, None
+    record: dict[str, Any] = {
+        "check": {"max_abs_err": json_float(err), "tolerance": reference.tolerance,
+                  "passed": passed},
+    }
+    if prepared.note:
+        record["note"] = prepared.note
+    if not passed:
+        return {"status": "wrong", **record}, out, None
+    return record, out, Timer(prepared.run, prepared.environment)
+
+
+def timed_result(record: dict[str, Any], timing: dict[str, Any],
+                 flops: float) -> dict[str, Any]:
+    """A checked result record completed with its timing (timing_rounds.time_in_rounds' entry):
+    status "ok", the median time, its TFLOP/s, every round's time and the clocks; or the
+    failure record of an implementation whose timing raised."""
+    if "error" in timing:
+        torch.cuda.empty_cache()
+        return {**failure_record(timing["error"]), **record}
+    result = {"status": "ok", "time_ms": timing["time_ms"],
+              "tflops": tflops(flops, timing["time_ms"]),
+              "time_ms_rounds": timing["time_ms_rounds"], **record}
+    if "gpu_clocks" in timing:
+        result["gpu_clocks"] = timing["gpu_clocks"]
+    return result
 
 
 def forward_preparers(flex: FlexRunner,
@@ -357,14 +374,22 @@ def bench_row(case: Case, impls: list[str], preparers: dict[str, Callable[[Case]
             case.q, case.k, case.v, workload.lengths, case.causal, case.scale
         )
     results: dict[str, dict[str, Any]] = {}
+    timers: dict[str, Timer] = {}
     ours_out = None
     for impl in impls:
-        result, out = measure(preparers[impl], case, reference, flops)
+        result, out, timer = check(preparers[impl], case, reference)
         if impl == "ours":
             ours_out = out
         elif out is not None and ours_out is not None:
             result["check"]["max_abs_diff_vs_ours"] = json_float(max_abs_diff(out, ours_out))
         results[impl] = result
+        if timer is not None:
+            timers[impl] = timer
+        del out  # ours' stays referenced through ours_out; a peer's is freed here
+    del ours_out
+    # All checked first, then timed in rounds of rotating order (timing_rounds.py).
+    for impl, timing in time_in_rounds(timers).items():
+        results[impl] = timed_result(results[impl], timing, flops)
     return {
         "workload": workload.name,
         "layout": layout.name,

@@ -22,6 +22,7 @@ from benchmarks.impls import (
     FA4_IMPL,
     FAMILY_OVERRIDE_VARIABLE,
 )
+from benchmarks.timing_rounds import TIMING_ROUNDS
 
 # The peers; every other implementation of a forward run is ours (one per kernel family).
 RATIO_PEERS = ("varlen_attn", "flex", FA4_IMPL)
@@ -52,9 +53,13 @@ LAYOUTS_METHOD = (
     "- bf16, 32,768 packed tokens; mha = 16/16 heads d = 128, gqa = 32/8 heads d = 128, "
     "mha_HxD = H/H heads d = D, mha_dN = 16/16 heads d = N; TFLOP/s of useful work (targets.md"
 )
+TIMING_METHOD = (
+    f"each implementation timed in {TIMING_ROUNDS} rounds of rotating order after all were "
+    "checked (timing_rounds.py), the median of its rounds' triton.testing.do_bench medians"
+)
 FORWARD_TITLE = "Forward benchmark"
 FORWARD_METHOD = (
-    f"{LAYOUTS_METHOD}), median of triton.testing.do_bench after a warm-up; every output "
+    f"{LAYOUTS_METHOD}), {TIMING_METHOD}; every output "
     "checked against a float64 reference before timing. ours = flash_varlen's own kernel-family "
     "choice (its family in 'ours family'), ours_<family> = that family forced; "
     f"{UNSUPPORTED_CELL} = the family does not serve the row. 'target ours/fa4' is what "
@@ -65,7 +70,7 @@ FORWARD_METHOD = (
 BACKWARD_TITLE = "Backward benchmark"
 BACKWARD_METHOD = (
     f"{LAYOUTS_METHOD}; backward = 2.5x the "
-    "forward count), median of triton.testing.do_bench after a warm-up. Forward timed as in "
+    f"forward count), {TIMING_METHOD}. Forward timed as in "
     "the forward benchmark; backward timed alone: torch.autograd.grad(out, (q, k, v), dout, "
     "retain_graph=True) on one forward's graph, dout = seeded randn. Every output and every "
     "gradient (dq, dk, dv) checked against a float64 reference before timing. ours_det is ours "

@@ -382,10 +382,11 @@ def test_forward_row_and_table_on_cpu_stand_ins(monkeypatch: pytest.MonkeyPatch)
 # ----------------------------------------------------------------------------------------------
 
 import argparse  # noqa: E402
+import dataclasses  # noqa: E402
 import os  # noqa: E402
 import types  # noqa: E402
 
-from benchmarks import bench_forward, impls  # noqa: E402
+from benchmarks import bench_forward, impls, timing_rounds  # noqa: E402
 
 OVERRIDE = impls.FAMILY_OVERRIDE_VARIABLE
 
@@ -562,6 +563,8 @@ def test_backward_row_with_fa4_and_its_deterministic_backward(
     det = backward["fa4_det"]
     assert det["check"]["repeatable_required"] and det["check"]["bitwise_repeatable"]
     assert not backward["fa4"]["check"]["repeatable_required"]
+    # Backward timings run in rounds too (timing_rounds.py).
+    assert backward["fa4_det"]["time_ms_rounds"] == [FAKE_BENCH_MS] * timing_rounds.TIMING_ROUNDS
     # The fa4_det calls pass deterministic=True (FA4's flag changes only its backward).
     assert True in fake.deterministic_calls and False in fake.deterministic_calls
     ratios = row["backward"]["ratios"]
@@ -647,3 +650,50 @@ def test_forward_outputs_keep_the_ceiling_and_the_skipped_peer(tmp_path: Path) -
     saved = json.loads((tmp_path / "fwd.json").read_text())
     assert saved["dense_matmul"]["tflops"] == 785.4
     assert saved["rows"][0]["results"] == row["results"]
+
+
+def test_rows_are_checked_first_then_timed_in_rotating_rounds(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """bench_forward.bench_row: every implementation's check before any timing, then
+    timing_rounds.TIMING_ROUNDS rounds with the first implementation rotating; the row reports
+    the median round and all of them."""
+    log: list[tuple[str, str]] = []
+    timing = [False]
+
+    def logged(name: str):
+        plain = _plain_preparer()
+
+        def prepare(case: Case) -> Prepared:
+            prepared = plain(case)
+            inner = prepared.run
+
+            def run() -> torch.Tensor:
+                log.append(("bench" if timing[0] else "check", name))
+                return inner()
+
+            return dataclasses.replace(prepared, run=run)
+
+        return prepare
+
+    bench_times = iter([3.0, 6.0, 5.0, 1.0, 2.0, 4.0])  # in call order
+
+    def fake_do_bench(fn, warmup, rep, return_mode):
+        timing[0] = True
+        fn()
+        timing[0] = False
+        return next(bench_times)
+
+    monkeypatch.setattr(triton.testing, "do_bench", fake_do_bench)
+    row = bench_forward.bench_row(_tiny_case(causal=False), ["ours", "flex"],
+                                  {"ours": logged("ours"), "flex": logged("flex")})
+    kinds = [kind for kind, _ in log]
+    assert kinds.count("check") >= 4  # a warm-up and a checked call each
+    assert all(kind == "check" for kind in kinds[:kinds.index("bench")])
+    assert [name for kind, name in log if kind == "bench"] == [
+        "ours", "flex", "flex", "ours", "ours", "flex"]
+    assert timing_rounds.TIMING_ROUNDS == 3
+    ours, flex = row["results"]["ours"], row["results"]["flex"]
+    assert ours["time_ms_rounds"] == [3.0, 1.0, 2.0] and ours["time_ms"] == 2.0
+    assert flex["time_ms_rounds"] == [6.0, 5.0, 4.0] and flex["time_ms"] == 5.0
+    assert ours["status"] == flex["status"] == "ok"
+    assert row["ratios"]["ours/flex"] == pytest.approx(2.5)
