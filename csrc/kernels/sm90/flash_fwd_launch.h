@@ -19,6 +19,7 @@
 #include "kernels/sm90/flash_fwd_kernel.h"
 #include "kernels/sm90/fwd_tile_config.h"
 #include "kernels/sm90/query_rows.h"
+#include "kernels/sm90/tma_extent.h"
 
 namespace flash_varlen {
 namespace sm90 {
@@ -29,12 +30,6 @@ inline const char* fwd_unsupported_option(const FlashFwdParams& params) {
     // Its TMA loads read K and V as one strided tensor; the sm80 family gathers paged rows.
     if (params.block_table != nullptr) return "paged KV cache";
     return nullptr;
-}
-
-// TMA descriptors take 32-bit extents of at least 1: an empty buffer (every key sequence empty)
-// still gets a valid descriptor, which no load then uses (every row block sees no key block).
-inline int32_t tma_extent(int64_t extent) {
-    return int32_t(std::max<int64_t>(extent, 1));
 }
 
 // A TMA byte stride: TMA wants each a multiple of 16 bytes. A dimension of extent 1 never

@@ -1,0 +1,179 @@
+// Compile-time shape of the sm90-family backward kernel (issue 15; work in progress, not yet
+// dispatched or run on a GPU: see csrc/kernels/sm90/backward_plan.md): tile sizes, warpgroup
+// roles, the five wgmma products, shared-memory layouts, TMA copy types and pipelines.
+//
+// One thread block owns a key block (kBlockN keys of one head of one sequence): K and V stay in
+// shared memory, dK and dV in registers, while the query blocks that see those keys stream
+// through in kBlockM-row steps (Q and dO by TMA, kStages buffers each). The structure is
+// FlashAttention-3's (Shah et al. 2024, Dao-AILab/flash-attention hopper/
+// mainloop_bwd_sm90_tma_gmma_ws.hpp), written here from its description:
+// - S^T = K Q^T and dP^T = V dO^T are computed transposed (keys as rows), so that P^T and dS^T,
+//   already in registers, are the A operands of dV += P^T dO and dK += dS^T Q;
+// - dQ = dS K needs all kBlockN keys of dS for each query row, held by two warpgroups: dS goes
+//   through shared memory, and the warpgroups split dQ's head-dim columns.
+#pragma once
+
+#include <cutlass/arch/barrier.h>
+#include <cutlass/numeric_types.h>
+#include <cutlass/pipeline/sm90_pipeline.hpp>
+
+#include <cute/arch/copy_sm90_tma.hpp>
+#include <cute/atom/copy_traits_sm90_tma.hpp>
+#include <cute/atom/mma_atom.hpp>
+#include <cute/tensor.hpp>
+#include <cutlass/gemm/collective/builders/sm90_common.inl>  // ss_smem_selector
+
+#include "kernels/sm90/fwd_kernel_traits.h"  // kThreadsPerWarpgroup, kRowsPerMmaWarpgroup
+
+namespace flash_varlen {
+namespace sm90 {
+
+using namespace cute;
+
+template <typename Element_, int kHeadDim_, int kBlockM_, int kBlockN_, int kStages_>
+struct BwdKernelTraits {
+    using Element = Element_;
+    static constexpr int kHeadDim = kHeadDim_;
+    static constexpr int kBlockM = kBlockM_;  // query rows per step
+    static constexpr int kBlockN = kBlockN_;  // keys per thread block
+    static constexpr int kStages = kStages_;  // buffers of Q and of dO
+
+    // Warpgroup 0 is the producer (one thread issues every TMA load); warpgroups 1.. compute,
+    // each owning 64 keys of the block in S^T, dP^T, dK and dV, and kHeadDim / warpgroups
+    // columns of dQ.
+    static constexpr int kNumMmaWarpgroups = kBlockN / kRowsPerMmaWarpgroup;
+    static_assert(kBlockN % kRowsPerMmaWarpgroup == 0, "consumers own whole 64-key slices");
+    static_assert(kNumMmaWarpgroups == 2, "two consumer warpgroups");
+    static constexpr int kNumMmaThreads = kNumMmaWarpgroups * kThreadsPerWarpgroup;
+    static constexpr int kNumThreads = kNumMmaThreads + kThreadsPerWarpgroup;
+    static_assert(kHeadDim % (kNumMmaWarpgroups * 8) == 0, "dQ columns split evenly");
+
+    // setmaxnreg: per consumer thread dK and dV (2 x 64 floats at d = 128), S^T and dP^T (2 x 32
+    // floats), P^T and dS^T in 16 bits (2 x 16) and dQ (32 floats) during its product:
+    // FlashAttention-3's 240, which leaves the producer (no tile loop here) 24.
+    static constexpr int kProducerRegisters = 24;
+    static constexpr int kConsumerRegisters = 240;
+    static_assert(kThreadsPerWarpgroup *
+                          (kProducerRegisters + kNumMmaWarpgroups * kConsumerRegisters) <=
+                      64 * 1024,
+                  "register file");
+
+    using MmaWarpgroupsAlongM = Layout<Shape<Int<kNumMmaWarpgroups>, _1, _1>>;
+    using MmaWarpgroupsAlongN = Layout<Shape<_1, Int<kNumMmaWarpgroups>, _1>>;
+
+    // S^T = K Q^T and dP^T = V dO^T: (M, N, K) = (keys, queries, head dim), both operands in
+    // shared memory with the head dim contiguous (K-major).
+    using TileShapeSdP = Shape<Int<kBlockN>, Int<kBlockM>, Int<kHeadDim>>;
+    using TiledMmaSdP = decltype(make_tiled_mma(
+        GMMA::ss_op_selector<Element, Element, float,
+                             Shape<Int<kRowsPerMmaWarpgroup>, Int<kBlockM>, Int<kHeadDim>>>(),
+        MmaWarpgroupsAlongM{}));
+    // dV += P^T dO and dK += dS^T Q: (keys, head dim, queries); A from registers (the 16-bit
+    // P^T / dS^T), B = dO / Q read transposed (the head dim, this product's N, is contiguous:
+    // MN-major).
+    using TileShapeDKV = Shape<Int<kBlockN>, Int<kHeadDim>, Int<kBlockM>>;
+    using TiledMmaDKV = decltype(make_tiled_mma(
+        GMMA::rs_op_selector<Element, Element, float,
+                             Shape<Int<kRowsPerMmaWarpgroup>, Int<kHeadDim>, Int<kBlockM>>,
+                             GMMA::Major::K, GMMA::Major::MN>(),
+        MmaWarpgroupsAlongM{}));
+    // dQ = dS K: (queries, head dim, keys), both from shared memory: dS as written by the
+    // consumers (queries contiguous: MN-major), K read transposed (head dim contiguous:
+    // MN-major). Each warpgroup computes kHeadDim / 2 columns.
+    static constexpr int kDqColsPerWarpgroup = kHeadDim / kNumMmaWarpgroups;
+    using TileShapeDQ = Shape<Int<kBlockM>, Int<kHeadDim>, Int<kBlockN>>;
+    using TiledMmaDQ = decltype(make_tiled_mma(
+        GMMA::ss_op_selector<Element, Element, float,
+                             Shape<Int<kBlockM>, Int<kDqColsPerWarpgroup>, Int<kBlockN>>,
+                             GMMA::Major::MN, GMMA::Major::MN>(),
+        MmaWarpgroupsAlongN{}));
+    static_assert(size(TiledMmaSdP{}) == kNumMmaThreads && size(TiledMmaDKV{}) == kNumMmaThreads &&
+                  size(TiledMmaDQ{}) == kNumMmaThreads);
+    static_assert(size<1>(typename TiledMmaSdP::AtomShape_MNK{}) == kBlockM,
+                  "one wgmma atom spans the query rows of S^T");
+    static_assert(size<1>(typename TiledMmaDKV::AtomShape_MNK{}) == kHeadDim,
+                  "one wgmma atom spans the head dim of dK, dV");
+
+    // Shared memory. Q and dO: (queries, head dim, stage), K-major, 128-byte swizzle; also read
+    // transposed, (head dim, queries, stage), as the MN-major B operand of dK and dV: the same
+    // bytes, composed with a layout that swaps the first two modes.
+    using SmemLayoutAtomQ = decltype(cutlass::gemm::collective::detail::ss_smem_selector<
+                                     GMMA::Major::K, Element, Int<kBlockM>, Int<kHeadDim>>());
+    using SmemLayoutQ = decltype(tile_to_shape(
+        SmemLayoutAtomQ{}, Shape<Int<kBlockM>, Int<kHeadDim>, Int<kStages>>{}));
+    using SmemLayoutQt = decltype(composition(
+        SmemLayoutQ{}, make_layout(Shape<Int<kHeadDim>, Int<kBlockM>, Int<kStages>>{},
+                                   Stride<Int<kBlockM>, _1, Int<kBlockM * kHeadDim>>{})));
+    using SmemLayoutdO = SmemLayoutQ;
+    using SmemLayoutdOt = SmemLayoutQt;
+    // K and V: (keys, head dim), K-major; K also read transposed, (head dim, keys), as the B
+    // operand of dQ.
+    using SmemLayoutAtomK = decltype(cutlass::gemm::collective::detail::ss_smem_selector<
+                                     GMMA::Major::K, Element, Int<kBlockN>, Int<kHeadDim>>());
+    using SmemLayoutK =
+        decltype(tile_to_shape(SmemLayoutAtomK{}, Shape<Int<kBlockN>, Int<kHeadDim>>{}));
+    using SmemLayoutKt = decltype(composition(
+        SmemLayoutK{}, make_layout(Shape<Int<kHeadDim>, Int<kBlockN>>{},
+                                   Stride<Int<kBlockN>, _1>{})));
+    using SmemLayoutV = SmemLayoutK;
+    // dS: (queries, keys) with the queries contiguous (MN-major A operand of dQ); atoms laid
+    // along the queries first, CUTLASS's order for MN-major operands.
+    using SmemLayoutAtomdS = decltype(cutlass::gemm::collective::detail::ss_smem_selector<
+                                      GMMA::Major::MN, Element, Int<kBlockM>, Int<kBlockN>>());
+    using SmemLayoutdS = decltype(tile_to_shape(
+        SmemLayoutAtomdS{}, Shape<Int<kBlockM>, Int<kBlockN>>{}, Step<_2, _1>{}));
+    // The same bytes as (keys, queries), as the consumers write dS^T from the accumulator layout
+    // of S^T: stmatrix, 8 x 8 16-bit tiles per instruction (each key's queries are contiguous).
+    using SmemLayoutdSt = decltype(composition(
+        SmemLayoutdS{}, make_layout(Shape<Int<kBlockN>, Int<kBlockM>>{},
+                                    Stride<Int<kBlockM>, _1>{})));
+    using SmemCopyAtomdS = Copy_Atom<SM90_U32x4_STSM_N, Element>;
+
+    // Global tensors as the TMA descriptors see them: (rows, head dim, heads, batch); varlen
+    // buffers are one batch of all rows, a tile's row coordinate its sequence's first row plus
+    // its offset (as in the forward, fwd_kernel_traits.h).
+    using GmemShape = Shape<int32_t, int32_t, int32_t, int32_t>;
+    using GmemStride = Stride<int64_t, _1, int64_t, int64_t>;
+    using TmaQ = decltype(make_tma_copy(
+        SM90_TMA_LOAD{},
+        make_tensor(make_gmem_ptr(static_cast<const Element*>(nullptr)), GmemShape{},
+                    GmemStride{}),
+        take<0, 2>(SmemLayoutQ{}), Shape<Int<kBlockM>, Int<kHeadDim>>{}, _1{}));
+    using TmadO = TmaQ;
+    using TmaK = decltype(make_tma_copy(
+        SM90_TMA_LOAD{},
+        make_tensor(make_gmem_ptr(static_cast<const Element*>(nullptr)), GmemShape{},
+                    GmemStride{}),
+        SmemLayoutK{}, Shape<Int<kBlockN>, Int<kHeadDim>>{}, _1{}));
+    using TmaV = TmaK;
+
+    // A stage of Q carries the row block's LSE (log2 units), a stage of dO its D: kBlockM floats
+    // each, one bulk copy on the same barrier (bwd_row_kernels.h pads them for alignment).
+    static constexpr uint32_t kRowStatsBytes = kBlockM * sizeof(float);
+    static constexpr uint32_t kTmaBytesQ = kBlockM * kHeadDim * sizeof(Element) + kRowStatsBytes;
+    static constexpr uint32_t kTmaBytesdO = kTmaBytesQ;
+    static constexpr uint32_t kTmaBytesKV = 2 * kBlockN * kHeadDim * sizeof(Element);
+
+    using PipelineQdO = cutlass::PipelineTmaAsync<kStages>;
+    using PipelineState = typename cutlass::PipelineState<kStages>;
+
+    static constexpr int kSmemAlignment = 1024;  // the 128-byte swizzle's period (forward traits)
+    struct SharedStorage {
+        cute::array_aligned<Element, cosize_v<SmemLayoutQ>, kSmemAlignment> q;
+        cute::array_aligned<Element, cosize_v<SmemLayoutdO>, kSmemAlignment> d_o;
+        cute::array_aligned<Element, cosize_v<SmemLayoutK>, kSmemAlignment> k;
+        cute::array_aligned<Element, cosize_v<SmemLayoutV>, kSmemAlignment> v;
+        cute::array_aligned<Element, cosize_v<SmemLayoutdS>, kSmemAlignment> ds;
+        cute::array_aligned<float, kBlockM * kStages, 128> lse_log2;  // (row, stage)
+        cute::array_aligned<float, kBlockM * kStages, 128> d;
+        alignas(16) cutlass::arch::ClusterTransactionBarrier kv_full;  // K and V landed
+        alignas(16) typename PipelineQdO::SharedStorage pipeline_q;
+        alignas(16) typename PipelineQdO::SharedStorage pipeline_do;
+    };
+    static constexpr int kSmemBytes = int(sizeof(SharedStorage));
+    static constexpr int kMaxSmemBytes = 227 * 1024;
+    static_assert(kSmemBytes <= kMaxSmemBytes, "tile does not fit shared memory");
+};
+
+}  // namespace sm90
+}  // namespace flash_varlen

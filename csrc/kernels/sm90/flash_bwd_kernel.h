@@ -1,0 +1,440 @@
+// The sm90-family backward main kernel (Hopper: wgmma, TMA, warp specialization; sm_90a).
+// Work in progress for issue 15: compiled by CI's compile check, not yet dispatched nor run on a
+// GPU (csrc/kernels/sm90/backward_plan.md has the plan this follows).
+//
+// One thread block per (key block, head, sequence): a grid of (key blocks of the longest
+// sequence, heads, batch), blocks past their sequence's keys exit at once. The block loads its
+// K and V once, then walks the query row blocks that see any of its keys (MaskPolicy's
+// row_block_begin / row_block_end), kBlockM rows at a time:
+// - the producer warpgroup's first thread loads Q and dO of each row block by TMA into kStages
+//   buffers each (PipelineTmaAsync);
+// - each consumer warpgroup owns 64 of the keys: S^T = K Q^T and dP^T = V dO^T (wgmma, shared
+//   memory operands), P^T = exp2(S^T * scale_log2 - LSE_log2) with the mask, dS^T = P^T (dP^T -
+//   D) where D = rowsum(dO O) - dLSE and LSE_log2 come from the row kernel before (and ride with
+//   Q and dO into shared memory), dV += P^T dO and dK += dS^T Q
+//   (P^T, dS^T from registers), dS^T written to shared memory, and, once both warpgroups' halves
+//   are there, its half of the columns of dQ = dS K, added in float32 into the dQ accumulator
+//   (red.global.add; rows past the sequence end are not added);
+// - at the end dK (times the softmax scale) and dV are written, rows inside the sequence only.
+// What lies past a sequence: TMA reads the next sequence's rows there (zeros past the buffer),
+// which may hold anything (the user's next document, unused memory of a CUDA graph's buffer), and
+// a zero probability does not cancel a NaN or an infinity inside a GEMM (0 * inf = NaN). So the
+// consumers zero the K and V rows past the sequence's keys and the Q and dO rows past its
+// queries in shared memory before any product reads them (the forward does so for V), P^T is 0
+// for those pairs by selection, and their dQ, dK, dV rows are never written.
+//
+// This first version leaves to the sm80 family: soft-capping, ALiBi, dropout, attention sinks'
+// gradient, GQA (nheads_k < nheads), deterministic mode, head dims other than 128.
+#pragma once
+
+#include <cutlass/arch/barrier.h>
+#include <cutlass/arch/reg_reconfig.h>
+#include <cutlass/cutlass.h>
+
+#include <cute/tensor.hpp>
+
+#include "kernels/common/flash_params.h"
+#include "kernels/common/mask_policy.h"
+#include "kernels/common/seqlen_info.h"
+#include "kernels/sm90/bwd_kernel_traits.h"
+#include "kernels/sm90/bwd_row_kernels.h"
+#include "kernels/sm90/fragment_layouts.h"
+#include "kernels/sm90/warpgroup_gemm.h"
+
+namespace flash_varlen {
+namespace sm90 {
+
+using namespace cute;
+
+// Named barriers of the backward (hardware ids 8.. as in named_barriers.h), each over every
+// consumer thread: the tail rows of a K/V or Q/dO buffer are zeroed; every share of dS is
+// written; every dQ product has read dS.
+constexpr uint32_t kBarrierTailZeroed = 0;
+constexpr uint32_t kBarrierDsWritten = 1;
+constexpr uint32_t kBarrierDsRead = 2;
+
+// What the launcher passes: the host's params, the TMA descriptors and the global shapes they
+// were built with (the device rebuilds their coordinate tensors from them).
+template <typename Traits>
+struct BwdKernelParams {
+    FlashBwdParams params;
+    typename Traits::TmaQ tma_q;
+    typename Traits::TmadO tma_do;
+    typename Traits::TmaK tma_k;
+    typename Traits::TmaV tma_v;
+    typename Traits::GmemShape shape_q;  // (rows, d, heads, batch), also dO's
+    typename Traits::GmemShape shape_k;  // also V's
+    // The dQ accumulator: float32 (heads, query rows, kHeadDim) of the packed rows (or batch x
+    // seqlen_q rows in the fixed-length layout), zero at the launch.
+    float* dq_accum;
+    int64_t dq_accum_head_stride;
+    // LSE (log2 units) and D of every query row, padded per sequence (bwd_row_kernels.h).
+    RowStats stats;
+};
+
+template <typename Traits, bool kIsLocal>
+struct FlashBwdKeyBlock {
+    using Element = typename Traits::Element;
+    static constexpr int kBlockM = Traits::kBlockM;
+    static constexpr int kBlockN = Traits::kBlockN;
+    static constexpr int kHeadDim = Traits::kHeadDim;
+    static constexpr int kNumMmaThreads = Traits::kNumMmaThreads;
+    using Mask = MaskPolicy<kIsLocal, /*kHasAlibi=*/false>;
+    using SharedStorage = typename Traits::SharedStorage;
+    using PipelineQdO = typename Traits::PipelineQdO;
+    using PipelineState = typename Traits::PipelineState;
+
+    // The key block, its sequence and the query row blocks that see it, which the producer and
+    // the consumers derive alike from the block index.
+    struct Work {
+        int n_block;
+        int head;
+        int batch;
+        SeqlenInfo seq;
+        Mask mask;
+        int m_begin;
+        int m_end;
+
+        __device__ Work(const FlashBwdParams& params)
+            : n_block(blockIdx.x),
+              head(blockIdx.y),
+              batch(blockIdx.z),
+              seq(params, blockIdx.z),
+              mask(params, seq, blockIdx.z, blockIdx.y),
+              m_begin(mask.template row_block_begin<kBlockM, kBlockN>(blockIdx.x)),
+              m_end(mask.template row_block_end<kBlockM, kBlockN>(blockIdx.x)) {}
+
+        __device__ bool has_keys() const { return n_block * kBlockN < seq.seqlen_k; }
+    };
+
+    __device__ static void run(const BwdKernelParams<Traits>& kp, char* smem) {
+        SharedStorage& shared = *reinterpret_cast<SharedStorage*>(smem);
+        const Work work(kp.params);
+        if (!work.has_keys()) return;  // the whole block: past its sequence's keys
+        const int warpgroup = cutlass::canonical_warp_group_idx();
+        constexpr int kProducerWarpgroup = 0;
+
+        if (threadIdx.x == 0) {
+            if (cute::cast_smem_ptr_to_uint(smem) % Traits::kSmemAlignment != 0) __trap();
+            cute::prefetch_tma_descriptor(kp.tma_q.get_tma_descriptor());
+            cute::prefetch_tma_descriptor(kp.tma_do.get_tma_descriptor());
+            cute::prefetch_tma_descriptor(kp.tma_k.get_tma_descriptor());
+            cute::prefetch_tma_descriptor(kp.tma_v.get_tma_descriptor());
+            shared.kv_full.init(/*arrive_count=*/1);
+        }
+        typename PipelineQdO::Params pipeline_params;
+        pipeline_params.transaction_bytes = Traits::kTmaBytesQ;
+        static_assert(Traits::kTmaBytesQ == Traits::kTmaBytesdO, "one params for both pipelines");
+        pipeline_params.role = warpgroup == kProducerWarpgroup
+                                   ? PipelineQdO::ThreadCategory::Producer
+                                   : PipelineQdO::ThreadCategory::Consumer;
+        pipeline_params.is_leader = threadIdx.x == 0;
+        pipeline_params.num_consumers = kNumMmaThreads;
+        PipelineQdO pipeline_q(shared.pipeline_q, pipeline_params, Shape<_1, _1, _1>{});
+        PipelineQdO pipeline_do(shared.pipeline_do, pipeline_params, Shape<_1, _1, _1>{});
+        __syncthreads();
+
+        if (warpgroup == kProducerWarpgroup) {
+            cutlass::arch::warpgroup_reg_dealloc<Traits::kProducerRegisters>();
+            if (threadIdx.x == 0) produce(kp, shared, pipeline_q, pipeline_do, work);
+            return;
+        }
+        cutlass::arch::warpgroup_reg_alloc<Traits::kConsumerRegisters>();
+        consume(kp, shared, pipeline_q, pipeline_do, work,
+                int(threadIdx.x) - kThreadsPerWarpgroup);
+    }
+
+    // The producer thread: K and V once, then Q and dO of every visited row block.
+    __device__ static void produce(const BwdKernelParams<Traits>& kp, SharedStorage& shared,
+                                   PipelineQdO& pipeline_q, PipelineQdO& pipeline_do,
+                                   const Work& work) {
+        const FlashBwdParams& params = kp.params;
+        const SeqlenInfo& seq = work.seq;
+        const int head_k = work.head / (params.nheads / params.nheads_k);
+        const int batch_coord = seq.is_varlen ? 0 : work.batch;  // varlen buffers are one batch
+
+        Tensor sK = make_tensor(make_smem_ptr(shared.k.data()), typename Traits::SmemLayoutK{});
+        Tensor sV = make_tensor(make_smem_ptr(shared.v.data()), typename Traits::SmemLayoutV{});
+        Tensor sQ = make_tensor(make_smem_ptr(shared.q.data()), typename Traits::SmemLayoutQ{});
+        Tensor sdO =
+            make_tensor(make_smem_ptr(shared.d_o.data()), typename Traits::SmemLayoutdO{});
+
+        // Coordinate tensors of the descriptors, shifted to the sequence's first row.
+        Tensor mK = kp.tma_k.get_tma_tensor(kp.shape_k)(_, _, head_k, batch_coord);
+        Tensor gK = local_tile(domain_offset(make_coord(seq.k_start, _0{}), mK),
+                               Shape<Int<kBlockN>, Int<kHeadDim>>{},
+                               make_coord(work.n_block, _0{}));  // (BN, D)
+        Tensor mV = kp.tma_v.get_tma_tensor(kp.shape_k)(_, _, head_k, batch_coord);
+        Tensor gV = local_tile(domain_offset(make_coord(seq.k_start, _0{}), mV),
+                               Shape<Int<kBlockN>, Int<kHeadDim>>{},
+                               make_coord(work.n_block, _0{}));
+        Tensor mQ = kp.tma_q.get_tma_tensor(kp.shape_q)(_, _, work.head, batch_coord);
+        Tensor gQ = local_tile(domain_offset(make_coord(seq.q_start, _0{}), mQ),
+                               Shape<Int<kBlockM>, Int<kHeadDim>>{},
+                               make_coord(_, _0{}));  // (BM, D, m)
+        Tensor mdO = kp.tma_do.get_tma_tensor(kp.shape_q)(_, _, work.head, batch_coord);
+        Tensor gdO = local_tile(domain_offset(make_coord(seq.q_start, _0{}), mdO),
+                                Shape<Int<kBlockM>, Int<kHeadDim>>{}, make_coord(_, _0{}));
+
+        auto tma_k = kp.tma_k.get_slice(_0{});
+        auto tma_v = kp.tma_v.get_slice(_0{});
+        auto tma_q = kp.tma_q.get_slice(_0{});
+        auto tma_do = kp.tma_do.get_slice(_0{});
+        Tensor tQgQ = group_modes<0, 3>(tma_q.partition_S(gQ));     // (TMA, m)
+        Tensor tQsQ = group_modes<0, 3>(tma_q.partition_D(sQ));     // (TMA, stage)
+        Tensor tdOgdO = group_modes<0, 3>(tma_do.partition_S(gdO));  // (TMA, m)
+        Tensor tdOsdO = group_modes<0, 3>(tma_do.partition_D(sdO));  // (TMA, stage)
+
+        shared.kv_full.arrive_and_expect_tx(Traits::kTmaBytesKV);
+        // K and V are read by this block only (each head's key block has one block): evict
+        // them first; Q and dO are read by every key block of the sequence: keep them.
+        copy(kp.tma_k.with(reinterpret_cast<uint64_t&>(shared.kv_full), 0,
+                           TMA::CacheHintSm90::EVICT_FIRST),
+             tma_k.partition_S(gK), tma_k.partition_D(sK));
+        copy(kp.tma_v.with(reinterpret_cast<uint64_t&>(shared.kv_full), 0,
+                           TMA::CacheHintSm90::EVICT_FIRST),
+             tma_v.partition_S(gV), tma_v.partition_D(sV));
+
+        // The row statistics of the sequence's padded rows (16-byte aligned row blocks).
+        const int64_t stats_row = int64_t(work.head) * kp.stats.head_stride +
+                                  PaddedRows<kBlockM>::first_row(params, seq, work.batch);
+        PipelineState write = cutlass::make_producer_start_state<PipelineQdO>();
+        CUTE_NO_UNROLL
+        for (int m_block = work.m_begin; m_block < work.m_end; ++m_block) {
+            const int64_t block_stats = stats_row + int64_t(m_block) * kBlockM;
+            pipeline_q.producer_acquire(write);  // arms the barrier with Q's and LSE's bytes
+            uint64_t* q_full = pipeline_q.producer_get_barrier(write);
+            copy(kp.tma_q.with(*q_full, 0, TMA::CacheHintSm90::EVICT_LAST), tQgQ(_, m_block),
+                 tQsQ(_, write.index()));
+            SM90_BULK_COPY_G2S::copy(kp.stats.lse_log2 + block_stats, q_full,
+                                     shared.lse_log2.data() + write.index() * kBlockM,
+                                     Traits::kRowStatsBytes);
+            pipeline_do.producer_acquire(write);
+            uint64_t* do_full = pipeline_do.producer_get_barrier(write);
+            copy(kp.tma_do.with(*do_full, 0, TMA::CacheHintSm90::EVICT_LAST), tdOgdO(_, m_block),
+                 tdOsdO(_, write.index()));
+            SM90_BULK_COPY_G2S::copy(kp.stats.d + block_stats, do_full,
+                                     shared.d.data() + write.index() * kBlockM,
+                                     Traits::kRowStatsBytes);
+            ++write;
+        }
+    }
+
+    // The consumer threads (thread: 0 .. kNumMmaThreads - 1).
+    __device__ static void consume(const BwdKernelParams<Traits>& kp, SharedStorage& shared,
+                                   PipelineQdO& pipeline_q, PipelineQdO& pipeline_do,
+                                   const Work& work, int thread) {
+        const FlashBwdParams& params = kp.params;
+        const SeqlenInfo& seq = work.seq;
+        Tensor sK = make_tensor(make_smem_ptr(shared.k.data()), typename Traits::SmemLayoutK{});
+        Tensor sKt = make_tensor(make_smem_ptr(shared.k.data()), typename Traits::SmemLayoutKt{});
+        Tensor sV = make_tensor(make_smem_ptr(shared.v.data()), typename Traits::SmemLayoutV{});
+        Tensor sQ = make_tensor(make_smem_ptr(shared.q.data()), typename Traits::SmemLayoutQ{});
+        Tensor sQt = make_tensor(make_smem_ptr(shared.q.data()), typename Traits::SmemLayoutQt{});
+        Tensor sdO =
+            make_tensor(make_smem_ptr(shared.d_o.data()), typename Traits::SmemLayoutdO{});
+        Tensor sdOt =
+            make_tensor(make_smem_ptr(shared.d_o.data()), typename Traits::SmemLayoutdOt{});
+        Tensor sdS = make_tensor(make_smem_ptr(shared.ds.data()), typename Traits::SmemLayoutdS{});
+        Tensor sdSt =
+            make_tensor(make_smem_ptr(shared.ds.data()), typename Traits::SmemLayoutdSt{});
+
+        typename Traits::TiledMmaSdP tiled_mma_sdp;
+        typename Traits::TiledMmaDKV tiled_mma_dkv;
+        typename Traits::TiledMmaDQ tiled_mma_dq;
+        auto thr_mma_sdp = tiled_mma_sdp.get_thread_slice(thread);
+        auto thr_mma_dkv = tiled_mma_dkv.get_thread_slice(thread);
+        auto thr_mma_dq = tiled_mma_dq.get_thread_slice(thread);
+
+        // Descriptor fragments: K and V as the A operands of S^T and dP^T (this warpgroup's 64
+        // keys), Q and dO as their B operands; dO^T and Q^T as the B operands of dV and dK; dS
+        // and K^T as the operands of dQ.
+        Tensor tSrK = thr_mma_sdp.partition_fragment_A(sK);      // (MMA, MMA_M, MMA_D)
+        Tensor tSrQ = thr_mma_sdp.partition_fragment_B(sQ);      // (MMA, MMA_N, MMA_D, stage)
+        Tensor tdPrV = thr_mma_sdp.partition_fragment_A(sV);
+        Tensor tdPrdO = thr_mma_sdp.partition_fragment_B(sdO);
+        Tensor tdVrdOt = thr_mma_dkv.partition_fragment_B(sdOt);  // (MMA, MMA_D, MMA_M, stage)
+        Tensor tdKrQt = thr_mma_dkv.partition_fragment_B(sQt);
+        Tensor tdQrdS = thr_mma_dq.partition_fragment_A(sdS);    // (MMA, MMA_M, MMA_N)
+        Tensor tdQrKt = thr_mma_dq.partition_fragment_B(sKt);    // (MMA, MMA_D, MMA_N)
+
+        // (key, query) of each of this thread's S^T entries within a (kBlockN, kBlockM) tile.
+        Tensor tScS = thr_mma_sdp.partition_C(
+            make_identity_tensor(Shape<Int<kBlockN>, Int<kBlockM>>{}));
+        // dS^T from registers to shared memory (stmatrix).
+        auto smem_tiled_copy_ds = make_tiled_copy_C(typename Traits::SmemCopyAtomdS{}, tiled_mma_sdp);
+        auto smem_thr_copy_ds = smem_tiled_copy_ds.get_thread_slice(thread);
+        Tensor tdSsdS = smem_thr_copy_ds.partition_D(sdSt);
+        // (query, column) of each of this thread's dQ entries within (kBlockM, kHeadDim).
+        Tensor tdQcdQ = thr_mma_dq.partition_C(
+            make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{}));
+
+        Tensor acc_dk = partition_fragment_C(tiled_mma_dkv,
+                                             select<0, 1>(typename Traits::TileShapeDKV{}));
+        Tensor acc_dv = partition_fragment_C(tiled_mma_dkv,
+                                             select<0, 1>(typename Traits::TileShapeDKV{}));
+        clear(acc_dk);
+        clear(acc_dv);
+
+        const int64_t dq_first_row = seq.is_varlen ? int64_t(seq.q_start)
+                                                   : int64_t(work.batch) * params.seqlen_q;
+        float* dq_accum_head = kp.dq_accum + int64_t(work.head) * kp.dq_accum_head_stride;
+        const int key0 = work.n_block * kBlockN;
+
+        shared.kv_full.wait(0);
+        if (key0 + kBlockN > seq.seqlen_k) {  // uniform over the block
+            zero_rows_past_end(sK, seq.seqlen_k - key0, thread);
+            zero_rows_past_end(sV, seq.seqlen_k - key0, thread);
+            cutlass::arch::fence_view_async_shared();
+            cutlass::arch::NamedBarrier::sync(kNumMmaThreads, kBarrierTailZeroed);
+        }
+        PipelineState read;
+        CUTE_NO_UNROLL
+        for (int m_block = work.m_begin; m_block < work.m_end; ++m_block) {
+            const int query0 = m_block * kBlockM;
+            Tensor acc_s = partition_fragment_C(tiled_mma_sdp,
+                                                select<0, 1>(typename Traits::TileShapeSdP{}));
+            Tensor acc_dp = partition_fragment_C(tiled_mma_sdp,
+                                                 select<0, 1>(typename Traits::TileShapeSdP{}));
+            pipeline_q.consumer_wait(read);
+            pipeline_do.consumer_wait(read);
+            if (query0 + kBlockM > seq.seqlen_q) {  // the last row block: uniform
+                zero_rows_past_end(sQ(_, _, read.index()), seq.seqlen_q - query0, thread);
+                zero_rows_past_end(sdO(_, _, read.index()), seq.seqlen_q - query0, thread);
+                cutlass::arch::fence_view_async_shared();
+                cutlass::arch::NamedBarrier::sync(kNumMmaThreads, kBarrierTailZeroed);
+            }
+            warpgroup_gemm</*kZeroInit=*/true>(tiled_mma_sdp, tSrK, tSrQ(_, _, _, read.index()),
+                                               acc_s);
+            warpgroup_gemm</*kZeroInit=*/true>(tiled_mma_sdp, tdPrV,
+                                               tdPrdO(_, _, _, read.index()), acc_dp);
+
+            // The row block's statistics, by query (this thread's columns of S^T): LSE in log2
+            // units (+inf past the sequence end and for rows that saw no key: P = 0 there), D.
+            const float* lse_log2 = shared.lse_log2.data() + read.index() * kBlockM;
+            const float* d_rows = shared.d.data() + read.index() * kBlockM;
+            constexpr int kScoresPerThread = decltype(size(acc_s))::value;
+
+            warpgroup_wait<1>();  // S^T landed
+            // P^T, masked: keys past the end and pairs the local mask hides (score -inf).
+            CUTE_UNROLL
+            for (int i = 0; i < kScoresPerThread; ++i) {
+                const int key = key0 + get<0>(tScS(i));
+                const int query = get<1>(tScS(i));
+                const float score = work.mask.masked_score(acc_s(i), query0 + query, key);
+                acc_s(i) = exp2f(score * params.logit_scale_log2 - lse_log2[query]);
+            }
+            warpgroup_wait<0>();  // dP^T landed
+            // dS^T = P^T (dP^T - D), in place of dP^T.
+            CUTE_UNROLL
+            for (int i = 0; i < kScoresPerThread; ++i) {
+                acc_dp(i) = acc_s(i) * (acc_dp(i) - d_rows[get<1>(tScS(i))]);
+            }
+
+            // dV += P^T dO, dK += dS^T Q with P^T and dS^T from registers.
+            Tensor rP = make_tensor<Element>(acc_s.layout());
+            convert_fragment(acc_s, rP);
+            Tensor rdS = make_tensor<Element>(acc_dp.layout());
+            convert_fragment(acc_dp, rdS);
+            Tensor tdVrP = make_tensor(rP.data(), accumulator_as_a_operand(rP.layout()));
+            Tensor tdKrdS = make_tensor(rdS.data(), accumulator_as_a_operand(rdS.layout()));
+            warpgroup_gemm</*kZeroInit=*/false>(tiled_mma_dkv, tdVrP,
+                                                tdVrdOt(_, _, _, read.index()), acc_dv);
+            warpgroup_gemm</*kZeroInit=*/false>(tiled_mma_dkv, tdKrdS,
+                                                tdKrQt(_, _, _, read.index()), acc_dk);
+
+            // dS (queries, keys) to shared memory for dQ, once every consumer has finished
+            // reading the previous row block's.
+            copy(smem_tiled_copy_ds, smem_thr_copy_ds.retile_S(rdS), tdSsdS);
+            cutlass::arch::fence_view_async_shared();  // generic-proxy writes, wgmma reads
+            cutlass::arch::NamedBarrier::sync(kNumMmaThreads, kBarrierDsWritten);
+
+            Tensor acc_dq = partition_fragment_C(
+                tiled_mma_dq, select<0, 1>(typename Traits::TileShapeDQ{}));
+            warpgroup_gemm</*kZeroInit=*/true>(tiled_mma_dq, tdQrdS, tdQrKt, acc_dq);
+            warpgroup_wait<0>();  // dV, dK and dQ landed: Q, dO and this thread's dS reads done
+            // The next row block writes dS only after every consumer's dQ product has read it.
+            cutlass::arch::NamedBarrier::sync(kNumMmaThreads, kBarrierDsRead);
+            pipeline_q.consumer_release(read);
+            pipeline_do.consumer_release(read);
+            ++read;
+
+            // dQ: this thread's entries, in pairs of adjacent columns, added into the
+            // accumulator; rows past the sequence end belong to the next sequence.
+            CUTE_UNROLL
+            for (int i = 0; i < size(acc_dq); i += 2) {
+                const int query = query0 + get<0>(tdQcdQ(i));
+                if (query >= seq.seqlen_q) continue;
+                float* address = dq_accum_head + (dq_first_row + query) * kHeadDim +
+                                 get<1>(tdQcdQ(i));
+                asm volatile("red.global.add.v2.f32 [%0], {%1, %2};" ::"l"(address),
+                             "f"(acc_dq(i)), "f"(acc_dq(i + 1))
+                             : "memory");
+            }
+        }
+
+        store_dk_dv(params, seq, work, tiled_mma_dkv, acc_dk, acc_dv, thread);
+    }
+
+    // Zeroes rows [first_row, rows) of one (rows, head dim) K-major buffer, 16 bytes per store,
+    // spread over every consumer thread (the swizzle moves whole 16-byte chunks, which stay
+    // contiguous). The caller fences and synchronises.
+    template <typename SmemRows>
+    __device__ static void zero_rows_past_end(SmemRows rows_tensor, int first_row, int thread) {
+        constexpr int kRows = decltype(size<0>(rows_tensor))::value;
+        constexpr int kElemsPerChunk = 16 / sizeof(Element);
+        constexpr int kChunksPerRow = kHeadDim / kElemsPerChunk;
+        const int chunks = (kRows - max(first_row, 0)) * kChunksPerRow;
+        for (int i = thread; i < chunks; i += kNumMmaThreads) {
+            const int row = max(first_row, 0) + i / kChunksPerRow;
+            const int col = (i % kChunksPerRow) * kElemsPerChunk;
+            *reinterpret_cast<uint4*>(&rows_tensor(row, col)) = make_uint4(0, 0, 0, 0);
+        }
+    }
+
+    // dK (times the softmax scale: dS is the gradient of the scaled scores' exponent) and dV of
+    // the block's keys inside the sequence, two adjacent columns per store.
+    template <typename TiledMmaDKV, typename AccDK, typename AccDV>
+    __device__ static void store_dk_dv(const FlashBwdParams& params, const SeqlenInfo& seq,
+                                       const Work& work, TiledMmaDKV& tiled_mma_dkv,
+                                       AccDK& acc_dk, AccDV& acc_dv, int thread) {
+        Tensor tdKcdK = tiled_mma_dkv.get_thread_slice(thread).partition_C(
+            make_identity_tensor(Shape<Int<kBlockN>, Int<kHeadDim>>{}));
+        Element* dk_seq = static_cast<Element*>(params.dk_ptr) +
+                          seq.k_offset(params.dk_batch_stride, params.dk_row_stride, work.batch) +
+                          int64_t(work.head) * params.dk_head_stride;
+        Element* dv_seq = static_cast<Element*>(params.dv_ptr) +
+                          seq.k_offset(params.dv_batch_stride, params.dv_row_stride, work.batch) +
+                          int64_t(work.head) * params.dv_head_stride;
+        const int key0 = work.n_block * kBlockN;
+        CUTE_UNROLL
+        for (int i = 0; i < size(acc_dk); i += 2) {
+            const int key = key0 + get<0>(tdKcdK(i));
+            const int col = get<1>(tdKcdK(i));
+            if (key >= seq.seqlen_k || col >= params.head_dim) continue;
+            cutlass::Array<Element, 2> dk_pair, dv_pair;
+            dk_pair[0] = Element(acc_dk(i) * params.softmax_scale);
+            dk_pair[1] = Element(acc_dk(i + 1) * params.softmax_scale);
+            dv_pair[0] = Element(acc_dv(i));
+            dv_pair[1] = Element(acc_dv(i + 1));
+            *reinterpret_cast<cutlass::Array<Element, 2>*>(
+                dk_seq + int64_t(key) * params.dk_row_stride + col) = dk_pair;
+            *reinterpret_cast<cutlass::Array<Element, 2>*>(
+                dv_seq + int64_t(key) * params.dv_row_stride + col) = dv_pair;
+        }
+    }
+};
+
+template <typename Traits, bool kIsLocal>
+__global__ void __launch_bounds__(Traits::kNumThreads, 1)
+    flash_bwd_kernel(const __grid_constant__ BwdKernelParams<Traits> kp) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    extern __shared__ __align__(Traits::kSmemAlignment) char smem[];
+    FlashBwdKeyBlock<Traits, kIsLocal>::run(kp, smem);
+#else
+    __trap();  // wgmma and setmaxnreg exist only in sm_90a code
+#endif
+}
+
+}  // namespace sm90
+}  // namespace flash_varlen

@@ -1,0 +1,153 @@
+// Host-side launch of the sm90-family backward for one (element type, head dim, local mask):
+// D (bwd_row_kernels.h), the main kernel (flash_bwd_kernel.h), dQ's conversion, and clearing
+// the unused rows of gradients the backward allocated. Work in progress for issue 15: compiled
+// by CI's compile check (csrc/kernels/sm90/probes/), registered nowhere yet, never run on a GPU.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cute/tensor.hpp>
+
+#include "kernels/common/clear_rows_past_end.h"
+#include "kernels/common/flash_params.h"
+#include "kernels/common/workspace.h"
+#include "kernels/sm90/bwd_kernel_traits.h"
+#include "kernels/sm90/bwd_row_kernels.h"
+#include "kernels/sm90/flash_bwd_kernel.h"
+#include "kernels/sm90/tma_extent.h"
+
+namespace flash_varlen {
+namespace sm90 {
+
+// FlashAttention-3's d = 128 tile (backward_plan.md): 64 query rows per step, 128 keys per
+// block, two Q / dO buffers; to be measured here.
+template <typename Element, int kHeadDim>
+struct BwdTileConfig {
+    static_assert(kHeadDim == 128, "the first version covers d = 128 only");
+    using Traits = BwdKernelTraits<Element, kHeadDim, 64, 128, 2>;
+};
+
+// The first option of a call that this first version does not implement, or nullptr.
+inline const char* bwd_unsupported_option(const FlashBwdParams& params) {
+    if (params.nheads != params.nheads_k) return "GQA/MQA";
+    if (params.softcap_prescale != 0.f) return "soft-capping";
+    if (params.alibi_slopes != nullptr) return "ALiBi";
+    if (params.dropout_threshold != 0) return "dropout";
+    if (params.learnable_sink != nullptr) return "attention sinks";
+    if (params.deterministic) return "deterministic mode";
+    if (params.block_table != nullptr) return "paged KV cache";
+    return nullptr;
+}
+
+// Query rows of the dQ accumulator per head: the packed rows, or batch x seqlen_q.
+inline int64_t bwd_dq_accum_rows(const FlashBwdParams& params) {
+    return params.cu_seqlens_q != nullptr ? params.total_q
+                                          : int64_t(params.batch) * params.seqlen_q;
+}
+
+// Workspace: the float32 dQ accumulator (heads, query rows, kHeadDim), zeroed; the row
+// statistics, LSE_log2 and D (heads, padded rows) each, written by the row kernel.
+template <typename Element, int kHeadDim>
+WorkspaceSize bwd_workspace_size(const FlashBwdParams& params) {
+    using Traits = typename BwdTileConfig<Element, kHeadDim>::Traits;
+    WorkspaceSize size;
+    size.zeroed_bytes =
+        int64_t(params.nheads) * bwd_dq_accum_rows(params) * kHeadDim * int64_t(sizeof(float));
+    size.scratch_bytes = 2 * int64_t(params.nheads) *
+                         PaddedRows<Traits::kBlockM>::rows_per_head(params) *
+                         int64_t(sizeof(float));
+    return size;
+}
+
+template <typename Element, int kHeadDim, bool kIsLocal>
+cudaError_t launch_flash_bwd(const FlashBwdParams& params, const Workspace& workspace,
+                             cudaStream_t stream) {
+    using Traits = typename BwdTileConfig<Element, kHeadDim>::Traits;
+    if (bwd_unsupported_option(params) != nullptr) return cudaErrorNotSupported;
+    constexpr int kBlockM = Traits::kBlockM;
+    float* dq_accum = static_cast<float*>(workspace.zeroed);
+    const int64_t dq_accum_head_stride = bwd_dq_accum_rows(params) * kHeadDim;
+    const int64_t stats_head_stride = PaddedRows<kBlockM>::rows_per_head(params);
+    float* stats = static_cast<float*>(workspace.scratch);
+    const RowStats row_stats{stats, stats + int64_t(params.nheads) * stats_head_stride,
+                             stats_head_stride};
+
+    // Launches with no work are invalid: no query rows means no D and no dQ; no keys, no
+    // key block (dK, dV have no rows, dQ is the zeroed accumulator, converted).
+    const int padded_rows = cute::ceil_div(params.seqlen_q, kBlockM) * kBlockM;
+    const dim3 stats_grid(cute::ceil_div(padded_rows, kRowKernelWarps), params.batch,
+                          params.nheads);
+    const dim3 dq_grid(cute::ceil_div(params.seqlen_q, kRowKernelWarps), params.batch,
+                       params.nheads);
+    const bool has_query_rows = dq_grid.x > 0 && params.nheads > 0 && params.batch > 0;
+    if (has_query_rows) {
+        flash_bwd_row_stats_kernel<Element, kBlockM>
+            <<<stats_grid, kRowKernelThreads, 0, stream>>>(params, row_stats);
+    }
+
+    using namespace cute;
+    const bool is_varlen = params.cu_seqlens_q != nullptr;
+    const int32_t rows_q = tma_extent(is_varlen ? params.total_q : params.seqlen_q);
+    const int32_t rows_k = tma_extent(is_varlen ? params.total_k : params.seqlen_k);
+    const int32_t batches = is_varlen ? 1 : tma_extent(params.batch);
+    // The batch stride of a one-batch varlen buffer is never used, but TMA wants a valid one.
+    auto batch_stride = [&](int64_t stride, int64_t row_stride) {
+        return is_varlen ? row_stride : stride;
+    };
+    BwdKernelParams<Traits> kp{};
+    kp.params = params;
+    kp.shape_q = make_shape(rows_q, int32_t(params.head_dim), int32_t(params.nheads), batches);
+    kp.shape_k = make_shape(rows_k, int32_t(params.head_dim), int32_t(params.nheads_k), batches);
+    auto gmem = [&](const void* ptr, const typename Traits::GmemShape& shape, int64_t row_stride,
+                    int64_t head_stride, int64_t batch_stride_) {
+        return make_tensor(make_gmem_ptr(static_cast<const Element*>(ptr)), shape,
+                           make_stride(row_stride, _1{}, head_stride,
+                                       batch_stride(batch_stride_, row_stride)));
+    };
+    kp.tma_q = make_tma_copy(
+        SM90_TMA_LOAD{},
+        gmem(params.q_ptr, kp.shape_q, params.q_row_stride, params.q_head_stride,
+             params.q_batch_stride),
+        take<0, 2>(typename Traits::SmemLayoutQ{}), Shape<Int<Traits::kBlockM>, Int<kHeadDim>>{},
+        _1{});
+    kp.tma_do = make_tma_copy(
+        SM90_TMA_LOAD{},
+        gmem(params.do_ptr, kp.shape_q, params.do_row_stride, params.do_head_stride,
+             params.do_batch_stride),
+        take<0, 2>(typename Traits::SmemLayoutdO{}), Shape<Int<Traits::kBlockM>, Int<kHeadDim>>{},
+        _1{});
+    kp.tma_k = make_tma_copy(
+        SM90_TMA_LOAD{},
+        gmem(params.k_ptr, kp.shape_k, params.k_row_stride, params.k_head_stride,
+             params.k_batch_stride),
+        typename Traits::SmemLayoutK{}, Shape<Int<Traits::kBlockN>, Int<kHeadDim>>{}, _1{});
+    kp.tma_v = make_tma_copy(
+        SM90_TMA_LOAD{},
+        gmem(params.v_ptr, kp.shape_k, params.v_row_stride, params.v_head_stride,
+             params.v_batch_stride),
+        typename Traits::SmemLayoutV{}, Shape<Int<Traits::kBlockN>, Int<kHeadDim>>{}, _1{});
+    kp.dq_accum = dq_accum;
+    kp.dq_accum_head_stride = dq_accum_head_stride;
+    kp.stats = row_stats;
+
+    auto kernel = &flash_bwd_kernel<Traits, kIsLocal>;
+    constexpr int kSmemBytes = Traits::kSmemBytes;
+    cudaError_t err =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
+    if (err != cudaSuccess) return err;
+    const dim3 grid(cute::ceil_div(params.seqlen_k, Traits::kBlockN), params.nheads,
+                    params.batch);
+    if (grid.x > 0 && grid.y > 0 && grid.z > 0) {
+        kernel<<<grid, Traits::kNumThreads, kSmemBytes, stream>>>(kp);
+    }
+
+    if (has_query_rows) {
+        flash_bwd_convert_dq_kernel<Element, kHeadDim>
+            <<<dq_grid, kRowKernelThreads, 0, stream>>>(params, dq_accum, dq_accum_head_stride);
+    }
+    launch_clear_rows_past_end<Element>(params, stream);
+    return cudaGetLastError();
+}
+
+}  // namespace sm90
+}  // namespace flash_varlen
