@@ -15,13 +15,13 @@
 
 #include <cutlass/arch/barrier.h>
 #include <cutlass/numeric_types.h>
-#include <cutlass/pipeline/sm90_pipeline.hpp>
 
 #include <cute/arch/copy_sm90_tma.hpp>
 #include <cute/atom/copy_traits_sm90_tma.hpp>
 #include <cute/atom/mma_atom.hpp>
 #include <cute/tensor.hpp>
 #include <cutlass/gemm/collective/builders/sm90_common.inl>  // ss_smem_selector
+#include <cutlass/pipeline/sm90_pipeline.hpp>
 
 #include "kernels/sm90/fwd_kernel_traits.h"  // kThreadsPerWarpgroup, kRowsPerMmaWarpgroup
 
@@ -99,8 +99,8 @@ struct BwdKernelTraits {
     // bytes, composed with a layout that swaps the first two modes.
     using SmemLayoutAtomQ = decltype(cutlass::gemm::collective::detail::ss_smem_selector<
                                      GMMA::Major::K, Element, Int<kBlockM>, Int<kHeadDim>>());
-    using SmemLayoutQ = decltype(tile_to_shape(
-        SmemLayoutAtomQ{}, Shape<Int<kBlockM>, Int<kHeadDim>, Int<kStages>>{}));
+    using SmemLayoutQ = decltype(tile_to_shape(SmemLayoutAtomQ{},
+                                               Shape<Int<kBlockM>, Int<kHeadDim>, Int<kStages>>{}));
     using SmemLayoutQt = decltype(composition(
         SmemLayoutQ{}, make_layout(Shape<Int<kHeadDim>, Int<kBlockM>, Int<kStages>>{},
                                    Stride<Int<kBlockM>, _1, Int<kBlockM * kHeadDim>>{})));
@@ -112,21 +112,22 @@ struct BwdKernelTraits {
                                      GMMA::Major::K, Element, Int<kBlockN>, Int<kHeadDim>>());
     using SmemLayoutK =
         decltype(tile_to_shape(SmemLayoutAtomK{}, Shape<Int<kBlockN>, Int<kHeadDim>>{}));
-    using SmemLayoutKt = decltype(composition(
-        SmemLayoutK{}, make_layout(Shape<Int<kHeadDim>, Int<kBlockN>>{},
-                                   Stride<Int<kBlockN>, _1>{})));
+    using SmemLayoutKt =
+        decltype(composition(SmemLayoutK{}, make_layout(Shape<Int<kHeadDim>, Int<kBlockN>>{},
+                                                        Stride<Int<kBlockN>, _1>{})));
     using SmemLayoutV = SmemLayoutK;
     // dS: (queries, keys) with the queries contiguous (MN-major A operand of dQ); atoms laid
     // along the queries first, CUTLASS's order for MN-major operands.
-    using SmemLayoutAtomdS = decltype(cutlass::gemm::collective::detail::ss_smem_selector<
-                                      GMMA::Major::MN, Element, Int<kBlockM>, Int<kBlockN>>());
+    using SmemLayoutAtomdS =
+        decltype(cutlass::gemm::collective::detail::ss_smem_selector<GMMA::Major::MN, Element,
+                                                                     Int<kBlockM>, Int<kBlockN>>());
     using SmemLayoutdS = decltype(tile_to_shape(
         SmemLayoutAtomdS{}, Shape<Int<kBlockM>, Int<kBlockN>>{}, Step<_2, _1>{}));
     // The same bytes as (keys, queries), as the consumers write dS^T from the accumulator layout
     // of S^T: stmatrix, 8 x 8 16-bit tiles per instruction (each key's queries are contiguous).
-    using SmemLayoutdSt = decltype(composition(
-        SmemLayoutdS{}, make_layout(Shape<Int<kBlockN>, Int<kBlockM>>{},
-                                    Stride<Int<kBlockM>, _1>{})));
+    using SmemLayoutdSt =
+        decltype(composition(SmemLayoutdS{}, make_layout(Shape<Int<kBlockN>, Int<kBlockM>>{},
+                                                         Stride<Int<kBlockM>, _1>{})));
     using SmemCopyAtomdS = Copy_Atom<SM90_U32x4_STSM_N, Element>;
 
     // Global tensors as the TMA descriptors see them: (rows, head dim, heads, batch); varlen
@@ -136,14 +137,12 @@ struct BwdKernelTraits {
     using GmemStride = Stride<int64_t, _1, int64_t, int64_t>;
     using TmaQ = decltype(make_tma_copy(
         SM90_TMA_LOAD{},
-        make_tensor(make_gmem_ptr(static_cast<const Element*>(nullptr)), GmemShape{},
-                    GmemStride{}),
+        make_tensor(make_gmem_ptr(static_cast<const Element*>(nullptr)), GmemShape{}, GmemStride{}),
         take<0, 2>(SmemLayoutQ{}), Shape<Int<kBlockM>, Int<kHeadDim>>{}, _1{}));
     using TmadO = TmaQ;
     using TmaK = decltype(make_tma_copy(
         SM90_TMA_LOAD{},
-        make_tensor(make_gmem_ptr(static_cast<const Element*>(nullptr)), GmemShape{},
-                    GmemStride{}),
+        make_tensor(make_gmem_ptr(static_cast<const Element*>(nullptr)), GmemShape{}, GmemStride{}),
         SmemLayoutK{}, Shape<Int<kBlockN>, Int<kHeadDim>>{}, _1{}));
     using TmaV = TmaK;
 

@@ -20,7 +20,8 @@ constexpr int kRowKernelThreads = kRowKernelWarps * 32;
 constexpr int kRowVectorBytes = 16;
 
 template <typename Element>
-using RowVector = cutlass::AlignedArray<Element, kRowVectorBytes / sizeof(Element), kRowVectorBytes>;
+using RowVector =
+    cutlass::AlignedArray<Element, kRowVectorBytes / sizeof(Element), kRowVectorBytes>;
 
 // The row statistics the main kernel reads, LSE in log2 units and D, float32, each laid out as
 // (heads, padded rows): a sequence's rows start at a multiple of kBlockM, so that the main kernel
@@ -33,17 +34,16 @@ using RowVector = cutlass::AlignedArray<Element, kRowVectorBytes / sizeof(Elemen
 template <int kBlockM>
 struct PaddedRows {
     static int64_t rows_per_head(const FlashBwdParams& params) {
-        const int64_t rows = params.cu_seqlens_q != nullptr
-                                 ? params.total_q + int64_t(params.batch) * kBlockM
-                                 : int64_t(params.batch) *
-                                       cute::ceil_div(params.seqlen_q, kBlockM) * kBlockM;
+        const int64_t rows =
+            params.cu_seqlens_q != nullptr
+                ? params.total_q + int64_t(params.batch) * kBlockM
+                : int64_t(params.batch) * cute::ceil_div(params.seqlen_q, kBlockM) * kBlockM;
         return cute::ceil_div(rows, int64_t(kBlockM)) * kBlockM;
     }
     __device__ static int64_t first_row(const FlashBwdParams& params, const SeqlenInfo& seq,
                                         int batch) {
-        return seq.is_varlen
-                   ? (int64_t(seq.q_start) + int64_t(batch) * kBlockM) / kBlockM * kBlockM
-                   : int64_t(batch) * cute::ceil_div(params.seqlen_q, kBlockM) * kBlockM;
+        return seq.is_varlen ? (int64_t(seq.q_start) + int64_t(batch) * kBlockM) / kBlockM * kBlockM
+                             : int64_t(batch) * cute::ceil_div(params.seqlen_q, kBlockM) * kBlockM;
     }
 };
 
@@ -54,22 +54,31 @@ struct RowStats {
     int64_t head_stride;  // padded rows per head
 };
 
-// The query row this warp handles. Grid: (row groups of the longest sequence rounded up to
-// kBlockM, batch, heads).
-__device__ __forceinline__ int row_kernel_row() {
-    return blockIdx.x * kRowKernelWarps + threadIdx.x / 32;
-}
+// The (query row, head, sequence) of a row kernel's warp. Grid: (row groups of the longest
+// sequence, batch, heads), kRowKernelWarps warps per block, a row per warp.
+struct RowKernelWarp {
+    int batch;
+    int head;
+    int lane;
+    int row;
+    SeqlenInfo seq;
+
+    __device__ explicit RowKernelWarp(const FlashBwdParams& params)
+        : batch(blockIdx.y),
+          head(blockIdx.z),
+          lane(threadIdx.x % 32),
+          row(blockIdx.x * kRowKernelWarps + threadIdx.x / 32),
+          seq(params, blockIdx.y) {}
+};
 
 // D and LSE_log2 of every padded row of the sequences (see PaddedRows).
 template <typename Element, int kBlockM>
 __global__ void __launch_bounds__(kRowKernelThreads)
     flash_bwd_row_stats_kernel(const __grid_constant__ FlashBwdParams params, RowStats stats) {
     constexpr int kElems = kRowVectorBytes / sizeof(Element);
-    const int batch = blockIdx.y;
-    const int head = blockIdx.z;
-    const int lane = threadIdx.x % 32;
-    const SeqlenInfo seq(params, batch);
-    const int row = row_kernel_row();
+    const RowKernelWarp warp(params);
+    const int batch = warp.batch, head = warp.head, lane = warp.lane, row = warp.row;
+    const SeqlenInfo& seq = warp.seq;
     if (row >= cute::ceil_div(seq.seqlen_q, kBlockM) * kBlockM) return;
     const int64_t out = int64_t(head) * stats.head_stride +
                         PaddedRows<kBlockM>::first_row(params, seq, batch) + row;
@@ -82,7 +91,8 @@ __global__ void __launch_bounds__(kRowKernelThreads)
     }
     const Element* o_row = static_cast<const Element*>(params.o_ptr) +
                            seq.q_offset(params.o_batch_stride, params.o_row_stride, batch) +
-                           int64_t(row) * params.o_row_stride + int64_t(head) * params.o_head_stride;
+                           int64_t(row) * params.o_row_stride +
+                           int64_t(head) * params.o_head_stride;
     const Element* do_row = static_cast<const Element*>(params.do_ptr) +
                             seq.q_offset(params.do_batch_stride, params.do_row_stride, batch) +
                             int64_t(row) * params.do_row_stride +
@@ -114,11 +124,9 @@ __global__ void __launch_bounds__(kRowKernelThreads)
     flash_bwd_convert_dq_kernel(const __grid_constant__ FlashBwdParams params,
                                 const float* __restrict__ dq_accum, int64_t dq_accum_head_stride) {
     constexpr int kElems = kRowVectorBytes / sizeof(Element);
-    const int batch = blockIdx.y;
-    const int head = blockIdx.z;
-    const int lane = threadIdx.x % 32;
-    const SeqlenInfo seq(params, batch);
-    const int row = row_kernel_row();
+    const RowKernelWarp warp(params);
+    const int batch = warp.batch, head = warp.head, lane = warp.lane, row = warp.row;
+    const SeqlenInfo& seq = warp.seq;
     if (row >= seq.seqlen_q) return;
     const int64_t accum_row =
         seq.is_varlen ? int64_t(seq.q_start) + row : int64_t(batch) * params.seqlen_q + row;

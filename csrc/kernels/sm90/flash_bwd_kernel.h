@@ -140,8 +140,7 @@ struct FlashBwdKeyBlock {
             return;
         }
         cutlass::arch::warpgroup_reg_alloc<Traits::kConsumerRegisters>();
-        consume(kp, shared, pipeline_q, pipeline_do, work,
-                int(threadIdx.x) - kThreadsPerWarpgroup);
+        consume(kp, shared, pipeline_q, pipeline_do, work, int(threadIdx.x) - kThreadsPerWarpgroup);
     }
 
     // The producer thread: K and V once, then Q and dO of every visited row block.
@@ -156,8 +155,7 @@ struct FlashBwdKeyBlock {
         Tensor sK = make_tensor(make_smem_ptr(shared.k.data()), typename Traits::SmemLayoutK{});
         Tensor sV = make_tensor(make_smem_ptr(shared.v.data()), typename Traits::SmemLayoutV{});
         Tensor sQ = make_tensor(make_smem_ptr(shared.q.data()), typename Traits::SmemLayoutQ{});
-        Tensor sdO =
-            make_tensor(make_smem_ptr(shared.d_o.data()), typename Traits::SmemLayoutdO{});
+        Tensor sdO = make_tensor(make_smem_ptr(shared.d_o.data()), typename Traits::SmemLayoutdO{});
 
         // Coordinate tensors of the descriptors, shifted to the sequence's first row.
         Tensor mK = kp.tma_k.get_tma_tensor(kp.shape_k)(_, _, head_k, batch_coord);
@@ -165,13 +163,13 @@ struct FlashBwdKeyBlock {
                                Shape<Int<kBlockN>, Int<kHeadDim>>{},
                                make_coord(work.n_block, _0{}));  // (BN, D)
         Tensor mV = kp.tma_v.get_tma_tensor(kp.shape_k)(_, _, head_k, batch_coord);
-        Tensor gV = local_tile(domain_offset(make_coord(seq.k_start, _0{}), mV),
-                               Shape<Int<kBlockN>, Int<kHeadDim>>{},
-                               make_coord(work.n_block, _0{}));
+        Tensor gV =
+            local_tile(domain_offset(make_coord(seq.k_start, _0{}), mV),
+                       Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(work.n_block, _0{}));
         Tensor mQ = kp.tma_q.get_tma_tensor(kp.shape_q)(_, _, work.head, batch_coord);
-        Tensor gQ = local_tile(domain_offset(make_coord(seq.q_start, _0{}), mQ),
-                               Shape<Int<kBlockM>, Int<kHeadDim>>{},
-                               make_coord(_, _0{}));  // (BM, D, m)
+        Tensor gQ =
+            local_tile(domain_offset(make_coord(seq.q_start, _0{}), mQ),
+                       Shape<Int<kBlockM>, Int<kHeadDim>>{}, make_coord(_, _0{}));  // (BM, D, m)
         Tensor mdO = kp.tma_do.get_tma_tensor(kp.shape_q)(_, _, work.head, batch_coord);
         Tensor gdO = local_tile(domain_offset(make_coord(seq.q_start, _0{}), mdO),
                                 Shape<Int<kBlockM>, Int<kHeadDim>>{}, make_coord(_, _0{}));
@@ -180,8 +178,8 @@ struct FlashBwdKeyBlock {
         auto tma_v = kp.tma_v.get_slice(_0{});
         auto tma_q = kp.tma_q.get_slice(_0{});
         auto tma_do = kp.tma_do.get_slice(_0{});
-        Tensor tQgQ = group_modes<0, 3>(tma_q.partition_S(gQ));     // (TMA, m)
-        Tensor tQsQ = group_modes<0, 3>(tma_q.partition_D(sQ));     // (TMA, stage)
+        Tensor tQgQ = group_modes<0, 3>(tma_q.partition_S(gQ));      // (TMA, m)
+        Tensor tQsQ = group_modes<0, 3>(tma_q.partition_D(sQ));      // (TMA, stage)
         Tensor tdOgdO = group_modes<0, 3>(tma_do.partition_S(gdO));  // (TMA, m)
         Tensor tdOsdO = group_modes<0, 3>(tma_do.partition_D(sdO));  // (TMA, stage)
 
@@ -231,8 +229,7 @@ struct FlashBwdKeyBlock {
         Tensor sV = make_tensor(make_smem_ptr(shared.v.data()), typename Traits::SmemLayoutV{});
         Tensor sQ = make_tensor(make_smem_ptr(shared.q.data()), typename Traits::SmemLayoutQ{});
         Tensor sQt = make_tensor(make_smem_ptr(shared.q.data()), typename Traits::SmemLayoutQt{});
-        Tensor sdO =
-            make_tensor(make_smem_ptr(shared.d_o.data()), typename Traits::SmemLayoutdO{});
+        Tensor sdO = make_tensor(make_smem_ptr(shared.d_o.data()), typename Traits::SmemLayoutdO{});
         Tensor sdOt =
             make_tensor(make_smem_ptr(shared.d_o.data()), typename Traits::SmemLayoutdOt{});
         Tensor sdS = make_tensor(make_smem_ptr(shared.ds.data()), typename Traits::SmemLayoutdS{});
@@ -249,35 +246,36 @@ struct FlashBwdKeyBlock {
         // Descriptor fragments: K and V as the A operands of S^T and dP^T (this warpgroup's 64
         // keys), Q and dO as their B operands; dO^T and Q^T as the B operands of dV and dK; dS
         // and K^T as the operands of dQ.
-        Tensor tSrK = thr_mma_sdp.partition_fragment_A(sK);      // (MMA, MMA_M, MMA_D)
-        Tensor tSrQ = thr_mma_sdp.partition_fragment_B(sQ);      // (MMA, MMA_N, MMA_D, stage)
+        Tensor tSrK = thr_mma_sdp.partition_fragment_A(sK);  // (MMA, MMA_M, MMA_D)
+        Tensor tSrQ = thr_mma_sdp.partition_fragment_B(sQ);  // (MMA, MMA_N, MMA_D, stage)
         Tensor tdPrV = thr_mma_sdp.partition_fragment_A(sV);
         Tensor tdPrdO = thr_mma_sdp.partition_fragment_B(sdO);
         Tensor tdVrdOt = thr_mma_dkv.partition_fragment_B(sdOt);  // (MMA, MMA_D, MMA_M, stage)
         Tensor tdKrQt = thr_mma_dkv.partition_fragment_B(sQt);
-        Tensor tdQrdS = thr_mma_dq.partition_fragment_A(sdS);    // (MMA, MMA_M, MMA_N)
-        Tensor tdQrKt = thr_mma_dq.partition_fragment_B(sKt);    // (MMA, MMA_D, MMA_N)
+        Tensor tdQrdS = thr_mma_dq.partition_fragment_A(sdS);  // (MMA, MMA_M, MMA_N)
+        Tensor tdQrKt = thr_mma_dq.partition_fragment_B(sKt);  // (MMA, MMA_D, MMA_N)
 
         // (key, query) of each of this thread's S^T entries within a (kBlockN, kBlockM) tile.
-        Tensor tScS = thr_mma_sdp.partition_C(
-            make_identity_tensor(Shape<Int<kBlockN>, Int<kBlockM>>{}));
+        Tensor tScS =
+            thr_mma_sdp.partition_C(make_identity_tensor(Shape<Int<kBlockN>, Int<kBlockM>>{}));
         // dS^T from registers to shared memory (stmatrix).
-        auto smem_tiled_copy_ds = make_tiled_copy_C(typename Traits::SmemCopyAtomdS{}, tiled_mma_sdp);
+        auto smem_tiled_copy_ds =
+            make_tiled_copy_C(typename Traits::SmemCopyAtomdS{}, tiled_mma_sdp);
         auto smem_thr_copy_ds = smem_tiled_copy_ds.get_thread_slice(thread);
         Tensor tdSsdS = smem_thr_copy_ds.partition_D(sdSt);
         // (query, column) of each of this thread's dQ entries within (kBlockM, kHeadDim).
-        Tensor tdQcdQ = thr_mma_dq.partition_C(
-            make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{}));
+        Tensor tdQcdQ =
+            thr_mma_dq.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{}));
 
-        Tensor acc_dk = partition_fragment_C(tiled_mma_dkv,
-                                             select<0, 1>(typename Traits::TileShapeDKV{}));
-        Tensor acc_dv = partition_fragment_C(tiled_mma_dkv,
-                                             select<0, 1>(typename Traits::TileShapeDKV{}));
+        Tensor acc_dk =
+            partition_fragment_C(tiled_mma_dkv, select<0, 1>(typename Traits::TileShapeDKV{}));
+        Tensor acc_dv =
+            partition_fragment_C(tiled_mma_dkv, select<0, 1>(typename Traits::TileShapeDKV{}));
         clear(acc_dk);
         clear(acc_dv);
 
-        const int64_t dq_first_row = seq.is_varlen ? int64_t(seq.q_start)
-                                                   : int64_t(work.batch) * params.seqlen_q;
+        const int64_t dq_first_row =
+            seq.is_varlen ? int64_t(seq.q_start) : int64_t(work.batch) * params.seqlen_q;
         float* dq_accum_head = kp.dq_accum + int64_t(work.head) * kp.dq_accum_head_stride;
         const int key0 = work.n_block * kBlockN;
 
@@ -292,10 +290,10 @@ struct FlashBwdKeyBlock {
         CUTE_NO_UNROLL
         for (int m_block = work.m_begin; m_block < work.m_end; ++m_block) {
             const int query0 = m_block * kBlockM;
-            Tensor acc_s = partition_fragment_C(tiled_mma_sdp,
-                                                select<0, 1>(typename Traits::TileShapeSdP{}));
-            Tensor acc_dp = partition_fragment_C(tiled_mma_sdp,
-                                                 select<0, 1>(typename Traits::TileShapeSdP{}));
+            Tensor acc_s =
+                partition_fragment_C(tiled_mma_sdp, select<0, 1>(typename Traits::TileShapeSdP{}));
+            Tensor acc_dp =
+                partition_fragment_C(tiled_mma_sdp, select<0, 1>(typename Traits::TileShapeSdP{}));
             pipeline_q.consumer_wait(read);
             pipeline_do.consumer_wait(read);
             if (query0 + kBlockM > seq.seqlen_q) {  // the last row block: uniform
@@ -306,8 +304,8 @@ struct FlashBwdKeyBlock {
             }
             warpgroup_gemm</*kZeroInit=*/true>(tiled_mma_sdp, tSrK, tSrQ(_, _, _, read.index()),
                                                acc_s);
-            warpgroup_gemm</*kZeroInit=*/true>(tiled_mma_sdp, tdPrV,
-                                               tdPrdO(_, _, _, read.index()), acc_dp);
+            warpgroup_gemm</*kZeroInit=*/true>(tiled_mma_sdp, tdPrV, tdPrdO(_, _, _, read.index()),
+                                               acc_dp);
 
             // The row block's statistics, by query (this thread's columns of S^T): LSE in log2
             // units (+inf past the sequence end and for rows that saw no key: P = 0 there), D.
@@ -349,8 +347,8 @@ struct FlashBwdKeyBlock {
             cutlass::arch::fence_view_async_shared();  // generic-proxy writes, wgmma reads
             cutlass::arch::NamedBarrier::sync(kNumMmaThreads, kBarrierDsWritten);
 
-            Tensor acc_dq = partition_fragment_C(
-                tiled_mma_dq, select<0, 1>(typename Traits::TileShapeDQ{}));
+            Tensor acc_dq =
+                partition_fragment_C(tiled_mma_dq, select<0, 1>(typename Traits::TileShapeDQ{}));
             warpgroup_gemm</*kZeroInit=*/true>(tiled_mma_dq, tdQrdS, tdQrKt, acc_dq);
             warpgroup_wait<0>();  // dV, dK and dQ landed: Q, dO and this thread's dS reads done
             // The next row block writes dS only after every consumer's dQ product has read it.
@@ -365,10 +363,10 @@ struct FlashBwdKeyBlock {
             for (int i = 0; i < size(acc_dq); i += 2) {
                 const int query = query0 + get<0>(tdQcdQ(i));
                 if (query >= seq.seqlen_q) continue;
-                float* address = dq_accum_head + (dq_first_row + query) * kHeadDim +
-                                 get<1>(tdQcdQ(i));
-                asm volatile("red.global.add.v2.f32 [%0], {%1, %2};" ::"l"(address),
-                             "f"(acc_dq(i)), "f"(acc_dq(i + 1))
+                float* address =
+                    dq_accum_head + (dq_first_row + query) * kHeadDim + get<1>(tdQcdQ(i));
+                asm volatile("red.global.add.v2.f32 [%0], {%1, %2};" ::"l"(address), "f"(acc_dq(i)),
+                             "f"(acc_dq(i + 1))
                              : "memory");
             }
         }
@@ -396,8 +394,8 @@ struct FlashBwdKeyBlock {
     // the block's keys inside the sequence, two adjacent columns per store.
     template <typename TiledMmaDKV, typename AccDK, typename AccDV>
     __device__ static void store_dk_dv(const FlashBwdParams& params, const SeqlenInfo& seq,
-                                       const Work& work, TiledMmaDKV& tiled_mma_dkv,
-                                       AccDK& acc_dk, AccDV& acc_dv, int thread) {
+                                       const Work& work, TiledMmaDKV& tiled_mma_dkv, AccDK& acc_dk,
+                                       AccDV& acc_dv, int thread) {
         Tensor tdKcdK = tiled_mma_dkv.get_thread_slice(thread).partition_C(
             make_identity_tensor(Shape<Int<kBlockN>, Int<kHeadDim>>{}));
         Element* dk_seq = static_cast<Element*>(params.dk_ptr) +

@@ -86,46 +86,39 @@ cudaError_t launch_flash_bwd(const FlashBwdParams& params, const Workspace& work
     }
 
     using namespace cute;
-    const bool is_varlen = params.cu_seqlens_q != nullptr;
-    const int32_t rows_q = tma_extent(is_varlen ? params.total_q : params.seqlen_q);
-    const int32_t rows_k = tma_extent(is_varlen ? params.total_k : params.seqlen_k);
-    const int32_t batches = is_varlen ? 1 : tma_extent(params.batch);
-    // The batch stride of a one-batch varlen buffer is never used, but TMA wants a valid one.
-    auto batch_stride = [&](int64_t stride, int64_t row_stride) {
-        return is_varlen ? row_stride : stride;
-    };
+    const TmaRows rows(params);
     BwdKernelParams<Traits> kp{};
     kp.params = params;
-    kp.shape_q = make_shape(rows_q, int32_t(params.head_dim), int32_t(params.nheads), batches);
-    kp.shape_k = make_shape(rows_k, int32_t(params.head_dim), int32_t(params.nheads_k), batches);
+    kp.shape_q =
+        make_shape(rows.rows_q, int32_t(params.head_dim), int32_t(params.nheads), rows.batches);
+    kp.shape_k =
+        make_shape(rows.rows_k, int32_t(params.head_dim), int32_t(params.nheads_k), rows.batches);
     auto gmem = [&](const void* ptr, const typename Traits::GmemShape& shape, int64_t row_stride,
                     int64_t head_stride, int64_t batch_stride_) {
         return make_tensor(make_gmem_ptr(static_cast<const Element*>(ptr)), shape,
                            make_stride(row_stride, _1{}, head_stride,
-                                       batch_stride(batch_stride_, row_stride)));
+                                       rows.batch_stride(batch_stride_, row_stride)));
     };
-    kp.tma_q = make_tma_copy(
-        SM90_TMA_LOAD{},
-        gmem(params.q_ptr, kp.shape_q, params.q_row_stride, params.q_head_stride,
-             params.q_batch_stride),
-        take<0, 2>(typename Traits::SmemLayoutQ{}), Shape<Int<Traits::kBlockM>, Int<kHeadDim>>{},
-        _1{});
-    kp.tma_do = make_tma_copy(
-        SM90_TMA_LOAD{},
-        gmem(params.do_ptr, kp.shape_q, params.do_row_stride, params.do_head_stride,
-             params.do_batch_stride),
-        take<0, 2>(typename Traits::SmemLayoutdO{}), Shape<Int<Traits::kBlockM>, Int<kHeadDim>>{},
-        _1{});
-    kp.tma_k = make_tma_copy(
-        SM90_TMA_LOAD{},
-        gmem(params.k_ptr, kp.shape_k, params.k_row_stride, params.k_head_stride,
-             params.k_batch_stride),
-        typename Traits::SmemLayoutK{}, Shape<Int<Traits::kBlockN>, Int<kHeadDim>>{}, _1{});
-    kp.tma_v = make_tma_copy(
-        SM90_TMA_LOAD{},
-        gmem(params.v_ptr, kp.shape_k, params.v_row_stride, params.v_head_stride,
-             params.v_batch_stride),
-        typename Traits::SmemLayoutV{}, Shape<Int<Traits::kBlockN>, Int<kHeadDim>>{}, _1{});
+    kp.tma_q = make_tma_copy(SM90_TMA_LOAD{},
+                             gmem(params.q_ptr, kp.shape_q, params.q_row_stride,
+                                  params.q_head_stride, params.q_batch_stride),
+                             take<0, 2>(typename Traits::SmemLayoutQ{}),
+                             Shape<Int<Traits::kBlockM>, Int<kHeadDim>>{}, _1{});
+    kp.tma_do = make_tma_copy(SM90_TMA_LOAD{},
+                              gmem(params.do_ptr, kp.shape_q, params.do_row_stride,
+                                   params.do_head_stride, params.do_batch_stride),
+                              take<0, 2>(typename Traits::SmemLayoutdO{}),
+                              Shape<Int<Traits::kBlockM>, Int<kHeadDim>>{}, _1{});
+    kp.tma_k = make_tma_copy(SM90_TMA_LOAD{},
+                             gmem(params.k_ptr, kp.shape_k, params.k_row_stride,
+                                  params.k_head_stride, params.k_batch_stride),
+                             typename Traits::SmemLayoutK{},
+                             Shape<Int<Traits::kBlockN>, Int<kHeadDim>>{}, _1{});
+    kp.tma_v = make_tma_copy(SM90_TMA_LOAD{},
+                             gmem(params.v_ptr, kp.shape_k, params.v_row_stride,
+                                  params.v_head_stride, params.v_batch_stride),
+                             typename Traits::SmemLayoutV{},
+                             Shape<Int<Traits::kBlockN>, Int<kHeadDim>>{}, _1{});
     kp.dq_accum = dq_accum;
     kp.dq_accum_head_stride = dq_accum_head_stride;
     kp.stats = row_stats;
@@ -135,8 +128,7 @@ cudaError_t launch_flash_bwd(const FlashBwdParams& params, const Workspace& work
     cudaError_t err =
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
     if (err != cudaSuccess) return err;
-    const dim3 grid(cute::ceil_div(params.seqlen_k, Traits::kBlockN), params.nheads,
-                    params.batch);
+    const dim3 grid(cute::ceil_div(params.seqlen_k, Traits::kBlockN), params.nheads, params.batch);
     if (grid.x > 0 && grid.y > 0 && grid.z > 0) {
         kernel<<<grid, Traits::kNumThreads, kSmemBytes, stream>>>(kp);
     }

@@ -100,29 +100,24 @@ cudaError_t launch_flash_fwd(const FlashFwdParams& params, const Workspace& work
     // Varlen: one batch of all rows, each sequence found by its first row (flash_fwd_kernel.h).
     // Fixed length: (seqlen, d, heads, batch). The host has checked that every stride and the
     // base addresses are multiples of 16 bytes, which TMA requires (bindings/input_checks.cpp).
-    const bool is_varlen = params.cu_seqlens_q != nullptr;
-    const int32_t rows_q = tma_extent(is_varlen ? params.total_q : params.seqlen_q);
-    const int32_t rows_k = tma_extent(is_varlen ? params.total_k : params.seqlen_k);
-    const int32_t batches = is_varlen ? 1 : tma_extent(params.batch);
-    // The batch stride of a one-batch varlen buffer is never used, but TMA wants a valid one.
-    auto batch_stride = [&](int64_t stride, int64_t row_stride) {
-        return is_varlen ? row_stride : stride;
-    };
+    const TmaRows rows(params);
 
     using namespace cute;
     FwdKernelParams<Traits> kp{};
     kp.params = params;
-    kp.shape_k = make_shape(rows_k, int32_t(params.head_dim), int32_t(params.nheads_k), batches);
-    kp.shape_vt = make_shape(int32_t(params.head_dim), rows_k, int32_t(params.nheads_k), batches);
+    kp.shape_k =
+        make_shape(rows.rows_k, int32_t(params.head_dim), int32_t(params.nheads_k), rows.batches);
+    kp.shape_vt =
+        make_shape(int32_t(params.head_dim), rows.rows_k, int32_t(params.nheads_k), rows.batches);
     // The real head dim is the descriptors' extent: columns of the tile past it read zeros.
     Tensor mK = make_tensor(
         make_gmem_ptr(static_cast<const Element*>(params.k_ptr)), kp.shape_k,
         make_stride(params.k_row_stride, _1{}, params.k_head_stride,
-                    batch_stride(params.k_batch_stride, params.k_row_stride)));
+                    rows.batch_stride(params.k_batch_stride, params.k_row_stride)));
     Tensor mVt = make_tensor(
         make_gmem_ptr(static_cast<const Element*>(params.v_ptr)), kp.shape_vt,
         make_stride(_1{}, params.v_row_stride, params.v_head_stride,
-                    batch_stride(params.v_batch_stride, params.v_row_stride)));
+                    rows.batch_stride(params.v_batch_stride, params.v_row_stride)));
     kp.tma_k = make_tma_copy(SM90_TMA_LOAD{}, mK, take<0, 2>(typename Traits::SmemLayoutK{}),
                              Shape<Int<Traits::kBlockN>, Int<kHeadDim>>{}, _1{});
     kp.tma_v = make_tma_copy(SM90_TMA_LOAD{}, mVt, take<0, 2>(typename Traits::SmemLayoutVt{}),
@@ -133,8 +128,8 @@ cudaError_t launch_flash_fwd(const FlashFwdParams& params, const Workspace& work
     kp.heads_per_tile =
         query_heads_per_tile<Traits::kBlockM>(params.nheads, params.nheads_k, has_variants);
     const cudaError_t q_err = make_query_descriptor<Traits>(
-        params, kp.heads_per_tile, rows_q, batches,
-        batch_stride(params.q_batch_stride, params.q_row_stride), kp.tma_q);
+        params, kp.heads_per_tile, rows.rows_q, rows.batches,
+        rows.batch_stride(params.q_batch_stride, params.q_row_stride), kp.tma_q);
     if (q_err != cudaSuccess) return q_err;
 
     // Tiles: row blocks of `tokens` tokens of each head unit (a head, or a packed GQA group).
@@ -150,7 +145,8 @@ cudaError_t launch_flash_fwd(const FlashFwdParams& params, const Workspace& work
     // 1.25x, -9 to -10%; with this rule short takes the grid order: +9 to +11%,
     // benchmarks/results/2026-12-05_h200_sm90_bisect.md).
     constexpr int64_t kScheduleGridRatio = 2;
-    const bool use_schedule = is_varlen && grid_order_tiles > kScheduleGridRatio * schedule_tiles;
+    const bool use_schedule =
+        rows.is_varlen && grid_order_tiles > kScheduleGridRatio * schedule_tiles;
     int64_t tiles = grid_order_tiles;
     kp.tiles = TileOrder{VarlenTileSchedule{nullptr, nullptr}, row_blocks, params.batch,
                          head_units, 0};
