@@ -123,13 +123,22 @@ class Instantiation(NamedTuple):
         )
 
 
+def direction_buckets(family: kernel_families.KernelFamily, direction: str) -> tuple[int, ...]:
+    """The head-dim buckets a family's direction has kernels for."""
+    return (
+        family.directions[direction].head_dim_buckets
+        or family.head_dim_buckets
+        or HEAD_DIM_BUCKETS
+    )
+
+
 def all_instantiations() -> list[Instantiation]:
     return [
         Instantiation(family.name, direction, dtype, head_dim, local)
         for family in kernel_families.FAMILIES
         for direction in family.directions
         for dtype in ELEMENT_TYPES
-        for head_dim in family.head_dim_buckets or HEAD_DIM_BUCKETS
+        for head_dim in direction_buckets(family, direction)
         for local in family.local_variants
     ]
 

@@ -31,6 +31,8 @@ class Direction:
     (sm80 forward bf16 d128 with nvcc 13.0: 20 s per target against 1.4 s for ptxas; the file
     took 29.6 s instead of 49.5 s) and the machine code is the same (scripts/compare_sass.py:
     identical sm_80 and sm_90 code for every sm80 forward and decode file).
+    ``head_dim_buckets``: the buckets this direction has kernels for, where it has fewer than its
+    family (None: the family's).
     """
 
     header: str
@@ -38,6 +40,7 @@ class Direction:
     workspace_size: str | None = None
     unsupported_option: str | None = None
     shares_ptx: bool = False
+    head_dim_buckets: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -111,6 +114,16 @@ SM90 = KernelFamily(
             "launch_flash_fwd",
             "fwd_workspace_size",
             unsupported_option="fwd_unsupported_option",
+        ),
+        # Work in progress (issue 15): d = 128 only, and until its first GPU run it serves a call
+        # only under FLASH_VARLEN_KERNEL_FAMILY=sm90 (bwd_unsupported_option); dispatch gives
+        # every other backward call to the sm80 family.
+        "bwd": Direction(
+            "flash_bwd_launch.h",
+            "launch_flash_bwd",
+            "bwd_workspace_size",
+            unsupported_option="bwd_unsupported_option",
+            head_dim_buckets=(128,),
         ),
     },
     nvcc_flags=(

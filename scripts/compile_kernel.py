@@ -2,7 +2,7 @@
 extension machinery or a GPU, and prints ptxas's register and spill report for each kernel:
 
     python scripts/compile_kernel.py csrc/instantiations/sm90/fwd_bf16_hdim128.cu [...] \
-        [--out DIR] [--sass] [--flags-of DIRECTION]
+        [--out DIR] [--sass]
 
 Each file is compiled for every target of its kernel family (csrc/kernel_families.py) with the
 family's own flags. It is the quick check of a kernel change (about a minute per file on one
@@ -36,33 +36,28 @@ def load_module(relative_path: str, name: str):
     return module
 
 
-def nvcc_command(setup, source: Path, output: Path, nvcc: Path,
-                 flags_of: str | None = None) -> list[str]:
+def nvcc_command(setup, source: Path, output: Path, nvcc: Path) -> list[str]:
     """nvcc's command line for one instantiation file: the shared flags, the target flags of its
-    family and direction (every target of the family; `flags_of` names another direction of the
-    family, for a probe of a direction the family does not build yet), the include folders, and
-    ptxas's report."""
+    family and direction (every target of the family), the include folders, and ptxas's
+    report."""
     family = source.parent.name
     if family not in setup.FAMILIES:
-        raise SystemExit(f"{source}: not under csrc/instantiations/<family>/ or csrc/probes/<family>/")
+        raise SystemExit(f"{source}: not under csrc/instantiations/<family>/")
     os.environ["FLASH_VARLEN_ARCHS"] = ",".join(setup.FAMILIES[family].targets)
     includes = [ROOT / "csrc", setup.cutlass_include_dir(), nvcc.parent.parent / "include"]
-    direction = flags_of or setup.instantiation_direction(str(source))
     return [
         str(nvcc), "-c", str(source), "-o", str(output),
         *(f"-I{folder}" for folder in includes),
         *setup.nvcc_flags(nvcc_threads=1),
-        *setup.target_flags(family, direction),
+        *setup.target_flags(family, setup.instantiation_direction(str(source))),
         "--ptxas-options=-v", "-Xcompiler", "-fPIC",
     ]  # fmt: skip
 
 
-def compile_one(setup, source: Path, out_dir: Path, nvcc: Path, sass: bool,
-                flags_of: str | None = None) -> bool:
+def compile_one(setup, source: Path, out_dir: Path, nvcc: Path, sass: bool) -> bool:
     output = out_dir / (source.stem + ".o")
     result = subprocess.run(
-        nvcc_command(setup, source, output, nvcc, flags_of), capture_output=True, text=True,
-        check=False,
+        nvcc_command(setup, source, output, nvcc), capture_output=True, text=True, check=False
     )
     if result.returncode != 0:
         print(f"{source}: nvcc failed\n{result.stdout}{result.stderr}")
@@ -84,9 +79,6 @@ def main() -> int:
     parser.add_argument("sources", nargs="+", type=Path, help="csrc/instantiations/<family>/*.cu")
     parser.add_argument("--out", type=Path, help="folder for the objects (default: temporary)")
     parser.add_argument("--sass", action="store_true", help="also write each object's SASS")
-    parser.add_argument("--flags-of", metavar="DIRECTION",
-                        help="compile with the target flags of this direction of the family "
-                        "(a probe under csrc/probes/<family>/ of a direction it does not build)")
     args = parser.parse_args()
     setup = load_module("setup.py", "flash_varlen_setup")
     toolkit = setup.checked_toolchain()
@@ -95,7 +87,7 @@ def main() -> int:
         out_dir = args.out or Path(scratch)
         out_dir.mkdir(parents=True, exist_ok=True)
         results = [
-            compile_one(setup, source.resolve(), out_dir, nvcc, args.sass, args.flags_of)
+            compile_one(setup, source.resolve(), out_dir, nvcc, args.sass)
             for source in args.sources
         ]
     return 0 if all(results) else 1

@@ -50,11 +50,11 @@ def test_generator_covers_both_directions_dtypes_every_bucket_and_local_mask():
     gen = load_generator()
     names = {inst.relative_path for inst in gen.all_instantiations()}
     expected = sum(
-        len(family.directions)
-        * len(gen.ELEMENT_TYPES)
-        * len(family.head_dim_buckets or gen.HEAD_DIM_BUCKETS)
+        len(gen.ELEMENT_TYPES)
+        * len(gen.direction_buckets(family, direction))
         * len(family.local_variants)
         for family in gen.kernel_families.FAMILIES
+        for direction in family.directions
     )
     assert len(names) == expected
     # sm80: every direction, dtype, bucket and mask.
@@ -63,9 +63,11 @@ def test_generator_covers_both_directions_dtypes_every_bucket_and_local_mask():
     assert "sm80/fwd_fp16_hdim64.cu" in names
     assert "sm80/bwd_bf16_hdim256_local.cu" in names
     assert "sm80/bwd_fp16_hdim96.cu" in names
-    # sm90: the forward only, every bucket.
+    # sm90: the forward in every bucket; the backward (work in progress) in d = 128 only.
     assert "sm90/fwd_fp16_hdim64_local.cu" in names and "sm90/fwd_bf16_hdim256.cu" in names
-    assert not any(name.startswith("sm90/bwd_") for name in names)
+    assert sorted(name for name in names if name.startswith("sm90/bwd_")) == [
+        "sm90/bwd_bf16_hdim128.cu", "sm90/bwd_bf16_hdim128_local.cu",
+        "sm90/bwd_fp16_hdim128.cu", "sm90/bwd_fp16_hdim128_local.cu"]
 
 
 def test_kernel_sources_include_no_torch_headers():

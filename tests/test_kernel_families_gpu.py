@@ -39,6 +39,8 @@ pytestmark = [
 
 DEVICE = "cuda"
 OVERRIDE = "FLASH_VARLEN_KERNEL_FAMILY"
+# How dispatch says that a family lacks an option of the call (tests/conftest.py).
+UNIMPLEMENTED_OPTION = ": does not implement "
 DTYPE = torch.bfloat16
 HEAD_DIM = 128
 # Lengths that are not tile multiples, an empty key sequence, and more queries than keys.
@@ -55,7 +57,7 @@ def runnable_families(
     monkeypatch, direction: str, head_dim: int = HEAD_DIM, local: bool = True
 ) -> list[str]:
     """The families whose kernels of `direction` ("forward" or "backward") for (DTYPE, head_dim,
-    local mask) run on this GPU, best first (a family may have no backward: sm90 today)."""
+    local mask) run on this GPU, best first, options aside (dispatch is asked without a call)."""
     extension = load_extension()
     runnable = []
     for family in extension.kernel_families():
@@ -85,8 +87,9 @@ def test_without_override_the_best_runnable_family_runs(monkeypatch) -> None:
 
 
 def test_every_runnable_family_matches_the_reference(monkeypatch) -> None:
-    """Each family forced on its own: its forward (out, lse) and, where it has a backward, the
-    gradients of a forward and backward both run by it."""
+    """Each family forced on its own: its forward (out, lse) and, where it has a backward that
+    serves the call, the gradients of a forward and backward both run by it. (A backward may
+    refuse an option of the call: the sm90 backward, work in progress, has no GQA yet.)"""
     require_backward_kernel(DTYPE, HEAD_DIM)
     batch = make_varlen_batch(SEQLENS_Q, SEQLENS_K, 8, 2, HEAD_DIM, DTYPE, DEVICE, seed=11)
     dout = seeded_randn(batch.q.shape, DTYPE, DEVICE, device_generator(DEVICE, 12))
@@ -107,6 +110,7 @@ def test_every_runnable_family_matches_the_reference(monkeypatch) -> None:
     with_backward = runnable_families(monkeypatch, "backward")
     forward_only = runnable_families(monkeypatch, "forward")
     assert forward_only
+    checked_backward = []
     for family in forward_only:
         monkeypatch.setenv(OVERRIDE, family)
         leaves = [x.detach().clone().requires_grad_() for x in (batch.q, batch.k, batch.v)]
@@ -117,9 +121,15 @@ def test_every_runnable_family_matches_the_reference(monkeypatch) -> None:
         assert_within_tolerance(out, ref_out, low_out, FORWARD_FACTOR, f"{family} out")
         assert_lse_within_tolerance(lse, ref_lse, low_lse, FORWARD_FACTOR, f"{family} lse")
         if family in with_backward:
-            grads = torch.autograd.grad(out, leaves, dout)
+            try:
+                grads = torch.autograd.grad(out, leaves, dout)
+            except NotImplementedError as error:
+                if UNIMPLEMENTED_OPTION not in str(error):
+                    raise
+                continue
             assert_gradients_within_tolerance(grads, ref_grads, low_grads, family)
-    assert with_backward and set(with_backward) <= set(forward_only)
+            checked_backward.append(family)
+    assert checked_backward and set(with_backward) <= set(forward_only)
 
 
 def test_override_naming_no_family_is_refused(monkeypatch) -> None:

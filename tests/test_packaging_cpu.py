@@ -190,10 +190,11 @@ def test_collected_record_describes_this_torch_and_the_selection(monkeypatch, tm
         # Any order: the shared PTX is the lowest architecture's.
         ("sm80", "90,80", {"sm80": 20}),
         ("sm80", "90", {"sm80": 20}),
-        # decode: buckets 64 and 128, no local variant.
-        ("", "", {"sm80": 20, "sm90": 10, "decode": 2}),
+        # decode: buckets 64 and 128, no local variant; sm90: the forward in every bucket, the
+        # backward (work in progress) in d = 128 only.
+        ("", "", {"sm80": 20, "sm90": 12, "decode": 2}),
         ("", "80", {"sm80": 20, "decode": 2}),
-        ("sm90", "90", {"sm90": 10}),
+        ("sm90", "90", {"sm90": 12}),
         ("decode", "90", {"decode": 2}),
     ],
 )
@@ -294,10 +295,13 @@ def test_ninja_starts_the_heaviest_files_first(monkeypatch):
     assert list(sources) == ["sm90", "sm80", "decode"]
     sm80_directions = [Path(path).name.split("_")[0] for path in sources["sm80"]]
     assert sm80_directions == ["bwd"] * 20 + ["fwd"] * 20
+    sm90_directions = [Path(path).name.split("_")[0] for path in sources["sm90"]]
+    assert sm90_directions == ["bwd"] * 4 + ["fwd"] * 20
     host = ["csrc/bindings/module.cpp", "csrc/kernels/common/kernel_registry.cpp"]
     runs = setup.build_runs(sources, host)
-    # One run per set of target flags: the sm80 forward and the decode family share theirs.
-    assert [run.label for run in runs] == ["sm90 fwd", "sm80 bwd", "sm80 fwd, decode"]
+    # One run per set of target flags: the sm90 directions share theirs, and so do the sm80
+    # forward and the decode family.
+    assert [run.label for run in runs] == ["sm90 bwd, sm90 fwd", "sm80 bwd", "sm80 fwd, decode"]
     assert runs[0].files == sources["sm90"] + host
     assert runs[1].files == sources["sm80"][:20]
     assert runs[2].files == sources["sm80"][20:] + sources["decode"]

@@ -1,10 +1,14 @@
 // Host-side launch of the sm90-family backward for one (element type, head dim, local mask):
 // D (bwd_row_kernels.h), the main kernel (flash_bwd_kernel.h), dQ's conversion, and clearing
-// the unused rows of gradients the backward allocated. Work in progress for issue 15: compiled
-// by CI's compile check (csrc/kernels/sm90/probes/), registered nowhere yet, never run on a GPU.
+// the unused rows of gradients the backward allocated. Work in progress for issue 15: registered
+// for d = 128 (csrc/kernel_families.py) but opt-in (bwd_unsupported_option), never run on a GPU
+// yet.
 #pragma once
 
 #include <cuda_runtime_api.h>
+
+#include <cstdlib>
+#include <cstring>
 
 #include <cute/tensor.hpp>
 
@@ -27,8 +31,19 @@ struct BwdTileConfig {
     using Traits = BwdKernelTraits<Element, kHeadDim, 64, 128, 2>;
 };
 
+// Until this backward has passed the GPU tests, it serves a call only when the kernel-family
+// override names its family (the variable dispatch reads, csrc/bindings/dispatch.h); every
+// other call goes to the sm80 family, which dispatch tries next.
+constexpr const char* kOptInVariable = "FLASH_VARLEN_KERNEL_FAMILY";
+constexpr const char* kOptInFamily = "sm90";
+
 // The first option of a call that this first version does not implement, or nullptr.
 inline const char* bwd_unsupported_option(const FlashBwdParams& params) {
+    const char* forced = std::getenv(kOptInVariable);
+    if (forced == nullptr || std::strcmp(forced, kOptInFamily) != 0) {
+        return "the default (this backward is not yet validated on a GPU; "
+               "FLASH_VARLEN_KERNEL_FAMILY=sm90 runs it)";
+    }
     if (params.nheads != params.nheads_k) return "GQA/MQA";
     if (params.softcap_prescale != 0.f) return "soft-capping";
     if (params.alibi_slopes != nullptr) return "ALiBi";
