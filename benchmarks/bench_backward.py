@@ -15,8 +15,8 @@ bitwise); then the implementations that passed have
 in rounds of rotating order (timing_rounds.py; the median of the rounds).
 `ours_det` is ours with deterministic=True: backward only (its forward is ours'), and its
 gradients must be bitwise reproducible; `fa4` is FlashAttention-4 (skipped with a note when it
-does not import) and `fa4_det` its deterministic backward, likewise. Writes the JSON to --out, a Markdown table next to it
-(same stem, .md) and prints the table. Needs a CUDA GPU.
+does not import) and `fa4_det` its deterministic backward, likewise. Writes the JSON to --out,
+a Markdown table next to it (same stem, .md) and prints the table. Needs a CUDA GPU.
 """
 
 from __future__ import annotations

@@ -9,9 +9,9 @@ the benchmark's (benchmarks/workloads.py: the same lengths, heads and dtype);
 FLASH_VARLEN_KERNEL_FAMILY picks the family as everywhere else. Prints the median time of the
 calls, so that a run without a profiler says what one call costs.
 
-`--impl fa4` makes the same calls through FlashAttention-4 (benchmarks/impls.py's peer; its kernel
-is named `regex:flash_fwd|FlashAttention` for ncu's filter), so that the two kernels' profiles on one
-workload can be set side by side.
+`--impl fa4` makes the same calls through FlashAttention-4 (benchmarks/impls.py's peer; ncu's
+filter for its Hopper kernel: `--kernel-name regex:FlashAttentionForwardSm90`), so that the two
+kernels' profiles on one workload can be set side by side.
 
 `--breakdown` (no outside profiler) says where a call's time goes: the calls back to back as
 benchmarks/bench_forward.py times them (triton.testing.do_bench: L2 flushed before each, no
@@ -80,7 +80,8 @@ def main() -> int:
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
     median = sorted(times)[len(times) // 2]
-    print(f"{args.impl}: {args.workload} {args.layout} causal={args.causal}: median {median:.3f} ms over "
+    print(f"{args.impl}: {args.workload} {args.layout} causal={args.causal}: "
+          f"median {median:.3f} ms over "
           f"{args.calls} calls, {flops / (median * 1e-3) / 1e12:.1f} TFLOP/s")
     if args.breakdown:
         print_breakdown(call, flops)
