@@ -11,6 +11,7 @@
 
 #include "kernels/common/flash_params.h"
 #include "kernels/common/seqlen_info.h"
+#include "kernels/sm90/padded_rows.h"
 
 namespace flash_varlen {
 namespace sm90 {
@@ -24,26 +25,19 @@ using RowVector =
     cutlass::AlignedArray<Element, kRowVectorBytes / sizeof(Element), kRowVectorBytes>;
 
 // The row statistics the main kernel reads, LSE in log2 units and D, float32, each laid out as
-// (heads, padded rows): a sequence's rows start at a multiple of kBlockM, so that the main kernel
-// loads a row block's kBlockM values with one aligned bulk copy, and the rows from its end up to
-// the next multiple (which its last row block reads) hold LSE = +inf and D = 0: P = 0 there.
-// Sequence b starts at (its first query row + b kBlockM), rounded down to a multiple of kBlockM
-// (FlashAttention-3's padding, hopper/seqlen.h): the sequences' padded rows never overlap, and
-// (query rows + batch kBlockM) rows per head hold them all; rounded up to a multiple of kBlockM,
-// so that every head's rows start 16-byte aligned too.
+// (heads, padded rows) (padded_rows.h): a sequence's rows start at a multiple of kBlockM, so that
+// the main kernel loads a row block's kBlockM values with one aligned bulk copy, and the rows
+// from its end up to the next multiple (which its last row block reads) hold LSE = +inf and
+// D = 0: P = 0 there.
 template <int kBlockM>
 struct PaddedRows {
     static int64_t rows_per_head(const FlashBwdParams& params) {
-        const int64_t rows =
-            params.cu_seqlens_q != nullptr
-                ? params.total_q + int64_t(params.batch) * kBlockM
-                : int64_t(params.batch) * cute::ceil_div(params.seqlen_q, kBlockM) * kBlockM;
-        return cute::ceil_div(rows, int64_t(kBlockM)) * kBlockM;
+        return padded_rows_per_head(params.cu_seqlens_q != nullptr, params.total_q, params.batch,
+                                    params.seqlen_q, kBlockM);
     }
     __device__ static int64_t first_row(const FlashBwdParams& params, const SeqlenInfo& seq,
                                         int batch) {
-        return seq.is_varlen ? (int64_t(seq.q_start) + int64_t(batch) * kBlockM) / kBlockM * kBlockM
-                             : int64_t(batch) * cute::ceil_div(params.seqlen_q, kBlockM) * kBlockM;
+        return padded_first_row(seq.is_varlen, seq.q_start, batch, params.seqlen_q, kBlockM);
     }
 };
 

@@ -1,0 +1,35 @@
+// Where the sm90 backward keeps the row statistics of each sequence (bwd_row_kernels.h): rows
+// padded so that every sequence starts at a multiple of the row block. Plain C++ (constexpr, no
+// CUDA), so that the host compiler can test it (tests/test_sm90_backward_cpu.py).
+#pragma once
+
+#include <cstdint>
+
+namespace flash_varlen {
+namespace sm90 {
+
+constexpr int64_t round_up_to(int64_t value, int64_t multiple) {
+    return (value + multiple - 1) / multiple * multiple;
+}
+
+// The first padded row of sequence `batch`. Varlen: (its first query row + batch x block_rows),
+// rounded down to a multiple of block_rows (FlashAttention-3's padding, hopper/seqlen.h): each
+// sequence's padded rows, its length rounded up to block_rows, end before the next sequence's
+// start. Fixed length: batch x seqlen_q rounded up.
+constexpr int64_t padded_first_row(bool is_varlen, int64_t first_query_row, int64_t batch,
+                                   int64_t seqlen_q, int64_t block_rows) {
+    return is_varlen ? (first_query_row + batch * block_rows) / block_rows * block_rows
+                     : batch * round_up_to(seqlen_q, block_rows);
+}
+
+// Padded rows per head: every sequence's padded rows fit (varlen: query rows + batch x
+// block_rows), rounded up to a multiple of block_rows so that every head starts aligned too.
+constexpr int64_t padded_rows_per_head(bool is_varlen, int64_t total_q, int64_t batch,
+                                       int64_t seqlen_q, int64_t block_rows) {
+    return round_up_to(is_varlen ? total_q + batch * block_rows
+                                 : batch * round_up_to(seqlen_q, block_rows),
+                       block_rows);
+}
+
+}  // namespace sm90
+}  // namespace flash_varlen
