@@ -2,10 +2,12 @@
 // Work in progress for issue 15: compiled by CI's compile check, not yet dispatched nor run on a
 // GPU (csrc/kernels/sm90/backward_plan.md has the plan this follows).
 //
-// One thread block per (key block, head, sequence): a grid of (key blocks of the longest
-// sequence, heads, batch), blocks past their sequence's keys exit at once. The block loads its
-// K and V once, then walks the query row blocks that see any of its keys (MaskPolicy's
-// row_block_begin / row_block_end), kBlockM rows at a time:
+// One thread block per (key block, key/value head, sequence): a grid of (key blocks of the
+// longest sequence, key/value heads, batch), blocks past their sequence's keys exit at once. The
+// block loads its K and V once, then walks, for each query head of the key/value group (GQA: the
+// group's dK and dV are summed in registers, no atomics and no float32 copy of them), the query
+// row blocks that see any of its keys (MaskPolicy's row_block_begin / row_block_end), kBlockM
+// rows at a time:
 // - the producer warpgroup's first thread loads Q and dO of each row block by TMA into kStages
 //   buffers each (PipelineTmaAsync);
 // - each consumer warpgroup owns 64 of the keys: S^T = K Q^T and dP^T = V dO^T (wgmma, shared
@@ -24,7 +26,7 @@
 // for those pairs by selection, and their dQ, dK, dV rows are never written.
 //
 // This first version leaves to the sm80 family: soft-capping, ALiBi, dropout, attention sinks'
-// gradient, GQA (nheads_k < nheads), deterministic mode, head dims other than 128.
+// gradient, deterministic mode, head dims other than 128.
 #pragma once
 
 #include <cutlass/arch/barrier.h>
@@ -84,27 +86,35 @@ struct FlashBwdKeyBlock {
     using PipelineQdO = typename Traits::PipelineQdO;
     using PipelineState = typename Traits::PipelineState;
 
-    // The key block, its sequence and the query row blocks that see it, which the producer and
-    // the consumers derive alike from the block index.
+    // The key block, its sequence, the query heads of its key/value head and the query row
+    // blocks that see it, which the producer and the consumers derive alike from the block
+    // index. The steps are (query head, row block) pairs, the row blocks of one head in a row.
     struct Work {
         int n_block;
-        int head;
+        int head_k;
         int batch;
+        int heads_per_group;  // query heads per key/value head (1 without GQA)
         SeqlenInfo seq;
-        Mask mask;
+        Mask mask;  // no ALiBi here: the head it is built for does not matter
         int m_begin;
         int m_end;
 
         __device__ Work(const FlashBwdParams& params)
             : n_block(blockIdx.x),
-              head(blockIdx.y),
+              head_k(blockIdx.y),
               batch(blockIdx.z),
+              heads_per_group(params.nheads / params.nheads_k),
               seq(params, blockIdx.z),
-              mask(params, seq, blockIdx.z, blockIdx.y),
+              mask(params, seq, blockIdx.z, blockIdx.y * (params.nheads / params.nheads_k)),
               m_begin(mask.template row_block_begin<kBlockM, kBlockN>(blockIdx.x)),
               m_end(mask.template row_block_end<kBlockM, kBlockN>(blockIdx.x)) {}
 
         __device__ bool has_keys() const { return n_block * kBlockN < seq.seqlen_k; }
+        __device__ int steps() const { return heads_per_group * max(m_end - m_begin, 0); }
+        __device__ int head_of(int step) const {
+            return head_k * heads_per_group + step / (m_end - m_begin);
+        }
+        __device__ int m_block_of(int step) const { return m_begin + step % (m_end - m_begin); }
     };
 
     __device__ static void run(const BwdKernelParams<Traits>& kp, char* smem) {
@@ -149,7 +159,7 @@ struct FlashBwdKeyBlock {
                                    const Work& work) {
         const FlashBwdParams& params = kp.params;
         const SeqlenInfo& seq = work.seq;
-        const int head_k = work.head / (params.nheads / params.nheads_k);
+        const int head_k = work.head_k;
         const int batch_coord = seq.is_varlen ? 0 : work.batch;  // varlen buffers are one batch
 
         Tensor sK = make_tensor(make_smem_ptr(shared.k.data()), typename Traits::SmemLayoutK{});
@@ -166,22 +176,18 @@ struct FlashBwdKeyBlock {
         Tensor gV =
             local_tile(domain_offset(make_coord(seq.k_start, _0{}), mV),
                        Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(work.n_block, _0{}));
-        Tensor mQ = kp.tma_q.get_tma_tensor(kp.shape_q)(_, _, work.head, batch_coord);
-        Tensor gQ =
-            local_tile(domain_offset(make_coord(seq.q_start, _0{}), mQ),
-                       Shape<Int<kBlockM>, Int<kHeadDim>>{}, make_coord(_, _0{}));  // (BM, D, m)
-        Tensor mdO = kp.tma_do.get_tma_tensor(kp.shape_q)(_, _, work.head, batch_coord);
-        Tensor gdO = local_tile(domain_offset(make_coord(seq.q_start, _0{}), mdO),
-                                Shape<Int<kBlockM>, Int<kHeadDim>>{}, make_coord(_, _0{}));
 
         auto tma_k = kp.tma_k.get_slice(_0{});
         auto tma_v = kp.tma_v.get_slice(_0{});
         auto tma_q = kp.tma_q.get_slice(_0{});
         auto tma_do = kp.tma_do.get_slice(_0{});
-        Tensor tQgQ = group_modes<0, 3>(tma_q.partition_S(gQ));      // (TMA, m)
-        Tensor tQsQ = group_modes<0, 3>(tma_q.partition_D(sQ));      // (TMA, stage)
-        Tensor tdOgdO = group_modes<0, 3>(tma_do.partition_S(gdO));  // (TMA, m)
-        Tensor tdOsdO = group_modes<0, 3>(tma_do.partition_D(sdO));  // (TMA, stage)
+        // Row block m_block of one query head of Q (or dO): its coordinates in the descriptor,
+        // shifted to the sequence's first row.
+        auto row_block = [&](const auto& tma, int head, int m_block) {
+            Tensor m_rows = tma.get_tma_tensor(kp.shape_q)(_, _, head, batch_coord);
+            return local_tile(domain_offset(make_coord(seq.q_start, _0{}), m_rows),
+                              Shape<Int<kBlockM>, Int<kHeadDim>>{}, make_coord(m_block, _0{}));
+        };
 
         shared.kv_full.arrive_and_expect_tx(Traits::kTmaBytesKV);
         // K and V are read by this block only (each head's key block has one block): evict
@@ -194,23 +200,27 @@ struct FlashBwdKeyBlock {
              tma_v.partition_S(gV), tma_v.partition_D(sV));
 
         // The row statistics of the sequence's padded rows (16-byte aligned row blocks).
-        const int64_t stats_row = int64_t(work.head) * kp.stats.head_stride +
-                                  PaddedRows<kBlockM>::first_row(params, seq, work.batch);
+        const int64_t stats_row = PaddedRows<kBlockM>::first_row(params, seq, work.batch);
         PipelineState write = cutlass::make_producer_start_state<PipelineQdO>();
         CUTE_NO_UNROLL
-        for (int m_block = work.m_begin; m_block < work.m_end; ++m_block) {
-            const int64_t block_stats = stats_row + int64_t(m_block) * kBlockM;
+        for (int step = 0; step < work.steps(); ++step) {
+            const int head = work.head_of(step);
+            const int m_block = work.m_block_of(step);
+            const int64_t block_stats =
+                int64_t(head) * kp.stats.head_stride + stats_row + int64_t(m_block) * kBlockM;
             pipeline_q.producer_acquire(write);  // arms the barrier with Q's and LSE's bytes
             uint64_t* q_full = pipeline_q.producer_get_barrier(write);
-            copy(kp.tma_q.with(*q_full, 0, TMA::CacheHintSm90::EVICT_LAST), tQgQ(_, m_block),
-                 tQsQ(_, write.index()));
+            copy(kp.tma_q.with(*q_full, 0, TMA::CacheHintSm90::EVICT_LAST),
+                 tma_q.partition_S(row_block(kp.tma_q, head, m_block)),
+                 tma_q.partition_D(sQ(_, _, write.index())));
             SM90_BULK_COPY_G2S::copy(kp.stats.lse_log2 + block_stats, q_full,
                                      shared.lse_log2.data() + write.index() * kBlockM,
                                      Traits::kRowStatsBytes);
             pipeline_do.producer_acquire(write);
             uint64_t* do_full = pipeline_do.producer_get_barrier(write);
-            copy(kp.tma_do.with(*do_full, 0, TMA::CacheHintSm90::EVICT_LAST), tdOgdO(_, m_block),
-                 tdOsdO(_, write.index()));
+            copy(kp.tma_do.with(*do_full, 0, TMA::CacheHintSm90::EVICT_LAST),
+                 tma_do.partition_S(row_block(kp.tma_do, head, m_block)),
+                 tma_do.partition_D(sdO(_, _, write.index())));
             SM90_BULK_COPY_G2S::copy(kp.stats.d + block_stats, do_full,
                                      shared.d.data() + write.index() * kBlockM,
                                      Traits::kRowStatsBytes);
@@ -276,7 +286,6 @@ struct FlashBwdKeyBlock {
 
         const int64_t dq_first_row =
             seq.is_varlen ? int64_t(seq.q_start) : int64_t(work.batch) * params.seqlen_q;
-        float* dq_accum_head = kp.dq_accum + int64_t(work.head) * kp.dq_accum_head_stride;
         const int key0 = work.n_block * kBlockN;
 
         shared.kv_full.wait(0);
@@ -288,8 +297,11 @@ struct FlashBwdKeyBlock {
         }
         PipelineState read;
         CUTE_NO_UNROLL
-        for (int m_block = work.m_begin; m_block < work.m_end; ++m_block) {
+        for (int step = 0; step < work.steps(); ++step) {
+            const int m_block = work.m_block_of(step);
             const int query0 = m_block * kBlockM;
+            float* dq_accum_head =
+                kp.dq_accum + int64_t(work.head_of(step)) * kp.dq_accum_head_stride;
             Tensor acc_s =
                 partition_fragment_C(tiled_mma_sdp, select<0, 1>(typename Traits::TileShapeSdP{}));
             Tensor acc_dp =
@@ -400,10 +412,10 @@ struct FlashBwdKeyBlock {
             make_identity_tensor(Shape<Int<kBlockN>, Int<kHeadDim>>{}));
         Element* dk_seq = static_cast<Element*>(params.dk_ptr) +
                           seq.k_offset(params.dk_batch_stride, params.dk_row_stride, work.batch) +
-                          int64_t(work.head) * params.dk_head_stride;
+                          int64_t(work.head_k) * params.dk_head_stride;
         Element* dv_seq = static_cast<Element*>(params.dv_ptr) +
                           seq.k_offset(params.dv_batch_stride, params.dv_row_stride, work.batch) +
-                          int64_t(work.head) * params.dv_head_stride;
+                          int64_t(work.head_k) * params.dv_head_stride;
         const int key0 = work.n_block * kBlockN;
         CUTE_UNROLL
         for (int i = 0; i < size(acc_dk); i += 2) {

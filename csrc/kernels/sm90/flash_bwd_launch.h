@@ -9,7 +9,6 @@
 
 #include <cstdlib>
 #include <cstring>
-
 #include <cute/tensor.hpp>
 
 #include "kernels/common/clear_rows_past_end.h"
@@ -44,7 +43,6 @@ inline const char* bwd_unsupported_option(const FlashBwdParams& params) {
         return "the default (this backward is not yet validated on a GPU; "
                "FLASH_VARLEN_KERNEL_FAMILY=sm90 runs it)";
     }
-    if (params.nheads != params.nheads_k) return "GQA/MQA";
     if (params.softcap_prescale != 0.f) return "soft-capping";
     if (params.alibi_slopes != nullptr) return "ALiBi";
     if (params.dropout_threshold != 0) return "dropout";
@@ -143,7 +141,9 @@ cudaError_t launch_flash_bwd(const FlashBwdParams& params, const Workspace& work
     cudaError_t err =
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
     if (err != cudaSuccess) return err;
-    const dim3 grid(cute::ceil_div(params.seqlen_k, Traits::kBlockN), params.nheads, params.batch);
+    // A block per key/value head: it walks the query heads of its group (flash_bwd_kernel.h).
+    const dim3 grid(cute::ceil_div(params.seqlen_k, Traits::kBlockN), params.nheads_k,
+                    params.batch);
     if (grid.x > 0 && grid.y > 0 && grid.z > 0) {
         kernel<<<grid, Traits::kNumThreads, kSmemBytes, stream>>>(kp);
     }
