@@ -64,7 +64,6 @@ from benchmarks.impls import (  # noqa: E402
     FlexRunner,
     Prepared,
     environment_set,
-    fa4_import_error,
     prepare_fa4_deterministic,
     prepare_ours_deterministic,
 )
@@ -258,19 +257,6 @@ def bench_row(case: Case, impls: list[str],
     }
 
 
-def without_missing_fa4(impls: list[str], meta: dict[str, Any]) -> list[str]:
-    """`impls` without FA4's columns when FlashAttention-4 does not import; the reason goes into
-    meta["skipped"] and onto stderr (a missing peer must not stop the benchmark)."""
-    fa4_impls = [impl for impl in impls if impl in (FA4_IMPL, FA4_DETERMINISTIC_IMPL)]
-    if not fa4_impls or (error := fa4_import_error()) is None:
-        return impls
-    reason = f"{FA4_MODULE} does not import ({bench_forward.failure_reason(error)})"
-    meta["skipped"] = {impl: reason for impl in fa4_impls}
-    for impl in fa4_impls:
-        print(f"{impl} skipped: {reason}", file=sys.stderr)
-    return [impl for impl in impls if impl not in fa4_impls]
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
@@ -279,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
               "this benchmark runs only on the GPU machine.", file=sys.stderr)
         return EXIT_NO_GPU
     meta = run_metadata(argv)
-    impls = without_missing_fa4(args.impl, meta)
+    impls = bench_forward.without_missing_fa4(args.impl, meta)
     preparers = backward_preparers(FlexRunner())
     rows = []
     for case in row_cases(args):

@@ -50,6 +50,7 @@ from benchmarks.checks import (  # noqa: E402
 from benchmarks.gpu_clocks import ClockSampler  # noqa: E402
 from benchmarks.impls import (  # noqa: E402
     AUTO_FAMILY,
+    FA4_DETERMINISTIC_IMPL,
     FA4_IMPL,
     FA4_MODULE,
     FAMILY_OVERRIDE_VARIABLE,
@@ -407,6 +408,20 @@ def bench_row(case: Case, impls: list[str], preparers: dict[str, Callable[[Case]
     }
 
 
+def without_missing_fa4(impls: list[str], meta: dict[str, Any]) -> list[str]:
+    """`impls` without FA4's columns (fa4, and the backward's fa4_det) when FlashAttention-4
+    does not import; the reason goes into meta["skipped"] and onto stderr (a missing peer must not
+    stop the benchmark)."""
+    fa4_impls = [impl for impl in impls if impl in (FA4_IMPL, FA4_DETERMINISTIC_IMPL)]
+    if not fa4_impls or (error := fa4_import_error()) is None:
+        return impls
+    reason = f"{FA4_MODULE} does not import ({failure_reason(error)})"
+    meta["skipped"] = {impl: reason for impl in fa4_impls}
+    for impl in fa4_impls:
+        print(f"{impl} skipped: {reason}", file=sys.stderr)
+    return [impl for impl in impls if impl not in fa4_impls]
+
+
 def _load_extension() -> Any | None:
     """flash_varlen's compiled module, or None when it does not load (ours is then n/a)."""
     try:
@@ -433,10 +448,7 @@ def main(argv: list[str] | None = None) -> int:
     meta["families"] = families
     meta["family_override_in_environment"] = os.environ.get(FAMILY_OVERRIDE_VARIABLE)
     impls = with_families(args.impl, families)
-    if FA4_IMPL in impls and (fa4_error := fa4_import_error()) is not None:
-        impls.remove(FA4_IMPL)
-        meta["skipped"] = {FA4_IMPL: f"{FA4_MODULE} does not import ({failure_reason(fa4_error)})"}
-        print(f"{FA4_IMPL} skipped: {meta['skipped'][FA4_IMPL]}", file=sys.stderr)
+    impls = without_missing_fa4(impls, meta)
     meta["dense_matmul"] = dense_matmul_rate()
     print(report.dense_line(meta["dense_matmul"]), file=sys.stderr, flush=True)
     preparers = forward_preparers(FlexRunner(), tuple(families))

@@ -16,6 +16,10 @@ from typing import Any, Callable, Optional, Sequence
 import pytest
 import torch
 
+# How dispatch (csrc/bindings/dispatch.cpp) says that a kernel family lacks an option of the
+# call: under FLASH_VARLEN_KERNEL_FAMILY such a call raises NotImplementedError with it.
+UNIMPLEMENTED_OPTION = ": does not implement "
+
 FORWARD_FACTOR = 2.0
 """Forward outputs may be this many times less accurate than the input-dtype PyTorch math."""
 

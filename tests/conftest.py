@@ -15,9 +15,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.append(str(REPO_ROOT))
 
+from accuracy import UNIMPLEMENTED_OPTION  # noqa: E402
+
 FAMILY_OVERRIDE = "FLASH_VARLEN_KERNEL_FAMILY"
-# How dispatch (csrc/bindings/dispatch.cpp) says that a family lacks an option of the call.
-UNIMPLEMENTED_OPTION = ": does not implement "
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -49,3 +49,13 @@ def pytest_runtest_call(item: pytest.Item):
         if forced and UNIMPLEMENTED_OPTION in str(error):
             pytest.skip(f"{FAMILY_OVERRIDE}={forced}: {error}")
         raise
+
+
+@pytest.fixture
+def no_clock_sampling(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Benchmark code run on CPU stand-ins samples no GPU clocks: on a machine with nvidia-smi
+    the real sampler would add clock notes for a GPU the stand-ins never used
+    (tests/test_gpu_clocks_cpu.py tests the sampler itself)."""
+    from benchmarks.gpu_clocks import ClockSampler
+
+    monkeypatch.setattr(ClockSampler, "__enter__", lambda sampler: sampler)

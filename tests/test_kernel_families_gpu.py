@@ -21,6 +21,7 @@ from flash_varlen.reference import attention_ref_varlen, dropout_keep_mask, visi
 
 from accuracy import (
     FORWARD_FACTOR,
+    UNIMPLEMENTED_OPTION,
     assert_gradients_within_tolerance,
     assert_lse_within_tolerance,
     assert_within_tolerance,
@@ -39,8 +40,6 @@ pytestmark = [
 
 DEVICE = "cuda"
 OVERRIDE = "FLASH_VARLEN_KERNEL_FAMILY"
-# How dispatch says that a family lacks an option of the call (tests/conftest.py).
-UNIMPLEMENTED_OPTION = ": does not implement "
 DTYPE = torch.bfloat16
 HEAD_DIM = 128
 # Lengths that are not tile multiples, an empty key sequence, and more queries than keys.

@@ -7,16 +7,13 @@ import pytest
 import triton.testing
 
 from benchmarks import timing_rounds
-from benchmarks.gpu_clocks import ClockSampler
 from benchmarks.timing_rounds import Timer, rotated_orders, time_in_rounds
 
 VARIABLE = "FLASH_VARLEN_TIMING_ROUNDS_TEST"
 
 
-@pytest.fixture(autouse=True)
-def no_clock_sampling(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No nvidia-smi behind these stand-ins (test_gpu_clocks_cpu.py tests the sampler)."""
-    monkeypatch.setattr(ClockSampler, "__enter__", lambda sampler: sampler)
+# Benchmark rows on CPU stand-ins: no GPU clocks (conftest.py).
+pytestmark = pytest.mark.usefixtures("no_clock_sampling")
 
 
 class FakeBench:

@@ -19,14 +19,8 @@ from benchmarks.workloads import (
 )
 
 
-@pytest.fixture(autouse=True)
-def no_clock_sampling(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The benchmark rows here run on CPU stand-ins; on a machine with nvidia-smi the real
-    sampler would add clock notes for a GPU these rows never used (test_gpu_clocks_cpu.py tests
-    the sampler itself)."""
-    from benchmarks.gpu_clocks import ClockSampler
-
-    monkeypatch.setattr(ClockSampler, "__enter__", lambda sampler: sampler)
+# Benchmark rows on CPU stand-ins: no GPU clocks (conftest.py).
+pytestmark = pytest.mark.usefixtures("no_clock_sampling")
 
 
 # What seed 0 gives, recorded once: a change here means benchmark numbers no longer compare.
@@ -575,11 +569,11 @@ def test_backward_row_with_fa4_and_its_deterministic_backward(
                            "bwd ours_det/fa4_det"]
 
 
-def test_backward_benchmark_drops_fa4_columns_when_fa4_does_not_import(
+def test_the_benchmarks_drop_fa4_columns_when_fa4_does_not_import(
         monkeypatch: pytest.MonkeyPatch) -> None:
     meta: dict = {}
     monkeypatch.setitem(sys.modules, impls.FA4_MODULE, None)  # what a missing module raises
-    kept = bench_backward.without_missing_fa4(["ours", "fa4", "ours_det", "fa4_det"], meta)
+    kept = bench_forward.without_missing_fa4(["ours", "fa4", "ours_det", "fa4_det"], meta)
     assert kept == ["ours", "ours_det"]
     assert set(meta["skipped"]) == {"fa4", "fa4_det"}
     assert "does not import" in meta["skipped"]["fa4_det"]
@@ -587,7 +581,7 @@ def test_backward_benchmark_drops_fa4_columns_when_fa4_does_not_import(
 
     monkeypatch.setitem(sys.modules, impls.FA4_MODULE, _fake_fa4(returns_lse=False))
     meta = {}
-    assert bench_backward.without_missing_fa4(["ours", "fa4_det"], meta) == ["ours", "fa4_det"]
+    assert bench_forward.without_missing_fa4(["ours", "fa4_det"], meta) == ["ours", "fa4_det"]
     assert meta == {}
 
 

@@ -17,8 +17,6 @@
 
 namespace flash_varlen {
 
-constexpr const char* kFamilyOverrideVariable = "FLASH_VARLEN_KERNEL_FAMILY";
-
 // The compute capability of a CUDA device as major * 10 + minor (90 for 9.0); no device sync.
 int compute_capability(const at::Device& device);
 

@@ -42,6 +42,7 @@
 #include "kernels/sm90/bwd_row_kernels.h"
 #include "kernels/sm90/fragment_layouts.h"
 #include "kernels/sm90/warpgroup_gemm.h"
+#include "kernels/sm90/zero_rows.h"
 
 namespace flash_varlen {
 namespace sm90 {
@@ -179,15 +180,6 @@ struct FlashBwdKeyBlock {
 
         auto tma_k = kp.tma_k.get_slice(_0{});
         auto tma_v = kp.tma_v.get_slice(_0{});
-        auto tma_q = kp.tma_q.get_slice(_0{});
-        auto tma_do = kp.tma_do.get_slice(_0{});
-        // Row block m_block of one query head of Q (or dO): its coordinates in the descriptor,
-        // shifted to the sequence's first row.
-        auto row_block = [&](const auto& tma, int head, int m_block) {
-            Tensor m_rows = tma.get_tma_tensor(kp.shape_q)(_, _, head, batch_coord);
-            return local_tile(domain_offset(make_coord(seq.q_start, _0{}), m_rows),
-                              Shape<Int<kBlockM>, Int<kHeadDim>>{}, make_coord(m_block, _0{}));
-        };
 
         shared.kv_full.arrive_and_expect_tx(Traits::kTmaBytesKV);
         // K and V are read by this block only (each head's key block has one block): evict
@@ -202,28 +194,31 @@ struct FlashBwdKeyBlock {
         // The row statistics of the sequence's padded rows (16-byte aligned row blocks).
         const int64_t stats_row = PaddedRows<kBlockM>::first_row(params, seq, work.batch);
         PipelineState write = cutlass::make_producer_start_state<PipelineQdO>();
+        // One stage of Q (with its rows' LSE_log2) or of dO (with their D): row block m_block of
+        // one query head by TMA, its kBlockM statistics by a bulk copy on the same barrier.
+        auto load_stage = [&](PipelineQdO& pipeline, const auto& tma, auto& smem_rows,
+                              const float* stats, float* smem_stats, int head, int m_block) {
+            pipeline.producer_acquire(write);  // arms the barrier with both loads' bytes
+            uint64_t* full = pipeline.producer_get_barrier(write);
+            Tensor m_rows = tma.get_tma_tensor(kp.shape_q)(_, _, head, batch_coord);
+            Tensor g_rows =
+                local_tile(domain_offset(make_coord(seq.q_start, _0{}), m_rows),
+                           Shape<Int<kBlockM>, Int<kHeadDim>>{}, make_coord(m_block, _0{}));
+            auto tma_rows = tma.get_slice(_0{});
+            copy(tma.with(*full, 0, TMA::CacheHintSm90::EVICT_LAST), tma_rows.partition_S(g_rows),
+                 tma_rows.partition_D(smem_rows(_, _, write.index())));
+            const int64_t block_stats =
+                int64_t(head) * kp.stats.head_stride + stats_row + int64_t(m_block) * kBlockM;
+            SM90_BULK_COPY_G2S::copy(stats + block_stats, full,
+                                     smem_stats + write.index() * kBlockM, Traits::kRowStatsBytes);
+        };
         CUTE_NO_UNROLL
         for (int step = 0; step < work.steps(); ++step) {
             const int head = work.head_of(step);
             const int m_block = work.m_block_of(step);
-            const int64_t block_stats =
-                int64_t(head) * kp.stats.head_stride + stats_row + int64_t(m_block) * kBlockM;
-            pipeline_q.producer_acquire(write);  // arms the barrier with Q's and LSE's bytes
-            uint64_t* q_full = pipeline_q.producer_get_barrier(write);
-            copy(kp.tma_q.with(*q_full, 0, TMA::CacheHintSm90::EVICT_LAST),
-                 tma_q.partition_S(row_block(kp.tma_q, head, m_block)),
-                 tma_q.partition_D(sQ(_, _, write.index())));
-            SM90_BULK_COPY_G2S::copy(kp.stats.lse_log2 + block_stats, q_full,
-                                     shared.lse_log2.data() + write.index() * kBlockM,
-                                     Traits::kRowStatsBytes);
-            pipeline_do.producer_acquire(write);
-            uint64_t* do_full = pipeline_do.producer_get_barrier(write);
-            copy(kp.tma_do.with(*do_full, 0, TMA::CacheHintSm90::EVICT_LAST),
-                 tma_do.partition_S(row_block(kp.tma_do, head, m_block)),
-                 tma_do.partition_D(sdO(_, _, write.index())));
-            SM90_BULK_COPY_G2S::copy(kp.stats.d + block_stats, do_full,
-                                     shared.d.data() + write.index() * kBlockM,
-                                     Traits::kRowStatsBytes);
+            load_stage(pipeline_q, kp.tma_q, sQ, kp.stats.lse_log2, shared.lse_log2.data(), head,
+                       m_block);
+            load_stage(pipeline_do, kp.tma_do, sdO, kp.stats.d, shared.d.data(), head, m_block);
             ++write;
         }
     }
@@ -290,8 +285,8 @@ struct FlashBwdKeyBlock {
 
         shared.kv_full.wait(0);
         if (key0 + kBlockN > seq.seqlen_k) {  // uniform over the block
-            zero_rows_past_end(sK, seq.seqlen_k - key0, thread);
-            zero_rows_past_end(sV, seq.seqlen_k - key0, thread);
+            zero_rows(sK, seq.seqlen_k - key0, thread);
+            zero_rows(sV, seq.seqlen_k - key0, thread);
             cutlass::arch::fence_view_async_shared();
             cutlass::arch::NamedBarrier::sync(kNumMmaThreads, kBarrierTailZeroed);
         }
@@ -309,8 +304,8 @@ struct FlashBwdKeyBlock {
             pipeline_q.consumer_wait(read);
             pipeline_do.consumer_wait(read);
             if (query0 + kBlockM > seq.seqlen_q) {  // the last row block: uniform
-                zero_rows_past_end(sQ(_, _, read.index()), seq.seqlen_q - query0, thread);
-                zero_rows_past_end(sdO(_, _, read.index()), seq.seqlen_q - query0, thread);
+                zero_rows(sQ(_, _, read.index()), seq.seqlen_q - query0, thread);
+                zero_rows(sdO(_, _, read.index()), seq.seqlen_q - query0, thread);
                 cutlass::arch::fence_view_async_shared();
                 cutlass::arch::NamedBarrier::sync(kNumMmaThreads, kBarrierTailZeroed);
             }
@@ -386,20 +381,12 @@ struct FlashBwdKeyBlock {
         store_dk_dv(params, seq, work, tiled_mma_dkv, acc_dk, acc_dv, thread);
     }
 
-    // Zeroes rows [first_row, rows) of one (rows, head dim) K-major buffer, 16 bytes per store,
-    // spread over every consumer thread (the swizzle moves whole 16-byte chunks, which stay
-    // contiguous). The caller fences and synchronises.
+    // Zeroes rows [first_row, rows) of one (rows, head dim) buffer (zero_rows.h).
     template <typename SmemRows>
-    __device__ static void zero_rows_past_end(SmemRows rows_tensor, int first_row, int thread) {
-        constexpr int kRows = decltype(size<0>(rows_tensor))::value;
-        constexpr int kElemsPerChunk = 16 / sizeof(Element);
-        constexpr int kChunksPerRow = kHeadDim / kElemsPerChunk;
-        const int chunks = (kRows - max(first_row, 0)) * kChunksPerRow;
-        for (int i = thread; i < chunks; i += kNumMmaThreads) {
-            const int row = max(first_row, 0) + i / kChunksPerRow;
-            const int col = (i % kChunksPerRow) * kElemsPerChunk;
-            *reinterpret_cast<uint4*>(&rows_tensor(row, col)) = make_uint4(0, 0, 0, 0);
-        }
+    __device__ static void zero_rows(SmemRows tile, int first_row, int thread) {
+        constexpr int kRows = decltype(size<0>(tile))::value;
+        zero_rows_past_end<kRows, kHeadDim, kNumMmaThreads, Element>(
+            first_row, thread, [&](int row, int col) -> Element& { return tile(row, col); });
     }
 
     // dK (times the softmax scale: dS is the gradient of the scaled scores' exponent) and dV of

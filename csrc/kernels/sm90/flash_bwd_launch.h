@@ -9,10 +9,12 @@
 
 #include <cstdlib>
 #include <cstring>
+
 #include <cute/tensor.hpp>
 
 #include "kernels/common/clear_rows_past_end.h"
 #include "kernels/common/flash_params.h"
+#include "kernels/common/kernel_registry.h"  // kFamilyOverrideVariable
 #include "kernels/common/workspace.h"
 #include "kernels/sm90/bwd_kernel_traits.h"
 #include "kernels/sm90/bwd_row_kernels.h"
@@ -31,14 +33,13 @@ struct BwdTileConfig {
 };
 
 // Until this backward has passed the GPU tests, it serves a call only when the kernel-family
-// override names its family (the variable dispatch reads, csrc/bindings/dispatch.h); every
-// other call goes to the sm80 family, which dispatch tries next.
-constexpr const char* kOptInVariable = "FLASH_VARLEN_KERNEL_FAMILY";
+// override names its family; every other call goes to the sm80 family, which dispatch tries
+// next.
 constexpr const char* kOptInFamily = "sm90";
 
 // The first option of a call that this first version does not implement, or nullptr.
 inline const char* bwd_unsupported_option(const FlashBwdParams& params) {
-    const char* forced = std::getenv(kOptInVariable);
+    const char* forced = std::getenv(kFamilyOverrideVariable);
     if (forced == nullptr || std::strcmp(forced, kOptInFamily) != 0) {
         return "the default (this backward is not yet validated on a GPU; "
                "FLASH_VARLEN_KERNEL_FAMILY=sm90 runs it)";

@@ -35,7 +35,7 @@
 //   poison another; the sm80 family zero-fills them), and rows past cu_seqlens[-1] or past
 //   seqused_k are unused memory (torch.empty, CUDA graph buffers with fewer tokens) that may hold
 //   any bit pattern. So the consumers zero those rows of the one V tile that straddles the end
-//   before its first use (zero_rows_past_end below); it is the first tile loaded, once per row
+//   before its first use (zero_rows.h); it is the first tile loaded, once per row
 //   block, only in the varlen layout (fixed length reads zeros there from TMA's bounds).
 //
 // The mask (causal with either alignment, sliding windows, the sequence tail) is the common
@@ -71,6 +71,7 @@
 #include "kernels/sm90/online_softmax.h"
 #include "kernels/sm90/query_rows.h"
 #include "kernels/sm90/warpgroup_gemm.h"
+#include "kernels/sm90/zero_rows.h"
 
 namespace flash_varlen {
 namespace sm90 {
@@ -520,7 +521,10 @@ struct FlashFwdRowBlock {
 
         if (seq.is_varlen && blocks.end * kBlockN > seq.seqlen_k) {  // uniform over the block
             pipeline_v.consumer_wait(read);
-            zero_rows_past_end(sVt(_, _, read.index()), seq.seqlen_k - n_block * kBlockN, thread);
+            Tensor sVt_stage = sVt(_, _, read.index());  // (D, BN): key rows are its columns
+            zero_rows_past_end<kBlockN, kHeadDim, kNumMmaThreads, Element>(
+                seq.seqlen_k - n_block * kBlockN, thread,
+                [&](int row, int col) -> Element& { return sVt_stage(col, row); });
             // The zeros were written through the generic proxy; wgmma reads through the async
             // one. Fence, then make sure every consumer's share is written before any P V.
             cutlass::arch::fence_view_async_shared();
@@ -590,22 +594,6 @@ struct FlashFwdRowBlock {
         pipeline_v.consumer_release(read);
         ++read;  // the next tile's first K and V come in the next stage
         Softmax::rescale(acc_o, normalise);
-    }
-
-    // Zeroes key rows [first_row, kBlockN) of one V buffer (D, BN), 16 bytes per store, spread
-    // over every consumer thread. The caller fences and synchronises.
-    template <typename SmemVt>
-    __device__ static void zero_rows_past_end(SmemVt sVt, int first_row, int thread) {
-        constexpr int kElemsPerChunk = 16 / sizeof(Element);
-        constexpr int kChunksPerRow = kHeadDim / kElemsPerChunk;
-        const int chunks = (kBlockN - first_row) * kChunksPerRow;
-        for (int i = thread; i < chunks; i += kNumMmaThreads) {
-            const int row = first_row + i / kChunksPerRow;
-            const int col = (i % kChunksPerRow) * kElemsPerChunk;
-            // The swizzle moves whole 16-byte chunks: 8 consecutive head-dim elements of one key
-            // starting at a multiple of 8 stay contiguous.
-            *reinterpret_cast<uint4*>(&sVt(col, row)) = make_uint4(0, 0, 0, 0);
-        }
     }
 
     // Normalised O to global memory through shared memory (Q's, this warpgroup's rows only), and
