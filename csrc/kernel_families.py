@@ -115,9 +115,8 @@ SM90 = KernelFamily(
             "fwd_workspace_size",
             unsupported_option="fwd_unsupported_option",
         ),
-        # Work in progress (issue 15): d = 128 only, and until its first GPU run it serves a call
-        # only under FLASH_VARLEN_KERNEL_FAMILY=sm90 (bwd_unsupported_option); dispatch gives
-        # every other backward call to the sm80 family.
+        # Issue 15, in progress: d = 128 only; the options it lacks (bwd_unsupported_option)
+        # and the other head dims go to the sm80 family.
         "bwd": Direction(
             "flash_bwd_launch.h",
             "launch_flash_bwd",

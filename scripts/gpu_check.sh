@@ -2,8 +2,7 @@
 # One call on the GPU machine: build the extension with all cores, run the tests, run the
 # benchmark, and leave logs and JSON in the folder given as $1. Stages are picked with $2, a comma
 # list of build, test, families, bench, bench_backward, bench_head_dims, memcheck, racecheck,
-# sm90_backward, narrowed (default build,test,bench), so that a call fits the device's time
-# limit. The build
+# narrowed (default build,test,bench), so that a call fits the device's time limit. The build
 # targets the GPU it sees (sm_90 on an H200; setup.py says so); FLASH_VARLEN_ARCHS=80,90 builds the full set.
 #
 #   bash scripts/gpu_check.sh "$OUT"                 # build, tests, targets.md benchmark
@@ -119,29 +118,11 @@ if has_stage memcheck; then
 fi
 
 if has_stage racecheck; then
-    # The forward's shared-memory hazards and barrier use (warp-specialized sm90 kernels: TMA,
-    # named barriers, O staged over Q).
-    for tool in racecheck synccheck; do sanitize $tool forward; done
-fi
-
-if has_stage sm90_backward; then
-    # The sm90 backward (issue 15, work in progress) serves a call only under the family
-    # override: its GPU tests (calls it does not serve skip with dispatch's reason) and the three
-    # sanitizers on small shapes, forced.
-    FLASH_VARLEN_KERNEL_FAMILY=sm90 python3 -m pytest tests/test_backward_gpu.py \
-        tests/test_kernel_families_gpu.py -q -m gpu -rs -p no:cacheprovider \
-        > "$out_dir/tests_sm90_backward.log" 2>&1
-    rc=$?
-    echo "sm90 backward tests rc=$rc: $(tail -1 "$out_dir/tests_sm90_backward.log")" | tee -a "$out_dir/summary.txt"
-    grep -E "^(FAILED|ERROR)" "$out_dir/tests_sm90_backward.log" | head -20
-    [ $rc -ne 0 ] && status=$rc
-    for tool in memcheck racecheck synccheck; do
-        FLASH_VARLEN_KERNEL_FAMILY=sm90 compute-sanitizer --tool "$tool" --error-exitcode 1 \
-            python3 scripts/memcheck_backward.py > "$out_dir/${tool}_sm90_backward.log" 2>&1
-        rc=$?
-        echo "$tool sm90 backward rc=$rc: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|memcheck cases' \
-            "$out_dir/${tool}_sm90_backward.log" | tr '\n' ' ')" | tee -a "$out_dir/summary.txt"
-        [ $rc -ne 0 ] && status=$rc
+    # Shared-memory hazards and barrier use of the warp-specialized sm90 kernels (TMA, named
+    # barriers; the forward's O staged over Q, the backward's dS and dQ staged for wgmma and the
+    # bulk reduce-add): both directions.
+    for tool in racecheck synccheck; do
+        for direction in forward backward; do sanitize $tool $direction; done
     done
 fi
 

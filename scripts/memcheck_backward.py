@@ -37,7 +37,7 @@ CASES = [
     ([200], [131], 3, 3, 40),
     ([5, 77], [300, 1], 4, 2, 256),
     ([0, 33, 0, 17], [0, 33, 5, 130], 4, 2, 128),
-    # MHA at d = 128, what the sm90 backward (work in progress) serves: one row block and more,
+    # MHA at d = 128, what the sm90 backward (issue 15) serves: one row block and more,
     # more queries than keys and fewer, a sequence without keys and one without queries.
     ([0, 65, 130, 1, 64], [70, 65, 0, 129, 200], 2, 2, 128),
 ]

@@ -88,8 +88,8 @@ def test_without_override_the_best_runnable_family_runs(monkeypatch) -> None:
 def test_every_runnable_family_matches_the_reference(monkeypatch) -> None:
     """Each family forced on its own: its forward (out, lse) and, where it has a backward that
     serves the call, the gradients of a forward and backward both run by it. (A backward may
-    refuse an option of the call: the sm90 backward, work in progress, serves only what it
-    implements and only under the override.)"""
+    refuse an option of the call: the sm90 backward, in progress, serves only what it
+    implements.)"""
     require_backward_kernel(DTYPE, HEAD_DIM)
     batch = make_varlen_batch(SEQLENS_Q, SEQLENS_K, 8, 2, HEAD_DIM, DTYPE, DEVICE, seed=11)
     dout = seeded_randn(batch.q.shape, DTYPE, DEVICE, device_generator(DEVICE, 12))

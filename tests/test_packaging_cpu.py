@@ -191,7 +191,7 @@ def test_collected_record_describes_this_torch_and_the_selection(monkeypatch, tm
         ("sm80", "90,80", {"sm80": 20}),
         ("sm80", "90", {"sm80": 20}),
         # decode: buckets 64 and 128, no local variant; sm90: the forward in every bucket, the
-        # backward (work in progress) in d = 128 only.
+        # backward (issue 15, in progress) in d = 128 only.
         ("", "", {"sm80": 20, "sm90": 12, "decode": 2}),
         ("", "80", {"sm80": 20, "decode": 2}),
         ("sm90", "90", {"sm90": 12}),

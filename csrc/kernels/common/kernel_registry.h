@@ -16,9 +16,8 @@
 
 namespace flash_varlen {
 
-// The environment variable that forces one kernel family (its name) on every call: dispatch
-// (bindings/dispatch.cpp) reads it, and a family's option check may too (an opt-in kernel, such
-// as the sm90 backward before its first GPU run, sm90/flash_bwd_launch.h).
+// The environment variable that forces one kernel family (its name) on every call; dispatch
+// (bindings/dispatch.cpp) reads it.
 constexpr const char* kFamilyOverrideVariable = "FLASH_VARLEN_KERNEL_FAMILY";
 
 enum class ElementType { kFloat16, kBFloat16 };

@@ -1,6 +1,6 @@
-// Compile-time shape of the sm90-family backward kernel (issue 15; work in progress, not yet
-// dispatched or run on a GPU: see csrc/kernels/sm90/backward_plan.md): tile sizes, warpgroup
-// roles, the five wgmma products, shared-memory layouts, TMA copy types and pipelines.
+// Compile-time shape of the sm90-family backward kernel (issue 15, in progress: see
+// csrc/kernels/sm90/backward_plan.md): tile sizes, warpgroup roles, the five wgmma products,
+// shared-memory layouts, TMA copy types and pipelines.
 //
 // One thread block owns a key block (kBlockN keys of one head of one sequence): K and V stay in
 // shared memory, dK and dV in registers, while the query blocks that see those keys stream
@@ -163,6 +163,8 @@ struct BwdKernelTraits {
         cute::array_aligned<Element, cosize_v<SmemLayoutK>, kSmemAlignment> k;
         cute::array_aligned<Element, cosize_v<SmemLayoutV>, kSmemAlignment> v;
         cute::array_aligned<Element, cosize_v<SmemLayoutdS>, kSmemAlignment> ds;
+        // dQ of the current row block, float32, for the bulk reduce-add (dq_accumulator.h).
+        cute::array_aligned<float, kBlockM * kHeadDim, 128> dq;
         cute::array_aligned<float, kBlockM * kStages, 128> lse_log2;  // (row, stage)
         cute::array_aligned<float, kBlockM * kStages, 128> d;
         alignas(16) cutlass::arch::ClusterTransactionBarrier kv_full;  // K and V landed

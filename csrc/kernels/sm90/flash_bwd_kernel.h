@@ -1,6 +1,6 @@
 // The sm90-family backward main kernel (Hopper: wgmma, TMA, warp specialization; sm_90a).
-// Work in progress for issue 15: compiled by CI's compile check, not yet dispatched nor run on a
-// GPU (csrc/kernels/sm90/backward_plan.md has the plan this follows).
+// Issue 15, in progress (csrc/kernels/sm90/backward_plan.md has the plan this follows): dispatch's
+// default for the backward calls it serves (flash_bwd_launch.h).
 //
 // One thread block per (key block, key/value head, sequence): a grid of (key blocks of the
 // longest sequence, key/value heads, batch), blocks past their sequence's keys exit at once. The
@@ -15,8 +15,9 @@
 //   D) where D = rowsum(dO O) - dLSE and LSE_log2 come from the row kernel before (and ride with
 //   Q and dO into shared memory), dV += P^T dO and dK += dS^T Q
 //   (P^T, dS^T from registers), dS^T written to shared memory, and, once both warpgroups' halves
-//   are there, its half of the columns of dQ = dS K, added in float32 into the dQ accumulator
-//   (red.global.add; rows past the sequence end are not added);
+//   are there, its half of the columns of dQ = dS K, staged in shared memory and added in
+//   float32 into the dQ accumulator by one bulk reduce-add (dq_accumulator.h; rows past the
+//   sequence end add zeros into the sequence's padding);
 // - at the end dK (times the softmax scale) and dV are written, rows inside the sequence only.
 // What lies past a sequence: TMA reads the next sequence's rows there (zeros past the buffer),
 // which may hold anything (the user's next document, unused memory of a CUDA graph's buffer), and
@@ -40,7 +41,9 @@
 #include "kernels/common/seqlen_info.h"
 #include "kernels/sm90/bwd_kernel_traits.h"
 #include "kernels/sm90/bwd_row_kernels.h"
+#include "kernels/sm90/dq_accumulator.h"
 #include "kernels/sm90/fragment_layouts.h"
+#include "kernels/sm90/named_barriers.h"  // kNumUserBarriers
 #include "kernels/sm90/warpgroup_gemm.h"
 #include "kernels/sm90/zero_rows.h"
 
@@ -49,12 +52,15 @@ namespace sm90 {
 
 using namespace cute;
 
-// Named barriers of the backward (hardware ids 8.. as in named_barriers.h), each over every
-// consumer thread: the tail rows of a K/V or Q/dO buffer are zeroed; every share of dS is
-// written; every dQ product has read dS.
+// Named barriers of the backward (hardware ids 8.. as in named_barriers.h). Over every consumer
+// thread: the tail rows of a K/V or Q/dO buffer are zeroed; every share of dS is written; every
+// dQ product has read dS (and each warpgroup's last bulk reduce-add has read its dQ part). Over
+// one consumer warpgroup (+ its index, as kBarrierOStaged in the forward): its dQ part is staged.
 constexpr uint32_t kBarrierTailZeroed = 0;
 constexpr uint32_t kBarrierDsWritten = 1;
 constexpr uint32_t kBarrierDsRead = 2;
+constexpr uint32_t kBarrierDqStaged = 3;
+static_assert(kBarrierDqStaged + 2 <= kNumUserBarriers, "two consumer warpgroups");
 
 // What the launcher passes: the host's params, the TMA descriptors and the global shapes they
 // were built with (the device rebuilds their coordinate tensors from them).
@@ -67,8 +73,8 @@ struct BwdKernelParams {
     typename Traits::TmaV tma_v;
     typename Traits::GmemShape shape_q;  // (rows, d, heads, batch), also dO's
     typename Traits::GmemShape shape_k;  // also V's
-    // The dQ accumulator: float32 (heads, query rows, kHeadDim) of the packed rows (or batch x
-    // seqlen_q rows in the fixed-length layout), zero at the launch.
+    // The dQ accumulator: float32 (heads, padded rows, kHeadDim), zero at the launch
+    // (dq_accumulator.h).
     float* dq_accum;
     int64_t dq_accum_head_stride;
     // LSE (log2 units) and D of every query row, padded per sequence (bwd_row_kernels.h).
@@ -268,9 +274,6 @@ struct FlashBwdKeyBlock {
             make_tiled_copy_C(typename Traits::SmemCopyAtomdS{}, tiled_mma_sdp);
         auto smem_thr_copy_ds = smem_tiled_copy_ds.get_thread_slice(thread);
         Tensor tdSsdS = smem_thr_copy_ds.partition_D(sdSt);
-        // (query, column) of each of this thread's dQ entries within (kBlockM, kHeadDim).
-        Tensor tdQcdQ =
-            thr_mma_dq.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{}));
 
         Tensor acc_dk =
             partition_fragment_C(tiled_mma_dkv, select<0, 1>(typename Traits::TileShapeDKV{}));
@@ -279,8 +282,11 @@ struct FlashBwdKeyBlock {
         clear(acc_dk);
         clear(acc_dv);
 
-        const int64_t dq_first_row =
-            seq.is_varlen ? int64_t(seq.q_start) : int64_t(work.batch) * params.seqlen_q;
+        using DqChunk = sm90::DqChunk<Traits>;
+        const int warpgroup = thread / kThreadsPerWarpgroup;
+        // The thread of each warpgroup that issues its bulk reduce-adds of dQ.
+        const bool issues_dq = thread % kThreadsPerWarpgroup == 0;
+        const int64_t dq_first_row = PaddedRows<kBlockM>::first_row(params, seq, work.batch);
         const int key0 = work.n_block * kBlockN;
 
         shared.kv_full.wait(0);
@@ -295,8 +301,6 @@ struct FlashBwdKeyBlock {
         for (int step = 0; step < work.steps(); ++step) {
             const int m_block = work.m_block_of(step);
             const int query0 = m_block * kBlockM;
-            float* dq_accum_head =
-                kp.dq_accum + int64_t(work.head_of(step)) * kp.dq_accum_head_stride;
             Tensor acc_s =
                 partition_fragment_C(tiled_mma_sdp, select<0, 1>(typename Traits::TileShapeSdP{}));
             Tensor acc_dp =
@@ -314,11 +318,18 @@ struct FlashBwdKeyBlock {
             warpgroup_gemm</*kZeroInit=*/true>(tiled_mma_sdp, tdPrV, tdPrdO(_, _, _, read.index()),
                                                acc_dp);
 
-            // The row block's statistics, by query (this thread's columns of S^T): LSE in log2
-            // units (+inf past the sequence end and for rows that saw no key: P = 0 there), D.
+            // The row block's LSE (log2 units; +inf past the sequence end and for rows that saw
+            // no key: P = 0 there) for this thread's queries (its columns of S^T), read from
+            // shared memory while the products run. Read after the wait, it left the
+            // exponentials waiting on shared memory: 8% of the stall samples under ncu
+            // (equal2k-like, H100). D follows once the dV product is issued: both at once did
+            // not fit the consumer's 240 registers (the compiler moved values to the stack).
             const float* lse_log2 = shared.lse_log2.data() + read.index() * kBlockM;
             const float* d_rows = shared.d.data() + read.index() * kBlockM;
             constexpr int kScoresPerThread = decltype(size(acc_s))::value;
+            float lse_of[kScoresPerThread];  // repeated queries: one load each
+            CUTE_UNROLL
+            for (int i = 0; i < kScoresPerThread; ++i) lse_of[i] = lse_log2[get<1>(tScS(i))];
 
             warpgroup_wait<1>();  // S^T landed
             // P^T, masked: keys past the end and pairs the local mask hides (score -inf).
@@ -327,24 +338,26 @@ struct FlashBwdKeyBlock {
                 const int key = key0 + get<0>(tScS(i));
                 const int query = get<1>(tScS(i));
                 const float score = work.mask.masked_score(acc_s(i), query0 + query, key);
-                acc_s(i) = exp2f(score * params.logit_scale_log2 - lse_log2[query]);
+                acc_s(i) = exp2f(score * params.logit_scale_log2 - lse_of[i]);
             }
-            warpgroup_wait<0>();  // dP^T landed
-            // dS^T = P^T (dP^T - D), in place of dP^T.
-            CUTE_UNROLL
-            for (int i = 0; i < kScoresPerThread; ++i) {
-                acc_dp(i) = acc_s(i) * (acc_dp(i) - d_rows[get<1>(tScS(i))]);
-            }
-
-            // dV += P^T dO, dK += dS^T Q with P^T and dS^T from registers.
+            // dV += P^T dO with P^T from registers, issued before dS so that it runs meanwhile.
             Tensor rP = make_tensor<Element>(acc_s.layout());
             convert_fragment(acc_s, rP);
-            Tensor rdS = make_tensor<Element>(acc_dp.layout());
-            convert_fragment(acc_dp, rdS);
             Tensor tdVrP = make_tensor(rP.data(), accumulator_as_a_operand(rP.layout()));
-            Tensor tdKrdS = make_tensor(rdS.data(), accumulator_as_a_operand(rdS.layout()));
             warpgroup_gemm</*kZeroInit=*/false>(tiled_mma_dkv, tdVrP,
                                                 tdVrdOt(_, _, _, read.index()), acc_dv);
+            float d_of[kScoresPerThread];
+            CUTE_UNROLL
+            for (int i = 0; i < kScoresPerThread; ++i) d_of[i] = d_rows[get<1>(tScS(i))];
+            warpgroup_wait<1>();  // dP^T landed (dV may still run)
+            // dS^T = P^T (dP^T - D), in place of dP^T; dK += dS^T Q with dS^T from registers.
+            CUTE_UNROLL
+            for (int i = 0; i < kScoresPerThread; ++i) {
+                acc_dp(i) = acc_s(i) * (acc_dp(i) - d_of[i]);
+            }
+            Tensor rdS = make_tensor<Element>(acc_dp.layout());
+            convert_fragment(acc_dp, rdS);
+            Tensor tdKrdS = make_tensor(rdS.data(), accumulator_as_a_operand(rdS.layout()));
             warpgroup_gemm</*kZeroInit=*/false>(tiled_mma_dkv, tdKrdS,
                                                 tdKrQt(_, _, _, read.index()), acc_dk);
 
@@ -358,25 +371,35 @@ struct FlashBwdKeyBlock {
                 partition_fragment_C(tiled_mma_dq, select<0, 1>(typename Traits::TileShapeDQ{}));
             warpgroup_gemm</*kZeroInit=*/true>(tiled_mma_dq, tdQrdS, tdQrKt, acc_dq);
             warpgroup_wait<0>();  // dV, dK and dQ landed: Q, dO and this thread's dS reads done
-            // The next row block writes dS only after every consumer's dQ product has read it.
+            // The next row block writes dS only after every consumer's dQ product has read it,
+            // and this one's dQ only after the last bulk reduce-add has read its part.
+            if (issues_dq) cute::tma_store_wait<0>();
             cutlass::arch::NamedBarrier::sync(kNumMmaThreads, kBarrierDsRead);
             pipeline_q.consumer_release(read);
             pipeline_do.consumer_release(read);
             ++read;
 
-            // dQ: this thread's entries, in pairs of adjacent columns, added into the
-            // accumulator; rows past the sequence end belong to the next sequence.
+            // dQ: staged in the chunk order, then added by one bulk reduce-add per warpgroup.
             CUTE_UNROLL
-            for (int i = 0; i < size(acc_dq); i += 2) {
-                const int query = query0 + get<0>(tdQcdQ(i));
-                if (query >= seq.seqlen_q) continue;
-                float* address =
-                    dq_accum_head + (dq_first_row + query) * kHeadDim + get<1>(tdQcdQ(i));
-                asm volatile("red.global.add.v2.f32 [%0], {%1, %2};" ::"l"(address), "f"(acc_dq(i)),
-                             "f"(acc_dq(i + 1))
-                             : "memory");
+            for (int group = 0; group < DqChunk::kFloatsPerThread / DqChunk::kVector; ++group) {
+                const int i = group * DqChunk::kVector;
+                *reinterpret_cast<float4*>(shared.dq.data() +
+                                           DqChunk::vector_offset(thread, group)) =
+                    make_float4(acc_dq(i), acc_dq(i + 1), acc_dq(i + 2), acc_dq(i + 3));
+            }
+            cutlass::arch::fence_view_async_shared();  // generic-proxy writes, bulk-copy reads
+            cutlass::arch::NamedBarrier::sync(kThreadsPerWarpgroup, kBarrierDqStaged + warpgroup);
+            if (issues_dq) {
+                const int64_t part = int64_t(warpgroup) * DqChunk::kPartFloats;
+                bulk_reduce_add(kp.dq_accum +
+                                    int64_t(work.head_of(step)) * kp.dq_accum_head_stride +
+                                    (dq_first_row + query0) * kHeadDim + part,
+                                shared.dq.data() + part, DqChunk::kPartBytes);
+                cute::tma_store_arrive();
             }
         }
+        // The shared memory must outlive the last bulk reduce-add's reads.
+        if (issues_dq) cute::tma_store_wait<0>();
 
         store_dk_dv(params, seq, work, tiled_mma_dkv, acc_dk, acc_dv, thread);
     }

@@ -1,23 +1,19 @@
 // Host-side launch of the sm90-family backward for one (element type, head dim, local mask):
 // D (bwd_row_kernels.h), the main kernel (flash_bwd_kernel.h), dQ's conversion, and clearing
-// the unused rows of gradients the backward allocated. Work in progress for issue 15: registered
-// for d = 128 (csrc/kernel_families.py) but opt-in (bwd_unsupported_option), never run on a GPU
-// yet.
+// the unused rows of gradients the backward allocated. d = 128 only so far (issue 15,
+// csrc/kernel_families.py); the options it lacks go to the sm80 family (bwd_unsupported_option).
 #pragma once
 
 #include <cuda_runtime_api.h>
-
-#include <cstdlib>
-#include <cstring>
 
 #include <cute/tensor.hpp>
 
 #include "kernels/common/clear_rows_past_end.h"
 #include "kernels/common/flash_params.h"
-#include "kernels/common/kernel_registry.h"  // kFamilyOverrideVariable
 #include "kernels/common/workspace.h"
 #include "kernels/sm90/bwd_kernel_traits.h"
 #include "kernels/sm90/bwd_row_kernels.h"
+#include "kernels/sm90/dq_accumulator.h"
 #include "kernels/sm90/flash_bwd_kernel.h"
 #include "kernels/sm90/tma_extent.h"
 
@@ -32,18 +28,9 @@ struct BwdTileConfig {
     using Traits = BwdKernelTraits<Element, kHeadDim, 64, 128, 2>;
 };
 
-// Until this backward has passed the GPU tests, it serves a call only when the kernel-family
-// override names its family; every other call goes to the sm80 family, which dispatch tries
-// next.
-constexpr const char* kOptInFamily = "sm90";
-
-// The first option of a call that this first version does not implement, or nullptr.
+// The first option of a call that this first version does not implement, or nullptr: dispatch
+// then gives the call to the sm80 family.
 inline const char* bwd_unsupported_option(const FlashBwdParams& params) {
-    const char* forced = std::getenv(kFamilyOverrideVariable);
-    if (forced == nullptr || std::strcmp(forced, kOptInFamily) != 0) {
-        return "the default (this backward is not yet validated on a GPU; "
-               "FLASH_VARLEN_KERNEL_FAMILY=sm90 runs it)";
-    }
     if (params.softcap_prescale != 0.f) return "soft-capping";
     if (params.alibi_slopes != nullptr) return "ALiBi";
     if (params.dropout_threshold != 0) return "dropout";
@@ -53,23 +40,17 @@ inline const char* bwd_unsupported_option(const FlashBwdParams& params) {
     return nullptr;
 }
 
-// Query rows of the dQ accumulator per head: the packed rows, or batch x seqlen_q.
-inline int64_t bwd_dq_accum_rows(const FlashBwdParams& params) {
-    return params.cu_seqlens_q != nullptr ? params.total_q
-                                          : int64_t(params.batch) * params.seqlen_q;
-}
-
-// Workspace: the float32 dQ accumulator (heads, query rows, kHeadDim), zeroed; the row
-// statistics, LSE_log2 and D (heads, padded rows) each, written by the row kernel.
+// Workspace, with R = the padded rows per head (padded_rows.h: total_q + batch x kBlockM
+// rounded up, or batch x seqlen_q rounded up per sequence): the float32 dQ accumulator
+// (heads, R, kHeadDim), zeroed (dq_accumulator.h); the row statistics, LSE_log2 and D
+// (heads, R) each, written by the row kernel.
 template <typename Element, int kHeadDim>
 WorkspaceSize bwd_workspace_size(const FlashBwdParams& params) {
     using Traits = typename BwdTileConfig<Element, kHeadDim>::Traits;
+    const int64_t padded_rows = PaddedRows<Traits::kBlockM>::rows_per_head(params);
     WorkspaceSize size;
-    size.zeroed_bytes =
-        int64_t(params.nheads) * bwd_dq_accum_rows(params) * kHeadDim * int64_t(sizeof(float));
-    size.scratch_bytes = 2 * int64_t(params.nheads) *
-                         PaddedRows<Traits::kBlockM>::rows_per_head(params) *
-                         int64_t(sizeof(float));
+    size.zeroed_bytes = int64_t(params.nheads) * padded_rows * kHeadDim * int64_t(sizeof(float));
+    size.scratch_bytes = 2 * int64_t(params.nheads) * padded_rows * int64_t(sizeof(float));
     return size;
 }
 
@@ -80,23 +61,20 @@ cudaError_t launch_flash_bwd(const FlashBwdParams& params, const Workspace& work
     if (bwd_unsupported_option(params) != nullptr) return cudaErrorNotSupported;
     constexpr int kBlockM = Traits::kBlockM;
     float* dq_accum = static_cast<float*>(workspace.zeroed);
-    const int64_t dq_accum_head_stride = bwd_dq_accum_rows(params) * kHeadDim;
     const int64_t stats_head_stride = PaddedRows<kBlockM>::rows_per_head(params);
+    const int64_t dq_accum_head_stride = stats_head_stride * kHeadDim;
     float* stats = static_cast<float*>(workspace.scratch);
     const RowStats row_stats{stats, stats + int64_t(params.nheads) * stats_head_stride,
                              stats_head_stride};
 
     // Launches with no work are invalid: no query rows means no D and no dQ; no keys, no
     // key block (dK, dV have no rows, dQ is the zeroed accumulator, converted).
-    const int padded_rows = cute::ceil_div(params.seqlen_q, kBlockM) * kBlockM;
-    const dim3 stats_grid(cute::ceil_div(padded_rows, kRowKernelWarps), params.batch,
-                          params.nheads);
-    const dim3 dq_grid(cute::ceil_div(params.seqlen_q, kRowKernelWarps), params.batch,
-                       params.nheads);
+    const dim3 dq_grid(cute::ceil_div(params.seqlen_q, kBlockM), params.batch, params.nheads);
     const bool has_query_rows = dq_grid.x > 0 && params.nheads > 0 && params.batch > 0;
     if (has_query_rows) {
-        flash_bwd_row_stats_kernel<Element, kBlockM>
-            <<<stats_grid, kRowKernelThreads, 0, stream>>>(params, row_stats);
+        flash_bwd_row_stats_kernel<Element, kHeadDim, kBlockM>
+            <<<RowStatsKernel<Element, kHeadDim, kBlockM>::grid(params), kRowKernelThreads, 0,
+               stream>>>(params, row_stats);
     }
 
     using namespace cute;
@@ -150,8 +128,8 @@ cudaError_t launch_flash_bwd(const FlashBwdParams& params, const Workspace& work
     }
 
     if (has_query_rows) {
-        flash_bwd_convert_dq_kernel<Element, kHeadDim>
-            <<<dq_grid, kRowKernelThreads, 0, stream>>>(params, dq_accum, dq_accum_head_stride);
+        flash_bwd_convert_dq_kernel<Traits><<<dq_grid, Traits::kNumMmaThreads, 0, stream>>>(
+            params, dq_accum, dq_accum_head_stride);
     }
     launch_clear_rows_past_end<Element>(params, stream);
     return cudaGetLastError();
