@@ -318,18 +318,11 @@ struct FlashBwdKeyBlock {
             warpgroup_gemm</*kZeroInit=*/true>(tiled_mma_sdp, tdPrV, tdPrdO(_, _, _, read.index()),
                                                acc_dp);
 
-            // The row block's LSE (log2 units; +inf past the sequence end and for rows that saw
-            // no key: P = 0 there) for this thread's queries (its columns of S^T), read from
-            // shared memory while the products run. Read after the wait, it left the
-            // exponentials waiting on shared memory: 8% of the stall samples under ncu
-            // (equal2k-like, H100). D follows once the dV product is issued: both at once did
-            // not fit the consumer's 240 registers (the compiler moved values to the stack).
+            // The row block's statistics, by query (this thread's columns of S^T): LSE in log2
+            // units (+inf past the sequence end and for rows that saw no key: P = 0 there), D.
             const float* lse_log2 = shared.lse_log2.data() + read.index() * kBlockM;
             const float* d_rows = shared.d.data() + read.index() * kBlockM;
             constexpr int kScoresPerThread = decltype(size(acc_s))::value;
-            float lse_of[kScoresPerThread];  // repeated queries: one load each
-            CUTE_UNROLL
-            for (int i = 0; i < kScoresPerThread; ++i) lse_of[i] = lse_log2[get<1>(tScS(i))];
 
             warpgroup_wait<1>();  // S^T landed
             // P^T, masked: keys past the end and pairs the local mask hides (score -inf).
@@ -338,7 +331,7 @@ struct FlashBwdKeyBlock {
                 const int key = key0 + get<0>(tScS(i));
                 const int query = get<1>(tScS(i));
                 const float score = work.mask.masked_score(acc_s(i), query0 + query, key);
-                acc_s(i) = exp2f(score * params.logit_scale_log2 - lse_of[i]);
+                acc_s(i) = exp2f(score * params.logit_scale_log2 - lse_log2[query]);
             }
             // dV += P^T dO with P^T from registers, issued before dS so that it runs meanwhile.
             Tensor rP = make_tensor<Element>(acc_s.layout());
@@ -346,20 +339,15 @@ struct FlashBwdKeyBlock {
             Tensor tdVrP = make_tensor(rP.data(), accumulator_as_a_operand(rP.layout()));
             warpgroup_gemm</*kZeroInit=*/false>(tiled_mma_dkv, tdVrP,
                                                 tdVrdOt(_, _, _, read.index()), acc_dv);
-            float d_of[kScoresPerThread];
-            CUTE_UNROLL
-            for (int i = 0; i < kScoresPerThread; ++i) d_of[i] = d_rows[get<1>(tScS(i))];
             warpgroup_wait<1>();  // dP^T landed (dV may still run)
             // dS^T = P^T (dP^T - D), in place of dP^T; dK += dS^T Q with dS^T from registers.
             CUTE_UNROLL
             for (int i = 0; i < kScoresPerThread; ++i) {
-                acc_dp(i) = acc_s(i) * (acc_dp(i) - d_of[i]);
+                acc_dp(i) = acc_s(i) * (acc_dp(i) - d_rows[get<1>(tScS(i))]);
             }
             Tensor rdS = make_tensor<Element>(acc_dp.layout());
             convert_fragment(acc_dp, rdS);
             Tensor tdKrdS = make_tensor(rdS.data(), accumulator_as_a_operand(rdS.layout()));
-            warpgroup_gemm</*kZeroInit=*/false>(tiled_mma_dkv, tdKrdS,
-                                                tdKrQt(_, _, _, read.index()), acc_dk);
 
             // dS (queries, keys) to shared memory for dQ, once every consumer has finished
             // reading the previous row block's.
@@ -367,17 +355,18 @@ struct FlashBwdKeyBlock {
             cutlass::arch::fence_view_async_shared();  // generic-proxy writes, wgmma reads
             cutlass::arch::NamedBarrier::sync(kNumMmaThreads, kBarrierDsWritten);
 
+            // dQ = dS K, then dK += dS^T Q (dS^T from registers), which runs while dQ is staged
+            // (FlashAttention-3's order: hopper/mainloop_bwd_sm90_tma_gmma_ws.hpp).
             Tensor acc_dq =
                 partition_fragment_C(tiled_mma_dq, select<0, 1>(typename Traits::TileShapeDQ{}));
             warpgroup_gemm</*kZeroInit=*/true>(tiled_mma_dq, tdQrdS, tdQrKt, acc_dq);
-            warpgroup_wait<0>();  // dV, dK and dQ landed: Q, dO and this thread's dS reads done
+            warpgroup_gemm</*kZeroInit=*/false>(tiled_mma_dkv, tdKrdS,
+                                                tdKrQt(_, _, _, read.index()), acc_dk);
+            warpgroup_wait<1>();  // dV and dQ landed: this thread's reads of dS and dO are done
             // The next row block writes dS only after every consumer's dQ product has read it,
             // and this one's dQ only after the last bulk reduce-add has read its part.
             if (issues_dq) cute::tma_store_wait<0>();
             cutlass::arch::NamedBarrier::sync(kNumMmaThreads, kBarrierDsRead);
-            pipeline_q.consumer_release(read);
-            pipeline_do.consumer_release(read);
-            ++read;
 
             // dQ: staged in the chunk order, then added by one bulk reduce-add per warpgroup.
             CUTE_UNROLL
@@ -397,6 +386,10 @@ struct FlashBwdKeyBlock {
                                 shared.dq.data() + part, DqChunk::kPartBytes);
                 cute::tma_store_arrive();
             }
+            warpgroup_wait<0>();  // dK landed: the reads of Q are done too
+            pipeline_q.consumer_release(read);
+            pipeline_do.consumer_release(read);
+            ++read;
         }
         // The shared memory must outlive the last bulk reduce-add's reads.
         if (issues_dq) cute::tma_store_wait<0>();
