@@ -340,7 +340,7 @@ struct FlashBwdKeyBlock {
             warpgroup_gemm</*kZeroInit=*/false>(tiled_mma_dkv, tdVrP,
                                                 tdVrdOt(_, _, _, read.index()), acc_dv);
             warpgroup_wait<1>();  // dP^T landed (dV may still run)
-            // dS^T = P^T (dP^T - D), in place of dP^T; dK += dS^T Q with dS^T from registers.
+            // dS^T = P^T (dP^T - D), in place of dP^T.
             CUTE_UNROLL
             for (int i = 0; i < kScoresPerThread; ++i) {
                 acc_dp(i) = acc_s(i) * (acc_dp(i) - d_rows[get<1>(tScS(i))]);
