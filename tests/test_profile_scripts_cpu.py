@@ -1,6 +1,6 @@
-"""The profiling scripts without a GPU (scripts/profile_forward.py, profile_decode_host.py): they
-say so and exit 2, and profile_forward.py's options name only the benchmark's workloads (the
-profiler's calls are the benchmark's)."""
+"""The profiling scripts without a GPU (scripts/profile_attention.py, profile_decode_host.py): they
+say so and exit 2, and profile_attention.py's options name only the benchmark's workloads,
+implementations and directions (the profiler's calls are the benchmark's)."""
 
 import subprocess
 import sys
@@ -21,12 +21,15 @@ def run(script: str, *arguments: str) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize(
     "command",
     [
-        ("profile_forward.py", "--workload", "short", "--layout", "gqa", "--causal"),
-        ("profile_forward.py", "--workload", "equal2k", "--breakdown"),
-        ("profile_forward.py", "--workload", "short", "--impl", "fa4"),
+        ("profile_attention.py", "--workload", "short", "--layout", "gqa", "--causal"),
+        ("profile_attention.py", "--workload", "equal2k", "--breakdown"),
+        ("profile_attention.py", "--workload", "short", "--impl", "fa4"),
+        ("profile_attention.py", "--workload", "docs", "--direction", "backward", "--causal"),
+        ("profile_attention.py", "--direction", "backward", "--impl", "fa4", "--breakdown"),
         ("profile_decode_host.py", "--batch", "4", "--length", "100", "--page-size", "16"),
     ],
-    ids=["forward", "forward_breakdown", "forward_fa4", "decode"],
+    ids=["forward", "forward_breakdown", "forward_fa4", "backward", "backward_fa4_breakdown",
+         "decode"],
 )
 def test_without_a_gpu_they_say_so_and_exit_2(command: tuple[str, ...]) -> None:
     result = run(*command)
@@ -35,12 +38,18 @@ def test_without_a_gpu_they_say_so_and_exit_2(command: tuple[str, ...]) -> None:
 
 
 def test_an_unknown_workload_is_refused() -> None:
-    result = run("profile_forward.py", "--workload", "long")
+    result = run("profile_attention.py", "--workload", "long")
     assert result.returncode == 2
     assert "invalid choice: 'long'" in result.stderr
 
 
 def test_an_unknown_implementation_is_refused() -> None:
-    result = run("profile_forward.py", "--impl", "fa3")
+    result = run("profile_attention.py", "--impl", "fa3")
     assert result.returncode == 2
     assert "invalid choice: 'fa3'" in result.stderr
+
+
+def test_an_unknown_direction_is_refused() -> None:
+    result = run("profile_attention.py", "--direction", "both")
+    assert result.returncode == 2
+    assert "invalid choice: 'both'" in result.stderr

@@ -1,17 +1,23 @@
-"""A few forward calls of one targets.md workload, for a profiler to pick one from (needs a GPU):
+"""A few forward (or backward) calls of one targets.md workload, for a profiler to pick one from
+(needs a GPU):
 
     ncu --clock-control none --kernel-name regex:flash_fwd_kernel --launch-skip 2 \
         --launch-count 1 --section SpeedOfLight --section WarpStateStats --section SchedulerStats \
-        python3 scripts/profile_forward.py --workload equal2k --layout mha
+        python3 scripts/profile_attention.py --workload equal2k --layout mha
 
 (`--clock-control none`: the device README asks that the clocks be left alone.) The calls are
 the benchmark's (benchmarks/workloads.py: the same lengths, heads and dtype);
 FLASH_VARLEN_KERNEL_FAMILY picks the family as everywhere else. Prints the median time of the
 calls, so that a run without a profiler says what one call costs.
 
+`--direction backward` times and profiles the backward alone, as benchmarks/bench_backward.py
+does: torch.autograd.grad of one forward's output (retain_graph, a seeded dout) per call; ncu's
+filter for our backward kernels `regex:flash_bwd` (the sm90 family's row statistics, main
+kernel and dQ conversion), FA4's `regex:FlashAttentionBackwardSm90`.
+
 `--impl fa4` makes the same calls through FlashAttention-4 (benchmarks/impls.py's peer; ncu's
-filter for its Hopper kernel: `--kernel-name regex:FlashAttentionForwardSm90`), so that the two
-kernels' profiles on one workload can be set side by side.
+filter for its Hopper forward kernel: `--kernel-name regex:FlashAttentionForwardSm90`), so that
+the two kernels' profiles on one workload can be set side by side.
 
 `--breakdown` (no outside profiler) says where a call's time goes: the calls back to back as
 benchmarks/bench_forward.py times them (triton.testing.do_bench: L2 flushed before each, no
@@ -38,6 +44,7 @@ from flash_varlen import flash_attn_varlen_func  # noqa: E402
 DTYPE = torch.bfloat16
 # The profiler skips the first calls (warm-up: the extension loads, caches fill) and takes one.
 DEFAULT_CALLS = 5
+DOUT_SEED = 0  # the backward's output gradient: seeded randn
 
 
 def main() -> int:
@@ -45,6 +52,8 @@ def main() -> int:
     parser.add_argument("--workload", choices=WORKLOAD_NAMES, default="equal2k")
     parser.add_argument("--layout", choices=sorted(HEAD_LAYOUTS), default="mha")
     parser.add_argument("--causal", action="store_true")
+    parser.add_argument("--direction", choices=("forward", "backward"), default="forward",
+                        help="backward: torch.autograd.grad of one forward's output per call")
     parser.add_argument("--calls", type=int, default=DEFAULT_CALLS)
     parser.add_argument("--impl", choices=("ours", FA4_IMPL), default="ours",
                         help="whose forward to call (fa4: FlashAttention-4, if it imports)")
@@ -52,25 +61,37 @@ def main() -> int:
                         help="also time the calls as the benchmark does and list their kernels")
     args = parser.parse_args()
     if not torch.cuda.is_available():
-        print("profile_forward.py: needs a CUDA GPU", file=sys.stderr)
+        print("profile_attention.py: needs a CUDA GPU", file=sys.stderr)
         return 2
 
     workload = make_workload(args.workload)
     layout = HEAD_LAYOUTS[args.layout]
     total = workload.total_tokens
-    q = torch.randn(total, layout.nheads_q, layout.head_dim, device="cuda", dtype=DTYPE)
-    k = torch.randn(total, layout.nheads_kv, layout.head_dim, device="cuda", dtype=DTYPE)
-    v = torch.randn_like(k)
+    backward = args.direction == "backward"
+    q, k, v = (
+        torch.randn(total, heads, layout.head_dim, device="cuda", dtype=DTYPE,
+                    requires_grad=backward)
+        for heads in (layout.nheads_q, layout.nheads_kv, layout.nheads_kv)
+    )
     cu_seqlens = workload.cu_seqlens("cuda")
 
-    def call() -> None:
-        flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, workload.max_seqlen,
-                               workload.max_seqlen, causal=args.causal)
+    def forward() -> torch.Tensor:
+        return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, workload.max_seqlen,
+                                      workload.max_seqlen, causal=args.causal)
 
     if args.impl == FA4_IMPL:
-        call = prepare_fa4(Case(workload, layout, args.causal, q, k, v, cu_seqlens)).run
-
+        forward = prepare_fa4(Case(workload, layout, args.causal, q, k, v, cu_seqlens)).run
+    call = forward
     flops = workload.forward_flops(layout, args.causal)
+    if backward:
+        out = forward()
+        dout = torch.randn(out.shape, device="cuda", dtype=DTYPE,
+                           generator=torch.Generator("cuda").manual_seed(DOUT_SEED))
+
+        def call() -> None:
+            torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)
+
+        flops = workload.backward_flops(layout, args.causal)
     times = []
     for _ in range(args.calls):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -80,7 +101,7 @@ def main() -> int:
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
     median = sorted(times)[len(times) // 2]
-    print(f"{args.impl}: {args.workload} {args.layout} causal={args.causal}: "
+    print(f"{args.impl} {args.direction}: {args.workload} {args.layout} causal={args.causal}: "
           f"median {median:.3f} ms over "
           f"{args.calls} calls, {flops / (median * 1e-3) / 1e12:.1f} TFLOP/s")
     if args.breakdown:
