@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Forward speed of several commits in one GPU run: the way to tell which change moved a number,
-# since two runs on two machines differ by up to ~2.5% on the same tree.
+# Forward (or backward) speed of several commits in one GPU run: the way to tell which change
+# moved a number, since two runs on two machines differ by up to ~2.5% on the same tree.
 #
 # Here (no GPU needed):  bash scripts/compare_trees_forward.sh pack DIR REV...
 #   writes DIR/<rev>.tar (the build inputs of each commit, git archive) for the device call.
@@ -20,6 +20,8 @@
 #
 # COMPARE_FAMILY (default sm90): the kernel family forced in the benchmarks (for run-built trees
 # of another family; `run` builds the sm90 family only).
+# COMPARE_DIRECTION (default forward): backward runs benchmarks/bench_backward.py --impl ours
+# instead (the backward alone, each tree's own forward before it) and tabulates its backward rates.
 # COMPARE_ROUNDS (default 1): benchmark every tree that many times, in turn, the order reversed
 # every other round (the machine drifts: its dense rate moved by up to 9% between the trees of
 # one call on 2026-12-05), and print the mean of the rounds with each tree's largest
@@ -54,6 +56,12 @@ fi
 out=${1:?missing OUT}
 shift
 family=${COMPARE_FAMILY:-sm90}
+direction=${COMPARE_DIRECTION:-forward}
+case "$direction" in
+    forward) bench=(benchmarks/bench_forward.py --impl ours --families "$family") ;;
+    backward) bench=(benchmarks/bench_backward.py --impl ours) ;;
+    *) echo "COMPARE_DIRECTION must be forward or backward, not $direction" >&2; exit 2 ;;
+esac
 bench_args=("$@")
 [ ${#bench_args[@]} -eq 0 ] && bench_args=(--layouts mha,gqa --workloads docs,short,equal2k)
 
@@ -91,16 +99,17 @@ for round in $(seq 1 "$rounds"); do
         order=($(printf '%s\n' "${trees[@]}" | tac))
     fi
     for name in "${order[@]}"; do
-        (cd "/tmp/compare_trees/$name" && FLASH_VARLEN_KERNEL_FAMILY=$family python3 benchmarks/bench_forward.py \
-            --out "$out/forward_$name.r$round.json" --impl ours --families "$family" "${bench_args[@]}" \
+        (cd "/tmp/compare_trees/$name" && FLASH_VARLEN_KERNEL_FAMILY=$family python3 "${bench[@]}" \
+            --out "$out/${direction}_$name.r$round.json" "${bench_args[@]}" \
             > "$out/bench_$name.r$round.log" 2>&1; echo "bench $name round $round rc=$?")
     done
 done
-python3 - "$out" "$family" "$rounds" "${trees[@]}" <<'PY'
+python3 - "$out" "$family" "$direction" "$rounds" "${trees[@]}" <<'PY'
 import json
 import sys
 
-out, family, rounds, names = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4:]
+out, family, direction, rounds, names = (sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]),
+                                         sys.argv[5:])
 # table[row][tree]: the TFLOP/s of each round that ran; clocks[row][tree]: the median SM clock
 # (MHz) of each round's timing, where nvidia-smi gave one (benchmarks/gpu_clocks.py)
 table: dict[str, dict[str, list[float]]] = {}
@@ -108,19 +117,21 @@ clocks: dict[str, dict[str, list[float]]] = {}
 for name in names:
     for round_ in range(1, rounds + 1):
         try:
-            rows = json.load(open(f"{out}/forward_{name}.r{round_}.json"))["rows"]
+            rows = json.load(open(f"{out}/{direction}_{name}.r{round_}.json"))["rows"]
         except (OSError, KeyError, ValueError) as error:
             print(f"{name} round {round_}: no benchmark ({error})")
             continue
         for row in rows:
             key = f"{row['workload']}/{row['layout']}/{'causal' if row['causal'] else 'full'}"
-            result = row["results"].get(f"ours_{family}", {})
+            # bench_forward.py names the forced family's column; bench_backward.py has "ours".
+            results = row["results"] if direction == "forward" else row["backward"]["results"]
+            result = results.get(f"ours_{family}" if direction == "forward" else "ours", {})
             if result.get("tflops"):
                 table.setdefault(key, {}).setdefault(name, []).append(result["tflops"])
             if result.get("gpu_clocks"):
                 clock = result["gpu_clocks"]["sm_clock_mhz"]["median"]
                 clocks.setdefault(key, {}).setdefault(name, []).append(clock)
-print(f"TFLOP/s, mean of {rounds} round(s)" + (" (largest round-to-round difference)" if rounds > 1 else "")
+print(f"{direction} TFLOP/s, mean of {rounds} round(s)" + (" (largest round-to-round difference)" if rounds > 1 else "")
       + (", @ the mean of the median SM clocks while timed" if clocks else ""))
 print("| row | " + " | ".join(names) + " |")
 print("| --- |" + " --- |" * len(names))
