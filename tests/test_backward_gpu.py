@@ -998,6 +998,46 @@ def test_deterministic_switches_make_dq_repeatable(switch: str) -> None:
     assert torch.are_deterministic_algorithms_enabled() == setting_before
 
 
+# One sequence with more key blocks than a GPU runs at once (132 SMs on an H100, one backward
+# block each): 313 key blocks of 128 keys, 625 of 64.
+ORDER_LENGTH = 40_000
+# bf16 rounds to 2^-8 relative; summation order moves the float32 sums by far less.
+ORDER_TOLERANCE = 2**-6
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=_mask_id)
+def test_deterministic_order_with_more_key_blocks_than_the_gpu_holds(causal: bool) -> None:
+    """deterministic=True on one 40k-token sequence with one head: dq, dk, dv bitwise equal over
+    two runs and within rounding of the default backward's (which another kernel family may run:
+    a family can serve the default backward and not yet deterministic mode).
+
+    The key blocks add into each dq row block in a fixed order and wait for their turn; a block
+    that waits for one launched after it deadlocks once the blocks before it fill the GPU (the
+    sm90 backward launches causal key blocks in descending order for that reason). Such a bug
+    hangs this test rather than failing it: run the GPU tests under a timeout.
+    """
+    require_backward_kernel(DEFAULT_DTYPE, DEFAULT_HEAD_DIM)
+    batch = make_varlen_batch(
+        [ORDER_LENGTH], [ORDER_LENGTH], 1, 1, DEFAULT_HEAD_DIM, DEFAULT_DTYPE, DEVICE
+    )
+    dout = random_like(batch.q, DOUT_SEED)
+    default = varlen_gradients(batch, dout, causal)
+    first = varlen_gradients(batch, dout, causal, deterministic=True)
+    again = varlen_gradients(batch, dout, causal, deterministic=True)
+    for grad_name, grad, reference in zip(GRADIENT_NAMES, again, first):
+        assert_bitwise_equal(grad, reference, f"second deterministic run {grad_name}")
+    # The same float32 terms added in another order, then rounded to bf16: a key block's dq add
+    # lost or made twice moves whole rows by the size of dq itself.
+    for grad_name, grad, reference in zip(GRADIENT_NAMES, first, default):
+        assert bool(torch.isfinite(grad).all()), f"{grad_name} not finite"
+        largest = float(reference.float().abs().max())
+        difference = float((grad.float() - reference.float()).abs().max())
+        assert difference <= ORDER_TOLERANCE * largest, (
+            f"{grad_name}: deterministic differs from default by {difference:.3g} "
+            f"(largest |{grad_name}| {largest:.3g})"
+        )
+
+
 @pytest.mark.parametrize("causal", [False, True], ids=_mask_id)
 def test_varlen_qkvpacked_gradients_match_unpacked(causal: bool) -> None:
     """flash_attn_varlen_qkvpacked_func: the grad of qkv (total, 3, h, d) holds, bit for bit,

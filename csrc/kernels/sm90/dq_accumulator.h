@@ -61,6 +61,41 @@ __device__ inline void bulk_reduce_add(float* gmem, const float* smem, uint32_t 
 #endif
 }
 
+// Deterministic mode (bitwise reproducible dq): the key blocks that add into one warpgroup part
+// of one row block do so in a fixed order, counted by an int32 counter per (query head, padded
+// row block, warpgroup), zero at the launch. The issuing thread waits until the counter equals
+// the number of key blocks before its own (flash_bwd_kernel.h, Work::dq_adds_before), adds, waits
+// for its add to complete, and increments the counter. (FlashAttention-3's semaphores, Shah et al.
+// 2024, hopper/flash_bwd_kernel_sm90.h; theirs sit in a dedicated warp, ours in the consumers'
+// issuing thread: what that costs is to be measured.)
+struct DqOrder {
+    int* counters;        // nullptr: no ordering (the default backward)
+    int64_t head_stride;  // padded row blocks x warpgroups
+};
+
+// Spins until *counter == expected; acquire at GPU scope, so that the adds released before the
+// count (by another block's bulk reduce-add) are visible, then orders them before this thread's
+// own bulk reduce-add (another proxy).
+__device__ inline void wait_for_dq_turn(const int* counter, int expected) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    int value;
+    do {
+        asm volatile("ld.acquire.gpu.global.s32 %0, [%1];" : "=r"(value) : "l"(counter) : "memory");
+    } while (value != expected);
+    asm volatile("fence.proxy.async.global;" ::: "memory");
+#endif
+}
+
+// Waits until this thread's bulk reduce-adds have completed (not only read shared memory), then
+// increments the counter with release semantics at GPU scope: the next key block's add follows.
+__device__ inline void pass_dq_turn(int* counter) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
+    asm volatile("fence.proxy.async.global;" ::: "memory");
+    asm volatile("red.release.gpu.global.add.s32 [%0], 1;" ::"l"(counter) : "memory");
+#endif
+}
+
 // dQ = softmax scale x the accumulator, in the input type: a block of kNumMmaThreads threads per
 // (row block, sequence, head), thread t reading back what consumer thread t added (DqChunk) into
 // a (row, column) tile in shared memory, then every row written with 16-byte stores.

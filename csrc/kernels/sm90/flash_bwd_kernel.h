@@ -77,6 +77,7 @@ struct BwdKernelParams {
     // (dq_accumulator.h).
     float* dq_accum;
     int64_t dq_accum_head_stride;
+    DqOrder dq_order;  // deterministic mode's counters (dq_accumulator.h)
     // LSE (log2 units) and D of every query row, padded per sequence (bwd_row_kernels.h).
     RowStats stats;
 };
@@ -107,14 +108,23 @@ struct FlashBwdKeyBlock {
         int m_end;
 
         __device__ Work(const FlashBwdParams& params)
-            : n_block(blockIdx.x),
+            : n_block(launch_order_reversed(params) ? int(gridDim.x) - 1 - int(blockIdx.x)
+                                                    : int(blockIdx.x)),
               head_k(blockIdx.y),
               batch(blockIdx.z),
               heads_per_group(params.nheads / params.nheads_k),
               seq(params, blockIdx.z),
               mask(params, seq, blockIdx.z, blockIdx.y * (params.nheads / params.nheads_k)),
-              m_begin(mask.template row_block_begin<kBlockM, kBlockN>(blockIdx.x)),
-              m_end(mask.template row_block_end<kBlockM, kBlockN>(blockIdx.x)) {}
+              m_begin(mask.template row_block_begin<kBlockM, kBlockN>(n_block)),
+              m_end(mask.template row_block_end<kBlockM, kBlockN>(n_block)) {}
+
+        // Deterministic mode with a local mask orders the dQ adds by descending key block
+        // (dq_adds_before), so the blocks launch in that order too: a block then waits only for
+        // blocks launched before it. Launched the other way, the resident blocks of a sequence
+        // with more key blocks than the GPU holds would wait for blocks that cannot start.
+        __device__ static bool launch_order_reversed(const FlashBwdParams& params) {
+            return kIsLocal && params.deterministic;
+        }
 
         __device__ bool has_keys() const { return n_block * kBlockN < seq.seqlen_k; }
         __device__ int steps() const { return heads_per_group * max(m_end - m_begin, 0); }
@@ -122,6 +132,32 @@ struct FlashBwdKeyBlock {
             return head_k * heads_per_group + step / (m_end - m_begin);
         }
         __device__ int m_block_of(int step) const { return m_begin + step % (m_end - m_begin); }
+
+        // Deterministic mode: how many key blocks of the sequence add into row block m_block (of
+        // any one query head) before this one. Without a local mask every key block visits every
+        // row block, in ascending order. With one, key blocks go in descending order (the
+        // longest causal ones, which start at the top rows, would otherwise hold back every later
+        // block at its first row block: FlashAttention-3 reverses the order for causal
+        // determinism too): the later blocks that visit m_block, which are those up to the first
+        // whose row_block_begin passes it (row_block_begin and row_block_end grow with the
+        // block, and this block visits m_block, so every later block's range ends past it).
+        __device__ int dq_adds_before(int m_block) const {
+            if constexpr (!kIsLocal) {
+                return n_block;
+            } else {
+                int first_past = n_block + 1;
+                int end = cute::ceil_div(seq.seqlen_k, int(kBlockN));  // key blocks with keys
+                while (first_past < end) {  // first block in [first_past, end) starting past it
+                    const int middle = (first_past + end) / 2;
+                    if (mask.template row_block_begin<kBlockM, kBlockN>(middle) > m_block) {
+                        end = middle;
+                    } else {
+                        first_past = middle + 1;
+                    }
+                }
+                return first_past - (n_block + 1);
+            }
+        }
     };
 
     __device__ static void run(const BwdKernelParams<Traits>& kp, char* smem) {
@@ -379,12 +415,20 @@ struct FlashBwdKeyBlock {
             cutlass::arch::fence_view_async_shared();  // generic-proxy writes, bulk-copy reads
             cutlass::arch::NamedBarrier::sync(kThreadsPerWarpgroup, kBarrierDqStaged + warpgroup);
             if (issues_dq) {
+                const int head = work.head_of(step);
+                int* turn = nullptr;
+                if (kp.dq_order.counters != nullptr) {
+                    turn = kp.dq_order.counters + int64_t(head) * kp.dq_order.head_stride +
+                           (dq_first_row / kBlockM + m_block) * Traits::kNumMmaWarpgroups +
+                           warpgroup;
+                    wait_for_dq_turn(turn, work.dq_adds_before(m_block));
+                }
                 const int64_t part = int64_t(warpgroup) * DqChunk::kPartFloats;
-                bulk_reduce_add(kp.dq_accum +
-                                    int64_t(work.head_of(step)) * kp.dq_accum_head_stride +
+                bulk_reduce_add(kp.dq_accum + int64_t(head) * kp.dq_accum_head_stride +
                                     (dq_first_row + query0) * kHeadDim + part,
                                 shared.dq.data() + part, DqChunk::kPartBytes);
                 cute::tma_store_arrive();
+                if (turn != nullptr) pass_dq_turn(turn);
             }
             warpgroup_wait<0>();  // dK landed: the reads of Q are done too
             pipeline_q.consumer_release(read);

@@ -6,10 +6,13 @@
 
 #include <cuda_runtime_api.h>
 
+#include <cstdlib>
+#include <cstring>
 #include <cute/tensor.hpp>
 
 #include "kernels/common/clear_rows_past_end.h"
 #include "kernels/common/flash_params.h"
+#include "kernels/common/kernel_registry.h"  // kFamilyOverrideVariable
 #include "kernels/common/workspace.h"
 #include "kernels/sm90/bwd_kernel_traits.h"
 #include "kernels/sm90/bwd_row_kernels.h"
@@ -28,6 +31,10 @@ struct BwdTileConfig {
     using Traits = BwdKernelTraits<Element, kHeadDim, 64, 128, 2>;
 };
 
+// Deterministic mode (dq_accumulator.h, DqOrder) has not run on a GPU yet: until it has passed
+// the GPU tests it serves a call only when the kernel-family override names this family.
+constexpr const char* kFamilyName = "sm90";
+
 // The first option of a call that this first version does not implement, or nullptr: dispatch
 // then gives the call to the sm80 family.
 inline const char* bwd_unsupported_option(const FlashBwdParams& params) {
@@ -35,21 +42,35 @@ inline const char* bwd_unsupported_option(const FlashBwdParams& params) {
     if (params.alibi_slopes != nullptr) return "ALiBi";
     if (params.dropout_threshold != 0) return "dropout";
     if (params.learnable_sink != nullptr) return "attention sinks";
-    if (params.deterministic) return "deterministic mode";
+    const char* forced = std::getenv(kFamilyOverrideVariable);
+    if (params.deterministic && (forced == nullptr || std::strcmp(forced, kFamilyName) != 0)) {
+        return "deterministic mode (not yet run on a GPU; FLASH_VARLEN_KERNEL_FAMILY=sm90 runs it)";
+    }
     if (params.block_table != nullptr) return "paged KV cache";
     return nullptr;
 }
 
 // Workspace, with R = the padded rows per head (padded_rows.h: total_q + batch x kBlockM
 // rounded up, or batch x seqlen_q rounded up per sequence): the float32 dQ accumulator
-// (heads, R, kHeadDim), zeroed (dq_accumulator.h); the row statistics, LSE_log2 and D
-// (heads, R) each, written by the row kernel.
+// (heads, R, kHeadDim), zeroed (dq_accumulator.h), and in deterministic mode after it the int32
+// counters (heads, R / kBlockM, consumer warpgroups), zeroed; the row statistics, LSE_log2 and
+// D (heads, R) each, written by the row kernel.
+template <typename Traits>
+int64_t bwd_dq_order_head_stride(const FlashBwdParams& params) {
+    return PaddedRows<Traits::kBlockM>::rows_per_head(params) / Traits::kBlockM *
+           Traits::kNumMmaWarpgroups;
+}
+
 template <typename Element, int kHeadDim>
 WorkspaceSize bwd_workspace_size(const FlashBwdParams& params) {
     using Traits = typename BwdTileConfig<Element, kHeadDim>::Traits;
     const int64_t padded_rows = PaddedRows<Traits::kBlockM>::rows_per_head(params);
     WorkspaceSize size;
     size.zeroed_bytes = int64_t(params.nheads) * padded_rows * kHeadDim * int64_t(sizeof(float));
+    if (params.deterministic) {
+        size.zeroed_bytes += int64_t(params.nheads) * bwd_dq_order_head_stride<Traits>(params) *
+                             int64_t(sizeof(int));
+    }
     size.scratch_bytes = 2 * int64_t(params.nheads) * padded_rows * int64_t(sizeof(float));
     return size;
 }
@@ -113,6 +134,11 @@ cudaError_t launch_flash_bwd(const FlashBwdParams& params, const Workspace& work
                              Shape<Int<Traits::kBlockN>, Int<kHeadDim>>{}, _1{});
     kp.dq_accum = dq_accum;
     kp.dq_accum_head_stride = dq_accum_head_stride;
+    if (params.deterministic) {
+        kp.dq_order = DqOrder{
+            reinterpret_cast<int*>(dq_accum + int64_t(params.nheads) * dq_accum_head_stride),
+            bwd_dq_order_head_stride<Traits>(params)};
+    }
     kp.stats = row_stats;
 
     auto kernel = &flash_bwd_kernel<Traits, kIsLocal>;
