@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import torch
 
 import flash_varlen
 from accuracy import FORWARD_FACTOR, assert_lse_within_tolerance, assert_within_tolerance
+from host_cpp import compile_host_driver
 from flash_varlen import kvcache, kvcache_decode, reference, validation
 from flash_varlen.kvcache_validation import check_kvcache_inputs
 from test_kvcache_cpu import call_args, int32, paged_args, raises, reference_sequence
@@ -58,23 +58,7 @@ def heuristic(tmp_path_factory):
     """resolve_num_splits and split_workspace of split_heuristic.h, compiled with the host C++
     compiler: a function (ctas, key_blocks, requested=0, rows=1, bucket=128, sms, per_sm) ->
     (splits, workspace bytes)."""
-    compiler = shutil.which("g++") or shutil.which("c++")
-    if compiler is None:
-        pytest.skip("no host C++ compiler")
-    folder = tmp_path_factory.mktemp("heuristic")
-    (folder / "driver.cpp").write_text(DRIVER)
-    binary = folder / "driver"
-    subprocess.run(
-        [
-            compiler,
-            "-std=c++17",
-            f"-I{ROOT / 'csrc'}",
-            str(folder / "driver.cpp"),
-            "-o",
-            str(binary),
-        ],
-        check=True,
-    )
+    binary = compile_host_driver(tmp_path_factory, "heuristic", DRIVER)
 
     def run(ctas, key_blocks, requested=0, rows=1, bucket=128, sms=H200_SMS, per_sm=CTAS_PER_SM):
         line = f"{ctas} {key_blocks} {sms} {per_sm} {requested} {rows} {bucket}\n"

@@ -37,19 +37,10 @@ def test_without_a_gpu_they_say_so_and_exit_2(command: tuple[str, ...]) -> None:
     assert "needs a CUDA GPU" in result.stderr
 
 
-def test_an_unknown_workload_is_refused() -> None:
-    result = run("profile_attention.py", "--workload", "long")
+@pytest.mark.parametrize("option, value", [
+    ("--workload", "long"), ("--impl", "fa3"), ("--direction", "both"),
+])
+def test_an_unknown_choice_is_refused(option: str, value: str) -> None:
+    result = run("profile_attention.py", option, value)
     assert result.returncode == 2
-    assert "invalid choice: 'long'" in result.stderr
-
-
-def test_an_unknown_implementation_is_refused() -> None:
-    result = run("profile_attention.py", "--impl", "fa3")
-    assert result.returncode == 2
-    assert "invalid choice: 'fa3'" in result.stderr
-
-
-def test_an_unknown_direction_is_refused() -> None:
-    result = run("profile_attention.py", "--direction", "both")
-    assert result.returncode == 2
-    assert "invalid choice: 'both'" in result.stderr
+    assert f"invalid choice: '{value}'" in result.stderr

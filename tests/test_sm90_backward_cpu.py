@@ -2,14 +2,13 @@
 C++ compiler: every sequence's padded rows start on a row block, lie inside the head's rows and
 never overlap another sequence's (CPU)."""
 
-import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from host_cpp import compile_host_driver
+
 BLOCK_ROWS = 64  # the backward's kBlockM (flash_bwd_launch.h, BwdTileConfig)
 
 DRIVER = r"""
@@ -43,14 +42,7 @@ int main() {
 @pytest.fixture(scope="module")
 def layout(tmp_path_factory):
     """(is_varlen, lengths) -> (rows per head, first padded row of each sequence)."""
-    compiler = shutil.which("g++") or shutil.which("c++")
-    if compiler is None:
-        pytest.skip("no host C++ compiler")
-    folder = tmp_path_factory.mktemp("padded_rows")
-    (folder / "driver.cpp").write_text(DRIVER)
-    binary = folder / "driver"
-    subprocess.run([compiler, "-std=c++17", f"-I{ROOT / 'csrc'}", str(folder / "driver.cpp"),
-                    "-o", str(binary)], check=True)
+    binary = compile_host_driver(tmp_path_factory, "padded_rows", DRIVER)
 
     def run(is_varlen: bool, lengths: list[int]) -> tuple[int, list[int]]:
         seqlen_q = max(lengths, default=0)

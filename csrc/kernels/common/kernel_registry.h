@@ -7,6 +7,8 @@
 
 #include <cuda_runtime_api.h>
 
+#include <cstdlib>
+#include <cstring>
 #include <utility>
 #include <vector>
 
@@ -17,8 +19,20 @@
 namespace flash_varlen {
 
 // The environment variable that forces one kernel family (its name) on every call; dispatch
-// (bindings/dispatch.cpp) reads it.
+// (bindings/dispatch.cpp) reads it, and family_is_forced below.
 constexpr const char* kFamilyOverrideVariable = "FLASH_VARLEN_KERNEL_FAMILY";
+
+// Whether the override names `family`: a family's option check asks it to serve a mode that has
+// not run on a GPU yet only when forced (the sm90 backward's deterministic mode,
+// sm90/flash_bwd_launch.h).
+inline bool family_is_forced(KernelFamily family) {
+    const char* value = std::getenv(kFamilyOverrideVariable);
+    if (value == nullptr) return false;
+    for (const KernelFamilyInfo& info : kKernelFamilies) {
+        if (info.family == family) return std::strcmp(value, info.name) == 0;
+    }
+    return false;
+}
 
 enum class ElementType { kFloat16, kBFloat16 };
 

@@ -6,13 +6,11 @@
 
 #include <cuda_runtime_api.h>
 
-#include <cstdlib>
-#include <cstring>
 #include <cute/tensor.hpp>
 
 #include "kernels/common/clear_rows_past_end.h"
 #include "kernels/common/flash_params.h"
-#include "kernels/common/kernel_registry.h"  // kFamilyOverrideVariable
+#include "kernels/common/kernel_registry.h"  // family_is_forced
 #include "kernels/common/workspace.h"
 #include "kernels/sm90/bwd_kernel_traits.h"
 #include "kernels/sm90/bwd_row_kernels.h"
@@ -31,10 +29,6 @@ struct BwdTileConfig {
     using Traits = BwdKernelTraits<Element, kHeadDim, 64, 128, 2>;
 };
 
-// Deterministic mode (dq_accumulator.h, DqOrder) has not run on a GPU yet: until it has passed
-// the GPU tests it serves a call only when the kernel-family override names this family.
-constexpr const char* kFamilyName = "sm90";
-
 // The first option of a call that this first version does not implement, or nullptr: dispatch
 // then gives the call to the sm80 family.
 inline const char* bwd_unsupported_option(const FlashBwdParams& params) {
@@ -42,8 +36,9 @@ inline const char* bwd_unsupported_option(const FlashBwdParams& params) {
     if (params.alibi_slopes != nullptr) return "ALiBi";
     if (params.dropout_threshold != 0) return "dropout";
     if (params.learnable_sink != nullptr) return "attention sinks";
-    const char* forced = std::getenv(kFamilyOverrideVariable);
-    if (params.deterministic && (forced == nullptr || std::strcmp(forced, kFamilyName) != 0)) {
+    // Deterministic mode (dq_accumulator.h, DqOrder) has not run on a GPU yet: until it has
+    // passed the GPU tests it serves a call only when the override names this family.
+    if (params.deterministic && !family_is_forced(KernelFamily::kSm90)) {
         return "deterministic mode (not yet run on a GPU; FLASH_VARLEN_KERNEL_FAMILY=sm90 runs it)";
     }
     if (params.block_table != nullptr) return "paged KV cache";
