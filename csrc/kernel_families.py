@@ -115,14 +115,14 @@ SM90 = KernelFamily(
             "fwd_workspace_size",
             unsupported_option="fwd_unsupported_option",
         ),
-        # Issue 15, in progress: d = 128 only; the options it lacks (bwd_unsupported_option)
+        # Issue 15, in progress: d = 64 and 128; the options it lacks (bwd_unsupported_option)
         # and the other head dims go to the sm80 family.
         "bwd": Direction(
             "flash_bwd_launch.h",
             "launch_flash_bwd",
             "bwd_workspace_size",
             unsupported_option="bwd_unsupported_option",
-            head_dim_buckets=(128,),
+            head_dim_buckets=(64, 128),
         ),
     },
     nvcc_flags=(

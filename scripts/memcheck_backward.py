@@ -41,6 +41,8 @@ CASES = [
     # MHA at d = 128, what the sm90 backward (issue 15) serves: one row block and more,
     # more queries than keys and fewer, a sequence without keys and one without queries.
     ([0, 65, 130, 1, 64], [70, 65, 0, 129, 200], 2, 2, 128),
+    # And at d = 64 with GQA, which it serves too.
+    ([0, 65, 130, 1, 64], [70, 65, 0, 129, 200], 4, 2, 64),
 ]
 # (use softmax_lse's gradient, deterministic): the common path, then the other backward paths.
 MODES = [(False, False), (True, False), (True, True)]

@@ -63,11 +63,11 @@ def test_generator_covers_both_directions_dtypes_every_bucket_and_local_mask():
     assert "sm80/fwd_fp16_hdim64.cu" in names
     assert "sm80/bwd_bf16_hdim256_local.cu" in names
     assert "sm80/bwd_fp16_hdim96.cu" in names
-    # sm90: the forward in every bucket; the backward (issue 15, in progress) in d = 128 only.
+    # sm90: the forward in every bucket; the backward (issue 15, in progress) in d = 64 and 128.
     assert "sm90/fwd_fp16_hdim64_local.cu" in names and "sm90/fwd_bf16_hdim256.cu" in names
-    assert sorted(name for name in names if name.startswith("sm90/bwd_")) == [
-        "sm90/bwd_bf16_hdim128.cu", "sm90/bwd_bf16_hdim128_local.cu",
-        "sm90/bwd_fp16_hdim128.cu", "sm90/bwd_fp16_hdim128_local.cu"]
+    assert sorted(name for name in names if name.startswith("sm90/bwd_")) == sorted(
+        f"sm90/bwd_{dtype}_hdim{bucket}{mask}.cu"
+        for dtype in ("bf16", "fp16") for bucket in (64, 128) for mask in ("", "_local"))
 
 
 def test_kernel_sources_include_no_torch_headers():

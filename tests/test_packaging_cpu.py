@@ -191,10 +191,10 @@ def test_collected_record_describes_this_torch_and_the_selection(monkeypatch, tm
         ("sm80", "90,80", {"sm80": 20}),
         ("sm80", "90", {"sm80": 20}),
         # decode: buckets 64 and 128, no local variant; sm90: the forward in every bucket, the
-        # backward (issue 15, in progress) in d = 128 only.
-        ("", "", {"sm80": 20, "sm90": 12, "decode": 2}),
+        # backward (issue 15, in progress) in d = 64 and 128.
+        ("", "", {"sm80": 20, "sm90": 14, "decode": 2}),
         ("", "80", {"sm80": 20, "decode": 2}),
-        ("sm90", "90", {"sm90": 12}),
+        ("sm90", "90", {"sm90": 14}),
         ("decode", "90", {"decode": 2}),
     ],
 )
@@ -296,7 +296,7 @@ def test_ninja_starts_the_heaviest_files_first(monkeypatch):
     sm80_directions = [Path(path).name.split("_")[0] for path in sources["sm80"]]
     assert sm80_directions == ["bwd"] * 20 + ["fwd"] * 20
     sm90_directions = [Path(path).name.split("_")[0] for path in sources["sm90"]]
-    assert sm90_directions == ["bwd"] * 4 + ["fwd"] * 20
+    assert sm90_directions == ["bwd"] * 8 + ["fwd"] * 20
     host = ["csrc/bindings/module.cpp", "csrc/kernels/common/kernel_registry.cpp"]
     runs = setup.build_runs(sources, host)
     # One run per set of target flags: the sm90 directions share theirs, and so do the sm80

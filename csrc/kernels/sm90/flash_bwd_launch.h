@@ -21,12 +21,26 @@
 namespace flash_varlen {
 namespace sm90 {
 
-// FlashAttention-3's d = 128 tile (backward_plan.md): 64 query rows per step, 128 keys per
-// block, two Q / dO buffers; to be measured here.
+// Tiles per head-dim bucket: (query rows per step, keys per block, Q / dO buffers).
 template <typename Element, int kHeadDim>
-struct BwdTileConfig {
-    static_assert(kHeadDim == 128, "the first version covers d = 128 only");
-    using Traits = BwdKernelTraits<Element, kHeadDim, 64, 128, 2>;
+struct BwdTileConfig;
+
+// FlashAttention-3's d = 128 tile for causal masks (backward_plan.md): 64 query rows per step,
+// 128 keys per block, two Q / dO buffers.
+template <typename Element>
+struct BwdTileConfig<Element, 128> {
+    using Traits = BwdKernelTraits<Element, 128, 64, 128, 2>;
+};
+
+// d = 64: the same tile. FlashAttention-3 and -4 take 128 query rows per step here
+// (hopper/flash_bwd_launch_template.h, flash_attn/cute/interface.py), which halves the steps and
+// their fixed costs; in this kernel that tile spills (100 bytes with nvcc 13.0, dQ's rows split
+// between the warpgroups as theirs): P^T is needed in float32 for dS^T while its 16-bit copy
+// feeds the dV product issued before dS, beside S^T and dP^T (64 floats each at 128 rows), dK
+// and dV. Which of the two orders and tiles is faster is to be measured (backward_plan.md).
+template <typename Element>
+struct BwdTileConfig<Element, 64> {
+    using Traits = BwdKernelTraits<Element, 64, 64, 128, 2>;
 };
 
 // The first option of a call that this first version does not implement, or nullptr: dispatch
@@ -36,10 +50,17 @@ inline const char* bwd_unsupported_option(const FlashBwdParams& params) {
     if (params.alibi_slopes != nullptr) return "ALiBi";
     if (params.dropout_threshold != 0) return "dropout";
     if (params.learnable_sink != nullptr) return "attention sinks";
-    // Deterministic mode (dq_accumulator.h, DqOrder) has not run on a GPU yet: until it has
-    // passed the GPU tests it serves a call only when the override names this family.
-    if (params.deterministic && !family_is_forced(KernelFamily::kSm90)) {
-        return "deterministic mode (not yet run on a GPU; FLASH_VARLEN_KERNEL_FAMILY=sm90 runs it)";
+    // Code not yet run on a GPU (deterministic mode: dq_accumulator.h, DqOrder; the d = 64 tile)
+    // serves a call only when the override names this family, until it has passed the GPU tests.
+    if (!family_is_forced(KernelFamily::kSm90)) {
+        if (params.deterministic) {
+            return "deterministic mode (not yet run on a GPU; FLASH_VARLEN_KERNEL_FAMILY=sm90 runs "
+                   "it)";
+        }
+        if (params.head_dim <= 64) {
+            return "head dims up to 64 (not yet run on a GPU; FLASH_VARLEN_KERNEL_FAMILY=sm90 runs "
+                   "them)";
+        }
     }
     if (params.block_table != nullptr) return "paged KV cache";
     return nullptr;
