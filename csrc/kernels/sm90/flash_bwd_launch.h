@@ -1,6 +1,6 @@
 // Host-side launch of the sm90-family backward for one (element type, head dim, local mask):
 // D (bwd_row_kernels.h), the main kernel (flash_bwd_kernel.h), dQ's conversion, and clearing
-// the unused rows of gradients the backward allocated. d = 128 only so far (issue 15,
+// the unused rows of gradients the backward allocated. d = 64 and 128 so far (issue 15,
 // csrc/kernel_families.py); the options it lacks go to the sm80 family (bwd_unsupported_option).
 #pragma once
 
