@@ -99,7 +99,10 @@ for round in $(seq 1 "$rounds"); do
         order=($(printf '%s\n' "${trees[@]}" | tac))
     fi
     for name in "${order[@]}"; do
-        (cd "/tmp/compare_trees/$name" && FLASH_VARLEN_KERNEL_FAMILY=$family python3 "${bench[@]}" \
+        # PYTHONPATH: the benchmarks put the source tree after site-packages (an installed
+        # package wins there), so an installed flash_varlen would otherwise shadow every tree.
+        (cd "/tmp/compare_trees/$name" && PYTHONPATH="/tmp/compare_trees/$name" \
+            FLASH_VARLEN_KERNEL_FAMILY=$family python3 "${bench[@]}" \
             --out "$out/${direction}_$name.r$round.json" "${bench_args[@]}" \
             > "$out/bench_$name.r$round.log" 2>&1; echo "bench $name round $round rc=$?")
     done
