@@ -22,7 +22,7 @@
 // Not __forceinline__ in device code: that changed the register assignment of the sm80
 // backward (its SASS is identical to the code before this header with plain inline functions).
 #if defined(__CUDACC__)
-#define FLASH_VARLEN_HOST_DEVICE __host__ __device__
+#define FLASH_VARLEN_HOST_DEVICE __host__ __device__ inline
 #else
 #define FLASH_VARLEN_HOST_DEVICE inline
 #endif
