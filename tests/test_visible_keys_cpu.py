@@ -15,9 +15,10 @@ import pytest
 import torch
 from host_cpp import compile_host_driver
 
-# (rows, keys) per block: the sm90 backward's 64 x 128, the forward's 128 x 128, and shapes that
-# are not powers of two (the 80-row backward tile, a 176-key forward tile).
-TILES = [(64, 128), (128, 128), (80, 128), (128, 176)]
+# (rows, keys) per block: the sm90 backward's 64 x 128, the forward's 128 x 128, shapes that are
+# not powers of two (the 80-row backward tile, the forward's 176-key tile), and the token
+# intervals of GQA-packed forward tiles (sm90/query_rows.h: 128 // G tokens, here G = 6 and 8).
+TILES = [(64, 128), (128, 128), (80, 128), (128, 176), (21, 128), (16, 176)]
 
 DRIVER = r"""
 #include <cstdio>
@@ -54,6 +55,8 @@ void print_all(const VisibleKeys<kIsLocal>& keys) {
     print_ranges<128, 128>(keys);
     print_ranges<80, 128>(keys);
     print_ranges<128, 176>(keys);
+    print_ranges<21, 128>(keys);
+    print_ranges<16, 176>(keys);
 }
 
 // Input: lines "local seqlen_q seqlen_k diagonal window_left window_right". Output: per line, one
