@@ -6,7 +6,8 @@ row block the backward's range leaves out never gets that key block's gradient, 
 free of hidden pairs is not masked at all (the sm90 forward's unmasked blocks, the backward's
 tile_has_hidden_pair). So each range must be exact: every block it names has a visible pair (or,
 for the unmasked ranges and the hidden-pair test, none hidden), and every block it leaves out has
-none."""
+none. The deterministic sm90 backward's turn count (later_key_blocks_visiting) must match the
+ranges exactly too: one too many and a key block waits forever for its turn."""
 
 import subprocess
 
@@ -46,6 +47,12 @@ void print_ranges(const VisibleKeys<kIsLocal>& keys) {
                                    m * kBlockM, n * kBlockN)));
         }
     }
+    for (int n = 0; n < key_blocks; ++n) {
+        const int m_end = keys.template row_block_end<kBlockM, kBlockN>(n);
+        for (int m = keys.template row_block_begin<kBlockM, kBlockN>(n); m < m_end; ++m) {
+            std::printf(" %d", keys.template later_key_blocks_visiting<kBlockM, kBlockN>(n, m));
+        }
+    }
     std::printf("\n");
 }
 
@@ -61,8 +68,8 @@ void print_all(const VisibleKeys<kIsLocal>& keys) {
 
 // Input: lines "local seqlen_q seqlen_k diagonal window_left window_right". Output: per line, one
 // line per tile shape: kBlockM kBlockN, then per row block its key block range and unmasked
-// range, per key block its row block range, and per (row block, key block) whether the tile
-// holds a hidden pair.
+// range, per key block its row block range, per (row block, key block) whether the tile holds a
+// hidden pair, and per key block and row block it visits the later key blocks visiting it.
 int main() {
     int local, seqlen_q, seqlen_k, diagonal, window_left, window_right;
     while (std::scanf("%d %d %d %d %d %d", &local, &seqlen_q, &seqlen_k, &diagonal, &window_left,
@@ -140,7 +147,9 @@ def check_tile(case: tuple[int, ...], block_m: int, block_n: int, numbers: list[
     values = numbers[2:]
     per_row_block = values[:4 * row_blocks]
     per_key_block = values[4 * row_blocks:4 * row_blocks + 2 * key_blocks]
-    hidden_flags = values[4 * row_blocks + 2 * key_blocks:]
+    first_flag = 4 * row_blocks + 2 * key_blocks
+    hidden_flags = values[first_flag:first_flag + row_blocks * key_blocks]
+    later_counts = values[first_flag + row_blocks * key_blocks:]
     assert len(hidden_flags) == row_blocks * key_blocks
     where = f"case {case}, tile {block_m} x {block_n}"
     for m in range(row_blocks):
@@ -156,6 +165,12 @@ def check_tile(case: tuple[int, ...], block_m: int, block_n: int, numbers: list[
         check_visit_range(begin, end, seen_by, f"{where}: row blocks of key block {n}")
     flags = np.array(hidden_flags, dtype=bool).reshape(row_blocks, key_blocks)
     assert (flags == any_hidden).all(), f"{where}: tiles with a hidden pair"
+    # The deterministic backward's turn count (local mask, key blocks in descending order): for
+    # each row block a key block visits, the later key blocks whose ranges hold it.
+    visits = [range(per_key_block[2 * n], per_key_block[2 * n + 1]) for n in range(key_blocks)]
+    expected_counts = [sum(m in visits[later] for later in range(n + 1, key_blocks))
+                       for n in range(key_blocks) for m in visits[n]]
+    assert later_counts == expected_counts, f"{where}: later key blocks visiting a row block"
 
 
 def mask_cases(seqlen_q: int, seqlen_k: int) -> list[tuple[int, ...]]:
@@ -196,17 +211,19 @@ def test_ranges_are_exact_for_random_lengths_and_windows(ranges) -> None:
 
 def test_a_wrong_range_is_caught(ranges) -> None:
     """The checker itself: the driver's numbers for a causal case pass, and each of them changed
-    fails (a range bound moved by one in at least one direction: an empty range stays empty one
-    way; a hidden-pair flag flipped), so that the tests above cannot pass by checking nothing."""
+    fails (a range bound or a count moved by one in at least one direction: an empty range stays
+    empty one way; a hidden-pair flag flipped), so that the tests above cannot pass by checking
+    nothing."""
     case = (1, 200, 300, 100, 200 + 300 + 1, 0)  # causal, bottom-right
     block_m, block_n = TILES[0]
     numbers = ranges([case])[0][0]
     check_tile(case, block_m, block_n, numbers)
     row_blocks, key_blocks = -(-200 // block_m), -(-300 // block_n)
     first_flag = 2 + 4 * row_blocks + 2 * key_blocks
+    last_flag = first_flag + row_blocks * key_blocks - 1
     for index in range(2, len(numbers)):
-        changes = [1 - numbers[index]] if index >= first_flag else [numbers[index] + 1,
-                                                                      numbers[index] - 1]
+        is_flag = first_flag <= index <= last_flag
+        changes = [1 - numbers[index]] if is_flag else [numbers[index] + 1, numbers[index] - 1]
         failures = 0
         for changed in changes:
             wrong = list(numbers)

@@ -139,6 +139,27 @@ struct VisibleKeys {
                                   all_blocks, visible_keys_detail::ceil_div(row_end, kBlockM));
     }
 
+    // Backward, deterministic order with a local mask (key blocks add into dQ in descending
+    // order): how many key blocks after n_block, of the sequence's ceil(seqlen_k / kBlockN), visit
+    // row block m_block, which n_block visits. row_block_begin and row_block_end do not decrease
+    // with the block, so every later block's range ends past m_block and those are the blocks up
+    // to the first whose range starts past it: a binary search. A wrong count hangs the kernel
+    // (a turn that never comes), so the CPU test checks it against a count block by block.
+    template <int kBlockM, int kBlockN>
+    FLASH_VARLEN_HOST_DEVICE int later_key_blocks_visiting(int n_block, int m_block) const {
+        int first_past = n_block + 1;
+        int end = visible_keys_detail::ceil_div(seqlen_k, kBlockN);  // key blocks with keys
+        while (first_past < end) {  // the first block in [first_past, end) starting past it
+            const int middle = (first_past + end) / 2;
+            if (row_block_begin<kBlockM, kBlockN>(middle) > m_block) {
+                end = middle;
+            } else {
+                first_past = middle + 1;
+            }
+        }
+        return first_past - (n_block + 1);
+    }
+
     // Backward: whether the (kBlockM, kBlockN) tile at (row0, col0) holds a hidden pair for a
     // row inside the sequence.
     template <int kBlockM, int kBlockN>

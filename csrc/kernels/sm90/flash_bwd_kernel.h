@@ -139,24 +139,12 @@ struct FlashBwdKeyBlock {
         // row block, in ascending order. With one, key blocks go in descending order (the
         // longest causal ones, which start at the top rows, would otherwise hold back every later
         // block at its first row block: FlashAttention-3 reverses the order for causal
-        // determinism too): the later blocks that visit m_block, which are those up to the first
-        // whose row_block_begin passes it (row_block_begin and row_block_end grow with the
-        // block, and this block visits m_block, so every later block's range ends past it).
+        // determinism too): the later blocks that visit m_block (visible_keys.h).
         __device__ int dq_adds_before(int m_block) const {
             if constexpr (!kIsLocal) {
                 return n_block;
             } else {
-                int first_past = n_block + 1;
-                int end = cute::ceil_div(seq.seqlen_k, int(kBlockN));  // key blocks with keys
-                while (first_past < end) {  // first block in [first_past, end) starting past it
-                    const int middle = (first_past + end) / 2;
-                    if (mask.template row_block_begin<kBlockM, kBlockN>(middle) > m_block) {
-                        end = middle;
-                    } else {
-                        first_past = middle + 1;
-                    }
-                }
-                return first_past - (n_block + 1);
+                return mask.template later_key_blocks_visiting<kBlockM, kBlockN>(n_block, m_block);
             }
         }
     };
