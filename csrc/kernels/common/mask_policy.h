@@ -46,7 +46,8 @@ struct MaskPolicy : VisibleKeys<kIsLocal> {
                           : 0.f) {}
 
     // Backward: whether the (kBlockM, kBlockN) tile at (row0, col0) may hold an invisible pair
-    // for a row inside the sequence, or biased scores.
+    // for a row inside the sequence, or biased scores. (The forward's variant kernels likewise
+    // mask every key block, not only those outside the unmasked range: ALiBi biases them all.)
     template <int kBlockM, int kBlockN>
     __device__ bool tile_needs_mask(int row0, int col0) const {
         if constexpr (kHasAlibi) return true;

@@ -19,24 +19,17 @@
 // backward's ordering relies on. tests/test_visible_keys_cpu.py checks all of this pair by pair.
 #pragma once
 
-// Not __forceinline__ in device code: that changed the register assignment of the sm80
-// backward (its SASS is identical to the code before this header with plain inline functions).
-#if defined(__CUDACC__)
-#define FLASH_VARLEN_HOST_DEVICE __host__ __device__ inline
-#else
-#define FLASH_VARLEN_HOST_DEVICE inline
-#endif
-
+// Every function is constexpr and nothing else: device code calls constexpr functions as the
+// build passes --expt-relaxed-constexpr (as padded_rows.h), and the host compiler sees plain
+// C++. (__forceinline__ here changed the sm80 backward's register assignment.)
 namespace flash_varlen {
 
 namespace visible_keys_detail {
 
-FLASH_VARLEN_HOST_DEVICE int min_of(int a, int b) { return a < b ? a : b; }
+constexpr int min_of(int a, int b) { return a < b ? a : b; }
 
 // For value >= 0.
-FLASH_VARLEN_HOST_DEVICE int ceil_div(int value, int divisor) {
-    return (value + divisor - 1) / divisor;
-}
+constexpr int ceil_div(int value, int divisor) { return (value + divisor - 1) / divisor; }
 
 }  // namespace visible_keys_detail
 
@@ -49,19 +42,19 @@ struct VisibleKeys {
     int window_right;
 
     // The first key query `row` may see; may be negative (then 0) or past the end.
-    FLASH_VARLEN_HOST_DEVICE int visible_col_begin(int row) const {
+    constexpr int visible_col_begin(int row) const {
         return kIsLocal ? row + diagonal - window_left : 0;
     }
 
     // One past the last key query `row` may see; zero or less when it sees none.
-    FLASH_VARLEN_HOST_DEVICE int visible_col_end(int row) const {
+    constexpr int visible_col_end(int row) const {
         return kIsLocal ? visible_keys_detail::min_of(seqlen_k, row + diagonal + window_right + 1)
                         : seqlen_k;
     }
 
     // The last query row of row block m_block that lies inside the sequence.
     template <int kBlockM>
-    FLASH_VARLEN_HOST_DEVICE int last_row_of(int m_block) const {
+    constexpr int last_row_of(int m_block) const {
         return visible_keys_detail::min_of((m_block + 1) * kBlockM, seqlen_q) - 1;
     }
 
@@ -70,13 +63,13 @@ struct VisibleKeys {
     // tile's rows are one such interval: a row block, or the same tokens of several heads when
     // the sm90 forward packs a GQA group into one tile (sm90/query_rows.h).
     template <int kBlockN>
-    FLASH_VARLEN_HOST_DEVICE int key_block_begin_of_rows(int first_row) const {
+    constexpr int key_block_begin_of_rows(int first_row) const {
         const int first_col = visible_col_begin(first_row);
         return first_col <= 0 ? 0 : first_col / kBlockN;
     }
 
     template <int kBlockN>
-    FLASH_VARLEN_HOST_DEVICE int key_block_end_of_rows(int last_row) const {
+    constexpr int key_block_end_of_rows(int last_row) const {
         const int col_end = visible_col_end(last_row);
         return col_end <= 0 ? 0 : visible_keys_detail::ceil_div(col_end, kBlockN);
     }
@@ -85,42 +78,42 @@ struct VisibleKeys {
     // of first_row .. last_row in full: they need no masking. The range may be empty; the
     // visited blocks outside it hold a hidden pair.
     template <int kBlockN>
-    FLASH_VARLEN_HOST_DEVICE int unmasked_block_begin_of_rows(int last_row) const {
+    constexpr int unmasked_block_begin_of_rows(int last_row) const {
         const int first_col = visible_col_begin(last_row);
         return first_col <= 0 ? 0 : visible_keys_detail::ceil_div(first_col, kBlockN);
     }
 
     template <int kBlockN>
-    FLASH_VARLEN_HOST_DEVICE int unmasked_block_end_of_rows(int first_row) const {
+    constexpr int unmasked_block_end_of_rows(int first_row) const {
         const int col_end = visible_col_end(first_row);
         return col_end <= 0 ? 0 : col_end / kBlockN;
     }
 
     // The same ranges for row block m_block of kBlockM consecutive rows.
     template <int kBlockM, int kBlockN>
-    FLASH_VARLEN_HOST_DEVICE int key_block_begin(int m_block) const {
+    constexpr int key_block_begin(int m_block) const {
         return key_block_begin_of_rows<kBlockN>(m_block * kBlockM);
     }
 
     template <int kBlockM, int kBlockN>
-    FLASH_VARLEN_HOST_DEVICE int key_block_end(int m_block) const {
+    constexpr int key_block_end(int m_block) const {
         return key_block_end_of_rows<kBlockN>(last_row_of<kBlockM>(m_block));
     }
 
     template <int kBlockM, int kBlockN>
-    FLASH_VARLEN_HOST_DEVICE int unmasked_block_begin(int m_block) const {
+    constexpr int unmasked_block_begin(int m_block) const {
         return unmasked_block_begin_of_rows<kBlockN>(last_row_of<kBlockM>(m_block));
     }
 
     template <int kBlockM, int kBlockN>
-    FLASH_VARLEN_HOST_DEVICE int unmasked_block_end(int m_block) const {
+    constexpr int unmasked_block_end(int m_block) const {
         return unmasked_block_end_of_rows<kBlockN>(m_block * kBlockM);
     }
 
     // Backward: the query row blocks [row_block_begin, row_block_end) hold every row that sees
     // some key of key block n_block.
     template <int kBlockM, int kBlockN>
-    FLASH_VARLEN_HOST_DEVICE int row_block_begin(int n_block) const {
+    constexpr int row_block_begin(int n_block) const {
         if constexpr (!kIsLocal) return 0;
         // The first row whose last visible key reaches the block's first key.
         const int first_row = n_block * kBlockN - diagonal - window_right;
@@ -128,7 +121,7 @@ struct VisibleKeys {
     }
 
     template <int kBlockM, int kBlockN>
-    FLASH_VARLEN_HOST_DEVICE int row_block_end(int n_block) const {
+    constexpr int row_block_end(int n_block) const {
         const int all_blocks = visible_keys_detail::ceil_div(seqlen_q, kBlockM);
         if constexpr (!kIsLocal) return all_blocks;
         // One past the last row whose first visible key is at most the block's last key.
@@ -146,7 +139,7 @@ struct VisibleKeys {
     // to the first whose range starts past it: a binary search. A wrong count hangs the kernel
     // (a turn that never comes), so the CPU test checks it against a count block by block.
     template <int kBlockM, int kBlockN>
-    FLASH_VARLEN_HOST_DEVICE int later_key_blocks_visiting(int n_block, int m_block) const {
+    constexpr int later_key_blocks_visiting(int n_block, int m_block) const {
         int first_past = n_block + 1;
         int end = visible_keys_detail::ceil_div(seqlen_k, kBlockN);  // key blocks with keys
         while (first_past < end) {  // the first block in [first_past, end) starting past it
@@ -163,7 +156,7 @@ struct VisibleKeys {
     // Backward: whether the (kBlockM, kBlockN) tile at (row0, col0) holds a hidden pair for a
     // row inside the sequence.
     template <int kBlockM, int kBlockN>
-    FLASH_VARLEN_HOST_DEVICE bool tile_has_hidden_pair(int row0, int col0) const {
+    constexpr bool tile_has_hidden_pair(int row0, int col0) const {
         const int last_row = visible_keys_detail::min_of(row0 + kBlockM, seqlen_q) - 1;
         return col0 + kBlockN > visible_col_end(row0) ||
                (kIsLocal && col0 < visible_col_begin(last_row));
