@@ -24,6 +24,7 @@
 #include <cutlass/pipeline/sm90_pipeline.hpp>
 
 #include "kernels/sm90/fwd_kernel_traits.h"  // kThreadsPerWarpgroup, kRowsPerMmaWarpgroup
+#include "kernels/sm90/register_split.h"
 
 namespace flash_varlen {
 namespace sm90 {
@@ -53,10 +54,9 @@ struct BwdKernelTraits {
     // FlashAttention-3's 240, which leaves the producer (no tile loop here) 24.
     static constexpr int kProducerRegisters = 24;
     static constexpr int kConsumerRegisters = 240;
-    static_assert(kThreadsPerWarpgroup *
-                          (kProducerRegisters + kNumMmaWarpgroups * kConsumerRegisters) <=
-                      64 * 1024,
-                  "register file");
+    static_assert(register_split_fits(kThreadsPerWarpgroup, kProducerRegisters, kConsumerRegisters,
+                                      kNumMmaWarpgroups),
+                  "setmaxnreg counts past what the launch gives the block (register_split.h)");
 
     using MmaWarpgroupsAlongM = Layout<Shape<Int<kNumMmaWarpgroups>, _1, _1>>;
     using MmaWarpgroupsAlongN = Layout<Shape<_1, Int<kNumMmaWarpgroups>, _1>>;

@@ -21,6 +21,7 @@
 #include "generated/sm90_wgmma_atoms.h"
 #include "kernels/common/seqlen_info.h"
 #include "kernels/common/varlen_tile_schedule.h"  // TileCoordinates
+#include "kernels/sm90/register_split.h"
 
 namespace flash_varlen {
 namespace sm90 {
@@ -59,10 +60,9 @@ struct FwdKernelTraits {
     // 48 bytes around its TMA issues there).
     static constexpr int kProducerRegisters = kNumMmaWarpgroups == 2 ? 40 : 32;
     static constexpr int kConsumerRegisters = kNumMmaWarpgroups == 2 ? 232 : 160;
-    static_assert(kThreadsPerWarpgroup *
-                          (kProducerRegisters + kNumMmaWarpgroups * kConsumerRegisters) <=
-                      64 * 1024,
-                  "register file");
+    static_assert(register_split_fits(kThreadsPerWarpgroup, kProducerRegisters, kConsumerRegisters,
+                                      kNumMmaWarpgroups),
+                  "setmaxnreg counts past what the launch gives the block (register_split.h)");
 
     using TileShapeQK = Shape<Int<kBlockM>, Int<kBlockN>, Int<kHeadDim>>;  // S = Q K^T: (M, N, K)
     using TileShapePV = Shape<Int<kBlockM>, Int<kHeadDim>, Int<kBlockN>>;  // O = P V:   (M, N, K)
