@@ -2,9 +2,10 @@
 // consumers, one block per SM). setmaxnreg only moves registers between the warpgroups of a
 // block: the block keeps what the launch gave it, registers_at_launch per thread. A split that
 // asks for more makes the consumers' setmaxnreg.inc wait forever for registers nobody frees: the
-// kernel hangs on every launch, with no error (a producer given 32 instead of 24 beside two
-// consumer warpgroups of 240 did exactly that, on branch sm90-bwd-persistent). So the traits
-// check their split here at compile time.
+// kernel hangs, with no error (branch sm90-bwd-persistent gave its producer 32 instead of 24
+// beside two consumer warpgroups of 240, which the old check, against the whole register file,
+// let through; its builds then ran into their timeouts on an H100). So the traits check their
+// split here at compile time.
 #pragma once
 
 namespace flash_varlen {
