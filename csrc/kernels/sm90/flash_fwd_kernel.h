@@ -552,12 +552,12 @@ struct FlashFwdRowBlock {
             pipeline_k.consumer_release(read);
             transform_scores(acc_s, n_block);
             if constexpr (decltype(apply_mask)::value) mask_scores(acc_s, n_block);
-            const RowValues correction = softmax.fold_block(acc_s, scale_log2);
+            const typename Softmax::Correction correction = softmax.fold_block(acc_s, scale_log2);
             warpgroup_wait<0>();  // P V landed: P may be overwritten and O rescaled
             pipeline_v.consumer_release(read_v);
             convert_fragment(acc_s, rP);
             if (dropout) drop_probabilities(rP, n_block);
-            Softmax::rescale(acc_o, correction);
+            if (correction.any_row) Softmax::rescale(acc_o, correction.factor);
         };
 
         if constexpr (kHasVariants) {
