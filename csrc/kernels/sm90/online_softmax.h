@@ -8,8 +8,9 @@
 // probabilities and returns the factor by which O must be rescaled, and the caller applies it
 // with rescale once the P V product that was in flight has landed in O.
 //
-// The maximum a row exponentiates against may lag the true one (FlashAttention-4's conditional
-// rescaling, flash_attn/cute in flash-attention): while a block raises a row's maximum by at most
+// The maximum a row exponentiates against may lag the true one (the conditional rescaling of
+// FlashAttention-4's Blackwell softmax, SoftmaxSm100 in flash_attn/cute/softmax.py; its Hopper
+// forward rescales every block): while a block raises a row's maximum by at most
 // kStaleMaxLog2 (in log2 units of the scaled scores), the row keeps its old maximum, so its
 // factor is 1, and a warp whose rows all keep theirs skips the rescale of O. The result is the
 // same softmax (every term and the row sum share the one reference, and the LSE uses it too);
