@@ -23,7 +23,9 @@
 #include <cutlass/gemm/collective/builders/sm90_common.inl>  // ss_smem_selector
 #include <cutlass/pipeline/sm90_pipeline.hpp>
 
-#include "kernels/sm90/fwd_kernel_traits.h"  // kThreadsPerWarpgroup, kRowsPerMmaWarpgroup
+#include "kernels/common/seqlen_info.h"
+#include "kernels/common/varlen_tile_schedule.h"  // TileCoordinates
+#include "kernels/sm90/fwd_kernel_traits.h"       // kThreadsPerWarpgroup, kRowsPerMmaWarpgroup
 #include "kernels/sm90/register_split.h"
 
 namespace flash_varlen {
@@ -51,9 +53,9 @@ struct BwdKernelTraits {
 
     // setmaxnreg: per consumer thread dK and dV (2 x 64 floats at d = 128), S^T and dP^T (2 x 32
     // floats), P^T and dS^T in 16 bits (2 x 16) and dQ (32 floats) during its product:
-    // FlashAttention-3's 240, which leaves the producer (no tile loop here) 24.
-    static constexpr int kProducerRegisters = 24;
-    static constexpr int kConsumerRegisters = 240;
+    // FlashAttention-3's 240, which leaves the producer 32 (its tile loop spilled 36 bytes in 24).
+    static constexpr int kProducerRegisters = 40;
+    static constexpr int kConsumerRegisters = 232;
     static_assert(register_split_fits(kThreadsPerWarpgroup, kProducerRegisters, kConsumerRegisters,
                                       kNumMmaWarpgroups),
                   "setmaxnreg counts past what the launch gives the block (register_split.h)");
@@ -168,8 +170,13 @@ struct BwdKernelTraits {
         cute::array_aligned<float, kBlockM * kStages, 128> lse_log2;  // (row, stage)
         cute::array_aligned<float, kBlockM * kStages, 128> d;
         alignas(16) cutlass::arch::ClusterTransactionBarrier kv_full;  // K and V landed
+        alignas(16) cutlass::arch::ClusterBarrier kv_empty;  // the consumers are done with them
         alignas(16) typename PipelineQdO::SharedStorage pipeline_q;
         alignas(16) typename PipelineQdO::SharedStorage pipeline_do;
+        // The tile whose K and V kv_full announces (flash_bwd_kernel.h); a key block of -1: no
+        // tile left.
+        TileCoordinates tile;
+        SeqlenInfo tile_seq;
     };
     static constexpr int kSmemBytes = int(sizeof(SharedStorage));
     static constexpr int kMaxSmemBytes = 227 * 1024;

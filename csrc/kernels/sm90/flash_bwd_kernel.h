@@ -2,14 +2,20 @@
 // Issue 15, in progress (csrc/kernels/sm90/backward_plan.md has the plan this follows): dispatch's
 // default for the backward calls it serves (flash_bwd_launch.h).
 //
-// One thread block per (key block, key/value head, sequence): a grid of (key blocks of the
-// longest sequence, key/value heads, batch), blocks past their sequence's keys exit at once. The
-// block loads its K and V once, then walks, for each query head of the key/value group (GQA: the
-// group's dK and dV are summed in registers, no atomics and no float32 copy of them), the query
-// row blocks that see any of its keys (MaskPolicy's row_block_begin / row_block_end), kBlockM
-// rows at a time:
-// - the producer warpgroup's first thread loads Q and dO of each row block by TMA into kStages
-//   buffers each (PipelineTmaAsync);
+// A tile is one key block (kBlockN keys of one key/value head of one sequence). The grid is
+// persistent: one thread block per SM computes tile after tile, drawn from a counter in launch
+// order (kernels/common/persistent_tiles.h: longest sequences first where the lengths differ
+// widely, the key blocks of one head in a row), so that the loads of a block's next tile run
+// while it writes the last one's dK and dV, and no block is launched for the key blocks past a
+// sequence's end (a grid of (key blocks of the longest sequence, heads, batch) launched 530k
+// blocks for one 16k document among 258 short ones). A tile loads its K and V once, then walks,
+// for each query head of the key/value group (GQA: the group's dK and dV are summed in
+// registers, no atomics and no float32 copy of them), the query row blocks that see any of its
+// keys (MaskPolicy's row_block_begin / row_block_end), kBlockM rows at a time:
+// - the producer warpgroup's first warp finds each tile and publishes it to the consumers with
+//   its K and V (kv_full; the next tile's K and V wait for kv_empty, the consumers' last read);
+//   its first thread loads Q and dO of each row block by TMA into kStages buffers each
+//   (PipelineTmaAsync), from one tile to the next;
 // - each consumer warpgroup owns 64 of the keys: S^T = K Q^T and dP^T = V dO^T (wgmma, shared
 //   memory operands), P^T = exp2(S^T * scale_log2 - LSE_log2) with the mask, dS^T = P^T (dP^T -
 //   D) where D = rowsum(dO O) - dLSE and LSE_log2 come from the row kernel before (and ride with
@@ -39,6 +45,7 @@
 
 #include "kernels/common/flash_params.h"
 #include "kernels/common/mask_policy.h"
+#include "kernels/common/persistent_tiles.h"
 #include "kernels/common/seqlen_info.h"
 #include "kernels/sm90/bwd_kernel_traits.h"
 #include "kernels/sm90/bwd_row_kernels.h"
@@ -81,6 +88,13 @@ struct BwdKernelParams {
     DqOrder dq_order;  // deterministic mode's counters (dq_accumulator.h)
     // LSE (log2 units) and D of every query row, padded per sequence (bwd_row_kernels.h).
     RowStats stats;
+    // The launch order of the tiles (a tile's "row block" is its key block, its head unit its
+    // key/value head) and the counter that hands them out (zero at the launch).
+    TileOrder tiles;
+    int* tile_counter;
+    // The key blocks of each (sequence, head) in decreasing order: deterministic mode with a
+    // local mask (Work::dq_adds_before).
+    bool reverse_key_blocks;
 };
 
 template <typename Traits, bool kIsLocal>
@@ -95,9 +109,9 @@ struct FlashBwdKeyBlock {
     using PipelineQdO = typename Traits::PipelineQdO;
     using PipelineState = typename Traits::PipelineState;
 
-    // The key block, its sequence, the query heads of its key/value head and the query row
-    // blocks that see it, which the producer and the consumers derive alike from the block
-    // index. The steps are (query head, row block) pairs, the row blocks of one head in a row.
+    // A tile's key block, its sequence, the query heads of its key/value head and the query row
+    // blocks that see it, which the producer and the consumers derive alike from the tile. The
+    // steps are (query head, row block) pairs, the row blocks of one head in a row.
     struct Work {
         int n_block;
         int head_k;
@@ -108,24 +122,16 @@ struct FlashBwdKeyBlock {
         int m_begin;
         int m_end;
 
-        __device__ Work(const FlashBwdParams& params)
-            : n_block(launch_order_reversed(params) ? int(gridDim.x) - 1 - int(blockIdx.x)
-                                                    : int(blockIdx.x)),
-              head_k(blockIdx.y),
-              batch(blockIdx.z),
+        __device__ Work(const FlashBwdParams& params, const TileCoordinates& tile,
+                        const SeqlenInfo& seq)
+            : n_block(tile.m_block),
+              head_k(tile.head),
+              batch(tile.batch),
               heads_per_group(params.nheads / params.nheads_k),
-              seq(params, blockIdx.z),
-              mask(params, seq, blockIdx.z, blockIdx.y * (params.nheads / params.nheads_k)),
+              seq(seq),
+              mask(params, seq, tile.batch, tile.head * (params.nheads / params.nheads_k)),
               m_begin(mask.template row_block_begin<kBlockM, kBlockN>(n_block)),
               m_end(mask.template row_block_end<kBlockM, kBlockN>(n_block)) {}
-
-        // Deterministic mode with a local mask orders the dQ adds by descending key block
-        // (dq_adds_before), so the blocks launch in that order too: a block then waits only for
-        // blocks launched before it. Launched the other way, the resident blocks of a sequence
-        // with more key blocks than the GPU holds would wait for blocks that cannot start.
-        __device__ static bool launch_order_reversed(const FlashBwdParams& params) {
-            return kIsLocal && params.deterministic;
-        }
 
         __device__ bool has_keys() const { return n_block * kBlockN < seq.seqlen_k; }
         __device__ int steps() const { return heads_per_group * max(m_end - m_begin, 0); }
@@ -139,7 +145,10 @@ struct FlashBwdKeyBlock {
         // row block, in ascending order. With one, key blocks go in descending order (the
         // longest causal ones, which start at the top rows, would otherwise hold back every later
         // block at its first row block: FlashAttention-3 reverses the order for causal
-        // determinism too): the later blocks that visit m_block (visible_keys.h).
+        // determinism too): the later blocks that visit m_block (visible_keys.h). The tiles of
+        // one (sequence, head) are drawn in the same order (BwdKernelParams::reverse_key_blocks),
+        // so that a tile waits only for tiles drawn before it, which run or have run: drawn the
+        // other way, the resident blocks could all wait for tiles that no block is free to take.
         __device__ int dq_adds_before(int m_block) const {
             if constexpr (!kIsLocal) {
                 return n_block;
@@ -149,10 +158,21 @@ struct FlashBwdKeyBlock {
         }
     };
 
+    // The tile at `index` of the launch order, or false past the last one. Called by a whole
+    // warp (the schedule's search needs one).
+    __device__ static bool lookup_tile(const BwdKernelParams<Traits>& kp, int index,
+                                       TileCoordinates& tile) {
+        if (!kp.tiles.lookup(index, kp.reverse_key_blocks, tile)) return false;
+        // The grid order (no schedule) lists the key blocks of the longest sequence ascending;
+        // reversed, a shorter sequence's blocks past its keys come first and are skipped.
+        if (kp.reverse_key_blocks && kp.tiles.schedule.tile_start == nullptr) {
+            tile.m_block = kp.tiles.row_blocks - 1 - tile.m_block;
+        }
+        return true;
+    }
+
     __device__ static void run(const BwdKernelParams<Traits>& kp, char* smem) {
         SharedStorage& shared = *reinterpret_cast<SharedStorage*>(smem);
-        const Work work(kp.params);
-        if (!work.has_keys()) return;  // the whole block: past its sequence's keys
         const int warpgroup = cutlass::canonical_warp_group_idx();
         constexpr int kProducerWarpgroup = 0;
 
@@ -163,6 +183,7 @@ struct FlashBwdKeyBlock {
             cute::prefetch_tma_descriptor(kp.tma_k.get_tma_descriptor());
             cute::prefetch_tma_descriptor(kp.tma_v.get_tma_descriptor());
             shared.kv_full.init(/*arrive_count=*/1);
+            shared.kv_empty.init(/*arrive_count=*/kNumMmaThreads);
         }
         typename PipelineQdO::Params pipeline_params;
         pipeline_params.transaction_bytes = Traits::kTmaBytesQ;
@@ -174,21 +195,63 @@ struct FlashBwdKeyBlock {
         pipeline_params.num_consumers = kNumMmaThreads;
         PipelineQdO pipeline_q(shared.pipeline_q, pipeline_params, Shape<_1, _1, _1>{});
         PipelineQdO pipeline_do(shared.pipeline_do, pipeline_params, Shape<_1, _1, _1>{});
-        __syncthreads();
+        __syncthreads();  // the barrier initialisations (fenced by the pipelines) are visible
 
         if (warpgroup == kProducerWarpgroup) {
             cutlass::arch::warpgroup_reg_dealloc<Traits::kProducerRegisters>();
-            if (threadIdx.x == 0) produce(kp, shared, pipeline_q, pipeline_do, work);
+            if (threadIdx.x < cutlass::NumThreadsPerWarp) {
+                produce(kp, shared, pipeline_q, pipeline_do);
+            }
             return;
         }
         cutlass::arch::warpgroup_reg_alloc<Traits::kConsumerRegisters>();
-        consume(kp, shared, pipeline_q, pipeline_do, work, int(threadIdx.x) - kThreadsPerWarpgroup);
+        consume(kp, shared, pipeline_q, pipeline_do, int(threadIdx.x) - kThreadsPerWarpgroup);
     }
 
-    // The producer thread: K and V once, then Q and dO of every visited row block.
+    // The producer's first warp: finds each tile (the schedule's search needs the whole warp) and,
+    // in one thread, publishes it and issues its loads. A key block past its sequence's keys
+    // (grid order) is skipped; the consumers never see it.
     __device__ static void produce(const BwdKernelParams<Traits>& kp, SharedStorage& shared,
-                                   PipelineQdO& pipeline_q, PipelineQdO& pipeline_do,
-                                   const Work& work) {
+                                   PipelineQdO& pipeline_q, PipelineQdO& pipeline_do) {
+        const FlashBwdParams& params = kp.params;
+        const bool leader = threadIdx.x == 0;
+        PipelineState write = cutlass::make_producer_start_state<PipelineQdO>();
+        int published = 0;  // tiles handed to the consumers so far
+        // Waits until the consumers are done with the last published tile's K and V (and its
+        // slot in shared memory). At most one kv_empty phase is ever pending: the consumers
+        // learn a tile only after this wait for the one before.
+        auto wait_kv_empty = [&] {
+            if (published > 0) shared.kv_empty.wait((published - 1) % 2);
+        };
+        TileCoordinates tile;
+        for (int index = blockIdx.x; lookup_tile(kp, index, tile);) {
+            // The next index, drawn now; its atomic's latency hides behind this tile's loads.
+            int next_index = 0;
+            if (leader) next_index = next_tile_index(kp.tile_counter);
+            next_index = __shfl_sync(0xffffffffu, next_index, 0);
+            const Work work(params, tile, SeqlenInfo(params, tile.batch));
+            if (work.has_keys() && leader) {
+                load(kp, shared, pipeline_q, pipeline_do, work, write, wait_kv_empty);
+                ++published;
+            }
+            __syncwarp();
+            index = next_index;
+        }
+        if (leader) {  // no tile left: tell the consumers
+            wait_kv_empty();
+            shared.tile.m_block = -1;
+            shared.kv_full.arrive();
+        }
+    }
+
+    // The producer thread, one tile: Q and dO of its first kStages steps (their buffers free as
+    // the consumers finish the previous tile's last steps), then, once the consumers are done
+    // with the previous tile's K and V, the tile published with its K and V, then Q and dO of
+    // the other steps.
+    template <typename WaitKvEmpty>
+    __device__ static void load(const BwdKernelParams<Traits>& kp, SharedStorage& shared,
+                                PipelineQdO& pipeline_q, PipelineQdO& pipeline_do, const Work& work,
+                                PipelineState& write, WaitKvEmpty& wait_kv_empty) {
         const FlashBwdParams& params = kp.params;
         const SeqlenInfo& seq = work.seq;
         const int head_k = work.head_k;
@@ -199,32 +262,8 @@ struct FlashBwdKeyBlock {
         Tensor sQ = make_tensor(make_smem_ptr(shared.q.data()), typename Traits::SmemLayoutQ{});
         Tensor sdO = make_tensor(make_smem_ptr(shared.d_o.data()), typename Traits::SmemLayoutdO{});
 
-        // Coordinate tensors of the descriptors, shifted to the sequence's first row.
-        Tensor mK = kp.tma_k.get_tma_tensor(kp.shape_k)(_, _, head_k, batch_coord);
-        Tensor gK = local_tile(domain_offset(make_coord(seq.k_start, _0{}), mK),
-                               Shape<Int<kBlockN>, Int<kHeadDim>>{},
-                               make_coord(work.n_block, _0{}));  // (BN, D)
-        Tensor mV = kp.tma_v.get_tma_tensor(kp.shape_k)(_, _, head_k, batch_coord);
-        Tensor gV =
-            local_tile(domain_offset(make_coord(seq.k_start, _0{}), mV),
-                       Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(work.n_block, _0{}));
-
-        auto tma_k = kp.tma_k.get_slice(_0{});
-        auto tma_v = kp.tma_v.get_slice(_0{});
-
-        shared.kv_full.arrive_and_expect_tx(Traits::kTmaBytesKV);
-        // K and V are read by this block only (each head's key block has one block): evict
-        // them first; Q and dO are read by every key block of the sequence: keep them.
-        copy(kp.tma_k.with(reinterpret_cast<uint64_t&>(shared.kv_full), 0,
-                           TMA::CacheHintSm90::EVICT_FIRST),
-             tma_k.partition_S(gK), tma_k.partition_D(sK));
-        copy(kp.tma_v.with(reinterpret_cast<uint64_t&>(shared.kv_full), 0,
-                           TMA::CacheHintSm90::EVICT_FIRST),
-             tma_v.partition_S(gV), tma_v.partition_D(sV));
-
         // The row statistics of the sequence's padded rows (16-byte aligned row blocks).
         const int64_t stats_row = PaddedRows<kBlockM>::first_row(params, seq, work.batch);
-        PipelineState write = cutlass::make_producer_start_state<PipelineQdO>();
         // One stage of Q (with its rows' LSE_log2) or of dO (with their D): row block m_block of
         // one query head by TMA, its kBlockM statistics by a bulk copy on the same barrier.
         auto load_stage = [&](PipelineQdO& pipeline, const auto& tma, auto& smem_rows,
@@ -243,21 +282,70 @@ struct FlashBwdKeyBlock {
             SM90_BULK_COPY_G2S::copy(stats + block_stats, full,
                                      smem_stats + write.index() * kBlockM, Traits::kRowStatsBytes);
         };
-        CUTE_NO_UNROLL
-        for (int step = 0; step < work.steps(); ++step) {
+        auto load_step = [&](int step) {
             const int head = work.head_of(step);
             const int m_block = work.m_block_of(step);
             load_stage(pipeline_q, kp.tma_q, sQ, kp.stats.lse_log2, shared.lse_log2.data(), head,
                        m_block);
             load_stage(pipeline_do, kp.tma_do, sdO, kp.stats.d, shared.d.data(), head, m_block);
             ++write;
-        }
+        };
+
+        const int steps = work.steps();
+        const int early_steps = min(steps, Traits::kStages);
+        int step = 0;
+        CUTE_NO_UNROLL
+        for (; step < early_steps; ++step) load_step(step);
+
+        wait_kv_empty();
+        shared.tile = TileCoordinates{work.n_block, work.batch, head_k};
+        shared.tile_seq = seq;
+        // The arrival (release) also publishes the tile written just before.
+        shared.kv_full.arrive_and_expect_tx(Traits::kTmaBytesKV);
+        // Coordinate tensors of the descriptors, shifted to the sequence's first row.
+        Tensor mK = kp.tma_k.get_tma_tensor(kp.shape_k)(_, _, head_k, batch_coord);
+        Tensor gK = local_tile(domain_offset(make_coord(seq.k_start, _0{}), mK),
+                               Shape<Int<kBlockN>, Int<kHeadDim>>{},
+                               make_coord(work.n_block, _0{}));  // (BN, D)
+        Tensor mV = kp.tma_v.get_tma_tensor(kp.shape_k)(_, _, head_k, batch_coord);
+        Tensor gV =
+            local_tile(domain_offset(make_coord(seq.k_start, _0{}), mV),
+                       Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(work.n_block, _0{}));
+        auto tma_k = kp.tma_k.get_slice(_0{});
+        auto tma_v = kp.tma_v.get_slice(_0{});
+        // K and V are read by this tile only (each head's key block is one tile): evict them
+        // first; Q and dO are read by every key block of the sequence: keep them.
+        copy(kp.tma_k.with(reinterpret_cast<uint64_t&>(shared.kv_full), 0,
+                           TMA::CacheHintSm90::EVICT_FIRST),
+             tma_k.partition_S(gK), tma_k.partition_D(sK));
+        copy(kp.tma_v.with(reinterpret_cast<uint64_t&>(shared.kv_full), 0,
+                           TMA::CacheHintSm90::EVICT_FIRST),
+             tma_v.partition_S(gV), tma_v.partition_D(sV));
+
+        CUTE_NO_UNROLL
+        for (; step < steps; ++step) load_step(step);
     }
 
-    // The consumer threads (thread: 0 .. kNumMmaThreads - 1).
+    // The consumer threads (thread: 0 .. kNumMmaThreads - 1): the tiles the producer publishes,
+    // until it says none is left.
     __device__ static void consume(const BwdKernelParams<Traits>& kp, SharedStorage& shared,
+                                   PipelineQdO& pipeline_q, PipelineQdO& pipeline_do, int thread) {
+        PipelineState read;  // the Q and dO stages carry on from tile to tile, as the producer's
+        for (int consumed = 0;; ++consumed) {
+            shared.kv_full.wait(consumed % 2);
+            const TileCoordinates tile = shared.tile;
+            if (tile.m_block < 0) break;
+            compute(kp, shared, pipeline_q, pipeline_do, Work(kp.params, tile, shared.tile_seq),
+                    read, thread);
+        }
+        // The shared memory must outlive the last bulk reduce-add's reads.
+        if (thread % kThreadsPerWarpgroup == 0) cute::tma_store_wait<0>();
+    }
+
+    // The consumer threads, one tile, its K and V landed.
+    __device__ static void compute(const BwdKernelParams<Traits>& kp, SharedStorage& shared,
                                    PipelineQdO& pipeline_q, PipelineQdO& pipeline_do,
-                                   const Work& work, int thread) {
+                                   const Work& work, PipelineState& read, int thread) {
         const FlashBwdParams& params = kp.params;
         const SeqlenInfo& seq = work.seq;
         Tensor sK = make_tensor(make_smem_ptr(shared.k.data()), typename Traits::SmemLayoutK{});
@@ -314,14 +402,12 @@ struct FlashBwdKeyBlock {
         const int64_t dq_first_row = PaddedRows<kBlockM>::first_row(params, seq, work.batch);
         const int key0 = work.n_block * kBlockN;
 
-        shared.kv_full.wait(0);
         if (key0 + kBlockN > seq.seqlen_k) {  // uniform over the block
             zero_rows(sK, seq.seqlen_k - key0, thread);
             zero_rows(sV, seq.seqlen_k - key0, thread);
             cutlass::arch::fence_view_async_shared();
             cutlass::arch::NamedBarrier::sync(kNumMmaThreads, kBarrierTailZeroed);
         }
-        PipelineState read;
         CUTE_NO_UNROLL
         for (int step = 0; step < work.steps(); ++step) {
             const int m_block = work.m_block_of(step);
@@ -424,8 +510,9 @@ struct FlashBwdKeyBlock {
             pipeline_do.consumer_release(read);
             ++read;
         }
-        // The shared memory must outlive the last bulk reduce-add's reads.
-        if (issues_dq) cute::tma_store_wait<0>();
+        // Every product of this thread has completed: the producer may load the next tile's K
+        // and V (dK and dV are in registers, the last dQ part in its own buffer).
+        shared.kv_empty.arrive();
 
         store_dk_dv(params, seq, work, tiled_mma_dkv, acc_dk, acc_dv, thread);
     }

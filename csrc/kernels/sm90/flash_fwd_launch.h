@@ -14,6 +14,7 @@
 
 #include "kernels/common/device_sm_count.h"
 #include "kernels/common/flash_params.h"
+#include "kernels/common/persistent_tiles.h"  // use_varlen_schedule
 #include "kernels/common/varlen_tile_schedule.h"
 #include "kernels/common/workspace.h"
 #include "kernels/sm90/flash_fwd_kernel.h"
@@ -139,14 +140,7 @@ cudaError_t launch_flash_fwd(const FlashFwdParams& params, const Workspace& work
     const int64_t grid_order_tiles = int64_t(row_blocks) * params.batch * head_units;
     const int64_t schedule_tiles =
         VarlenTileSchedule::tile_bound(params.total_q, params.batch, tokens, head_units);
-    // The schedule pays a prepare launch and a lookup per tile; it wins where the grid order has
-    // many indices past their sequence's end (measured on the H200 with one thread block per
-    // index, 7cec657's record: skewed, 64x the tiles, +31 to +68%; docs, 5.9x, +1 to +3%; short,
-    // 1.25x, -9 to -10%; with this rule short takes the grid order: +9 to +11%,
-    // benchmarks/results/2026-12-05_h200_sm90_bisect.md).
-    constexpr int64_t kScheduleGridRatio = 2;
-    const bool use_schedule =
-        rows.is_varlen && grid_order_tiles > kScheduleGridRatio * schedule_tiles;
+    const bool use_schedule = use_varlen_schedule(rows.is_varlen, grid_order_tiles, schedule_tiles);
     int64_t tiles = grid_order_tiles;
     kp.tiles = TileOrder{VarlenTileSchedule{nullptr, nullptr}, row_blocks, params.batch,
                          head_units, 0};
