@@ -118,18 +118,25 @@ struct BwdKernelTraits {
         decltype(composition(SmemLayoutK{}, make_layout(Shape<Int<kHeadDim>, Int<kBlockN>>{},
                                                         Stride<Int<kBlockN>, _1>{})));
     using SmemLayoutV = SmemLayoutK;
-    // dS: (queries, keys) with the queries contiguous (MN-major A operand of dQ); atoms laid
-    // along the queries first, CUTLASS's order for MN-major operands.
+    // dS: (queries, keys, stage) with the queries contiguous (MN-major A operand of dQ); atoms
+    // laid along the queries first, CUTLASS's order for MN-major operands. Two buffers, one per
+    // Q / dO stage (a row block's dS goes with its stage's index): a row block writes its dS
+    // while the other warpgroup's dQ product may still read the previous one's, so that one
+    // barrier over both warpgroups per row block suffices (FlashAttention-3's Stages_dS = 2,
+    // hopper/mainloop_bwd_sm90_tma_gmma_ws.hpp).
+    static constexpr int kDsStages = kStages;
     using SmemLayoutAtomdS =
         decltype(cutlass::gemm::collective::detail::ss_smem_selector<GMMA::Major::MN, Element,
                                                                      Int<kBlockM>, Int<kBlockN>>());
-    using SmemLayoutdS = decltype(tile_to_shape(
-        SmemLayoutAtomdS{}, Shape<Int<kBlockM>, Int<kBlockN>>{}, Step<_2, _1>{}));
-    // The same bytes as (keys, queries), as the consumers write dS^T from the accumulator layout
-    // of S^T: stmatrix, 8 x 8 16-bit tiles per instruction (each key's queries are contiguous).
-    using SmemLayoutdSt =
-        decltype(composition(SmemLayoutdS{}, make_layout(Shape<Int<kBlockN>, Int<kBlockM>>{},
-                                                         Stride<Int<kBlockM>, _1>{})));
+    using SmemLayoutdS = decltype(tile_to_shape(SmemLayoutAtomdS{},
+                                                Shape<Int<kBlockM>, Int<kBlockN>, Int<kDsStages>>{},
+                                                Step<_2, _1, _3>{}));
+    // The same bytes as (keys, queries, stage), as the consumers write dS^T from the accumulator
+    // layout of S^T: stmatrix, 8 x 8 16-bit tiles per instruction (each key's queries are
+    // contiguous).
+    using SmemLayoutdSt = decltype(composition(
+        SmemLayoutdS{}, make_layout(Shape<Int<kBlockN>, Int<kBlockM>, Int<kDsStages>>{},
+                                    Stride<Int<kBlockM>, _1, Int<kBlockM * kBlockN>>{})));
     using SmemCopyAtomdS = Copy_Atom<SM90_U32x4_STSM_N, Element>;
 
     // Global tensors as the TMA descriptors see them: (rows, head dim, heads, batch); varlen

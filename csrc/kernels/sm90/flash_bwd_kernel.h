@@ -61,13 +61,13 @@ namespace sm90 {
 using namespace cute;
 
 // Named barriers of the backward (hardware ids 8.. as in named_barriers.h). Over every consumer
-// thread: the tail rows of a K/V or Q/dO buffer are zeroed; every share of dS is written; every
-// dQ product has read dS (and each warpgroup's last bulk reduce-add has read its dQ part). Over
-// one consumer warpgroup (+ its index, as kBarrierOStaged in the forward): its dQ part is staged.
+// thread: the tail rows of a K/V or Q/dO buffer are zeroed; every share of dS is written. Over
+// one consumer warpgroup (+ its index, as kBarrierOStaged in the forward): its last bulk
+// reduce-add has read its dQ part; its dQ part is staged.
 constexpr uint32_t kBarrierTailZeroed = 0;
 constexpr uint32_t kBarrierDsWritten = 1;
-constexpr uint32_t kBarrierDsRead = 2;
-constexpr uint32_t kBarrierDqStaged = 3;
+constexpr uint32_t kBarrierDqFree = 2;
+constexpr uint32_t kBarrierDqStaged = 4;
 static_assert(kBarrierDqStaged + 2 <= kNumUserBarriers, "two consumer warpgroups");
 
 // What the launcher passes: the host's params, the TMA descriptors and the global shapes they
@@ -376,7 +376,7 @@ struct FlashBwdKeyBlock {
         Tensor tdPrdO = thr_mma_sdp.partition_fragment_B(sdO);
         Tensor tdVrdOt = thr_mma_dkv.partition_fragment_B(sdOt);  // (MMA, MMA_D, MMA_M, stage)
         Tensor tdKrQt = thr_mma_dkv.partition_fragment_B(sQt);
-        Tensor tdQrdS = thr_mma_dq.partition_fragment_A(sdS);  // (MMA, MMA_M, MMA_N)
+        Tensor tdQrdS = thr_mma_dq.partition_fragment_A(sdS);  // (MMA, MMA_M, MMA_N, stage)
         Tensor tdQrKt = thr_mma_dq.partition_fragment_B(sKt);  // (MMA, MMA_D, MMA_N)
 
         // (key, query) of each of this thread's S^T entries within a (kBlockN, kBlockM) tile.
@@ -460,9 +460,12 @@ struct FlashBwdKeyBlock {
             convert_fragment(acc_dp, rdS);
             Tensor tdKrdS = make_tensor(rdS.data(), accumulator_as_a_operand(rdS.layout()));
 
-            // dS (queries, keys) to shared memory for dQ, once every consumer has finished
-            // reading the previous row block's.
-            copy(smem_tiled_copy_ds, smem_thr_copy_ds.retile_S(rdS), tdSsdS);
+            // dS (queries, keys) to shared memory for dQ, into this stage's buffer: the row block
+            // before used the other one, and the last that used this one has passed
+            // kBarrierDsWritten since, which every consumer reaches only after its dQ product of
+            // that row block completed.
+            static_assert(Traits::kDsStages == Traits::kStages, "dS follows the Q / dO stage");
+            copy(smem_tiled_copy_ds, smem_thr_copy_ds.retile_S(rdS), tdSsdS(_, _, _, read.index()));
             cutlass::arch::fence_view_async_shared();  // generic-proxy writes, wgmma reads
             cutlass::arch::NamedBarrier::sync(kNumMmaThreads, kBarrierDsWritten);
 
@@ -470,14 +473,15 @@ struct FlashBwdKeyBlock {
             // (FlashAttention-3's order: hopper/mainloop_bwd_sm90_tma_gmma_ws.hpp).
             Tensor acc_dq =
                 partition_fragment_C(tiled_mma_dq, select<0, 1>(typename Traits::TileShapeDQ{}));
-            warpgroup_gemm</*kZeroInit=*/true>(tiled_mma_dq, tdQrdS, tdQrKt, acc_dq);
+            Tensor tdQrdS_stage = tdQrdS(_, _, _, read.index());
+            warpgroup_gemm</*kZeroInit=*/true>(tiled_mma_dq, tdQrdS_stage, tdQrKt, acc_dq);
             warpgroup_gemm</*kZeroInit=*/false>(tiled_mma_dkv, tdKrdS,
                                                 tdKrQt(_, _, _, read.index()), acc_dk);
             warpgroup_wait<1>();  // dV and dQ landed: this thread's reads of dS and dO are done
-            // The next row block writes dS only after every consumer's dQ product has read it,
-            // and this one's dQ only after the last bulk reduce-add has read its part.
+            // This warpgroup stages its dQ part only after its last bulk reduce-add has read the
+            // previous one.
             if (issues_dq) cute::tma_store_wait<0>();
-            cutlass::arch::NamedBarrier::sync(kNumMmaThreads, kBarrierDsRead);
+            cutlass::arch::NamedBarrier::sync(kThreadsPerWarpgroup, kBarrierDqFree + warpgroup);
 
             // dQ: staged in the chunk order, then added by one bulk reduce-add per warpgroup.
             CUTE_UNROLL
