@@ -210,7 +210,9 @@ struct FlashBwdKeyBlock {
 
     // The producer's first warp: finds each tile (the schedule's search needs the whole warp) and,
     // in one thread, publishes it and issues its loads. A key block past its sequence's keys
-    // (grid order) is skipped; the consumers never see it.
+    // (grid order) is skipped; the consumers never see it. (The forward's producer walks its
+    // tiles alike, flash_fwd_kernel.h; one helper for both changed the forward's machine code,
+    // so it waits until the two can be measured together.)
     __device__ static void produce(const BwdKernelParams<Traits>& kp, SharedStorage& shared,
                                    PipelineQdO& pipeline_q, PipelineQdO& pipeline_do) {
         const FlashBwdParams& params = kp.params;
