@@ -53,9 +53,12 @@ struct BwdKernelTraits {
 
     // setmaxnreg: per consumer thread dK and dV (2 x 64 floats at d = 128), S^T and dP^T (2 x 32
     // floats), P^T and dS^T in 16 bits (2 x 16) and dQ (32 floats) during its product:
-    // FlashAttention-3's 240, which leaves the producer 32 (its tile loop spilled 36 bytes in 24).
-    static constexpr int kProducerRegisters = 40;
-    static constexpr int kConsumerRegisters = 232;
+    // FlashAttention-3's 240, which leaves the producer 24. Its whole first warp walks the tiles
+    // and steps, one lane issuing the loads (flash_bwd_kernel.h), so ptxas keeps most of the walk
+    // in uniform registers: walked by one thread, it spilled 36 bytes at 24 (and 40 / 232 made
+    // the d = 128 local consumers spill 4), bf16.
+    static constexpr int kProducerRegisters = 24;
+    static constexpr int kConsumerRegisters = 240;
     static_assert(register_split_fits(kThreadsPerWarpgroup, kProducerRegisters, kConsumerRegisters,
                                       kNumMmaWarpgroups),
                   "setmaxnreg counts past what the launch gives the block (register_split.h)");

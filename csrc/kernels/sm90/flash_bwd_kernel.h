@@ -208,11 +208,13 @@ struct FlashBwdKeyBlock {
         consume(kp, shared, pipeline_q, pipeline_do, int(threadIdx.x) - kThreadsPerWarpgroup);
     }
 
-    // The producer's first warp: finds each tile (the schedule's search needs the whole warp) and,
-    // in one thread, publishes it and issues its loads. A key block past its sequence's keys
-    // (grid order) is skipped; the consumers never see it. (The forward's producer walks its
-    // tiles alike, flash_fwd_kernel.h; one helper for both changed the forward's machine code,
-    // so it waits until the two can be measured together.)
+    // The producer's first warp: finds each tile (the schedule's search needs the whole warp) and
+    // walks its steps, all 32 lanes alike, one lane publishing the tile and issuing the loads
+    // (FlashAttention-3's producer warp does the same): values the whole warp holds alike can
+    // live in uniform registers, which the producer's 24 per thread do not count. A key block
+    // past its sequence's keys (grid order) is skipped; the consumers never see it. (The
+    // forward's producer walks its tiles alike, flash_fwd_kernel.h; one helper for both changed
+    // the forward's machine code, so it waits until the two can be measured together.)
     __device__ static void produce(const BwdKernelParams<Traits>& kp, SharedStorage& shared,
                                    PipelineQdO& pipeline_q, PipelineQdO& pipeline_do) {
         const FlashBwdParams& params = kp.params;
@@ -232,11 +234,10 @@ struct FlashBwdKeyBlock {
             if (leader) next_index = next_tile_index(kp.tile_counter);
             next_index = __shfl_sync(0xffffffffu, next_index, 0);
             const Work work(params, tile, SeqlenInfo(params, tile.batch));
-            if (work.has_keys() && leader) {
+            if (work.has_keys()) {  // uniform over the warp
                 load(kp, shared, pipeline_q, pipeline_do, work, write, wait_kv_empty);
                 ++published;
             }
-            __syncwarp();
             index = next_index;
         }
         if (leader) {  // no tile left: tell the consumers
@@ -246,7 +247,7 @@ struct FlashBwdKeyBlock {
         }
     }
 
-    // The producer thread, one tile: Q and dO of its first kStages steps (their buffers free as
+    // The producer warp, one tile: Q and dO of its first kStages steps (their buffers free as
     // the consumers finish the previous tile's last steps), then, once the consumers are done
     // with the previous tile's K and V, the tile published with its K and V, then Q and dO of
     // the other steps.
@@ -258,6 +259,7 @@ struct FlashBwdKeyBlock {
         const SeqlenInfo& seq = work.seq;
         const int head_k = work.head_k;
         const int batch_coord = seq.is_varlen ? 0 : work.batch;  // varlen buffers are one batch
+        const bool leader = cute::elect_one_sync();              // the lane that issues
 
         Tensor sK = make_tensor(make_smem_ptr(shared.k.data()), typename Traits::SmemLayoutK{});
         Tensor sV = make_tensor(make_smem_ptr(shared.v.data()), typename Traits::SmemLayoutV{});
@@ -277,12 +279,16 @@ struct FlashBwdKeyBlock {
                 local_tile(domain_offset(make_coord(seq.q_start, _0{}), m_rows),
                            Shape<Int<kBlockM>, Int<kHeadDim>>{}, make_coord(m_block, _0{}));
             auto tma_rows = tma.get_slice(_0{});
-            copy(tma.with(*full, 0, TMA::CacheHintSm90::EVICT_LAST), tma_rows.partition_S(g_rows),
-                 tma_rows.partition_D(smem_rows(_, _, write.index())));
             const int64_t block_stats =
                 int64_t(head) * kp.stats.head_stride + stats_row + int64_t(m_block) * kBlockM;
-            SM90_BULK_COPY_G2S::copy(stats + block_stats, full,
-                                     smem_stats + write.index() * kBlockM, Traits::kRowStatsBytes);
+            if (leader) {
+                copy(tma.with(*full, 0, TMA::CacheHintSm90::EVICT_LAST),
+                     tma_rows.partition_S(g_rows),
+                     tma_rows.partition_D(smem_rows(_, _, write.index())));
+                SM90_BULK_COPY_G2S::copy(stats + block_stats, full,
+                                         smem_stats + write.index() * kBlockM,
+                                         Traits::kRowStatsBytes);
+            }
         };
         auto load_step = [&](int step) {
             const int head = work.head_of(step);
@@ -300,10 +306,12 @@ struct FlashBwdKeyBlock {
         for (; step < early_steps; ++step) load_step(step);
 
         wait_kv_empty();
-        shared.tile = TileCoordinates{work.n_block, work.batch, head_k};
-        shared.tile_seq = seq;
-        // The arrival (release) also publishes the tile written just before.
-        shared.kv_full.arrive_and_expect_tx(Traits::kTmaBytesKV);
+        if (leader) {
+            shared.tile = TileCoordinates{work.n_block, work.batch, head_k};
+            shared.tile_seq = seq;
+            // The arrival (release) also publishes the tile written just before.
+            shared.kv_full.arrive_and_expect_tx(Traits::kTmaBytesKV);
+        }
         // Coordinate tensors of the descriptors, shifted to the sequence's first row.
         Tensor mK = kp.tma_k.get_tma_tensor(kp.shape_k)(_, _, head_k, batch_coord);
         Tensor gK = local_tile(domain_offset(make_coord(seq.k_start, _0{}), mK),
@@ -317,12 +325,14 @@ struct FlashBwdKeyBlock {
         auto tma_v = kp.tma_v.get_slice(_0{});
         // K and V are read by this tile only (each head's key block is one tile): evict them
         // first; Q and dO are read by every key block of the sequence: keep them.
-        copy(kp.tma_k.with(reinterpret_cast<uint64_t&>(shared.kv_full), 0,
-                           TMA::CacheHintSm90::EVICT_FIRST),
-             tma_k.partition_S(gK), tma_k.partition_D(sK));
-        copy(kp.tma_v.with(reinterpret_cast<uint64_t&>(shared.kv_full), 0,
-                           TMA::CacheHintSm90::EVICT_FIRST),
-             tma_v.partition_S(gV), tma_v.partition_D(sV));
+        if (leader) {
+            copy(kp.tma_k.with(reinterpret_cast<uint64_t&>(shared.kv_full), 0,
+                               TMA::CacheHintSm90::EVICT_FIRST),
+                 tma_k.partition_S(gK), tma_k.partition_D(sK));
+            copy(kp.tma_v.with(reinterpret_cast<uint64_t&>(shared.kv_full), 0,
+                               TMA::CacheHintSm90::EVICT_FIRST),
+                 tma_v.partition_S(gV), tma_v.partition_D(sV));
+        }
 
         CUTE_NO_UNROLL
         for (; step < steps; ++step) load_step(step);
