@@ -229,16 +229,19 @@ struct FlashBwdKeyBlock {
         };
         TileCoordinates tile;
         for (int index = blockIdx.x; lookup_tile(kp, index, tile);) {
-            // The next index, drawn now; its atomic's latency hides behind this tile's loads.
-            int next_index = 0;
-            if (leader) next_index = next_tile_index(kp.tile_counter);
-            next_index = __shfl_sync(0xffffffffu, next_index, 0);
             const Work work(params, tile, SeqlenInfo(params, tile.batch));
             if (work.has_keys()) {  // uniform over the warp
                 load(kp, shared, pipeline_q, pipeline_do, work, write, wait_kv_empty);
                 ++published;
             }
-            index = next_index;
+            // The next index, drawn once this tile's loads are issued: the consumers are then
+            // within kStages steps of its end, which hide the atomic and the lookup. Drawn before
+            // the loads, a block would hold a whole tile in reserve while it computes one, and
+            // the grid's last tiles would wait in the reserves of busy blocks while others idle
+            // (scripts/model_bwd_tile_orders.py --claim-ahead 1 against 0).
+            int next_index = 0;
+            if (leader) next_index = next_tile_index(kp.tile_counter);
+            index = __shfl_sync(0xffffffffu, next_index, 0);
         }
         if (leader) {  // no tile left: tell the consumers
             wait_kv_empty();
