@@ -187,6 +187,15 @@ struct BwdKernelTraits {
         // tile left.
         TileCoordinates tile;
         SeqlenInfo tile_seq;
+        // Where each consumer warpgroup's staged dQ part goes, for the dQ writer warp
+        // (flash_bwd_kernel.h, write_dq).
+        struct DqAdd {
+            float* rows;       // the part's first float in the accumulator
+            int* turn;         // deterministic mode's counter (dq_accumulator.h), else nullptr
+            int turns_before;  // the count the turn waits for
+            int last;          // nonzero: the consumers are done, nothing is staged
+        };
+        DqAdd dq_add[kNumMmaWarpgroups];
     };
     static constexpr int kSmemBytes = int(sizeof(SharedStorage));
     static constexpr int kMaxSmemBytes = 227 * 1024;

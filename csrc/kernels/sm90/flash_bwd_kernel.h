@@ -21,9 +21,10 @@
 //   D) where D = rowsum(dO O) - dLSE and LSE_log2 come from the row kernel before (and ride with
 //   Q and dO into shared memory), dV += P^T dO and dK += dS^T Q
 //   (P^T, dS^T from registers), dS^T written to shared memory, and, once both warpgroups' halves
-//   are there, its half of the columns of dQ = dS K, staged in shared memory and added in
-//   float32 into the dQ accumulator by one bulk reduce-add (dq_accumulator.h; rows past the
-//   sequence end add zeros into the sequence's padding);
+//   are there, its half of the columns of dQ = dS K, staged in shared memory;
+// - the producer warpgroup's second warp adds each staged dQ part in float32 into the dQ
+//   accumulator by one bulk reduce-add (dq_accumulator.h; rows past the sequence end add zeros
+//   into the sequence's padding), in deterministic mode in each row block's turn;
 // - at the end dK (times the softmax scale) and dV are written, rows inside the sequence only.
 // What lies past a sequence: TMA reads the next sequence's rows there (zeros past the buffer),
 // which may hold anything (the user's next document, unused memory of a CUDA graph's buffer), and
@@ -60,15 +61,22 @@ namespace sm90 {
 
 using namespace cute;
 
+// The producer warpgroup's warps: the first finds the tiles and loads (produce), the second adds
+// the consumers' dQ into the accumulator (write_dq); the other two exit at once.
+constexpr int kLoadWarp = 0;
+constexpr int kDqWriterWarp = 1;
+
 // Named barriers of the backward (hardware ids 8.. as in named_barriers.h). Over every consumer
 // thread: the tail rows of a K/V or Q/dO buffer are zeroed; every share of dS is written. Over
-// one consumer warpgroup (+ its index, as kBarrierOStaged in the forward): its last bulk
-// reduce-add has read its dQ part; its dQ part is staged.
+// one consumer warpgroup and the dQ writer warp (+ the warpgroup's index, as kBarrierOStaged in
+// the forward): the writer's last bulk reduce-add has read the warpgroup's dQ part; the
+// warpgroup's next dQ part is staged.
 constexpr uint32_t kBarrierTailZeroed = 0;
 constexpr uint32_t kBarrierDsWritten = 1;
 constexpr uint32_t kBarrierDqFree = 2;
 constexpr uint32_t kBarrierDqStaged = 4;
 static_assert(kBarrierDqStaged + 2 <= kNumUserBarriers, "two consumer warpgroups");
+constexpr int kDqHandoffThreads = kThreadsPerWarpgroup + cutlass::NumThreadsPerWarp;
 
 // What the launcher passes: the host's params, the TMA descriptors and the global shapes they
 // were built with (the device rebuilds their coordinate tensors from them).
@@ -199,9 +207,9 @@ struct FlashBwdKeyBlock {
 
         if (warpgroup == kProducerWarpgroup) {
             cutlass::arch::warpgroup_reg_dealloc<Traits::kProducerRegisters>();
-            if (threadIdx.x < cutlass::NumThreadsPerWarp) {
-                produce(kp, shared, pipeline_q, pipeline_do);
-            }
+            const int warp = cutlass::canonical_warp_idx_sync();
+            if (warp == kLoadWarp) produce(kp, shared, pipeline_q, pipeline_do);
+            if (warp == kDqWriterWarp) write_dq(shared);
             return;
         }
         cutlass::arch::warpgroup_reg_alloc<Traits::kConsumerRegisters>();
@@ -248,6 +256,51 @@ struct FlashBwdKeyBlock {
             shared.tile.m_block = -1;
             shared.kv_full.arrive();
         }
+    }
+
+    // The producer warpgroup's second warp, the dQ writer: for each consumer warpgroup in turn,
+    // it hands the warpgroup its staging buffer (kBarrierDqFree) once the bulk reduce-add issued
+    // from it a step before has read it, waits until the warpgroup has staged its next dQ part
+    // there with the part's destination (kBarrierDqStaged, SharedStorage::dq_add) and adds the
+    // part into the accumulator with one bulk reduce-add from one lane; in deterministic mode
+    // that lane first waits for the row block's turn (DqOrder) and passes the turn on once the add
+    // has completed. The consumers' issuing threads did this themselves before, and their
+    // warpgroups stalled on every turn and on each add's completion; FlashAttention-3's backward
+    // gives the job to a warp of its producer warpgroup too (Shah et al. 2024,
+    // hopper/epilogue_bwd.hpp). The consumers say where each part goes, so that this warp, which
+    // runs on the producer warpgroup's 24 registers, follows no tile itself.
+    __device__ static void write_dq(SharedStorage& shared) {
+        using DqChunk = sm90::DqChunk<Traits>;
+        using DqAdd = typename SharedStorage::DqAdd;
+        static_assert(Traits::kNumMmaWarpgroups == 2, "the turns below are passed for two parts");
+        const bool issuer = cute::elect_one_sync();
+        for (bool last = false; !last;) {
+            int* turns[Traits::kNumMmaWarpgroups];
+            CUTE_UNROLL
+            for (int warpgroup = 0; warpgroup < Traits::kNumMmaWarpgroups; ++warpgroup) {
+                // Adds complete in the order issued: with the other part's add allowed to be
+                // pending, the last one from this warpgroup's buffer has read it.
+                if (issuer) cute::tma_store_wait<Traits::kNumMmaWarpgroups - 1>();
+                __syncwarp();
+                cutlass::arch::NamedBarrier::arrive(kDqHandoffThreads, kBarrierDqFree + warpgroup);
+                cutlass::arch::NamedBarrier::sync(kDqHandoffThreads, kBarrierDqStaged + warpgroup);
+                const DqAdd add = shared.dq_add[warpgroup];
+                last = add.last != 0;  // alike for both warpgroups: they walk the same tiles
+                turns[warpgroup] = add.turn;
+                if (issuer && !last) {
+                    if (add.turn != nullptr) wait_for_dq_turn(add.turn, add.turns_before);
+                    const int part = warpgroup * DqChunk::kPartFloats;
+                    bulk_reduce_add(add.rows, shared.dq.data() + part, DqChunk::kPartBytes);
+                    cute::tma_store_arrive();
+                }
+            }
+            if (issuer && !last && turns[0] != nullptr) {  // the first part's add may end first
+                pass_dq_turn</*kAddsStillRunning=*/1>(turns[0]);
+                pass_dq_turn</*kAddsStillRunning=*/0>(turns[1]);
+            }
+        }
+        // The shared memory must outlive the last adds' reads.
+        if (issuer) cute::tma_store_wait<0>();
     }
 
     // The producer warp, one tile: Q and dO of its first kStages steps (their buffers free as
@@ -353,8 +406,11 @@ struct FlashBwdKeyBlock {
             compute(kp, shared, pipeline_q, pipeline_do, Work(kp.params, tile, shared.tile_seq),
                     read, thread);
         }
-        // The shared memory must outlive the last bulk reduce-add's reads.
-        if (thread % kThreadsPerWarpgroup == 0) cute::tma_store_wait<0>();
+        // No tile left: the dQ writer stops (write_dq).
+        const int warpgroup = thread / kThreadsPerWarpgroup;
+        cutlass::arch::NamedBarrier::sync(kDqHandoffThreads, kBarrierDqFree + warpgroup);
+        if (thread % kThreadsPerWarpgroup == 0) shared.dq_add[warpgroup].last = 1;
+        cutlass::arch::NamedBarrier::arrive(kDqHandoffThreads, kBarrierDqStaged + warpgroup);
     }
 
     // The consumer threads, one tile, its K and V landed.
@@ -412,8 +468,8 @@ struct FlashBwdKeyBlock {
 
         using DqChunk = sm90::DqChunk<Traits>;
         const int warpgroup = thread / kThreadsPerWarpgroup;
-        // The thread of each warpgroup that issues its bulk reduce-adds of dQ.
-        const bool issues_dq = thread % kThreadsPerWarpgroup == 0;
+        // The thread of each warpgroup that says where its dQ parts go (SharedStorage::dq_add).
+        const bool describes_dq = thread % kThreadsPerWarpgroup == 0;
         const int64_t dq_first_row = PaddedRows<kBlockM>::first_row(params, seq, work.batch);
         const int key0 = work.n_block * kBlockN;
 
@@ -493,12 +549,10 @@ struct FlashBwdKeyBlock {
             warpgroup_gemm</*kZeroInit=*/false>(tiled_mma_dkv, tdKrdS,
                                                 tdKrQt(_, _, _, read.index()), acc_dk);
             warpgroup_wait<1>();  // dV and dQ landed: this thread's reads of dS and dO are done
-            // This warpgroup stages its dQ part only after its last bulk reduce-add has read the
-            // previous one.
-            if (issues_dq) cute::tma_store_wait<0>();
-            cutlass::arch::NamedBarrier::sync(kThreadsPerWarpgroup, kBarrierDqFree + warpgroup);
+            // This warpgroup stages its dQ part once the writer has read the previous one out.
+            cutlass::arch::NamedBarrier::sync(kDqHandoffThreads, kBarrierDqFree + warpgroup);
 
-            // dQ: staged in the chunk order, then added by one bulk reduce-add per warpgroup.
+            // dQ: staged in the chunk order for the writer's bulk reduce-add (write_dq).
             CUTE_UNROLL
             for (int group = 0; group < DqChunk::kFloatsPerThread / DqChunk::kVector; ++group) {
                 const int i = group * DqChunk::kVector;
@@ -506,24 +560,24 @@ struct FlashBwdKeyBlock {
                                            DqChunk::vector_offset(thread, group)) =
                     make_float4(acc_dq(i), acc_dq(i + 1), acc_dq(i + 2), acc_dq(i + 3));
             }
-            cutlass::arch::fence_view_async_shared();  // generic-proxy writes, bulk-copy reads
-            cutlass::arch::NamedBarrier::sync(kThreadsPerWarpgroup, kBarrierDqStaged + warpgroup);
-            if (issues_dq) {
+            if (describes_dq) {
                 const int head = work.head_of(step);
-                int* turn = nullptr;
+                typename SharedStorage::DqAdd add;
+                add.rows = kp.dq_accum + int64_t(head) * kp.dq_accum_head_stride +
+                           (dq_first_row + query0) * kHeadDim + warpgroup * DqChunk::kPartFloats;
+                add.turn = nullptr;
+                add.turns_before = 0;
+                add.last = 0;
                 if (kp.dq_order.counters != nullptr) {
-                    turn = kp.dq_order.counters + int64_t(head) * kp.dq_order.head_stride +
-                           (dq_first_row / kBlockM + m_block) * Traits::kNumMmaWarpgroups +
-                           warpgroup;
-                    wait_for_dq_turn(turn, work.dq_adds_before(m_block));
+                    add.turn = kp.dq_order.counters + int64_t(head) * kp.dq_order.head_stride +
+                               (dq_first_row / kBlockM + m_block) * Traits::kNumMmaWarpgroups +
+                               warpgroup;
+                    add.turns_before = work.dq_adds_before(m_block);
                 }
-                const int64_t part = int64_t(warpgroup) * DqChunk::kPartFloats;
-                bulk_reduce_add(kp.dq_accum + int64_t(head) * kp.dq_accum_head_stride +
-                                    (dq_first_row + query0) * kHeadDim + part,
-                                shared.dq.data() + part, DqChunk::kPartBytes);
-                cute::tma_store_arrive();
-                if (turn != nullptr) pass_dq_turn(turn);
+                shared.dq_add[warpgroup] = add;
             }
+            cutlass::arch::fence_view_async_shared();  // generic-proxy writes, bulk-copy reads
+            cutlass::arch::NamedBarrier::arrive(kDqHandoffThreads, kBarrierDqStaged + warpgroup);
             warpgroup_wait<0>();  // dK landed: the reads of Q are done too
             pipeline_q.consumer_release(read);
             pipeline_do.consumer_release(read);
