@@ -196,6 +196,10 @@ struct BwdKernelTraits {
             int last;          // nonzero: the consumers are done, nothing is staged
         };
         DqAdd dq_add[kNumMmaWarpgroups];
+        // Per consumer warpgroup: its dQ staging part is free (the writer's last add read it);
+        // the next part is staged and dq_add says where it goes.
+        cutlass::arch::ClusterBarrier dq_free[kNumMmaWarpgroups];
+        cutlass::arch::ClusterBarrier dq_staged[kNumMmaWarpgroups];
     };
     static constexpr int kSmemBytes = int(sizeof(SharedStorage));
     static constexpr int kMaxSmemBytes = 227 * 1024;

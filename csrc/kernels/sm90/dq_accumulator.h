@@ -63,11 +63,11 @@ __device__ inline void bulk_reduce_add(float* gmem, const float* smem, uint32_t 
 
 // Deterministic mode (bitwise reproducible dq): the key blocks that add into one warpgroup part
 // of one row block do so in a fixed order, counted by an int32 counter per (query head, padded
-// row block, warpgroup), zero at the launch. The dQ writer warp's issuing lane waits until the
-// counter equals the number of key blocks before its own (flash_bwd_kernel.h,
-// Work::dq_adds_before), adds, waits for its add to complete, and increments the counter.
-// (FlashAttention-3's semaphores, Shah et al. 2024, hopper/flash_bwd_kernel_sm90.h, also in a
-// dedicated warp: in the consumers' issuing threads, every wait stalled a consumer warpgroup.)
+// row block, warpgroup), zero at the launch. The part's dQ writer thread (flash_bwd_kernel.h,
+// write_dq) waits until the counter equals the number of key blocks before its own
+// (Work::dq_adds_before), adds, waits for its add to complete, and increments the counter.
+// (FlashAttention-3's semaphores, Shah et al. 2024, hopper/flash_bwd_kernel_sm90.h, also waited
+// for in a dedicated warp: in the consumers' issuing threads, every wait stalled a warpgroup.)
 struct DqOrder {
     int* counters;        // nullptr: no ordering (the default backward)
     int64_t head_stride;  // padded row blocks x warpgroups
@@ -86,13 +86,11 @@ __device__ inline void wait_for_dq_turn(const int* counter, int expected) {
 #endif
 }
 
-// Waits until all but the last kAddsStillRunning of this thread's bulk reduce-adds have
-// completed (not only read shared memory), then increments the counter with release semantics at
-// GPU scope: the next key block's add follows.
-template <int kAddsStillRunning>
+// Waits until this thread's bulk reduce-adds have completed (not only read shared memory), then
+// increments the counter with release semantics at GPU scope: the next key block's add follows.
 __device__ inline void pass_dq_turn(int* counter) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("cp.async.bulk.wait_group %0;" ::"n"(kAddsStillRunning) : "memory");
+    asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
     asm volatile("fence.proxy.async.global;" ::: "memory");
     asm volatile("red.release.gpu.global.add.s32 [%0], 1;" ::"l"(counter) : "memory");
 #endif

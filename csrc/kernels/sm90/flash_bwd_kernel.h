@@ -61,22 +61,19 @@ namespace sm90 {
 
 using namespace cute;
 
-// The producer warpgroup's warps: the first finds the tiles and loads (produce), the second adds
-// the consumers' dQ into the accumulator (write_dq); the other two exit at once.
+// The producer warpgroup's warps: the first finds the tiles and loads (produce); the next two
+// add the consumer warpgroups' dQ into the accumulator, one warp per consumer warpgroup
+// (write_dq); the last exits at once.
 constexpr int kLoadWarp = 0;
-constexpr int kDqWriterWarp = 1;
+constexpr int kFirstDqWriterWarp = 1;
 
 // Named barriers of the backward (hardware ids 8.. as in named_barriers.h). Over every consumer
 // thread: the tail rows of a K/V or Q/dO buffer are zeroed; every share of dS is written. Over
-// one consumer warpgroup and the dQ writer warp (+ the warpgroup's index, as kBarrierOStaged in
-// the forward): the writer's last bulk reduce-add has read the warpgroup's dQ part; the
-// warpgroup's next dQ part is staged.
+// one consumer warpgroup (+ its index, as kBarrierOStaged in the forward): its dQ part is staged.
 constexpr uint32_t kBarrierTailZeroed = 0;
 constexpr uint32_t kBarrierDsWritten = 1;
-constexpr uint32_t kBarrierDqFree = 2;
-constexpr uint32_t kBarrierDqStaged = 4;
+constexpr uint32_t kBarrierDqStaged = 2;
 static_assert(kBarrierDqStaged + 2 <= kNumUserBarriers, "two consumer warpgroups");
-constexpr int kDqHandoffThreads = kThreadsPerWarpgroup + cutlass::NumThreadsPerWarp;
 
 // What the launcher passes: the host's params, the TMA descriptors and the global shapes they
 // were built with (the device rebuilds their coordinate tensors from them).
@@ -192,6 +189,10 @@ struct FlashBwdKeyBlock {
             cute::prefetch_tma_descriptor(kp.tma_v.get_tma_descriptor());
             shared.kv_full.init(/*arrive_count=*/1);
             shared.kv_empty.init(/*arrive_count=*/kNumMmaThreads);
+            for (int warpgroup = 0; warpgroup < Traits::kNumMmaWarpgroups; ++warpgroup) {
+                shared.dq_free[warpgroup].init(/*arrive_count=*/1);
+                shared.dq_staged[warpgroup].init(/*arrive_count=*/1);
+            }
         }
         typename PipelineQdO::Params pipeline_params;
         pipeline_params.transaction_bytes = Traits::kTmaBytesQ;
@@ -209,7 +210,10 @@ struct FlashBwdKeyBlock {
             cutlass::arch::warpgroup_reg_dealloc<Traits::kProducerRegisters>();
             const int warp = cutlass::canonical_warp_idx_sync();
             if (warp == kLoadWarp) produce(kp, shared, pipeline_q, pipeline_do);
-            if (warp == kDqWriterWarp) write_dq(shared);
+            const int writes_for = warp - kFirstDqWriterWarp;  // the consumer warpgroup it serves
+            if (writes_for >= 0 && writes_for < Traits::kNumMmaWarpgroups) {
+                write_dq(shared, writes_for);
+            }
             return;
         }
         cutlass::arch::warpgroup_reg_alloc<Traits::kConsumerRegisters>();
@@ -258,49 +262,34 @@ struct FlashBwdKeyBlock {
         }
     }
 
-    // The producer warpgroup's second warp, the dQ writer: for each consumer warpgroup in turn,
-    // it hands the warpgroup its staging buffer (kBarrierDqFree) once the bulk reduce-add issued
-    // from it a step before has read it, waits until the warpgroup has staged its next dQ part
-    // there with the part's destination (kBarrierDqStaged, SharedStorage::dq_add) and adds the
-    // part into the accumulator with one bulk reduce-add from one lane; in deterministic mode
-    // that lane first waits for the row block's turn (DqOrder) and passes the turn on once the add
-    // has completed. The consumers' issuing threads did this themselves before, and their
-    // warpgroups stalled on every turn and on each add's completion; FlashAttention-3's backward
-    // gives the job to a warp of its producer warpgroup too (Shah et al. 2024,
-    // hopper/epilogue_bwd.hpp). The consumers say where each part goes, so that this warp, which
-    // runs on the producer warpgroup's 24 registers, follows no tile itself.
-    __device__ static void write_dq(SharedStorage& shared) {
+    // A dQ writer: one thread of the producer warpgroup's warp kFirstDqWriterWarp + warpgroup.
+    // Part after part, it hands the consumer warpgroup its staging buffer (dq_free) once the bulk
+    // reduce-add issued from it before has read it, waits until the warpgroup has staged its next
+    // dQ part there and said where it goes (dq_staged, SharedStorage::dq_add) and adds it into
+    // the accumulator with one bulk reduce-add; in deterministic mode it first waits for the row
+    // block's turn (DqOrder) and passes the turn on once the add has completed. The consumers'
+    // issuing threads did this themselves before, and their warpgroups stalled on every turn and
+    // on each add's completion; FlashAttention-3's backward gives the job to a warp of its
+    // producer warpgroup too (Shah et al. 2024, hopper/epilogue_bwd.hpp). A single writer for
+    // both warpgroups, which passed the first part's turn only once the second part's add was
+    // issued, made the deterministic GQA causal docs row slower (268 -> 232 TFLOP/s, H100); one
+    // writer per warpgroup keeps the parts' turns apart. The consumers say where each part goes,
+    // so that the writer follows no tile itself.
+    __device__ static void write_dq(SharedStorage& shared, int warpgroup) {
         using DqChunk = sm90::DqChunk<Traits>;
-        using DqAdd = typename SharedStorage::DqAdd;
-        static_assert(Traits::kNumMmaWarpgroups == 2, "the turns below are passed for two parts");
-        const bool issuer = cute::elect_one_sync();
-        for (bool last = false; !last;) {
-            int* turns[Traits::kNumMmaWarpgroups];
-            CUTE_UNROLL
-            for (int warpgroup = 0; warpgroup < Traits::kNumMmaWarpgroups; ++warpgroup) {
-                // Adds complete in the order issued: with the other part's add allowed to be
-                // pending, the last one from this warpgroup's buffer has read it.
-                if (issuer) cute::tma_store_wait<Traits::kNumMmaWarpgroups - 1>();
-                __syncwarp();
-                cutlass::arch::NamedBarrier::arrive(kDqHandoffThreads, kBarrierDqFree + warpgroup);
-                cutlass::arch::NamedBarrier::sync(kDqHandoffThreads, kBarrierDqStaged + warpgroup);
-                const DqAdd add = shared.dq_add[warpgroup];
-                last = add.last != 0;  // alike for both warpgroups: they walk the same tiles
-                turns[warpgroup] = add.turn;
-                if (issuer && !last) {
-                    if (add.turn != nullptr) wait_for_dq_turn(add.turn, add.turns_before);
-                    const int part = warpgroup * DqChunk::kPartFloats;
-                    bulk_reduce_add(add.rows, shared.dq.data() + part, DqChunk::kPartBytes);
-                    cute::tma_store_arrive();
-                }
-            }
-            if (issuer && !last && turns[0] != nullptr) {  // the first part's add may end first
-                pass_dq_turn</*kAddsStillRunning=*/1>(turns[0]);
-                pass_dq_turn</*kAddsStillRunning=*/0>(turns[1]);
-            }
+        if (!cute::elect_one_sync()) return;
+        const float* part = shared.dq.data() + warpgroup * DqChunk::kPartFloats;
+        for (int handed = 0;; ++handed) {
+            cute::tma_store_wait<0>();  // the last add from the buffer has read it
+            shared.dq_free[warpgroup].arrive();
+            shared.dq_staged[warpgroup].wait(handed % 2);
+            const typename SharedStorage::DqAdd add = shared.dq_add[warpgroup];
+            if (add.last) break;
+            if (add.turn != nullptr) wait_for_dq_turn(add.turn, add.turns_before);
+            bulk_reduce_add(add.rows, part, DqChunk::kPartBytes);
+            cute::tma_store_arrive();
+            if (add.turn != nullptr) pass_dq_turn(add.turn);
         }
-        // The shared memory must outlive the last adds' reads.
-        if (issuer) cute::tma_store_wait<0>();
     }
 
     // The producer warp, one tile: Q and dO of its first kStages steps (their buffers free as
@@ -399,24 +388,28 @@ struct FlashBwdKeyBlock {
     __device__ static void consume(const BwdKernelParams<Traits>& kp, SharedStorage& shared,
                                    PipelineQdO& pipeline_q, PipelineQdO& pipeline_do, int thread) {
         PipelineState read;  // the Q and dO stages carry on from tile to tile, as the producer's
+        int dq_parts = 0;    // dQ parts handed to this warpgroup's writer so far (write_dq)
         for (int consumed = 0;; ++consumed) {
             shared.kv_full.wait(consumed % 2);
             const TileCoordinates tile = shared.tile;
             if (tile.m_block < 0) break;
             compute(kp, shared, pipeline_q, pipeline_do, Work(kp.params, tile, shared.tile_seq),
-                    read, thread);
+                    read, dq_parts, thread);
         }
-        // No tile left: the dQ writer stops (write_dq).
+        // No tile left: the warpgroup's dQ writer stops.
         const int warpgroup = thread / kThreadsPerWarpgroup;
-        cutlass::arch::NamedBarrier::sync(kDqHandoffThreads, kBarrierDqFree + warpgroup);
-        if (thread % kThreadsPerWarpgroup == 0) shared.dq_add[warpgroup].last = 1;
-        cutlass::arch::NamedBarrier::arrive(kDqHandoffThreads, kBarrierDqStaged + warpgroup);
+        if (thread % kThreadsPerWarpgroup == 0) {
+            shared.dq_free[warpgroup].wait(dq_parts % 2);
+            shared.dq_add[warpgroup].last = 1;
+            shared.dq_staged[warpgroup].arrive();
+        }
     }
 
     // The consumer threads, one tile, its K and V landed.
     __device__ static void compute(const BwdKernelParams<Traits>& kp, SharedStorage& shared,
                                    PipelineQdO& pipeline_q, PipelineQdO& pipeline_do,
-                                   const Work& work, PipelineState& read, int thread) {
+                                   const Work& work, PipelineState& read, int& dq_parts,
+                                   int thread) {
         const FlashBwdParams& params = kp.params;
         const SeqlenInfo& seq = work.seq;
         Tensor sK = make_tensor(make_smem_ptr(shared.k.data()), typename Traits::SmemLayoutK{});
@@ -549,8 +542,8 @@ struct FlashBwdKeyBlock {
             warpgroup_gemm</*kZeroInit=*/false>(tiled_mma_dkv, tdKrdS,
                                                 tdKrQt(_, _, _, read.index()), acc_dk);
             warpgroup_wait<1>();  // dV and dQ landed: this thread's reads of dS and dO are done
-            // This warpgroup stages its dQ part once the writer has read the previous one out.
-            cutlass::arch::NamedBarrier::sync(kDqHandoffThreads, kBarrierDqFree + warpgroup);
+            // This warpgroup stages its dQ part once its writer has read the previous one out.
+            shared.dq_free[warpgroup].wait(dq_parts % 2);
 
             // dQ: staged in the chunk order for the writer's bulk reduce-add (write_dq).
             CUTE_UNROLL
@@ -577,7 +570,9 @@ struct FlashBwdKeyBlock {
                 shared.dq_add[warpgroup] = add;
             }
             cutlass::arch::fence_view_async_shared();  // generic-proxy writes, bulk-copy reads
-            cutlass::arch::NamedBarrier::arrive(kDqHandoffThreads, kBarrierDqStaged + warpgroup);
+            cutlass::arch::NamedBarrier::sync(kThreadsPerWarpgroup, kBarrierDqStaged + warpgroup);
+            if (describes_dq) shared.dq_staged[warpgroup].arrive();  // releases dq_add too
+            ++dq_parts;
             warpgroup_wait<0>();  // dK landed: the reads of Q are done too
             pipeline_q.consumer_release(read);
             pipeline_do.consumer_release(read);

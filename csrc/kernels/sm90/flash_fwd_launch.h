@@ -8,9 +8,8 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <limits>
-
 #include <cute/tensor.hpp>
+#include <limits>
 
 #include "kernels/common/device_sm_count.h"
 #include "kernels/common/flash_params.h"
@@ -82,7 +81,8 @@ cudaError_t make_query_descriptor(const FlashFwdParams& params, int heads_per_ti
 template <typename Element, int kHeadDim>
 WorkspaceSize fwd_workspace_size(const FlashFwdParams& params) {
     WorkspaceSize size;
-    if (params.cu_seqlens_q != nullptr) size.scratch_bytes = VarlenTileSchedule::bytes(params.batch);
+    if (params.cu_seqlens_q != nullptr)
+        size.scratch_bytes = VarlenTileSchedule::bytes(params.batch);
     size.zeroed_bytes = sizeof(int);
     return size;
 }
@@ -111,14 +111,14 @@ cudaError_t launch_flash_fwd(const FlashFwdParams& params, const Workspace& work
     kp.shape_vt =
         make_shape(int32_t(params.head_dim), rows.rows_k, int32_t(params.nheads_k), rows.batches);
     // The real head dim is the descriptors' extent: columns of the tile past it read zeros.
-    Tensor mK = make_tensor(
-        make_gmem_ptr(static_cast<const Element*>(params.k_ptr)), kp.shape_k,
-        make_stride(params.k_row_stride, _1{}, params.k_head_stride,
-                    rows.batch_stride(params.k_batch_stride, params.k_row_stride)));
-    Tensor mVt = make_tensor(
-        make_gmem_ptr(static_cast<const Element*>(params.v_ptr)), kp.shape_vt,
-        make_stride(_1{}, params.v_row_stride, params.v_head_stride,
-                    rows.batch_stride(params.v_batch_stride, params.v_row_stride)));
+    Tensor mK =
+        make_tensor(make_gmem_ptr(static_cast<const Element*>(params.k_ptr)), kp.shape_k,
+                    make_stride(params.k_row_stride, _1{}, params.k_head_stride,
+                                rows.batch_stride(params.k_batch_stride, params.k_row_stride)));
+    Tensor mVt =
+        make_tensor(make_gmem_ptr(static_cast<const Element*>(params.v_ptr)), kp.shape_vt,
+                    make_stride(_1{}, params.v_row_stride, params.v_head_stride,
+                                rows.batch_stride(params.v_batch_stride, params.v_row_stride)));
     kp.tma_k = make_tma_copy(SM90_TMA_LOAD{}, mK, take<0, 2>(typename Traits::SmemLayoutK{}),
                              Shape<Int<Traits::kBlockN>, Int<kHeadDim>>{}, _1{});
     kp.tma_v = make_tma_copy(SM90_TMA_LOAD{}, mVt, take<0, 2>(typename Traits::SmemLayoutVt{}),
@@ -142,8 +142,8 @@ cudaError_t launch_flash_fwd(const FlashFwdParams& params, const Workspace& work
         VarlenTileSchedule::tile_bound(params.total_q, params.batch, tokens, head_units);
     const bool use_schedule = use_varlen_schedule(rows.is_varlen, grid_order_tiles, schedule_tiles);
     int64_t tiles = grid_order_tiles;
-    kp.tiles = TileOrder{VarlenTileSchedule{nullptr, nullptr}, row_blocks, params.batch,
-                         head_units, 0};
+    kp.tiles =
+        TileOrder{VarlenTileSchedule{nullptr, nullptr}, row_blocks, params.batch, head_units, 0};
     if (use_schedule) {
         const cudaError_t err = launch_varlen_tile_schedule<Traits::kBlockM>(
             params, tokens, head_units, workspace.scratch, stream, kp.tiles.schedule);
