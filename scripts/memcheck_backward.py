@@ -43,6 +43,10 @@ CASES = [
     ([0, 65, 130, 1, 64], [70, 65, 0, 129, 200], 2, 2, 128),
     # And at d = 64 with GQA, which it serves too.
     ([0, 65, 130, 1, 64], [70, 65, 0, 129, 200], 4, 2, 64),
+    # One long sequence among short ones: the sm90 backward's tiles then follow the varlen tile
+    # schedule (longest first) rather than the grid order.
+    ([*range(1, 31, 2), 700, *range(2, 30, 2)], [*range(1, 31, 2), 700, *range(2, 30, 2)], 2, 1,
+     128),
 ]
 # (use softmax_lse's gradient, deterministic): the common path, then the other backward paths.
 MODES = [(False, False), (True, False), (True, True)]

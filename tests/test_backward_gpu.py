@@ -545,6 +545,29 @@ def test_varlen_many_short_sequences_gradients(
     check_varlen_gradients(batch, grads, dout, causal, f"{SHORT_SEQUENCE_COUNT} short sequences")
 
 
+# One long sequence in the middle of many short ones: its key blocks are most of the work.
+SKEWED_LONG_LENGTH = 3000
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["default", "deterministic"])
+@pytest.mark.parametrize("causal", [False, True], ids=_mask_id)
+def test_varlen_one_long_sequence_among_many_short_gradients(
+    causal: bool, deterministic: bool
+) -> None:
+    """A 3000-token sequence among 300 of 1..200 tokens: a launch order by sequence length (the
+    sm90 backward's tile schedule takes such batches) must still visit every key block once, and
+    deterministic mode's dq turns must hold in that order (a wrong order hangs: run the GPU tests
+    under a timeout)."""
+    require_backward_kernel(DEFAULT_DTYPE, DEFAULT_HEAD_DIM)
+    short = random_lengths(SHORT_SEQUENCE_COUNT, 1, SHORT_SEQUENCE_MAX, seed=5)
+    half = SHORT_SEQUENCE_COUNT // 2
+    seqlens = [*short[:half], SKEWED_LONG_LENGTH, *short[half:]]
+    batch = make_varlen_batch(seqlens, seqlens, 4, 2, DEFAULT_HEAD_DIM, DEFAULT_DTYPE, DEVICE)
+    dout = random_like(batch.q, DOUT_SEED)
+    grads = varlen_gradients(batch, dout, causal, deterministic=deterministic)
+    check_varlen_gradients(batch, grads, dout, causal, "one long sequence among 300 short")
+
+
 @pytest.mark.parametrize("causal", [False, True], ids=_mask_id)
 @pytest.mark.parametrize("seqlens", [(1, 1), (77, 77), (300, 129), (129, 300)], ids=_pair_id)
 def test_varlen_single_sequence_gradients(seqlens: tuple[int, int], causal: bool) -> None:
@@ -1012,8 +1035,8 @@ def test_deterministic_order_with_more_key_blocks_than_the_gpu_holds(causal: boo
     a family can serve the default backward and not yet deterministic mode).
 
     The key blocks add into each dq row block in a fixed order and wait for their turn; a block
-    that waits for one launched after it deadlocks once the blocks before it fill the GPU (the
-    sm90 backward launches causal key blocks in descending order for that reason). Such a bug
+    that waits for one drawn after it deadlocks once the blocks before it fill the GPU (the
+    sm90 backward draws causal key blocks in descending order for that reason). Such a bug
     hangs this test rather than failing it: run the GPU tests under a timeout.
     """
     require_backward_kernel(DEFAULT_DTYPE, DEFAULT_HEAD_DIM)

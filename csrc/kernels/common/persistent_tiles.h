@@ -50,6 +50,17 @@ struct TileOrder {
     }
 };
 
+// Whether a varlen launch takes a VarlenTileSchedule's order rather than the grid order. The
+// schedule pays a prepare launch and a lookup per tile; it wins where the grid order has many
+// indices past their sequence's end (measured with the sm90 forward on the H200, one thread block
+// per index, 7cec657's record: skewed, 64x the tiles, +31 to +68%; docs, 5.9x, +1 to +3%; short,
+// 1.25x, -9 to -10%; with this rule short takes the grid order: +9 to +11%,
+// benchmarks/results/2026-12-05_h200_sm90_bisect.md).
+inline bool use_varlen_schedule(bool is_varlen, int64_t grid_order_tiles, int64_t schedule_tiles) {
+    constexpr int64_t kScheduleGridRatio = 2;
+    return is_varlen && grid_order_tiles > kScheduleGridRatio * schedule_tiles;
+}
+
 // The index of a thread block's next tile after its first (blockIdx.x). One thread calls it.
 __device__ __forceinline__ int next_tile_index(int* counter) {
     return int(gridDim.x) + atomicAdd(counter, 1);

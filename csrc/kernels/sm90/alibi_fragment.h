@@ -18,16 +18,14 @@ namespace sm90 {
 // of column c (the same view of an identity tensor), col0 the block's first key, diagonal the
 // sequence's (MaskPolicy::diagonal).
 template <size_t kRows, typename Scores, typename Cols>
-__device__ __forceinline__ void add_alibi_bias(Scores& scores, const Cols& cols,
-                                               float slope,
+__device__ __forceinline__ void add_alibi_bias(Scores& scores, const Cols& cols, float slope,
                                                const cute::array<int, kRows>& tokens, int col0,
                                                int diagonal) {
     CUTE_UNROLL
     for (int r = 0; r < int(kRows); ++r) {
         CUTE_UNROLL
         for (int c = 0; c < cute::size<1>(scores); ++c) {
-            scores(r, c) +=
-                alibi_bias(slope, tokens[r], col0 + cute::get<1>(cols(0, c)), diagonal);
+            scores(r, c) += alibi_bias(slope, tokens[r], col0 + cute::get<1>(cols(0, c)), diagonal);
         }
     }
 }

@@ -23,7 +23,9 @@
 #include <cutlass/gemm/collective/builders/sm90_common.inl>  // ss_smem_selector
 #include <cutlass/pipeline/sm90_pipeline.hpp>
 
-#include "kernels/sm90/fwd_kernel_traits.h"  // kThreadsPerWarpgroup, kRowsPerMmaWarpgroup
+#include "kernels/common/seqlen_info.h"
+#include "kernels/common/varlen_tile_schedule.h"  // TileCoordinates
+#include "kernels/sm90/fwd_kernel_traits.h"       // kThreadsPerWarpgroup, kRowsPerMmaWarpgroup
 #include "kernels/sm90/register_split.h"
 
 namespace flash_varlen {
@@ -51,7 +53,10 @@ struct BwdKernelTraits {
 
     // setmaxnreg: per consumer thread dK and dV (2 x 64 floats at d = 128), S^T and dP^T (2 x 32
     // floats), P^T and dS^T in 16 bits (2 x 16) and dQ (32 floats) during its product:
-    // FlashAttention-3's 240, which leaves the producer (no tile loop here) 24.
+    // FlashAttention-3's 240, which leaves the producer 24. Its whole first warp walks the tiles
+    // and steps, one lane issuing the loads (flash_bwd_kernel.h), so ptxas keeps most of the walk
+    // in uniform registers: walked by one thread, it spilled 36 bytes at 24 (and 40 / 232 made
+    // the d = 128 local consumers spill 4), bf16.
     static constexpr int kProducerRegisters = 24;
     static constexpr int kConsumerRegisters = 240;
     static_assert(register_split_fits(kThreadsPerWarpgroup, kProducerRegisters, kConsumerRegisters,
@@ -116,18 +121,25 @@ struct BwdKernelTraits {
         decltype(composition(SmemLayoutK{}, make_layout(Shape<Int<kHeadDim>, Int<kBlockN>>{},
                                                         Stride<Int<kBlockN>, _1>{})));
     using SmemLayoutV = SmemLayoutK;
-    // dS: (queries, keys) with the queries contiguous (MN-major A operand of dQ); atoms laid
-    // along the queries first, CUTLASS's order for MN-major operands.
+    // dS: (queries, keys, stage) with the queries contiguous (MN-major A operand of dQ); atoms
+    // laid along the queries first, CUTLASS's order for MN-major operands. Two buffers, one per
+    // Q / dO stage (a row block's dS goes with its stage's index): a row block writes its dS
+    // while the other warpgroup's dQ product may still read the previous one's, so that one
+    // barrier over both warpgroups per row block suffices (FlashAttention-3's Stages_dS = 2,
+    // hopper/mainloop_bwd_sm90_tma_gmma_ws.hpp).
+    static constexpr int kDsStages = kStages;
     using SmemLayoutAtomdS =
         decltype(cutlass::gemm::collective::detail::ss_smem_selector<GMMA::Major::MN, Element,
                                                                      Int<kBlockM>, Int<kBlockN>>());
-    using SmemLayoutdS = decltype(tile_to_shape(
-        SmemLayoutAtomdS{}, Shape<Int<kBlockM>, Int<kBlockN>>{}, Step<_2, _1>{}));
-    // The same bytes as (keys, queries), as the consumers write dS^T from the accumulator layout
-    // of S^T: stmatrix, 8 x 8 16-bit tiles per instruction (each key's queries are contiguous).
-    using SmemLayoutdSt =
-        decltype(composition(SmemLayoutdS{}, make_layout(Shape<Int<kBlockN>, Int<kBlockM>>{},
-                                                         Stride<Int<kBlockM>, _1>{})));
+    using SmemLayoutdS = decltype(tile_to_shape(SmemLayoutAtomdS{},
+                                                Shape<Int<kBlockM>, Int<kBlockN>, Int<kDsStages>>{},
+                                                Step<_2, _1, _3>{}));
+    // The same bytes as (keys, queries, stage), as the consumers write dS^T from the accumulator
+    // layout of S^T: stmatrix, 8 x 8 16-bit tiles per instruction (each key's queries are
+    // contiguous).
+    using SmemLayoutdSt = decltype(composition(
+        SmemLayoutdS{}, make_layout(Shape<Int<kBlockN>, Int<kBlockM>, Int<kDsStages>>{},
+                                    Stride<Int<kBlockM>, _1, Int<kBlockM * kBlockN>>{})));
     using SmemCopyAtomdS = Copy_Atom<SM90_U32x4_STSM_N, Element>;
 
     // Global tensors as the TMA descriptors see them: (rows, head dim, heads, batch); varlen
@@ -168,8 +180,26 @@ struct BwdKernelTraits {
         cute::array_aligned<float, kBlockM * kStages, 128> lse_log2;  // (row, stage)
         cute::array_aligned<float, kBlockM * kStages, 128> d;
         alignas(16) cutlass::arch::ClusterTransactionBarrier kv_full;  // K and V landed
+        alignas(16) cutlass::arch::ClusterBarrier kv_empty;  // the consumers are done with them
         alignas(16) typename PipelineQdO::SharedStorage pipeline_q;
         alignas(16) typename PipelineQdO::SharedStorage pipeline_do;
+        // The tile whose K and V kv_full announces (flash_bwd_kernel.h); a key block of -1: no
+        // tile left.
+        TileCoordinates tile;
+        SeqlenInfo tile_seq;
+        // Where each consumer warpgroup's staged dQ part goes, for the dQ writer warp
+        // (flash_bwd_kernel.h, write_dq).
+        struct DqAdd {
+            float* rows;       // the part's first float in the accumulator
+            int* turn;         // deterministic mode's counter (dq_accumulator.h), else nullptr
+            int turns_before;  // the count the turn waits for
+            int last;          // nonzero: the consumers are done, nothing is staged
+        };
+        DqAdd dq_add[kNumMmaWarpgroups];
+        // Per consumer warpgroup: its dQ staging part is free (the writer's last add read it);
+        // the next part is staged and dq_add says where it goes.
+        cutlass::arch::ClusterBarrier dq_free[kNumMmaWarpgroups];
+        cutlass::arch::ClusterBarrier dq_staged[kNumMmaWarpgroups];
     };
     static constexpr int kSmemBytes = int(sizeof(SharedStorage));
     static constexpr int kMaxSmemBytes = 227 * 1024;

@@ -63,11 +63,11 @@ __device__ inline void bulk_reduce_add(float* gmem, const float* smem, uint32_t 
 
 // Deterministic mode (bitwise reproducible dq): the key blocks that add into one warpgroup part
 // of one row block do so in a fixed order, counted by an int32 counter per (query head, padded
-// row block, warpgroup), zero at the launch. The issuing thread waits until the counter equals
-// the number of key blocks before its own (flash_bwd_kernel.h, Work::dq_adds_before), adds, waits
-// for its add to complete, and increments the counter. (FlashAttention-3's semaphores, Shah et al.
-// 2024, hopper/flash_bwd_kernel_sm90.h; theirs sit in a dedicated warp, ours in the consumers'
-// issuing thread: what that costs is to be measured.)
+// row block, warpgroup), zero at the launch. The part's dQ writer thread (flash_bwd_kernel.h,
+// write_dq) waits until the counter equals the number of key blocks before its own
+// (Work::dq_adds_before), adds, waits for its add to complete, and increments the counter.
+// (FlashAttention-3's semaphores, Shah et al. 2024, hopper/flash_bwd_kernel_sm90.h, also waited
+// for in a dedicated warp: in the consumers' issuing threads, every wait stalled a warpgroup.)
 struct DqOrder {
     int* counters;        // nullptr: no ordering (the default backward)
     int64_t head_stride;  // padded row blocks x warpgroups

@@ -74,12 +74,11 @@ __device__ __forceinline__ cute::array<Element*, 2> dropout_pattern_rows(
     cute::array<Element*, 2> pattern_rows;
     CUTE_UNROLL
     for (int r = 0; r < 2; ++r) {
-        pattern_rows[r] = tokens[r] < seqlen_q
-                              ? static_cast<Element*>(params.dropout_mask_ptr) +
-                                    batch * params.dropout_mask_batch_stride +
-                                    head * params.dropout_mask_head_stride +
-                                    tokens[r] * params.dropout_mask_row_stride
-                              : nullptr;
+        pattern_rows[r] = tokens[r] < seqlen_q ? static_cast<Element*>(params.dropout_mask_ptr) +
+                                                     batch * params.dropout_mask_batch_stride +
+                                                     head * params.dropout_mask_head_stride +
+                                                     tokens[r] * params.dropout_mask_row_stride
+                                               : nullptr;
     }
     return pattern_rows;
 }

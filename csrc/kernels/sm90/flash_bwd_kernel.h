@@ -2,22 +2,29 @@
 // Issue 15, in progress (csrc/kernels/sm90/backward_plan.md has the plan this follows): dispatch's
 // default for the backward calls it serves (flash_bwd_launch.h).
 //
-// One thread block per (key block, key/value head, sequence): a grid of (key blocks of the
-// longest sequence, key/value heads, batch), blocks past their sequence's keys exit at once. The
-// block loads its K and V once, then walks, for each query head of the key/value group (GQA: the
-// group's dK and dV are summed in registers, no atomics and no float32 copy of them), the query
-// row blocks that see any of its keys (MaskPolicy's row_block_begin / row_block_end), kBlockM
-// rows at a time:
-// - the producer warpgroup's first thread loads Q and dO of each row block by TMA into kStages
-//   buffers each (PipelineTmaAsync);
+// A tile is one key block (kBlockN keys of one key/value head of one sequence). The grid is
+// persistent: one thread block per SM computes tile after tile, drawn from a counter in launch
+// order (kernels/common/persistent_tiles.h: longest sequences first where the lengths differ
+// widely, the key blocks of one head in a row), so that the loads of a block's next tile run
+// while it writes the last one's dK and dV, and no block is launched for the key blocks past a
+// sequence's end (a grid of (key blocks of the longest sequence, heads, batch) launched 530k
+// blocks for one 16k document among 258 short ones). A tile loads its K and V once, then walks,
+// for each query head of the key/value group (GQA: the group's dK and dV are summed in
+// registers, no atomics and no float32 copy of them), the query row blocks that see any of its
+// keys (MaskPolicy's row_block_begin / row_block_end), kBlockM rows at a time:
+// - the producer warpgroup's first warp finds each tile and publishes it to the consumers with
+//   its K and V (kv_full; the next tile's K and V wait for kv_empty, the consumers' last read);
+//   its first thread loads Q and dO of each row block by TMA into kStages buffers each
+//   (PipelineTmaAsync), from one tile to the next;
 // - each consumer warpgroup owns 64 of the keys: S^T = K Q^T and dP^T = V dO^T (wgmma, shared
 //   memory operands), P^T = exp2(S^T * scale_log2 - LSE_log2) with the mask, dS^T = P^T (dP^T -
 //   D) where D = rowsum(dO O) - dLSE and LSE_log2 come from the row kernel before (and ride with
 //   Q and dO into shared memory), dV += P^T dO and dK += dS^T Q
 //   (P^T, dS^T from registers), dS^T written to shared memory, and, once both warpgroups' halves
-//   are there, its half of the columns of dQ = dS K, staged in shared memory and added in
-//   float32 into the dQ accumulator by one bulk reduce-add (dq_accumulator.h; rows past the
-//   sequence end add zeros into the sequence's padding);
+//   are there, its half of the columns of dQ = dS K, staged in shared memory;
+// - the producer warpgroup's second warp adds each staged dQ part in float32 into the dQ
+//   accumulator by one bulk reduce-add (dq_accumulator.h; rows past the sequence end add zeros
+//   into the sequence's padding), in deterministic mode in each row block's turn;
 // - at the end dK (times the softmax scale) and dV are written, rows inside the sequence only.
 // What lies past a sequence: TMA reads the next sequence's rows there (zeros past the buffer),
 // which may hold anything (the user's next document, unused memory of a CUDA graph's buffer), and
@@ -39,6 +46,7 @@
 
 #include "kernels/common/flash_params.h"
 #include "kernels/common/mask_policy.h"
+#include "kernels/common/persistent_tiles.h"
 #include "kernels/common/seqlen_info.h"
 #include "kernels/sm90/bwd_kernel_traits.h"
 #include "kernels/sm90/bwd_row_kernels.h"
@@ -53,14 +61,18 @@ namespace sm90 {
 
 using namespace cute;
 
+// The producer warpgroup's warps: the first finds the tiles and loads (produce); the next two
+// add the consumer warpgroups' dQ into the accumulator, one warp per consumer warpgroup
+// (write_dq); the last exits at once.
+constexpr int kLoadWarp = 0;
+constexpr int kFirstDqWriterWarp = 1;
+
 // Named barriers of the backward (hardware ids 8.. as in named_barriers.h). Over every consumer
-// thread: the tail rows of a K/V or Q/dO buffer are zeroed; every share of dS is written; every
-// dQ product has read dS (and each warpgroup's last bulk reduce-add has read its dQ part). Over
+// thread: the tail rows of a K/V or Q/dO buffer are zeroed; every share of dS is written. Over
 // one consumer warpgroup (+ its index, as kBarrierOStaged in the forward): its dQ part is staged.
 constexpr uint32_t kBarrierTailZeroed = 0;
 constexpr uint32_t kBarrierDsWritten = 1;
-constexpr uint32_t kBarrierDsRead = 2;
-constexpr uint32_t kBarrierDqStaged = 3;
+constexpr uint32_t kBarrierDqStaged = 2;
 static_assert(kBarrierDqStaged + 2 <= kNumUserBarriers, "two consumer warpgroups");
 
 // What the launcher passes: the host's params, the TMA descriptors and the global shapes they
@@ -81,6 +93,13 @@ struct BwdKernelParams {
     DqOrder dq_order;  // deterministic mode's counters (dq_accumulator.h)
     // LSE (log2 units) and D of every query row, padded per sequence (bwd_row_kernels.h).
     RowStats stats;
+    // The launch order of the tiles (a tile's "row block" is its key block, its head unit its
+    // key/value head) and the counter that hands them out (zero at the launch).
+    TileOrder tiles;
+    int* tile_counter;
+    // The key blocks of each (sequence, head) in decreasing order: deterministic mode with a
+    // local mask (Work::dq_adds_before).
+    bool reverse_key_blocks;
 };
 
 template <typename Traits, bool kIsLocal>
@@ -95,9 +114,9 @@ struct FlashBwdKeyBlock {
     using PipelineQdO = typename Traits::PipelineQdO;
     using PipelineState = typename Traits::PipelineState;
 
-    // The key block, its sequence, the query heads of its key/value head and the query row
-    // blocks that see it, which the producer and the consumers derive alike from the block
-    // index. The steps are (query head, row block) pairs, the row blocks of one head in a row.
+    // A tile's key block, its sequence, the query heads of its key/value head and the query row
+    // blocks that see it, which the producer and the consumers derive alike from the tile. The
+    // steps are (query head, row block) pairs, the row blocks of one head in a row.
     struct Work {
         int n_block;
         int head_k;
@@ -108,24 +127,16 @@ struct FlashBwdKeyBlock {
         int m_begin;
         int m_end;
 
-        __device__ Work(const FlashBwdParams& params)
-            : n_block(launch_order_reversed(params) ? int(gridDim.x) - 1 - int(blockIdx.x)
-                                                    : int(blockIdx.x)),
-              head_k(blockIdx.y),
-              batch(blockIdx.z),
+        __device__ Work(const FlashBwdParams& params, const TileCoordinates& tile,
+                        const SeqlenInfo& seq)
+            : n_block(tile.m_block),
+              head_k(tile.head),
+              batch(tile.batch),
               heads_per_group(params.nheads / params.nheads_k),
-              seq(params, blockIdx.z),
-              mask(params, seq, blockIdx.z, blockIdx.y * (params.nheads / params.nheads_k)),
+              seq(seq),
+              mask(params, seq, tile.batch, tile.head * (params.nheads / params.nheads_k)),
               m_begin(mask.template row_block_begin<kBlockM, kBlockN>(n_block)),
               m_end(mask.template row_block_end<kBlockM, kBlockN>(n_block)) {}
-
-        // Deterministic mode with a local mask orders the dQ adds by descending key block
-        // (dq_adds_before), so the blocks launch in that order too: a block then waits only for
-        // blocks launched before it. Launched the other way, the resident blocks of a sequence
-        // with more key blocks than the GPU holds would wait for blocks that cannot start.
-        __device__ static bool launch_order_reversed(const FlashBwdParams& params) {
-            return kIsLocal && params.deterministic;
-        }
 
         __device__ bool has_keys() const { return n_block * kBlockN < seq.seqlen_k; }
         __device__ int steps() const { return heads_per_group * max(m_end - m_begin, 0); }
@@ -139,7 +150,10 @@ struct FlashBwdKeyBlock {
         // row block, in ascending order. With one, key blocks go in descending order (the
         // longest causal ones, which start at the top rows, would otherwise hold back every later
         // block at its first row block: FlashAttention-3 reverses the order for causal
-        // determinism too): the later blocks that visit m_block (visible_keys.h).
+        // determinism too): the later blocks that visit m_block (visible_keys.h). The tiles of
+        // one (sequence, head) are drawn in the same order (BwdKernelParams::reverse_key_blocks),
+        // so that a tile waits only for tiles drawn before it, which run or have run: drawn the
+        // other way, the resident blocks could all wait for tiles that no block is free to take.
         __device__ int dq_adds_before(int m_block) const {
             if constexpr (!kIsLocal) {
                 return n_block;
@@ -149,10 +163,21 @@ struct FlashBwdKeyBlock {
         }
     };
 
+    // The tile at `index` of the launch order, or false past the last one. Called by a whole
+    // warp (the schedule's search needs one).
+    __device__ static bool lookup_tile(const BwdKernelParams<Traits>& kp, int index,
+                                       TileCoordinates& tile) {
+        if (!kp.tiles.lookup(index, kp.reverse_key_blocks, tile)) return false;
+        // The grid order (no schedule) lists the key blocks of the longest sequence ascending;
+        // reversed, a shorter sequence's blocks past its keys come first and are skipped.
+        if (kp.reverse_key_blocks && kp.tiles.schedule.tile_start == nullptr) {
+            tile.m_block = kp.tiles.row_blocks - 1 - tile.m_block;
+        }
+        return true;
+    }
+
     __device__ static void run(const BwdKernelParams<Traits>& kp, char* smem) {
         SharedStorage& shared = *reinterpret_cast<SharedStorage*>(smem);
-        const Work work(kp.params);
-        if (!work.has_keys()) return;  // the whole block: past its sequence's keys
         const int warpgroup = cutlass::canonical_warp_group_idx();
         constexpr int kProducerWarpgroup = 0;
 
@@ -163,6 +188,11 @@ struct FlashBwdKeyBlock {
             cute::prefetch_tma_descriptor(kp.tma_k.get_tma_descriptor());
             cute::prefetch_tma_descriptor(kp.tma_v.get_tma_descriptor());
             shared.kv_full.init(/*arrive_count=*/1);
+            shared.kv_empty.init(/*arrive_count=*/kNumMmaThreads);
+            for (int warpgroup = 0; warpgroup < Traits::kNumMmaWarpgroups; ++warpgroup) {
+                shared.dq_free[warpgroup].init(/*arrive_count=*/1);
+                shared.dq_staged[warpgroup].init(/*arrive_count=*/1);
+            }
         }
         typename PipelineQdO::Params pipeline_params;
         pipeline_params.transaction_bytes = Traits::kTmaBytesQ;
@@ -174,57 +204,115 @@ struct FlashBwdKeyBlock {
         pipeline_params.num_consumers = kNumMmaThreads;
         PipelineQdO pipeline_q(shared.pipeline_q, pipeline_params, Shape<_1, _1, _1>{});
         PipelineQdO pipeline_do(shared.pipeline_do, pipeline_params, Shape<_1, _1, _1>{});
-        __syncthreads();
+        __syncthreads();  // the barrier initialisations (fenced by the pipelines) are visible
 
         if (warpgroup == kProducerWarpgroup) {
             cutlass::arch::warpgroup_reg_dealloc<Traits::kProducerRegisters>();
-            if (threadIdx.x == 0) produce(kp, shared, pipeline_q, pipeline_do, work);
+            const int warp = cutlass::canonical_warp_idx_sync();
+            if (warp == kLoadWarp) produce(kp, shared, pipeline_q, pipeline_do);
+            const int writes_for = warp - kFirstDqWriterWarp;  // the consumer warpgroup it serves
+            if (writes_for >= 0 && writes_for < Traits::kNumMmaWarpgroups) {
+                write_dq(shared, writes_for);
+            }
             return;
         }
         cutlass::arch::warpgroup_reg_alloc<Traits::kConsumerRegisters>();
-        consume(kp, shared, pipeline_q, pipeline_do, work, int(threadIdx.x) - kThreadsPerWarpgroup);
+        consume(kp, shared, pipeline_q, pipeline_do, int(threadIdx.x) - kThreadsPerWarpgroup);
     }
 
-    // The producer thread: K and V once, then Q and dO of every visited row block.
+    // The producer's first warp: finds each tile (the schedule's search needs the whole warp) and
+    // walks its steps, all 32 lanes alike, one lane publishing the tile and issuing the loads
+    // (FlashAttention-3's producer warp does the same): values the whole warp holds alike can
+    // live in uniform registers, which the producer's 24 per thread do not count. A key block
+    // past its sequence's keys (grid order) is skipped; the consumers never see it. (The
+    // forward's producer walks its tiles alike, flash_fwd_kernel.h; one helper for both changed
+    // the forward's machine code, so it waits until the two can be measured together.)
     __device__ static void produce(const BwdKernelParams<Traits>& kp, SharedStorage& shared,
-                                   PipelineQdO& pipeline_q, PipelineQdO& pipeline_do,
-                                   const Work& work) {
+                                   PipelineQdO& pipeline_q, PipelineQdO& pipeline_do) {
+        const FlashBwdParams& params = kp.params;
+        const bool leader = threadIdx.x == 0;
+        PipelineState write = cutlass::make_producer_start_state<PipelineQdO>();
+        int published = 0;  // tiles handed to the consumers so far
+        // Waits until the consumers are done with the last published tile's K and V (and its
+        // slot in shared memory). At most one kv_empty phase is ever pending: the consumers
+        // learn a tile only after this wait for the one before.
+        auto wait_kv_empty = [&] {
+            if (published > 0) shared.kv_empty.wait((published - 1) % 2);
+        };
+        TileCoordinates tile;
+        for (int index = blockIdx.x; lookup_tile(kp, index, tile);) {
+            const Work work(params, tile, SeqlenInfo(params, tile.batch));
+            if (work.has_keys()) {  // uniform over the warp
+                load(kp, shared, pipeline_q, pipeline_do, work, write, wait_kv_empty);
+                ++published;
+            }
+            // The next index, drawn once this tile's loads are issued: the consumers are then
+            // within kStages steps of its end, which hide the atomic and the lookup. Drawn before
+            // the loads, a block would hold a whole tile in reserve while it computes one, and
+            // the grid's last tiles would wait in the reserves of busy blocks while others idle
+            // (scripts/model_bwd_tile_orders.py --claim-ahead 1 against 0).
+            int next_index = 0;
+            if (leader) next_index = next_tile_index(kp.tile_counter);
+            index = __shfl_sync(0xffffffffu, next_index, 0);
+        }
+        if (leader) {  // no tile left: tell the consumers
+            wait_kv_empty();
+            shared.tile.m_block = -1;
+            shared.kv_full.arrive();
+        }
+    }
+
+    // A dQ writer: one thread of the producer warpgroup's warp kFirstDqWriterWarp + warpgroup.
+    // Part after part, it hands the consumer warpgroup its staging buffer (dq_free) once the bulk
+    // reduce-add issued from it before has read it, waits until the warpgroup has staged its next
+    // dQ part there and said where it goes (dq_staged, SharedStorage::dq_add) and adds it into
+    // the accumulator with one bulk reduce-add; in deterministic mode it first waits for the row
+    // block's turn (DqOrder) and passes the turn on once the add has completed. The consumers'
+    // issuing threads did this themselves before, and their warpgroups stalled on every turn and
+    // on each add's completion; FlashAttention-3's backward gives the job to a warp of its
+    // producer warpgroup too (Shah et al. 2024, hopper/epilogue_bwd.hpp). A single writer for
+    // both warpgroups, which passed the first part's turn only once the second part's add was
+    // issued, made the deterministic GQA causal docs row slower (268 -> 232 TFLOP/s, H100); one
+    // writer per warpgroup keeps the parts' turns apart. The consumers say where each part goes,
+    // so that the writer follows no tile itself.
+    __device__ static void write_dq(SharedStorage& shared, int warpgroup) {
+        using DqChunk = sm90::DqChunk<Traits>;
+        if (!cute::elect_one_sync()) return;
+        const float* part = shared.dq.data() + warpgroup * DqChunk::kPartFloats;
+        for (int handed = 0;; ++handed) {
+            cute::tma_store_wait<0>();  // the last add from the buffer has read it
+            shared.dq_free[warpgroup].arrive();
+            shared.dq_staged[warpgroup].wait(handed % 2);
+            const typename SharedStorage::DqAdd add = shared.dq_add[warpgroup];
+            if (add.last) break;
+            if (add.turn != nullptr) wait_for_dq_turn(add.turn, add.turns_before);
+            bulk_reduce_add(add.rows, part, DqChunk::kPartBytes);
+            cute::tma_store_arrive();
+            if (add.turn != nullptr) pass_dq_turn(add.turn);
+        }
+    }
+
+    // The producer warp, one tile: Q and dO of its first kStages steps (their buffers free as
+    // the consumers finish the previous tile's last steps), then, once the consumers are done
+    // with the previous tile's K and V, the tile published with its K and V, then Q and dO of
+    // the other steps.
+    template <typename WaitKvEmpty>
+    __device__ static void load(const BwdKernelParams<Traits>& kp, SharedStorage& shared,
+                                PipelineQdO& pipeline_q, PipelineQdO& pipeline_do, const Work& work,
+                                PipelineState& write, WaitKvEmpty& wait_kv_empty) {
         const FlashBwdParams& params = kp.params;
         const SeqlenInfo& seq = work.seq;
         const int head_k = work.head_k;
         const int batch_coord = seq.is_varlen ? 0 : work.batch;  // varlen buffers are one batch
+        const bool leader = cute::elect_one_sync();              // the lane that issues
 
         Tensor sK = make_tensor(make_smem_ptr(shared.k.data()), typename Traits::SmemLayoutK{});
         Tensor sV = make_tensor(make_smem_ptr(shared.v.data()), typename Traits::SmemLayoutV{});
         Tensor sQ = make_tensor(make_smem_ptr(shared.q.data()), typename Traits::SmemLayoutQ{});
         Tensor sdO = make_tensor(make_smem_ptr(shared.d_o.data()), typename Traits::SmemLayoutdO{});
 
-        // Coordinate tensors of the descriptors, shifted to the sequence's first row.
-        Tensor mK = kp.tma_k.get_tma_tensor(kp.shape_k)(_, _, head_k, batch_coord);
-        Tensor gK = local_tile(domain_offset(make_coord(seq.k_start, _0{}), mK),
-                               Shape<Int<kBlockN>, Int<kHeadDim>>{},
-                               make_coord(work.n_block, _0{}));  // (BN, D)
-        Tensor mV = kp.tma_v.get_tma_tensor(kp.shape_k)(_, _, head_k, batch_coord);
-        Tensor gV =
-            local_tile(domain_offset(make_coord(seq.k_start, _0{}), mV),
-                       Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(work.n_block, _0{}));
-
-        auto tma_k = kp.tma_k.get_slice(_0{});
-        auto tma_v = kp.tma_v.get_slice(_0{});
-
-        shared.kv_full.arrive_and_expect_tx(Traits::kTmaBytesKV);
-        // K and V are read by this block only (each head's key block has one block): evict
-        // them first; Q and dO are read by every key block of the sequence: keep them.
-        copy(kp.tma_k.with(reinterpret_cast<uint64_t&>(shared.kv_full), 0,
-                           TMA::CacheHintSm90::EVICT_FIRST),
-             tma_k.partition_S(gK), tma_k.partition_D(sK));
-        copy(kp.tma_v.with(reinterpret_cast<uint64_t&>(shared.kv_full), 0,
-                           TMA::CacheHintSm90::EVICT_FIRST),
-             tma_v.partition_S(gV), tma_v.partition_D(sV));
-
         // The row statistics of the sequence's padded rows (16-byte aligned row blocks).
         const int64_t stats_row = PaddedRows<kBlockM>::first_row(params, seq, work.batch);
-        PipelineState write = cutlass::make_producer_start_state<PipelineQdO>();
         // One stage of Q (with its rows' LSE_log2) or of dO (with their D): row block m_block of
         // one query head by TMA, its kBlockM statistics by a bulk copy on the same barrier.
         auto load_stage = [&](PipelineQdO& pipeline, const auto& tma, auto& smem_rows,
@@ -236,28 +324,92 @@ struct FlashBwdKeyBlock {
                 local_tile(domain_offset(make_coord(seq.q_start, _0{}), m_rows),
                            Shape<Int<kBlockM>, Int<kHeadDim>>{}, make_coord(m_block, _0{}));
             auto tma_rows = tma.get_slice(_0{});
-            copy(tma.with(*full, 0, TMA::CacheHintSm90::EVICT_LAST), tma_rows.partition_S(g_rows),
-                 tma_rows.partition_D(smem_rows(_, _, write.index())));
             const int64_t block_stats =
                 int64_t(head) * kp.stats.head_stride + stats_row + int64_t(m_block) * kBlockM;
-            SM90_BULK_COPY_G2S::copy(stats + block_stats, full,
-                                     smem_stats + write.index() * kBlockM, Traits::kRowStatsBytes);
+            if (leader) {
+                copy(tma.with(*full, 0, TMA::CacheHintSm90::EVICT_LAST),
+                     tma_rows.partition_S(g_rows),
+                     tma_rows.partition_D(smem_rows(_, _, write.index())));
+                SM90_BULK_COPY_G2S::copy(stats + block_stats, full,
+                                         smem_stats + write.index() * kBlockM,
+                                         Traits::kRowStatsBytes);
+            }
         };
-        CUTE_NO_UNROLL
-        for (int step = 0; step < work.steps(); ++step) {
+        auto load_step = [&](int step) {
             const int head = work.head_of(step);
             const int m_block = work.m_block_of(step);
             load_stage(pipeline_q, kp.tma_q, sQ, kp.stats.lse_log2, shared.lse_log2.data(), head,
                        m_block);
             load_stage(pipeline_do, kp.tma_do, sdO, kp.stats.d, shared.d.data(), head, m_block);
             ++write;
+        };
+
+        const int steps = work.steps();
+        const int early_steps = min(steps, Traits::kStages);
+        int step = 0;
+        CUTE_NO_UNROLL
+        for (; step < early_steps; ++step) load_step(step);
+
+        wait_kv_empty();
+        if (leader) {
+            shared.tile = TileCoordinates{work.n_block, work.batch, head_k};
+            shared.tile_seq = seq;
+            // The arrival (release) also publishes the tile written just before.
+            shared.kv_full.arrive_and_expect_tx(Traits::kTmaBytesKV);
+        }
+        // Coordinate tensors of the descriptors, shifted to the sequence's first row.
+        Tensor mK = kp.tma_k.get_tma_tensor(kp.shape_k)(_, _, head_k, batch_coord);
+        Tensor gK = local_tile(domain_offset(make_coord(seq.k_start, _0{}), mK),
+                               Shape<Int<kBlockN>, Int<kHeadDim>>{},
+                               make_coord(work.n_block, _0{}));  // (BN, D)
+        Tensor mV = kp.tma_v.get_tma_tensor(kp.shape_k)(_, _, head_k, batch_coord);
+        Tensor gV =
+            local_tile(domain_offset(make_coord(seq.k_start, _0{}), mV),
+                       Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(work.n_block, _0{}));
+        auto tma_k = kp.tma_k.get_slice(_0{});
+        auto tma_v = kp.tma_v.get_slice(_0{});
+        // K and V are read by this tile only (each head's key block is one tile): evict them
+        // first; Q and dO are read by every key block of the sequence: keep them.
+        if (leader) {
+            copy(kp.tma_k.with(reinterpret_cast<uint64_t&>(shared.kv_full), 0,
+                               TMA::CacheHintSm90::EVICT_FIRST),
+                 tma_k.partition_S(gK), tma_k.partition_D(sK));
+            copy(kp.tma_v.with(reinterpret_cast<uint64_t&>(shared.kv_full), 0,
+                               TMA::CacheHintSm90::EVICT_FIRST),
+                 tma_v.partition_S(gV), tma_v.partition_D(sV));
+        }
+
+        CUTE_NO_UNROLL
+        for (; step < steps; ++step) load_step(step);
+    }
+
+    // The consumer threads (thread: 0 .. kNumMmaThreads - 1): the tiles the producer publishes,
+    // until it says none is left.
+    __device__ static void consume(const BwdKernelParams<Traits>& kp, SharedStorage& shared,
+                                   PipelineQdO& pipeline_q, PipelineQdO& pipeline_do, int thread) {
+        PipelineState read;  // the Q and dO stages carry on from tile to tile, as the producer's
+        int dq_parts = 0;    // dQ parts handed to this warpgroup's writer so far (write_dq)
+        for (int consumed = 0;; ++consumed) {
+            shared.kv_full.wait(consumed % 2);
+            const TileCoordinates tile = shared.tile;
+            if (tile.m_block < 0) break;
+            compute(kp, shared, pipeline_q, pipeline_do, Work(kp.params, tile, shared.tile_seq),
+                    read, dq_parts, thread);
+        }
+        // No tile left: the warpgroup's dQ writer stops.
+        const int warpgroup = thread / kThreadsPerWarpgroup;
+        if (thread % kThreadsPerWarpgroup == 0) {
+            shared.dq_free[warpgroup].wait(dq_parts % 2);
+            shared.dq_add[warpgroup].last = 1;
+            shared.dq_staged[warpgroup].arrive();
         }
     }
 
-    // The consumer threads (thread: 0 .. kNumMmaThreads - 1).
-    __device__ static void consume(const BwdKernelParams<Traits>& kp, SharedStorage& shared,
+    // The consumer threads, one tile, its K and V landed.
+    __device__ static void compute(const BwdKernelParams<Traits>& kp, SharedStorage& shared,
                                    PipelineQdO& pipeline_q, PipelineQdO& pipeline_do,
-                                   const Work& work, int thread) {
+                                   const Work& work, PipelineState& read, int& dq_parts,
+                                   int thread) {
         const FlashBwdParams& params = kp.params;
         const SeqlenInfo& seq = work.seq;
         Tensor sK = make_tensor(make_smem_ptr(shared.k.data()), typename Traits::SmemLayoutK{});
@@ -288,7 +440,7 @@ struct FlashBwdKeyBlock {
         Tensor tdPrdO = thr_mma_sdp.partition_fragment_B(sdO);
         Tensor tdVrdOt = thr_mma_dkv.partition_fragment_B(sdOt);  // (MMA, MMA_D, MMA_M, stage)
         Tensor tdKrQt = thr_mma_dkv.partition_fragment_B(sQt);
-        Tensor tdQrdS = thr_mma_dq.partition_fragment_A(sdS);  // (MMA, MMA_M, MMA_N)
+        Tensor tdQrdS = thr_mma_dq.partition_fragment_A(sdS);  // (MMA, MMA_M, MMA_N, stage)
         Tensor tdQrKt = thr_mma_dq.partition_fragment_B(sKt);  // (MMA, MMA_D, MMA_N)
 
         // (key, query) of each of this thread's S^T entries within a (kBlockN, kBlockM) tile.
@@ -309,19 +461,17 @@ struct FlashBwdKeyBlock {
 
         using DqChunk = sm90::DqChunk<Traits>;
         const int warpgroup = thread / kThreadsPerWarpgroup;
-        // The thread of each warpgroup that issues its bulk reduce-adds of dQ.
-        const bool issues_dq = thread % kThreadsPerWarpgroup == 0;
+        // The thread of each warpgroup that says where its dQ parts go (SharedStorage::dq_add).
+        const bool describes_dq = thread % kThreadsPerWarpgroup == 0;
         const int64_t dq_first_row = PaddedRows<kBlockM>::first_row(params, seq, work.batch);
         const int key0 = work.n_block * kBlockN;
 
-        shared.kv_full.wait(0);
         if (key0 + kBlockN > seq.seqlen_k) {  // uniform over the block
             zero_rows(sK, seq.seqlen_k - key0, thread);
             zero_rows(sV, seq.seqlen_k - key0, thread);
             cutlass::arch::fence_view_async_shared();
             cutlass::arch::NamedBarrier::sync(kNumMmaThreads, kBarrierTailZeroed);
         }
-        PipelineState read;
         CUTE_NO_UNROLL
         for (int step = 0; step < work.steps(); ++step) {
             const int m_block = work.m_block_of(step);
@@ -374,9 +524,12 @@ struct FlashBwdKeyBlock {
             convert_fragment(acc_dp, rdS);
             Tensor tdKrdS = make_tensor(rdS.data(), accumulator_as_a_operand(rdS.layout()));
 
-            // dS (queries, keys) to shared memory for dQ, once every consumer has finished
-            // reading the previous row block's.
-            copy(smem_tiled_copy_ds, smem_thr_copy_ds.retile_S(rdS), tdSsdS);
+            // dS (queries, keys) to shared memory for dQ, into this stage's buffer: the row block
+            // before used the other one, and the last that used this one has passed
+            // kBarrierDsWritten since, which every consumer reaches only after its dQ product of
+            // that row block completed.
+            static_assert(Traits::kDsStages == Traits::kStages, "dS follows the Q / dO stage");
+            copy(smem_tiled_copy_ds, smem_thr_copy_ds.retile_S(rdS), tdSsdS(_, _, _, read.index()));
             cutlass::arch::fence_view_async_shared();  // generic-proxy writes, wgmma reads
             cutlass::arch::NamedBarrier::sync(kNumMmaThreads, kBarrierDsWritten);
 
@@ -384,16 +537,15 @@ struct FlashBwdKeyBlock {
             // (FlashAttention-3's order: hopper/mainloop_bwd_sm90_tma_gmma_ws.hpp).
             Tensor acc_dq =
                 partition_fragment_C(tiled_mma_dq, select<0, 1>(typename Traits::TileShapeDQ{}));
-            warpgroup_gemm</*kZeroInit=*/true>(tiled_mma_dq, tdQrdS, tdQrKt, acc_dq);
+            Tensor tdQrdS_stage = tdQrdS(_, _, _, read.index());
+            warpgroup_gemm</*kZeroInit=*/true>(tiled_mma_dq, tdQrdS_stage, tdQrKt, acc_dq);
             warpgroup_gemm</*kZeroInit=*/false>(tiled_mma_dkv, tdKrdS,
                                                 tdKrQt(_, _, _, read.index()), acc_dk);
             warpgroup_wait<1>();  // dV and dQ landed: this thread's reads of dS and dO are done
-            // The next row block writes dS only after every consumer's dQ product has read it,
-            // and this one's dQ only after the last bulk reduce-add has read its part.
-            if (issues_dq) cute::tma_store_wait<0>();
-            cutlass::arch::NamedBarrier::sync(kNumMmaThreads, kBarrierDsRead);
+            // This warpgroup stages its dQ part once its writer has read the previous one out.
+            shared.dq_free[warpgroup].wait(dq_parts % 2);
 
-            // dQ: staged in the chunk order, then added by one bulk reduce-add per warpgroup.
+            // dQ: staged in the chunk order for the writer's bulk reduce-add (write_dq).
             CUTE_UNROLL
             for (int group = 0; group < DqChunk::kFloatsPerThread / DqChunk::kVector; ++group) {
                 const int i = group * DqChunk::kVector;
@@ -401,31 +553,34 @@ struct FlashBwdKeyBlock {
                                            DqChunk::vector_offset(thread, group)) =
                     make_float4(acc_dq(i), acc_dq(i + 1), acc_dq(i + 2), acc_dq(i + 3));
             }
+            if (describes_dq) {
+                const int head = work.head_of(step);
+                typename SharedStorage::DqAdd add;
+                add.rows = kp.dq_accum + int64_t(head) * kp.dq_accum_head_stride +
+                           (dq_first_row + query0) * kHeadDim + warpgroup * DqChunk::kPartFloats;
+                add.turn = nullptr;
+                add.turns_before = 0;
+                add.last = 0;
+                if (kp.dq_order.counters != nullptr) {
+                    add.turn = kp.dq_order.counters + int64_t(head) * kp.dq_order.head_stride +
+                               (dq_first_row / kBlockM + m_block) * Traits::kNumMmaWarpgroups +
+                               warpgroup;
+                    add.turns_before = work.dq_adds_before(m_block);
+                }
+                shared.dq_add[warpgroup] = add;
+            }
             cutlass::arch::fence_view_async_shared();  // generic-proxy writes, bulk-copy reads
             cutlass::arch::NamedBarrier::sync(kThreadsPerWarpgroup, kBarrierDqStaged + warpgroup);
-            if (issues_dq) {
-                const int head = work.head_of(step);
-                int* turn = nullptr;
-                if (kp.dq_order.counters != nullptr) {
-                    turn = kp.dq_order.counters + int64_t(head) * kp.dq_order.head_stride +
-                           (dq_first_row / kBlockM + m_block) * Traits::kNumMmaWarpgroups +
-                           warpgroup;
-                    wait_for_dq_turn(turn, work.dq_adds_before(m_block));
-                }
-                const int64_t part = int64_t(warpgroup) * DqChunk::kPartFloats;
-                bulk_reduce_add(kp.dq_accum + int64_t(head) * kp.dq_accum_head_stride +
-                                    (dq_first_row + query0) * kHeadDim + part,
-                                shared.dq.data() + part, DqChunk::kPartBytes);
-                cute::tma_store_arrive();
-                if (turn != nullptr) pass_dq_turn(turn);
-            }
+            if (describes_dq) shared.dq_staged[warpgroup].arrive();  // releases dq_add too
+            ++dq_parts;
             warpgroup_wait<0>();  // dK landed: the reads of Q are done too
             pipeline_q.consumer_release(read);
             pipeline_do.consumer_release(read);
             ++read;
         }
-        // The shared memory must outlive the last bulk reduce-add's reads.
-        if (issues_dq) cute::tma_store_wait<0>();
+        // Every product of this thread has completed: the producer may load the next tile's K
+        // and V (dK and dV are in registers, the last dQ part in its own buffer).
+        shared.kv_empty.arrive();
 
         store_dk_dv(params, seq, work, tiled_mma_dkv, acc_dk, acc_dv, thread);
     }

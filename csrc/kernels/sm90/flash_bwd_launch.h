@@ -1,16 +1,24 @@
 // Host-side launch of the sm90-family backward for one (element type, head dim, local mask):
-// D (bwd_row_kernels.h), the main kernel (flash_bwd_kernel.h), dQ's conversion, and clearing
-// the unused rows of gradients the backward allocated. d = 64 and 128 so far (issue 15,
-// csrc/kernel_families.py); the options it lacks go to the sm80 family (bwd_unsupported_option).
+// D (bwd_row_kernels.h), the order of the key-block tiles (varlen batches of unequal lengths),
+// the persistent main kernel (flash_bwd_kernel.h), dQ's conversion, and clearing the unused rows
+// of gradients the backward allocated. d = 64 and 128 so far (issue 15, csrc/kernel_families.py);
+// the options it lacks go to the sm80 family (bwd_unsupported_option).
 #pragma once
 
 #include <cuda_runtime_api.h>
 
+#include <algorithm>
+#include <cstdint>
 #include <cute/tensor.hpp>
+#include <limits>
+#include <utility>
 
 #include "kernels/common/clear_rows_past_end.h"
+#include "kernels/common/device_sm_count.h"
 #include "kernels/common/flash_params.h"
 #include "kernels/common/kernel_registry.h"  // family_is_forced
+#include "kernels/common/persistent_tiles.h"
+#include "kernels/common/varlen_tile_schedule.h"
 #include "kernels/common/workspace.h"
 #include "kernels/sm90/bwd_kernel_traits.h"
 #include "kernels/sm90/bwd_row_kernels.h"
@@ -67,10 +75,11 @@ inline const char* bwd_unsupported_option(const FlashBwdParams& params) {
 }
 
 // Workspace, with R = the padded rows per head (padded_rows.h: total_q + batch x kBlockM
-// rounded up, or batch x seqlen_q rounded up per sequence): the float32 dQ accumulator
-// (heads, R, kHeadDim), zeroed (dq_accumulator.h), and in deterministic mode after it the int32
-// counters (heads, R / kBlockM, consumer warpgroups), zeroed; the row statistics, LSE_log2 and
-// D (heads, R) each, written by the row kernel.
+// rounded up, or batch x seqlen_q rounded up per sequence): zeroed, the float32 dQ accumulator
+// (heads, R, kHeadDim) (dq_accumulator.h), in deterministic mode after it the int32 counters
+// (heads, R / kBlockM, consumer warpgroups), then the persistent grid's tile counter (one
+// int32); not zeroed, the row statistics, LSE_log2 and D (heads, R) each, written by the row
+// kernel, then for varlen calls the tile schedule (2 x batch + 1 int32).
 template <typename Traits>
 int64_t bwd_dq_order_head_stride(const FlashBwdParams& params) {
     return PaddedRows<Traits::kBlockM>::rows_per_head(params) / Traits::kBlockM *
@@ -87,8 +96,23 @@ WorkspaceSize bwd_workspace_size(const FlashBwdParams& params) {
         size.zeroed_bytes += int64_t(params.nheads) * bwd_dq_order_head_stride<Traits>(params) *
                              int64_t(sizeof(int));
     }
+    size.zeroed_bytes += int64_t(sizeof(int));  // the tile counter
     size.scratch_bytes = 2 * int64_t(params.nheads) * padded_rows * int64_t(sizeof(float));
+    if (params.cu_seqlens_q != nullptr)
+        size.scratch_bytes += VarlenTileSchedule::bytes(params.batch);
     return size;
+}
+
+// The tile schedule orders row blocks of each sequence's queries (varlen_tile_schedule.h); the
+// backward's tiles are key blocks, so it gets the call's lengths with queries and keys swapped
+// (its work classes, queries x keys, stay the same).
+inline FlashFwdParams keys_as_rows(const FlashFwdParams& params) {
+    FlashFwdParams swapped = params;
+    std::swap(swapped.cu_seqlens_q, swapped.cu_seqlens_k);
+    std::swap(swapped.seqused_q, swapped.seqused_k);
+    std::swap(swapped.seqlen_q, swapped.seqlen_k);
+    std::swap(swapped.total_q, swapped.total_k);
+    return swapped;
 }
 
 template <typename Element, int kHeadDim, bool kIsLocal>
@@ -150,22 +174,44 @@ cudaError_t launch_flash_bwd(const FlashBwdParams& params, const Workspace& work
                              Shape<Int<Traits::kBlockN>, Int<kHeadDim>>{}, _1{});
     kp.dq_accum = dq_accum;
     kp.dq_accum_head_stride = dq_accum_head_stride;
+    int* counters =
+        reinterpret_cast<int*>(dq_accum + int64_t(params.nheads) * dq_accum_head_stride);
     if (params.deterministic) {
-        kp.dq_order = DqOrder{
-            reinterpret_cast<int*>(dq_accum + int64_t(params.nheads) * dq_accum_head_stride),
-            bwd_dq_order_head_stride<Traits>(params)};
+        kp.dq_order = DqOrder{counters, bwd_dq_order_head_stride<Traits>(params)};
+        counters += int64_t(params.nheads) * kp.dq_order.head_stride;
     }
+    kp.tile_counter = counters;
     kp.stats = row_stats;
+
+    // Tiles: the key blocks of each key/value head of each sequence, in the grid order or, for
+    // varlen batches whose lengths differ widely, the schedule's (persistent_tiles.h).
+    const int key_blocks = cute::ceil_div(params.seqlen_k, Traits::kBlockN);
+    const int64_t grid_order_tiles = int64_t(key_blocks) * params.batch * params.nheads_k;
+    const int64_t schedule_tiles = VarlenTileSchedule::tile_bound(params.total_k, params.batch,
+                                                                  Traits::kBlockN, params.nheads_k);
+    int64_t tiles = grid_order_tiles;
+    kp.tiles = TileOrder{VarlenTileSchedule{nullptr, nullptr}, key_blocks, params.batch,
+                         params.nheads_k, 0};
+    if (use_varlen_schedule(rows.is_varlen, grid_order_tiles, schedule_tiles)) {
+        void* schedule_scratch = stats + 2 * int64_t(params.nheads) * stats_head_stride;
+        const cudaError_t err = launch_varlen_tile_schedule<kBlockM>(
+            keys_as_rows(params), Traits::kBlockN, params.nheads_k, schedule_scratch, stream,
+            kp.tiles.schedule);
+        if (err != cudaSuccess) return err;
+        tiles = schedule_tiles;
+    }
+    if (tiles > std::numeric_limits<int32_t>::max()) return cudaErrorInvalidConfiguration;
+    kp.tiles.tiles = int(tiles);
+    kp.reverse_key_blocks = kIsLocal && params.deterministic;
 
     auto kernel = &flash_bwd_kernel<Traits, kIsLocal>;
     constexpr int kSmemBytes = Traits::kSmemBytes;
     cudaError_t err =
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
     if (err != cudaSuccess) return err;
-    // A block per key/value head: it walks the query heads of its group (flash_bwd_kernel.h).
-    const dim3 grid(cute::ceil_div(params.seqlen_k, Traits::kBlockN), params.nheads_k,
-                    params.batch);
-    if (grid.x > 0 && grid.y > 0 && grid.z > 0) {
+    // One thread block per SM at most (the shared memory of one tile fills an SM).
+    if (tiles > 0) {
+        const dim3 grid(uint32_t(std::min<int64_t>(tiles, device_sm_count())));
         kernel<<<grid, Traits::kNumThreads, kSmemBytes, stream>>>(kp);
     }
 

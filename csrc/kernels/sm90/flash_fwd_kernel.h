@@ -269,13 +269,13 @@ struct FlashFwdRowBlock {
 
         // Coordinate tensors of the descriptors, shifted to the sequence's first row.
         Tensor mK = kp.tma_k.get_tma_tensor(kp.shape_k)(_, _, head_k, batch_coord);  // (rows, D)
-        Tensor gK = local_tile(domain_offset(make_coord(seq.k_start, _0{}), mK),
-                               Shape<Int<kBlockN>, Int<kHeadDim>>{},
-                               make_coord(_, _0{}));  // (BN, D, n)
+        Tensor gK =
+            local_tile(domain_offset(make_coord(seq.k_start, _0{}), mK),
+                       Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(_, _0{}));     // (BN, D, n)
         Tensor mVt = kp.tma_v.get_tma_tensor(kp.shape_vt)(_, _, head_k, batch_coord);  // (D, rows)
-        Tensor gVt = local_tile(domain_offset(make_coord(_0{}, seq.k_start), mVt),
-                                Shape<Int<kHeadDim>, Int<kBlockN>>{},
-                                make_coord(_0{}, _));  // (D, BN, n)
+        Tensor gVt =
+            local_tile(domain_offset(make_coord(_0{}, seq.k_start), mVt),
+                       Shape<Int<kHeadDim>, Int<kBlockN>>{}, make_coord(_0{}, _));  // (D, BN, n)
 
         auto tma_k = kp.tma_k.get_slice(_0{});
         Tensor tKgK = group_modes<0, 3>(tma_k.partition_S(gK));  // (TMA, n)
@@ -360,8 +360,8 @@ struct FlashFwdRowBlock {
     // A consumer warpgroup, one tile: its 64 rows of the row block, then its part of the
     // epilogue.
     __device__ static void compute(const FwdKernelParams<Traits>& kp, SharedStorage& shared,
-                                   PipelineKV& pipeline_k, PipelineKV& pipeline_v,
-                                   const Tile& tile, PipelineState& read, int mma_warpgroup) {
+                                   PipelineKV& pipeline_k, PipelineKV& pipeline_v, const Tile& tile,
+                                   PipelineState& read, int mma_warpgroup) {
         const FlashFwdParams& params = kp.params;
         const SeqlenInfo& seq = tile.seq;
         const QueryRows& rows = tile.rows;
@@ -479,8 +479,8 @@ struct FlashFwdRowBlock {
             if (params.dropout_mask_ptr != nullptr) {
                 write_dropout_pattern(
                     probs, keep, tScS_rc,
-                    dropout_pattern_rows<Element>(params, batch, head, tokens, seq.seqlen_q),
-                    col0, seq.seqlen_k);
+                    dropout_pattern_rows<Element>(params, batch, head, tokens, seq.seqlen_q), col0,
+                    seq.seqlen_k);
             }
             zero_dropped(probs, keep);
         };
@@ -538,26 +538,26 @@ struct FlashFwdRowBlock {
         auto step = [&](int n_block, auto apply_mask) CUTLASS_LAMBDA_FUNC_INLINE {
             const PipelineState read_v = read;  // V(n_block + 1) sits where K(n_block + 1) did
             ++read;
-            Tensor acc_s = partition_fragment_C(
-                tiled_mma_qk, select<0, 1>(typename Traits::TileShapeQK{}));
+            Tensor acc_s =
+                partition_fragment_C(tiled_mma_qk, select<0, 1>(typename Traits::TileShapeQK{}));
             pipeline_k.consumer_wait(read);
             wait_turn();
             warpgroup_gemm</*kZeroInit=*/true>(tiled_mma_qk, tSrQ, tSrK(_, _, _, read.index()),
                                                acc_s);
             pipeline_v.consumer_wait(read_v);
-            warpgroup_gemm</*kZeroInit=*/false>(tiled_mma_pv, tOrP,
-                                                tOrV(_, _, _, read_v.index()), acc_o);
+            warpgroup_gemm</*kZeroInit=*/false>(tiled_mma_pv, tOrP, tOrV(_, _, _, read_v.index()),
+                                                acc_o);
             pass_turn();
             warpgroup_wait<1>();  // S landed; P V may still run
             pipeline_k.consumer_release(read);
             transform_scores(acc_s, n_block);
             if constexpr (decltype(apply_mask)::value) mask_scores(acc_s, n_block);
-            const RowValues correction = softmax.fold_block(acc_s, scale_log2);
+            const typename Softmax::Correction correction = softmax.fold_block(acc_s, scale_log2);
             warpgroup_wait<0>();  // P V landed: P may be overwritten and O rescaled
             pipeline_v.consumer_release(read_v);
             convert_fragment(acc_s, rP);
             if (dropout) drop_probabilities(rP, n_block);
-            Softmax::rescale(acc_o, correction);
+            if (correction.any_row) Softmax::rescale(acc_o, correction.factor);
         };
 
         if constexpr (kHasVariants) {
@@ -571,8 +571,7 @@ struct FlashFwdRowBlock {
             // The highest blocks may hold masked pairs (sequence tail, causal diagonal, the
             // window's right edge) and, with a local mask, the lowest ones too (the window's
             // left edge).
-            for (--n_block; n_block >= blocks.begin && n_block >= blocks.unmasked_end;
-                 --n_block) {
+            for (--n_block; n_block >= blocks.begin && n_block >= blocks.unmasked_end; --n_block) {
                 step(n_block, cute::true_type{});
             }
             for (; n_block >= blocks.begin && n_block >= blocks.unmasked_begin; --n_block) {
@@ -585,8 +584,7 @@ struct FlashFwdRowBlock {
 
         // The last P V, with the normalisation computed while it runs.
         pipeline_v.consumer_wait(read);
-        warpgroup_gemm</*kZeroInit=*/false>(tiled_mma_pv, tOrP, tOrV(_, _, _, read.index()),
-                                            acc_o);
+        warpgroup_gemm</*kZeroInit=*/false>(tiled_mma_pv, tOrP, tOrV(_, _, _, read.index()), acc_o);
         const RowValues normalise =
             softmax.finalize(params.logit_scale, dropout ? params.dropout_rescale : 1.f,
                              row_sinks(params, rows, thread), lse);
@@ -602,9 +600,8 @@ struct FlashFwdRowBlock {
     // scattered over 8 rows per instruction.
     template <typename TiledMmaPV, typename AccO>
     __device__ static void store_output(const FwdKernelParams<Traits>& kp, SharedStorage& shared,
-                                        TiledMmaPV& tiled_mma_pv, AccO& acc_o,
-                                        const RowValues& lse, int mma_warpgroup,
-                                        int consumer_thread) {
+                                        TiledMmaPV& tiled_mma_pv, AccO& acc_o, const RowValues& lse,
+                                        int mma_warpgroup, int consumer_thread) {
         const FlashFwdParams& params = kp.params;
         // The thread's index, made opaque to the compiler: the row and shared-memory offsets
         // derived from it are then computed here at every tile rather than hoisted out of the

@@ -8,12 +8,12 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <limits>
-
 #include <cute/tensor.hpp>
+#include <limits>
 
 #include "kernels/common/device_sm_count.h"
 #include "kernels/common/flash_params.h"
+#include "kernels/common/persistent_tiles.h"  // use_varlen_schedule
 #include "kernels/common/varlen_tile_schedule.h"
 #include "kernels/common/workspace.h"
 #include "kernels/sm90/flash_fwd_kernel.h"
@@ -81,7 +81,8 @@ cudaError_t make_query_descriptor(const FlashFwdParams& params, int heads_per_ti
 template <typename Element, int kHeadDim>
 WorkspaceSize fwd_workspace_size(const FlashFwdParams& params) {
     WorkspaceSize size;
-    if (params.cu_seqlens_q != nullptr) size.scratch_bytes = VarlenTileSchedule::bytes(params.batch);
+    if (params.cu_seqlens_q != nullptr)
+        size.scratch_bytes = VarlenTileSchedule::bytes(params.batch);
     size.zeroed_bytes = sizeof(int);
     return size;
 }
@@ -110,14 +111,14 @@ cudaError_t launch_flash_fwd(const FlashFwdParams& params, const Workspace& work
     kp.shape_vt =
         make_shape(int32_t(params.head_dim), rows.rows_k, int32_t(params.nheads_k), rows.batches);
     // The real head dim is the descriptors' extent: columns of the tile past it read zeros.
-    Tensor mK = make_tensor(
-        make_gmem_ptr(static_cast<const Element*>(params.k_ptr)), kp.shape_k,
-        make_stride(params.k_row_stride, _1{}, params.k_head_stride,
-                    rows.batch_stride(params.k_batch_stride, params.k_row_stride)));
-    Tensor mVt = make_tensor(
-        make_gmem_ptr(static_cast<const Element*>(params.v_ptr)), kp.shape_vt,
-        make_stride(_1{}, params.v_row_stride, params.v_head_stride,
-                    rows.batch_stride(params.v_batch_stride, params.v_row_stride)));
+    Tensor mK =
+        make_tensor(make_gmem_ptr(static_cast<const Element*>(params.k_ptr)), kp.shape_k,
+                    make_stride(params.k_row_stride, _1{}, params.k_head_stride,
+                                rows.batch_stride(params.k_batch_stride, params.k_row_stride)));
+    Tensor mVt =
+        make_tensor(make_gmem_ptr(static_cast<const Element*>(params.v_ptr)), kp.shape_vt,
+                    make_stride(_1{}, params.v_row_stride, params.v_head_stride,
+                                rows.batch_stride(params.v_batch_stride, params.v_row_stride)));
     kp.tma_k = make_tma_copy(SM90_TMA_LOAD{}, mK, take<0, 2>(typename Traits::SmemLayoutK{}),
                              Shape<Int<Traits::kBlockN>, Int<kHeadDim>>{}, _1{});
     kp.tma_v = make_tma_copy(SM90_TMA_LOAD{}, mVt, take<0, 2>(typename Traits::SmemLayoutVt{}),
@@ -139,17 +140,10 @@ cudaError_t launch_flash_fwd(const FlashFwdParams& params, const Workspace& work
     const int64_t grid_order_tiles = int64_t(row_blocks) * params.batch * head_units;
     const int64_t schedule_tiles =
         VarlenTileSchedule::tile_bound(params.total_q, params.batch, tokens, head_units);
-    // The schedule pays a prepare launch and a lookup per tile; it wins where the grid order has
-    // many indices past their sequence's end (measured on the H200 with one thread block per
-    // index, 7cec657's record: skewed, 64x the tiles, +31 to +68%; docs, 5.9x, +1 to +3%; short,
-    // 1.25x, -9 to -10%; with this rule short takes the grid order: +9 to +11%,
-    // benchmarks/results/2026-12-05_h200_sm90_bisect.md).
-    constexpr int64_t kScheduleGridRatio = 2;
-    const bool use_schedule =
-        rows.is_varlen && grid_order_tiles > kScheduleGridRatio * schedule_tiles;
+    const bool use_schedule = use_varlen_schedule(rows.is_varlen, grid_order_tiles, schedule_tiles);
     int64_t tiles = grid_order_tiles;
-    kp.tiles = TileOrder{VarlenTileSchedule{nullptr, nullptr}, row_blocks, params.batch,
-                         head_units, 0};
+    kp.tiles =
+        TileOrder{VarlenTileSchedule{nullptr, nullptr}, row_blocks, params.batch, head_units, 0};
     if (use_schedule) {
         const cudaError_t err = launch_varlen_tile_schedule<Traits::kBlockM>(
             params, tokens, head_units, workspace.scratch, stream, kp.tiles.schedule);

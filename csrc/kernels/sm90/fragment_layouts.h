@@ -31,8 +31,8 @@ template <typename Layout>
 __device__ constexpr auto accumulator_as_a_operand(Layout acc) {
     static_assert(decltype(rank<0>(acc))::value == 3, "a wgmma accumulator layout");
     auto groups = logical_divide(get<0, 2>(acc), Tile<_2>{});  // ((2, N / 16))
-    return make_layout(make_layout(get<0, 0>(acc), get<0, 1>(acc), get<0, 0>(groups)),
-                       get<1>(acc), coalesce(make_layout(get<0, 1>(groups), get<2>(acc))));
+    return make_layout(make_layout(get<0, 0>(acc), get<0, 1>(acc), get<0, 0>(groups)), get<1>(acc),
+                       coalesce(make_layout(get<0, 1>(groups), get<2>(acc))));
 }
 
 // dst = src converted element by element; both fragments have the same (compact) layout, so

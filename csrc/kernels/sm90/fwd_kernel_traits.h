@@ -4,13 +4,13 @@
 
 #include <cutlass/arch/barrier.h>
 #include <cutlass/numeric_types.h>
-#include <cutlass/pipeline/sm90_pipeline.hpp>
 
 #include <cute/arch/copy_sm90_tma.hpp>
 #include <cute/atom/copy_traits_sm90_tma.hpp>
 #include <cute/atom/mma_atom.hpp>
 #include <cute/tensor.hpp>
 #include <cutlass/gemm/collective/builders/sm90_common.inl>  // ss_smem_selector
+#include <cutlass/pipeline/sm90_pipeline.hpp>
 
 // Our wgmma atoms for the kBlockN that CuTe's base header lacks (64x176x16, ...) and
 // ss_op_selector_extended, which picks them (csrc/generate.py writes them from the PTX ISA).
@@ -71,15 +71,15 @@ struct FwdKernelTraits {
     // softmax needs only shuffles among the 4 threads of a row, never shared memory.
     using MmaWarpgroupLayout = Layout<Shape<Int<kNumMmaWarpgroups>, _1, _1>>;
     // S = Q K^T with both operands in shared memory (K-major: the head dim is contiguous).
-    using TiledMmaQK = decltype(make_tiled_mma(
-        ss_op_selector_extended<Element, TileShapeQK>(), MmaWarpgroupLayout{}));
+    using TiledMmaQK = decltype(make_tiled_mma(ss_op_selector_extended<Element, TileShapeQK>(),
+                                               MmaWarpgroupLayout{}));
     // O += P V with P from registers (the accumulator of S, converted) and V in shared memory.
     // V is stored as loaded, a key per row with the head dim contiguous, which for the B
     // operand (N = head dim, K = key) is MN-major; wgmma reads it transposed for 16-bit types.
-    using TiledMmaPV = decltype(make_tiled_mma(
-        GMMA::rs_op_selector<Element, Element, float, TileShapePV, GMMA::Major::K,
-                             GMMA::Major::MN>(),
-        MmaWarpgroupLayout{}));
+    using TiledMmaPV =
+        decltype(make_tiled_mma(GMMA::rs_op_selector<Element, Element, float, TileShapePV,
+                                                     GMMA::Major::K, GMMA::Major::MN>(),
+                                MmaWarpgroupLayout{}));
     static_assert(size<1>(typename TiledMmaQK::AtomShape_MNK{}) == kBlockN,
                   "one wgmma atom spans kBlockN (add it to SM90_OWN_WGMMA_N?)");
     static_assert(size<1>(typename TiledMmaPV::AtomShape_MNK{}) == kHeadDim,
@@ -113,9 +113,9 @@ struct FwdKernelTraits {
     // (cutlass/gemm/collective/builders/sm90_gmma_builder.inl).
     using SmemLayoutAtomVt = decltype(cutlass::gemm::collective::detail::ss_smem_selector<
                                       GMMA::Major::MN, Element, Int<kHeadDim>, Int<kBlockN>>());
-    using SmemLayoutVt = decltype(tile_to_shape(
-        SmemLayoutAtomVt{}, Shape<Int<kHeadDim>, Int<kBlockN>, Int<kStages>>{},
-        Step<_2, _1, _3>{}));  // (D, N, stage)
+    using SmemLayoutVt = decltype(tile_to_shape(SmemLayoutAtomVt{},
+                                                Shape<Int<kHeadDim>, Int<kBlockN>, Int<kStages>>{},
+                                                Step<_2, _1, _3>{}));  // (D, N, stage)
     // The output tile is staged in the shared memory of Q, with Q's layout: a consumer
     // warpgroup's rows of O then cover exactly the bytes of its own rows of Q, which no other
     // warpgroup reads, so each warpgroup stores its O as soon as its own last S = Q K^T is done,
@@ -132,8 +132,7 @@ struct FwdKernelTraits {
     using GmemStrideVt = Stride<_1, int64_t, int64_t, int64_t>;
     using TmaK = decltype(make_tma_copy(
         SM90_TMA_LOAD{},
-        make_tensor(make_gmem_ptr(static_cast<const Element*>(nullptr)), GmemShape{},
-                    GmemStride{}),
+        make_tensor(make_gmem_ptr(static_cast<const Element*>(nullptr)), GmemShape{}, GmemStride{}),
         take<0, 2>(SmemLayoutK{}), Shape<Int<kBlockN>, Int<kHeadDim>>{}, _1{}));
     using TmaV = decltype(make_tma_copy(
         SM90_TMA_LOAD{},

@@ -26,9 +26,9 @@ constexpr int64_t padded_first_row(bool is_varlen, int64_t first_query_row, int6
 // block_rows), rounded up to a multiple of block_rows so that every head starts aligned too.
 constexpr int64_t padded_rows_per_head(bool is_varlen, int64_t total_q, int64_t batch,
                                        int64_t seqlen_q, int64_t block_rows) {
-    return round_up_to(is_varlen ? total_q + batch * block_rows
-                                 : batch * round_up_to(seqlen_q, block_rows),
-                       block_rows);
+    return round_up_to(
+        is_varlen ? total_q + batch * block_rows : batch * round_up_to(seqlen_q, block_rows),
+        block_rows);
 }
 
 }  // namespace sm90

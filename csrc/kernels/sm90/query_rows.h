@@ -68,8 +68,7 @@ struct QueryRows {
 // (ALiBi, dropout) keeps one head per tile: its per-row coordinates (slopes, the dropout stream)
 // are per (head, token) of an unpacked tile.
 template <int kBlockM>
-__host__ __device__ inline int query_heads_per_tile(int nheads, int nheads_k,
-                                                    bool has_variants) {
+__host__ __device__ inline int query_heads_per_tile(int nheads, int nheads_k, bool has_variants) {
     const int group = nheads / nheads_k;
     return !has_variants && group > 1 && group <= kBlockM ? group : 1;
 }
