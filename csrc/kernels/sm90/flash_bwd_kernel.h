@@ -34,8 +34,8 @@
 // for those pairs by selection, and their dQ, dK, dV rows are never written.
 //
 // This first version leaves to the sm80 family: soft-capping, ALiBi, dropout, attention sinks'
-// gradient, head dims other than 64 and 128 (flash_bwd_launch.h has the tiles), and, until they
-// have run on a GPU, deterministic mode and d = 64 (bwd_unsupported_option).
+// gradient, head dims other than 64 and 128 (flash_bwd_launch.h has the tiles), and, until its
+// speed is measured against the sm80 family's, d = 64 (bwd_unsupported_option).
 #pragma once
 
 #include <cutlass/arch/barrier.h>
