@@ -85,6 +85,35 @@ def test_without_override_the_best_runnable_family_runs(monkeypatch) -> None:
             assert chosen == families[0]
 
 
+def backward_kernel_names(batch, dout: torch.Tensor, **options) -> list[str]:
+    """Names of the CUDA kernels one backward of `batch` launches (its forward run first)."""
+    leaves = [x.detach().clone().requires_grad_() for x in (batch.q, batch.k, batch.v)]
+    out = flash_varlen.flash_attn_varlen_func(
+        *leaves, batch.cu_seqlens_q, batch.cu_seqlens_k, batch.max_seqlen_q, batch.max_seqlen_k,
+        **options,
+    )
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
+        torch.autograd.grad(out, leaves, dout)
+        torch.cuda.synchronize()
+    return [event.name for event in profile.events()]
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_backward_runs_the_best_family_deterministic_or_not(monkeypatch, deterministic) -> None:
+    """Without the override, a causal d = 128 backward runs the main kernel of the best family
+    that serves it, deterministic or not: on Hopper the sm90 backward, which served deterministic
+    calls only under the override until 2026-12-06. Seen in the profiler's kernel names
+    (flash_varlen::<family>::flash_bwd_kernel); fails if dispatch sends one of the two elsewhere."""
+    require_backward_kernel(DTYPE, HEAD_DIM)
+    best = runnable_families(monkeypatch, "backward")[0]
+    batch = make_varlen_batch(SEQLENS_Q, SEQLENS_K, 8, 2, HEAD_DIM, DTYPE, DEVICE, seed=13)
+    dout = seeded_randn(batch.q.shape, DTYPE, DEVICE, device_generator(DEVICE, 14))
+    names = backward_kernel_names(batch, dout, causal=True, deterministic=deterministic)
+    main_kernels = [name for name in names if "::flash_bwd_kernel<" in name]
+    assert main_kernels, f"no backward main kernel among {names}"
+    assert all(f"flash_varlen::{best}::" in name for name in main_kernels), main_kernels
+
+
 # Head dims whose buckets have more than one family's backward (sm90: 64 and 128).
 @pytest.mark.parametrize("head_dim", [64, HEAD_DIM])
 def test_every_runnable_family_matches_the_reference(monkeypatch, head_dim) -> None:
