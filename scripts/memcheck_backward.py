@@ -14,7 +14,8 @@ gradient is not finite or far from the float32 reference.
 
 Calls whose kernel a narrowed build lacks, and under FLASH_VARLEN_KERNEL_FAMILY=<family> the calls
 that family does not serve (an option it lacks, a head dim it has no kernel for), are skipped and
-listed; at least one case must run.
+listed; at least one case must run. `--cases 0,3-5` runs only those entries of CASES
+(scripts/sanitizer_cases.py: racecheck over every case outlasts one device call).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flash_varlen import flash_attn_func, flash_attn_varlen_func  # noqa: E402
 from flash_varlen.reference import attention_ref_varlen  # noqa: E402
+from sanitizer_cases import selected_cases  # noqa: E402
 
 # (seqlens_q, seqlens_k, nheads, nheads_k, head_dim): tails of every size, empty sequences at
 # both ends and in the middle, MQA and GQA, and head dims below their bucket so the column
@@ -149,13 +151,15 @@ def served(run, *args) -> bool | None:
 
 
 def main() -> int:
+    chosen = selected_cases(" ".join(__doc__.split("\n\n")[0].split()), len(CASES))
     torch.manual_seed(0)
     results = []
-    for case in CASES:
+    for index in range(len(CASES)) if chosen is None else chosen:
         for causal in (False, True):
             for use_lse, deterministic in MODES:
-                results.append(served(run_case, *case, causal, use_lse, deterministic))
-    results.append(served(run_fixed_case))
+                results.append(served(run_case, *CASES[index], causal, use_lse, deterministic))
+    if chosen is None:
+        results.append(served(run_fixed_case))
     torch.cuda.synchronize()
     ran = [result for result in results if result is not None]
     failed = ran.count(False)

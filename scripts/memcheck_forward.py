@@ -13,7 +13,8 @@ buffer's end). Each tensor here is allocated exactly,
 with lengths and head dims that are not tile multiples, so any stray access leaves the
 allocation and the sanitizer reports it. Exits non-zero if an output is wrong or not finite.
 A case whose kernel a narrowed build lacks (FLASH_VARLEN_HEAD_DIMS and the like) is skipped and
-counted; the script fails if it skipped every case.
+counted; the script fails if it skipped every case. `--cases 0,3-5` runs only those entries of
+CASES (scripts/sanitizer_cases.py: racecheck over every case outlasts one device call).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flash_varlen import flash_attn_func, flash_attn_varlen_func  # noqa: E402
 from flash_varlen.reference import attention_ref_varlen  # noqa: E402
+from sanitizer_cases import selected_cases  # noqa: E402
 
 # (seqlens_q, seqlens_k, nheads, nheads_k, head_dim): tails of every size, empty sequences, and
 # a head dim below its bucket so the column predicate is exercised.
@@ -84,9 +86,13 @@ def run_fixed_length(head_dim: int, causal: bool) -> bool:
 
 
 def main() -> int:
+    chosen = selected_cases(" ".join(__doc__.split("\n\n")[0].split()), len(CASES))
     torch.manual_seed(0)
-    calls = [(run_case, case) for case in CASES]
-    calls += [(run_fixed_length, (head_dim,)) for head_dim in (64, 96, 128, 192, 256)]
+    if chosen is None:
+        calls = [(run_case, case) for case in CASES]
+        calls += [(run_fixed_length, (head_dim,)) for head_dim in (64, 96, 128, 192, 256)]
+    else:
+        calls = [(run_case, CASES[index]) for index in chosen]
     ok, ran, skipped = True, 0, 0
     for run, args in calls:
         for causal in (False, True):
