@@ -35,7 +35,11 @@ struct TileOrder {
 
     // The tile at `index`, or false past the last one. Grid order: coordinates of a row block that
     // may lie past its sequence's end (the caller checks against the sequence's length). Called
-    // by a whole warp (the schedule's search needs one).
+    // by a whole warp (the schedule's search needs one). reverse_row_blocks reverses the row
+    // blocks of each sequence in the schedule's order only; the grid order ignores it (the
+    // forward passes its local mask and keeps the grid ascending; the sm90 backward's
+    // lookup_tile reverses the grid order's key blocks itself). One meaning for both orders
+    // would change the forward's machine code: left until it can be measured on a GPU.
     __device__ __forceinline__ bool lookup(int index, bool reverse_row_blocks,
                                            TileCoordinates& tile) const {
         if (index >= tiles) return false;
