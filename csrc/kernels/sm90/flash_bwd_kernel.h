@@ -189,9 +189,11 @@ struct FlashBwdKeyBlock {
             cute::prefetch_tma_descriptor(kp.tma_v.get_tma_descriptor());
             shared.kv_full.init(/*arrive_count=*/1);
             shared.kv_empty.init(/*arrive_count=*/kNumMmaThreads);
-            for (int warpgroup = 0; warpgroup < Traits::kNumMmaWarpgroups; ++warpgroup) {
-                shared.dq_free[warpgroup].init(/*arrive_count=*/1);
-                shared.dq_staged[warpgroup].init(/*arrive_count=*/1);
+            for (int stage = 0; stage < Traits::kDqStages; ++stage) {
+                for (int warpgroup = 0; warpgroup < Traits::kNumMmaWarpgroups; ++warpgroup) {
+                    shared.dq_free[stage][warpgroup].init(/*arrive_count=*/1);
+                    shared.dq_staged[stage][warpgroup].init(/*arrive_count=*/1);
+                }
             }
         }
         typename PipelineQdO::Params pipeline_params;
@@ -263,11 +265,12 @@ struct FlashBwdKeyBlock {
     }
 
     // A dQ writer: one thread of the producer warpgroup's warp kFirstDqWriterWarp + warpgroup.
-    // Part after part, it hands the consumer warpgroup its staging buffer (dq_free) once the bulk
-    // reduce-add issued from it before has read it, waits until the warpgroup has staged its next
-    // dQ part there and said where it goes (dq_staged, SharedStorage::dq_add) and adds it into
-    // the accumulator with one bulk reduce-add; in deterministic mode it first waits for the row
-    // block's turn (DqOrder) and passes the turn on once the add has completed. The consumers'
+    // Part after part (part p in staging buffer p % kDqStages), it waits until the consumer
+    // warpgroup has staged the part and said where it goes (dq_staged, SharedStorage::dq_add),
+    // adds it into the accumulator with one bulk reduce-add and hands the buffer back (dq_free)
+    // once the add has read it; in deterministic mode it first waits for the row block's turn
+    // (DqOrder) and passes the turn on once the add has completed, while the warpgroup may
+    // already stage the next part in the other buffer (Traits::kDqStages). The consumers'
     // issuing threads did this themselves before, and their warpgroups stalled on every turn and
     // on each add's completion; FlashAttention-3's backward gives the job to a warp of its
     // producer warpgroup too (Shah et al. 2024, hopper/epilogue_bwd.hpp). A single writer for
@@ -278,18 +281,26 @@ struct FlashBwdKeyBlock {
     __device__ static void write_dq(SharedStorage& shared, int warpgroup) {
         using DqChunk = sm90::DqChunk<Traits>;
         if (!cute::elect_one_sync()) return;
-        const float* part = shared.dq.data() + warpgroup * DqChunk::kPartFloats;
-        for (int handed = 0;; ++handed) {
-            cute::tma_store_wait<0>();  // the last add from the buffer has read it
-            shared.dq_free[warpgroup].arrive();
-            shared.dq_staged[warpgroup].wait(handed % 2);
-            const typename SharedStorage::DqAdd add = shared.dq_add[warpgroup];
+        constexpr int kStages = Traits::kDqStages;
+        for (int stage = 0; stage < kStages; ++stage) shared.dq_free[stage][warpgroup].arrive();
+        for (int part = 0;; ++part) {
+            const int stage = part % kStages;
+            shared.dq_staged[stage][warpgroup].wait((part / kStages) % 2);
+            const typename SharedStorage::DqAdd add = shared.dq_add[stage][warpgroup];
             if (add.last) break;
             if (add.turn != nullptr) wait_for_dq_turn(add.turn, add.turns_before);
-            bulk_reduce_add(add.rows, part, DqChunk::kPartBytes);
+            bulk_reduce_add(add.rows, dq_stage(shared, stage) + warpgroup * DqChunk::kPartFloats,
+                            DqChunk::kPartBytes);
             cute::tma_store_arrive();
             if (add.turn != nullptr) pass_dq_turn(add.turn);
+            cute::tma_store_wait<0>();  // the add has read the buffer
+            shared.dq_free[stage][warpgroup].arrive();
         }
+    }
+
+    // The first float of dQ staging buffer `stage` (SharedStorage::dq).
+    __device__ static float* dq_stage(SharedStorage& shared, int stage) {
+        return shared.dq.data() + stage * (kBlockM * kHeadDim);
     }
 
     // The producer warp, one tile: Q and dO of its first kStages steps (their buffers free as
@@ -399,9 +410,10 @@ struct FlashBwdKeyBlock {
         // No tile left: the warpgroup's dQ writer stops.
         const int warpgroup = thread / kThreadsPerWarpgroup;
         if (thread % kThreadsPerWarpgroup == 0) {
-            shared.dq_free[warpgroup].wait(dq_parts % 2);
-            shared.dq_add[warpgroup].last = 1;
-            shared.dq_staged[warpgroup].arrive();
+            const int stage = dq_parts % Traits::kDqStages;
+            shared.dq_free[stage][warpgroup].wait((dq_parts / Traits::kDqStages) % 2);
+            shared.dq_add[stage][warpgroup].last = 1;
+            shared.dq_staged[stage][warpgroup].arrive();
         }
     }
 
@@ -542,15 +554,17 @@ struct FlashBwdKeyBlock {
             warpgroup_gemm</*kZeroInit=*/false>(tiled_mma_dkv, tdKrdS,
                                                 tdKrQt(_, _, _, read.index()), acc_dk);
             warpgroup_wait<1>();  // dV and dQ landed: this thread's reads of dS and dO are done
-            // This warpgroup stages its dQ part once its writer has read the previous one out.
-            shared.dq_free[warpgroup].wait(dq_parts % 2);
+            // This warpgroup stages its dQ part once its writer has read out the part staged
+            // kDqStages parts before in the same buffer.
+            const int dq_stage_index = dq_parts % Traits::kDqStages;
+            shared.dq_free[dq_stage_index][warpgroup].wait((dq_parts / Traits::kDqStages) % 2);
+            float* dq_staging = dq_stage(shared, dq_stage_index);
 
             // dQ: staged in the chunk order for the writer's bulk reduce-add (write_dq).
             CUTE_UNROLL
             for (int group = 0; group < DqChunk::kFloatsPerThread / DqChunk::kVector; ++group) {
                 const int i = group * DqChunk::kVector;
-                *reinterpret_cast<float4*>(shared.dq.data() +
-                                           DqChunk::vector_offset(thread, group)) =
+                *reinterpret_cast<float4*>(dq_staging + DqChunk::vector_offset(thread, group)) =
                     make_float4(acc_dq(i), acc_dq(i + 1), acc_dq(i + 2), acc_dq(i + 3));
             }
             if (describes_dq) {
@@ -567,11 +581,13 @@ struct FlashBwdKeyBlock {
                                warpgroup;
                     add.turns_before = work.dq_adds_before(m_block);
                 }
-                shared.dq_add[warpgroup] = add;
+                shared.dq_add[dq_stage_index][warpgroup] = add;
             }
             cutlass::arch::fence_view_async_shared();  // generic-proxy writes, bulk-copy reads
             cutlass::arch::NamedBarrier::sync(kThreadsPerWarpgroup, kBarrierDqStaged + warpgroup);
-            if (describes_dq) shared.dq_staged[warpgroup].arrive();  // releases dq_add too
+            if (describes_dq) {
+                shared.dq_staged[dq_stage_index][warpgroup].arrive();  // releases dq_add too
+            }
             ++dq_parts;
             warpgroup_wait<0>();  // dK landed: the reads of Q are done too
             pipeline_q.consumer_release(read);
