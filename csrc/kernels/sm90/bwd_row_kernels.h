@@ -115,10 +115,17 @@ __global__ void __launch_bounds__(kRowKernelThreads)
                            seq.lse_offset(params.lse_batch_stride, batch) + row;
         const float dlse =
             params.softmax_lse_grad_ptr == nullptr ? 0.f : params.softmax_lse_grad_ptr[in];
-        stats.d[out] = sum - dlse;
+        const float d = sum - dlse;
+        stats.d[out] = d;
         // A row that saw no key has LSE = -inf (and output 0): +inf makes its P 0.
         const float lse = params.softmax_lse_ptr[in];
         stats.lse_log2[out] = lse == -INFINITY ? INFINITY : lse * float(M_LOG2E);
+        if (params.learnable_sink != nullptr) {
+            // The row's term of the sink's gradient, the sm80 family's (sm80/
+            // flash_bwd_preprocess.h): the sink's probability exp(sink - lse) times -D. The
+            // forward's LSE counts the sink, so nothing else of the backward changes.
+            params.sink_grad_rows_ptr[in] = -expf(params.learnable_sink[head] - lse) * d;
+        }
     }
 }
 

@@ -33,9 +33,17 @@
 // queries in shared memory before any product reads them (the forward does so for V), P^T is 0
 // for those pairs by selection, and their dQ, dK, dV rows are never written.
 //
-// This first version leaves to the sm80 family: soft-capping, ALiBi, dropout, attention sinks'
-// gradient, head dims other than 64 and 128 (flash_bwd_launch.h has the tiles), and, until its
-// speed is measured against the sm80 family's, d = 64 (bwd_unsupported_option).
+// Soft-capping and ALiBi run in a second kernel of each instantiation, kHasVariants, that the
+// launcher picks at run time, as the forward's and the sm80 backward's variants do: their code
+// then costs the plain kernel no registers (its machine code is the same as before they were
+// added). There the raw score is capped, raw = tanh(S^T * prescale), and the step's query head's
+// ALiBi bias added before the mask, and the cap's derivative rides in P^T's float32 copy into
+// dS^T (variant_probabilities). Attention sinks change only the row kernel (the sinks' gradient,
+// bwd_row_kernels.h): the forward's LSE counts the sink, so P^T is right without more. These
+// three are compiled without spills but have not run on a GPU: they serve a call only when
+// FLASH_VARLEN_KERNEL_FAMILY=sm90 forces this family (bwd_unsupported_option). The sm80 family
+// keeps dropout, the head dims other than 64 and 128 (flash_bwd_launch.h has the tiles), and,
+// until its speed is measured against the sm80 family's, d = 64 without the override.
 #pragma once
 
 #include <cutlass/arch/barrier.h>
@@ -47,6 +55,7 @@
 #include "kernels/common/flash_params.h"
 #include "kernels/common/mask_policy.h"
 #include "kernels/common/persistent_tiles.h"
+#include "kernels/common/score_transforms.h"
 #include "kernels/common/seqlen_info.h"
 #include "kernels/sm90/bwd_kernel_traits.h"
 #include "kernels/sm90/bwd_row_kernels.h"
@@ -102,7 +111,8 @@ struct BwdKernelParams {
     bool reverse_key_blocks;
 };
 
-template <typename Traits, bool kIsLocal>
+// kHasVariants: the launch soft-caps the scores or biases them by ALiBi (see the top of the file).
+template <typename Traits, bool kIsLocal, bool kHasVariants>
 struct FlashBwdKeyBlock {
     using Element = typename Traits::Element;
     static constexpr int kBlockM = Traits::kBlockM;
@@ -110,6 +120,9 @@ struct FlashBwdKeyBlock {
     static constexpr int kHeadDim = Traits::kHeadDim;
     static constexpr int kNumMmaThreads = Traits::kNumMmaThreads;
     using Mask = MaskPolicy<kIsLocal, /*kHasAlibi=*/false>;
+    // The variants kernel's mask of one step: the tile's visible pairs, the step's query head's
+    // ALiBi slope.
+    using StepMask = MaskPolicy<kIsLocal, /*kHasAlibi=*/true>;
     using SharedStorage = typename Traits::SharedStorage;
     using PipelineQdO = typename Traits::PipelineQdO;
     using PipelineState = typename Traits::PipelineState;
@@ -500,6 +513,13 @@ struct FlashBwdKeyBlock {
                 cutlass::arch::fence_view_async_shared();
                 cutlass::arch::NamedBarrier::sync(kNumMmaThreads, kBarrierTailZeroed);
             }
+            // The variants kernel's mask of this step (the plain kernel leaves it unused): the
+            // tile's visible pairs and the query head's ALiBi slope, read before the products are
+            // issued so that the load runs while they do.
+            const StepMask step_mask(work.mask, kHasVariants && params.alibi_slopes != nullptr
+                                                    ? alibi_raw_slope(params, work.batch,
+                                                                      work.head_of(step))
+                                                    : 0.f);
             warpgroup_gemm</*kZeroInit=*/true>(tiled_mma_sdp, tSrK, tSrQ(_, _, _, read.index()),
                                                acc_s);
             warpgroup_gemm</*kZeroInit=*/true>(tiled_mma_sdp, tdPrV, tdPrdO(_, _, _, read.index()),
@@ -512,17 +532,21 @@ struct FlashBwdKeyBlock {
             constexpr int kScoresPerThread = decltype(size(acc_s))::value;
 
             warpgroup_wait<1>();  // S^T landed
-            // P^T, masked: keys past the end and pairs the local mask hides (score -inf).
-            CUTE_UNROLL
-            for (int i = 0; i < kScoresPerThread; ++i) {
-                const int key = key0 + get<0>(tScS(i));
-                const int query = get<1>(tScS(i));
-                const float score = work.mask.masked_score(acc_s(i), query0 + query, key);
-                acc_s(i) = exp2f(score * params.logit_scale_log2 - lse_log2[query]);
+            Tensor rP = make_tensor<Element>(acc_s.layout());
+            if constexpr (!kHasVariants) {
+                // P^T, masked: keys past the end and pairs the local mask hides (score -inf).
+                CUTE_UNROLL
+                for (int i = 0; i < kScoresPerThread; ++i) {
+                    const int key = key0 + get<0>(tScS(i));
+                    const int query = get<1>(tScS(i));
+                    const float score = work.mask.masked_score(acc_s(i), query0 + query, key);
+                    acc_s(i) = exp2f(score * params.logit_scale_log2 - lse_log2[query]);
+                }
+                convert_fragment(acc_s, rP);
+            } else {
+                variant_probabilities(params, step_mask, key0, tScS, lse_log2, query0, acc_s, rP);
             }
             // dV += P^T dO with P^T from registers, issued before dS so that it runs meanwhile.
-            Tensor rP = make_tensor<Element>(acc_s.layout());
-            convert_fragment(acc_s, rP);
             Tensor tdVrP = make_tensor(rP.data(), accumulator_as_a_operand(rP.layout()));
             warpgroup_gemm</*kZeroInit=*/false>(tiled_mma_dkv, tdVrP,
                                                 tdVrdOt(_, _, _, read.index()), acc_dv);
@@ -601,6 +625,48 @@ struct FlashBwdKeyBlock {
         store_dk_dv(params, seq, work, tiled_mma_dkv, acc_dk, acc_dv, thread);
     }
 
+    // The variants kernel's P^T of one step: the raw scores capped (raw = tanh(S^T * prescale),
+    // the forward's apply_softcap) and biased by the step's query head's ALiBi slope before the
+    // mask, in the forward's order (flash_fwd_kernel.h), then P^T = exp2(score *
+    // logit_scale_log2 - LSE_log2) into rP in 16 bits, the dV product's operand, and into acc_s in
+    // float32 times the cap's derivative 1 - raw^2, which dS^T = P^T (dP^T - D) then carries
+    // (d logit / d (q.k) = softmax_scale (1 - raw^2); softmax_scale is applied to dK and dQ at
+    // the end, as without the cap). The derivative is taken while raw is at hand, so nothing more
+    // lives across the dP^T product (the sm80 family recovers raw from P in the dS loop, which
+    // spilled in the lost first version of this kernel, backward_plan.md). Shape, for the
+    // registers (bf16 d = 128 without a local mask, nvcc 13.0): the tanh of every score first, in
+    // place, then one loop that converts P^T in pairs as it goes; the tanh and the derivative
+    // inside that loop (raw and 1 - raw^2 live beside P^T) spilled 4 bytes, and that with P^T
+    // converted one value at a time 8. The step's mask is
+    // built from the tile's (its visible pairs) and a slope: the lost first version of this kernel
+    // spilled with a slope in the tile's mask or a step mask derived from the params again.
+    template <typename ScoreCoords, typename AccS, typename FragP>
+    __device__ static void variant_probabilities(const FlashBwdParams& params,
+                                                 const StepMask& mask, int key0,
+                                                 const ScoreCoords& tScS, const float* lse_log2,
+                                                 int query0, AccS& acc_s, FragP& rP) {
+        const bool softcap = params.softcap_prescale != 0.f;  // uniform: the same every step
+        constexpr int kScoresPerThread = decltype(size(acc_s))::value;
+        if (softcap) apply_softcap(acc_s, params.softcap_prescale);
+        cutlass::NumericArrayConverter<Element, float, 2> convert_pair;
+        CUTE_UNROLL
+        for (int i = 0; i < kScoresPerThread; i += 2) {
+            cutlass::Array<float, 2> p;
+            CUTE_UNROLL
+            for (int j = 0; j < 2; ++j) {
+                const int key = key0 + get<0>(tScS(i + j));
+                const int query = get<1>(tScS(i + j));
+                const float raw = acc_s(i + j);
+                const float score = mask.masked_score(raw, query0 + query, key);
+                p[j] = exp2f(score * params.logit_scale_log2 - lse_log2[query]);
+                acc_s(i + j) = softcap ? p[j] - p[j] * raw * raw : p[j];  // p (1 - raw^2)
+            }
+            const cutlass::Array<Element, 2> converted = convert_pair(p);
+            rP(i) = converted[0];
+            rP(i + 1) = converted[1];
+        }
+    }
+
     // Zeroes rows [first_row, rows) of one (rows, head dim) buffer (zero_rows.h).
     template <typename SmemRows>
     __device__ static void zero_rows(SmemRows tile, int first_row, int thread) {
@@ -642,12 +708,12 @@ struct FlashBwdKeyBlock {
     }
 };
 
-template <typename Traits, bool kIsLocal>
+template <typename Traits, bool kIsLocal, bool kHasVariants>
 __global__ void __launch_bounds__(Traits::kNumThreads, 1)
     flash_bwd_kernel(const __grid_constant__ BwdKernelParams<Traits> kp) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
     extern __shared__ __align__(Traits::kSmemAlignment) char smem[];
-    FlashBwdKeyBlock<Traits, kIsLocal>::run(kp, smem);
+    FlashBwdKeyBlock<Traits, kIsLocal, kHasVariants>::run(kp, smem);
 #else
     __trap();  // wgmma and setmaxnreg exist only in sm_90a code
 #endif

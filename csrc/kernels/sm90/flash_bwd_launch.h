@@ -54,10 +54,24 @@ struct BwdTileConfig<Element, 64> {
 // The first option of a call that this first version does not implement, or nullptr: dispatch
 // then gives the call to the sm80 family.
 inline const char* bwd_unsupported_option(const FlashBwdParams& params) {
-    if (params.softcap_prescale != 0.f) return "soft-capping";
-    if (params.alibi_slopes != nullptr) return "ALiBi";
+    // Dropout stays with the sm80 family: a thread's S^T entries fall in four different Philox
+    // groups, so the forward's one call per four draws would become four (backward_plan.md).
     if (params.dropout_threshold != 0) return "dropout";
-    if (params.learnable_sink != nullptr) return "attention sinks";
+    // Soft-capping and ALiBi (the variants kernel) and the sinks' gradient (the row kernel) are
+    // compiled but have not run on a GPU yet: they serve a call only when the override names
+    // this family.
+    if (!family_is_forced(KernelFamily::kSm90)) {
+        if (params.softcap_prescale != 0.f) {
+            return "soft-capping (not yet run on a GPU; FLASH_VARLEN_KERNEL_FAMILY=sm90 runs it)";
+        }
+        if (params.alibi_slopes != nullptr) {
+            return "ALiBi (not yet run on a GPU; FLASH_VARLEN_KERNEL_FAMILY=sm90 runs it)";
+        }
+        if (params.learnable_sink != nullptr) {
+            return "attention sinks (not yet run on a GPU; FLASH_VARLEN_KERNEL_FAMILY=sm90 runs "
+                   "them)";
+        }
+    }
     // The d = 64 tile passes the GPU tests (under the override, 2026-12-06) but its speed against
     // the sm80 family's d = 64 backward is not measured yet: it serves a call only when the
     // override names this family.
@@ -199,7 +213,10 @@ cudaError_t launch_flash_bwd(const FlashBwdParams& params, const Workspace& work
     kp.tiles.tiles = int(tiles);
     kp.reverse_key_blocks = kIsLocal && params.deterministic;
 
-    auto kernel = &flash_bwd_kernel<Traits, kIsLocal>;
+    // Soft-capping and ALiBi run in a kernel of their own (flash_bwd_kernel.h).
+    const bool has_variants = params.softcap_prescale != 0.f || params.alibi_slopes != nullptr;
+    auto kernel = has_variants ? &flash_bwd_kernel<Traits, kIsLocal, true>
+                               : &flash_bwd_kernel<Traits, kIsLocal, false>;
     constexpr int kSmemBytes = Traits::kSmemBytes;
     cudaError_t err =
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
