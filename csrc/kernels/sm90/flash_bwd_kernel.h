@@ -126,6 +126,12 @@ struct FlashBwdKeyBlock {
     using SharedStorage = typename Traits::SharedStorage;
     using PipelineQdO = typename Traits::PipelineQdO;
     using PipelineState = typename Traits::PipelineState;
+    // The dQ staging buffers this kernel uses of the Traits::kDqStages there are: the variants
+    // kernel takes one, since with two its bf16 d = 128 consumers spilled 4 bytes (a per-thread
+    // shared-memory address reloaded every step, nvcc 13.0), which CI's compile check refuses;
+    // its deterministic mode then waits for the writer as before the second buffer.
+    static constexpr int kDqStages = kHasVariants ? 1 : Traits::kDqStages;
+    static_assert(kDqStages == 1 || kDqStages == Traits::kStages, "dQ follows the Q / dO stage");
 
     // A tile's key block, its sequence, the query heads of its key/value head and the query row
     // blocks that see it, which the producer and the consumers derive alike from the tile. The
@@ -294,11 +300,10 @@ struct FlashBwdKeyBlock {
     __device__ static void write_dq(SharedStorage& shared, int warpgroup) {
         using DqChunk = sm90::DqChunk<Traits>;
         if (!cute::elect_one_sync()) return;
-        constexpr int kStages = Traits::kDqStages;
-        for (int stage = 0; stage < kStages; ++stage) shared.dq_free[stage][warpgroup].arrive();
+        for (int stage = 0; stage < kDqStages; ++stage) shared.dq_free[stage][warpgroup].arrive();
         for (int part = 0;; ++part) {
-            const int stage = part % kStages;
-            shared.dq_staged[stage][warpgroup].wait((part / kStages) % 2);
+            const int stage = part % kDqStages;
+            shared.dq_staged[stage][warpgroup].wait((part / kDqStages) % 2);
             const typename SharedStorage::DqAdd add = shared.dq_add[stage][warpgroup];
             if (add.last) break;
             if (add.turn != nullptr) wait_for_dq_turn(add.turn, add.turns_before);
@@ -314,6 +319,17 @@ struct FlashBwdKeyBlock {
     // The first float of dQ staging buffer `stage` (SharedStorage::dq).
     __device__ static float* dq_stage(SharedStorage& shared, int stage) {
         return shared.dq.data() + stage * (kBlockM * kHeadDim);
+    }
+
+    // The buffer of the dQ part a consumer step hands its writer, and the phase of that buffer's
+    // dq_free and dq_staged barriers: parts follow the Q / dO stages, one per step, as dS does,
+    // so the step's pipeline state names them (a separate count of the parts, with two buffers,
+    // spilled in the variants kernel too).
+    __device__ static int dq_stage_of(const PipelineState& read) {
+        return kDqStages == 1 ? 0 : read.index();
+    }
+    __device__ static uint32_t dq_phase_of(const PipelineState& read) {
+        return kDqStages == 1 ? read.count() % 2 : read.phase();
     }
 
     // The producer warp, one tile: Q and dO of its first kStages steps (their buffers free as
@@ -411,30 +427,29 @@ struct FlashBwdKeyBlock {
     // until it says none is left.
     __device__ static void consume(const BwdKernelParams<Traits>& kp, SharedStorage& shared,
                                    PipelineQdO& pipeline_q, PipelineQdO& pipeline_do, int thread) {
-        PipelineState read;  // the Q and dO stages carry on from tile to tile, as the producer's
-        int dq_parts = 0;    // dQ parts handed to this warpgroup's writer so far (write_dq)
+        // The Q and dO stages carry on from tile to tile, as the producer's; each step hands its
+        // warpgroup's writer one dQ part, so `read` counts the parts too (dq_stage_of).
+        PipelineState read;
         for (int consumed = 0;; ++consumed) {
             shared.kv_full.wait(consumed % 2);
             const TileCoordinates tile = shared.tile;
             if (tile.m_block < 0) break;
             compute(kp, shared, pipeline_q, pipeline_do, Work(kp.params, tile, shared.tile_seq),
-                    read, dq_parts, thread);
+                    read, thread);
         }
         // No tile left: the warpgroup's dQ writer stops.
         const int warpgroup = thread / kThreadsPerWarpgroup;
         if (thread % kThreadsPerWarpgroup == 0) {
-            const int stage = dq_parts % Traits::kDqStages;
-            shared.dq_free[stage][warpgroup].wait((dq_parts / Traits::kDqStages) % 2);
-            shared.dq_add[stage][warpgroup].last = 1;
-            shared.dq_staged[stage][warpgroup].arrive();
+            shared.dq_free[dq_stage_of(read)][warpgroup].wait(dq_phase_of(read));
+            shared.dq_add[dq_stage_of(read)][warpgroup].last = 1;
+            shared.dq_staged[dq_stage_of(read)][warpgroup].arrive();
         }
     }
 
     // The consumer threads, one tile, its K and V landed.
     __device__ static void compute(const BwdKernelParams<Traits>& kp, SharedStorage& shared,
                                    PipelineQdO& pipeline_q, PipelineQdO& pipeline_do,
-                                   const Work& work, PipelineState& read, int& dq_parts,
-                                   int thread) {
+                                   const Work& work, PipelineState& read, int thread) {
         const FlashBwdParams& params = kp.params;
         const SeqlenInfo& seq = work.seq;
         Tensor sK = make_tensor(make_smem_ptr(shared.k.data()), typename Traits::SmemLayoutK{});
@@ -579,16 +594,15 @@ struct FlashBwdKeyBlock {
                                                 tdKrQt(_, _, _, read.index()), acc_dk);
             warpgroup_wait<1>();  // dV and dQ landed: this thread's reads of dS and dO are done
             // This warpgroup stages its dQ part once its writer has read out the part staged
-            // kDqStages parts before in the same buffer.
-            const int dq_stage_index = dq_parts % Traits::kDqStages;
-            shared.dq_free[dq_stage_index][warpgroup].wait((dq_parts / Traits::kDqStages) % 2);
-            float* dq_staging = dq_stage(shared, dq_stage_index);
+            // kDqStages parts before in the same buffer (dq_stage_of).
+            shared.dq_free[dq_stage_of(read)][warpgroup].wait(dq_phase_of(read));
 
             // dQ: staged in the chunk order for the writer's bulk reduce-add (write_dq).
             CUTE_UNROLL
             for (int group = 0; group < DqChunk::kFloatsPerThread / DqChunk::kVector; ++group) {
                 const int i = group * DqChunk::kVector;
-                *reinterpret_cast<float4*>(dq_staging + DqChunk::vector_offset(thread, group)) =
+                *reinterpret_cast<float4*>(dq_stage(shared, dq_stage_of(read)) +
+                                           DqChunk::vector_offset(thread, group)) =
                     make_float4(acc_dq(i), acc_dq(i + 1), acc_dq(i + 2), acc_dq(i + 3));
             }
             if (describes_dq) {
@@ -605,14 +619,13 @@ struct FlashBwdKeyBlock {
                                warpgroup;
                     add.turns_before = work.dq_adds_before(m_block);
                 }
-                shared.dq_add[dq_stage_index][warpgroup] = add;
+                shared.dq_add[dq_stage_of(read)][warpgroup] = add;
             }
             cutlass::arch::fence_view_async_shared();  // generic-proxy writes, bulk-copy reads
             cutlass::arch::NamedBarrier::sync(kThreadsPerWarpgroup, kBarrierDqStaged + warpgroup);
             if (describes_dq) {
-                shared.dq_staged[dq_stage_index][warpgroup].arrive();  // releases dq_add too
+                shared.dq_staged[dq_stage_of(read)][warpgroup].arrive();  // releases dq_add too
             }
-            ++dq_parts;
             warpgroup_wait<0>();  // dK landed: the reads of Q are done too
             pipeline_q.consumer_release(read);
             pipeline_do.consumer_release(read);
