@@ -139,12 +139,12 @@ cudaError_t launch_flash_bwd(const FlashBwdParams& params, const Workspace& work
 
     // Launches with no work are invalid: no query rows means no D and no dQ; no keys, no
     // key block (dK, dV have no rows, dQ is the zeroed accumulator, converted).
-    const dim3 dq_grid(cute::ceil_div(params.seqlen_q, kBlockM), params.batch, params.nheads);
-    const bool has_query_rows = dq_grid.x > 0 && params.nheads > 0 && params.batch > 0;
+    const bool has_query_rows = params.seqlen_q > 0 && params.nheads > 0 && params.batch > 0;
+    // Both row kernels: one padded row block of one head per thread block.
+    const dim3 row_block_grid = PaddedRows<kBlockM>::row_block_grid(params);
     if (has_query_rows) {
         flash_bwd_row_stats_kernel<Element, kHeadDim, kBlockM>
-            <<<RowStatsKernel<Element, kHeadDim, kBlockM>::grid(params), kRowKernelThreads, 0,
-               stream>>>(params, row_stats);
+            <<<row_block_grid, kRowKernelThreads, 0, stream>>>(params, row_stats);
     }
 
     using namespace cute;
@@ -228,8 +228,9 @@ cudaError_t launch_flash_bwd(const FlashBwdParams& params, const Workspace& work
     }
 
     if (has_query_rows) {
-        flash_bwd_convert_dq_kernel<Traits><<<dq_grid, Traits::kNumMmaThreads, 0, stream>>>(
-            params, dq_accum, dq_accum_head_stride);
+        flash_bwd_convert_dq_kernel<Traits>
+            <<<row_block_grid, Traits::kNumMmaThreads, 0, stream>>>(params, dq_accum,
+                                                                     dq_accum_head_stride);
     }
     launch_clear_rows_past_end<Element>(params, stream);
     return cudaGetLastError();
