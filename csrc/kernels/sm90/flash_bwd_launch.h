@@ -72,13 +72,6 @@ inline const char* bwd_unsupported_option(const FlashBwdParams& params) {
                    "them)";
         }
     }
-    // The d = 64 tile passes the GPU tests (under the override, 2026-12-06) but its speed against
-    // the sm80 family's d = 64 backward is not measured yet: it serves a call only when the
-    // override names this family.
-    if (!family_is_forced(KernelFamily::kSm90) && params.head_dim <= 64) {
-        return "head dims up to 64 (speed not yet measured against the sm80 family; "
-               "FLASH_VARLEN_KERNEL_FAMILY=sm90 runs them)";
-    }
     if (params.block_table != nullptr) return "paged KV cache";
     return nullptr;
 }
