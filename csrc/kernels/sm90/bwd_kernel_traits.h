@@ -145,7 +145,10 @@ struct BwdKernelTraits {
     // dQ staging buffers per consumer warpgroup: with two, a warpgroup stages a row block's dQ
     // part while its writer still waits, in deterministic mode, for the previous part's turn
     // (flash_bwd_kernel.h, write_dq), so the consumers run up to two row blocks ahead of the
-    // turns. 32 KB more at d = 128 (231,424 of the 232,448 bytes a block may have).
+    // turns: deterministic GQA causal rows +5 to +6% (0.85-0.86 -> 0.91 of the default speed;
+    // H100, benchmarks/results/2026-12-06_h100_sm90_bwd_dq_stages.md), the default backward level.
+    // 32 KB more at d = 128 (231,424 of the 232,448 bytes a block may have). The variants kernel
+    // uses one of them (flash_bwd_kernel.h, kDqStages).
     static constexpr int kDqStages = 2;
 
     // Global tensors as the TMA descriptors see them: (rows, head dim, heads, batch); varlen

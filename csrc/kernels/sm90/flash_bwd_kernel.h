@@ -40,10 +40,10 @@
 // ALiBi bias added before the mask, and the cap's derivative rides in P^T's float32 copy into
 // dS^T (variant_probabilities). Attention sinks change only the row kernel (the sinks' gradient,
 // bwd_row_kernels.h): the forward's LSE counts the sink, so P^T is right without more. These
-// three are compiled without spills but have not run on a GPU: they serve a call only when
-// FLASH_VARLEN_KERNEL_FAMILY=sm90 forces this family (bwd_unsupported_option). The sm80 family
-// keeps dropout, the head dims other than 64 and 128 (flash_bwd_launch.h has the tiles), and,
-// until its speed is measured against the sm80 family's, d = 64 without the override.
+// three pass the GPU tests but serve a call only when FLASH_VARLEN_KERNEL_FAMILY=sm90 forces
+// this family until their speed is measured against the sm80 family's (bwd_unsupported_option).
+// The sm80 family keeps dropout and the head dims other than 64 and 128 (flash_bwd_launch.h has
+// the tiles).
 #pragma once
 
 #include <cutlass/arch/barrier.h>
@@ -289,7 +289,7 @@ struct FlashBwdKeyBlock {
     // adds it into the accumulator with one bulk reduce-add and hands the buffer back (dq_free)
     // once the add has read it; in deterministic mode it first waits for the row block's turn
     // (DqOrder) and passes the turn on once the add has completed, while the warpgroup may
-    // already stage the next part in the other buffer (Traits::kDqStages). The consumers'
+    // already stage the next part in the other buffer (kDqStages). The consumers'
     // issuing threads did this themselves before, and their warpgroups stalled on every turn and
     // on each add's completion; FlashAttention-3's backward gives the job to a warp of its
     // producer warpgroup too (Shah et al. 2024, hopper/epilogue_bwd.hpp). A single writer for
