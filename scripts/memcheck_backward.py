@@ -9,8 +9,10 @@ the float32 dq accumulator. Every tensor here is allocated exactly, with lengths
 that are not tile multiples, empty sequences (no queries, no keys, neither) and GQA/MQA head
 groups, so a stray access leaves its allocation and the sanitizer reports it. Each case runs
 causal and not, once with the default backward and out-only gradient, once with
-deterministic=True (the dq semaphores) and a softmax_lse gradient as well. Exits non-zero if a
-gradient is not finite or far from the float32 reference.
+deterministic=True (the dq semaphores) and a softmax_lse gradient as well. The last cases add
+soft-capping, ALiBi and attention sinks (the sm90 backward's variants kernel and its row
+kernel's sink term; the sink's gradient is checked too). Exits non-zero if a gradient is not
+finite or far from the float32 reference.
 
 Calls whose kernel a narrowed build lacks, and under FLASH_VARLEN_KERNEL_FAMILY=<family> the calls
 that family does not serve (an option it lacks, a head dim it has no kernel for), are skipped and
@@ -32,9 +34,15 @@ from flash_varlen import flash_attn_func, flash_attn_varlen_func  # noqa: E402
 from flash_varlen.reference import attention_ref_varlen  # noqa: E402
 from sanitizer_cases import selected_cases  # noqa: E402
 
-# (seqlens_q, seqlens_k, nheads, nheads_k, head_dim): tails of every size, empty sequences at
-# both ends and in the middle, MQA and GQA, and head dims below their bucket so the column
-# predicate is exercised.
+# Soft-capping, ALiBi and attention sinks in one call: a cap inside the score range (tanh
+# saturates, so its derivative matters), slopes of shape (batch, nheads) that differ per sequence
+# and per head (a wrong sequence or query head within a GQA group reads another slope), and a sink
+# per head (its gradient is a sum over every query row, the row kernel's terms).
+VARIANTS = {"softcap": 2.0, "alibi": True, "sink": True}
+
+# (seqlens_q, seqlens_k, nheads, nheads_k, head_dim[, VARIANTS]): tails of every size, empty
+# sequences at both ends and in the middle, MQA and GQA, and head dims below their bucket so the
+# column predicate is exercised.
 CASES = [
     ([1, 70, 0, 129], [65, 3, 9, 0], 2, 1, 72),
     ([200], [131], 3, 3, 40),
@@ -49,6 +57,11 @@ CASES = [
     # schedule (longest first) rather than the grid order.
     ([*range(1, 31, 2), 700, *range(2, 30, 2)], [*range(1, 31, 2), 700, *range(2, 30, 2)], 2, 1,
      128),
+    # The variants at the sm90 backward's two head dims, GQA (the kernel walks a group's query
+    # heads inside a key block, each with its own slope); they run there only under
+    # FLASH_VARLEN_KERNEL_FAMILY=sm90 until they have run on a GPU (bwd_unsupported_option).
+    ([0, 65, 130, 1, 64], [70, 65, 0, 129, 200], 4, 2, 128, VARIANTS),
+    ([0, 65, 130, 1, 64], [70, 65, 0, 129, 200], 6, 2, 64, VARIANTS),
 ]
 # (use softmax_lse's gradient, deterministic): the common path, then the other backward paths.
 MODES = [(False, False), (True, False), (True, True)]
@@ -69,25 +82,45 @@ def cu_seqlens(lengths: list[int], device: str) -> torch.Tensor:
                         device=device)
 
 
+def variant_options(variants: dict, batch: int, nheads: int, device: str) -> dict:
+    """The keyword arguments of `variants` (VARIANTS) for flash_attn_varlen_func and the
+    reference: float32 slopes (batch, nheads) and a float32 (nheads,) sink that requires grad."""
+    options = {}
+    if variants.get("softcap"):
+        options["softcap"] = variants["softcap"]
+    if variants.get("alibi"):
+        options["alibi_slopes"] = 0.05 + 0.5 * torch.rand(batch, nheads, device=device)
+    if variants.get("sink"):
+        options["learnable_sink"] = torch.randn(nheads, device=device).requires_grad_()
+    return options
+
+
 def reference_gradients(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
-    dout: torch.Tensor, dlse: torch.Tensor | None, causal: bool,
+    dout: torch.Tensor, dlse: torch.Tensor | None, causal: bool, options: dict,
 ) -> tuple[torch.Tensor, ...]:
-    """float32 autograd of the reference for the loss sum(out * dout) + sum(lse * dlse)."""
+    """float32 autograd of the reference for the loss sum(out * dout) + sum(lse * dlse): the
+    gradients of q, k, v, and of the sink when options has one."""
     leaves = [x.detach().float().requires_grad_() for x in (q, k, v)]
-    out, lse = attention_ref_varlen(*leaves, cu_q, cu_k, causal=causal)
+    options = dict(options)
+    if "learnable_sink" in options:
+        options["learnable_sink"] = options["learnable_sink"].detach().clone().requires_grad_()
+        leaves.append(options["learnable_sink"])
+    out, lse = attention_ref_varlen(*leaves[:3], cu_q, cu_k, causal=causal, **options)
     if not out.requires_grad:  # every sequence is empty on one side
         return tuple(torch.zeros_like(x) for x in leaves)
     outputs, grads = [out], [dout.float()]
     if dlse is not None:
-        # Rows without keys have lse = -inf; their gradient is 0 whatever dlse holds there.
+        # Rows without keys have lse = -inf (without a sink; with one, lse = sink there); their
+        # gradient is 0 whatever dlse holds there.
         outputs.append(lse)
         grads.append(torch.where(torch.isfinite(lse), dlse, torch.zeros_like(dlse)))
     return torch.autograd.grad(outputs, leaves, grads, allow_unused=True, materialize_grads=True)
 
 
 def largest_error(grads: tuple[torch.Tensor, ...], refs: tuple[torch.Tensor, ...]) -> float:
-    """Largest max|grad - ref| / max(1, max|ref|) over dq, dk, dv; inf if one is not finite."""
+    """Largest max|grad - ref| / max(1, max|ref|) over dq, dk, dv (and dsink); inf if one is not
+    finite."""
     error = 0.0
     for grad, ref in zip(grads, refs):
         if not bool(torch.isfinite(grad).all()):
@@ -98,27 +131,30 @@ def largest_error(grads: tuple[torch.Tensor, ...], refs: tuple[torch.Tensor, ...
     return error
 
 
-def run_case(seqlens_q: list[int], seqlens_k: list[int], nheads: int, nheads_k: int, d: int,
-             causal: bool, use_lse: bool, deterministic: bool) -> bool:
+def run_case(case: tuple, causal: bool, use_lse: bool, deterministic: bool) -> bool:
+    """One entry of CASES, forward and backward, against the float32 reference."""
+    seqlens_q, seqlens_k, nheads, nheads_k, d, *variants = case
     device = "cuda"
     cu_q, cu_k = cu_seqlens(seqlens_q, device), cu_seqlens(seqlens_k, device)
     q = torch.randn(sum(seqlens_q), nheads, d, device=device, dtype=DTYPE, requires_grad=True)
     k = torch.randn(sum(seqlens_k), nheads_k, d, device=device, dtype=DTYPE, requires_grad=True)
     v = torch.randn_like(k, requires_grad=True)
+    options = variant_options(variants[0], len(seqlens_q), nheads, device) if variants else {}
     out, lse, _ = flash_attn_varlen_func(
         q, k, v, cu_q, cu_k, max(1, *seqlens_q), max(1, *seqlens_k), causal=causal,
-        deterministic=deterministic, return_attn_probs=True,
+        deterministic=deterministic, return_attn_probs=True, **options,
     )
     dout = torch.randn_like(out)
     dlse = torch.randn_like(lse) if use_lse else None
     outputs, grad_outputs = ([out, lse], [dout, dlse]) if use_lse else ([out], [dout])
-    grads = torch.autograd.grad(outputs, (q, k, v), grad_outputs)
-    refs = reference_gradients(q, k, v, cu_q, cu_k, dout, dlse, causal)
+    leaves = (q, k, v, *([options["learnable_sink"]] if "learnable_sink" in options else []))
+    grads = torch.autograd.grad(outputs, leaves, grad_outputs)
+    refs = reference_gradients(q, k, v, cu_q, cu_k, dout, dlse, causal, options)
     error = largest_error(grads, refs)
     ok = error < TOLERANCE
     print(f"{'ok ' if ok else 'BAD'} varlen q={seqlens_q} k={seqlens_k} h={nheads}/{nheads_k} "
           f"d={d} causal={causal} lse_grad={use_lse} deterministic={deterministic} "
-          f"err={error:.3g}")
+          f"options={sorted(options)} err={error:.3g}")
     return ok
 
 
@@ -157,7 +193,7 @@ def main() -> int:
     for index in range(len(CASES)) if chosen is None else chosen:
         for causal in (False, True):
             for use_lse, deterministic in MODES:
-                results.append(served(run_case, *CASES[index], causal, use_lse, deterministic))
+                results.append(served(run_case, CASES[index], causal, use_lse, deterministic))
     if chosen is None:
         results.append(served(run_fixed_case))
     torch.cuda.synchronize()

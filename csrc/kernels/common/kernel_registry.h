@@ -23,8 +23,8 @@ namespace flash_varlen {
 constexpr const char* kFamilyOverrideVariable = "FLASH_VARLEN_KERNEL_FAMILY";
 
 // Whether the override names `family`: a family's option check asks it to serve code that has
-// not run on a GPU yet only when forced (the sm90 backward's deterministic mode and d = 64 tile,
-// sm90/flash_bwd_launch.h bwd_unsupported_option).
+// not run on a GPU yet, or whose speed is not measured yet, only when forced (the sm90
+// backward's soft-capping, ALiBi and sinks: sm90/flash_bwd_launch.h bwd_unsupported_option).
 inline bool family_is_forced(KernelFamily family) {
     const char* value = std::getenv(kFamilyOverrideVariable);
     if (value == nullptr) return false;

@@ -45,6 +45,12 @@ struct MaskPolicy : VisibleKeys<kIsLocal> {
                           ? alibi_raw_slope(params, batch, head)
                           : 0.f) {}
 
+    // Another policy's visible pairs with a slope of one's own: the sm90 backward builds one per
+    // (query head, row block) step from its tile's mask, which holds no slope (the query head
+    // changes from step to step in a GQA group; flash_bwd_kernel.h).
+    __device__ MaskPolicy(const Keys& keys, float alibi_slope)
+        : Keys(keys), alibi_slope(alibi_slope) {}
+
     // Backward: whether the (kBlockM, kBlockN) tile at (row0, col0) may hold an invisible pair
     // for a row inside the sequence, or biased scores. (The forward's variant kernels likewise
     // mask every key block, not only those outside the unmasked range: ALiBi biases them all.)

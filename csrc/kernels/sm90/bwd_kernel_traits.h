@@ -142,6 +142,15 @@ struct BwdKernelTraits {
                                     Stride<Int<kBlockM>, _1, Int<kBlockM * kBlockN>>{})));
     using SmemCopyAtomdS = Copy_Atom<SM90_U32x4_STSM_N, Element>;
 
+    // dQ staging buffers per consumer warpgroup: with two, a warpgroup stages a row block's dQ
+    // part while its writer still waits, in deterministic mode, for the previous part's turn
+    // (flash_bwd_kernel.h, write_dq), so the consumers run up to two row blocks ahead of the
+    // turns: deterministic GQA causal rows +5 to +6% (0.85-0.86 -> 0.91 of the default speed;
+    // H100, benchmarks/results/2026-12-06_h100_sm90_bwd_dq_stages.md), the default backward level.
+    // 32 KB more at d = 128 (231,424 of the 232,448 bytes a block may have). The variants kernel
+    // uses one of them (flash_bwd_kernel.h, kDqStages).
+    static constexpr int kDqStages = 2;
+
     // Global tensors as the TMA descriptors see them: (rows, head dim, heads, batch); varlen
     // buffers are one batch of all rows, a tile's row coordinate its sequence's first row plus
     // its offset (as in the forward, fwd_kernel_traits.h).
@@ -175,8 +184,9 @@ struct BwdKernelTraits {
         cute::array_aligned<Element, cosize_v<SmemLayoutK>, kSmemAlignment> k;
         cute::array_aligned<Element, cosize_v<SmemLayoutV>, kSmemAlignment> v;
         cute::array_aligned<Element, cosize_v<SmemLayoutdS>, kSmemAlignment> ds;
-        // dQ of the current row block, float32, for the bulk reduce-add (dq_accumulator.h).
-        cute::array_aligned<float, kBlockM * kHeadDim, 128> dq;
+        // dQ of the last kDqStages row blocks, float32, for the bulk reduce-adds
+        // (dq_accumulator.h): stage s holds parts s, s + kDqStages, ... of each warpgroup.
+        cute::array_aligned<float, kBlockM * kHeadDim * kDqStages, 128> dq;
         cute::array_aligned<float, kBlockM * kStages, 128> lse_log2;  // (row, stage)
         cute::array_aligned<float, kBlockM * kStages, 128> d;
         alignas(16) cutlass::arch::ClusterTransactionBarrier kv_full;  // K and V landed
@@ -195,11 +205,11 @@ struct BwdKernelTraits {
             int turns_before;  // the count the turn waits for
             int last;          // nonzero: the consumers are done, nothing is staged
         };
-        DqAdd dq_add[kNumMmaWarpgroups];
-        // Per consumer warpgroup: its dQ staging part is free (the writer's last add read it);
-        // the next part is staged and dq_add says where it goes.
-        cutlass::arch::ClusterBarrier dq_free[kNumMmaWarpgroups];
-        cutlass::arch::ClusterBarrier dq_staged[kNumMmaWarpgroups];
+        DqAdd dq_add[kDqStages][kNumMmaWarpgroups];
+        // Per dQ stage and consumer warpgroup: its staging part is free (the writer's last add
+        // from it has read it); the next part is staged there and dq_add says where it goes.
+        cutlass::arch::ClusterBarrier dq_free[kDqStages][kNumMmaWarpgroups];
+        cutlass::arch::ClusterBarrier dq_staged[kDqStages][kNumMmaWarpgroups];
     };
     static constexpr int kSmemBytes = int(sizeof(SharedStorage));
     static constexpr int kMaxSmemBytes = 227 * 1024;

@@ -36,6 +36,19 @@ struct PaddedRows {
                                         int batch) {
         return padded_first_row(seq.is_varlen, seq.q_start, batch, params.seqlen_q, kBlockM);
     }
+    // The sequence whose padded rows hold padded row `row` (padded_row_sequence).
+    __device__ static int sequence_of_row(const FlashBwdParams& params, int64_t row) {
+        return padded_row_sequence(params.cu_seqlens_q != nullptr, params.cu_seqlens_q,
+                                   params.batch, params.seqlen_q, row, kBlockM);
+    }
+    // The row kernels' grid: (padded row blocks of a head, heads). Each block finds its sequence
+    // (sequence_of_row); a grid over (row blocks of the longest sequence, batch, heads), as
+    // first written, launched 1 M (dQ's conversion) and 8 M (the row statistics, 8 rows a block)
+    // mostly empty blocks for one 16k document among 250 short ones (the `skewed` workload), and
+    // they took 0.8 and 5.1 ms of its 15.3 ms backward (H100, bf16, d = 128, MHA 16 heads).
+    static dim3 row_block_grid(const FlashBwdParams& params) {
+        return dim3(uint32_t(rows_per_head(params) / kBlockM), uint32_t(params.nheads));
+    }
 };
 
 // Where the row kernels write the statistics (and the main kernel reads them).
@@ -45,25 +58,21 @@ struct RowStats {
     int64_t head_stride;  // padded rows per head
 };
 
-// D and LSE_log2 of every padded row of the sequences (see PaddedRows). A row is read by
-// kHeadDim / 8 (16-bit) threads, one 16-byte vector of O and of dO each: a warp per row, as
-// first written, left half of its lanes idle at d = 128 and took 0.094 ms where O and dO take
-// 0.045 at 3 TB/s (ncu, 8 x 2048 rows, 16 heads, H100). Grid: (row groups of the longest
-// sequence's padded rows, batch, heads).
+// D and LSE_log2 of every padded row of the sequences (see PaddedRows), one padded row block of
+// one head per thread block (PaddedRows::row_block_grid). A row is read by kHeadDim / 8 (16-bit)
+// threads, one 16-byte vector of O and of dO each: a warp per row, as first written, left half of
+// its lanes idle at d = 128 and took 0.094 ms where O and dO take 0.045 at 3 TB/s (ncu, 8 x 2048
+// rows, 16 heads, H100). The block's kBlockM rows go in kPasses passes, every pass's loads issued
+// before the first sum.
 template <typename Element, int kHeadDim, int kBlockM>
 struct RowStatsKernel {
     static constexpr int kElems = kRowVectorBytes / sizeof(Element);
     static constexpr int kThreadsPerRow = kHeadDim / kElems;
     static_assert(kHeadDim % kElems == 0 && 32 % kThreadsPerRow == 0,
                   "a row's threads are a power-of-two part of a warp");
-    static constexpr int kRowsPerBlock = kRowKernelThreads / kThreadsPerRow;
-    static constexpr uint32_t kRowLanes =
-        kThreadsPerRow == 32 ? 0xffffffffu : (1u << kThreadsPerRow) - 1;  // of lane 0's row
-
-    static dim3 grid(const FlashBwdParams& params) {
-        const int padded_rows = cute::ceil_div(params.seqlen_q, kBlockM) * kBlockM;
-        return dim3(cute::ceil_div(padded_rows, kRowsPerBlock), params.batch, params.nheads);
-    }
+    static constexpr int kRowsPerPass = kRowKernelThreads / kThreadsPerRow;
+    static_assert(kBlockM % kRowsPerPass == 0, "whole passes per row block");
+    static constexpr int kPasses = kBlockM / kRowsPerPass;
 };
 
 template <typename Element, int kHeadDim, int kBlockM>
@@ -72,53 +81,71 @@ __global__ void __launch_bounds__(kRowKernelThreads)
     using Kernel = RowStatsKernel<Element, kHeadDim, kBlockM>;
     constexpr int kElems = Kernel::kElems;
     constexpr int kThreadsPerRow = Kernel::kThreadsPerRow;
-    const int batch = blockIdx.y, head = blockIdx.z;
-    const int row = blockIdx.x * Kernel::kRowsPerBlock + threadIdx.x / kThreadsPerRow;
-    const int part = threadIdx.x % kThreadsPerRow;  // this thread's vector of the row
+    const int head = blockIdx.y;
+    const int64_t block_row = int64_t(blockIdx.x) * kBlockM;  // padded row of the head
+    const int batch = PaddedRows<kBlockM>::sequence_of_row(params, block_row);
     const SeqlenInfo seq(params, batch);
-    if (row >= cute::ceil_div(seq.seqlen_q, kBlockM) * kBlockM) return;
-    const int64_t out = int64_t(head) * stats.head_stride +
-                        PaddedRows<kBlockM>::first_row(params, seq, batch) + row;
-    if (row >= seq.seqlen_q) {
-        if (part == 0) {
+    const int64_t first_row = PaddedRows<kBlockM>::first_row(params, seq, batch);
+    const int row0 = int(block_row - first_row);  // a multiple of kBlockM
+    // Past the sequence's rows rounded up to kBlockM (row0 is a multiple of it): between two
+    // sequences' padded rows, which no row block reads.
+    if (row0 >= seq.seqlen_q) return;
+
+    const int part = threadIdx.x % kThreadsPerRow;  // this thread's vector of its rows
+    const int col = part * kElems;
+    const Element* o_seq = static_cast<const Element*>(params.o_ptr) +
+                           seq.q_offset(params.o_batch_stride, params.o_row_stride, batch) +
+                           int64_t(head) * params.o_head_stride + col;
+    const Element* do_seq = static_cast<const Element*>(params.do_ptr) +
+                            seq.q_offset(params.do_batch_stride, params.do_row_stride, batch) +
+                            int64_t(head) * params.do_head_stride + col;
+    float sums[Kernel::kPasses];
+    CUTE_UNROLL
+    for (int pass = 0; pass < Kernel::kPasses; ++pass) {
+        const int row = row0 + pass * Kernel::kRowsPerPass + int(threadIdx.x) / kThreadsPerRow;
+        sums[pass] = 0.f;
+        // Head dims below the bucket: whole vectors (multiples of 8).
+        if (row < seq.seqlen_q && col < params.head_dim) {
+            const RowVector<Element> o = *reinterpret_cast<const RowVector<Element>*>(
+                o_seq + int64_t(row) * params.o_row_stride);
+            const RowVector<Element> d_o = *reinterpret_cast<const RowVector<Element>*>(
+                do_seq + int64_t(row) * params.do_row_stride);
+            CUTE_UNROLL
+            for (int i = 0; i < kElems; ++i) sums[pass] += float(o[i]) * float(d_o[i]);
+        }
+    }
+    CUTE_UNROLL
+    for (int pass = 0; pass < Kernel::kPasses; ++pass) {
+        // A row's threads are kThreadsPerRow consecutive lanes: xor offsets below it stay inside
+        // (every thread of the block is here).
+        float sum = sums[pass];
+        CUTE_UNROLL
+        for (int offset = kThreadsPerRow / 2; offset > 0; offset /= 2) {
+            sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+        }
+        const int row = row0 + pass * Kernel::kRowsPerPass + int(threadIdx.x) / kThreadsPerRow;
+        if (part != 0) continue;
+        const int64_t out = int64_t(head) * stats.head_stride + first_row + row;
+        if (row >= seq.seqlen_q) {
             stats.lse_log2[out] = INFINITY;
             stats.d[out] = 0.f;
+            continue;
         }
-        return;
-    }
-    const Element* o_row = static_cast<const Element*>(params.o_ptr) +
-                           seq.q_offset(params.o_batch_stride, params.o_row_stride, batch) +
-                           int64_t(row) * params.o_row_stride +
-                           int64_t(head) * params.o_head_stride;
-    const Element* do_row = static_cast<const Element*>(params.do_ptr) +
-                            seq.q_offset(params.do_batch_stride, params.do_row_stride, batch) +
-                            int64_t(row) * params.do_row_stride +
-                            int64_t(head) * params.do_head_stride;
-    float sum = 0.f;
-    const int col = part * kElems;
-    if (col < params.head_dim) {  // head dims below the bucket: whole vectors (multiples of 8)
-        const RowVector<Element> o = *reinterpret_cast<const RowVector<Element>*>(o_row + col);
-        const RowVector<Element> d_o = *reinterpret_cast<const RowVector<Element>*>(do_row + col);
-        CUTE_UNROLL
-        for (int i = 0; i < kElems; ++i) sum += float(o[i]) * float(d_o[i]);
-    }
-    // The row's threads are kThreadsPerRow consecutive lanes: xor offsets below it stay inside,
-    // and only they take part (the warp's other row may have left).
-    const uint32_t row_lanes = Kernel::kRowLanes
-                               << (threadIdx.x % 32 / kThreadsPerRow * kThreadsPerRow);
-    CUTE_UNROLL
-    for (int offset = kThreadsPerRow / 2; offset > 0; offset /= 2) {
-        sum += __shfl_xor_sync(row_lanes, sum, offset);
-    }
-    if (part == 0) {
         const int64_t in = int64_t(head) * params.lse_head_stride +
                            seq.lse_offset(params.lse_batch_stride, batch) + row;
         const float dlse =
             params.softmax_lse_grad_ptr == nullptr ? 0.f : params.softmax_lse_grad_ptr[in];
-        stats.d[out] = sum - dlse;
+        const float d = sum - dlse;
+        stats.d[out] = d;
         // A row that saw no key has LSE = -inf (and output 0): +inf makes its P 0.
         const float lse = params.softmax_lse_ptr[in];
         stats.lse_log2[out] = lse == -INFINITY ? INFINITY : lse * float(M_LOG2E);
+        if (params.learnable_sink != nullptr) {
+            // The row's term of the sink's gradient, the sm80 family's (sm80/
+            // flash_bwd_preprocess.h): the sink's probability exp(sink - lse) times -D. The
+            // forward's LSE counts the sink, so nothing else of the backward changes.
+            params.sink_grad_rows_ptr[in] = -expf(params.learnable_sink[head] - lse) * d;
+        }
     }
 }
 

@@ -99,7 +99,7 @@ __device__ inline void pass_dq_turn(int* counter) {
 // dQ = softmax scale x the accumulator, in the input type: a block of kNumMmaThreads threads per
 // (row block, sequence, head), thread t reading back what consumer thread t added (DqChunk) into
 // a (row, column) tile in shared memory, then every row written with 16-byte stores.
-// Grid: (row blocks of the longest sequence, batch, heads).
+// Grid: PaddedRows::row_block_grid, one padded row block of one head per thread block.
 template <typename Traits>
 __global__ void __launch_bounds__(Traits::kNumMmaThreads)
     flash_bwd_convert_dq_kernel(const __grid_constant__ FlashBwdParams params,
@@ -113,14 +113,16 @@ __global__ void __launch_bounds__(Traits::kNumMmaThreads)
     constexpr int kTileStride = kHeadDim + 1;
     __shared__ float tile[kBlockM * kTileStride];
 
-    const int m_block = blockIdx.x, batch = blockIdx.y, head = blockIdx.z;
+    const int head = blockIdx.y;
     const int thread = threadIdx.x;
+    const int64_t block_row = int64_t(blockIdx.x) * kBlockM;  // padded row of the head
+    const int batch = PaddedRows<kBlockM>::sequence_of_row(params, block_row);
     const SeqlenInfo seq(params, batch);
-    const int query0 = m_block * kBlockM;
-    if (query0 >= seq.seqlen_q) return;
+    const int query0 = int(block_row - PaddedRows<kBlockM>::first_row(params, seq, batch));
+    if (query0 >= seq.seqlen_q) return;  // between two sequences' padded rows
 
-    const float* chunk = dq_accum + int64_t(head) * dq_accum_head_stride +
-                         (PaddedRows<kBlockM>::first_row(params, seq, batch) + query0) * kHeadDim;
+    const float* chunk =
+        dq_accum + int64_t(head) * dq_accum_head_stride + block_row * kHeadDim;
     typename Traits::TiledMmaDQ tiled_mma_dq;
     auto coord = tiled_mma_dq.get_thread_slice(thread).partition_C(
         cute::make_identity_tensor(cute::Shape<cute::Int<kBlockM>, cute::Int<kHeadDim>>{}));

@@ -33,9 +33,17 @@
 // queries in shared memory before any product reads them (the forward does so for V), P^T is 0
 // for those pairs by selection, and their dQ, dK, dV rows are never written.
 //
-// This first version leaves to the sm80 family: soft-capping, ALiBi, dropout, attention sinks'
-// gradient, head dims other than 64 and 128 (flash_bwd_launch.h has the tiles), and, until its
-// speed is measured against the sm80 family's, d = 64 (bwd_unsupported_option).
+// Soft-capping and ALiBi run in a second kernel of each instantiation, kHasVariants, that the
+// launcher picks at run time, as the forward's and the sm80 backward's variants do: their code
+// then costs the plain kernel no registers (its machine code is the same as before they were
+// added). There the raw score is capped, raw = tanh(S^T * prescale), and the step's query head's
+// ALiBi bias added before the mask, and the cap's derivative rides in P^T's float32 copy into
+// dS^T (variant_probabilities). Attention sinks change only the row kernel (the sinks' gradient,
+// bwd_row_kernels.h): the forward's LSE counts the sink, so P^T is right without more. These
+// three pass the GPU tests but serve a call only when FLASH_VARLEN_KERNEL_FAMILY=sm90 forces
+// this family until their speed is measured against the sm80 family's (bwd_unsupported_option).
+// The sm80 family keeps dropout and the head dims other than 64 and 128 (flash_bwd_launch.h has
+// the tiles).
 #pragma once
 
 #include <cutlass/arch/barrier.h>
@@ -47,6 +55,7 @@
 #include "kernels/common/flash_params.h"
 #include "kernels/common/mask_policy.h"
 #include "kernels/common/persistent_tiles.h"
+#include "kernels/common/score_transforms.h"
 #include "kernels/common/seqlen_info.h"
 #include "kernels/sm90/bwd_kernel_traits.h"
 #include "kernels/sm90/bwd_row_kernels.h"
@@ -102,7 +111,8 @@ struct BwdKernelParams {
     bool reverse_key_blocks;
 };
 
-template <typename Traits, bool kIsLocal>
+// kHasVariants: the launch soft-caps the scores or biases them by ALiBi (see the top of the file).
+template <typename Traits, bool kIsLocal, bool kHasVariants>
 struct FlashBwdKeyBlock {
     using Element = typename Traits::Element;
     static constexpr int kBlockM = Traits::kBlockM;
@@ -110,9 +120,18 @@ struct FlashBwdKeyBlock {
     static constexpr int kHeadDim = Traits::kHeadDim;
     static constexpr int kNumMmaThreads = Traits::kNumMmaThreads;
     using Mask = MaskPolicy<kIsLocal, /*kHasAlibi=*/false>;
+    // The variants kernel's mask of one step: the tile's visible pairs, the step's query head's
+    // ALiBi slope.
+    using StepMask = MaskPolicy<kIsLocal, /*kHasAlibi=*/true>;
     using SharedStorage = typename Traits::SharedStorage;
     using PipelineQdO = typename Traits::PipelineQdO;
     using PipelineState = typename Traits::PipelineState;
+    // The dQ staging buffers this kernel uses of the Traits::kDqStages there are: the variants
+    // kernel takes one, since with two its bf16 d = 128 consumers spilled 4 bytes (a per-thread
+    // shared-memory address reloaded every step, nvcc 13.0), which CI's compile check refuses;
+    // its deterministic mode then waits for the writer as before the second buffer.
+    static constexpr int kDqStages = kHasVariants ? 1 : Traits::kDqStages;
+    static_assert(kDqStages == 1 || kDqStages == Traits::kStages, "dQ follows the Q / dO stage");
 
     // A tile's key block, its sequence, the query heads of its key/value head and the query row
     // blocks that see it, which the producer and the consumers derive alike from the tile. The
@@ -189,9 +208,11 @@ struct FlashBwdKeyBlock {
             cute::prefetch_tma_descriptor(kp.tma_v.get_tma_descriptor());
             shared.kv_full.init(/*arrive_count=*/1);
             shared.kv_empty.init(/*arrive_count=*/kNumMmaThreads);
-            for (int warpgroup = 0; warpgroup < Traits::kNumMmaWarpgroups; ++warpgroup) {
-                shared.dq_free[warpgroup].init(/*arrive_count=*/1);
-                shared.dq_staged[warpgroup].init(/*arrive_count=*/1);
+            for (int stage = 0; stage < Traits::kDqStages; ++stage) {
+                for (int warpgroup = 0; warpgroup < Traits::kNumMmaWarpgroups; ++warpgroup) {
+                    shared.dq_free[stage][warpgroup].init(/*arrive_count=*/1);
+                    shared.dq_staged[stage][warpgroup].init(/*arrive_count=*/1);
+                }
             }
         }
         typename PipelineQdO::Params pipeline_params;
@@ -263,11 +284,12 @@ struct FlashBwdKeyBlock {
     }
 
     // A dQ writer: one thread of the producer warpgroup's warp kFirstDqWriterWarp + warpgroup.
-    // Part after part, it hands the consumer warpgroup its staging buffer (dq_free) once the bulk
-    // reduce-add issued from it before has read it, waits until the warpgroup has staged its next
-    // dQ part there and said where it goes (dq_staged, SharedStorage::dq_add) and adds it into
-    // the accumulator with one bulk reduce-add; in deterministic mode it first waits for the row
-    // block's turn (DqOrder) and passes the turn on once the add has completed. The consumers'
+    // Part after part (part p in staging buffer p % kDqStages), it waits until the consumer
+    // warpgroup has staged the part and said where it goes (dq_staged, SharedStorage::dq_add),
+    // adds it into the accumulator with one bulk reduce-add and hands the buffer back (dq_free)
+    // once the add has read it; in deterministic mode it first waits for the row block's turn
+    // (DqOrder) and passes the turn on once the add has completed, while the warpgroup may
+    // already stage the next part in the other buffer (kDqStages). The consumers'
     // issuing threads did this themselves before, and their warpgroups stalled on every turn and
     // on each add's completion; FlashAttention-3's backward gives the job to a warp of its
     // producer warpgroup too (Shah et al. 2024, hopper/epilogue_bwd.hpp). A single writer for
@@ -278,18 +300,36 @@ struct FlashBwdKeyBlock {
     __device__ static void write_dq(SharedStorage& shared, int warpgroup) {
         using DqChunk = sm90::DqChunk<Traits>;
         if (!cute::elect_one_sync()) return;
-        const float* part = shared.dq.data() + warpgroup * DqChunk::kPartFloats;
-        for (int handed = 0;; ++handed) {
-            cute::tma_store_wait<0>();  // the last add from the buffer has read it
-            shared.dq_free[warpgroup].arrive();
-            shared.dq_staged[warpgroup].wait(handed % 2);
-            const typename SharedStorage::DqAdd add = shared.dq_add[warpgroup];
+        for (int stage = 0; stage < kDqStages; ++stage) shared.dq_free[stage][warpgroup].arrive();
+        for (int part = 0;; ++part) {
+            const int stage = part % kDqStages;
+            shared.dq_staged[stage][warpgroup].wait((part / kDqStages) % 2);
+            const typename SharedStorage::DqAdd add = shared.dq_add[stage][warpgroup];
             if (add.last) break;
             if (add.turn != nullptr) wait_for_dq_turn(add.turn, add.turns_before);
-            bulk_reduce_add(add.rows, part, DqChunk::kPartBytes);
+            bulk_reduce_add(add.rows, dq_stage(shared, stage) + warpgroup * DqChunk::kPartFloats,
+                            DqChunk::kPartBytes);
             cute::tma_store_arrive();
             if (add.turn != nullptr) pass_dq_turn(add.turn);
+            cute::tma_store_wait<0>();  // the add has read the buffer
+            shared.dq_free[stage][warpgroup].arrive();
         }
+    }
+
+    // The first float of dQ staging buffer `stage` (SharedStorage::dq).
+    __device__ static float* dq_stage(SharedStorage& shared, int stage) {
+        return shared.dq.data() + stage * (kBlockM * kHeadDim);
+    }
+
+    // The buffer of the dQ part a consumer step hands its writer, and the phase of that buffer's
+    // dq_free and dq_staged barriers: parts follow the Q / dO stages, one per step, as dS does,
+    // so the step's pipeline state names them (a separate count of the parts, with two buffers,
+    // spilled in the variants kernel too).
+    __device__ static int dq_stage_of(const PipelineState& read) {
+        return kDqStages == 1 ? 0 : read.index();
+    }
+    __device__ static uint32_t dq_phase_of(const PipelineState& read) {
+        return kDqStages == 1 ? read.count() % 2 : read.phase();
     }
 
     // The producer warp, one tile: Q and dO of its first kStages steps (their buffers free as
@@ -387,29 +427,29 @@ struct FlashBwdKeyBlock {
     // until it says none is left.
     __device__ static void consume(const BwdKernelParams<Traits>& kp, SharedStorage& shared,
                                    PipelineQdO& pipeline_q, PipelineQdO& pipeline_do, int thread) {
-        PipelineState read;  // the Q and dO stages carry on from tile to tile, as the producer's
-        int dq_parts = 0;    // dQ parts handed to this warpgroup's writer so far (write_dq)
+        // The Q and dO stages carry on from tile to tile, as the producer's; each step hands its
+        // warpgroup's writer one dQ part, so `read` counts the parts too (dq_stage_of).
+        PipelineState read;
         for (int consumed = 0;; ++consumed) {
             shared.kv_full.wait(consumed % 2);
             const TileCoordinates tile = shared.tile;
             if (tile.m_block < 0) break;
             compute(kp, shared, pipeline_q, pipeline_do, Work(kp.params, tile, shared.tile_seq),
-                    read, dq_parts, thread);
+                    read, thread);
         }
         // No tile left: the warpgroup's dQ writer stops.
         const int warpgroup = thread / kThreadsPerWarpgroup;
         if (thread % kThreadsPerWarpgroup == 0) {
-            shared.dq_free[warpgroup].wait(dq_parts % 2);
-            shared.dq_add[warpgroup].last = 1;
-            shared.dq_staged[warpgroup].arrive();
+            shared.dq_free[dq_stage_of(read)][warpgroup].wait(dq_phase_of(read));
+            shared.dq_add[dq_stage_of(read)][warpgroup].last = 1;
+            shared.dq_staged[dq_stage_of(read)][warpgroup].arrive();
         }
     }
 
     // The consumer threads, one tile, its K and V landed.
     __device__ static void compute(const BwdKernelParams<Traits>& kp, SharedStorage& shared,
                                    PipelineQdO& pipeline_q, PipelineQdO& pipeline_do,
-                                   const Work& work, PipelineState& read, int& dq_parts,
-                                   int thread) {
+                                   const Work& work, PipelineState& read, int thread) {
         const FlashBwdParams& params = kp.params;
         const SeqlenInfo& seq = work.seq;
         Tensor sK = make_tensor(make_smem_ptr(shared.k.data()), typename Traits::SmemLayoutK{});
@@ -488,6 +528,13 @@ struct FlashBwdKeyBlock {
                 cutlass::arch::fence_view_async_shared();
                 cutlass::arch::NamedBarrier::sync(kNumMmaThreads, kBarrierTailZeroed);
             }
+            // The variants kernel's mask of this step (the plain kernel leaves it unused): the
+            // tile's visible pairs and the query head's ALiBi slope, read before the products are
+            // issued so that the load runs while they do.
+            const StepMask step_mask(work.mask, kHasVariants && params.alibi_slopes != nullptr
+                                                    ? alibi_raw_slope(params, work.batch,
+                                                                      work.head_of(step))
+                                                    : 0.f);
             warpgroup_gemm</*kZeroInit=*/true>(tiled_mma_sdp, tSrK, tSrQ(_, _, _, read.index()),
                                                acc_s);
             warpgroup_gemm</*kZeroInit=*/true>(tiled_mma_sdp, tdPrV, tdPrdO(_, _, _, read.index()),
@@ -500,17 +547,21 @@ struct FlashBwdKeyBlock {
             constexpr int kScoresPerThread = decltype(size(acc_s))::value;
 
             warpgroup_wait<1>();  // S^T landed
-            // P^T, masked: keys past the end and pairs the local mask hides (score -inf).
-            CUTE_UNROLL
-            for (int i = 0; i < kScoresPerThread; ++i) {
-                const int key = key0 + get<0>(tScS(i));
-                const int query = get<1>(tScS(i));
-                const float score = work.mask.masked_score(acc_s(i), query0 + query, key);
-                acc_s(i) = exp2f(score * params.logit_scale_log2 - lse_log2[query]);
+            Tensor rP = make_tensor<Element>(acc_s.layout());
+            if constexpr (!kHasVariants) {
+                // P^T, masked: keys past the end and pairs the local mask hides (score -inf).
+                CUTE_UNROLL
+                for (int i = 0; i < kScoresPerThread; ++i) {
+                    const int key = key0 + get<0>(tScS(i));
+                    const int query = get<1>(tScS(i));
+                    const float score = work.mask.masked_score(acc_s(i), query0 + query, key);
+                    acc_s(i) = exp2f(score * params.logit_scale_log2 - lse_log2[query]);
+                }
+                convert_fragment(acc_s, rP);
+            } else {
+                variant_probabilities(params, step_mask, key0, tScS, lse_log2, query0, acc_s, rP);
             }
             // dV += P^T dO with P^T from registers, issued before dS so that it runs meanwhile.
-            Tensor rP = make_tensor<Element>(acc_s.layout());
-            convert_fragment(acc_s, rP);
             Tensor tdVrP = make_tensor(rP.data(), accumulator_as_a_operand(rP.layout()));
             warpgroup_gemm</*kZeroInit=*/false>(tiled_mma_dkv, tdVrP,
                                                 tdVrdOt(_, _, _, read.index()), acc_dv);
@@ -542,14 +593,15 @@ struct FlashBwdKeyBlock {
             warpgroup_gemm</*kZeroInit=*/false>(tiled_mma_dkv, tdKrdS,
                                                 tdKrQt(_, _, _, read.index()), acc_dk);
             warpgroup_wait<1>();  // dV and dQ landed: this thread's reads of dS and dO are done
-            // This warpgroup stages its dQ part once its writer has read the previous one out.
-            shared.dq_free[warpgroup].wait(dq_parts % 2);
+            // This warpgroup stages its dQ part once its writer has read out the part staged
+            // kDqStages parts before in the same buffer (dq_stage_of).
+            shared.dq_free[dq_stage_of(read)][warpgroup].wait(dq_phase_of(read));
 
             // dQ: staged in the chunk order for the writer's bulk reduce-add (write_dq).
             CUTE_UNROLL
             for (int group = 0; group < DqChunk::kFloatsPerThread / DqChunk::kVector; ++group) {
                 const int i = group * DqChunk::kVector;
-                *reinterpret_cast<float4*>(shared.dq.data() +
+                *reinterpret_cast<float4*>(dq_stage(shared, dq_stage_of(read)) +
                                            DqChunk::vector_offset(thread, group)) =
                     make_float4(acc_dq(i), acc_dq(i + 1), acc_dq(i + 2), acc_dq(i + 3));
             }
@@ -567,12 +619,13 @@ struct FlashBwdKeyBlock {
                                warpgroup;
                     add.turns_before = work.dq_adds_before(m_block);
                 }
-                shared.dq_add[warpgroup] = add;
+                shared.dq_add[dq_stage_of(read)][warpgroup] = add;
             }
             cutlass::arch::fence_view_async_shared();  // generic-proxy writes, bulk-copy reads
             cutlass::arch::NamedBarrier::sync(kThreadsPerWarpgroup, kBarrierDqStaged + warpgroup);
-            if (describes_dq) shared.dq_staged[warpgroup].arrive();  // releases dq_add too
-            ++dq_parts;
+            if (describes_dq) {
+                shared.dq_staged[dq_stage_of(read)][warpgroup].arrive();  // releases dq_add too
+            }
             warpgroup_wait<0>();  // dK landed: the reads of Q are done too
             pipeline_q.consumer_release(read);
             pipeline_do.consumer_release(read);
@@ -583,6 +636,48 @@ struct FlashBwdKeyBlock {
         shared.kv_empty.arrive();
 
         store_dk_dv(params, seq, work, tiled_mma_dkv, acc_dk, acc_dv, thread);
+    }
+
+    // The variants kernel's P^T of one step: the raw scores capped (raw = tanh(S^T * prescale),
+    // the forward's apply_softcap) and biased by the step's query head's ALiBi slope before the
+    // mask, in the forward's order (flash_fwd_kernel.h), then P^T = exp2(score *
+    // logit_scale_log2 - LSE_log2) into rP in 16 bits, the dV product's operand, and into acc_s in
+    // float32 times the cap's derivative 1 - raw^2, which dS^T = P^T (dP^T - D) then carries
+    // (d logit / d (q.k) = softmax_scale (1 - raw^2); softmax_scale is applied to dK and dQ at
+    // the end, as without the cap). The derivative is taken while raw is at hand, so nothing more
+    // lives across the dP^T product (the sm80 family recovers raw from P in the dS loop, which
+    // spilled in the lost first version of this kernel, backward_plan.md). Shape, for the
+    // registers (bf16 d = 128 without a local mask, nvcc 13.0): the tanh of every score first, in
+    // place, then one loop that converts P^T in pairs as it goes; the tanh and the derivative
+    // inside that loop (raw and 1 - raw^2 live beside P^T) spilled 4 bytes, and that with P^T
+    // converted one value at a time 8. The step's mask is
+    // built from the tile's (its visible pairs) and a slope: the lost first version of this kernel
+    // spilled with a slope in the tile's mask or a step mask derived from the params again.
+    template <typename ScoreCoords, typename AccS, typename FragP>
+    __device__ static void variant_probabilities(const FlashBwdParams& params,
+                                                 const StepMask& mask, int key0,
+                                                 const ScoreCoords& tScS, const float* lse_log2,
+                                                 int query0, AccS& acc_s, FragP& rP) {
+        const bool softcap = params.softcap_prescale != 0.f;  // uniform: the same every step
+        constexpr int kScoresPerThread = decltype(size(acc_s))::value;
+        if (softcap) apply_softcap(acc_s, params.softcap_prescale);
+        cutlass::NumericArrayConverter<Element, float, 2> convert_pair;
+        CUTE_UNROLL
+        for (int i = 0; i < kScoresPerThread; i += 2) {
+            cutlass::Array<float, 2> p;
+            CUTE_UNROLL
+            for (int j = 0; j < 2; ++j) {
+                const int key = key0 + get<0>(tScS(i + j));
+                const int query = get<1>(tScS(i + j));
+                const float raw = acc_s(i + j);
+                const float score = mask.masked_score(raw, query0 + query, key);
+                p[j] = exp2f(score * params.logit_scale_log2 - lse_log2[query]);
+                acc_s(i + j) = softcap ? p[j] - p[j] * raw * raw : p[j];  // p (1 - raw^2)
+            }
+            const cutlass::Array<Element, 2> converted = convert_pair(p);
+            rP(i) = converted[0];
+            rP(i + 1) = converted[1];
+        }
     }
 
     // Zeroes rows [first_row, rows) of one (rows, head dim) buffer (zero_rows.h).
@@ -626,12 +721,12 @@ struct FlashBwdKeyBlock {
     }
 };
 
-template <typename Traits, bool kIsLocal>
+template <typename Traits, bool kIsLocal, bool kHasVariants>
 __global__ void __launch_bounds__(Traits::kNumThreads, 1)
     flash_bwd_kernel(const __grid_constant__ BwdKernelParams<Traits> kp) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
     extern __shared__ __align__(Traits::kSmemAlignment) char smem[];
-    FlashBwdKeyBlock<Traits, kIsLocal>::run(kp, smem);
+    FlashBwdKeyBlock<Traits, kIsLocal, kHasVariants>::run(kp, smem);
 #else
     __trap();  // wgmma and setmaxnreg exist only in sm_90a code
 #endif

@@ -54,16 +54,26 @@ struct BwdTileConfig<Element, 64> {
 // The first option of a call that this first version does not implement, or nullptr: dispatch
 // then gives the call to the sm80 family.
 inline const char* bwd_unsupported_option(const FlashBwdParams& params) {
-    if (params.softcap_prescale != 0.f) return "soft-capping";
-    if (params.alibi_slopes != nullptr) return "ALiBi";
+    // Dropout stays with the sm80 family: a thread's S^T entries fall in four different Philox
+    // groups, so the forward's one call per four draws would become four (backward_plan.md).
     if (params.dropout_threshold != 0) return "dropout";
-    if (params.learnable_sink != nullptr) return "attention sinks";
-    // The d = 64 tile passes the GPU tests (under the override, 2026-12-06) but its speed against
-    // the sm80 family's d = 64 backward is not measured yet: it serves a call only when the
-    // override names this family.
-    if (!family_is_forced(KernelFamily::kSm90) && params.head_dim <= 64) {
-        return "head dims up to 64 (speed not yet measured against the sm80 family; "
-               "FLASH_VARLEN_KERNEL_FAMILY=sm90 runs them)";
+    // Soft-capping and ALiBi (the variants kernel) and the sinks' gradient (the row kernel) pass
+    // the GPU tests and compute-sanitizer under the override (H100, 2026-12-06), but their speed
+    // against the sm80 family's is not measured yet: they serve a call only when the override
+    // names this family.
+    if (!family_is_forced(KernelFamily::kSm90)) {
+        if (params.softcap_prescale != 0.f) {
+            return "soft-capping (speed not yet measured against the sm80 family; "
+                   "FLASH_VARLEN_KERNEL_FAMILY=sm90 runs it)";
+        }
+        if (params.alibi_slopes != nullptr) {
+            return "ALiBi (speed not yet measured against the sm80 family; "
+                   "FLASH_VARLEN_KERNEL_FAMILY=sm90 runs it)";
+        }
+        if (params.learnable_sink != nullptr) {
+            return "attention sinks (speed not yet measured against the sm80 family; "
+                   "FLASH_VARLEN_KERNEL_FAMILY=sm90 runs them)";
+        }
     }
     if (params.block_table != nullptr) return "paged KV cache";
     return nullptr;
@@ -125,12 +135,12 @@ cudaError_t launch_flash_bwd(const FlashBwdParams& params, const Workspace& work
 
     // Launches with no work are invalid: no query rows means no D and no dQ; no keys, no
     // key block (dK, dV have no rows, dQ is the zeroed accumulator, converted).
-    const dim3 dq_grid(cute::ceil_div(params.seqlen_q, kBlockM), params.batch, params.nheads);
-    const bool has_query_rows = dq_grid.x > 0 && params.nheads > 0 && params.batch > 0;
+    const bool has_query_rows = params.seqlen_q > 0 && params.nheads > 0 && params.batch > 0;
+    // Both row kernels: one padded row block of one head per thread block.
+    const dim3 row_block_grid = PaddedRows<kBlockM>::row_block_grid(params);
     if (has_query_rows) {
         flash_bwd_row_stats_kernel<Element, kHeadDim, kBlockM>
-            <<<RowStatsKernel<Element, kHeadDim, kBlockM>::grid(params), kRowKernelThreads, 0,
-               stream>>>(params, row_stats);
+            <<<row_block_grid, kRowKernelThreads, 0, stream>>>(params, row_stats);
     }
 
     using namespace cute;
@@ -199,7 +209,10 @@ cudaError_t launch_flash_bwd(const FlashBwdParams& params, const Workspace& work
     kp.tiles.tiles = int(tiles);
     kp.reverse_key_blocks = kIsLocal && params.deterministic;
 
-    auto kernel = &flash_bwd_kernel<Traits, kIsLocal>;
+    // Soft-capping and ALiBi run in a kernel of their own (flash_bwd_kernel.h).
+    const bool has_variants = params.softcap_prescale != 0.f || params.alibi_slopes != nullptr;
+    auto kernel = has_variants ? &flash_bwd_kernel<Traits, kIsLocal, true>
+                               : &flash_bwd_kernel<Traits, kIsLocal, false>;
     constexpr int kSmemBytes = Traits::kSmemBytes;
     cudaError_t err =
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
@@ -211,8 +224,9 @@ cudaError_t launch_flash_bwd(const FlashBwdParams& params, const Workspace& work
     }
 
     if (has_query_rows) {
-        flash_bwd_convert_dq_kernel<Traits><<<dq_grid, Traits::kNumMmaThreads, 0, stream>>>(
-            params, dq_accum, dq_accum_head_stride);
+        flash_bwd_convert_dq_kernel<Traits>
+            <<<row_block_grid, Traits::kNumMmaThreads, 0, stream>>>(params, dq_accum,
+                                                                     dq_accum_head_stride);
     }
     launch_clear_rows_past_end<Element>(params, stream);
     return cudaGetLastError();

@@ -31,5 +31,28 @@ constexpr int64_t padded_rows_per_head(bool is_varlen, int64_t total_q, int64_t 
         block_rows);
 }
 
+// The sequence whose padded rows hold padded row `row` (of one head): the last sequence whose
+// first padded row is at or before it. Varlen: a binary search over cu_seqlens_q (log2(batch)
+// reads); fixed length: a division. The row may lie between two sequences' padded rows, past the
+// first one's length rounded up: the caller checks.
+constexpr int padded_row_sequence(bool is_varlen, const int* cu_seqlens_q, int batch,
+                                  int64_t seqlen_q, int64_t row, int64_t block_rows) {
+    if (!is_varlen) {
+        const int64_t rows_per_sequence = round_up_to(seqlen_q, block_rows);
+        return rows_per_sequence == 0 ? 0 : int(row / rows_per_sequence);
+    }
+    int first = 0;     // padded_first_row(first) <= row (sequence 0 starts at row 0)
+    int past = batch;  // padded_first_row(past) > row, or past == batch
+    while (past - first > 1) {
+        const int middle = first + (past - first) / 2;
+        if (padded_first_row(true, cu_seqlens_q[middle], middle, seqlen_q, block_rows) <= row) {
+            first = middle;
+        } else {
+            past = middle;
+        }
+    }
+    return first;
+}
+
 }  // namespace sm90
 }  // namespace flash_varlen
