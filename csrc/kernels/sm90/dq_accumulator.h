@@ -97,9 +97,9 @@ __device__ inline void pass_dq_turn(int* counter) {
 }
 
 // dQ = softmax scale x the accumulator, in the input type: a block of kNumMmaThreads threads per
-// (row block, sequence, head), thread t reading back what consumer thread t added (DqChunk) into
-// a (row, column) tile in shared memory, then every row written with 16-byte stores.
-// Grid: PaddedRows::row_block_grid, one padded row block of one head per thread block.
+// padded row block of one head (PaddedRows::row_block_grid; the block finds its sequence), thread
+// t reading back what consumer thread t added (DqChunk) into a (row, column) tile in shared
+// memory, then every row written with 16-byte stores.
 template <typename Traits>
 __global__ void __launch_bounds__(Traits::kNumMmaThreads)
     flash_bwd_convert_dq_kernel(const __grid_constant__ FlashBwdParams params,
