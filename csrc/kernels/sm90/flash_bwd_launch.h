@@ -79,7 +79,7 @@ inline const char* bwd_unsupported_option(const FlashBwdParams& params) {
     return nullptr;
 }
 
-// Workspace, with R = the padded rows per head (padded_rows.h: total_q + batch x kBlockM
+// Workspace, with R = the padded rows per head (common/padded_rows.h: total_q + batch x kBlockM
 // rounded up, or batch x seqlen_q rounded up per sequence): zeroed, the float32 dQ accumulator
 // (heads, R, kHeadDim) (dq_accumulator.h), in deterministic mode after it the int32 counters
 // (heads, R / kBlockM, consumer warpgroups), then the persistent grid's tile counter (one
