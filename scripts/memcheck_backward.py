@@ -63,6 +63,9 @@ CASES = [
     # (bwd_unsupported_option).
     ([0, 65, 130, 1, 64], [70, 65, 0, 129, 200], 4, 2, 128, VARIANTS),
     ([0, 65, 130, 1, 64], [70, 65, 0, 129, 200], 6, 2, 64, VARIANTS),
+    # d = 64's 128-row steps (the variants' 64-row ones above): a length one under, at and over a
+    # step, a sequence without keys, and a query count over two steps with fewer keys.
+    ([127, 128, 5, 129, 300], [128, 40, 0, 129, 257], 2, 2, 64),
 ]
 # (use softmax_lse's gradient, deterministic): the common path, then the other backward paths.
 MODES = [(False, False), (True, False), (True, True)]

@@ -1,6 +1,6 @@
 """Plain C++ headers of the kernels (no CUDA) compiled into small drivers with the host compiler,
 so that CPU tests can run their arithmetic (tests/test_decode_cpu.py,
-tests/test_sm90_backward_cpu.py)."""
+tests/test_padded_rows_cpu.py)."""
 
 from __future__ import annotations
 

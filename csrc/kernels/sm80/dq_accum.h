@@ -10,15 +10,17 @@
 // (ncu, H200, bf16 d128: those adds and the stalls behind them were 12% of the main kernel's
 // samples). FlashAttention-3 (Shah et al., 2024) keeps its dQ accumulator in fragment order too.
 //
-// Sequence b's tiles start at row dq_accum_first_row(b): its first query row plus kBlockM rows of
-// slack per earlier sequence, rounded down to a whole tile. Tiles of different sequences never
-// overlap (the slack covers the rounding and the last tile's overhang), and the host sizes the
-// accumulator as query rows + batch * kBlockM rows without reading cu_seqlens.
+// Rows per head: the backward's padded rows (common/padded_rows.h, as the sm90 family's): sequence
+// b's tiles start at its first query row plus kBlockM rows of slack per earlier sequence, rounded
+// down to a whole tile, so tiles of different sequences never overlap (the slack covers the
+// rounding and the last tile's overhang), and the host sizes the accumulator as query rows +
+// batch * kBlockM rows, rounded up to a tile, without reading cu_seqlens.
 #pragma once
 
 #include <cute/tensor.hpp>
 
 #include "kernels/common/flash_params.h"
+#include "kernels/common/padded_row_blocks.h"
 #include "kernels/common/seqlen_info.h"
 #include "kernels/sm80/fragment_layouts.h"
 #include "kernels/sm80/tile_copy.h"
@@ -30,19 +32,11 @@ using namespace cute;
 
 constexpr int kDqAccumVector = 4;  // floats per add instruction and per load
 
-template <int kBlockM>
-__device__ __forceinline__ int64_t dq_accum_first_row(const FlashBwdParams& params,
-                                                      const SeqlenInfo& seq, int batch) {
-    const int64_t first_query_row =
-        seq.is_varlen ? int64_t(seq.q_start) : int64_t(batch) * params.seqlen_q;
-    return (first_query_row + int64_t(batch) * kBlockM) / kBlockM * kBlockM;
-}
-
 // The first float of row block m_block's tile of sequence `batch`, head `head`.
 template <typename Traits>
 __device__ __forceinline__ float* dq_accum_tile(const FlashBwdParams& params, const SeqlenInfo& seq,
                                                 int batch, int head, int m_block) {
-    const int64_t row = dq_accum_first_row<Traits::kBlockM>(params, seq, batch) +
+    const int64_t row = PaddedRows<Traits::kBlockM>::first_row(params, seq, batch) +
                         int64_t(m_block) * Traits::kBlockM;
     return params.dq_accum_ptr + head * params.dq_accum_head_stride + row * Traits::kHeadDim;
 }
@@ -139,10 +133,11 @@ __device__ __forceinline__ void wait_dq_tile_adds() {
 #endif
 }
 
-// dQ = softmax_scale * accumulator, in the input dtype. Grid: (row blocks of the longest
-// sequence, batch, nheads), Traits::kNThreads threads, Traits::kSmemElemsQdO elements of dynamic
-// shared memory. Each thread reads back its own fragment (fully coalesced), and the tile goes
-// through shared memory to row-contiguous 16-byte stores, as the main kernel's dK and dV do.
+// dQ = softmax_scale * accumulator, in the input dtype. Grid: one padded row block of one head per
+// thread block (PaddedRows::row_block_grid), Traits::kNThreads threads, Traits::kSmemElemsQdO
+// elements of dynamic shared memory. Each thread reads back its own fragment (fully coalesced),
+// and the tile goes through shared memory to row-contiguous 16-byte stores, as the main kernel's
+// dK and dV do.
 template <typename Traits>
 __global__ void __launch_bounds__(Traits::kNThreads)
     flash_bwd_convert_dq_kernel(const __grid_constant__ FlashBwdParams params) {
@@ -150,12 +145,13 @@ __global__ void __launch_bounds__(Traits::kNThreads)
     constexpr int kBlockM = Traits::kBlockM;
     constexpr int kHeadDim = Traits::kHeadDim;
     extern __shared__ __align__(128) char smem[];
-    const int m_block = blockIdx.x;
-    const int batch = blockIdx.y;
-    const int head = blockIdx.z;
-    const SeqlenInfo seq(params, batch);
-    const int rows_left = seq.seqlen_q - m_block * kBlockM;
-    if (rows_left <= 0) return;
+    const PaddedRowBlock<kBlockM> block(params);
+    if (!block.has_rows()) return;
+    const int m_block = block.query0 / kBlockM;
+    const int batch = block.batch;
+    const int head = block.head;
+    const SeqlenInfo& seq = block.seq;
+    const int rows_left = seq.seqlen_q - block.query0;
 
     typename Traits::TiledMmadQ mma_dq;
     Tensor acc_dq = partition_fragment_C(mma_dq, Shape<Int<kBlockM>, Int<kHeadDim>>{});

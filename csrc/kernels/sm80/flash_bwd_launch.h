@@ -10,6 +10,7 @@
 
 #include "kernels/common/clear_rows_past_end.h"
 #include "kernels/common/flash_params.h"
+#include "kernels/common/padded_row_blocks.h"
 #include "kernels/common/workspace.h"
 #include "kernels/sm80/bwd_kernel_traits.h"
 #include "kernels/sm80/dq_accum.h"
@@ -19,11 +20,11 @@
 namespace flash_varlen {
 namespace sm80 {
 
-// Rows of the dQ accumulator per head: one row block of slack per sequence, so that each
-// sequence's tiles start on a whole row block (dq_accum.h).
+// Rows of the dQ accumulator per head: the padded rows (common/padded_rows.h), one row block of
+// slack per sequence, so that each sequence's tiles start on a whole row block (dq_accum.h).
 template <typename Traits>
 int64_t dq_accum_rows(const FlashBwdParams& params) {
-    return params.total_q + int64_t(params.batch) * Traits::kBlockM;
+    return PaddedRows<Traits::kBlockM>::rows_per_head(params);
 }
 
 // Scratch: the float32 dQ accumulator, (nheads, dq_accum_rows, kHeadDim), not zeroed (the
@@ -51,12 +52,12 @@ cudaError_t launch_flash_bwd(const FlashBwdParams& call_params, const Workspace&
     params.dq_accum_head_stride = dq_accum_rows<Traits>(params) * kHeadDim;
     params.dq_semaphore = params.deterministic ? static_cast<int*>(workspace.zeroed) : nullptr;
     params.dq_semaphore_head_stride = static_cast<int>(dq_semaphore_slots_per_head(params));
-    // Grid of the preprocess and conversion kernels: the main kernel's row blocks.
-    const dim3 row_block_grid(cute::ceil_div(params.seqlen_q, Traits::kBlockM), params.batch,
-                              params.nheads);
+    // Grid of the preprocess and conversion kernels: one padded row block of one head per
+    // thread block (common/padded_row_blocks.h).
+    const dim3 row_block_grid = PaddedRows<Traits::kBlockM>::row_block_grid(params);
     // Empty launches are invalid: with no query rows there is no D and no dQ, and with no keys no
     // key block (dK, dV have no rows; dQ is the zeroed accumulator, converted).
-    const bool has_query_rows = row_block_grid.x > 0 && params.nheads > 0;
+    const bool has_query_rows = params.seqlen_q > 0 && params.nheads > 0 && params.batch > 0;
     if (has_query_rows) {
         flash_bwd_preprocess_kernel<Traits>
             <<<row_block_grid, kPreprocessThreads, 0, stream>>>(params);
@@ -80,6 +81,11 @@ cudaError_t launch_flash_bwd(const FlashBwdParams& call_params, const Workspace&
         err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
         if (err != cudaSuccess) return err;
     }
+    // Key blocks: (key blocks of the longest sequence, batch, kv heads). The blocks past a shorter
+    // sequence's keys exit at once; giving this kernel the tile schedule's 1-D grid, as the
+    // forward's (flash_fwd_launch.h), made its plain kernels spill (bf16 d = 64 local: 8 -> 304
+    // bytes of stores at sm_80, accumulators reloaded in the main loop; d = 256 0 -> 20 at
+    // sm_90; nvcc 13.0): the looked-up coordinates stay live where blockIdx could be re-read.
     const dim3 grid(cute::ceil_div(params.seqlen_k, Traits::kBlockN), params.batch,
                     params.nheads_k);
     if (grid.x > 0) kernel<<<grid, Traits::kNThreads, smem_bytes, stream>>>(params);

@@ -15,6 +15,7 @@
 #include <cute/tensor.hpp>
 
 #include "kernels/common/flash_params.h"
+#include "kernels/common/padded_row_blocks.h"
 #include "kernels/common/seqlen_info.h"
 #include "kernels/sm80/dq_accum.h"
 
@@ -42,7 +43,8 @@ __device__ __forceinline__ float lane_group_sum(float x) {
     return x;
 }
 
-// Grid: (row blocks of the longest sequence, batch, nheads), kPreprocessWarps warps.
+// Grid: one padded row block of one head per thread block (PaddedRows::row_block_grid),
+// kPreprocessWarps warps.
 template <typename Traits>
 __global__ void __launch_bounds__(kPreprocessThreads)
     flash_bwd_preprocess_kernel(const __grid_constant__ FlashBwdParams params) {
@@ -50,11 +52,12 @@ __global__ void __launch_bounds__(kPreprocessThreads)
     constexpr int kBlockM = Traits::kBlockM;
     constexpr int kHeadDim = Traits::kHeadDim;
     static_assert(kHeadDim <= kWarpSize * kElemsPerLane, "one access per lane covers a row");
-    const int m_block = blockIdx.x;
-    const int batch = blockIdx.y;
-    const int head = blockIdx.z;
-    const SeqlenInfo seq(params, batch);
-    if (m_block * kBlockM >= seq.seqlen_q) return;
+    const PaddedRowBlock<kBlockM> block(params);
+    if (!block.has_rows()) return;
+    const int m_block = block.query0 / kBlockM;
+    const int batch = block.batch;
+    const int head = block.head;
+    const SeqlenInfo& seq = block.seq;
 
     float4* accum_tile =
         reinterpret_cast<float4*>(dq_accum_tile<Traits>(params, seq, batch, head, m_block));

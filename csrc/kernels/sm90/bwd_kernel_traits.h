@@ -22,6 +22,7 @@
 #include <cute/tensor.hpp>
 #include <cutlass/gemm/collective/builders/sm90_common.inl>  // ss_smem_selector
 #include <cutlass/pipeline/sm90_pipeline.hpp>
+#include <type_traits>
 
 #include "kernels/common/seqlen_info.h"
 #include "kernels/common/varlen_tile_schedule.h"  // TileCoordinates
@@ -49,7 +50,20 @@ struct BwdKernelTraits {
     static_assert(kNumMmaWarpgroups == 2, "two consumer warpgroups");
     static constexpr int kNumMmaThreads = kNumMmaWarpgroups * kThreadsPerWarpgroup;
     static constexpr int kNumThreads = kNumMmaThreads + kThreadsPerWarpgroup;
-    static_assert(kHeadDim % (kNumMmaWarpgroups * 8) == 0, "dQ columns split evenly");
+    // dQ = dS K, (queries, head dim): with 64 query rows per step the warpgroups split its
+    // head-dim columns; with 128 (one wgmma M extent per warpgroup) they split its rows, as
+    // FlashAttention-3's d = 64 tile (hopper/flash_bwd_launch_template.h, AtomLayoutMdQ = 2).
+    static constexpr bool kDqSplitsRows = kBlockM == kNumMmaWarpgroups * kRowsPerMmaWarpgroup;
+    static_assert(kDqSplitsRows || kBlockM == kRowsPerMmaWarpgroup, "64 or 128 query rows");
+    static_assert(kDqSplitsRows || kHeadDim % (kNumMmaWarpgroups * 8) == 0,
+                  "dQ columns split evenly");
+    // The order of a step's products. At 64 rows dV += P^T dO is issued as soon as P^T is
+    // converted, so that it runs while dS^T is computed. At 128 rows S^T and dP^T take 64 floats
+    // per thread each, and a 16-bit P^T held beside them (the dV product's operand) spilled 100
+    // bytes (d = 64, nvcc 13.0, backward_plan.md): there dS^T comes first, then P^T and dS^T are
+    // converted and dV is issued (FlashAttention-4's order, flash_attn/cute/flash_bwd_sm90.py,
+    // with the conversion of P^T moved after dS^T).
+    static constexpr bool kDvAfterDs = kBlockM > kRowsPerMmaWarpgroup;
 
     // setmaxnreg: per consumer thread dK and dV (2 x 64 floats at d = 128), S^T and dP^T (2 x 32
     // floats), P^T and dS^T in 16 bits (2 x 16) and dQ (32 floats) during its product:
@@ -84,14 +98,15 @@ struct BwdKernelTraits {
         MmaWarpgroupsAlongM{}));
     // dQ = dS K: (queries, head dim, keys), both from shared memory: dS as written by the
     // consumers (queries contiguous: MN-major), K read transposed (head dim contiguous:
-    // MN-major). Each warpgroup computes kHeadDim / 2 columns.
-    static constexpr int kDqColsPerWarpgroup = kHeadDim / kNumMmaWarpgroups;
+    // MN-major). Each warpgroup computes 64 rows (kDqSplitsRows) or kHeadDim / 2 columns.
+    static constexpr int kDqRowsPerWarpgroup = kDqSplitsRows ? kRowsPerMmaWarpgroup : kBlockM;
+    static constexpr int kDqColsPerWarpgroup = kDqSplitsRows ? kHeadDim : kHeadDim / kNumMmaWarpgroups;
     using TileShapeDQ = Shape<Int<kBlockM>, Int<kHeadDim>, Int<kBlockN>>;
     using TiledMmaDQ = decltype(make_tiled_mma(
         GMMA::ss_op_selector<Element, Element, float,
-                             Shape<Int<kBlockM>, Int<kDqColsPerWarpgroup>, Int<kBlockN>>,
+                             Shape<Int<kDqRowsPerWarpgroup>, Int<kDqColsPerWarpgroup>, Int<kBlockN>>,
                              GMMA::Major::MN, GMMA::Major::MN>(),
-        MmaWarpgroupsAlongN{}));
+        std::conditional_t<kDqSplitsRows, MmaWarpgroupsAlongM, MmaWarpgroupsAlongN>{}));
     static_assert(size(TiledMmaSdP{}) == kNumMmaThreads && size(TiledMmaDKV{}) == kNumMmaThreads &&
                   size(TiledMmaDQ{}) == kNumMmaThreads);
     static_assert(size<1>(typename TiledMmaSdP::AtomShape_MNK{}) == kBlockM,

@@ -9,7 +9,7 @@
 
 #include "kernels/common/flash_params.h"
 #include "kernels/common/seqlen_info.h"
-#include "kernels/sm90/padded_rows.h"
+#include "kernels/common/padded_row_blocks.h"
 
 namespace flash_varlen {
 namespace sm90 {
@@ -21,37 +21,11 @@ template <typename Element>
 using RowVector =
     cutlass::AlignedArray<Element, kRowVectorBytes / sizeof(Element), kRowVectorBytes>;
 
-// The row statistics the main kernel reads, LSE in log2 units and D, float32, each laid out as
-// (heads, padded rows) (padded_rows.h): a sequence's rows start at a multiple of kBlockM, so that
-// the main kernel loads a row block's kBlockM values with one aligned bulk copy, and the rows
-// from its end up to the next multiple (which its last row block reads) hold LSE = +inf and
-// D = 0: P = 0 there.
-template <int kBlockM>
-struct PaddedRows {
-    static int64_t rows_per_head(const FlashBwdParams& params) {
-        return padded_rows_per_head(params.cu_seqlens_q != nullptr, params.total_q, params.batch,
-                                    params.seqlen_q, kBlockM);
-    }
-    __device__ static int64_t first_row(const FlashBwdParams& params, const SeqlenInfo& seq,
-                                        int batch) {
-        return padded_first_row(seq.is_varlen, seq.q_start, batch, params.seqlen_q, kBlockM);
-    }
-    // The sequence whose padded rows hold padded row `row` (padded_row_sequence).
-    __device__ static int sequence_of_row(const FlashBwdParams& params, int64_t row) {
-        return padded_row_sequence(params.cu_seqlens_q != nullptr, params.cu_seqlens_q,
-                                   params.batch, params.seqlen_q, row, kBlockM);
-    }
-    // The row kernels' grid: (padded row blocks of a head, heads). Each block finds its sequence
-    // (sequence_of_row); a grid over (row blocks of the longest sequence, batch, heads), as
-    // first written, launched 1 M (dQ's conversion) and 8 M (the row statistics, 8 rows a block)
-    // mostly empty blocks for one 16k document among 250 short ones (the `skewed` workload), and
-    // they took 0.8 and 5.1 ms of its 15.3 ms backward (H100, bf16, d = 128, MHA 16 heads).
-    static dim3 row_block_grid(const FlashBwdParams& params) {
-        return dim3(uint32_t(rows_per_head(params) / kBlockM), uint32_t(params.nheads));
-    }
-};
-
-// Where the row kernels write the statistics (and the main kernel reads them).
+// Where the row kernel writes the statistics the main kernel reads, LSE in log2 units and D,
+// float32, each laid out as (heads, padded rows) (common/padded_rows.h, PaddedRows): a sequence's
+// rows start at a multiple of kBlockM, so that the main kernel loads a row block's kBlockM values
+// with one aligned bulk copy, and the rows from its end up to the next multiple (which its last
+// row block reads) hold LSE = +inf and D = 0: P = 0 there.
 struct RowStats {
     float* lse_log2;
     float* d;
@@ -81,15 +55,13 @@ __global__ void __launch_bounds__(kRowKernelThreads)
     using Kernel = RowStatsKernel<Element, kHeadDim, kBlockM>;
     constexpr int kElems = Kernel::kElems;
     constexpr int kThreadsPerRow = Kernel::kThreadsPerRow;
-    const int head = blockIdx.y;
-    const int64_t block_row = int64_t(blockIdx.x) * kBlockM;  // padded row of the head
-    const int batch = PaddedRows<kBlockM>::sequence_of_row(params, block_row);
-    const SeqlenInfo seq(params, batch);
-    const int64_t first_row = PaddedRows<kBlockM>::first_row(params, seq, batch);
-    const int row0 = int(block_row - first_row);  // a multiple of kBlockM
-    // Past the sequence's rows rounded up to kBlockM (row0 is a multiple of it): between two
-    // sequences' padded rows, which no row block reads.
-    if (row0 >= seq.seqlen_q) return;
+    const PaddedRowBlock<kBlockM> block(params);
+    if (!block.has_rows()) return;
+    const int head = block.head;
+    const int batch = block.batch;
+    const SeqlenInfo& seq = block.seq;
+    const int64_t first_row = block.first_row;
+    const int row0 = block.query0;
 
     const int part = threadIdx.x % kThreadsPerRow;  // this thread's vector of its rows
     const int col = part * kElems;

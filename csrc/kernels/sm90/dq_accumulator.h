@@ -113,13 +113,14 @@ __global__ void __launch_bounds__(Traits::kNumMmaThreads)
     constexpr int kTileStride = kHeadDim + 1;
     __shared__ float tile[kBlockM * kTileStride];
 
-    const int head = blockIdx.y;
+    const PaddedRowBlock<kBlockM> block(params);
+    if (!block.has_rows()) return;
+    const int head = block.head;
     const int thread = threadIdx.x;
-    const int64_t block_row = int64_t(blockIdx.x) * kBlockM;  // padded row of the head
-    const int batch = PaddedRows<kBlockM>::sequence_of_row(params, block_row);
-    const SeqlenInfo seq(params, batch);
-    const int query0 = int(block_row - PaddedRows<kBlockM>::first_row(params, seq, batch));
-    if (query0 >= seq.seqlen_q) return;  // between two sequences' padded rows
+    const int64_t block_row = block.padded_row;
+    const int batch = block.batch;
+    const SeqlenInfo& seq = block.seq;
+    const int query0 = block.query0;
 
     const float* chunk =
         dq_accum + int64_t(head) * dq_accum_head_stride + block_row * kHeadDim;

@@ -131,6 +131,13 @@ struct FlashBwdKeyBlock {
     // shared-memory address reloaded every step, nvcc 13.0), which CI's compile check refuses;
     // its deterministic mode then waits for the writer as before the second buffer.
     static constexpr int kDqStages = kHasVariants ? 1 : Traits::kDqStages;
+    // Where dV is issued (Traits::kDvAfterDs). The variants kernel computes P^T and its 16-bit
+    // copy together (variant_probabilities), so it runs on tiles that issue dV before dS (the
+    // launcher's BwdTileConfig::VariantsTraits): at 128 rows it spilled 104 bytes of stores with
+    // dV after dS, 248 with the cap's derivative recovered from P^T in the dS^T loop as the sm80
+    // family does (bf16 d = 64, nvcc 13.0).
+    static constexpr bool kDvAfterDs = Traits::kDvAfterDs;
+    static_assert(!(kHasVariants && kDvAfterDs), "the variants kernel issues dV before dS");
     static_assert(kDqStages == 1 || kDqStages == Traits::kStages, "dQ follows the Q / dO stage");
 
     // A tile's key block, its sequence, the query heads of its key/value head and the query row
@@ -548,6 +555,12 @@ struct FlashBwdKeyBlock {
 
             warpgroup_wait<1>();  // S^T landed
             Tensor rP = make_tensor<Element>(acc_s.layout());
+            Tensor tdVrP = make_tensor(rP.data(), accumulator_as_a_operand(rP.layout()));
+            // dV += P^T dO with P^T from registers (where: kDvAfterDs).
+            auto issue_dv = [&] {
+                warpgroup_gemm</*kZeroInit=*/false>(tiled_mma_dkv, tdVrP,
+                                                    tdVrdOt(_, _, _, read.index()), acc_dv);
+            };
             if constexpr (!kHasVariants) {
                 // P^T, masked: keys past the end and pairs the local mask hides (score -inf).
                 CUTE_UNROLL
@@ -557,23 +570,25 @@ struct FlashBwdKeyBlock {
                     const float score = work.mask.masked_score(acc_s(i), query0 + query, key);
                     acc_s(i) = exp2f(score * params.logit_scale_log2 - lse_log2[query]);
                 }
-                convert_fragment(acc_s, rP);
+                if constexpr (!kDvAfterDs) convert_fragment(acc_s, rP);
             } else {
                 variant_probabilities(params, step_mask, key0, tScS, lse_log2, query0, acc_s, rP);
             }
-            // dV += P^T dO with P^T from registers, issued before dS so that it runs meanwhile.
-            Tensor tdVrP = make_tensor(rP.data(), accumulator_as_a_operand(rP.layout()));
-            warpgroup_gemm</*kZeroInit=*/false>(tiled_mma_dkv, tdVrP,
-                                                tdVrdOt(_, _, _, read.index()), acc_dv);
-            warpgroup_wait<1>();  // dP^T landed (dV may still run)
+            // Before dS, so that dV runs meanwhile.
+            if constexpr (!kDvAfterDs) issue_dv();
+            // dP^T landed (dV, if issued, may still run).
+            warpgroup_wait<kDvAfterDs ? 0 : 1>();
             // dS^T = P^T (dP^T - D), in place of dP^T.
             CUTE_UNROLL
             for (int i = 0; i < kScoresPerThread; ++i) {
                 acc_dp(i) = acc_s(i) * (acc_dp(i) - d_rows[get<1>(tScS(i))]);
             }
+            if constexpr (kDvAfterDs) convert_fragment(acc_s, rP);
             Tensor rdS = make_tensor<Element>(acc_dp.layout());
             convert_fragment(acc_dp, rdS);
             Tensor tdKrdS = make_tensor(rdS.data(), accumulator_as_a_operand(rdS.layout()));
+            // After dS, in its shared-memory store's shadow.
+            if constexpr (kDvAfterDs) issue_dv();
 
             // dS (queries, keys) to shared memory for dQ, into this stage's buffer: the row block
             // before used the other one, and the last that used this one has passed

@@ -29,7 +29,9 @@
 namespace flash_varlen {
 namespace sm90 {
 
-// Tiles per head-dim bucket: (query rows per step, keys per block, Q / dO buffers).
+// Tiles per head-dim bucket: (query rows per step, keys per block, Q / dO buffers), Traits for
+// the plain kernel, VariantsTraits for the soft-capping / ALiBi kernel (flash_bwd_kernel.h,
+// kDvAfterDs says why it may need another).
 template <typename Element, int kHeadDim>
 struct BwdTileConfig;
 
@@ -38,18 +40,24 @@ struct BwdTileConfig;
 template <typename Element>
 struct BwdTileConfig<Element, 128> {
     using Traits = BwdKernelTraits<Element, 128, 64, 128, 2>;
+    using VariantsTraits = Traits;
 };
 
-// d = 64: the same tile. FlashAttention-3 and -4 take 128 query rows per step here
-// (hopper/flash_bwd_launch_template.h, flash_attn/cute/interface.py), which halves the steps and
-// their fixed costs; in this kernel that tile spills (100 bytes with nvcc 13.0, dQ's rows split
-// between the warpgroups as theirs): P^T is needed in float32 for dS^T while its 16-bit copy
-// feeds the dV product issued before dS, beside S^T and dP^T (64 floats each at 128 rows), dK
-// and dV. Which of the two orders and tiles is faster is to be measured (backward_plan.md).
+// d = 64: 128 query rows per step, 128 keys per block, as FlashAttention-3 and -4
+// (hopper/flash_bwd_launch_template.h, flash_attn/cute/interface.py): half the steps of the
+// 64-row tile and their fixed costs; dQ's rows split between the warpgroups and dV issued after
+// dS (BwdKernelTraits::kDqSplitsRows, kDvAfterDs). The variants kernel keeps 64 rows.
 template <typename Element>
 struct BwdTileConfig<Element, 64> {
-    using Traits = BwdKernelTraits<Element, 64, 64, 128, 2>;
+    using Traits = BwdKernelTraits<Element, 64, 128, 128, 2>;
+    using VariantsTraits = BwdKernelTraits<Element, 64, 64, 128, 2>;
 };
+
+// Soft-capping or ALiBi: the variants kernel (flash_bwd_kernel.h) on BwdTileConfig's
+// VariantsTraits.
+inline bool bwd_has_variants(const FlashBwdParams& params) {
+    return params.softcap_prescale != 0.f || params.alibi_slopes != nullptr;
+}
 
 // The first option of a call that this first version does not implement, or nullptr: dispatch
 // then gives the call to the sm80 family.
@@ -79,7 +87,7 @@ inline const char* bwd_unsupported_option(const FlashBwdParams& params) {
     return nullptr;
 }
 
-// Workspace, with R = the padded rows per head (padded_rows.h: total_q + batch x kBlockM
+// Workspace, with R = the padded rows per head (common/padded_rows.h: total_q + batch x kBlockM
 // rounded up, or batch x seqlen_q rounded up per sequence): zeroed, the float32 dQ accumulator
 // (heads, R, kHeadDim) (dq_accumulator.h), in deterministic mode after it the int32 counters
 // (heads, R / kBlockM, consumer warpgroups), then the persistent grid's tile counter (one
@@ -91,9 +99,9 @@ int64_t bwd_dq_order_head_stride(const FlashBwdParams& params) {
            Traits::kNumMmaWarpgroups;
 }
 
-template <typename Element, int kHeadDim>
-WorkspaceSize bwd_workspace_size(const FlashBwdParams& params) {
-    using Traits = typename BwdTileConfig<Element, kHeadDim>::Traits;
+template <typename Traits>
+WorkspaceSize bwd_tile_workspace_size(const FlashBwdParams& params) {
+    constexpr int kHeadDim = Traits::kHeadDim;
     const int64_t padded_rows = PaddedRows<Traits::kBlockM>::rows_per_head(params);
     WorkspaceSize size;
     size.zeroed_bytes = int64_t(params.nheads) * padded_rows * kHeadDim * int64_t(sizeof(float));
@@ -108,6 +116,15 @@ WorkspaceSize bwd_workspace_size(const FlashBwdParams& params) {
     return size;
 }
 
+// The workspace of the tile the launch will take.
+template <typename Element, int kHeadDim>
+WorkspaceSize bwd_workspace_size(const FlashBwdParams& params) {
+    using Config = BwdTileConfig<Element, kHeadDim>;
+    return bwd_has_variants(params)
+               ? bwd_tile_workspace_size<typename Config::VariantsTraits>(params)
+               : bwd_tile_workspace_size<typename Config::Traits>(params);
+}
+
 // The tile schedule orders row blocks of each sequence's queries (varlen_tile_schedule.h); the
 // backward's tiles are key blocks, so it gets the call's lengths with queries and keys swapped
 // (its work classes, queries x keys, stay the same).
@@ -120,11 +137,12 @@ inline FlashFwdParams keys_as_rows(const FlashFwdParams& params) {
     return swapped;
 }
 
-template <typename Element, int kHeadDim, bool kIsLocal>
-cudaError_t launch_flash_bwd(const FlashBwdParams& params, const Workspace& workspace,
-                             cudaStream_t stream) {
-    using Traits = typename BwdTileConfig<Element, kHeadDim>::Traits;
-    if (bwd_unsupported_option(params) != nullptr) return cudaErrorNotSupported;
+// The backward on one tile configuration; kHasVariants: soft-capping or ALiBi.
+template <typename Traits, bool kIsLocal, bool kHasVariants>
+cudaError_t launch_flash_bwd_tiles(const FlashBwdParams& params, const Workspace& workspace,
+                                   cudaStream_t stream) {
+    using Element = typename Traits::Element;
+    constexpr int kHeadDim = Traits::kHeadDim;
     constexpr int kBlockM = Traits::kBlockM;
     float* dq_accum = static_cast<float*>(workspace.zeroed);
     const int64_t stats_head_stride = PaddedRows<kBlockM>::rows_per_head(params);
@@ -209,10 +227,7 @@ cudaError_t launch_flash_bwd(const FlashBwdParams& params, const Workspace& work
     kp.tiles.tiles = int(tiles);
     kp.reverse_key_blocks = kIsLocal && params.deterministic;
 
-    // Soft-capping and ALiBi run in a kernel of their own (flash_bwd_kernel.h).
-    const bool has_variants = params.softcap_prescale != 0.f || params.alibi_slopes != nullptr;
-    auto kernel = has_variants ? &flash_bwd_kernel<Traits, kIsLocal, true>
-                               : &flash_bwd_kernel<Traits, kIsLocal, false>;
+    auto kernel = &flash_bwd_kernel<Traits, kIsLocal, kHasVariants>;
     constexpr int kSmemBytes = Traits::kSmemBytes;
     cudaError_t err =
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
@@ -230,6 +245,20 @@ cudaError_t launch_flash_bwd(const FlashBwdParams& params, const Workspace& work
     }
     launch_clear_rows_past_end<Element>(params, stream);
     return cudaGetLastError();
+}
+
+template <typename Element, int kHeadDim, bool kIsLocal>
+cudaError_t launch_flash_bwd(const FlashBwdParams& params, const Workspace& workspace,
+                             cudaStream_t stream) {
+    if (bwd_unsupported_option(params) != nullptr) return cudaErrorNotSupported;
+    using Config = BwdTileConfig<Element, kHeadDim>;
+    // Soft-capping and ALiBi run in a kernel of their own (flash_bwd_kernel.h).
+    if (bwd_has_variants(params)) {
+        return launch_flash_bwd_tiles<typename Config::VariantsTraits, kIsLocal, true>(
+            params, workspace, stream);
+    }
+    return launch_flash_bwd_tiles<typename Config::Traits, kIsLocal, false>(params, workspace,
+                                                                             stream);
 }
 
 }  // namespace sm90

@@ -1,7 +1,8 @@
-"""The sm90 backward's padded row layout (csrc/kernels/sm90/padded_rows.h), compiled with the host
+"""The backward's padded row layout (csrc/kernels/common/padded_rows.h), compiled with the host
 C++ compiler: every sequence's padded rows start on a row block, lie inside the head's rows and
 never overlap another sequence's, and the row kernels' search finds each row block's sequence
-(CPU)."""
+(CPU). Both families' row blocks: 64 rows (the sm90 backward, the sm80 one above d = 64) and 128
+(the sm80 backward at d <= 64, sm80/bwd_tile_shape.h)."""
 
 import subprocess
 
@@ -10,12 +11,12 @@ import torch
 
 from host_cpp import compile_host_driver
 
-BLOCK_ROWS = 64  # the backward's kBlockM (flash_bwd_launch.h, BwdTileConfig)
+BLOCK_ROWS = (64, 128)  # the backward's kBlockM values
 
 DRIVER = r"""
 #include <cstdio>
-#include "kernels/sm90/padded_rows.h"
-using namespace flash_varlen::sm90;
+#include "kernels/common/padded_rows.h"
+using namespace flash_varlen;
 // Input: is_varlen block_rows batch seqlen_q, then `batch` lengths. Output, one line each: rows
 // per head, then each sequence's first padded row; the sequence of each padded row block.
 int main() {
@@ -49,40 +50,50 @@ int main() {
 
 
 @pytest.fixture(scope="module")
-def layout(tmp_path_factory):
+def driver(tmp_path_factory):
+    return compile_host_driver(tmp_path_factory, "padded_rows", DRIVER)
+
+
+@pytest.fixture(params=BLOCK_ROWS)
+def block_rows(request) -> int:
+    return request.param
+
+
+@pytest.fixture
+def layout(driver, block_rows):
     """(is_varlen, lengths) -> (rows per head, first padded row of each sequence)."""
-    binary = compile_host_driver(tmp_path_factory, "padded_rows", DRIVER)
 
     def run(is_varlen: bool, lengths: list[int]) -> tuple[int, list[int]]:
         seqlen_q = max(lengths, default=0)
-        line = f"{int(is_varlen)} {BLOCK_ROWS} {len(lengths)} {seqlen_q} "
+        line = f"{int(is_varlen)} {block_rows} {len(lengths)} {seqlen_q} "
         line += " ".join(map(str, lengths)) + "\n"
-        result = subprocess.run([binary], input=line, capture_output=True, text=True, check=True)
+        result = subprocess.run([driver], input=line, capture_output=True, text=True, check=True)
         layout_line, sequence_line = result.stdout.split("\n")[:2]
         rows, *starts = map(int, layout_line.split())
-        check_row_block_sequences(rows, starts, list(map(int, sequence_line.split())))
+        check_row_block_sequences(rows, starts, list(map(int, sequence_line.split())), block_rows)
         return rows, starts
 
     return run
 
 
-def check_row_block_sequences(rows: int, starts: list[int], sequences: list[int]) -> None:
+def check_row_block_sequences(rows: int, starts: list[int], sequences: list[int],
+                              block_rows: int) -> None:
     """padded_row_sequence, the row kernels' search: each padded row block maps to the last
     sequence starting at or before it."""
-    assert len(sequences) == rows // BLOCK_ROWS
+    assert len(sequences) == rows // block_rows
     for block, sequence in enumerate(sequences):
-        row = block * BLOCK_ROWS
+        row = block * block_rows
         expected = max(b for b, start in enumerate(starts) if start <= row)
         assert sequence == expected, f"row {row}: sequence {sequence}, expected {expected}"
 
 
-def check_layout(rows: int, starts: list[int], lengths: list[int]) -> None:
-    assert rows % BLOCK_ROWS == 0  # every head starts 16-byte aligned
+def check_layout(rows: int, starts: list[int], lengths: list[int], block_rows: int) -> None:
+    assert rows % block_rows == 0  # every head starts 16-byte aligned
     end = 0
     for start, length in zip(starts, lengths):
-        assert start % BLOCK_ROWS == 0
+        assert start % block_rows == 0
         assert start >= end, "overlaps the previous sequence's padded rows"
-        end = start + -(-length // BLOCK_ROWS) * BLOCK_ROWS  # the length rounded up
+        end = start + -(-length // block_rows) * block_rows  # the length rounded up
         assert end <= rows
 
 
@@ -90,24 +101,25 @@ def check_layout(rows: int, starts: list[int], lengths: list[int]) -> None:
     [1], [64], [65], [0, 0, 0], [63, 1, 64, 65, 0, 127, 128, 129],
     [1] * 200, [5, 0, 300, 0, 0, 64],
 ])
-def test_varlen_sequences_start_on_a_row_block_and_never_overlap(layout, lengths) -> None:
+def test_varlen_sequences_start_on_a_row_block_and_never_overlap(layout, block_rows,
+                                                                 lengths) -> None:
     rows, starts = layout(True, lengths)
-    check_layout(rows, starts, lengths)
-    assert rows <= sum(lengths) + (len(lengths) + 1) * BLOCK_ROWS
+    check_layout(rows, starts, lengths, block_rows)
+    assert rows <= sum(lengths) + (len(lengths) + 1) * block_rows
 
 
-def test_random_packed_batches(layout) -> None:
+def test_random_packed_batches(layout, block_rows) -> None:
     generator = torch.Generator().manual_seed(0)
     for _ in range(50):
         batch = int(torch.randint(1, 300, (1,), generator=generator))
         lengths = torch.randint(0, 400, (batch,), generator=generator).tolist()
         rows, starts = layout(True, lengths)
-        check_layout(rows, starts, lengths)
+        check_layout(rows, starts, lengths, block_rows)
 
 
 @pytest.mark.parametrize("batch, seqlen", [(1, 1), (3, 64), (4, 77), (2, 0)])
-def test_fixed_length_batches(layout, batch: int, seqlen: int) -> None:
+def test_fixed_length_batches(layout, block_rows, batch: int, seqlen: int) -> None:
     lengths = [seqlen] * batch
     rows, starts = layout(False, lengths)
-    check_layout(rows, starts, lengths)
-    assert starts == [b * (-(-seqlen // BLOCK_ROWS) * BLOCK_ROWS) for b in range(batch)]
+    check_layout(rows, starts, lengths, block_rows)
+    assert starts == [b * (-(-seqlen // block_rows) * block_rows) for b in range(batch)]

@@ -1,12 +1,13 @@
-// Where the sm90 backward keeps the row statistics of each sequence (bwd_row_kernels.h): rows
-// padded so that every sequence starts at a multiple of the row block. Plain C++ (constexpr, no
-// CUDA), so that the host compiler can test it (tests/test_sm90_backward_cpu.py).
+// The backward's per-sequence padded rows: each sequence's rows start at a multiple of the row
+// block, so that a row block of the dQ accumulator (both families) and of the sm90 family's row
+// statistics (sm90/bwd_row_kernels.h) is one aligned chunk. The backward's row kernels run one
+// padded row block per thread block and find its sequence by padded_row_sequence. Plain C++
+// (constexpr, no CUDA), so that the host compiler can test it (tests/test_padded_rows_cpu.py).
 #pragma once
 
 #include <cstdint>
 
 namespace flash_varlen {
-namespace sm90 {
 
 constexpr int64_t round_up_to(int64_t value, int64_t multiple) {
     return (value + multiple - 1) / multiple * multiple;
@@ -54,5 +55,4 @@ constexpr int padded_row_sequence(bool is_varlen, const int* cu_seqlens_q, int b
     return first;
 }
 
-}  // namespace sm90
 }  // namespace flash_varlen
