@@ -35,8 +35,10 @@ namespace sm90 {
 template <typename Element, int kHeadDim>
 struct BwdTileConfig;
 
-// FlashAttention-3's d = 128 tile for causal masks (backward_plan.md; without one it takes 80
-// rows, not done here yet): 64 query rows per step, 128 keys per block, two Q / dO buffers.
+// FlashAttention-3's d = 128 tile for causal masks: 64 query rows per step, 128 keys per block,
+// two Q / dO buffers. Without a mask FlashAttention-3 and -4 take 80 rows; ours on 80 rows (branch
+// sm90-bwd-80rows, backward_plan.md) measured 0.92 (MHA) and 0.96 (GQA) of this tile's speed on
+// docs (H100, benchmarks/results/2026-12-06_h100_sm90_bwd_tiles.md), so 64 rows serve both.
 template <typename Element>
 struct BwdTileConfig<Element, 128> {
     using Traits = BwdKernelTraits<Element, 128, 64, 128, 2>;
@@ -46,7 +48,9 @@ struct BwdTileConfig<Element, 128> {
 // d = 64: 128 query rows per step, 128 keys per block, as FlashAttention-3 and -4
 // (hopper/flash_bwd_launch_template.h, flash_attn/cute/interface.py): half the steps of the
 // 64-row tile and their fixed costs; dQ's rows split between the warpgroups and dV issued after
-// dS (BwdKernelTraits::kDqSplitsRows, kDvAfterDs). The variants kernel keeps 64 rows.
+// dS (BwdKernelTraits::kDqSplitsRows, kDvAfterDs). Against 64 rows: +10% (docs) and +14%
+// (skewed) without a mask, +2% and +6% causal, deterministic +16% / +6% on docs (H100,
+// benchmarks/results/2026-12-06_h100_sm90_bwd_tiles.md). The variants kernel keeps 64 rows.
 template <typename Element>
 struct BwdTileConfig<Element, 64> {
     using Traits = BwdKernelTraits<Element, 64, 128, 128, 2>;
