@@ -51,6 +51,10 @@ struct BwdTileConfig<Element, 128> {
 // dS (BwdKernelTraits::kDqSplitsRows, kDvAfterDs). Against 64 rows: +10% (docs) and +14%
 // (skewed) without a mask, +2% and +6% causal, deterministic +16% / +6% on docs (H100,
 // benchmarks/results/2026-12-06_h100_sm90_bwd_tiles.md). The variants kernel keeps 64 rows.
+// Its plain kernels spill (nvcc 13.0, bf16 and fp16 alike; CI compiles d = 128 only): without a
+// local mask 4 bytes, one per-thread value reloaded once per tile; with one 16 bytes, four
+// values reloaded every step (4 local loads a step, measured inside the causal rows' +2 to +6%):
+// to remove.
 template <typename Element>
 struct BwdTileConfig<Element, 64> {
     using Traits = BwdKernelTraits<Element, 64, 128, 128, 2>;
