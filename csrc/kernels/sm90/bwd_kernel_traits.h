@@ -100,12 +100,14 @@ struct BwdKernelTraits {
     // consumers (queries contiguous: MN-major), K read transposed (head dim contiguous:
     // MN-major). Each warpgroup computes 64 rows (kDqSplitsRows) or kHeadDim / 2 columns.
     static constexpr int kDqRowsPerWarpgroup = kDqSplitsRows ? kRowsPerMmaWarpgroup : kBlockM;
-    static constexpr int kDqColsPerWarpgroup = kDqSplitsRows ? kHeadDim : kHeadDim / kNumMmaWarpgroups;
+    static constexpr int kDqColsPerWarpgroup =
+        kDqSplitsRows ? kHeadDim : kHeadDim / kNumMmaWarpgroups;
     using TileShapeDQ = Shape<Int<kBlockM>, Int<kHeadDim>, Int<kBlockN>>;
     using TiledMmaDQ = decltype(make_tiled_mma(
-        GMMA::ss_op_selector<Element, Element, float,
-                             Shape<Int<kDqRowsPerWarpgroup>, Int<kDqColsPerWarpgroup>, Int<kBlockN>>,
-                             GMMA::Major::MN, GMMA::Major::MN>(),
+        GMMA::ss_op_selector<
+            Element, Element, float,
+            Shape<Int<kDqRowsPerWarpgroup>, Int<kDqColsPerWarpgroup>, Int<kBlockN>>,
+            GMMA::Major::MN, GMMA::Major::MN>(),
         std::conditional_t<kDqSplitsRows, MmaWarpgroupsAlongM, MmaWarpgroupsAlongN>{}));
     static_assert(size(TiledMmaSdP{}) == kNumMmaThreads && size(TiledMmaDKV{}) == kNumMmaThreads &&
                   size(TiledMmaDQ{}) == kNumMmaThreads);
