@@ -148,15 +148,14 @@ __global__ void __launch_bounds__(Traits::kNThreads)
     const PaddedRowBlock<kBlockM> block(params);
     if (!block.has_rows()) return;
     const int m_block = block.query0 / kBlockM;
-    const int batch = block.batch;
-    const int head = block.head;
     const SeqlenInfo& seq = block.seq;
     const int rows_left = seq.seqlen_q - block.query0;
 
     typename Traits::TiledMmadQ mma_dq;
     Tensor acc_dq = partition_fragment_C(mma_dq, Shape<Int<kBlockM>, Int<kHeadDim>>{});
     const float* mine =
-        dq_accum_tile<Traits>(params, seq, batch, head, m_block) + threadIdx.x * kDqAccumVector;
+        dq_accum_tile<Traits>(params, seq, block.batch, block.head, m_block) +
+        threadIdx.x * kDqAccumVector;
     CUTE_UNROLL
     for (int j = 0; j < size(acc_dq) / kDqAccumVector; ++j) {
         const float4 sum =
@@ -177,8 +176,8 @@ __global__ void __launch_bounds__(Traits::kNThreads)
     __syncthreads();
 
     Element* dq_base = static_cast<Element*>(params.dq_ptr) +
-                       seq.q_offset(params.dq_batch_stride, params.dq_row_stride, batch) +
-                       head * params.dq_head_stride;
+                       seq.q_offset(params.dq_batch_stride, params.dq_row_stride, block.batch) +
+                       block.head * params.dq_head_stride;
     Tensor gdQ = row_tile<kBlockM, kHeadDim>(dq_base, m_block, params.dq_row_stride);
     store_tile_from_smem<typename Traits::GmemTiledCopyStore>(sdQ, gdQ, rows_left, params.head_dim);
 }

@@ -43,8 +43,7 @@ struct BwdKernelTraits {
     static constexpr int kStages = kStages_;  // buffers of Q and of dO
 
     // Warpgroup 0 is the producer (one thread issues every TMA load); warpgroups 1.. compute,
-    // each owning 64 keys of the block in S^T, dP^T, dK and dV, and kHeadDim / warpgroups
-    // columns of dQ.
+    // each owning 64 keys of the block in S^T, dP^T, dK and dV, and half of dQ (kDqSplitsRows).
     static constexpr int kNumMmaWarpgroups = kBlockN / kRowsPerMmaWarpgroup;
     static_assert(kBlockN % kRowsPerMmaWarpgroup == 0, "consumers own whole 64-key slices");
     static_assert(kNumMmaWarpgroups == 2, "two consumer warpgroups");

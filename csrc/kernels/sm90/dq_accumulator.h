@@ -27,9 +27,10 @@
 namespace flash_varlen {
 namespace sm90 {
 
-// The chunk of one row block: consumer warpgroup w's part (its kBlockM x kDqColsPerWarpgroup
-// values) is floats [w x kPartFloats, (w + 1) x kPartFloats); inside it, value i of thread t is
-// at ((i / 4) x kThreadsPerWarpgroup + t) x 4 + i % 4: a warp's float4 stores cover 512
+// The chunk of one row block: consumer warpgroup w's part (its share of the kBlockM x kHeadDim
+// values: kHeadDim / 2 columns, or 64 rows where BwdKernelTraits::kDqSplitsRows) is floats
+// [w x kPartFloats, (w + 1) x kPartFloats); inside it, value i of thread t is at
+// ((i / 4) x kThreadsPerWarpgroup + t) x 4 + i % 4: a warp's float4 stores cover 512
 // consecutive bytes.
 template <typename Traits>
 struct DqChunk {
